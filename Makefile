@@ -1,0 +1,47 @@
+# Two commands do everything on a fresh machine: `make repro` and `make test`.
+# The venv is rebuilt only when requirements.txt or pyproject.toml change (stamp file).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed.stamp
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup repro test test-fast bench report results clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+repro: setup
+	$(BIN)/dvc repro
+	$(BIN)/python -m pipeline.results
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+report: setup
+	$(BIN)/python -m pipeline.report
+
+results: setup
+	$(BIN)/python -m pipeline.results
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,59 @@
+"""The ``cam`` section: MCTformer-V2 seed training (``cam_train``) and inference (``cam_infer``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from weakclip_core.config.schema import ConfigError, bounded, listed
+
+
+@dataclass(frozen=True)
+class MCTformerArchConfig:
+    """The ViT of MCTformer-V2. DeiT-S is width 384, depth 12, 6 heads, input 224."""
+
+    image_size: int = bounded(128, low=16)
+    patch_size: int = bounded(16, low=2)
+    width: int = bounded(192, low=8)
+    depth: int = bounded(6, low=3)
+    heads: int = bounded(3, low=1)
+    mlp_ratio: float = bounded(4.0, low=1.0)
+    drop_path: float = bounded(0.1, low=0.0, high=0.9)
+    pretrained: str = ""
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"width: {self.width} is not divisible by heads {self.heads}")
+
+
+@dataclass(frozen=True)
+class CamTrainConfig:
+    """AdamW + linear warm-up + cosine; lr scales as ``lr * batch_size / 512`` like MCTformer."""
+
+    epochs: int = bounded(30, low=1)
+    batch_size: int = bounded(32, low=1)
+    lr: float = bounded(5e-4, low=0.0)
+    weight_decay: float = bounded(0.05, low=0.0)
+    warmup_epochs: int = bounded(2, low=0)
+    checkpoint_every: int = bounded(100, low=1)
+    workers: int = bounded(0, low=0)
+
+
+@dataclass(frozen=True)
+class CamInferConfig:
+    """Fused CAM inference; ``variant`` selects the ablation written to the store."""
+
+    variant: Literal["class_token", "patch_cam", "fused", "fused_affinity"] = "fused_affinity"
+    scales: list[float] = listed([1.0, 0.75, 1.25], low=0.1, high=4.0)
+    flip: bool = True
+    attention_layers: int = bounded(3, low=1)
+    threshold_start: float = bounded(0.0, low=0.0, high=1.0)
+    threshold_stop: float = bounded(0.59, low=0.0, high=1.0)
+    threshold_step: float = bounded(0.01, low=1e-4, high=1.0)
+
+
+@dataclass(frozen=True)
+class CamConfig:
+    arch: MCTformerArchConfig = field(default_factory=MCTformerArchConfig)
+    train: CamTrainConfig = field(default_factory=CamTrainConfig)
+    infer: CamInferConfig = field(default_factory=CamInferConfig)

@@ -1,0 +1,56 @@
+"""The ``clip`` section: the frozen CLIP that WeakCLIP adapts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from weakclip_core.config.schema import ConfigError, bounded
+
+
+@dataclass(frozen=True)
+class ClipArchConfig:
+    """open_clip architecture of the CLIP built by ``source: pretrain`` (small ViT + text transformer)."""
+
+    embed_dim: int = bounded(128, low=8)
+    image_size: int = bounded(128, low=32)
+    patch_size: int = bounded(16, low=4)
+    vision_width: int = bounded(192, low=16)
+    vision_layers: int = bounded(12, low=1)
+    vision_head_width: int = bounded(64, low=8)
+    text_width: int = bounded(128, low=16)
+    text_layers: int = bounded(3, low=1)
+    text_heads: int = bounded(2, low=1)
+    context_length: int = bounded(32, low=8)
+
+
+@dataclass(frozen=True)
+class ClipPretrainConfig:
+    """Contrastive pre-training of the small CLIP on the synthetic images and captions."""
+
+    epochs: int = bounded(20, low=1)
+    batch_size: int = bounded(64, low=2)
+    lr: float = bounded(1e-3, low=0.0)
+    weight_decay: float = bounded(0.1, low=0.0)
+    warmup_steps: int = bounded(50, low=0)
+    workers: int = bounded(0, low=0)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """``source: file`` loads a local weights file; ``source: pretrain`` trains a small CLIP here.
+
+    ``model_name`` is the open_clip architecture name of the weights file
+    (``ViT-B-16`` for real runs). A hub tag such as ``openai`` is refused: no
+    weights are downloaded at run time.
+    """
+
+    source: Literal["file", "pretrain", "random"] = "pretrain"
+    model_name: str = "ViT-B-16"
+    weights: str = ""
+    arch: ClipArchConfig = field(default_factory=ClipArchConfig)
+    pretrain: ClipPretrainConfig = field(default_factory=ClipPretrainConfig)
+
+    def validate(self) -> None:
+        if self.source == "file" and not self.weights:
+            raise ConfigError("weights: required when source is 'file' (a local .pt/.bin/.safetensors path)")

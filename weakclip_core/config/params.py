@@ -1,0 +1,67 @@
+"""The whole ``params.yaml``: one typed section per stage, one loader used by every stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from weakclip_core.config.cam import CamConfig
+from weakclip_core.config.clip import ClipConfig
+from weakclip_core.config.dataset import DatasetConfig
+from weakclip_core.config.pseudo import PseudoConfig
+from weakclip_core.config.schema import ConfigError, bounded, build_dataclass
+from weakclip_core.config.seg import SegConfig
+from weakclip_core.config.weakclip import WeakClipConfig
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how stages compute. ``device: auto`` picks CUDA when present, else CPU.
+
+    ``launcher: torchrun`` runs the training stages as ``nproc`` DDP processes
+    (nccl on GPU, gloo on CPU).
+    """
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = bounded(0, low=0)
+    threads: int = bounded(0, low=0)
+    launcher: Literal["none", "torchrun"] = "none"
+    nproc: int = bounded(1, low=1)
+
+
+@dataclass(frozen=True)
+class Params:
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    weakclip: WeakClipConfig = field(default_factory=WeakClipConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+
+
+def params_from_dict(data: dict[str, Any] | None) -> Params:
+    """Validate a parsed params mapping; errors name the key path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"params: expected a mapping at the top level, got {type(data).__name__}")
+    return build_dataclass(Params, data)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; a missing file or bad YAML names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    try:
+        return params_from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

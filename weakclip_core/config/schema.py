@@ -1,0 +1,156 @@
+"""Generic, explicit validation of plain YAML data into typed dataclasses.
+
+Every section of ``params.yaml`` is a frozen dataclass. ``build_dataclass``
+walks the dataclass fields, checks each value's type against the annotation
+and each declared range, and raises ``ConfigError`` naming the full key path
+(``weakclip.prompt_len: expected int, got 'eight'``). There is no registry
+and no string-to-class lookup: the annotation of each field says what it
+holds, and nested sections are nested dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A params value is missing, unknown, of the wrong type or out of range."""
+
+
+T = TypeVar("T")
+
+
+def bounded(default: Any, *, low: float | None = None, high: float | None = None) -> Any:
+    """A dataclass field whose numeric value (or every item of a list) lies in [low, high]."""
+    if isinstance(default, (list, tuple, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default),
+                                 metadata={"low": low, "high": high})
+    return dataclasses.field(default=default, metadata={"low": low, "high": high})
+
+
+def listed(default: list[Any], *, low: float | None = None, high: float | None = None) -> Any:
+    """A list-valued field with a copied default, optionally with bounds on every item."""
+    return dataclasses.field(default_factory=lambda: list(default), metadata={"low": low, "high": high})
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+
+
+def _check_value(value: Any, annotation: Any, path: str) -> Any:
+    """Return ``value`` converted to ``annotation`` or raise ``ConfigError`` naming ``path``."""
+    origin = get_origin(annotation)
+    if annotation is Any:
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping (section), got {_describe(value)}")
+        return build_dataclass(annotation, value, path)
+    if origin is Literal:
+        choices = get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{path}: expected one of {list(choices)}, got {_describe(value)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in get_args(annotation):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_value(value, option, path)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {_describe(value)} matches none of "
+                          f"{[getattr(a, '__name__', str(a)) for a in get_args(annotation)]}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
+        item_types = get_args(annotation)
+        if origin is tuple and item_types and item_types[-1] is not Ellipsis:
+            if len(value) != len(item_types):
+                raise ConfigError(f"{path}: expected {len(item_types)} items, got {len(value)}")
+            return tuple(_check_value(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+        item_type = item_types[0] if item_types else Any
+        items = [_check_value(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_describe(value)}")
+        key_type, value_type = get_args(annotation) or (Any, Any)
+        return {_check_value(k, key_type, f"{path}.<key>"): _check_value(v, value_type, f"{path}.{k}")
+                for k, v in value.items()}
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected bool (true/false), got {_describe(value)}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {_describe(value)}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected float, got {_describe(value)}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected str, got {_describe(value)}")
+        return value
+    raise TypeError(f"{path}: unsupported annotation {annotation!r} in the params schema")
+
+
+def _check_bounds(value: Any, field: dataclasses.Field, path: str) -> None:
+    low, high = field.metadata.get("low"), field.metadata.get("high")
+    if low is None and high is None:
+        return
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if item is None or isinstance(item, str):
+            continue
+        if low is not None and item < low:
+            raise ConfigError(f"{path}: {item!r} is out of range, must be >= {low}")
+        if high is not None and item > high:
+            raise ConfigError(f"{path}: {item!r} is out of range, must be <= {high}")
+
+
+def build_dataclass(cls: type[T], data: dict[str, Any], path: str = "") -> T:
+    """Validate ``data`` into ``cls``; unknown keys, wrong types and bad ranges name their path."""
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (allowed here: {', '.join(sorted(fields))})")
+    values = {}
+    for name, field in fields.items():
+        key_path = f"{path}.{name}" if path else name
+        if name not in data:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key_path}: required key is missing")
+            continue
+        value = _check_value(data[name], hints[name], key_path)
+        _check_bounds(value, field, key_path)
+        values[name] = value
+    instance = cls(**values)
+    validate = getattr(instance, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as error:
+            raise ConfigError(f"{path}.{error}" if path else str(error)) from None
+    return instance
+
+
+def to_plain(instance: Any) -> Any:
+    """A dataclass tree as plain dicts/lists (for recording the params that made an artifact)."""
+    if dataclasses.is_dataclass(instance):
+        return {f.name: to_plain(getattr(instance, f.name)) for f in dataclasses.fields(instance)}
+    if isinstance(instance, (list, tuple)):
+        return [to_plain(v) for v in instance]
+    if isinstance(instance, dict):
+        return {k: to_plain(v) for k, v in instance.items()}
+    return instance

@@ -1,0 +1,209 @@
+"""The VOC-layout dataset contract shared by every stage (ARCHITECTURE.md, "Dataset").
+
+A prepared dataset folder holds::
+
+    JPEGImages/<id>.jpg
+    SegmentationClass/<id>.png          palette PNG: 0 background, 1..K classes, 255 ignore
+    ImageSets/Segmentation/<split>.txt  one image id per line
+    labels.json                         {"dataset": ..., "class_names": [...], "labels": {id: [class indices]}}
+    captions.txt                        (synthetic only) "<id>\t<caption>" per line
+
+``labels`` holds foreground class indices 1..K-1 (background 0 is implicit and
+never listed). Readers raise ``DatasetError`` naming the offending file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from weakclip_core.atomic import atomic_path, write_json
+
+IGNORE_INDEX = 255
+LABELS_FILE = "labels.json"
+CAPTIONS_FILE = "captions.txt"
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder is missing, unreadable or inconsistent; the message names it."""
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (256 RGB triples, flattened), index 255 = (224, 224, 192)."""
+    palette = []
+    for index in range(256):
+        red = green = blue = 0
+        value = index
+        for bit in range(8):
+            red |= ((value >> 0) & 1) << (7 - bit)
+            green |= ((value >> 1) & 1) << (7 - bit)
+            blue |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette.extend([red, green, blue])
+    return palette
+
+
+_PALETTE = voc_palette()
+
+
+def write_mask(path: str | Path, mask: np.ndarray) -> None:
+    """Write a (H, W) uint8 class-index mask as a VOC palette PNG, atomically."""
+    if mask.ndim != 2:
+        raise ValueError(f"{path}: a mask must be (H, W), got shape {mask.shape}")
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image.putpalette(_PALETTE)
+    with atomic_path(path, suffix=".png") as temporary_path:
+        image.save(temporary_path, format="PNG", optimize=False)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a palette (or greyscale) PNG mask as (H, W) uint8 class indices."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: mask file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in ("P", "L"):
+                raise DatasetError(f"{path}: mask must be a palette or greyscale PNG of class indices, "
+                                   f"got mode {image.mode}")
+            return np.array(image, dtype=np.uint8)
+    except DatasetError:
+        raise
+    except Exception as error:  # PIL raises many types for corrupt files
+        raise DatasetError(f"{path}: unreadable mask ({error})") from None
+
+
+def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> None:
+    """Write a (H, W, 3) uint8 RGB image as JPEG, atomically."""
+    with atomic_path(path, suffix=".jpg") as temporary_path:
+        Image.fromarray(image.astype(np.uint8), mode="RGB").save(temporary_path, format="JPEG", quality=quality)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB; a missing or corrupt file names itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.array(image.convert("RGB"), dtype=np.uint8)
+    except Exception as error:
+        raise DatasetError(f"{path}: unreadable image ({error})") from None
+
+
+def write_split(root: str | Path, split: str, image_ids: list[str]) -> None:
+    with atomic_path(Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt") as temporary_path:
+        temporary_path.write_text("".join(f"{image_id}\n" for image_id in image_ids))
+
+
+def read_split(root: str | Path, split: str) -> list[str]:
+    path = Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not path.is_file():
+        raise DatasetError(f"{path}: split list not found")
+    image_ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not image_ids:
+        raise DatasetError(f"{path}: split {split!r} is empty")
+    return image_ids
+
+
+def write_labels(root: str | Path, dataset_name: str, class_names: list[str],
+                 labels: dict[str, list[int]]) -> None:
+    write_json(Path(root) / LABELS_FILE, {"dataset": dataset_name, "class_names": class_names,
+                                          "labels": {k: sorted(v) for k, v in labels.items()}})
+
+
+def labels_from_mask(mask: np.ndarray) -> list[int]:
+    """The foreground classes present in a mask (0 and 255 excluded), sorted."""
+    return [int(c) for c in np.unique(mask) if c not in (0, IGNORE_INDEX)]
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """Read access to a prepared VOC-layout folder. ``class_names[0]`` is ``background``."""
+
+    root: Path
+    name: str
+    class_names: list[str]
+    labels: dict[str, list[int]]
+
+    @property
+    def n_classes(self) -> int:
+        """K including background."""
+        return len(self.class_names)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "PreparedDataset":
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetError(f"{root}: prepared dataset folder not found (run the prepare stage)")
+        labels_path = root / LABELS_FILE
+        if not labels_path.is_file():
+            raise DatasetError(f"{labels_path}: labels file not found")
+        try:
+            data = json.loads(labels_path.read_text())
+            class_names = list(data["class_names"])
+            labels = {str(k): [int(c) for c in v] for k, v in data["labels"].items()}
+            name = str(data.get("dataset", root.name))
+        except (ValueError, KeyError, TypeError) as error:
+            raise DatasetError(f"{labels_path}: malformed labels file ({error})") from None
+        for image_id, classes in labels.items():
+            bad = [c for c in classes if not 1 <= c < len(class_names)]
+            if bad:
+                raise DatasetError(f"{labels_path}: image {image_id} has class id {bad[0]} outside "
+                                   f"1..{len(class_names) - 1}")
+        return cls(root=root, name=name, class_names=class_names, labels=labels)
+
+    def split(self, split: str) -> list[str]:
+        return read_split(self.root, split)
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def mask_path(self, image_id: str) -> Path:
+        return self.root / "SegmentationClass" / f"{image_id}.png"
+
+    def image(self, image_id: str) -> np.ndarray:
+        return read_image(self.image_path(image_id))
+
+    def mask(self, image_id: str) -> np.ndarray:
+        mask = read_mask(self.mask_path(image_id))
+        return mask
+
+    def has_mask(self, image_id: str) -> bool:
+        return self.mask_path(image_id).is_file()
+
+    def image_labels(self, image_id: str) -> list[int]:
+        """Foreground class indices of ``image_id``; an image with no labels is an error."""
+        if image_id not in self.labels:
+            raise DatasetError(f"{self.root / LABELS_FILE}: no labels for image {image_id}")
+        classes = self.labels[image_id]
+        if not classes:
+            raise DatasetError(f"{self.root / LABELS_FILE}: image {image_id} has no class labels")
+        return classes
+
+    def label_vector(self, image_id: str) -> np.ndarray:
+        """(K-1,) float32 multi-hot over foreground classes (index c-1 for class c)."""
+        vector = np.zeros(self.n_classes - 1, dtype=np.float32)
+        for class_index in self.image_labels(image_id):
+            vector[class_index - 1] = 1.0
+        return vector
+
+    def captions(self) -> dict[str, str]:
+        path = self.root / CAPTIONS_FILE
+        if not path.is_file():
+            raise DatasetError(f"{path}: captions file not found (only the synthetic dataset ships captions)")
+        captions = {}
+        for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise DatasetError(f"{path}:{line_number}: expected '<id>\\t<caption>'")
+            image_id, caption = line.split("\t", 1)
+            captions[image_id] = caption
+        return captions

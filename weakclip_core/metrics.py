@@ -1,0 +1,90 @@
+"""Segmentation metrics: a confusion matrix over K classes with 255 ignored, and IoU from it.
+
+VOC convention: a class absent from both ground truth and prediction over the
+whole evaluation (its union is 0) has an undefined IoU; it is reported as
+``None`` and left out of the mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE_INDEX = 255
+
+
+def confusion_matrix(ground_truth: np.ndarray, prediction: np.ndarray, n_classes: int) -> np.ndarray:
+    """(K, K) int64 counts, rows = ground truth, columns = prediction; GT pixels of 255 are skipped.
+
+    Raises ``ValueError`` when the shapes differ or a value outside [0, K) (other
+    than ignored GT) appears, naming the offending value.
+    """
+    if ground_truth.shape != prediction.shape:
+        raise ValueError(f"ground truth shape {ground_truth.shape} differs from prediction shape {prediction.shape}")
+    gt = ground_truth.astype(np.int64).ravel()
+    pred = prediction.astype(np.int64).ravel()
+    keep = gt != IGNORE_INDEX
+    gt, pred = gt[keep], pred[keep]
+    for name, values in (("ground truth", gt), ("prediction", pred)):
+        if values.size and (values.min() < 0 or values.max() >= n_classes):
+            bad = values[(values < 0) | (values >= n_classes)][0]
+            raise ValueError(f"{name} holds class id {bad}, outside [0, {n_classes}) and not {IGNORE_INDEX}")
+    return np.bincount(gt * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+@dataclass(frozen=True)
+class IouReport:
+    """IoU per class (``None`` where undefined), their mean, pixel accuracy, precision and recall."""
+
+    miou: float
+    per_class: list[float | None]
+    pixel_accuracy: float
+    precision: list[float | None]
+    recall: list[float | None]
+
+    def as_dict(self, class_names: list[str]) -> dict:
+        return {
+            "miou": self.miou,
+            "pixel_accuracy": self.pixel_accuracy,
+            "per_class": dict(zip(class_names, self.per_class)),
+            "precision": dict(zip(class_names, self.precision)),
+            "recall": dict(zip(class_names, self.recall)),
+        }
+
+
+def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> list[float | None]:
+    return [float(n / d) if d > 0 else None for n, d in zip(numerator, denominator)]
+
+
+def iou_report(confusion: np.ndarray) -> IouReport:
+    """IoU_k = TP / (TP + FP + FN) from a (K, K) confusion matrix; mean over defined classes."""
+    confusion = confusion.astype(np.float64)
+    true_positive = np.diag(confusion)
+    gt_count = confusion.sum(axis=1)
+    pred_count = confusion.sum(axis=0)
+    union = gt_count + pred_count - true_positive
+    per_class = _safe_ratio(true_positive, union)
+    defined = [v for v in per_class if v is not None]
+    total = confusion.sum()
+    return IouReport(
+        miou=float(np.mean(defined)) if defined else 0.0,
+        per_class=per_class,
+        pixel_accuracy=float(true_positive.sum() / total) if total > 0 else 0.0,
+        precision=_safe_ratio(true_positive, pred_count),
+        recall=_safe_ratio(true_positive, gt_count),
+    )
+
+
+class ConfusionAccumulator:
+    """Sums confusion matrices image by image, so a split is scored without holding every mask."""
+
+    def __init__(self, n_classes: int) -> None:
+        self.n_classes = n_classes
+        self.confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+
+    def add(self, ground_truth: np.ndarray, prediction: np.ndarray) -> None:
+        self.confusion += confusion_matrix(ground_truth, prediction, self.n_classes)
+
+    def report(self) -> IouReport:
+        return iou_report(self.confusion)

@@ -12,6 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PYTHONUNBUFFERED := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup repro test test-fast bench report results clean-venv
 
@@ -26,7 +27,6 @@ $(STAMP): requirements.txt pyproject.toml
 
 repro: setup
 	$(BIN)/dvc repro
-	$(BIN)/python -m pipeline.results
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -41,7 +41,7 @@ report: setup
 	$(BIN)/python -m pipeline.report
 
 results: setup
-	$(BIN)/python -m pipeline.results
+	$(BIN)/python -m pipeline.summary
 
 clean-venv:
 	rm -rf $(VENV)

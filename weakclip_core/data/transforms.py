@@ -44,12 +44,12 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
     if rng.random() < 0.5:
         result = result * rng.uniform(0.5, 1.5)
     result = np.clip(result, 0, 255).astype(np.uint8)
-    if rng.random() < 0.5 or rng.random() < 0.5:
+    saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else 1.0
+    hue_shift = rng.uniform(-18, 18) * 256 / 360 if rng.random() < 0.5 else 0.0
+    if saturation != 1.0 or hue_shift != 0.0:
         hsv = np.asarray(Image.fromarray(result).convert("HSV")).astype(np.float32)
-        if rng.random() < 0.5:
-            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
-        if rng.random() < 0.5:
-            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18) * 255 / 360) % 256
+        hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
+        hsv[..., 0] = (hsv[..., 0] + hue_shift) % 256
         result = np.asarray(Image.fromarray(hsv.astype(np.uint8), mode="HSV").convert("RGB"))
     return result
 
@@ -91,7 +91,7 @@ class DenseAugmentation:
 def to_tensor(image: np.ndarray, mean: tuple[float, float, float] = CLIP_MEAN,
               std: tuple[float, float, float] = CLIP_STD) -> torch.Tensor:
     """(H, W, 3) uint8 → (3, H, W) float32 normalised with ``mean``/``std`` (in [0, 1] units)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
     mean_tensor = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_tensor = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (tensor - mean_tensor) / std_tensor

@@ -1,0 +1,78 @@
+"""The params loader: defaults load, and bad keys/types/ranges are rejected by their key path."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from weakclip_core.config import ConfigError, load_params, params_from_dict, to_plain
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_repository_params_load_and_round_trip():
+    params = load_params(REPO / "params.yaml")
+    assert params.weakclip.prompt_len == 8
+    assert params.weakclip.taps == [3, 5, 7, 11]
+    plain = to_plain(params)
+    assert params_from_dict(plain) == params
+
+
+def test_params_yaml_lists_every_schema_key():
+    """params.yaml spells out every key, so `dvc exp run -S` can vary any of them."""
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    schema = to_plain(params_from_dict({}))
+
+    def keys(tree, prefix=""):
+        out = set()
+        for key, value in tree.items():
+            out.add(prefix + key)
+            if isinstance(value, dict):
+                out |= keys(value, prefix + key + ".")
+        return out
+
+    assert keys(schema) == keys(written)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"weakclip": {"prompt_len": "eight"}}, "weakclip.prompt_len: expected int, got 'eight'"),
+        ({"weakclip": {"prompt_lenn": 8}}, "weakclip.prompt_lenn: unknown key"),
+        ({"bogus": {}}, "bogus: unknown key"),
+        ({"weakclip": {"prompt_len": 0}}, "weakclip.prompt_len: 0 is out of range, must be >= 1"),
+        ({"weakclip": {"prompt_len": True}}, "weakclip.prompt_len: expected int"),
+        ({"weakclip": {"seeds": {"mode": "soft"}}}, "weakclip.seeds.mode: expected one of ['confident', 'dense']"),
+        ({"weakclip": {"seeds": {"fg_threshold": 0.2, "bg_threshold": 0.3}}}, "weakclip.seeds.bg_threshold"),
+        ({"cam": {"infer": {"scales": [1.0, "big"]}}}, "cam.infer.scales[1]: expected float"),
+        ({"cam": {"infer": {"flip": "yes"}}}, "cam.infer.flip: expected bool"),
+        ({"dataset": {"synthetic": {"image_size": 8}}}, "dataset.synthetic.image_size: 8 is out of range"),
+        ({"dataset": {"name": "voc"}}, "dataset.source: required when name is 'voc'"),
+        ({"seg": {"model": "segformer", "encoder": "resnet18"}}, "seg.encoder: segformer needs an MiT encoder"),
+        ({"clip": {"source": "file"}}, "clip.weights: required when source is 'file'"),
+        ({"pseudo": []}, "pseudo: expected a mapping"),
+    ],
+)
+def test_bad_values_name_their_key_path(data, message):
+    with pytest.raises(ConfigError) as error:
+        params_from_dict(data)
+    assert message in str(error.value)
+
+
+def test_int_is_accepted_for_float_and_converted():
+    params = params_from_dict({"weakclip": {"temperature_init": 1}})
+    assert params.weakclip.temperature_init == 1.0 and isinstance(params.weakclip.temperature_init, float)
+
+
+def test_load_params_names_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml: params file not found"):
+        load_params(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("weakclip: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_params(broken)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("weakclip:\n  prompt_len: eight\n")
+    with pytest.raises(ConfigError, match=r"wrong.yaml: weakclip.prompt_len: expected int, got 'eight'"):
+        load_params(wrong)

@@ -1,0 +1,64 @@
+"""mIoU from a confusion matrix, checked against hand-worked examples."""
+
+import numpy as np
+import pytest
+
+from weakclip_core.metrics import ConfusionAccumulator, confusion_matrix, iou_report
+
+
+def test_hand_worked_three_classes_with_ignore():
+    ground_truth = np.array([[0, 0, 1, 1],
+                             [0, 2, 2, 255]])
+    prediction = np.array([[0, 1, 1, 1],
+                           [0, 2, 0, 2]])
+    confusion = confusion_matrix(ground_truth, prediction, 3)
+    # rows GT, cols prediction; the 255 pixel is skipped whatever was predicted there
+    expected = np.array([[2, 1, 0],
+                         [0, 2, 0],
+                         [1, 0, 1]])
+    np.testing.assert_array_equal(confusion, expected)
+    report = iou_report(confusion)
+    # class 0: TP 2, FP 1 (gt2->0), FN 1 (gt0->1): 2/4; class 1: TP 2, FP 1, FN 0: 2/3; class 2: TP 1, FN 1: 1/2
+    assert report.per_class == pytest.approx([0.5, 2 / 3, 0.5])
+    assert report.miou == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+    assert report.pixel_accuracy == pytest.approx(5 / 7)
+    assert report.precision == pytest.approx([2 / 3, 2 / 3, 1.0])
+    assert report.recall == pytest.approx([2 / 3, 1.0, 0.5])
+
+
+def test_class_absent_from_gt_and_prediction_is_left_out():
+    ground_truth = np.array([0, 0, 1, 1])
+    prediction = np.array([0, 0, 1, 0])
+    report = iou_report(confusion_matrix(ground_truth, prediction, 4))
+    assert report.per_class[2] is None and report.per_class[3] is None
+    assert report.miou == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_class_predicted_but_absent_from_gt_counts_as_zero():
+    report = iou_report(confusion_matrix(np.array([0, 0]), np.array([0, 1]), 2))
+    assert report.per_class == pytest.approx([0.5, 0.0])
+    assert report.miou == pytest.approx(0.25)
+
+
+def test_accumulator_equals_one_matrix_over_all_pixels():
+    rng = np.random.default_rng(0)
+    accumulator = ConfusionAccumulator(5)
+    all_gt, all_pred = [], []
+    for _ in range(4):
+        gt = rng.integers(0, 5, size=(7, 9))
+        gt[rng.random((7, 9)) < 0.1] = 255
+        pred = rng.integers(0, 5, size=(7, 9))
+        accumulator.add(gt, pred)
+        all_gt.append(gt.ravel())
+        all_pred.append(pred.ravel())
+    whole = confusion_matrix(np.concatenate(all_gt), np.concatenate(all_pred), 5)
+    np.testing.assert_array_equal(accumulator.confusion, whole)
+
+
+def test_out_of_range_ids_and_shape_mismatch_are_errors():
+    with pytest.raises(ValueError, match="class id 7"):
+        confusion_matrix(np.array([0, 7]), np.array([0, 1]), 3)
+    with pytest.raises(ValueError, match="prediction holds class id 3"):
+        confusion_matrix(np.array([0, 1]), np.array([0, 3]), 3)
+    with pytest.raises(ValueError, match="shape"):
+        confusion_matrix(np.zeros((2, 2)), np.zeros((2, 3)), 3)

@@ -1,0 +1,130 @@
+"""WeakCLIP: frozen CLIP + learnable prompts, pyramid adapter, co-attention matching, text-guided decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from torch import nn
+
+from weakclip_core.clip_model import dense_visual_features, joint_width, text_width, visual_width
+from weakclip_core.config.weakclip import WeakClipConfig
+from weakclip_core.models.weakclip.co_attention import CoAttention
+from weakclip_core.models.weakclip.decoder import TextGuidedDecoder
+from weakclip_core.models.weakclip.matching import cosine_matching
+from weakclip_core.models.weakclip.prompt_learner import PromptLearner
+from weakclip_core.models.weakclip.pyramid_adapter import PyramidAdapter
+
+OUTPUT_STRIDE = 4
+
+
+def paper_weakclip_config(base: WeakClipConfig | None = None) -> WeakClipConfig:
+    """The paper's full-size model widths at ViT-B/16 (21.24M trainable of 171.46M at K = 21).
+
+    prompt_len 8, text context 13, taps 3/5/7/11, co-attention 256 x 4 heads x
+    3 layers, α/β init 0.1, FPN neck 256, semantic-FPN head 256, dropout 0.1.
+    Seeds, losses and training settings are kept from ``base``.
+    """
+    base = base or WeakClipConfig()
+    return replace(base, prompt_len=8, text_context_length=13, temperature_init=0.1, taps=[3, 5, 7, 11],
+                   co_attention=True, co_attention_width=256, co_attention_heads=4, co_attention_layers=3,
+                   neck_width=256, head_width=256, dropout=0.1)
+
+
+@dataclass
+class WeakClipOutput:
+    """logits: P before softmax, (B, K, H/4, W/4); matching: λ' cosine map, (B, K, H/16, W/16)."""
+
+    logits: torch.Tensor
+    matching: torch.Tensor
+
+
+class WeakCLIP(nn.Module):
+    """The WeakCLIP segmenter over a frozen open_clip ``CLIP``.
+
+    ``class_names`` has ``background`` at index 0 (K names in all). Both CLIP
+    encoders are frozen (``requires_grad`` off) and stay in eval mode under
+    ``.train()``; only the prompts, adapter, co-attention (with α, β) and
+    decoder train.
+    """
+
+    def __init__(self, clip_model: CLIP, class_names: list[str], cfg: WeakClipConfig) -> None:
+        super().__init__()
+        if not class_names or class_names[0] != "background":
+            raise ValueError(f"class_names must start with 'background', got {class_names[:3]}")
+        self.class_names = list(class_names)
+        self.taps = list(cfg.taps)
+        self.use_co_attention = cfg.co_attention
+        self.clip = clip_model
+        for parameter in self.clip.parameters():
+            parameter.requires_grad_(False)
+        self.clip.eval()
+        num_classes = len(class_names)
+        joint = joint_width(clip_model)
+        vision = visual_width(clip_model.visual)
+        self.prompt_learner = PromptLearner(class_names, cfg.prompt_len, cfg.text_context_length,
+                                            text_width(clip_model))
+        self.pyramid_adapter = PyramidAdapter(vision)
+        self.co_attention = (CoAttention(joint, cfg.co_attention_width, cfg.co_attention_heads,
+                                         cfg.co_attention_layers, cfg.temperature_init, cfg.dropout)
+                             if cfg.co_attention else None)
+        self.decoder = TextGuidedDecoder(vision, num_classes, cfg.neck_width, cfg.head_width, cfg.dropout)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def train(self, mode: bool = True) -> "WeakCLIP":
+        super().train(mode)
+        self.clip.eval()  # frozen encoders: no dropout, fixed behaviour in training too
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Prompts, adapter, co-attention (incl. α, β) and decoder; never a CLIP weight."""
+        return [parameter for name, parameter in self.named_parameters()
+                if not name.startswith("clip.") and parameter.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen CLIP (parameters and BN buffers): what a checkpoint must hold."""
+        return {name: tensor for name, tensor in self.state_dict().items() if not name.startswith("clip.")}
+
+    def load_trainable_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`trainable_state_dict` output; a missing or unexpected key is an error."""
+        expected = set(self.trainable_state_dict())
+        given = set(state_dict)
+        if expected != given:
+            raise KeyError(f"WeakCLIP state dict mismatch: missing {sorted(expected - given)[:5]}, "
+                           f"unexpected {sorted(given - expected)[:5]}")
+        self.load_state_dict(state_dict, strict=False)
+
+    def text_embeddings(self) -> torch.Tensor:
+        """(K, D) class text embeddings t from the learned prompts."""
+        return self.prompt_learner(self.clip)
+
+    def forward(self, images: torch.Tensor) -> WeakClipOutput:
+        """images: (B, 3, H, W) CLIP-normalised, H and W multiples of 32 (so 1/32 exists)."""
+        with torch.no_grad():
+            visual = dense_visual_features(self.clip.visual, images, self.taps)
+        batch, joint, grid_h, grid_w = visual.patch_embeddings.shape
+        text = self.text_embeddings().unsqueeze(0).expand(batch, -1, -1)  # (B, K, D)
+        patches = visual.patch_embeddings.flatten(2).transpose(1, 2)  # (B, hw, D)
+        if self.co_attention is not None:
+            tokens = torch.cat([visual.global_embedding.unsqueeze(1), patches], dim=1)
+            updated = self.co_attention(text, tokens)
+            text = updated.text
+            patches = updated.visual[:, 1:]
+        patch_map = patches.transpose(1, 2).reshape(batch, joint, grid_h, grid_w)
+        matching = cosine_matching(text, patch_map)
+        pyramid = self.pyramid_adapter(visual.taps)
+        logits = self.decoder(pyramid, matching)
+        return WeakClipOutput(logits=logits, matching=matching)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities at the input size, (B, K, H, W): P upsampled (bilinear), then softmax."""
+        logits = self.forward(images).logits
+        logits = F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)
+        return logits.softmax(dim=1)

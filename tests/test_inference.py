@@ -1,0 +1,165 @@
+"""Multi-scale / flip / sliding-window inference against models whose output numpy can compute by hand."""
+
+import numpy as np
+import pytest
+import torch
+
+from weakclip_core.inference import (InferenceAugmentation, allowed_class_mask, predict_image_batch,
+                                     predict_probabilities, sliding_window_logits, window_starts)
+
+
+def numpy_softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=axis, keepdims=True)
+
+
+class PointwiseLinear(torch.nn.Module):
+    """A fixed 1x1 convolution: logits[k] = sum_c W[k, c] x[c] + b[k] at every pixel (numpy-checkable)."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(weight.shape[1], weight.shape[0], 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.from_numpy(weight).view(*weight.shape, 1, 1))
+            self.conv.bias.copy_(torch.from_numpy(bias))
+        self.windows_seen: list[tuple[int, int]] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.windows_seen.append(tuple(images.shape[-2:]))
+        return self.conv(images)
+
+
+def make_linear(n_classes: int = 5, seed: int = 0) -> tuple[PointwiseLinear, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(n_classes, 3)).astype(np.float32)
+    bias = rng.normal(size=n_classes).astype(np.float32)
+    return PointwiseLinear(weight, bias), weight, bias
+
+
+def numpy_pointwise(image: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """(3, H, W) → (K, H, W) logits."""
+    return np.einsum("kc,chw->khw", weight, image) + bias[:, None, None]
+
+
+def up_down_by_two(image: np.ndarray) -> np.ndarray:
+    """Bilinear (half-pixel) upsampling x2 then downsampling /2, worked by hand per axis:
+    y_i = 0.75 x_i + 0.125 (x_{i-1} + x_{i+1}) with edge replication."""
+    def along(values: np.ndarray, axis: int) -> np.ndarray:
+        padded = np.concatenate([np.take(values, [0], axis=axis), values, np.take(values, [-1], axis=axis)], axis=axis)
+        n = values.shape[axis]
+        previous = np.take(padded, range(0, n), axis=axis)
+        following = np.take(padded, range(2, n + 2), axis=axis)
+        return 0.75 * values + 0.125 * (previous + following)
+    return along(along(image, 1), 2)
+
+
+def test_window_starts_cover_every_pixel_and_end_flush():
+    assert window_starts(224, 128, 85) == [0, 85, 96]
+    assert window_starts(128, 128, 85) == [0]
+    assert window_starts(100, 128, 85) == [0]
+    for length, crop, stride in [(300, 64, 50), (65, 64, 1), (512, 128, 128)]:
+        covered = np.zeros(length, dtype=bool)
+        for start in window_starts(length, crop, stride):
+            assert 0 <= start <= length - crop
+            covered[start:start + crop] = True
+        assert covered.all()
+
+
+def test_sliding_window_of_pointwise_model_matches_numpy_with_padding():
+    model, weight, bias = make_linear()
+    rng = np.random.default_rng(1)
+    for height, width in [(37, 50), (10, 12), (16, 40)]:
+        image = rng.normal(size=(2, 3, height, width)).astype(np.float32)
+        logits = sliding_window_logits(model, torch.from_numpy(image), crop=16, stride=11).numpy()
+        expected = np.stack([numpy_pointwise(one, weight, bias) for one in image])
+        assert logits.shape == (2, 5, height, width)
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert set(model.windows_seen) == {(16, 16)}  # small images were padded up to the crop
+
+
+def test_multiscale_average_matches_hand_worked_bilinear():
+    model, weight, bias = make_linear(seed=3)
+    image = np.random.default_rng(2).normal(size=(1, 3, 12, 10)).astype(np.float32)
+    tta = InferenceAugmentation(scales=(1.0, 2.0), flip=True, crop=16, stride=8)
+    probabilities = predict_probabilities(model, torch.from_numpy(image), tta).numpy()[0]
+    at_one = numpy_softmax(numpy_pointwise(image[0], weight, bias))
+    at_two = numpy_softmax(numpy_pointwise(up_down_by_two(image[0]), weight, bias))
+    np.testing.assert_allclose(probabilities, 0.5 * (at_one + at_two), rtol=1e-5, atol=1e-6)
+
+
+class AveragePooledLinear(torch.nn.Module):
+    """Output stride 4: average-pool 4x4 then a 1x1 conv (a stand-in for WeakCLIP's H/4 logits)."""
+
+    def __init__(self, inner: PointwiseLinear) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.nn.functional.avg_pool2d(images, 4))
+
+
+def test_low_resolution_output_is_resized_to_the_image():
+    inner, weight, bias = make_linear(seed=4)
+    colour = np.array([0.3, -1.2, 0.8], dtype=np.float32)
+    image = np.broadcast_to(colour[:, None, None], (3, 40, 24)).copy()[None]
+    tta = InferenceAugmentation(scales=(0.5, 1.0, 1.5), flip=True, crop=16, stride=12)
+    probabilities = predict_probabilities(AveragePooledLinear(inner), torch.from_numpy(image), tta).numpy()[0]
+    assert probabilities.shape == (5, 40, 24)
+    expected = numpy_softmax(weight @ colour + bias)
+    # A constant image: every pixel away from the zero padding of the 0.5 scale (its last 2 columns,
+    # i.e. 4 image columns on either side once flipped back) sees the constant colour.
+    np.testing.assert_allclose(probabilities[:, :, 6:18], np.broadcast_to(expected[:, None, None], (5, 40, 12)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def random_conv(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 6, 5, padding=2)).eval()
+
+
+def test_flip_makes_prediction_flip_equivariant():
+    model = random_conv(0)
+    image = torch.randn(2, 3, 30, 42)
+    tta = InferenceAugmentation(scales=(0.75, 1.0, 1.5), flip=True, crop=24, stride=16)
+    direct = predict_probabilities(model, image, tta)
+    mirrored = predict_probabilities(model, image.flip(-1), tta).flip(-1)
+    torch.testing.assert_close(direct, mirrored, rtol=1e-5, atol=1e-6)
+    # The asymmetric model is not equivariant by itself: the property above comes from the flip.
+    no_flip = InferenceAugmentation(scales=(0.75, 1.0, 1.5), flip=False, crop=24, stride=16)
+    assert (predict_probabilities(model, image, no_flip)
+            - predict_probabilities(model, image.flip(-1), no_flip).flip(-1)).abs().max() > 1e-3
+
+
+def test_label_restriction_never_emits_an_absent_class():
+    model = random_conv(1)
+    with torch.no_grad():
+        model[2].bias[3] += 50.0  # class 3 would win everywhere if it were allowed
+    image = torch.randn(2, 3, 20, 20)
+    labels = [[2], [1, 4]]
+    allowed = allowed_class_mask(labels, 6)
+    tta = InferenceAugmentation(scales=(1.0, 0.5), flip=True, crop=16, stride=8)
+    probabilities = predict_probabilities(model, image, tta, allowed).numpy()
+    for row, classes in enumerate(labels):
+        absent = [k for k in range(6) if k not in [0, *classes]]
+        assert (probabilities[row, absent] == 0.0).all()
+        assert set(np.unique(probabilities[row].argmax(0))) <= {0, *classes}
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-5)
+    unrestricted = predict_probabilities(model, image, tta).numpy()
+    assert (unrestricted.argmax(1) == 3).all()
+
+
+def test_mixed_sizes_batch_like_single_images():
+    model = random_conv(2)
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in [(20, 24, 3), (16, 16, 3), (20, 24, 3)]]
+    labels = [[1], [2, 5], [3]]
+    tta = InferenceAugmentation(scales=(1.0,), flip=True, crop=16, stride=8)
+    batched = predict_image_batch(model, images, labels, 6, tta)
+    assert [p.shape for p in batched] == [(6, 20, 24), (6, 16, 16), (6, 20, 24)]
+    for image, classes, probabilities in zip(images, labels, batched):
+        single = predict_image_batch(model, [image], [classes], 6, tta)[0]
+        np.testing.assert_allclose(probabilities, single, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="predicts 6 classes"):
+        predict_image_batch(model, images[:1], None, 7, tta)

@@ -1,0 +1,176 @@
+"""Dense test-time inference of any segmentation model: multi-scale, horizontal flip, sliding window.
+
+The model is a plain callable ``(B, 3, h, w) normalised image → (B, K, h', w') logits`` (any output
+stride: logits are resized bilinearly to the window), so WeakCLIP, the retrained segmenter and a test's
+fixed convolution all run through the same code. Per scale and flip the logits of overlapping windows
+are averaged, resized to the image, turned into probabilities with a softmax restricted to the allowed
+classes (the image's labels + background: every other class gets probability exactly 0 and is therefore
+never emitted), and the probabilities are averaged over scales and flips (METHOD.md §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from weakclip_core.data.transforms import CLIP_MEAN, CLIP_STD
+
+DenseModel = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class InferenceAugmentation:
+    """Scales (relative to the image), flip, and the sliding window (``crop`` x ``crop``, step ``stride``).
+
+    A scaled image smaller than ``crop`` on a side is zero-padded (in normalised units, i.e. the mean
+    colour) to ``crop`` on that side; a larger one is covered by windows that always include its far edge.
+    """
+
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    crop: int = 128
+    stride: int = 85
+
+    def __post_init__(self) -> None:
+        if not self.scales:
+            raise ValueError("scales: at least one scale is needed")
+        if any(scale <= 0 for scale in self.scales):
+            raise ValueError(f"scales: every scale must be > 0, got {list(self.scales)}")
+        if self.crop < 1 or self.stride < 1:
+            raise ValueError(f"crop and stride must be >= 1, got crop={self.crop} stride={self.stride}")
+        if self.stride > self.crop:
+            raise ValueError(f"stride {self.stride} is larger than crop {self.crop}: windows would leave gaps")
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of the windows along one axis of ``length`` (already padded to >= ``crop``).
+
+    Steps of ``stride`` from 0, plus a last window flush with the far edge, so every pixel is covered.
+    """
+    if length <= crop:
+        return [0]
+    starts = list(range(0, length - crop, stride))
+    starts.append(length - crop)
+    return sorted(set(starts))
+
+
+@torch.inference_mode()
+def sliding_window_logits(model: DenseModel, images: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
+    """(B, 3, H, W) normalised → (B, K, H, W) logits, averaged over the windows covering each pixel.
+
+    Images smaller than ``crop`` on a side are zero-padded at the bottom/right first; the padding is
+    cropped off the result. Each window's logits are resized (bilinear) from the model's output grid
+    to ``crop`` x ``crop`` before they are accumulated.
+    """
+    batch, _, height, width = images.shape
+    padded_height, padded_width = max(height, crop), max(width, crop)
+    if (padded_height, padded_width) != (height, width):
+        images = F.pad(images, (0, padded_width - width, 0, padded_height - height), value=0.0)
+    logit_sum: torch.Tensor | None = None
+    window_count = torch.zeros((1, 1, padded_height, padded_width), dtype=torch.float32, device=images.device)
+    for top in window_starts(padded_height, crop, stride):
+        for left in window_starts(padded_width, crop, stride):
+            window = images[:, :, top:top + crop, left:left + crop]
+            logits = model(window).float()
+            if logits.ndim != 4 or logits.shape[0] != batch:
+                raise ValueError(f"model output must be (B={batch}, K, h, w) logits, got {tuple(logits.shape)}")
+            if logits.shape[-2:] != (crop, crop):
+                logits = F.interpolate(logits, size=(crop, crop), mode="bilinear", align_corners=False)
+            if logit_sum is None:
+                logit_sum = torch.zeros((batch, logits.shape[1], padded_height, padded_width),
+                                        dtype=torch.float32, device=images.device)
+            logit_sum[:, :, top:top + crop, left:left + crop] += logits
+            window_count[:, :, top:top + crop, left:left + crop] += 1.0
+    assert logit_sum is not None
+    return (logit_sum / window_count)[:, :, :height, :width]
+
+
+def allowed_class_mask(labels: Sequence[Sequence[int]], n_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, K) bool: background (0) plus each image's foreground labels."""
+    allowed = torch.zeros((len(labels), n_classes), dtype=torch.bool, device=device)
+    allowed[:, 0] = True
+    for row, classes in enumerate(labels):
+        for class_index in classes:
+            if not 0 <= class_index < n_classes:
+                raise ValueError(f"image {row}: class {class_index} outside 0..{n_classes - 1}")
+            allowed[row, class_index] = True
+    return allowed
+
+
+def restricted_softmax(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """(B, K, H, W) logits → probabilities; classes not ``allowed`` (B, K) get exactly 0."""
+    if allowed is None:
+        return logits.softmax(dim=1)
+    if allowed.shape != logits.shape[:2]:
+        raise ValueError(f"allowed mask {tuple(allowed.shape)} does not match logits {tuple(logits.shape[:2])}")
+    if not bool(allowed.any(dim=1).all()):
+        raise ValueError("every image needs at least one allowed class")
+    masked = logits.masked_fill(~allowed[:, :, None, None], float("-inf"))
+    return masked.softmax(dim=1)
+
+
+@torch.inference_mode()
+def predict_probabilities(model: DenseModel, images: torch.Tensor, tta: InferenceAugmentation,
+                          allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3, H, W) normalised images → (B, K, H, W) probabilities averaged over scales and flips.
+
+    For each scale s the batch is resized (bilinear) to round(s*H) x round(s*W), run through the
+    sliding window (and again mirrored, when ``tta.flip``, with the logits mirrored back), the logits
+    resized back to H x W and soft-maxed over the ``allowed`` (B, K) classes only.
+    """
+    height, width = images.shape[-2:]
+    probability_sum: torch.Tensor | None = None
+    n_views = 0
+    for scale in tta.scales:
+        scaled_size = (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
+        scaled = images if scaled_size == (height, width) else F.interpolate(
+            images, size=scaled_size, mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if tta.flip else (False,)):
+            view = scaled.flip(-1) if flipped else scaled
+            logits = sliding_window_logits(model, view, tta.crop, tta.stride)
+            if flipped:
+                logits = logits.flip(-1)
+            if scaled_size != (height, width):
+                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            probabilities = restricted_softmax(logits, allowed)
+            probability_sum = probabilities if probability_sum is None else probability_sum + probabilities
+            n_views += 1
+    assert probability_sum is not None
+    return probability_sum / n_views
+
+
+def normalise_images(images: Sequence[np.ndarray], mean: Sequence[float] = CLIP_MEAN,
+                     std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """A list of same-size (H, W, 3) uint8 images → (B, 3, H, W) float32, ``(x/255 - mean) / std``."""
+    stacked = torch.from_numpy(np.stack([np.asarray(image, dtype=np.uint8) for image in images]))
+    tensor = stacked.permute(0, 3, 1, 2).float().div_(255.0)
+    mean_tensor = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_tensor = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (tensor - mean_tensor) / std_tensor
+
+
+def predict_image_batch(model: DenseModel, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]] | None,
+                        n_classes: int, tta: InferenceAugmentation, device: torch.device | str = "cpu",
+                        mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> list[np.ndarray]:
+    """Probabilities (K, H_i, W_i) float32 for each (H_i, W_i, 3) uint8 image.
+
+    Images of the same size run as one batch (in their order of first appearance); ``labels`` restricts
+    each image to its foreground classes + background (``None``: no restriction, e.g. on the val split).
+    """
+    results: list[np.ndarray | None] = [None] * len(images)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[:2]), []).append(index)
+    for indices in groups.values():
+        batch = normalise_images([images[i] for i in indices], mean, std).to(device)
+        allowed = None if labels is None else allowed_class_mask([labels[i] for i in indices], n_classes, device)
+        probabilities = predict_probabilities(model, batch, tta, allowed)
+        if probabilities.shape[1] != n_classes:
+            raise ValueError(f"model predicts {probabilities.shape[1]} classes, the dataset has {n_classes}")
+        for row, index in enumerate(indices):
+            results[index] = probabilities[row].float().cpu().numpy()
+    return [result for result in results if result is not None]

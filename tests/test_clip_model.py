@@ -1,0 +1,178 @@
+"""The CLIP builder, local-file loader, dense visual forward and the ``clip`` stage artifact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from weakclip_core.clip_model import (ClipWeightsError, arch_model_config, build_clip, clip_from_config,
+                                      dense_visual_features, interpolated_positional_embedding,
+                                      load_clip_artifact, load_clip_file, save_clip_artifact)
+from weakclip_core.config.clip import ClipArchConfig, ClipConfig
+
+TINY_ARCH = ClipArchConfig(embed_dim=32, image_size=64, patch_size=16, vision_width=32, vision_layers=4,
+                           vision_head_width=16, text_width=32, text_layers=1, text_heads=2, context_length=16)
+TINY_NAME = "WeakclipTestTiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_registered(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Register the tiny arch under a name, as a user would for a named open_clip architecture."""
+    folder = tmp_path_factory.mktemp("open_clip_configs")
+    (folder / f"{TINY_NAME}.json").write_text(json.dumps(arch_model_config(TINY_ARCH)))
+    open_clip.add_model_config(folder)
+    return TINY_NAME
+
+
+def tiny_clip(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_clip(ClipConfig(source="random", arch=TINY_ARCH)).eval()
+
+
+def test_arch_is_built_with_every_size_field() -> None:
+    model = build_clip(ClipConfig(source="pretrain"))  # the synthetic default arch
+    arch = ClipArchConfig()
+    assert model.visual.conv1.out_channels == arch.vision_width
+    assert model.visual.conv1.kernel_size == (arch.patch_size, arch.patch_size)
+    assert len(model.visual.transformer.resblocks) == arch.vision_layers == 12
+    assert model.visual.transformer.resblocks[0].attn.num_heads == arch.vision_width // arch.vision_head_width
+    assert model.token_embedding.embedding_dim == arch.text_width
+    assert len(model.transformer.resblocks) == arch.text_layers
+    assert model.positional_embedding.shape[0] == arch.context_length
+    assert model.visual.proj.shape == (arch.vision_width, arch.embed_dim)
+    # the paper's taps 3/5/7/11 exist on the synthetic arch
+    features = dense_visual_features(model.visual, torch.randn(1, 3, 64, 64), [3, 5, 7, 11])
+    assert [tuple(tap.shape) for tap in features.taps] == [(1, arch.vision_width, 4, 4)] * 4
+
+
+def test_dense_features_match_open_clip_at_native_size() -> None:
+    model = tiny_clip()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = dense_visual_features(model.visual, images, [1, 3])
+        reference = model.visual.forward_intermediates(images, indices=[1, 3], output_fmt="NCHW")
+        pooled = model.encode_image(images)
+    torch.testing.assert_close(features.taps[0], reference["image_intermediates"][0])
+    torch.testing.assert_close(features.taps[1], reference["image_intermediates"][1])
+    torch.testing.assert_close(features.global_embedding, pooled)
+    assert features.patch_embeddings.shape == (2, 32, 4, 4)
+
+
+def test_dense_features_at_another_size_and_tap_order() -> None:
+    model = tiny_clip()
+    with torch.no_grad():
+        features = dense_visual_features(model.visual, torch.randn(1, 3, 96, 128), [3, 0])
+    assert features.taps[0].shape == (1, 32, 6, 8) and features.patch_embeddings.shape == (1, 32, 6, 8)
+    assert all(torch.isfinite(tap).all() for tap in features.taps)
+    with pytest.raises(ValueError, match="taps"):
+        dense_visual_features(model.visual, torch.randn(1, 3, 64, 64), [4])
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        dense_visual_features(model.visual, torch.randn(1, 3, 70, 64), [0])
+
+
+def test_positional_interpolation_of_a_linear_ramp() -> None:
+    """A positional embedding that is linear in x stays linear (bilinear resize), class slot untouched."""
+    model = tiny_clip()
+    side = 4
+    ramp = np.tile(np.arange(side, dtype=np.float32), (side, 1))  # value = x
+    patch_positions = torch.from_numpy(ramp.reshape(-1, 1)).repeat(1, 32)
+    with torch.no_grad():
+        model.visual.positional_embedding.copy_(torch.cat([torch.full((1, 32), 7.0), patch_positions]))
+    resized = interpolated_positional_embedding(model.visual, 4, 8).detach().numpy()
+    assert np.allclose(resized[0], 7.0)
+    grid = resized[1:, 0].reshape(4, 8)
+    # align_corners=False: new x at (j + 0.5) / 2 - 0.5 in old coordinates, clamped to [0, 3]
+    expected_x = np.clip((np.arange(8) + 0.5) / 2 - 0.5, 0, 3)
+    assert np.allclose(grid, np.tile(expected_x, (4, 1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("tag", ["openai", "laion2b_s34b_b88k", "hf-hub:timm/vit_base_patch16_clip_224.openai"])
+def test_hub_tags_are_refused_at_once(tag: str) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ClipWeightsError, match="Download the CLIP checkpoint yourself") as error:
+        load_clip_file("ViT-B-16", tag)
+    assert time.perf_counter() - started < 2.0
+    assert tag in str(error.value)
+    with pytest.raises(ClipWeightsError):
+        build_clip(ClipConfig(source="file", weights=tag))
+
+
+def test_bogus_file_is_refused_with_its_name(tmp_path: Path) -> None:
+    bogus = tmp_path / "ViT-B-16.pt"
+    bogus.write_text("this is not a checkpoint")
+    with pytest.raises(ClipWeightsError, match="not a readable CLIP checkpoint") as error:
+        load_clip_file("ViT-B-16", bogus)
+    assert str(bogus) in str(error.value)
+
+
+def test_unknown_architecture_name_is_refused(tmp_path: Path) -> None:
+    weights = tmp_path / "w.pt"
+    torch.save({"a": torch.zeros(1)}, weights)
+    with pytest.raises(ClipWeightsError, match="not an open_clip architecture"):
+        load_clip_file("ViT-Nope-99", weights)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "wrapped_pt", "safetensors"])
+def test_local_checkpoint_loads_exactly(tmp_path: Path, tiny_registered: str, fmt: str) -> None:
+    source = tiny_clip(seed=3)
+    state = {key: value.clone().contiguous() for key, value in source.state_dict().items()}
+    path = tmp_path / f"tiny.{'safetensors' if fmt == 'safetensors' else 'pt'}"
+    if fmt == "safetensors":
+        save_file(state, str(path))
+    elif fmt == "wrapped_pt":
+        torch.save({"state_dict": {f"module.{key}": value for key, value in state.items()}}, path)
+    else:
+        torch.save(state, path)
+    loaded = load_clip_file(tiny_registered, path)
+    for key, value in state.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path, tiny_registered: str) -> None:
+    other = clip_from_config(arch_model_config(replace(TINY_ARCH, vision_width=48, vision_head_width=16)))
+    path = tmp_path / "other_arch.pt"
+    torch.save(other.state_dict(), path)
+    with pytest.raises(ClipWeightsError, match="does not match the open_clip architecture") as error:
+        load_clip_file(tiny_registered, path)
+    assert str(path) in str(error.value)
+
+
+def test_artifact_round_trip(tmp_path: Path) -> None:
+    model = tiny_clip(seed=5)
+    cfg = ClipConfig(source="random", arch=TINY_ARCH)
+    save_clip_artifact(tmp_path / "clip", model, cfg, info={"epochs": 0})
+    rebuilt = load_clip_artifact(tmp_path / "clip")
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.encode_image(images), model.encode_image(images))
+    info = json.loads((tmp_path / "clip" / "clip.json").read_text())
+    assert info["source"] == "random" and info["epochs"] == 0
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_file_artifact_records_sha256(tmp_path: Path, tiny_registered: str) -> None:
+    weights = tmp_path / "tiny.pt"
+    torch.save(tiny_clip(seed=1).state_dict(), weights)
+    cfg = ClipConfig(source="file", model_name=tiny_registered, weights=str(weights))
+    model = build_clip(cfg)
+    save_clip_artifact(tmp_path / "clip", model, cfg)
+    info = json.loads((tmp_path / "clip" / "clip.json").read_text())
+    assert info["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    rebuilt = load_clip_artifact(tmp_path / "clip")
+    assert torch.equal(rebuilt.visual.proj, model.visual.proj)
+
+
+def test_missing_artifact_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model_config.json"):
+        load_clip_artifact(tmp_path / "nothing")

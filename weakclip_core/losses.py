@@ -1,0 +1,137 @@
+"""WeakCLIP's training losses: balanced seeding loss, CRF boundary loss, auxiliary matching loss.
+
+All on P resized to ``loss.loss_size`` (64 in the reference), like the
+reference's DGCN-lite head. Seeds are class maps with 255 = ignore.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from weakclip_core.config.weakclip import WeakClipLossConfig
+from weakclip_core.crf import CrfPool
+
+IGNORE_INDEX = 255
+MIN_PROBABILITY = 1e-7  # added before renormalising P, so log P and Q/P stay finite
+CRF_FLOOR = 1e-4  # Q is floored and renormalised, as in the reference
+
+
+def resize_seeds(seeds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) integer seeds → (B, h, w) long by nearest neighbour (255 stays 255)."""
+    if tuple(seeds.shape[1:]) == tuple(size):
+        return seeds.long()
+    return F.interpolate(seeds[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+def resize_logits(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, K, h, w) → (B, K, size, size), bilinear (align_corners off)."""
+    if logits.shape[2:] == (size, size):
+        return logits
+    return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def smoothed_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """softmax(P) + 1e-7, renormalised: (B, K, h, w), strictly positive."""
+    probabilities = logits.softmax(dim=1) + MIN_PROBABILITY
+    return probabilities / probabilities.sum(dim=1, keepdim=True)
+
+
+def seeding_loss(logits: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """Partial cross-entropy over seed pixels, balanced between background and foreground.
+
+    logits: (B, K, h, w); seeds: (B, h, w) with 0 = background, 1..K-1, 255 ignored.
+    loss = (mean -log p over bg seed pixels + mean -log p over fg seed pixels) / 2,
+    pooled over the batch; if one set is empty the other alone; no seeds → 0
+    (a graph-connected zero, so backward gives zero gradients, never NaN).
+    """
+    log_probabilities = smoothed_probabilities(logits).log()
+    valid = seeds != IGNORE_INDEX
+    target = torch.where(valid, seeds, torch.zeros_like(seeds))
+    picked = -log_probabilities.gather(1, target[:, None])[:, 0]  # (B, h, w)
+    parts = []
+    for selected in (valid & (seeds == 0), valid & (seeds > 0)):
+        if selected.any():
+            parts.append(picked[selected].mean())
+    if not parts:
+        return logits.sum() * 0.0
+    return torch.stack(parts).mean()
+
+
+def boundary_loss(logits: torch.Tensor, crf_probabilities: torch.Tensor, ratio_min: float,
+                  ratio_max: float) -> torch.Tensor:
+    """KL(Q ‖ P) with the ratio clipped: mean over pixels of Σ_k Q_k log(clip(Q_k / P_k)).
+
+    logits: (B, K, h, w) for P; crf_probabilities: Q, (B, K, h, w), treated as a
+    constant. Where the ratio is clipped, no gradient flows (as in the reference).
+    """
+    probabilities = smoothed_probabilities(logits)
+    target = crf_probabilities.detach().to(probabilities)
+    ratio = torch.clamp(target / probabilities, ratio_min, ratio_max)
+    return (target * ratio.log()).sum(dim=1).mean()
+
+
+def auxiliary_loss(matching: torch.Tensor, seeds: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of λ'/temperature against the seeds resized (nearest) to λ's size; 255 ignored.
+
+    matching: (B, K, h, w); seeds: (B, H, W). No seed pixel → 0 with zero gradients.
+    """
+    small_seeds = resize_seeds(seeds, tuple(matching.shape[2:]))
+    if not (small_seeds != IGNORE_INDEX).any():
+        return matching.sum() * 0.0
+    return F.cross_entropy(matching / temperature, small_seeds, ignore_index=IGNORE_INDEX)
+
+
+def crf_targets(logits: torch.Tensor, images_uint8: torch.Tensor, crf_pool: CrfPool) -> torch.Tensor:
+    """Q = dense CRF of P on the image downsized to P's size; (B, K, h, w), no gradient.
+
+    images_uint8: (B, 3, H, W) uint8 RGB (before normalisation). Q is floored at
+    1e-4 and renormalised, as in the reference.
+    """
+    size = logits.shape[2:]
+    with torch.no_grad():
+        small = F.interpolate(images_uint8.float(), size=size, mode="bilinear", align_corners=False)
+        small = small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        probabilities = smoothed_probabilities(logits.detach()).float().cpu().numpy()
+    refined = np.maximum(crf_pool.map(small, probabilities), CRF_FLOOR)
+    refined = refined / refined.sum(axis=1, keepdims=True)
+    return torch.from_numpy(refined).to(device=logits.device, dtype=logits.dtype)
+
+
+@dataclass
+class WeakClipLosses:
+    """The total loss and its parts (scalars), for the optimizer and for logging."""
+
+    total: torch.Tensor
+    seed: torch.Tensor
+    boundary: torch.Tensor
+    aux: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {"loss": float(self.total.detach()), "seed_loss": float(self.seed.detach()),
+                "boundary_loss": float(self.boundary.detach()), "aux_loss": float(self.aux.detach())}
+
+
+def weakclip_losses(logits: torch.Tensor, matching: torch.Tensor, seeds: torch.Tensor,
+                    images_uint8: torch.Tensor, cfg: WeakClipLossConfig, crf_pool: CrfPool) -> WeakClipLosses:
+    """total = seed + boundary_weight · boundary + aux_weight · aux.
+
+    logits: P, (B, K, H/4, W/4); matching: λ', (B, K, H/16, W/16); seeds:
+    (B, H, W) long with 255 ignored; images_uint8: (B, 3, H, W) uint8 RGB of the
+    same crops. P is resized to ``cfg.loss_size`` for the seeding and boundary
+    losses; the CRF runs in ``crf_pool``.
+    """
+    small_logits = resize_logits(logits.float(), cfg.loss_size)
+    small_seeds = resize_seeds(seeds, (cfg.loss_size, cfg.loss_size))
+    seed = seeding_loss(small_logits, small_seeds)
+    if cfg.boundary_weight > 0:
+        boundary = boundary_loss(small_logits, crf_targets(small_logits, images_uint8, crf_pool),
+                                 cfg.ratio_min, cfg.ratio_max)
+    else:
+        boundary = small_logits.sum() * 0.0
+    aux = auxiliary_loss(matching.float(), seeds, cfg.aux_temperature)
+    total = seed + cfg.boundary_weight * boundary + cfg.aux_weight * aux
+    return WeakClipLosses(total=total, seed=seed, boundary=boundary, aux=aux)

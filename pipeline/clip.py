@@ -1,0 +1,136 @@
+"""Stage ``clip``: the frozen CLIP that WeakCLIP adapts → ``artifacts/clip/``, ``metrics/clip.json``.
+
+``clip.source``:
+- ``pretrain`` (synthetic default): a small open_clip (``clip.arch``) trained
+  contrastively on the train split's images and captions;
+- ``file``: a local weights file (e.g. OpenAI ViT-B/16), recorded with its sha256;
+- ``random``: a randomly initialised CLIP (the "no CLIP knowledge" ablation).
+
+Whatever the source, the stage then measures the CLIP's zero-shot knowledge on
+the val split ("a photo of a {class}" prompt scores vs image labels: mAP and
+top-1) beside a randomly initialised CLIP of the same architecture, so the
+metrics show whether the knowledge WeakCLIP relies on is real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+
+from weakclip_core.atomic import atomic_dir, write_json
+from weakclip_core.clip_model import build_clip, clip_from_config, clip_model_config, save_clip_artifact
+from weakclip_core.clip_pretrain import (PROMPT_TEMPLATE, CaptionPairs, pretrain_clip, resize_for_clip,
+                                         zero_shot_report, zero_shot_scores)
+from weakclip_core.config import Params, load_params, to_plain
+from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.device import resolve_device, seed_everything, set_threads
+from weakclip_core.training import CHECKPOINT_ROOT, Checkpointer
+
+ARTIFACT_DIR = Path("artifacts/clip")
+METRICS_PATH = Path("metrics/clip.json")
+EVAL_BATCH = 32
+
+
+def image_batches(dataset: PreparedDataset, image_ids: list[str], size: int,
+                  batch_size: int = EVAL_BATCH) -> Iterator[torch.Tensor]:
+    """(b, 3, size, size) CLIP-normalised batches of the images, in order."""
+    for start in range(0, len(image_ids), batch_size):
+        yield torch.stack([resize_for_clip(dataset.image(image_id), size)
+                           for image_id in image_ids[start:start + batch_size]])
+
+
+def evaluate_zero_shot(model: torch.nn.Module, dataset: PreparedDataset, split: str,
+                       device: torch.device) -> dict:
+    """Prompt-score mAP / top-1 of ``model`` on ``split`` against the image-level labels."""
+    image_ids = dataset.split(split)
+    tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=int(model.context_length))
+    size = int(model.visual.image_size[0])
+    class_names = dataset.class_names[1:]
+    scores = zero_shot_scores(model, tokenizer, image_batches(dataset, image_ids, size), class_names, device)
+    labels = np.stack([dataset.label_vector(image_id) for image_id in image_ids])
+    return {**zero_shot_report(scores.numpy(), labels, class_names), "n_images": len(image_ids)}
+
+
+def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = METRICS_PATH,
+        checkpoint_root: Path | None = None, stop_after_step: int | None = None) -> dict | None:
+    """Build/train/load the CLIP, write the artifact and the zero-shot metrics; returns the metrics.
+
+    ``stop_after_step`` (tests) stops pre-training after that many steps with a
+    checkpoint and writes nothing else; the next run resumes from it.
+    """
+    started = time.perf_counter()
+    cfg = params.clip
+    set_threads(params.runtime.threads)
+    device = resolve_device(params.runtime.device)
+    dataset = PreparedDataset.open(params.dataset.prepared_dir)
+    seed_everything(params.runtime.seed)
+    model = build_clip(cfg)
+    info: dict = {"source": cfg.source}
+    if cfg.source == "pretrain":
+        tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=cfg.arch.context_length)
+        pairs = CaptionPairs(dataset, dataset.split(params.dataset.train_split), tokenizer, cfg.arch.image_size,
+                             params.runtime.seed)
+        checkpoint_config = {"clip": to_plain(cfg), "dataset": to_plain(params.dataset),
+                             "seed": params.runtime.seed}
+        checkpointer = Checkpointer("clip", checkpoint_config, root=checkpoint_root or CHECKPOINT_ROOT)
+        result = pretrain_clip(model, pairs, cfg.pretrain, device, checkpointer, params.runtime.seed,
+                               stop_after_step=stop_after_step)
+        if not result.finished:
+            return None
+        info["pretrain"] = {"steps": result.steps_done, "final_loss": result.final_loss,
+                            "logit_scale": result.logit_scale, "pairs": len(pairs),
+                            "train_s": round(time.perf_counter() - started, 1)}
+    else:
+        checkpointer = None
+    model = model.cpu().eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+    # The reference: same architecture, random initialisation (seeded apart from the run's seed).
+    torch.manual_seed(params.runtime.seed + 1)
+    random_model = clip_from_config(clip_model_config(cfg, model)).eval()
+    split = params.dataset.val_split
+    quality = evaluate_zero_shot(model, dataset, split, device)
+    reference = evaluate_zero_shot(random_model, dataset, split, device)
+    metrics = {
+        "source": cfg.source,
+        "split": split,
+        "n_images": quality["n_images"],
+        "prompt": PROMPT_TEMPLATE,
+        "zero_shot_map": quality["map"],
+        "zero_shot_top1": quality["top1"],
+        "random_init_map": reference["map"],
+        "random_init_top1": reference["top1"],
+        "per_class_ap": quality["per_class_ap"],
+        **({"pretrain": info["pretrain"]} if "pretrain" in info else {}),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    with atomic_dir(artifact_dir) as temporary_dir:
+        save_clip_artifact(temporary_dir, model.cpu(), cfg,
+                           info={"zero_shot_map": quality["map"], "zero_shot_top1": quality["top1"], **info})
+    write_json(metrics_path, metrics)
+    if checkpointer is not None:
+        checkpointer.clear()
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    args = parser.parse_args()
+    metrics = run(load_params(args.params))
+    if metrics is not None:
+        print(f"clip ({metrics['source']}): zero-shot mAP {metrics['zero_shot_map']:.3f} "
+              f"top-1 {metrics['zero_shot_top1']:.3f} on {metrics['split']} "
+              f"(random init: mAP {metrics['random_init_map']:.3f}, top-1 {metrics['random_init_top1']:.3f}), "
+              f"{metrics['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Contrastive pre-training of a small open_clip model on image/caption pairs, and its zero-shot check.
+
+On the synthetic benchmark no pretrained CLIP exists, so the ``clip`` stage
+teaches a small one the dataset's vocabulary from its captions (CLIP's InfoNCE
+with a learnable logit scale). ``zero_shot_report`` then measures whether that
+knowledge is real: prompt scores "a photo of a {class}" against the images'
+labels, as multi-label mAP and top-1 accuracy, to compare against a randomly
+initialised CLIP.
+
+The model is any open_clip ``CLIP``: ``encode_image``, ``encode_text`` and a
+``logit_scale`` parameter (log of the inverse temperature).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from weakclip_core.config.clip import ClipPretrainConfig
+from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.data.sampling import StepSampler
+from weakclip_core.data.transforms import sample_rng, to_tensor
+from weakclip_core.training import Checkpointer, set_lr, warmup_cosine_lr
+
+PROMPT_TEMPLATE = "a photo of a {}"
+# open_clip clamps the learnable logit scale at 100 (log 100 = 4.6052) to keep the softmax stable.
+MAX_LOGIT_SCALE = math.log(100.0)
+
+Tokenizer = Callable[[Sequence[str]], torch.Tensor]
+
+
+def clip_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                          caption_groups: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE on a batch of matching pairs.
+
+    ``image_features`` and ``text_features`` are (B, D), L2-normalised here;
+    ``logit_scale`` is the (exponentiated) inverse temperature. Pair i is the
+    positive of row i and column i. ``caption_groups`` (B,) optionally marks
+    pairs whose captions are identical: those texts are all positives of each
+    such image (the target mass is split evenly among them) instead of false
+    negatives. Returns the mean of the image→text and text→image cross-entropies.
+    """
+    image_features = F.normalize(image_features, dim=-1)
+    text_features = F.normalize(text_features, dim=-1)
+    logits_per_image = logit_scale * image_features @ text_features.T
+    if caption_groups is None:
+        targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+        return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.T, targets))
+    same_caption = (caption_groups[:, None] == caption_groups[None, :]).to(logits_per_image.dtype)
+    targets = same_caption / same_caption.sum(dim=1, keepdim=True)
+    image_to_text = -(targets * F.log_softmax(logits_per_image, dim=1)).sum(dim=1).mean()
+    text_to_image = -(targets * F.log_softmax(logits_per_image.T, dim=1)).sum(dim=1).mean()
+    return 0.5 * (image_to_text + text_to_image)
+
+
+def light_augmentation(image: np.ndarray, size: int, rng: np.random.Generator,
+                       min_area: float = 0.8) -> np.ndarray:
+    """(H, W, 3) uint8 → (size, size, 3): a random crop of ``min_area``..1 of the area, resized, maybe flipped.
+
+    Colours are left alone (captions may name them) and the crop keeps most of
+    the image (captions name every object in it).
+    """
+    height, width = image.shape[:2]
+    area = rng.uniform(min_area, 1.0)
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    crop_height = min(height, max(1, int(round(math.sqrt(area / aspect) * height))))
+    crop_width = min(width, max(1, int(round(math.sqrt(area * aspect) * width))))
+    top = int(rng.integers(0, height - crop_height + 1))
+    left = int(rng.integers(0, width - crop_width + 1))
+    crop = Image.fromarray(image[top:top + crop_height, left:left + crop_width])
+    result = np.asarray(crop.resize((size, size), Image.BICUBIC))
+    if rng.random() < 0.5:
+        result = result[:, ::-1]
+    return np.ascontiguousarray(result)
+
+
+def resize_for_clip(image: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W, 3) uint8 → (3, size, size) CLIP-normalised float tensor (evaluation: no randomness)."""
+    if image.shape[:2] != (size, size):
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    return to_tensor(image)
+
+
+class CaptionPairs(Dataset):
+    """Image/caption pairs of a prepared split, keyed by ``(epoch, index)`` from a ``StepSampler``.
+
+    Returns ``(image (3, S, S), tokens (L,), caption_group ())``: the augmented
+    image, its pre-tokenised caption, and the id of its caption text (identical
+    captions share an id).
+    """
+
+    def __init__(self, dataset: PreparedDataset, image_ids: list[str], tokenizer: Tokenizer, image_size: int,
+                 seed: int) -> None:
+        captions = dataset.captions()
+        missing = [image_id for image_id in image_ids if image_id not in captions]
+        if missing:
+            raise ValueError(f"{dataset.root / 'captions.txt'}: {len(missing)} image(s) have no caption, "
+                             f"e.g. {missing[0]}")
+        self.dataset = dataset
+        self.image_ids = list(image_ids)
+        texts = [captions[image_id] for image_id in self.image_ids]
+        group_of_text = {text: group for group, text in enumerate(dict.fromkeys(texts))}
+        self.caption_groups = torch.tensor([group_of_text[text] for text in texts], dtype=torch.long)
+        self.tokens = tokenizer(texts)
+        self.image_size = image_size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        epoch, index = key
+        image = self.dataset.image(self.image_ids[index])
+        augmented = light_augmentation(image, self.image_size, sample_rng(self.seed, epoch, index))
+        return to_tensor(augmented), self.tokens[index], self.caption_groups[index]
+
+
+def _decay_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """AdamW groups as in open_clip: no weight decay on gains, biases, embeddings' 1-D params and logit_scale."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        exclude = parameter.ndim < 2 or "logit_scale" in name or "positional_embedding" in name \
+            or "class_embedding" in name
+        (no_decay if exclude else decay).append(parameter)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """What a pre-training run did: steps done, whether that is all of them, the last loss, the logit scale."""
+
+    steps_done: int
+    finished: bool
+    final_loss: float
+    logit_scale: float
+
+
+def pretrain_clip(model: nn.Module, pairs: CaptionPairs, config: ClipPretrainConfig, device: torch.device,
+                  checkpointer: Checkpointer, seed: int, stop_after_step: int | None = None,
+                  log: Callable[[int, dict[str, float]], None] | None = None) -> PretrainResult:
+    """Train ``model`` contrastively on ``pairs`` for ``config.epochs`` epochs; resumable.
+
+    A checkpoint is written at the end of every epoch (and at ``stop_after_step``);
+    a run with the same config resumes from it and, being deterministic per step,
+    ends with the weights an uninterrupted run would have. ``stop_after_step``
+    stops early after that many steps in total (for tests of resumption).
+    """
+    steps_per_epoch = len(pairs) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"clip.pretrain.batch_size: {config.batch_size} exceeds the {len(pairs)} training pairs")
+    total_steps = steps_per_epoch * config.epochs
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(_decay_groups(model), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.98), eps=1e-6)
+    start_step, _ = checkpointer.resume(model, optimizer)
+    end_step = total_steps if stop_after_step is None else min(total_steps, stop_after_step)
+    sampler = StepSampler(len(pairs), config.batch_size, seed, end_step, start_step)
+    loader = DataLoader(pairs, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
+                        persistent_workers=False)
+    loss_value = float("nan")
+    progress = tqdm(loader, total=end_step - start_step, initial=0, desc="clip pretrain", unit="step",
+                    dynamic_ncols=True)
+    step = start_step
+    for images, tokens, groups in progress:
+        lr = warmup_cosine_lr(step, total_steps, config.lr, config.warmup_steps)
+        set_lr(optimizer, lr)
+        image_features = model.encode_image(images.to(device))
+        text_features = model.encode_text(tokens.to(device))
+        loss = clip_contrastive_loss(image_features, text_features, model.logit_scale.exp(), groups.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+        step += 1
+        loss_value = float(loss.detach())
+        progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+        if log is not None:
+            log(step, {"loss": loss_value, "lr": lr, "logit_scale": float(model.logit_scale.detach().exp())})
+        if step % steps_per_epoch == 0 or step == end_step:
+            checkpointer.save(model, optimizer, step)
+    progress.close()
+    return PretrainResult(steps_done=step, finished=step == total_steps, final_loss=loss_value,
+                          logit_scale=float(model.logit_scale.detach().exp()))
+
+
+@torch.no_grad()
+def zero_shot_scores(model: nn.Module, tokenizer: Tokenizer, image_batches: Iterable[torch.Tensor],
+                     class_names: Sequence[str], device: torch.device,
+                     template: str = PROMPT_TEMPLATE) -> torch.Tensor:
+    """Batches of (b, 3, S, S) CLIP-normalised images → (N, C) cosine similarities to ``template.format(name)``."""
+    model.to(device).eval()
+    prompts = tokenizer([template.format(name) for name in class_names]).to(device)
+    text_features = F.normalize(model.encode_text(prompts), dim=-1)
+    scores = [(F.normalize(model.encode_image(images.to(device)), dim=-1) @ text_features.T).cpu()
+              for images in image_batches]
+    return torch.cat(scores).float()
+
+
+def average_precision(scores: np.ndarray, positives: np.ndarray) -> float | None:
+    """Non-interpolated AP of one class: mean precision at the rank of each positive (``None`` without positives).
+
+    Ranks follow descending score; ties keep the input order (stable sort).
+    """
+    positives = positives.astype(bool)
+    if not positives.any():
+        return None
+    order = np.argsort(-scores, kind="stable")
+    hits = positives[order]
+    precision_at_rank = np.cumsum(hits) / np.arange(1, hits.size + 1)
+    return float(precision_at_rank[hits].mean())
+
+
+def zero_shot_report(scores: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Multi-label quality of (N, C) prompt scores against (N, C) 0/1 image labels.
+
+    ``map``: mean over classes (with at least one positive image) of the AP of
+    ranking the images by that class's score. ``top1``: fraction of images whose
+    highest-scoring class is one of their labels.
+    """
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in shape")
+    per_class = {name: average_precision(scores[:, c], labels[:, c]) for c, name in enumerate(class_names)}
+    defined = [ap for ap in per_class.values() if ap is not None]
+    top1 = labels[np.arange(labels.shape[0]), scores.argmax(axis=1)].astype(bool).mean()
+    return {"map": float(np.mean(defined)) if defined else 0.0, "top1": float(top1), "per_class_ap": per_class}

@@ -1,0 +1,134 @@
+"""DDP helpers: 2 Gloo processes on CPU train to the same weights as 1 process with the doubled batch."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from weakclip_core.config.params import RuntimeConfig
+from weakclip_core.distributed import (
+    DistributedContext,
+    init_distributed,
+    make_sampler,
+    per_process_batch_size,
+    run_on_main,
+    shutdown_distributed,
+    stage_command,
+    unwrap_model,
+    wrap_model,
+)
+
+GLOBAL_BATCH = 8
+STEPS = 3
+LEARNING_RATE = 0.1
+
+
+def _data() -> TensorDataset:
+    generator = torch.Generator().manual_seed(7)
+    inputs = torch.randn(GLOBAL_BATCH * STEPS, 5, generator=generator)
+    targets = torch.randn(GLOBAL_BATCH * STEPS, 2, generator=generator)
+    return TensorDataset(inputs, targets)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def _reference_weights() -> dict[str, torch.Tensor]:
+    """One process, plain torch, batch = GLOBAL_BATCH samples taken in order."""
+    data = _data()
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    for step in range(STEPS):
+        inputs, targets = data[step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH]
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    env = {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    context = init_distributed("cpu", env=env)
+    try:
+        data = _data()
+        sampler = make_sampler(data, context, shuffle=False, seed=0)
+        loader = DataLoader(data, batch_size=per_process_batch_size(GLOBAL_BATCH, context), sampler=sampler)
+        model = wrap_model(_model(), context)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+        for inputs, targets in loader:
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(inputs), targets).backward()
+            optimizer.step()
+        out = Path(out_dir)
+        torch.save(unwrap_model(model).state_dict(), out / f"weights_rank{rank}.pt")
+        run_on_main(context, lambda: (out / "written_by.txt").write_text(str(context.rank)))
+    finally:
+        shutdown_distributed(context)
+
+
+def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    reference = _reference_weights()
+    initial = _model().state_dict()
+    for rank in (0, 1):
+        weights = torch.load(tmp_path / f"weights_rank{rank}.pt")
+        assert weights.keys() == reference.keys()
+        for name, tensor in reference.items():
+            torch.testing.assert_close(weights[name], tensor, atol=1e-6, rtol=1e-5)
+            assert not torch.allclose(tensor, initial[name]), f"{name} did not train"
+    # Exactly one process wrote the shared file, and it was rank 0.
+    assert (tmp_path / "written_by.txt").read_text() == "0"
+
+
+def test_sampler_shards_are_disjoint_and_cover_the_data() -> None:
+    data = _data()
+    shards = [
+        list(iter(make_sampler(data, DistributedContext(r, r, 3, torch.device("cpu"), "gloo"), shuffle=True, seed=5)))
+        for r in range(3)
+    ]
+    flat = sorted(index for shard in shards for index in shard)
+    assert flat == list(range(len(data)))  # 24 samples over 3 ranks: nothing dropped, nothing twice
+    assert {len(shard) for shard in shards} == {8}
+
+
+def test_single_process_context_without_torchrun_env() -> None:
+    context = init_distributed("cpu", env={})
+    assert (context.rank, context.world_size, context.backend, context.is_main) == (0, 1, None, True)
+    model = nn.Linear(2, 2)
+    assert wrap_model(model, context) is model
+
+
+def test_uneven_batch_split_names_nproc() -> None:
+    context = DistributedContext(0, 0, 3, torch.device("cpu"), "gloo")
+    with pytest.raises(ValueError, match="runtime.nproc"):
+        per_process_batch_size(8, context)
+
+
+def test_stage_command_for_each_launcher() -> None:
+    plain = stage_command("pipeline.cam_train", RuntimeConfig(launcher="none"), ["--params", "p.yaml"])
+    assert plain == [sys.executable, "-m", "pipeline.cam_train", "--params", "p.yaml"]
+    ddp = stage_command("pipeline.cam_train", RuntimeConfig(launcher="torchrun", nproc=4), ["--params", "p.yaml"])
+    assert Path(ddp[0]).name == "torchrun"
+    assert ddp[1:] == ["--standalone", "--nproc_per_node", "4", "-m", "pipeline.cam_train", "--params", "p.yaml"]

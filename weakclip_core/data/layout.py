@@ -113,9 +113,10 @@ def read_split(root: str | Path, split: str) -> list[str]:
 
 
 def write_labels(root: str | Path, dataset_name: str, class_names: list[str],
-                 labels: dict[str, list[int]]) -> None:
+                 labels: dict[str, list[int]], extra: dict[str, object] | None = None) -> None:
+    """``extra``: further top-level keys (e.g. COCO's ``coco_category_ids``); readers ignore them."""
     write_json(Path(root) / LABELS_FILE, {"dataset": dataset_name, "class_names": class_names,
-                                          "labels": {k: sorted(v) for k, v in labels.items()}})
+                                          "labels": {k: sorted(v) for k, v in labels.items()}, **(extra or {})})
 
 
 def labels_from_mask(mask: np.ndarray) -> list[int]:

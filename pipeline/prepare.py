@@ -1,0 +1,106 @@
+"""Stage ``prepare``: materialise the dataset in VOC layout (dvc.yaml: outs ``${dataset.prepared_dir}``,
+``reports/dataset_preview.png``).
+
+``dataset.name`` picks the source: the built-in synthetic generator, a VOC 2012 tree or a
+COCO 2014 tree (``dataset.source``). The prepared folder is built in a temporary folder
+beside it and swapped in whole, so a failure (a ``DatasetError`` naming the bad file)
+leaves any earlier prepared folder untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from weakclip_core.atomic import atomic_dir, write_text
+from weakclip_core.config import Params, load_params
+from weakclip_core.data.coco import prepare_coco
+from weakclip_core.data.layout import CAPTIONS_FILE, DatasetError, PreparedDataset, write_labels, write_split
+from weakclip_core.data.preview import write_dataset_preview
+from weakclip_core.data.synthetic import class_names, generate_synthetic
+from weakclip_core.data.voc import prepare_voc
+
+PREVIEW_PATH = Path("reports/dataset_preview.png")
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    """What ``prepare`` wrote: counts per split, class names, bytes on disk, wall time."""
+
+    dataset: str
+    root: Path
+    split_counts: dict[str, int]
+    class_names: list[str]
+    total_bytes: int
+    seconds: float
+
+    def describe(self) -> str:
+        splits = ", ".join(f"{split}: {count}" for split, count in self.split_counts.items())
+        foreground = self.class_names[1:]
+        return (f"prepare: {self.dataset} -> {self.root} ({splits}; {len(foreground)} classes + background: "
+                f"{', '.join(foreground[:20])}{' ...' if len(foreground) > 20 else ''}; "
+                f"{self.total_bytes / 1e6:.1f} MB) in {self.seconds:.1f} s")
+
+
+def _build_synthetic(params: Params, root: Path, progress: bool) -> None:
+    dataset = params.dataset
+    split_sizes = {dataset.train_split: dataset.synthetic.n_train, dataset.val_split: dataset.synthetic.n_val}
+    records = generate_synthetic(dataset.synthetic, dataset.seed, root, split_sizes, progress=progress)
+    for split in split_sizes:
+        write_split(root, split, [record.image_id for record in records if record.split == split])
+    write_labels(root, "synthetic", class_names(dataset.synthetic.n_classes),
+                 {record.image_id: record.classes for record in records})
+    write_text(root / CAPTIONS_FILE, "".join(f"{record.image_id}\t{record.caption}\n" for record in records))
+
+
+def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True) -> PrepareSummary:
+    """Build ``params.dataset.prepared_dir`` and the preview picture; returns what was written."""
+    dataset = params.dataset
+    if dataset.train_split == dataset.val_split:
+        raise DatasetError(f"dataset.train_split and dataset.val_split are both {dataset.train_split!r}")
+    started = time.perf_counter()
+    prepared_dir = Path(dataset.prepared_dir)
+    splits = [dataset.train_split, dataset.val_split]
+    with atomic_dir(prepared_dir) as staging_dir:
+        if dataset.name == "synthetic":
+            _build_synthetic(params, staging_dir, progress)
+        elif dataset.name == "voc":
+            prepare_voc(dataset.source, staging_dir, splits, dataset.voc_mask_dir,
+                        drop_unlabelled_from=(dataset.train_split,), progress=progress)
+        else:
+            prepare_coco(dataset.source, staging_dir, splits, drop_unlabelled_from=(dataset.train_split,),
+                         progress=progress)
+        prepared = PreparedDataset.open(staging_dir)
+        split_counts = {split: len(prepared.split(split)) for split in splits}
+    prepared = PreparedDataset.open(prepared_dir)
+    write_dataset_preview(prepared, dataset.train_split, preview_path)
+    total_bytes = sum(path.stat().st_size for path in prepared_dir.rglob("*") if path.is_file())
+    return PrepareSummary(dataset=dataset.name, root=prepared_dir, split_counts=split_counts,
+                          class_names=prepared.class_names, total_bytes=total_bytes,
+                          seconds=time.perf_counter() - started)
+
+
+def class_frequencies(prepared: PreparedDataset, split: str) -> Counter[str]:
+    """How many images of ``split`` carry each class (for the printed summary)."""
+    return Counter(prepared.class_names[c] for image_id in prepared.split(split) for c in prepared.labels[image_id])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    arguments = parser.parse_args(argv)
+    params = load_params(arguments.params)
+    summary = run(params, progress=not arguments.no_progress)
+    print(summary.describe())
+    frequencies = class_frequencies(PreparedDataset.open(summary.root), params.dataset.train_split)
+    print("images per class (" + params.dataset.train_split + "): "
+          + ", ".join(f"{name} {count}" for name, count in sorted(frequencies.items(), key=lambda kv: -kv[1])))
+    print(f"preview: {PREVIEW_PATH}")
+
+
+if __name__ == "__main__":
+    main()

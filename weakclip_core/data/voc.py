@@ -1,0 +1,117 @@
+"""PASCAL VOC 2012 (optionally with the SBD "aug" masks) into the prepared VOC layout.
+
+``source`` is the folder holding ``JPEGImages/`` and the mask folder named by
+``dataset.voc_mask_dir`` (``SegmentationClass`` palette PNGs, or
+``SegmentationClassAug`` greyscale PNGs from SBD). A split ``<name>`` is read from
+the first of these that exists:
+
+1. ``<source>/ImageSets/Segmentation/<name>.txt`` (VOC's own lists; put ``train_aug.txt`` here), or
+2. ``<source>/<name>.txt`` (the SBD-style list shipped beside ``SegmentationClassAug``).
+
+A list line is either an image id (``2007_000032``) or the DeepLab pair form
+(``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``): the first
+token's file stem is the id. Every image is decoded once to prove it is readable;
+images are hard-linked into the prepared folder when it is on the same file system
+(else copied; a hard link shares the source file, so leave the source read-only),
+masks are re-written as palette PNGs, and image-level labels are derived from the masks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from weakclip_core.data.layout import (IGNORE_INDEX, DatasetError, labels_from_mask, read_image, read_mask,
+                                       write_labels, write_mask, write_split)
+
+VOC_CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+                   "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+                   "train", "tvmonitor"]
+"""VOC's 21 classes in index order (0 background, 1..20 foreground)."""
+
+
+def link_or_copy(source_file: Path, destination: Path) -> None:
+    """Hard-link ``source_file`` to ``destination`` (same file system), else copy it."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.unlink(missing_ok=True)
+    try:
+        os.link(source_file, destination)
+    except OSError:
+        shutil.copyfile(source_file, destination)
+
+
+def check_mask(mask: np.ndarray, mask_path: Path, image_shape: tuple[int, int], n_classes: int) -> None:
+    """Raise ``DatasetError`` naming ``mask_path`` if its size differs from the image's or a class id is
+    outside 0..n_classes-1 (255 ignore allowed)."""
+    if mask.shape != image_shape:
+        raise DatasetError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                           f"{image_shape[1]}x{image_shape[0]} (width x height)")
+    values = np.unique(mask)
+    bad = [int(v) for v in values if v >= n_classes and v != IGNORE_INDEX]
+    if bad:
+        raise DatasetError(f"{mask_path}: class id {bad[0]} out of range (expected 0..{n_classes - 1} "
+                           f"or {IGNORE_INDEX} ignore)")
+
+
+def find_split_list(source: Path, split: str) -> Path:
+    """The split list file for ``split`` (see the module docstring for where it is looked for)."""
+    candidates = [source / "ImageSets" / "Segmentation" / f"{split}.txt", source / f"{split}.txt"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise DatasetError(f"{candidates[0]}: split list for {split!r} not found (also looked for {candidates[1]})")
+
+
+def read_split_list(path: Path) -> list[str]:
+    """Image ids of a VOC split list, in order; either plain ids or DeepLab "image mask" pairs."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: unreadable split list ({error})") from None
+    image_ids = [Path(line.split()[0]).stem for line in lines if line.strip()]
+    if not image_ids:
+        raise DatasetError(f"{path}: split is empty")
+    return image_ids
+
+
+def prepare_voc(source: str | Path, root: str | Path, splits: list[str], mask_dir: str = "SegmentationClass",
+                drop_unlabelled_from: tuple[str, ...] = (), progress: bool = True) -> dict[str, list[str]]:
+    """Write the VOC tree at ``source`` into the prepared folder ``root``; returns split -> image ids.
+
+    Images without any foreground class are left out of the splits in ``drop_unlabelled_from``
+    (the training split: its classifier needs at least one label per image).
+    """
+    source, root = Path(source), Path(root)
+    for folder in (source, source / "JPEGImages", source / mask_dir):
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: VOC folder not found (dataset.source / dataset.voc_mask_dir)")
+    ids_by_split = {split: read_split_list(find_split_list(source, split)) for split in splits}
+
+    labels: dict[str, list[int]] = {}
+    all_ids = list(dict.fromkeys(image_id for ids in ids_by_split.values() for image_id in ids))
+    for image_id in tqdm(all_ids, desc="voc", unit="img", disable=not progress):
+        image_path = source / "JPEGImages" / f"{image_id}.jpg"
+        mask_path = source / mask_dir / f"{image_id}.png"
+        if not image_path.is_file():
+            listed_in = [split for split, ids in ids_by_split.items() if image_id in ids]
+            raise DatasetError(f"{image_path}: image listed in split {listed_in[0]!r} is absent")
+        image = read_image(image_path)
+        mask = read_mask(mask_path)
+        check_mask(mask, mask_path, image.shape[:2], len(VOC_CLASS_NAMES))
+        link_or_copy(image_path, root / "JPEGImages" / f"{image_id}.jpg")
+        write_mask(root / "SegmentationClass" / f"{image_id}.png", mask)
+        labels[image_id] = labels_from_mask(mask)
+
+    kept_by_split = {}
+    for split, ids in ids_by_split.items():
+        kept = [i for i in ids if labels[i]] if split in drop_unlabelled_from else ids
+        if not kept:
+            raise DatasetError(f"{find_split_list(source, split)}: no image of split {split!r} has a labelled class")
+        write_split(root, split, kept)
+        kept_by_split[split] = kept
+    write_labels(root, "voc", VOC_CLASS_NAMES, labels)
+    return kept_by_split

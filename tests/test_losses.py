@@ -1,0 +1,167 @@
+"""WeakCLIP's losses against independent numpy computations on hand-made inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import pytest
+import torch
+
+from weakclip_core.config.weakclip import CrfConfig, WeakClipLossConfig
+from weakclip_core.crf import CrfPool
+from weakclip_core.losses import auxiliary_loss, boundary_loss, seeding_loss, weakclip_losses
+
+
+def numpy_probabilities(logits: np.ndarray) -> np.ndarray:
+    """softmax over axis 1, + 1e-7, renormalised (the reference's dgcn_softmax)."""
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = exp / exp.sum(axis=1, keepdims=True) + 1e-7
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
+def numpy_seeding(logits: np.ndarray, seeds: np.ndarray) -> float:
+    probabilities = numpy_probabilities(logits.astype(np.float64))
+    background, foreground = [], []
+    for b, y, x in np.ndindex(*seeds.shape):
+        label = seeds[b, y, x]
+        if label == 255:
+            continue
+        (background if label == 0 else foreground).append(-np.log(probabilities[b, label, y, x]))
+    means = [np.mean(values) for values in (background, foreground) if values]
+    return float(np.mean(means)) if means else 0.0
+
+
+def numpy_cross_entropy(scores: np.ndarray, targets: np.ndarray) -> float:
+    losses = []
+    for b, y, x in np.ndindex(*targets.shape):
+        if targets[b, y, x] == 255:
+            continue
+        column = scores[b, :, y, x].astype(np.float64)
+        log_sum = np.log(np.exp(column - column.max()).sum()) + column.max()
+        losses.append(log_sum - column[targets[b, y, x]])
+    return float(np.mean(losses))
+
+
+def hand_seeds() -> np.ndarray:
+    seeds = np.full((2, 4, 4), 255, dtype=np.int64)
+    seeds[0, 0, :3] = 0
+    seeds[0, 2, 1] = 2
+    seeds[0, 3, 3] = 1
+    seeds[1, 1, 1:4] = 1
+    seeds[1, 3, 0] = 0
+    return seeds
+
+
+def test_seeding_loss_against_numpy() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    seeds = hand_seeds()
+    ours = seeding_loss(torch.from_numpy(logits), torch.from_numpy(seeds))
+    assert np.isclose(float(ours), numpy_seeding(logits, seeds), rtol=1e-5)
+    # hand-worked: uniform logits over 3 classes → every seed pixel costs log 3
+    uniform = seeding_loss(torch.zeros(2, 3, 4, 4), torch.from_numpy(seeds))
+    assert np.isclose(float(uniform), np.log(3), rtol=1e-5)
+
+
+@pytest.mark.parametrize("only", [0, 2])
+def test_seeding_loss_with_one_class_only(only: int) -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
+    seeds = np.full((1, 4, 4), 255, dtype=np.int64)
+    seeds[0, 1:3, 1:3] = only
+    probabilities = numpy_probabilities(logits.astype(np.float64))
+    expected = -np.log(probabilities[0, only, 1:3, 1:3]).mean()  # that set's mean alone, not halved
+    ours = seeding_loss(torch.from_numpy(logits), torch.from_numpy(seeds))
+    assert np.isclose(float(ours), expected, rtol=1e-5)
+
+
+def test_all_ignore_gives_zero_and_zero_gradient() -> None:
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    seeds = torch.full((2, 4, 4), 255, dtype=torch.long)
+    seed = seeding_loss(logits, seeds)
+    matching = torch.randn(2, 3, 2, 2, requires_grad=True)
+    aux = auxiliary_loss(matching, seeds, 0.07)
+    (seed + aux).backward()
+    assert seed.item() == 0.0 and aux.item() == 0.0
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    assert torch.equal(matching.grad, torch.zeros_like(matching))
+
+
+def test_boundary_loss_against_numpy() -> None:
+    rng = np.random.default_rng(2)
+    logits = rng.normal(scale=3.0, size=(2, 3, 5, 5)).astype(np.float32)
+    q = rng.dirichlet(np.full(3, 0.3), size=(2, 5, 5)).transpose(0, 3, 1, 2).astype(np.float32)
+    p = numpy_probabilities(logits.astype(np.float64))
+    expected = np.mean(np.sum(q * np.log(np.clip(q / p, 0.05, 20.0)), axis=1))
+    assert (q / p < 0.05).any() and (q / p > 20.0).any()  # both clips are exercised
+    ours = boundary_loss(torch.from_numpy(logits), torch.from_numpy(q), 0.05, 20.0)
+    assert np.isclose(float(ours), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_boundary_loss_is_zero_with_zero_gradient_when_q_equals_p() -> None:
+    logits = torch.randn(1, 4, 3, 3, requires_grad=True)
+    q = torch.from_numpy(numpy_probabilities(logits.detach().numpy().astype(np.float64))).float()
+    loss = boundary_loss(logits, q, 0.05, 20.0)
+    loss.backward()
+    assert abs(float(loss)) < 1e-6
+    assert logits.grad.abs().max() < 1e-5
+
+
+def test_auxiliary_loss_against_numpy() -> None:
+    rng = np.random.default_rng(3)
+    matching = rng.uniform(-1, 1, size=(2, 3, 4, 4)).astype(np.float32)
+    seeds = np.full((2, 8, 8), 255, dtype=np.int64)
+    seeds[:, ::2, ::2] = hand_seeds()  # nearest 8 → 4 samples every second pixel from the first
+    seeds[:, 1::2, :] = 1  # rows nearest resizing must skip
+    expected = numpy_cross_entropy(matching / 0.07, hand_seeds())
+    ours = auxiliary_loss(torch.from_numpy(matching), torch.from_numpy(seeds), 0.07)
+    assert np.isclose(float(ours), expected, rtol=1e-5)
+
+
+def test_total_with_inline_crf_against_numpy() -> None:
+    """P already at loss_size; a blocky image so the bilinear 4x downsizing is exact."""
+    crf_cfg = CrfConfig()
+    cfg = WeakClipLossConfig(boundary_weight=1.0, aux_weight=0.4, aux_temperature=0.07, loss_size=8,
+                             ratio_min=0.05, ratio_max=20.0, crf_workers=0, crf=crf_cfg)
+    rng = np.random.default_rng(4)
+    small_image = rng.integers(0, 256, size=(1, 8, 8, 3), dtype=np.uint8)
+    image = small_image.repeat(4, axis=1).repeat(4, axis=2)  # (1, 32, 32, 3), 4x4 blocks
+    logits = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    matching = rng.uniform(-1, 1, size=(1, 3, 2, 2)).astype(np.float32)
+    seeds = np.full((1, 32, 32), 255, dtype=np.int64)
+    seeds[0, :8, :] = 0
+    seeds[0, 16:24, 8:24] = 2
+    # numpy reference
+    p = numpy_probabilities(logits.astype(np.float64))
+    crf = dcrf.DenseCRF2D(8, 8, 3)
+    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(p[0].astype(np.float32)).reshape(3, -1)))
+    crf.addPairwiseGaussian(sxy=crf_cfg.gaussian_sxy, compat=crf_cfg.gaussian_compat)
+    crf.addPairwiseBilateral(sxy=crf_cfg.bilateral_sxy, srgb=crf_cfg.bilateral_srgb,
+                             rgbim=np.ascontiguousarray(small_image[0]), compat=crf_cfg.bilateral_compat)
+    q = np.maximum(np.array(crf.inference(crf_cfg.iterations)).reshape(1, 3, 8, 8), 1e-4)
+    q = q / q.sum(axis=1, keepdims=True)
+    expected_boundary = np.mean(np.sum(q * np.log(np.clip(q / p, 0.05, 20.0)), axis=1))
+    expected_seed = numpy_seeding(logits, seeds[:, ::4, ::4])
+    expected_aux = numpy_cross_entropy(matching / 0.07, seeds[:, ::16, ::16])
+    with CrfPool(crf_cfg, workers=0) as pool:
+        losses = weakclip_losses(torch.from_numpy(logits), torch.from_numpy(matching), torch.from_numpy(seeds),
+                                 torch.from_numpy(image).permute(0, 3, 1, 2).contiguous(), cfg, pool)
+    assert np.isclose(float(losses.seed), expected_seed, rtol=1e-5)
+    assert np.isclose(float(losses.boundary), expected_boundary, rtol=1e-4, atol=1e-6)
+    assert np.isclose(float(losses.aux), expected_aux, rtol=1e-5)
+    assert np.isclose(float(losses.total), expected_seed + expected_boundary + 0.4 * expected_aux, rtol=1e-4)
+    assert set(losses.as_floats()) == {"loss", "seed_loss", "boundary_loss", "aux_loss"}
+
+
+def test_total_resizes_p_and_backpropagates() -> None:
+    torch.manual_seed(0)
+    cfg = WeakClipLossConfig(loss_size=8, crf_workers=0)
+    logits = torch.randn(2, 3, 16, 16, requires_grad=True)
+    matching = torch.randn(2, 3, 4, 4, requires_grad=True)
+    seeds = torch.from_numpy(np.random.default_rng(5).integers(0, 3, size=(2, 64, 64)))
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with CrfPool(cfg.crf, workers=0) as pool:
+        losses = weakclip_losses(logits, matching, seeds, images, cfg, pool)
+    losses.total.backward()
+    assert all(np.isfinite(value) for value in losses.as_floats().values())
+    assert logits.grad.abs().sum() > 0 and matching.grad.abs().sum() > 0

@@ -179,13 +179,16 @@ def section_headline(inputs: ReportInputs) -> str:
         return "".join(parts) + _missing(f"{problem} — run `dvc repro summary`.")
     reference = PAPER_REFERENCE.get(inputs.dataset_name, {})
     rows = []
+    def shown(key: str, value: Any) -> str:
+        is_ratio = key == "wsss_fsss_ratio" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        return f"{value:.3f}" if is_ratio else _format_fraction(value)
+
     for key in SUMMARY_KEYS:
         paper = reference.get(key)
-        paper_text = f"{_format_fraction(paper[0])} ({_escape(paper[1])})" if paper else "—"
+        paper_text = f"{shown(key, paper[0])} ({_escape(paper[1])})" if paper else "—"
         value = summary.get(key)
-        shown = f"{value:.3f}" if key == "wsss_fsss_ratio" and isinstance(value, (int, float)) \
-            else _format_fraction(value)
-        rows.append(f"<tr><td>{_escape(key)}</td><td class=num>{shown}</td><td class=num>{paper_text}</td></tr>")
+        rows.append(f"<tr><td>{_escape(key)}</td><td class=num>{shown(key, value)}</td>"
+                    f"<td class=num>{paper_text}</td></tr>")
     return "".join(parts) + ("<table><tr><th>key</th><th>ours (mIoU %)</th><th>paper</th></tr>"
                              + "".join(rows) + "</table>"
                              + "<p class=note>mIoU in percent; the ratio is seg_pseudo / seg_gt. "
@@ -328,7 +331,6 @@ def section_training(inputs: ReportInputs) -> str:
             axis.grid(alpha=0.3)
         for axis in axes.ravel()[len(names):]:
             axis.axis("off")
-        figure.suptitle(stage_dir.name)
         figure.tight_layout()
         parts.append(f"<h3>{_escape(stage_dir.name)}</h3>" + _img(_figure_png(figure), f"{stage_dir.name} curves",
                                                                    "plot"))

@@ -1,0 +1,213 @@
+"""The offline HTML report: built from hand-made inputs, parsed for external references, rendered in Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.report import (OverlaySource, ReportInputs, colour_overlay, fixed_sample, training_curves,
+                             write_report)
+from weakclip_core.cam_store import CamStoreWriter
+from weakclip_core.config import SeedConfig
+from weakclip_core.data.layout import write_image, write_labels, write_mask, write_split
+
+CLASS_NAMES = ["background", "cat", "dog"]
+
+
+class ReferenceCollector(HTMLParser):
+    """Every src/href attribute, every tag name, and the text of the page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.references: list[tuple[str, str, str]] = []
+        self.tags: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "poster", "data") and value is not None:
+                self.references.append((tag, name, value))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def _square_mask(size: int, label: int, top: int, left: int, side: int) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[top:top + side, left:left + side] = label
+    return mask
+
+
+def make_project(root: Path) -> ReportInputs:
+    """A tiny project: 4 train + 2 val images, metrics, a CAM curve, dvclive logs, a CAM store, pseudo masks."""
+    prepared = root / "data" / "prepared" / "toy"
+    rng = np.random.default_rng(0)
+    train_ids, val_ids = [f"t{i}" for i in range(4)], [f"v{i}" for i in range(2)]
+    labels = {}
+    masks = {}
+    for index, image_id in enumerate(train_ids + val_ids):
+        label = 1 + index % 2
+        mask = _square_mask(48, label, 8 + index, 10, 24)
+        image = (rng.uniform(0, 60, (48, 48, 3)) + 150 * (mask[..., None] > 0)).astype(np.uint8)
+        write_image(prepared / "JPEGImages" / f"{image_id}.jpg", image)
+        write_mask(prepared / "SegmentationClass" / f"{image_id}.png", mask)
+        labels[image_id] = [label]
+        masks[image_id] = mask
+    write_split(prepared, "train", train_ids)
+    write_split(prepared, "val", val_ids)
+    write_labels(prepared, "toy", CLASS_NAMES, labels)
+
+    metrics = root / "metrics"
+    metrics.mkdir()
+    (metrics / "cam.json").write_text(json.dumps(
+        {"miou": 0.5123, "split": "train", "variant": "fused_affinity", "threshold": 0.31,
+         "threshold_picked_with_gt": True, "per_class": {"background": 0.8, "cat": 0.41, "dog": 0.3269}}))
+    (metrics / "pseudo.json").write_text(json.dumps(
+        {"miou": 0.6789, "split": "train", "per_class": {"background": 0.9, "cat": 0.6, "dog": None}}))
+    (metrics / "seg_pseudo.json").write_text("{ this is not json")
+    (metrics / "summary.json").write_text(json.dumps(
+        {"cam_miou": 0.5123, "weakclip_miou": 0.6, "pseudo_miou": 0.6789, "seg_pseudo_miou": 0.55,
+         "seg_gt_miou": 0.7, "wsss_fsss_ratio": 0.55 / 0.7}))
+
+    plots = root / "plots"
+    plots.mkdir()
+    thresholds = np.round(np.arange(0.0, 0.6, 0.01), 2)
+    curve = 0.5123 - (thresholds - 0.31) ** 2
+    (plots / "cam_threshold.csv").write_text(
+        "threshold,miou\n" + "".join(f"{t:.2f},{m:.5f}\n" for t, m in zip(thresholds, curve)))
+
+    for stage, names in (("cam_train", ["train/loss", "lr"]), ("weakclip_train", ["loss"])):
+        for name in names:
+            tsv = root / "dvclive" / stage / "plots" / "metrics" / f"{name}.tsv"
+            tsv.parent.mkdir(parents=True, exist_ok=True)
+            leaf = name.split("/")[-1]
+            tsv.write_text(f"timestamp\tstep\t{leaf}\n"
+                           + "".join(f"{1700000000 + s}\t{s}\t{1.0 / (1 + s)}\n" for s in range(20)))
+
+    with CamStoreWriter(root / "artifacts" / "cams" / "train.h5", "toy", CLASS_NAMES, {}) as writer:
+        for image_id in train_ids[:3]:  # t3 deliberately absent from the store
+            cams = (masks[image_id] > 0).astype(np.float32)[None] * 0.9
+            writer.add(image_id, labels[image_id], cams)
+
+    for image_id in train_ids:
+        write_mask(root / "data" / "pseudo_masks" / f"{image_id}.png", masks[image_id])
+    return ReportInputs(
+        root=root, dataset_name="voc", prepared_dir=Path("data/prepared/toy"), train_split="train",
+        val_split="val", seed_config=SeedConfig(mode="confident", fg_threshold=0.4, bg_threshold=0.15),
+        train_sources=[OverlaySource("pseudo mask", Path("data/pseudo_masks"))],
+        val_sources=[OverlaySource("retrained on pseudo", Path("reports/seg_pseudo/predictions"))],
+        n_samples=3)
+
+
+@pytest.fixture(scope="module")
+def built_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("project")
+    inputs = make_project(root)
+    output = write_report(inputs, root / "reports" / "index.html")
+    return output, output.read_text(encoding="utf-8")
+
+
+def test_report_references_nothing_outside_the_page(built_report: tuple[Path, str]) -> None:
+    _, page = built_report
+    collector = ReferenceCollector()
+    collector.feed(page)
+    assert collector.references, "the report has no images at all"
+    for tag, attribute, value in collector.references:
+        assert value.startswith("data:image/png;base64,"), f"<{tag} {attribute}> points outside the page: {value[:80]}"
+        png = base64.b64decode(value.split(",", 1)[1], validate=True)
+        with Image.open(io.BytesIO(png)) as decoded:
+            assert decoded.format == "PNG" and decoded.width > 0 and decoded.height > 0
+    assert "script" not in collector.tags and "link" not in collector.tags
+    assert not re.search(r"https?://", page), "an http(s) URL appears in the page"
+    assert "@import" not in page and "url(" not in page
+
+
+def test_report_tables_hold_the_hand_made_numbers(built_report: tuple[Path, str]) -> None:
+    _, page = built_report
+    collector = ReferenceCollector()
+    collector.feed(page)
+    text = " ".join(collector.text)
+    # Stage table: 0.5123 -> 51.2 %, 0.6789 -> 67.9 %; per-class dog 0.3269 -> 32.7; undefined IoU shown as a dash.
+    assert "51.2" in text and "67.9" in text and "32.7" in text
+    assert re.search(r"dog\s+32\.7\s+—", text), "per-class row for dog should read 32.7 (cam) and — (pseudo)"
+    # The paper's VOC numbers sit beside ours.
+    assert "61.7" in text and "77.2" in text and "74.0" in text
+    # wsss/fsss ratio 0.55 / 0.7 = 0.786, printed as a ratio, not a percentage.
+    assert "0.786" in text and "0.950 (val vs FSSS" in text
+
+
+def test_report_names_every_missing_or_broken_input(built_report: tuple[Path, str]) -> None:
+    _, page = built_report
+    missing = re.findall(r'<p class="missing">(.*?)</p>', page)
+    joined = "\n".join(missing)
+    assert "weakclip.json: not found" in joined
+    assert "seg_gt.json: not found" in joined
+    assert "seg_pseudo.json: unreadable JSON" in joined
+    assert "reports/seg_pseudo/predictions: not found" in joined
+    assert "cam.json" not in joined and "pseudo.json: not found" not in joined
+
+
+def test_overlay_grid_uses_the_fixed_sample_and_every_available_column(built_report: tuple[Path, str]) -> None:
+    _, page = built_report
+    # 3 evenly spaced train ids of t0..t3 are t0, t2, t3 (round(1.5) = 2); both val ids.
+    assert fixed_sample(["t0", "t1", "t2", "t3"], 3) == ["t0", "t2", "t3"]
+    for image_id in ("t0", "t2", "t3", "v0", "v1"):
+        assert f'alt="{image_id} image"' in page and f'alt="{image_id} GT"' in page
+    assert 'alt="t1 image"' not in page
+    assert 'alt="t0 seeds"' in page and 'alt="t2 seeds"' in page
+    assert 'alt="t3 seeds"' not in page and "not in store" in page
+    assert 'alt="t3 pseudo mask"' in page
+
+
+def test_colour_overlay_tints_only_labelled_pixels() -> None:
+    image = np.full((2, 3, 3), 100, dtype=np.uint8)
+    mask = np.array([[0, 1, 255], [0, 0, 2]], dtype=np.uint8)
+    blended = colour_overlay(image, mask, alpha=0.5)
+    # VOC palette: 1 = (128, 0, 0), 2 = (0, 128, 0), 255 = (224, 224, 192); background untouched.
+    assert blended[0, 0].tolist() == [100, 100, 100]
+    assert blended[0, 1].tolist() == [114, 50, 50]
+    assert blended[1, 2].tolist() == [50, 114, 50]
+    assert blended[0, 2].tolist() == [162, 162, 146]
+
+
+def test_training_curves_read_dvclive_tsv(tmp_path: Path) -> None:
+    tsv = tmp_path / "plots" / "metrics" / "train" / "loss.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("timestamp\tstep\tloss\n1\t0\t2.5\n2\t10\t1.5\n3\t20\tnan\n")
+    curves = training_curves(tmp_path)
+    steps, values = curves["train/loss"]
+    assert steps.tolist() == [0.0, 10.0] and values.tolist() == [2.5, 1.5]
+
+
+def test_report_renders_in_headless_chromium(built_report: tuple[Path, str], tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, ("Debian `chromium` is not installed: run `apt-get update && apt-get install -y chromium` "
+                      "as root (.ci/run installs it in CI)")
+    output, _ = built_report
+    screenshot = tmp_path / "report.png"
+    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}", "--window-size=1280,2000",
+               output.resolve().as_uri()]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert screenshot.is_file(), f"chromium wrote no screenshot (rc {completed.returncode}): {completed.stderr[-800:]}"
+    with Image.open(screenshot) as shot:
+        pixels = np.asarray(shot.convert("RGB"), dtype=np.float32)
+    assert pixels.shape[:2] == (2000, 1280)
+    non_white = (pixels < 245).any(axis=2).mean()
+    assert pixels.std() > 10.0 and non_white > 0.02, f"screenshot looks blank (std {pixels.std():.1f}, "\
+        f"{100 * non_white:.2f}% non-white pixels)"
+    # The missing-input lines are drawn in their red (#a40000 text on #fff3f3): proof the CSS applied.
+    reddish = (pixels[..., 0] > 150) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+    assert reddish.sum() > 50

@@ -103,7 +103,7 @@ def test_boundary_loss_is_zero_with_zero_gradient_when_q_equals_p() -> None:
     q = torch.from_numpy(numpy_probabilities(logits.detach().numpy().astype(np.float64))).float()
     loss = boundary_loss(logits, q, 0.05, 20.0)
     loss.backward()
-    assert abs(float(loss)) < 1e-6
+    assert abs(loss.item()) < 1e-6
     assert logits.grad.abs().max() < 1e-5
 
 

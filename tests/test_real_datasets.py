@@ -1,0 +1,301 @@
+"""VOC 2012 and COCO 2014 readers on tiny trees written here, checked against hand-built masks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.prepare import run
+from weakclip_core.config import params_from_dict
+from weakclip_core.data.coco import prepare_coco
+from weakclip_core.data.layout import DatasetError, PreparedDataset, voc_palette
+from weakclip_core.data.voc import VOC_CLASS_NAMES, prepare_voc
+
+# ------------------------------------------------------------------------------------------------ VOC
+
+
+def _save_jpeg(path: Path, height: int, width: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+
+
+def _save_palette_png(path: Path, mask: np.ndarray, mode: str = "P") -> None:
+    """VOC's palette PNG (mode P) or SBD-aug's greyscale PNG (mode L) of class indices."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(mask.astype(np.uint8), mode=mode)
+    if mode == "P":
+        image.putpalette(voc_palette())
+    image.save(path, format="PNG")
+
+
+VOC_MASKS = {
+    "2007_000001": [(slice(2, 8), slice(1, 6), 15), (slice(9, 12), slice(10, 14), 12)],  # person, dog
+    "2007_000002": [(slice(0, 5), slice(0, 5), 1)],                                       # aeroplane
+    "2007_000003": [(slice(4, 10), slice(4, 12), 7), (slice(3, 4), slice(3, 13), 255)],  # car + ignore
+}
+
+
+def _voc_mask(image_id: str) -> np.ndarray:
+    mask = np.zeros((12, 16), dtype=np.uint8)
+    for rows, columns, value in VOC_MASKS[image_id]:
+        mask[rows, columns] = value
+    return mask
+
+
+def _voc_tree(root: Path, mask_dir: str = "SegmentationClass") -> Path:
+    for number, image_id in enumerate(VOC_MASKS):
+        _save_jpeg(root / "JPEGImages" / f"{image_id}.jpg", 12, 16, number)
+        _save_palette_png(root / mask_dir / f"{image_id}.png", _voc_mask(image_id),
+                          "P" if mask_dir == "SegmentationClass" else "L")
+    lists = root / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True, exist_ok=True)
+    (lists / "train.txt").write_text("2007_000001\n2007_000002\n")
+    (lists / "val.txt").write_text("2007_000003\n")
+    return root
+
+
+def test_voc_tree_is_copied_with_labels_from_masks(tmp_path: Path) -> None:
+    source = _voc_tree(tmp_path / "VOC2012")
+    out = tmp_path / "prepared"
+    splits = prepare_voc(source, out, ["train", "val"], progress=False)
+    assert splits == {"train": ["2007_000001", "2007_000002"], "val": ["2007_000003"]}
+    dataset = PreparedDataset.open(out)
+    assert dataset.class_names == VOC_CLASS_NAMES and len(VOC_CLASS_NAMES) == 21
+    assert dataset.labels == {"2007_000001": [12, 15], "2007_000002": [1], "2007_000003": [7]}
+    for image_id in VOC_MASKS:
+        assert dataset.image_path(image_id).read_bytes() == (source / "JPEGImages" / f"{image_id}.jpg").read_bytes()
+        np.testing.assert_array_equal(dataset.mask(image_id), _voc_mask(image_id))
+        assert Image.open(dataset.mask_path(image_id)).mode == "P"
+
+
+def test_voc_sbd_train_aug_list_beside_the_tree(tmp_path: Path) -> None:
+    source = _voc_tree(tmp_path / "VOC2012", mask_dir="SegmentationClassAug")
+    (source / "train_aug.txt").write_text("/JPEGImages/2007_000001.jpg /SegmentationClassAug/2007_000001.png\n"
+                                          "/JPEGImages/2007_000003.jpg /SegmentationClassAug/2007_000003.png\n")
+    out = tmp_path / "prepared"
+    splits = prepare_voc(source, out, ["train_aug", "val"], mask_dir="SegmentationClassAug", progress=False)
+    assert splits["train_aug"] == ["2007_000001", "2007_000003"]
+    np.testing.assert_array_equal(PreparedDataset.open(out).mask("2007_000003"), _voc_mask("2007_000003"))
+    assert Image.open(out / "SegmentationClass" / "2007_000003.png").mode == "P"  # greyscale aug -> palette
+
+
+def _break_missing_dir(source: Path) -> Path:
+    for path in (source / "JPEGImages").iterdir():
+        path.unlink()
+    (source / "JPEGImages").rmdir()
+    return source / "JPEGImages"
+
+
+def _break_absent_image(source: Path) -> Path:
+    (source / "JPEGImages" / "2007_000002.jpg").unlink()
+    return source / "JPEGImages" / "2007_000002.jpg"
+
+
+def _break_size(source: Path) -> Path:
+    path = source / "SegmentationClass" / "2007_000002.png"
+    _save_palette_png(path, np.zeros((12, 15), dtype=np.uint8))
+    return path
+
+
+def _break_jpeg(source: Path) -> Path:
+    path = source / "JPEGImages" / "2007_000001.jpg"
+    path.write_bytes(path.read_bytes()[:200])
+    return path
+
+
+def _break_png(source: Path) -> Path:
+    path = source / "SegmentationClass" / "2007_000003.png"
+    path.write_bytes(path.read_bytes()[:60])
+    return path
+
+
+def _break_class_id(source: Path) -> Path:
+    path = source / "SegmentationClass" / "2007_000001.png"
+    mask = _voc_mask("2007_000001")
+    mask[0, 0] = 30
+    _save_palette_png(path, mask)
+    return path
+
+
+def _break_empty_split(source: Path) -> Path:
+    path = source / "ImageSets" / "Segmentation" / "val.txt"
+    path.write_text("\n")
+    return path
+
+
+@pytest.mark.parametrize("breaker, words", [
+    (_break_missing_dir, "not found"), (_break_absent_image, "absent"), (_break_size, "12"),
+    (_break_jpeg, "unreadable image"), (_break_png, "unreadable mask"), (_break_class_id, "class id 30"),
+    (_break_empty_split, "empty")])
+def test_voc_bad_input_names_the_file(tmp_path: Path, breaker, words: str) -> None:
+    source = _voc_tree(tmp_path / "VOC2012")
+    bad_path = breaker(source)
+    with pytest.raises(DatasetError) as caught:
+        prepare_voc(source, tmp_path / "prepared", ["train", "val"], progress=False)
+    assert str(bad_path) in str(caught.value)
+    assert words in str(caught.value)
+
+
+def test_failed_prepare_keeps_the_previous_prepared_folder(tmp_path: Path) -> None:
+    source = _voc_tree(tmp_path / "VOC2012")
+    prepared_dir = tmp_path / "prepared"
+    params = params_from_dict({"dataset": {"name": "voc", "source": str(source), "prepared_dir": str(prepared_dir)}})
+    run(params, preview_path=tmp_path / "preview.png", progress=False)
+    before = {p.relative_to(prepared_dir): p.read_bytes() for p in prepared_dir.rglob("*") if p.is_file()}
+    assert len(before) == 1 + 3 + 3 + 2  # labels.json, 3 images, 3 masks, 2 split lists
+    _break_png(source)
+    with pytest.raises(DatasetError, match="2007_000003.png"):
+        run(params, preview_path=tmp_path / "preview.png", progress=False)
+    after = {p.relative_to(prepared_dir): p.read_bytes() for p in prepared_dir.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["VOC2012", "prepared", "preview.png"]  # no temp left
+
+
+# ------------------------------------------------------------------------------------------------ COCO
+
+CATEGORIES = [{"id": 18, "name": "dog", "supercategory": "animal"},
+              {"id": 1, "name": "person", "supercategory": "person"},
+              {"id": 3, "name": "car", "supercategory": "vehicle"}]  # ids with gaps, unsorted
+
+
+def _rectangle(x0: int, y0: int, x1: int, y1: int) -> list[list[float]]:
+    """A COCO polygon covering columns x0..x1-1 and rows y0..y1-1 (pycocotools' rasterisation)."""
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE: run lengths over the column-major flattening, starting with zeros."""
+    flat = mask.flatten(order="F").astype(np.uint8)
+    counts, current, run_length = [], 0, 0
+    for value in flat:
+        if value == current:
+            run_length += 1
+        else:
+            counts.append(run_length)
+            current, run_length = value, 1
+    counts.append(run_length)
+    return {"counts": counts, "size": list(mask.shape)}
+
+
+def _coco_tree(root: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """Two train images and one val image; returns the hand-computed semantic masks."""
+    height, width = 10, 12
+    crowd = np.zeros((height, width), dtype=np.uint8)
+    crowd[6:10, 0:6] = 1
+    train_annotations = [
+        # image 1: a big person (class 1), a small car on it (class 3), a crowd of dogs partly under the car
+        {"id": 1, "image_id": 1, "category_id": 1, "segmentation": _rectangle(1, 1, 9, 8), "area": 56.0,
+         "bbox": [1, 1, 8, 7], "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 3, "segmentation": _rectangle(3, 5, 6, 8), "area": 9.0,
+         "bbox": [3, 5, 3, 3], "iscrowd": 0},
+        {"id": 3, "image_id": 1, "category_id": 18, "segmentation": _uncompressed_rle(crowd), "area": 24.0,
+         "bbox": [0, 6, 6, 4], "iscrowd": 1},
+        # image 2: one dog (COCO ids 1, 3, 18 sorted -> classes 1, 2, 3, so dog is class 3)
+        {"id": 4, "image_id": 2, "category_id": 18, "segmentation": _rectangle(0, 0, 4, 3), "area": 12.0,
+         "bbox": [0, 0, 4, 3], "iscrowd": 0},
+    ]
+    expected_one = np.zeros((height, width), dtype=np.uint8)
+    expected_one[6:10, 0:6] = 255
+    expected_one[1:8, 1:9] = 1
+    expected_one[5:8, 3:6] = 2
+    expected_two = np.zeros((height, width), dtype=np.uint8)
+    expected_two[0:3, 0:4] = 3
+    expected_val = np.zeros((height, width), dtype=np.uint8)
+    expected_val[2:4, 2:10] = 2
+    files = {"train2014": [(1, "COCO_train2014_000000000001.jpg"), (2, "COCO_train2014_000000000002.jpg")],
+             "val2014": [(7, "COCO_val2014_000000000007.jpg")]}
+    annotations = {"train2014": train_annotations,
+                   "val2014": [{"id": 9, "image_id": 7, "category_id": 3, "segmentation": _rectangle(2, 2, 10, 4),
+                                "area": 16.0, "bbox": [2, 2, 8, 2], "iscrowd": 0}]}
+    for folder, images in files.items():
+        for number, (identifier, file_name) in enumerate(images):
+            _save_jpeg(root / folder / file_name, height, width, identifier + number)
+        document = {"images": [{"id": i, "file_name": f, "height": height, "width": width} for i, f in images],
+                    "annotations": annotations[folder], "categories": CATEGORIES}
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"instances_{folder}.json").write_text(json.dumps(document))
+    masks = {"COCO_train2014_000000000001": expected_one, "COCO_train2014_000000000002": expected_two,
+             "COCO_val2014_000000000007": expected_val}
+    return root, masks
+
+
+def test_coco_masks_match_hand_computed_with_contiguous_ids(tmp_path: Path) -> None:
+    source, expected = _coco_tree(tmp_path / "coco")
+    out = tmp_path / "prepared"
+    splits = prepare_coco(source, out, ["train", "val"], progress=False)
+    assert splits == {"train": ["COCO_train2014_000000000001", "COCO_train2014_000000000002"],
+                      "val": ["COCO_val2014_000000000007"]}
+    dataset = PreparedDataset.open(out)
+    assert dataset.class_names == ["background", "person", "car", "dog"]
+    labels_file = json.loads((out / "labels.json").read_text())
+    assert labels_file["coco_category_ids"] == [None, 1, 3, 18]
+    for image_id, mask in expected.items():
+        np.testing.assert_array_equal(dataset.mask(image_id), mask)
+        assert dataset.labels[image_id] == sorted(set(np.unique(mask).tolist()) - {0, 255})
+    assert dataset.labels["COCO_train2014_000000000001"] == [1, 2]  # the crowd of dogs is ignore, not a label
+
+
+def _coco_break_category(source: Path) -> Path:
+    path = source / "annotations" / "instances_train2014.json"
+    document = json.loads(path.read_text())
+    document["annotations"][0]["category_id"] = 99
+    path.write_text(json.dumps(document))
+    return path
+
+
+def _coco_break_absent_image(source: Path) -> Path:
+    path = source / "train2014" / "COCO_train2014_000000000002.jpg"
+    path.unlink()
+    return path
+
+
+def _coco_break_size(source: Path) -> Path:
+    path = source / "train2014" / "COCO_train2014_000000000001.jpg"
+    _save_jpeg(path, 10, 13, 0)
+    return path
+
+
+def _coco_break_jpeg(source: Path) -> Path:
+    path = source / "val2014" / "COCO_val2014_000000000007.jpg"
+    path.write_bytes(path.read_bytes()[:150])
+    return path
+
+
+def _coco_break_empty(source: Path) -> Path:
+    path = source / "annotations" / "instances_val2014.json"
+    document = json.loads(path.read_text())
+    document["images"], document["annotations"] = [], []
+    path.write_text(json.dumps(document))
+    return path
+
+
+def _coco_break_missing_annotations(source: Path) -> Path:
+    path = source / "annotations" / "instances_val2014.json"
+    path.unlink()
+    return path
+
+
+def _coco_break_missing_dir(source: Path) -> Path:
+    path = source / "val2014"
+    for file in path.iterdir():
+        file.unlink()
+    path.rmdir()
+    return path
+
+
+@pytest.mark.parametrize("breaker, words", [
+    (_coco_break_category, "category_id 99"), (_coco_break_absent_image, "absent"), (_coco_break_size, "image is 13x10"),
+    (_coco_break_jpeg, "unreadable image"), (_coco_break_empty, "empty"),
+    (_coco_break_missing_annotations, "not found"), (_coco_break_missing_dir, "not found")])
+def test_coco_bad_input_names_the_file(tmp_path: Path, breaker, words: str) -> None:
+    source, _ = _coco_tree(tmp_path / "coco")
+    bad_path = breaker(source)
+    with pytest.raises(DatasetError) as caught:
+        prepare_coco(source, tmp_path / "prepared", ["train", "val"], progress=False)
+    assert str(bad_path) in str(caught.value)
+    assert words in str(caught.value)

@@ -1,0 +1,160 @@
+"""The synthetic WSSS benchmark: labels agree with masks, determinism, ignore band, captions, sizes."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.prepare import run
+from weakclip_core.config import params_from_dict
+from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.data.synthetic import CLASS_WORDS, class_designs, ignore_band, render_sample
+from weakclip_core.config.dataset import SyntheticConfig
+
+TINY = {"image_size": 64, "n_train": 10, "n_val": 4, "workers": 1}
+
+
+def _prepare(tmp_path: Path, name: str, seed: int = 0, **synthetic: object) -> Path:
+    root = tmp_path / name
+    params = params_from_dict({"dataset": {"name": "synthetic", "seed": seed, "prepared_dir": str(root),
+                                           "synthetic": {**TINY, **synthetic}}})
+    run(params, preview_path=tmp_path / f"{name}_preview.png", progress=False)
+    return root
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _prepare(tmp_path_factory.mktemp("synthetic"), "seed0")
+
+
+def test_counts_sizes_ids_follow_params(prepared: Path) -> None:
+    dataset = PreparedDataset.open(prepared)
+    assert dataset.split("train") == [f"syn_train_{i:06d}" for i in range(10)]
+    assert dataset.split("val") == [f"syn_val_{i:06d}" for i in range(4)]
+    assert len(list((prepared / "JPEGImages").glob("*.jpg"))) == 14
+    assert len(list((prepared / "SegmentationClass").glob("*.png"))) == 14
+    for image_id in dataset.split("train") + dataset.split("val"):
+        with Image.open(dataset.image_path(image_id)) as image:
+            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (64, 64))
+        with Image.open(dataset.mask_path(image_id)) as mask:
+            assert (mask.format, mask.mode, mask.size) == ("PNG", "P", (64, 64))
+
+
+def test_at_least_eleven_distinct_classes_background_first(prepared: Path) -> None:
+    names = PreparedDataset.open(prepared).class_names
+    assert len(names) >= 11 and names[0] == "background"
+    assert len(set(names)) == len(names)
+    assert all(re.fullmatch(r"[a-z]+", name) for name in names)
+
+
+def test_labels_are_exactly_the_classes_visible_in_each_mask(prepared: Path) -> None:
+    dataset = PreparedDataset.open(prepared)
+    for image_id, classes in dataset.labels.items():
+        mask = np.array(Image.open(dataset.mask_path(image_id)))
+        present = sorted(int(v) for v in np.unique(mask) if v not in (0, 255))
+        assert classes == present, image_id
+        assert classes, f"{image_id}: an image without objects"
+        assert set(np.unique(mask).tolist()) <= set(range(dataset.n_classes)) | {255}
+
+
+def test_captions_name_exactly_the_labelled_classes(prepared: Path) -> None:
+    dataset = PreparedDataset.open(prepared)
+    captions = dataset.captions()
+    assert set(captions) == set(dataset.labels)
+    for image_id, caption in captions.items():
+        words = set(re.findall(r"[a-z]+", caption))
+        named = {index for index, name in enumerate(dataset.class_names)
+                 if index > 0 and (name in words or f"{name}s" in words)}
+        assert named == set(dataset.labels[image_id]), (image_id, caption)
+
+
+def test_each_labelled_object_shows_its_class_part_colour(prepared: Path) -> None:
+    """The class-deciding part must be visible: pixels of the part colour inside the class's mask."""
+    dataset = PreparedDataset.open(prepared)
+    designs = class_designs(dataset.n_classes - 1)
+    for image_id, classes in dataset.labels.items():
+        image = dataset.image(image_id).astype(np.int32)
+        mask = dataset.mask(image_id)
+        for class_index in classes:
+            part_colour = np.asarray(designs[class_index - 1].part_colour)
+            close = np.linalg.norm(image - part_colour, axis=-1) < 45
+            assert int((close & (mask == class_index)).sum()) >= 4, (image_id, class_index)
+
+
+def test_ignore_band_hand_worked_square() -> None:
+    instances = np.zeros((10, 10), dtype=np.int32)
+    instances[3:7, 3:7] = 1
+    assert not ignore_band(instances, 0).any()
+    # width 1: a 2x2 window (offsets -1..0) -> the object's top/left edge and the pixels below/right of it
+    expected_one = np.zeros((10, 10), dtype=bool)
+    expected_one[3:8, 3:8] = True
+    expected_one[4:7, 4:7] = False
+    np.testing.assert_array_equal(ignore_band(instances, 1), expected_one)
+    # width 2: a 3x3 window -> one pixel on each side of every edge
+    expected_two = np.zeros((10, 10), dtype=bool)
+    expected_two[2:8, 2:8] = True
+    expected_two[4:6, 4:6] = False
+    np.testing.assert_array_equal(ignore_band(instances, 2), expected_two)
+
+
+def test_ignore_band_separates_regions_and_stays_on_boundaries(prepared: Path) -> None:
+    dataset = PreparedDataset.open(prepared)
+    width = TINY.get("ignore_band", 2)
+    for image_id in dataset.labels:
+        mask = dataset.mask(image_id).astype(np.int32)
+        ignored = mask == 255
+        assert ignored.any(), image_id
+        # no labelled pixel touches (4-neighbour) a non-ignored pixel of another label: the band encloses objects
+        for shifted_a, shifted_b in ((mask[1:, :], mask[:-1, :]), (mask[:, 1:], mask[:, :-1])):
+            both_valid = (shifted_a != 255) & (shifted_b != 255)
+            assert not np.any(both_valid & (shifted_a != shifted_b)), image_id
+        # none deep inside: every ignored pixel has a non-ignored pixel within 2 * width (Chebyshev)
+        padded = np.pad(~ignored, 2 * width, constant_values=False)
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (4 * width + 1, 4 * width + 1))
+        assert windows.any(axis=(-1, -2))[ignored].all(), image_id
+        # objects keep a non-ignored interior
+        for class_index in dataset.labels[image_id]:
+            assert int((mask == class_index).sum()) > 0
+
+
+def test_same_seed_byte_identical_other_seed_differs(tmp_path: Path, prepared: Path) -> None:
+    again = _prepare(tmp_path, "again", seed=0)
+    other = _prepare(tmp_path, "other", seed=1)
+    assert _digests(again) == _digests(prepared)
+    reference, changed = _digests(prepared), _digests(other)
+    assert set(reference) == set(changed)
+    images = [name for name in reference if name.startswith("JPEGImages/")]
+    assert sum(reference[name] != changed[name] for name in images) == len(images)
+
+
+def test_workers_do_not_change_a_byte(tmp_path: Path, prepared: Path) -> None:
+    parallel = _prepare(tmp_path, "parallel", seed=0, workers=2)
+    assert _digests(parallel) == _digests(prepared)
+
+
+def test_image_depends_only_on_seed_split_index() -> None:
+    small = SyntheticConfig(image_size=64, n_train=4)
+    large = SyntheticConfig(image_size=64, n_train=400)
+    for index in (0, 3):
+        first, second = render_sample(small, 7, "train", index), render_sample(large, 7, "train", index)
+        np.testing.assert_array_equal(first.image, second.image)
+        np.testing.assert_array_equal(first.mask, second.mask)
+    assert not np.array_equal(render_sample(small, 7, "train", 0).image, render_sample(small, 7, "val", 0).image)
+
+
+def test_class_words_cover_the_largest_allowed_config() -> None:
+    assert len(set(CLASS_WORDS)) == len(CLASS_WORDS) == 20
+    designs = class_designs(20)
+    signatures = {(d.part_colour_name, d.part_shape, d.part_position) for d in designs}
+    assert len(signatures) == 20  # every class has its own part
+    assert all(d.companion != d.index for d in designs)

@@ -1,0 +1,141 @@
+"""Stage ``seg_eval@{pseudo,gt}``: score the retrained segmenter on the val split (METHOD.md §4).
+
+Single-scale prediction at the image size (sliding ``crop`` windows of the training crop, smaller images
+padded), no label restriction (val labels are not given to a segmenter). Writes
+``metrics/seg_<source>.json`` (mIoU, per-class IoU, precision, recall, pixel accuracy, split, GT-use
+flags carried from the masks' provenance) and ``reports/seg_<source>/``: a confusion-matrix image,
+overlays of a fixed sample of val images and of the worst images by per-image mIoU.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from weakclip_core.atomic import atomic_dir, write_json
+from weakclip_core.config import Params, load_params
+from weakclip_core.data.layout import DatasetError, PreparedDataset
+from weakclip_core.device import resolve_device, set_threads
+from weakclip_core.inference import InferenceAugmentation, predict_image_batch
+from weakclip_core.metrics import ConfusionAccumulator, confusion_matrix, iou_report
+from weakclip_core.overlays import evenly_spaced, lowest_scoring, save_confusion_matrix, save_overlay
+from weakclip_core.segmenter import load_segmenter
+
+SOURCES: tuple[str, ...] = ("pseudo", "gt")
+EVAL_BATCH = 16
+
+
+@dataclass(frozen=True)
+class SegEvalPaths:
+    """Where the stage reads and writes (dvc.yaml); tests point these into a temporary folder."""
+
+    model_root: Path = Path("artifacts/seg")
+    metrics_root: Path = Path("metrics")
+    reports_root: Path = Path("reports")
+
+    def model(self, source: str) -> Path:
+        return self.model_root / source / "model.pt"
+
+    def metrics(self, source: str) -> Path:
+        return self.metrics_root / f"seg_{source}.json"
+
+    def reports(self, source: str) -> Path:
+        return self.reports_root / f"seg_{source}"
+
+
+def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEvalPaths(), n_samples: int = 8,
+                       n_worst: int = 8, show_progress: bool = True) -> dict[str, Any]:
+    """Predict the val split, write the metrics file and the report images; returns the metrics dict."""
+    if source not in SOURCES:
+        raise ValueError(f"--source: expected one of {list(SOURCES)}, got {source!r}")
+    set_threads(params.runtime.threads)
+    device = resolve_device(params.runtime.device)
+    dataset = PreparedDataset.open(params.dataset.prepared_dir)
+    model, saved = load_segmenter(paths.model(source))
+    record = saved["config"]
+    if list(record["class_names"]) != dataset.class_names:
+        raise DatasetError(f"{paths.model(source)}: trained for classes {record['class_names']}, but "
+                           f"{dataset.root} has {dataset.class_names}")
+    model = model.to(device)
+    crop = int(record["seg"]["train"]["crop"])
+    views = InferenceAugmentation(scales=(1.0,), flip=False, crop=crop, stride=max(1, (2 * crop) // 3))
+    split = params.dataset.val_split
+    image_ids = [image_id for image_id in dataset.split(split)]
+    without_gt = [image_id for image_id in image_ids if not dataset.has_mask(image_id)]
+    if without_gt:
+        raise DatasetError(f"{dataset.mask_path(without_gt[0])}: split {split!r} needs GT masks to be scored "
+                           f"({len(without_gt)} missing)")
+
+    accumulator = ConfusionAccumulator(dataset.n_classes)
+    per_image_miou: dict[str, float] = {}
+    report_ids = set(evenly_spaced(image_ids, n_samples))
+    kept: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    worst_candidates: dict[str, np.ndarray] = {}
+    progress = tqdm(total=len(image_ids), desc=f"seg_eval@{source}", unit="img", disable=not show_progress)
+    for start in range(0, len(image_ids), EVAL_BATCH):
+        batch_ids = image_ids[start:start + EVAL_BATCH]
+        images = [dataset.image(image_id) for image_id in batch_ids]
+        probabilities = predict_image_batch(model, images, None, dataset.n_classes, views, device,
+                                            mean=record["mean"], std=record["std"])
+        for image_id, image, probability in zip(batch_ids, images, probabilities):
+            prediction = probability.argmax(axis=0).astype(np.uint8)
+            ground_truth = dataset.mask(image_id)
+            confusion = confusion_matrix(ground_truth, prediction, dataset.n_classes)
+            accumulator.confusion += confusion
+            per_image_miou[image_id] = iou_report(confusion).miou
+            if image_id in report_ids:
+                kept[image_id] = (image, ground_truth, prediction)
+            worst_candidates[image_id] = prediction
+            # Keep only the current worst predictions in memory.
+            if len(worst_candidates) > 4 * max(1, n_worst) + EVAL_BATCH:
+                keep = set(lowest_scoring({i: per_image_miou[i] for i in worst_candidates}, n_worst))
+                worst_candidates = {i: p for i, p in worst_candidates.items() if i in keep}
+        progress.update(len(batch_ids))
+    progress.close()
+
+    report = iou_report(accumulator.confusion)
+    provenance = saved.get("mask_provenance", {})
+    metrics: dict[str, Any] = {
+        "split": split,
+        "n_images": len(image_ids),
+        "source": source,
+        "trained_on": "ground-truth masks (fully-supervised upper bound)" if source == "gt" else "pseudo masks",
+        "model": record["seg"]["model"],
+        "encoder": record["seg"]["encoder"],
+        **report.as_dict(dataset.class_names),
+        "threshold_chosen_with_gt": bool(provenance.get("threshold_chosen_with_gt", False)),
+        "gt_used_in_training": source == "gt" or bool(provenance.get("gt_used", False)),
+        "cam_variant": provenance.get("cam_variant"),
+    }
+    with atomic_dir(paths.reports(source)) as reports_dir:
+        save_confusion_matrix(reports_dir / "confusion_matrix.png", accumulator.confusion, dataset.class_names,
+                              title=f"seg@{source} on {split}: mIoU {100 * report.miou:.1f}")
+        for image_id in sorted(kept):
+            image, ground_truth, prediction = kept[image_id]
+            save_overlay(reports_dir / f"sample_{image_id}.png", image, [("GT", ground_truth), ("prediction", prediction)],
+                         caption=f"{image_id}  mIoU {100 * per_image_miou[image_id]:.1f}")
+        for rank, image_id in enumerate(lowest_scoring({i: per_image_miou[i] for i in worst_candidates}, n_worst)):
+            save_overlay(reports_dir / f"worst_{rank}_{image_id}.png", dataset.image(image_id),
+                         [("GT", dataset.mask(image_id)), ("prediction", worst_candidates[image_id])],
+                         caption=f"{image_id}  mIoU {100 * per_image_miou[image_id]:.1f}")
+    write_json(paths.metrics(source), metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", choices=SOURCES, required=True, help="which trained segmenter to score")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    args = parser.parse_args(argv)
+    metrics = evaluate_segmenter(load_params(args.params), args.source)
+    print(f"seg_eval@{args.source}: {metrics['split']} mIoU {100 * metrics['miou']:.2f} "
+          f"over {metrics['n_images']} images -> {SegEvalPaths().metrics(args.source)}")
+
+
+if __name__ == "__main__":
+    main()

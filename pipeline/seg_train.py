@@ -1,0 +1,207 @@
+"""Stage ``seg_train@{pseudo,gt}``: retrain a fully-supervised segmenter on pseudo masks or on GT (METHOD.md §4).
+
+``--source pseudo`` reads ``pseudo.output_dir`` (refused when it resolves to a GT folder); ``--source gt``
+reads the prepared ``SegmentationClass``: the same trainer gives the fully-supervised upper bound.
+smp DeepLabV3+ or SegFormer per ``seg``; AdamW (default) or SGD momentum + poly (the paper's DeepLab
+recipe); random resize / crop / flip / photometric augmentation, deterministic per (seed, epoch, index);
+cross-entropy with 255 ignored. Checkpoints every ``checkpoint_every`` steps and at each epoch end
+(stage ``seg_train_<source>``, keyed by the config and a fingerprint of the masks); a killed run
+resumes there. Writes ``artifacts/seg/<source>/model.pt`` and dvclive logs in ``dvclive/seg_train_<source>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from dvclive import Live
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from weakclip_core.config import Params, load_params, to_plain
+from weakclip_core.data.layout import IGNORE_INDEX, DatasetError, PreparedDataset
+from weakclip_core.data.sampling import StepSampler
+from weakclip_core.data.segmentation import MaskedImageDataset, ground_truth_dirs, refuse_ground_truth_dir
+from weakclip_core.data.transforms import DenseAugmentation
+from weakclip_core.device import resolve_device, seed_everything, set_threads
+from weakclip_core.segmenter import SEGMENTER_MEAN, SEGMENTER_STD, build_segmenter, segmenter_record
+from weakclip_core.training import (CHECKPOINT_ROOT, Checkpointer, poly_lr, save_final_model, set_lr,
+                                    warmup_cosine_lr)
+
+Source = Literal["pseudo", "gt"]
+SOURCES: tuple[str, ...] = ("pseudo", "gt")
+PROVENANCE_FILE = "provenance.json"
+
+
+@dataclass(frozen=True)
+class SegTrainPaths:
+    """Where the stage writes (dvc.yaml's outs); tests point these into a temporary folder."""
+
+    model_root: Path = Path("artifacts/seg")
+    live_root: Path = Path("dvclive")
+    checkpoint_root: Path = CHECKPOINT_ROOT
+
+    def model(self, source: str) -> Path:
+        return self.model_root / source / "model.pt"
+
+    def live_dir(self, source: str) -> Path:
+        return self.live_root / f"seg_train_{source}"
+
+
+@dataclass(frozen=True)
+class SegTrainResult:
+    model_path: Path
+    steps: int
+    final_loss: float
+
+
+def mask_dir_of(params: Params, source: str) -> Path:
+    """The mask folder of ``source``; a pseudo folder that resolves to a GT folder is refused."""
+    dataset = PreparedDataset.open(params.dataset.prepared_dir)
+    if source == "gt":
+        return dataset.root / "SegmentationClass"
+    if source == "pseudo":
+        gt_dirs = ground_truth_dirs(dataset.root, params.dataset.source or None)
+        refuse_ground_truth_dir(params.pseudo.output_dir, gt_dirs, "pseudo.output_dir")
+        return Path(params.pseudo.output_dir)
+    raise ValueError(f"--source: expected one of {list(SOURCES)}, got {source!r}")
+
+
+def mask_fingerprint(mask_dir: Path, image_ids: list[str]) -> str:
+    """SHA-256 over the ids and bytes of the masks a run trains on: new masks never resume a stale run."""
+    digest = hashlib.sha256()
+    for image_id in image_ids:
+        digest.update(image_id.encode())
+        digest.update((mask_dir / f"{image_id}.png").read_bytes())
+    return digest.hexdigest()
+
+
+def mask_provenance(mask_dir: Path, source: str) -> dict[str, Any]:
+    """What the masks' maker recorded about GT use; GT masks are GT by definition."""
+    if source == "gt":
+        return {"masks": "ground truth", "gt_used": True, "threshold_chosen_with_gt": False}
+    path = mask_dir / PROVENANCE_FILE
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing; pseudo masks must come from the pseudo_masks stage "
+                           "(it records whether GT chose any threshold upstream)")
+    return json.loads(path.read_text())
+
+
+def make_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimizer:
+    train = params.seg.train
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                               weight_decay=train.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+
+
+def learning_rate(params: Params, step: int, total_steps: int) -> float:
+    train = params.seg.train
+    if train.schedule == "poly":
+        return poly_lr(step, total_steps, train.lr)
+    return warmup_cosine_lr(step, total_steps, train.lr, warmup_steps=0)
+
+
+def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrainPaths(),
+                    stop_after_steps: int | None = None, show_progress: bool = True) -> SegTrainResult | None:
+    """Train (or resume) on ``source`` masks and write the final model; ``None`` when stopped early.
+
+    ``stop_after_steps`` ends this call after that many steps as if it were killed; the next call
+    resumes from the last checkpoint.
+    """
+    seg, train = params.seg, params.seg.train
+    dataset = PreparedDataset.open(params.dataset.prepared_dir)
+    mask_dir = mask_dir_of(params, source)
+    image_ids = dataset.split(params.dataset.train_split)
+    seed = params.runtime.seed
+    set_threads(params.runtime.threads)
+    seed_everything(seed)
+    device = resolve_device(params.runtime.device)
+
+    train_set = MaskedImageDataset(dataset, image_ids, mask_dir,
+                                   DenseAugmentation(train.crop, train.scale_min, train.scale_max),
+                                   seed, SEGMENTER_MEAN, SEGMENTER_STD)
+    provenance = mask_provenance(mask_dir, source)
+    model = build_segmenter(seg, dataset.n_classes).to(device)
+    optimizer = make_optimizer(model, params)
+    steps_per_epoch = len(train_set) // train.batch_size
+    if steps_per_epoch == 0:
+        raise DatasetError(f"{params.dataset.train_split}: {len(train_set)} images, fewer than one batch of "
+                           f"{train.batch_size} (lower seg.train.batch_size)")
+    total_steps = train.epochs * steps_per_epoch
+
+    checkpointer = Checkpointer(f"seg_train_{source}", {
+        "seg": to_plain(seg), "seed": seed, "source": source,
+        "dataset": {"prepared_dir": params.dataset.prepared_dir, "train_split": params.dataset.train_split},
+        "masks_sha256": mask_fingerprint(mask_dir, image_ids)}, root=paths.checkpoint_root)
+    start_step, extra = checkpointer.resume(model, optimizer)
+    loss_sum, loss_batches = float(extra.get("epoch_loss_sum", 0.0)), int(extra.get("epoch_loss_batches", 0))
+    last_loss = float(extra.get("last_loss", math.nan))
+
+    loader = DataLoader(train_set, batch_size=train.batch_size, num_workers=train.workers,
+                        sampler=StepSampler(len(train_set), train.batch_size, seed, total_steps, start_step))
+    live = Live(str(paths.live_dir(source)), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+    progress = tqdm(total=total_steps, initial=start_step, desc=f"seg_train@{source}", unit="step",
+                    disable=not show_progress)
+    steps_this_run = 0
+    for step, (images, masks) in enumerate(loader, start=start_step):
+        lr = learning_rate(params, step, total_steps)
+        set_lr(optimizer, lr)
+        model.train()
+        logits = model(images.to(device))
+        loss = F.cross_entropy(logits, masks.to(device), ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        last_loss = loss.item()
+        if not math.isfinite(last_loss):
+            raise RuntimeError(f"seg_train@{source}: loss became {last_loss} at step {step} (lower seg.train.lr?)")
+        loss_sum, loss_batches = loss_sum + last_loss, loss_batches + 1
+        done = step + 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}")
+        epoch_end = done % steps_per_epoch == 0 or done == total_steps
+        if epoch_end:
+            live.step = (done - 1) // steps_per_epoch
+            live.log_metric("train/loss", loss_sum / loss_batches)
+            live.log_metric("train/lr", lr)
+            live.next_step()
+            loss_sum, loss_batches = 0.0, 0
+        if epoch_end or done % train.checkpoint_every == 0:
+            checkpointer.save(model, optimizer, done, extra={"epoch_loss_sum": loss_sum,
+                                                              "epoch_loss_batches": loss_batches,
+                                                              "last_loss": last_loss})
+        steps_this_run += 1
+        if stop_after_steps is not None and steps_this_run >= stop_after_steps and done < total_steps:
+            progress.close()
+            return None
+    progress.close()
+
+    model_path = paths.model(source)
+    save_final_model(model_path, model.cpu(), config=segmenter_record(seg, dataset.class_names),
+                     source=source, dataset=dataset.name, train_split=params.dataset.train_split,
+                     steps=total_steps, seed=seed, final_loss=last_loss, mask_provenance=provenance)
+    live.end()
+    checkpointer.clear()
+    return SegTrainResult(model_path, total_steps, last_loss)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", choices=SOURCES, required=True, help="train on pseudo masks or on GT masks")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    args = parser.parse_args(argv)
+    result = train_segmenter(load_params(args.params), args.source)
+    assert result is not None
+    print(f"seg_train@{args.source}: {result.steps} steps, last loss {result.final_loss:.4f} -> {result.model_path}")
+
+
+if __name__ == "__main__":
+    main()

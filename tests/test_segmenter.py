@@ -1,0 +1,107 @@
+"""The retraining segmenter: both smp families build, train a step, load local encoder weights."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.tiny_voc import write_tiny_voc
+from weakclip_core.config.seg import SegConfig, SegTrainConfig
+from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.data.segmentation import (GroundTruthMaskError, MaskedImageDataset, ground_truth_dirs,
+                                             refuse_ground_truth_dir)
+from weakclip_core.data.transforms import DenseAugmentation
+from weakclip_core.segmenter import (SEGMENTER_MEAN, SEGMENTER_STD, SegmenterWeightsError, build_segmenter,
+                                     load_encoder_weights, load_segmenter, segmenter_record)
+from weakclip_core.training import save_final_model
+
+
+@pytest.mark.parametrize("family, encoder", [("deeplabv3plus", "resnet18"), ("segformer", "mit_b0")])
+def test_build_and_one_training_step_on_tiny_data(tmp_path, family, encoder):
+    write_tiny_voc(tmp_path / "voc", n_train=4, n_val=2, size=64)
+    dataset = PreparedDataset.open(tmp_path / "voc")
+    samples = MaskedImageDataset(dataset, dataset.split("train"), tmp_path / "voc" / "SegmentationClass",
+                                 DenseAugmentation(64, 0.75, 1.25), seed=0, mean=SEGMENTER_MEAN, std=SEGMENTER_STD)
+    images, masks = zip(*(samples[(0, index)] for index in range(4)))
+    images, masks = torch.stack(images), torch.stack(masks)
+    assert images.shape == (4, 3, 64, 64) and masks.dtype == torch.int64
+    assert set(masks.unique().tolist()) <= {0, 1, 2, 3, 255}
+
+    torch.manual_seed(0)
+    model = build_segmenter(SegConfig(model=family, encoder=encoder, train=SegTrainConfig(crop=64)),
+                            dataset.n_classes)
+    logits = model(images)
+    assert logits.shape == (4, 4, 64, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss = F.cross_entropy(logits, masks, ignore_index=255)
+    assert torch.isfinite(loss)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    changed = [name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())]
+    assert any(name.startswith("encoder.") for name in changed)
+    assert any(name.startswith(("decoder.", "segmentation_head.")) for name in changed)
+
+
+def test_samples_are_a_pure_function_of_seed_epoch_index(tmp_path):
+    write_tiny_voc(tmp_path / "voc", n_train=3, n_val=2, size=64)
+    dataset = PreparedDataset.open(tmp_path / "voc")
+    def make(seed):
+        return MaskedImageDataset(dataset, dataset.split("train"), tmp_path / "voc" / "SegmentationClass",
+                                  DenseAugmentation(48), seed=seed, mean=SEGMENTER_MEAN, std=SEGMENTER_STD)
+    first, again, other = make(0)[(2, 1)], make(0)[(2, 1)], make(1)[(2, 1)]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_local_encoder_weights_load_and_bad_files_are_named(tmp_path):
+    cfg = SegConfig(model="deeplabv3plus", encoder="resnet18")
+    torch.manual_seed(1)
+    source = build_segmenter(cfg, 3)
+    # A torchvision-style checkpoint: classifier head included, wrapped in "state_dict", "encoder." prefix.
+    state = {f"encoder.{key}": value for key, value in source.encoder.state_dict().items()}
+    state["encoder.fc.weight"] = torch.zeros(1000, 512)
+    state["encoder.fc.bias"] = torch.zeros(1000)
+    weights_path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": state}, weights_path)
+    torch.manual_seed(2)
+    loaded = build_segmenter(SegConfig(model="deeplabv3plus", encoder="resnet18",
+                                       encoder_weights=str(weights_path)), 3)
+    for key, value in source.encoder.state_dict().items():
+        assert torch.equal(loaded.encoder.state_dict()[key], value), key
+    assert not torch.equal(loaded.segmentation_head[0].weight, source.segmentation_head[0].weight)
+
+    with pytest.raises(SegmenterWeightsError, match="missing.pth not found"):
+        load_encoder_weights(loaded, tmp_path / "missing.pth")
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(SegmenterWeightsError, match="wrong.pth does not fit"):
+        load_encoder_weights(loaded, tmp_path / "wrong.pth")
+
+
+def test_saved_segmenter_round_trips(tmp_path):
+    cfg = SegConfig(model="segformer", encoder="mit_b0", train=SegTrainConfig(crop=64))
+    model = build_segmenter(cfg, 4).eval()
+    path = tmp_path / "model.pt"
+    save_final_model(path, model, segmenter_record(cfg, ["background", "a", "b", "c"]), source="gt")
+    rebuilt, saved = load_segmenter(path)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_array_equal(rebuilt(images).numpy(), model(images).numpy())
+    assert saved["source"] == "gt" and saved["config"]["class_names"][1] == "a"
+    with pytest.raises(SegmenterWeightsError, match="run the seg_train stage"):
+        load_segmenter(tmp_path / "nothing.pt")
+
+
+def test_a_pseudo_mask_folder_resolving_to_gt_is_refused(tmp_path):
+    prepared = tmp_path / "prepared"
+    (prepared / "SegmentationClass").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(prepared / "SegmentationClass")
+    gt_dirs = ground_truth_dirs(prepared)
+    for bad in [prepared / "SegmentationClass", tmp_path / "link", prepared / "SegmentationClass" / "sub",
+                Path(str(prepared / "x" / ".." / "SegmentationClass"))]:
+        with pytest.raises(GroundTruthMaskError, match="pseudo.output_dir"):
+            refuse_ground_truth_dir(bad, gt_dirs, "pseudo.output_dir")
+    assert refuse_ground_truth_dir(tmp_path / "pseudo", gt_dirs, "pseudo.output_dir") == (tmp_path / "pseudo").resolve()

@@ -1,0 +1,99 @@
+"""The fully-supervised segmenter retrained on pseudo masks (or GT): smp DeepLabV3+ or SegFormer.
+
+DeepLabV3+ takes ResNet encoders (``resnet18``/``resnet50``/``tu-…``), SegFormer the MiT encoders
+(``mit_b0``..``mit_b5``). ImageNet encoder weights cannot be downloaded here: ``seg.encoder_weights``
+names a local state-dict file (torchvision/timm layout, optionally under ``state_dict``/``model`` and
+with an ``encoder.`` or ``module.`` prefix); empty means random initialisation. The model maps
+(B, 3, H, W) ImageNet-normalised images to (B, K, H, W) logits (H, W multiples of 32).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from weakclip_core.config.schema import build_dataclass, to_plain
+from weakclip_core.config.seg import SegConfig
+from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+SEGMENTER_MEAN = IMAGENET_MEAN
+SEGMENTER_STD = IMAGENET_STD
+
+
+class SegmenterWeightsError(ValueError):
+    """An encoder weights file or a saved segmenter that is missing or does not fit; names the file."""
+
+
+def build_segmenter(cfg: SegConfig, n_classes: int, encoder_weights: bool = True) -> nn.Module:
+    """smp model of ``cfg.model`` with ``n_classes`` outputs; loads ``cfg.encoder_weights`` when set
+    and ``encoder_weights`` is true (a saved segmenter is rebuilt with ``encoder_weights=False``)."""
+    if cfg.model == "deeplabv3plus":
+        model: nn.Module = smp.DeepLabV3Plus(encoder_name=cfg.encoder, encoder_weights=None, classes=n_classes)
+    elif cfg.model == "segformer":
+        model = smp.Segformer(encoder_name=cfg.encoder, encoder_weights=None, classes=n_classes)
+    else:  # the config schema only admits the two families
+        raise ValueError(f"seg.model: unknown model family {cfg.model!r}")
+    if encoder_weights and cfg.encoder_weights:
+        load_encoder_weights(model, cfg.encoder_weights)
+    return model
+
+
+def _strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
+    if state_dict and all(key.startswith(prefix) for key in state_dict):
+        return {key[len(prefix):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local encoder state dict into ``model.encoder`` (classifier heads are dropped); a file
+    that is missing, unreadable or of another architecture raises ``SegmenterWeightsError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise SegmenterWeightsError(f"seg.encoder_weights: {path} not found (ImageNet weights must be a local "
+                                    "file here; leave it empty for random initialisation)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SegmenterWeightsError(f"seg.encoder_weights: {path} is not a torch state dict ({error})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise SegmenterWeightsError(f"seg.encoder_weights: {path} holds a {type(state).__name__}, not a state dict")
+    for prefix in ("module.", "encoder."):
+        state = _strip_prefix(state, prefix)
+    state = {key: value for key, value in state.items()
+             if not key.startswith(("fc.", "head.", "classifier."))}
+    try:
+        model.encoder.load_state_dict(state)
+    except RuntimeError as error:
+        raise SegmenterWeightsError(f"seg.encoder_weights: {path} does not fit the encoder: {str(error)[:500]}") from None
+
+
+def segmenter_record(cfg: SegConfig, class_names: list[str]) -> dict[str, Any]:
+    """What ``artifacts/seg/<source>/model.pt`` stores besides the weights, to rebuild the model."""
+    return {"seg": to_plain(cfg), "class_names": list(class_names),
+            "mean": list(SEGMENTER_MEAN), "std": list(SEGMENTER_STD)}
+
+
+def load_segmenter(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a segmenter saved with ``save_final_model(path, model, segmenter_record(...), ...)``.
+
+    Returns the model in eval mode on the CPU and the whole saved dict minus the weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SegmenterWeightsError(f"{path}: trained segmenter not found (run the seg_train stage)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        record = saved["config"]
+        cfg = build_dataclass(SegConfig, record["seg"], "seg")
+        model = build_segmenter(cfg, len(record["class_names"]), encoder_weights=False)
+        model.load_state_dict(saved["model"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise SegmenterWeightsError(f"{path}: not a saved segmenter ({str(error)[:300]})") from None
+    return model.eval(), {key: value for key, value in saved.items() if key != "model"}

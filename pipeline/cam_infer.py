@@ -1,0 +1,148 @@
+"""Stage ``cam_infer``: MCTformer-V2 CAM seeds for the train split, scored over the whole threshold curve.
+
+Runs the trained model at ``cam.infer.scales`` (with horizontal flip), writes
+the ``cam.infer.variant`` CAMs of every train image to ``artifacts/cams/train.h5``
+and, in the same pass, scores all four variants against the ground truth for
+every background threshold (METHOD.md §1). The best threshold is chosen with
+the GT, and the metrics file says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from weakclip_core.atomic import write_json, write_text
+from weakclip_core.cam import CAM_VARIANTS, ThresholdSweep, multiscale_cams, threshold_values
+from weakclip_core.cam_store import CamStoreWriter
+from weakclip_core.config import Params, load_params, to_plain
+from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from weakclip_core.device import resolve_device, set_threads
+from weakclip_core.models.mctformer import load_trained_mctformer
+
+STAGE = "cam_infer"
+
+
+@dataclass(frozen=True)
+class CamInferPaths:
+    """What the stage reads and writes (dvc.yaml); tests point these into a temporary folder."""
+
+    model: Path = Path("artifacts/mctformer/model.pt")
+    store: Path = Path("artifacts/cams/train.h5")
+    metrics: Path = Path("metrics/cam.json")
+    curve: Path = Path("plots/cam_threshold.csv")
+
+
+def image_batches(image_ids: list[str], dataset: PreparedDataset, batch_size: int):
+    """Yield lists of (image_id, (H, W, 3) uint8) of one image size, at most ``batch_size`` long, in id order."""
+    pending: list[tuple[str, np.ndarray]] = []
+    for image_id in image_ids:
+        image = dataset.image(image_id)
+        if pending and (image.shape != pending[0][1].shape or len(pending) == batch_size):
+            yield pending
+            pending = []
+        pending.append((image_id, image))
+    if pending:
+        yield pending
+
+
+def normalise_images(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 images of one size → (B, 3, H, W) float32, ImageNet-normalised (as in training)."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((batch - mean) / std).to(device)
+
+
+def curve_csv(thresholds: np.ndarray, selected: str, curves: dict[str, list[float]]) -> str:
+    """``threshold,miou,<variant>...``: ``miou`` is the selected variant's curve."""
+    stream = io.StringIO()
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(["threshold", "miou", *CAM_VARIANTS])
+    for index, threshold in enumerate(thresholds):
+        writer.writerow([f"{threshold:.4f}", f"{curves[selected][index]:.6f}",
+                         *(f"{curves[variant][index]:.6f}" for variant in CAM_VARIANTS)])
+    return stream.getvalue()
+
+
+def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_progress: bool = True) -> dict[str, Any]:
+    """Write the CAM store, the metrics and the threshold curve; returns the metrics dict."""
+    infer = params.cam.infer
+    set_threads(params.runtime.threads)
+    device = resolve_device(params.runtime.device)
+    dataset = PreparedDataset.open(params.dataset.prepared_dir)
+    model, saved = load_trained_mctformer(paths.model, device)
+    if saved.get("class_names", dataset.class_names) != dataset.class_names:
+        raise ValueError(f"{paths.model}: trained for classes {saved['class_names']}, the dataset "
+                         f"{dataset.root} has {dataset.class_names} (re-run cam_train)")
+    split = params.dataset.train_split
+    image_ids = dataset.split(split)
+    thresholds = threshold_values(infer.threshold_start, infer.threshold_stop, infer.threshold_step)
+    sweeps = {variant: ThresholdSweep(dataset.n_classes, thresholds) for variant in CAM_VARIANTS}
+    n_scored = 0
+    record = {"cam_infer": to_plain(infer), "arch": saved["config"]["arch"], "split": split,
+              "model_steps": saved.get("steps")}
+    with CamStoreWriter(paths.store, dataset.name, dataset.class_names, record) as writer:
+        progress = tqdm(total=len(image_ids), desc=STAGE, unit="img", disable=not show_progress)
+        for batch in image_batches(image_ids, dataset, infer.batch_size):
+            labels = torch.from_numpy(np.stack([dataset.label_vector(image_id) for image_id, _ in batch]))
+            cams = multiscale_cams(model, normalise_images([image for _, image in batch], device), labels.to(device),
+                                   infer.scales, infer.flip, infer.attention_layers)
+            cams = {variant: maps.cpu().numpy() for variant, maps in cams.items()}
+            for row, (image_id, _) in enumerate(batch):
+                classes = dataset.image_labels(image_id)
+                rows = [class_index - 1 for class_index in classes]
+                writer.add(image_id, classes, np.clip(cams[infer.variant][row, rows], 0.0, 1.0))
+                if dataset.has_mask(image_id):
+                    ground_truth = dataset.mask(image_id)
+                    for variant in CAM_VARIANTS:
+                        sweeps[variant].add(ground_truth, cams[variant][row, rows], classes)
+                    n_scored += 1
+            progress.update(len(batch))
+        progress.close()
+    if n_scored == 0:
+        raise ValueError(f"{dataset.root}: no ground-truth masks for split {split!r}; cannot score the CAMs")
+
+    curves = {variant: sweeps[variant].curve() for variant in CAM_VARIANTS}
+    best = {variant: sweeps[variant].best() for variant in CAM_VARIANTS}
+    best_threshold, report = best[infer.variant]
+    metrics = {
+        "miou": report.miou,
+        "best_threshold": best_threshold,
+        "per_class": dict(zip(dataset.class_names, report.per_class)),
+        "split": split,
+        "variant": infer.variant,
+        "threshold_chosen_with_gt": True,
+        "n_images": n_scored,
+        "scales": list(infer.scales),
+        "flip": infer.flip,
+        "variants": {variant: {"miou": best[variant][1].miou, "best_threshold": best[variant][0]}
+                     for variant in CAM_VARIANTS},
+    }
+    write_json(paths.metrics, metrics)
+    write_text(paths.curve, curve_csv(thresholds, infer.variant, curves))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    args = parser.parse_args(argv)
+    metrics = infer_cams(load_params(args.params))
+    summary = ", ".join(f"{variant} {values['miou']:.3f} @ {values['best_threshold']:.2f}"
+                        for variant, values in metrics["variants"].items())
+    print(f"{STAGE}: {metrics['split']} mIoU ({metrics['variant']}) {metrics['miou']:.3f} "
+          f"@ t={metrics['best_threshold']:.2f} over {metrics['n_images']} images; {summary}")
+
+
+if __name__ == "__main__":
+    main()

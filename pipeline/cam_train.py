@@ -1,0 +1,206 @@
+"""Stage ``cam_train``: train MCTformer-V2 on image-level labels (METHOD.md §1).
+
+Both outputs (class-token logits, GAP of the PatchCAMs) are trained with the
+multi-label soft-margin loss; AdamW with ``lr * batch_size / 512``, linear
+warm-up then cosine. Every ``checkpoint_every`` steps and at each epoch end the
+model, optimizer, step and RNG state are checkpointed; a killed run resumes
+from the last checkpoint and, because data order and augmentation are pure
+functions of (seed, epoch, index), reaches bit-identical weights on CPU.
+
+Writes ``artifacts/mctformer/model.pt`` and dvclive logs (loss, lr, val mAP
+per epoch) under ``dvclive/cam_train/``; clears its checkpoints when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from dvclive import Live
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from weakclip_core.atomic import sha256_of_file
+from weakclip_core.config import Params, load_params, to_plain
+from weakclip_core.data.classification import (ClassificationAugment, ClassificationDataset, EpochBatchSampler,
+                                               steps_per_epoch)
+from weakclip_core.data.layout import LABELS_FILE, PreparedDataset
+from weakclip_core.device import resolve_device, seed_everything, set_threads
+from weakclip_core.models.mctformer import MCTformerV2, build_mctformer
+from weakclip_core.training import CHECKPOINT_ROOT, Checkpointer, save_final_model, set_lr, warmup_cosine_lr
+
+STAGE = "cam_train"
+
+
+@dataclass(frozen=True)
+class CamTrainPaths:
+    """Where the stage writes (dvc.yaml's outs); tests point these into a temporary folder."""
+
+    model: Path = Path("artifacts/mctformer/model.pt")
+    live_dir: Path = Path("dvclive/cam_train")
+    checkpoint_root: Path = CHECKPOINT_ROOT
+
+
+@dataclass(frozen=True)
+class CamTrainResult:
+    model_path: Path
+    steps: int
+    val_map_class_token: float
+    val_map_patch_cam: float
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Multi-label mAP: per-class average precision over images, averaged over classes with a positive.
+
+    ``scores``, ``targets``: (N, C). AP of a class = mean over its positives of
+    the precision at the positive's rank (scores sorted high to low, ties in input order).
+    """
+    precisions = []
+    for class_index in range(scores.shape[1]):
+        positives = targets[:, class_index] > 0.5
+        if not positives.any():
+            continue
+        order = np.argsort(-scores[:, class_index], kind="stable")
+        hits = positives[order].astype(np.float64)
+        precision_at_rank = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        precisions.append(float((precision_at_rank * hits).sum() / hits.sum()))
+    return float(np.mean(precisions)) if precisions else 0.0
+
+
+@torch.no_grad()
+def evaluate_map(model: MCTformerV2, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+    """(class-token mAP, PatchCAM mAP) on ``loader``'s images."""
+    model.eval()
+    class_scores, patch_scores, targets = [], [], []
+    for images, labels in loader:
+        output = model(images.to(device))
+        class_scores.append(torch.sigmoid(output.class_logits).cpu().numpy())
+        patch_scores.append(torch.sigmoid(output.patch_logits).cpu().numpy())
+        targets.append(labels.numpy())
+    target_array = np.concatenate(targets)
+    return (mean_average_precision(np.concatenate(class_scores), target_array),
+            mean_average_precision(np.concatenate(patch_scores), target_array))
+
+
+def parameter_groups(model: MCTformerV2, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases, norms, class tokens and position embedding (as DeiT)."""
+    decay, no_decay = [], []
+    skip = model.no_weight_decay()
+    for name, parameter in model.named_parameters():
+        (no_decay if parameter.ndim <= 1 or name in skip else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop_after_steps: int | None = None,
+                    show_progress: bool = True) -> CamTrainResult | None:
+    """Train (or resume) and write the final model; returns ``None`` when stopped early.
+
+    ``stop_after_steps`` stops the process's loop after that many steps as if
+    it were killed (nothing is written beyond the periodic checkpoints); the
+    next call resumes from the last checkpoint.
+    """
+    arch, train = params.cam.arch, params.cam.train
+    dataset = PreparedDataset.open(params.dataset.prepared_dir)
+    seed = params.runtime.seed
+    set_threads(params.runtime.threads)
+    seed_everything(seed)
+    device = resolve_device(params.runtime.device)
+    n_foreground = dataset.n_classes - 1
+
+    model = build_mctformer(arch, n_foreground).to(device)
+    base_lr = train.lr * train.batch_size / 512
+    optimizer = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=base_lr)
+
+    train_set = ClassificationDataset(
+        dataset, params.dataset.train_split, arch.image_size, seed=seed,
+        augment=ClassificationAugment(arch.image_size, train.crop_scale_min, train.randaugment_ops,
+                                      train.randaugment_magnitude))
+    val_set = ClassificationDataset(dataset, params.dataset.val_split, arch.image_size)
+    epoch_steps = steps_per_epoch(len(train_set), train.batch_size)
+    total_steps = train.epochs * epoch_steps
+    warmup_steps = train.warmup_epochs * epoch_steps
+
+    checkpointer = Checkpointer(STAGE, {
+        "arch": to_plain(arch), "train": to_plain(train), "seed": seed,
+        "dataset": {"prepared_dir": params.dataset.prepared_dir, "train_split": params.dataset.train_split,
+                    "labels_sha256": sha256_of_file(dataset.root / LABELS_FILE)},
+    }, root=paths.checkpoint_root)
+    start_step, extra = checkpointer.resume(model, optimizer)
+    loss_sum, loss_batches = float(extra.get("epoch_loss_sum", 0.0)), int(extra.get("epoch_loss_batches", 0))
+
+    loader = DataLoader(train_set, num_workers=train.workers,
+                        batch_sampler=EpochBatchSampler(len(train_set), train.batch_size, seed, total_steps,
+                                                        start_step),
+                        generator=torch.Generator().manual_seed(seed))
+    val_loader = DataLoader(val_set, batch_size=max(train.batch_size, 32), num_workers=train.workers)
+
+    live = Live(str(paths.live_dir), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+    val_maps = (float(extra.get("val_map_class_token", 0.0)), float(extra.get("val_map_patch_cam", 0.0)))
+    progress = tqdm(total=total_steps, initial=start_step, desc=STAGE, unit="step", disable=not show_progress)
+    steps_this_run = 0
+    for step, (images, labels) in enumerate(loader, start=start_step):
+        lr = warmup_cosine_lr(step, total_steps, base_lr, warmup_steps)
+        set_lr(optimizer, lr)
+        model.train()
+        images, labels = images.to(device), labels.to(device)
+        output = model(images)
+        loss = (F.multilabel_soft_margin_loss(output.class_logits, labels)
+                + F.multilabel_soft_margin_loss(output.patch_logits, labels))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"{STAGE}: loss became {loss_value} at step {step} (lower cam.train.lr?)")
+        loss_sum, loss_batches = loss_sum + loss_value, loss_batches + 1
+        done = step + 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+        epoch_end = done % epoch_steps == 0 or done == total_steps
+        if epoch_end:
+            val_maps = evaluate_map(model, val_loader, device)
+            live.step = (done - 1) // epoch_steps
+            live.log_metric("train/loss", loss_sum / loss_batches)
+            live.log_metric("train/lr", lr)
+            live.log_metric("val/map_class_token", val_maps[0])
+            live.log_metric("val/map_patch_cam", val_maps[1])
+            live.next_step()
+            loss_sum, loss_batches = 0.0, 0
+        if epoch_end or done % train.checkpoint_every == 0:
+            checkpointer.save(model, optimizer, done, extra={
+                "epoch_loss_sum": loss_sum, "epoch_loss_batches": loss_batches,
+                "val_map_class_token": val_maps[0], "val_map_patch_cam": val_maps[1],
+                "data_order": {"seed": seed, "epoch": (done - 1) // epoch_steps, "steps_per_epoch": epoch_steps}})
+        steps_this_run += 1
+        if stop_after_steps is not None and steps_this_run >= stop_after_steps and done < total_steps:
+            progress.close()
+            return None
+    progress.close()
+
+    save_final_model(paths.model, model.cpu(), config={"arch": to_plain(arch), "n_classes": n_foreground},
+                     class_names=dataset.class_names, dataset=dataset.name, steps=total_steps,
+                     train=to_plain(train), seed=seed, val_map_class_token=val_maps[0],
+                     val_map_patch_cam=val_maps[1])
+    live.end()
+    checkpointer.clear()
+    return CamTrainResult(paths.model, total_steps, val_maps[0], val_maps[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    args = parser.parse_args(argv)
+    result = train_cam_model(load_params(args.params))
+    assert result is not None
+    print(f"{STAGE}: {result.steps} steps, val mAP class-token {result.val_map_class_token:.3f}, "
+          f"PatchCAM {result.val_map_patch_cam:.3f} -> {result.model_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""MCTformer-V2 CAMs: attention fusion, affinity refinement, multi-scale + flip inference, threshold sweep.
+
+The four variants (the ablations of MCTformer-V2), each (B, C, h, w) on the patch grid:
+
+- ``class_token``: class-to-patch attention of the last ``attention_layers``
+  layers, averaged over heads, summed over those layers;
+- ``patch_cam``: ReLU of the PatchCAM branch;
+- ``fused``: ``class_token * patch_cam``;
+- ``fused_affinity``: ``fused`` refined by the patch-to-patch attention summed
+  over all layers: ``refined[c, i] = sum_j A[i, j] * fused[c, j]``.
+
+``multiscale_cams`` runs them over scales and horizontal flips, upsamples to
+the image, keeps the image's labelled classes, averages, and min-max
+normalises each class map to [0, 1].
+
+``ThresholdSweep`` scores CAMs against ground truth for every background
+threshold at once: background score = t, prediction = argmax over {t, CAMs of
+the present classes}. A pixel is foreground for exactly the thresholds below
+its best CAM score, so one histogram per image fills every threshold's
+confusion matrix; no threshold is skipped and nothing stops early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from weakclip_core.metrics import ConfusionAccumulator, IGNORE_INDEX, IouReport
+from weakclip_core.models.mctformer import MCTformerV2
+
+CAM_VARIANTS: tuple[str, ...] = ("class_token", "patch_cam", "fused", "fused_affinity")
+NORMALISE_FLOOR = 1e-12
+
+
+def cam_variants(attentions: Sequence[Tensor], patch_cams: Tensor, attention_layers: int) -> dict[str, Tensor]:
+    """The four CAM variants from one forward pass.
+
+    ``attentions``: one (B, heads, N, N) softmax map per layer, N = C + h*w with
+    the C class tokens first. ``patch_cams``: (B, C, h, w). Returns
+    ``{variant: (B, C, h, w)}``.
+    """
+    if not 1 <= attention_layers <= len(attentions):
+        raise ValueError(f"cam.infer.attention_layers: {attention_layers} is outside 1..{len(attentions)} "
+                         f"(the model's depth)")
+    batch, n_classes, grid_height, grid_width = patch_cams.shape
+    head_mean = torch.stack([layer.mean(dim=1) for layer in attentions])  # (L, B, N, N)
+    class_to_patch = head_mean[-attention_layers:].sum(dim=0)[:, :n_classes, n_classes:]
+    class_token = class_to_patch.reshape(batch, n_classes, grid_height, grid_width)
+    patch_cam = F.relu(patch_cams)
+    fused = class_token * patch_cam
+    affinity = head_mean.sum(dim=0)[:, n_classes:, n_classes:]  # (B, P, P)
+    refined = torch.einsum("bij,bcj->bci", affinity, fused.flatten(2))
+    return {"class_token": class_token, "patch_cam": patch_cam, "fused": fused,
+            "fused_affinity": refined.reshape(batch, n_classes, grid_height, grid_width)}
+
+
+def scaled_size(height: int, width: int, scale: float, patch_size: int) -> tuple[int, int]:
+    """(H, W) scaled by ``scale`` and rounded to a multiple of the patch size (at least one patch)."""
+    return (max(patch_size, round(height * scale / patch_size) * patch_size),
+            max(patch_size, round(width * scale / patch_size) * patch_size))
+
+
+def normalise_per_class(cams: Tensor) -> Tensor:
+    """Min-max normalise each (b, c) map of (B, C, H, W) to [0, 1]; a constant map becomes 0."""
+    flat = cams.flatten(2)
+    low = flat.min(dim=-1, keepdim=True).values
+    high = flat.max(dim=-1, keepdim=True).values
+    return ((flat - low) / (high - low).clamp_min(NORMALISE_FLOOR)).reshape(cams.shape)
+
+
+@torch.no_grad()
+def multiscale_cams(model: MCTformerV2, images: Tensor, label_vectors: Tensor, scales: Sequence[float],
+                    flip: bool, attention_layers: int) -> dict[str, Tensor]:
+    """CAMs of every variant at the images' size, averaged over scales (and flips), in [0, 1].
+
+    ``images`` (B, 3, H, W) normalised, all of one size; ``label_vectors``
+    (B, C) multi-hot image-level labels. Each scale's maps are upsampled
+    bilinearly to (H, W), un-flipped, multiplied by the labels and averaged;
+    then each class map is min-max normalised. Absent classes are 0.
+    Returns ``{variant: (B, C, H, W)}`` float32 on the images' device.
+    """
+    model.eval()
+    batch, _, height, width = images.shape
+    label_mask = label_vectors.to(images.dtype).reshape(batch, -1, 1, 1)
+    sums: dict[str, Tensor] = {}
+    n_views = 0
+    for scale in scales:
+        view_size = scaled_size(height, width, scale, model.patch_size)
+        scaled = F.interpolate(images, size=view_size, mode="bilinear", align_corners=False)
+        views = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
+        output = model(views, return_attention=True)
+        for variant, cams in cam_variants(output.attentions, output.patch_cams, attention_layers).items():
+            cams = F.interpolate(cams, size=(height, width), mode="bilinear", align_corners=False)
+            view_sum = cams[:batch] + cams[batch:].flip(-1) if flip else cams
+            sums[variant] = sums.get(variant, 0) + view_sum * label_mask
+        n_views += 2 if flip else 1
+    return {variant: normalise_per_class(total / n_views) for variant, total in sums.items()}
+
+
+def threshold_values(start: float, stop: float, step: float) -> np.ndarray:
+    """start, start + step, ... up to and including ``stop`` (rounded to 6 decimals against float drift)."""
+    if stop < start:
+        raise ValueError(f"cam.infer.threshold_stop {stop} is below threshold_start {start}")
+    count = int(np.floor((stop - start) / step + 1e-6)) + 1
+    return np.round(start + step * np.arange(count), 6)
+
+
+class ThresholdSweep:
+    """One confusion matrix per background threshold, filled in one pass over the images.
+
+    ``n_classes`` is K including background (0). For threshold t a pixel is
+    predicted as its best present class when that class's CAM is > t, else
+    background (the background score t wins ties, as argmax over {t, CAMs}
+    picks the first maximum).
+    """
+
+    def __init__(self, n_classes: int, thresholds: np.ndarray) -> None:
+        self.n_classes = n_classes
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        if self.thresholds.ndim != 1 or not self.thresholds.size or np.any(np.diff(self.thresholds) <= 0):
+            raise ValueError("thresholds must be a non-empty increasing 1-D array")
+        self.accumulators = [ConfusionAccumulator(n_classes) for _ in self.thresholds]
+
+    def add(self, ground_truth: np.ndarray, cams: np.ndarray, classes: Sequence[int]) -> None:
+        """Add one image: GT (H, W) with 255 ignored; ``cams`` (n_present, H, W) for foreground ``classes``."""
+        if cams.shape[0] != len(classes) or cams.shape[1:] != ground_truth.shape:
+            raise ValueError(f"CAMs {cams.shape} do not match {len(classes)} classes and GT {ground_truth.shape}")
+        n_classes, n_thresholds = self.n_classes, len(self.thresholds)
+        gt = ground_truth.astype(np.int64).ravel()
+        keep = gt != IGNORE_INDEX
+        gt = gt[keep]
+        if gt.size and (gt.min() < 0 or gt.max() >= n_classes):
+            raise ValueError(f"ground truth holds class id {gt[(gt < 0) | (gt >= n_classes)][0]}, "
+                             f"outside [0, {n_classes})")
+        if len(classes):
+            flat = cams.reshape(len(classes), -1)[:, keep].astype(np.float64)
+            best_class = np.asarray(classes, dtype=np.int64)[flat.argmax(axis=0)]
+            # Number of thresholds strictly below the score: the pixel is foreground for thresholds[:level].
+            level = np.searchsorted(self.thresholds, flat.max(axis=0), side="left")
+        else:
+            best_class = np.zeros_like(gt)
+            level = np.zeros_like(gt)
+        histogram = np.bincount((gt * n_classes + best_class) * (n_thresholds + 1) + level,
+                                minlength=n_classes * n_classes * (n_thresholds + 1))
+        histogram = histogram.reshape(n_classes, n_classes, n_thresholds + 1)
+        # foreground[g, c, i]: pixels of GT g predicted c at threshold i (those with level > i).
+        at_or_above = np.cumsum(histogram[..., ::-1], axis=-1)[..., ::-1]
+        foreground = at_or_above[..., 1:]
+        gt_totals = histogram.sum(axis=(1, 2))
+        for index, accumulator in enumerate(self.accumulators):
+            confusion = foreground[..., index].copy()
+            confusion[:, 0] += gt_totals - foreground[..., index].sum(axis=1)
+            accumulator.confusion += confusion
+
+    def reports(self) -> list[IouReport]:
+        return [accumulator.report() for accumulator in self.accumulators]
+
+    def curve(self) -> list[float]:
+        """mIoU at every threshold, in threshold order."""
+        return [report.miou for report in self.reports()]
+
+    def best(self) -> tuple[float, IouReport]:
+        """(threshold, report) of the highest mIoU; the lowest such threshold on ties."""
+        reports = self.reports()
+        best_index = int(np.argmax([report.miou for report in reports]))
+        return float(self.thresholds[best_index]), reports[best_index]

@@ -37,6 +37,9 @@ class CamTrainConfig:
     warmup_epochs: int = bounded(2, low=0)
     checkpoint_every: int = bounded(100, low=1)
     workers: int = bounded(0, low=0)
+    crop_scale_min: float = bounded(0.5, low=0.01, high=1.0)
+    randaugment_ops: int = bounded(2, low=0)
+    randaugment_magnitude: int = bounded(9, low=0, high=30)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class CamInferConfig:
     threshold_start: float = bounded(0.0, low=0.0, high=1.0)
     threshold_stop: float = bounded(0.59, low=0.0, high=1.0)
     threshold_step: float = bounded(0.01, low=1e-4, high=1.0)
+    batch_size: int = bounded(16, low=1)
 
 
 @dataclass(frozen=True)

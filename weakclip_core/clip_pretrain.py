@@ -168,7 +168,7 @@ def pretrain_clip(model: nn.Module, pairs: CaptionPairs, config: ClipPretrainCon
     end_step = total_steps if stop_after_step is None else min(total_steps, stop_after_step)
     sampler = StepSampler(len(pairs), config.batch_size, seed, end_step, start_step)
     loader = DataLoader(pairs, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
-                        persistent_workers=False)
+                        generator=torch.Generator().manual_seed(seed))
     loss_value = float("nan")
     progress = tqdm(loader, total=end_step - start_step, initial=0, desc="clip pretrain", unit="step",
                     dynamic_ncols=True)

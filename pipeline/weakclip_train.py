@@ -1,0 +1,225 @@
+"""Stage ``weakclip_train``: train WeakCLIP on CAM seeds with the frozen CLIP (METHOD.md §2).
+
+Reads the CLIP artifact (``artifacts/clip``), the CAM store of the train split
+(``artifacts/cams/train.h5``, checked against the dataset's classes and ids)
+and the prepared train split. Seeds are made from the CAMs (``weakclip.seeds``:
+confident thresholds, or dense argmax for the ablation). Only the prompts,
+pyramid adapter, co-attention and decoder train: AdamW, linear warm-up then
+cosine to ``min_lr``, the paper's augmentations scaled to ``train.crop``; loss
+= seed + boundary (KL to the dense CRF of P, CRF in a process pool started
+once) + aux. Checkpoints every ``checkpoint_every`` steps; a killed run resumes
+from the last one and, with data order and augmentation pure functions of
+(seed, epoch, index), ends with the same weights on CPU.
+
+Writes ``artifacts/weakclip/model.pt`` (learned parts + what rebuilds the
+model), dvclive logs under ``dvclive/weakclip_train/`` and
+``metrics/weakclip.json``: the train split predicted single-scale, without CRF,
+restricted to each image's labels + background, scored against GT, beside the
+mIoU of the seeds it trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from dvclive import Live
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from weakclip_core.atomic import sha256_of_file, write_json
+from weakclip_core.cam_store import CamStoreReader
+from weakclip_core.clip_model import load_clip_artifact
+from weakclip_core.config import Params, load_params, to_plain
+from weakclip_core.crf import CrfPool
+from weakclip_core.data.layout import IGNORE_INDEX, LABELS_FILE, PreparedDataset
+from weakclip_core.data.sampling import StepSampler
+from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
+from weakclip_core.data.transforms import DenseAugmentation
+from weakclip_core.device import resolve_device, seed_everything, set_threads
+from weakclip_core.inference import InferenceAugmentation, predict_image_batch
+from weakclip_core.losses import weakclip_losses
+from weakclip_core.metrics import ConfusionAccumulator
+from weakclip_core.models.weakclip.model import WeakCLIP
+from weakclip_core.training import CHECKPOINT_ROOT, Checkpointer, set_lr, warmup_cosine_lr
+from weakclip_core.weakclip_artifact import clip_weights_sha256, save_weakclip_model, trainable_modules
+
+STAGE = "weakclip_train"
+LOG_EVERY = 10
+EVAL_BATCH = 16
+LOSS_PARTS = ("loss", "seed_loss", "boundary_loss", "aux_loss")
+
+
+@dataclass(frozen=True)
+class WeakClipTrainPaths:
+    """What the stage reads and writes (dvc.yaml's deps and outs); tests point these into a temporary folder."""
+
+    clip_dir: Path = Path("artifacts/clip")
+    cam_store: Path = Path("artifacts/cams/train.h5")
+    model: Path = Path("artifacts/weakclip/model.pt")
+    metrics: Path = Path("metrics/weakclip.json")
+    live_dir: Path = Path("dvclive/weakclip_train")
+    checkpoint_root: Path = CHECKPOINT_ROOT
+
+
+def seed_quality(seed_masks: dict[str, np.ndarray], dataset: PreparedDataset, image_ids: list[str]) -> dict:
+    """mIoU of the seeds vs GT on the pixels the seeds label, and the share of GT pixels they label."""
+    accumulator = ConfusionAccumulator(dataset.n_classes)
+    labelled = scored = 0
+    for image_id in image_ids:
+        if not dataset.has_mask(image_id):
+            continue
+        ground_truth = dataset.mask(image_id)
+        seed_mask = seed_masks[image_id]
+        unlabelled = seed_mask == IGNORE_INDEX
+        scored += int((ground_truth != IGNORE_INDEX).sum())
+        labelled += int(((ground_truth != IGNORE_INDEX) & ~unlabelled).sum())
+        accumulator.add(np.where(unlabelled, IGNORE_INDEX, ground_truth), np.where(unlabelled, 0, seed_mask))
+    return {"seed_miou": accumulator.report().miou, "seed_coverage": labelled / scored if scored else 0.0}
+
+
+@torch.no_grad()
+def evaluate_on_split(model: WeakCLIP, dataset: PreparedDataset, image_ids: list[str], crop: int,
+                      device: torch.device, show_progress: bool = True) -> tuple[dict, int]:
+    """Single-scale, no-CRF prediction restricted to labels + background, scored vs GT; (report dict, n scored)."""
+    model.eval()
+    tta = InferenceAugmentation(scales=(1.0,), flip=False, crop=crop, stride=max(1, 2 * crop // 3))
+    scored_ids = [image_id for image_id in image_ids if dataset.has_mask(image_id)]
+    accumulator = ConfusionAccumulator(dataset.n_classes)
+    for start in tqdm(range(0, len(scored_ids), EVAL_BATCH), desc=f"{STAGE} eval", unit="batch",
+                      disable=not show_progress):
+        batch_ids = scored_ids[start:start + EVAL_BATCH]
+        probabilities = predict_image_batch(lambda images: model(images).logits,
+                                            [dataset.image(image_id) for image_id in batch_ids],
+                                            [dataset.image_labels(image_id) for image_id in batch_ids],
+                                            dataset.n_classes, tta, device)
+        for image_id, probability in zip(batch_ids, probabilities):
+            accumulator.add(dataset.mask(image_id), probability.argmax(axis=0))
+    return accumulator.report().as_dict(dataset.class_names), len(scored_ids)
+
+
+def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPaths(),
+                   stop_after_steps: int | None = None, show_progress: bool = True) -> dict[str, Any] | None:
+    """Train (or resume), write the model and the metrics; returns the metrics, or ``None`` when stopped early.
+
+    ``stop_after_steps`` stops this call after that many steps as if the process
+    were killed (only the periodic checkpoints are written); the next call resumes.
+    """
+    started = time.perf_counter()
+    cfg, train = params.weakclip, params.weakclip.train
+    seed = params.runtime.seed
+    set_threads(params.runtime.threads)
+    device = resolve_device(params.runtime.device)
+    dataset = PreparedDataset.open(params.dataset.prepared_dir)
+    image_ids = dataset.split(params.dataset.train_split)
+    store = CamStoreReader(paths.cam_store)
+    seed_masks = build_seed_masks(store, dataset, image_ids, cfg.seeds, progress=show_progress)
+    store.close()
+
+    seed_everything(seed)
+    model = WeakCLIP(load_clip_artifact(paths.clip_dir), dataset.class_names, cfg).to(device)
+    learned = trainable_modules(model)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    checkpointer = Checkpointer(STAGE, {
+        "weakclip": to_plain(cfg), "seed": seed, "clip_sha256": clip_weights_sha256(paths.clip_dir),
+        "cams_sha256": sha256_of_file(paths.cam_store),
+        "dataset": {"prepared_dir": params.dataset.prepared_dir, "train_split": params.dataset.train_split,
+                    "labels_sha256": sha256_of_file(dataset.root / LABELS_FILE)},
+    }, root=paths.checkpoint_root)
+    start_step, extra = checkpointer.resume(learned, optimizer)
+    window = {part: float(extra.get("window", {}).get(part, 0.0)) for part in LOSS_PARTS}
+    window_steps = int(extra.get("window_steps", 0))
+
+    augmentation = DenseAugmentation(crop=train.crop, scale_min=train.scale_min, scale_max=train.scale_max)
+    training_set = SeededTrainingSet(dataset, image_ids, seed_masks, augmentation, seed)
+    loader = DataLoader(training_set, batch_size=train.batch_size, num_workers=train.workers,
+                        sampler=StepSampler(len(training_set), train.batch_size, seed, train.iterations, start_step),
+                        generator=torch.Generator().manual_seed(seed))
+    live = Live(str(paths.live_dir), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+    progress = tqdm(total=train.iterations, initial=start_step, desc=STAGE, unit="step", disable=not show_progress)
+    steps_this_run = 0
+    train_started = time.perf_counter()
+    with CrfPool(cfg.loss.crf, cfg.loss.crf_workers) as crf_pool:
+        for step, batch in enumerate(loader, start=start_step):
+            lr = warmup_cosine_lr(step, train.iterations, train.lr, train.warmup_iterations, train.min_lr)
+            set_lr(optimizer, lr)
+            model.train()
+            output = model(batch["image"].to(device))
+            losses = weakclip_losses(output.logits, output.matching, batch["seed_mask"].to(device),
+                                     batch["raw_image"].to(device), cfg.loss, crf_pool)
+            optimizer.zero_grad(set_to_none=True)
+            losses.total.backward()
+            optimizer.step()
+            values = losses.as_floats()
+            if not math.isfinite(values["loss"]):
+                raise RuntimeError(f"{STAGE}: loss became {values['loss']} at step {step} "
+                                   f"(lower weakclip.train.lr?)")
+            for part in LOSS_PARTS:
+                window[part] += values[part]
+            window_steps += 1
+            done = step + 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{values['loss']:.3f}", seed=f"{values['seed_loss']:.3f}", lr=f"{lr:.1e}")
+            if done % LOG_EVERY == 0 or done == train.iterations:
+                live.step = done
+                for part in LOSS_PARTS:
+                    live.log_metric(f"train/{part}", window[part] / window_steps)
+                live.log_metric("train/lr", lr)
+                live.next_step()
+                window, window_steps = {part: 0.0 for part in LOSS_PARTS}, 0
+            if done % train.checkpoint_every == 0 and done < train.iterations:
+                checkpointer.save(learned, optimizer, done, extra={"window": window, "window_steps": window_steps})
+            steps_this_run += 1
+            if stop_after_steps is not None and steps_this_run >= stop_after_steps and done < train.iterations:
+                progress.close()
+                return None
+    progress.close()
+    train_seconds = time.perf_counter() - train_started
+
+    seeds = seed_quality(seed_masks, dataset, image_ids)
+    save_weakclip_model(paths.model, model.cpu(), cfg, paths.clip_dir, dataset=dataset.name,
+                        steps=train.iterations, seed=seed, seed_mode=cfg.seeds.mode)
+    report, n_scored = evaluate_on_split(model.to(device), dataset, image_ids, train.crop, device, show_progress)
+    metrics = {
+        "miou": report["miou"],
+        "split": params.dataset.train_split,
+        "n_images": n_scored,
+        "inference": "single scale, no CRF, restricted to image labels + background",
+        "seed_mode": cfg.seeds.mode,
+        "fg_threshold": cfg.seeds.fg_threshold,
+        "bg_threshold": cfg.seeds.bg_threshold,
+        "thresholds_chosen_with_gt": False,
+        "cam_variant": store.params.get("cam_infer", {}).get("variant"),
+        **seeds,
+        "steps": train.iterations,
+        "train_s_per_step": round(train_seconds / max(1, steps_this_run), 3),
+        "wall_s": round(time.perf_counter() - started, 1),
+        **{key: report[key] for key in ("pixel_accuracy", "per_class", "precision", "recall")},
+    }
+    write_json(paths.metrics, metrics)
+    live.log_metric("train_miou", metrics["miou"], plot=False)
+    live.log_metric("seed_miou", metrics["seed_miou"], plot=False)
+    live.end()
+    checkpointer.clear()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    args = parser.parse_args(argv)
+    metrics = train_weakclip(load_params(args.params))
+    assert metrics is not None
+    print(f"{STAGE}: {metrics['split']} mIoU {metrics['miou']:.3f} over {metrics['n_images']} images "
+          f"(seeds {metrics['seed_mode']}: mIoU {metrics['seed_miou']:.3f} on {metrics['seed_coverage']:.0%} "
+          f"of the pixels), {metrics['steps']} steps at {metrics['train_s_per_step']} s, {metrics['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()

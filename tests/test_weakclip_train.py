@@ -1,0 +1,163 @@
+"""weakclip_train end to end on a tiny CLIP + tiny dataset + CAM store written here: outputs, a frozen CLIP,
+resumption to the same weights, the seeded training set, and the seed quality numbers."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.weakclip_train import WeakClipTrainPaths, seed_quality, train_weakclip
+from tiny_voc import CLASS_NAMES, TINY_CLIP_ARCH, write_tiny_voc
+from weakclip_core.cam_store import CamStoreError, CamStoreReader, CamStoreWriter
+from weakclip_core.clip_model import build_clip, load_clip_artifact, save_clip_artifact
+from weakclip_core.config import ClipConfig, build_dataclass, params_from_dict
+from weakclip_core.config.weakclip import SeedConfig
+from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
+from weakclip_core.data.transforms import DenseAugmentation
+from weakclip_core.device import seed_everything
+from weakclip_core.models.weakclip.model import WeakCLIP
+from weakclip_core.weakclip_artifact import load_weakclip_model
+
+TINY_WEAKCLIP = {
+    "prompt_len": 2, "text_context_length": 6, "taps": [0, 1, 2, 3], "co_attention_width": 16,
+    "co_attention_heads": 2, "co_attention_layers": 1, "neck_width": 16, "head_width": 16,
+    "seeds": {"mode": "confident", "fg_threshold": 0.6, "bg_threshold": 0.2},
+    "loss": {"loss_size": 16, "crf_workers": 0},
+    "train": {"iterations": 6, "batch_size": 4, "lr": 0.001, "warmup_iterations": 2, "crop": 64,
+              "checkpoint_every": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_chain(tmp_path_factory) -> Path:
+    """A tiny dataset, its CAM store and a random tiny CLIP artifact."""
+    root = tmp_path_factory.mktemp("chain")
+    write_tiny_voc(root / "data", n_train=12, n_val=4, cam_path=root / "cams" / "train.h5")
+    clip_cfg = build_dataclass(ClipConfig, {"source": "random", "arch": dict(TINY_CLIP_ARCH)})
+    torch.manual_seed(0)
+    save_clip_artifact(root / "clip", build_clip(clip_cfg), clip_cfg)
+    return root
+
+
+def chain_params(root: Path):
+    return params_from_dict({"runtime": {"device": "cpu", "seed": 5},
+                             "dataset": {"name": "synthetic", "prepared_dir": str(root / "data")},
+                             "weakclip": TINY_WEAKCLIP})
+
+
+def chain_paths(root: Path, run: str) -> WeakClipTrainPaths:
+    return WeakClipTrainPaths(clip_dir=root / "clip", cam_store=root / "cams" / "train.h5",
+                              model=root / run / "weakclip" / "model.pt", metrics=root / run / "weakclip.json",
+                              live_dir=root / run / "dvclive", checkpoint_root=root / run / "checkpoints")
+
+
+@pytest.mark.slow
+def test_weakclip_train_writes_outputs_keeps_clip_frozen_and_resumes_exactly(tiny_chain):
+    params = chain_params(tiny_chain)
+    straight = train_weakclip(params, chain_paths(tiny_chain, "straight"), show_progress=False)
+    resumed_paths = chain_paths(tiny_chain, "resumed")
+    assert train_weakclip(params, resumed_paths, stop_after_steps=3, show_progress=False) is None
+    assert not resumed_paths.model.exists()
+    assert (resumed_paths.checkpoint_root / "weakclip_train").is_dir()
+    resumed = train_weakclip(params, resumed_paths, show_progress=False)
+    assert not (resumed_paths.checkpoint_root / "weakclip_train").exists(), "checkpoints are cleared at the end"
+
+    for run in ("straight", "resumed"):
+        paths = chain_paths(tiny_chain, run)
+        assert paths.model.is_file() and paths.metrics.is_file()
+        assert (paths.live_dir / "metrics.json").is_file()
+        assert (paths.live_dir / "plots" / "metrics" / "train" / "seed_loss.tsv").is_file()
+
+    # Same weights after kill + resume as without (CPU, deterministic data order and RNG state).
+    first = torch.load(chain_paths(tiny_chain, "straight").model, weights_only=False)
+    second = torch.load(resumed_paths.model, weights_only=False)
+    assert first["model"].keys() == second["model"].keys()
+    for key in first["model"]:
+        assert torch.equal(first["model"][key], second["model"][key]), key
+    assert not any(key.startswith("clip.") for key in first["model"]), "the frozen CLIP is not duplicated"
+    assert first["class_names"] == CLASS_NAMES
+    assert straight["miou"] == resumed["miou"]
+
+    # The CLIP inside the trained model is bit-identical to the artifact it was trained on.
+    model = load_weakclip_model(chain_paths(tiny_chain, "straight").model)
+    reference = load_clip_artifact(tiny_chain / "clip").state_dict()
+    for key, value in model.clip.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    # ... and the learned parts did train: they differ from the initialisation the stage starts from.
+    seed_everything(5)
+    fresh = WeakCLIP(load_clip_artifact(tiny_chain / "clip"), CLASS_NAMES, chain_params(tiny_chain).weakclip)
+    fresh_state = fresh.trainable_state_dict()
+    assert torch.equal(model.prompt_learner.name_tokens, fresh.prompt_learner.name_tokens)
+    assert not torch.equal(first["model"]["prompt_learner.contexts"], fresh_state["prompt_learner.contexts"])
+    changed = [key for key in fresh_state if not torch.equal(first["model"][key], fresh_state[key])]
+    assert len(changed) > len(fresh_state) // 2
+
+    assert straight["split"] == "train" and straight["n_images"] == 12
+    assert straight["seed_mode"] == "confident" and straight["thresholds_chosen_with_gt"] is False
+    assert 0.0 <= straight["miou"] <= 1.0 and set(straight["per_class"]) == set(CLASS_NAMES)
+    assert straight["seed_miou"] > 0.8  # blurred-GT CAMs give near-perfect confident seeds
+
+
+def test_training_set_samples_are_deterministic_and_aligned(tiny_chain):
+    dataset = PreparedDataset.open(tiny_chain / "data")
+    image_ids = dataset.split("train")
+    store = CamStoreReader(tiny_chain / "cams" / "train.h5")
+    seed_masks = build_seed_masks(store, dataset, image_ids, SeedConfig(fg_threshold=0.6, bg_threshold=0.2),
+                                  progress=False)
+    training_set = SeededTrainingSet(dataset, image_ids, seed_masks, DenseAugmentation(crop=32), seed=1)
+    sample = training_set[(3, 5)]
+    assert sample["image"].shape == (3, 32, 32) and sample["raw_image"].shape == (3, 32, 32)
+    assert sample["raw_image"].dtype == torch.uint8 and sample["seed_mask"].dtype == torch.int64
+    again = training_set[(3, 5)]
+    for key in sample:
+        assert torch.equal(sample[key], again[key]), key
+    assert not torch.equal(training_set[(4, 5)]["raw_image"], sample["raw_image"])
+    # Without augmentation (no resize, no photometric, crop = the image), the seeds sit on the image:
+    # every seed pixel of class k has class k's colour in the image.
+    plain = SeededTrainingSet(dataset, image_ids, seed_masks,
+                              DenseAugmentation(crop=64, scale_min=1.0, scale_max=1.0, photometric=False), seed=1)
+    sample = plain[(0, 2)]
+    image = sample["raw_image"].permute(1, 2, 0).numpy().astype(int)
+    seeds = sample["seed_mask"].numpy()
+    colours = {1: (220, 40, 40), 2: (40, 200, 60), 3: (40, 60, 220)}
+    for class_index in set(np.unique(seeds)) - {0, 255}:
+        mean_colour = image[seeds == class_index].mean(axis=0)
+        np.testing.assert_allclose(mean_colour, colours[class_index], atol=12)
+
+
+def test_seed_quality_hand_worked(tmp_path):
+    write_tiny_voc(tmp_path, n_train=1, n_val=1)
+    dataset = PreparedDataset.open(tmp_path)
+    ground_truth = dataset.mask("train_000")
+    seeds = ground_truth.copy()
+    present = [c for c in np.unique(ground_truth) if c != 0][0]
+    # Relabel half the background as ignore, and four object pixels as background.
+    seeds[:, : seeds.shape[1] // 2][ground_truth[:, : seeds.shape[1] // 2] == 0] = 255
+    object_pixels = np.argwhere(ground_truth == present)[:4]
+    seeds[object_pixels[:, 0], object_pixels[:, 1]] = 0
+    quality = seed_quality({"train_000": seeds}, dataset, ["train_000"])
+    n_bg_seed = int(((seeds == 0) & (ground_truth == 0)).sum())
+    n_object = int((ground_truth == present).sum())
+    # On labelled pixels: background IoU = n_bg / (n_bg + 4), object IoU = (n_object - 4) / n_object
+    # (other classes absent everywhere are undefined and left out).
+    expected_object_classes = [c for c in np.unique(ground_truth) if c != 0]
+    ious = [n_bg_seed / (n_bg_seed + 4)]
+    for class_index in expected_object_classes:
+        count = int((ground_truth == class_index).sum())
+        ious.append((count - 4) / count if class_index == present else 1.0)
+    assert quality["seed_miou"] == pytest.approx(np.mean(ious))
+    assert quality["seed_coverage"] == pytest.approx((seeds != 255).sum() / ground_truth.size)
+
+
+def test_a_store_for_other_labels_is_refused(tmp_path):
+    write_tiny_voc(tmp_path / "data", n_train=2, n_val=1)
+    dataset = PreparedDataset.open(tmp_path / "data")
+    image_ids = dataset.split("train")
+    with CamStoreWriter(tmp_path / "cams.h5", "tiny", CLASS_NAMES, {}) as writer:
+        for image_id in image_ids:
+            wrong = [c for c in (1, 2, 3) if c not in dataset.labels[image_id]][:1]
+            writer.add(image_id, wrong, np.zeros((1, 64, 64), np.float32))
+    with pytest.raises(CamStoreError, match="cams.h5"):
+        build_seed_masks(CamStoreReader(tmp_path / "cams.h5"), dataset, image_ids, SeedConfig(), progress=False)

@@ -1,0 +1,187 @@
+"""Paper presets: they apply over params.yaml, validate, carry METHOD.md's numbers and build the full-size models."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from weakclip_core.clip_model import clip_from_config, named_model_config
+from weakclip_core.config import ConfigError, Params, load_params
+from weakclip_core.config.presets import apply_preset, deep_merge, main
+from weakclip_core.data.voc import VOC_CLASS_NAMES
+from weakclip_core.models.mctformer import build_mctformer
+from weakclip_core.models.weakclip import WeakCLIP
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = {"voc": REPO / "configs" / "voc.yaml", "coco": REPO / "configs" / "coco.yaml"}
+
+
+def count(parameters) -> int:
+    return sum(parameter.numel() for parameter in parameters)
+
+
+@pytest.fixture
+def params_copy(tmp_path: Path) -> Path:
+    target = tmp_path / "params.yaml"
+    shutil.copyfile(REPO / "params.yaml", target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Params]:
+    """Each preset applied over a copy of the repository's params.yaml, then re-read by the one loader."""
+    result = {}
+    for name, preset in PRESETS.items():
+        target = tmp_path_factory.mktemp(name) / "params.yaml"
+        shutil.copyfile(REPO / "params.yaml", target)
+        apply_preset(preset, target)
+        result[name] = load_params(target)
+    return result
+
+
+def test_presets_carry_the_papers_numbers(applied: dict[str, Params]) -> None:
+    """Every number below is copied by hand from METHOD.md, not from the presets."""
+    for name, params in applied.items():
+        assert params.dataset.name == name and params.dataset.source
+        assert params.clip.source == "file" and params.clip.weights
+        assert params.clip.model_name.startswith("ViT-B-16")
+        arch = params.cam.arch
+        assert (arch.image_size, arch.patch_size, arch.width, arch.depth, arch.heads, arch.drop_path) == \
+            (224, 16, 384, 12, 6, 0.1)
+        train = params.cam.train
+        assert (train.batch_size, train.epochs, train.lr, train.weight_decay, train.warmup_epochs) == \
+            (64, 60, 5e-4, 0.05, 5)
+        assert (params.cam.infer.threshold_start, params.cam.infer.threshold_stop,
+                params.cam.infer.threshold_step, params.cam.infer.attention_layers) == (0.0, 0.59, 0.01, 3)
+        weakclip = params.weakclip
+        assert (weakclip.prompt_len, weakclip.text_context_length, weakclip.temperature_init) == (8, 13, 0.1)
+        assert weakclip.taps == [3, 5, 7, 11]
+        assert (weakclip.co_attention_width, weakclip.co_attention_heads, weakclip.co_attention_layers) == (256, 4, 3)
+        assert (weakclip.loss.aux_weight, weakclip.loss.aux_temperature, weakclip.loss.loss_size) == (0.4, 0.07, 64)
+        assert (weakclip.loss.ratio_min, weakclip.loss.ratio_max) == (0.05, 20.0)
+        crf = weakclip.loss.crf
+        assert (crf.iterations, crf.gaussian_sxy, crf.gaussian_compat, crf.bilateral_sxy, crf.bilateral_srgb,
+                crf.bilateral_compat) == (10, 3.0, 3.0, 80.0, 13.0, 10.0)
+        schedule = weakclip.train
+        assert (schedule.lr, schedule.weight_decay, schedule.warmup_iterations, schedule.min_lr, schedule.crop) == \
+            (1e-4, 3e-5, 1500, 1e-6, 512)
+        assert (schedule.scale_min, schedule.scale_max) == (0.5, 2.0)
+        pseudo = params.pseudo
+        assert pseudo.scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and pseudo.flip and pseudo.use_crf
+        assert (pseudo.crop, pseudo.stride) == (512, 341)
+        seg = params.seg.train
+        assert (params.seg.model, seg.optimizer, seg.momentum, seg.weight_decay, seg.schedule, seg.crop) == \
+            ("deeplabv3plus", "sgd", 0.9, 5e-4, "poly", 448)
+        assert params.runtime.launcher == "torchrun"
+    voc, coco = applied["voc"], applied["coco"]
+    assert (voc.weakclip.train.iterations, voc.weakclip.train.batch_size, voc.runtime.nproc) == (20000, 16, 2)
+    assert (coco.weakclip.train.iterations, coco.weakclip.train.batch_size, coco.runtime.nproc) == (40000, 24, 4)
+    assert (voc.dataset.train_split, voc.dataset.val_split, voc.dataset.voc_mask_dir) == \
+        ("train_aug", "val", "SegmentationClassAug")
+    assert (coco.dataset.train_split, coco.dataset.val_split) == ("train", "val")
+    voc_crf, coco_crf = voc.pseudo.crf, coco.pseudo.crf
+    assert (voc_crf.gaussian_sxy, voc_crf.gaussian_compat, voc_crf.bilateral_sxy, voc_crf.bilateral_srgb,
+            voc_crf.bilateral_compat) == (3.0, 3.0, 83.0, 5.0, 3.0)
+    assert (coco_crf.gaussian_sxy, coco_crf.gaussian_compat, coco_crf.bilateral_sxy, coco_crf.bilateral_srgb,
+            coco_crf.bilateral_compat) == (1.0, 3.0, 67.0, 3.0, 4.0)
+
+
+def test_apply_keeps_unnamed_keys_and_comments(params_copy: Path) -> None:
+    before = load_params(params_copy)
+    header = params_copy.read_text().splitlines()[0]
+    apply_preset(PRESETS["voc"], params_copy)
+    after = load_params(params_copy)
+    text = params_copy.read_text()
+    assert text.splitlines()[0] == header  # the file's own comments survive the round trip
+    assert "# synthetic | voc | coco" in text
+    # keys the preset does not name keep their params.yaml values
+    assert after.dataset.synthetic == before.dataset.synthetic
+    assert after.clip.pretrain == before.clip.pretrain
+    assert after.runtime.seed == before.runtime.seed
+    # applying the same preset again changes nothing
+    apply_preset(PRESETS["voc"], params_copy)
+    assert params_copy.read_text() == text
+    # COCO over VOC gives the same params as COCO over the defaults (every VOC-specific key is overridden)
+    apply_preset(PRESETS["coco"], params_copy)
+    fresh = params_copy.with_name("fresh.yaml")
+    shutil.copyfile(REPO / "params.yaml", fresh)
+    apply_preset(PRESETS["coco"], fresh)
+    assert load_params(params_copy) == load_params(fresh)
+
+
+def test_bad_preset_names_the_key_and_leaves_params_untouched(params_copy: Path, tmp_path: Path) -> None:
+    original = params_copy.read_bytes()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("weakclip:\n  promt_len: 8\n")
+    with pytest.raises(ConfigError, match=r"weakclip\.promt_len: unknown key"):
+        apply_preset(typo, params_copy)
+    out_of_range = tmp_path / "range.yaml"
+    out_of_range.write_text("pseudo:\n  crf:\n    iterations: 0\n")
+    with pytest.raises(ConfigError, match=r"pseudo\.crf\.iterations: 0 is out of range"):
+        apply_preset(out_of_range, params_copy)
+    section_for_scalar = tmp_path / "shape.yaml"
+    section_for_scalar.write_text("runtime:\n  seed:\n    value: 1\n")
+    with pytest.raises(ConfigError, match=r"runtime\.seed"):
+        apply_preset(section_for_scalar, params_copy)
+    assert main(["apply", str(typo), "--params", str(params_copy)]) == 2
+    assert params_copy.read_bytes() == original
+    assert sorted(p.name for p in params_copy.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_deep_merge_by_hand() -> None:
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
+    merged = deep_merge(base, {"a": {"c": [3]}, "e": 5})
+    assert merged == {"a": {"b": 1, "c": [3]}, "d": "x", "e": 5}
+
+
+def weakclip_on_meta(params: Params, class_names: list[str]) -> WeakCLIP:
+    """The preset's full-size WeakCLIP (CLIP architecture of the preset at its crop size) with no memory."""
+    with torch.device("meta"):
+        clip_model = clip_from_config(named_model_config(params.clip.model_name,
+                                                         image_size=params.weakclip.train.crop))
+        return WeakCLIP(clip_model, class_names, params.weakclip)
+
+
+def test_preset_models_have_the_papers_parameter_counts(applied: dict[str, Params]) -> None:
+    voc = weakclip_on_meta(applied["voc"], VOC_CLASS_NAMES)
+    coco_names = ["background", *(f"class {index}" for index in range(1, 81))]  # parameter counts ignore names
+    coco = weakclip_on_meta(applied["coco"], coco_names)
+    assert voc.num_classes == 21 and coco.num_classes == 81
+    assert voc.clip.visual.positional_embedding.shape == (1 + 32 * 32, 768)  # ViT-B/16 at 512
+    # METHOD.md §2: 21.24M trainable / 171.46M total at K = 21 (paper table: 21.2M / 171.5M, 12.4 %).
+    voc_total, voc_trainable = count(voc.parameters()), count(voc.trainable_parameters())
+    assert abs(voc_trainable / 1e6 - 21.24) < 0.005 * 21.24, voc_trainable
+    assert abs(voc_total / 1e6 - 171.46) < 0.001 * 171.46, voc_total
+    assert round(100 * voc_trainable / voc_total, 1) == 12.4
+    # K = 81 adds 60 classes to each of the 4 FPN laterals' inputs (256 outputs) and to the 1x1 classifier.
+    expected_extra = 60 * 256 * 4 + (60 * 256 + 60)
+    assert count(coco.trainable_parameters()) - voc_trainable == expected_extra
+    assert count(coco.clip.parameters()) == count(voc.clip.parameters())
+
+
+def deit_small_mctformer_parameters(n_classes: int) -> int:
+    """MCTformer-V2 on DeiT-S counted by hand: patch embedding, C class tokens, position embedding for
+    C + 14x14 tokens, 12 pre-norm blocks (width 384, MLP 1536), a 3x3 PatchCAM conv; no final norm, no head.
+    (timm's deit_small_patch16_224 is 22,050,664 = these blocks + 1 token + final norm + a 1000-way head.)"""
+    width, hidden = 384, 1536
+    patch_embedding = 3 * 16 * 16 * width + width
+    block = 2 * (2 * width) + (width * 3 * width + 3 * width) + (width * width + width) \
+        + (width * hidden + hidden) + (hidden * width + width)
+    return (patch_embedding + n_classes * width + (n_classes + 196) * width + 12 * block
+            + (width * n_classes * 9 + n_classes))
+
+
+def test_preset_mctformer_is_deit_small(applied: dict[str, Params]) -> None:
+    # Built on CPU: MCTformerV2's constructor reads drop-path rates with .tolist(), which a meta tensor cannot.
+    for name, n_foreground in (("voc", 20), ("coco", 80)):
+        arch = replace(applied[name].cam.arch, pretrained="")  # the DeiT-S weights path is a placeholder
+        model = build_mctformer(arch, n_foreground)
+        assert count(model.parameters()) == deit_small_mctformer_parameters(n_foreground)
+    # With one class token, swapping the PatchCAM conv for a final norm and a 1000-way head gives DeiT-S's
+    # published 22,050,664 parameters (timm deit_small_patch16_224).
+    patch_cam_conv, final_norm, imagenet_head = 384 * 9 + 1, 2 * 384, 384 * 1000 + 1000
+    assert deit_small_mctformer_parameters(1) - patch_cam_conv + final_norm + imagenet_head == 22_050_664

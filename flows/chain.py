@@ -174,9 +174,9 @@ def chain(
     if targets:
         graph = graph.select(targets)
     get_run_logger().info("stages in order: %s", ", ".join(graph.names()))
-    report = schedule_stages(
-        graph, str(root), dispatch, gpu_count, remote, max_parallel, retries, retry_delay_s
-    )
+    # Pool workers get ``repo_dir`` as given: "." then means each worker's own clone (its working directory).
+    stage_repo_dir = str(root) if dispatch == "local" else repo_dir
+    report = schedule_stages(graph, stage_repo_dir, dispatch, gpu_count, remote, max_parallel, retries, retry_delay_s)
     create_markdown_artifact(
         markdown="# mIoU per stage\n\n" + _miou_markdown(report.metrics),
         key="chain-miou",

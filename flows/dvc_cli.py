@@ -77,3 +77,11 @@ def run_command(command: list[str], cwd: Path, logger: logging.Logger | logging.
 def dvc_command(*args: str) -> list[str]:
     """``dvc <args>`` through this interpreter, so the DVC that runs is the one installed beside Prefect."""
     return [sys.executable, "-m", "dvc", *args]
+
+
+def capture_command(command: list[str], cwd: Path) -> str:
+    """Run ``command`` and return its stdout alone (for machine-read output such as ``--json``)."""
+    completed = subprocess.run(command, cwd=cwd, env=tool_environment(), capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise CommandFailed(command, cwd, completed.returncode, completed.stderr.splitlines()[-40:])
+    return completed.stdout

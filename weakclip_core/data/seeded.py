@@ -75,6 +75,7 @@ class SeededTrainingSet(Dataset):
             raise ValueError(f"{self.dataset.image_path(image_id)}: image is {image.shape[:2]}, "
                              f"its CAMs/seeds are {seed_mask.shape}")
         image, seed_mask = self.augmentation(image, seed_mask, sample_rng(self.seed, epoch, index))
-        return {"image": to_tensor(image), "raw_image": torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(),
+        raw_image = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return {"image": to_tensor(image), "raw_image": raw_image,
                 "seed_mask": torch.from_numpy(seed_mask.astype(np.int64)),
                 "index": torch.tensor(index, dtype=torch.int64)}

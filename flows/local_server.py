@@ -119,8 +119,16 @@ def local_prefect_server(home: Path, port: int | None = None, timeout_s: float =
 
 
 @contextmanager
-def process_worker(server: LocalServer, pool: str, work_queue: str | None = None, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
-    """``prefect worker start --pool <pool> [--work-queue <queue>]`` against ``server``; log in its home."""
+def process_worker(
+    server: LocalServer,
+    pool: str,
+    work_queue: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen]:
+    """``prefect worker start --pool <pool> [--work-queue <queue>]`` against ``server``; log in its home.
+
+    ``extra_env``: e.g. ``{"WEAKCLIP_REPO": "/path/to/checkout"}`` for prefect.yaml's pull step.
+    """
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
     if work_queue:
         command += ["--work-queue", work_queue]
@@ -128,8 +136,7 @@ def process_worker(server: LocalServer, pool: str, work_queue: str | None = None
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command,
-            env=prefect_environment(server.home, server.api_url),
-            cwd=cwd,
+            env={**prefect_environment(server.home, server.api_url), **(extra_env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

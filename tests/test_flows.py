@@ -1,0 +1,237 @@
+"""The flows against a tiny DVC project in tmp_path (flows.demo): DAG, lock, failures, remote, sweep.
+
+The references are DVC's own CLI (``dvc dag --dot``, ``dvc repro``, ``dvc exp show``)
+and hand-worked numbers, never the flows' code. Flows run in this process
+against a Prefect server on 127.0.0.1 with its home in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.dag import read_stage_graph
+from flows.demo import demo_stages, write_demo_project
+from flows.resources import GPU_POOL, needs_gpu, place_stages
+from flows.stage_run import artifact_key, flatten_metrics
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def tool_env() -> dict[str, str]:
+    return dict(
+        os.environ,
+        DVC_NO_ANALYTICS="1",
+        PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        GIT_AUTHOR_NAME="flows test",
+        GIT_AUTHOR_EMAIL="flows@example.invalid",
+        GIT_COMMITTER_NAME="flows test",
+        GIT_COMMITTER_EMAIL="flows@example.invalid",
+    )
+
+
+def run(command: list[str], cwd: Path) -> str:
+    completed = subprocess.run(command, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+    assert completed.returncode == 0, f"{command} failed:\n{completed.stdout}\n{completed.stderr}"
+    return completed.stdout + completed.stderr
+
+
+def dot_edges(dot: str) -> set[tuple[str, str]]:
+    return set(re.findall(r'"([^"]+)" -> "([^"]+)";', dot))
+
+
+def lock_hashes(repo: Path) -> dict[str, dict[str, str]]:
+    """``{stage: {out path: md5}}`` from dvc.lock: what the outputs' content hashes were."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {
+        stage: {out["path"]: out["md5"] for out in entry.get("outs", [])} for stage, entry in lock["stages"].items()
+    }
+
+
+# --- fast: the graph, the placement table, small helpers -------------------------------------------------
+
+
+def test_flow_dag_equals_dvc_dag(tmp_path: Path) -> None:
+    project = write_demo_project(tmp_path / "demo")
+    graph = read_stage_graph(project)
+    dvc_edges = dot_edges(run([*DVC, "dag", "--dot"], project))
+    assert graph.edges() == dvc_edges
+    assert dvc_edges == {
+        ("prepare", "cam_train"),
+        ("cam_train", "eval_a"),
+        ("cam_train", "eval_b"),
+        ("eval_a", "summary"),
+        ("eval_b", "summary"),
+    }
+    order = graph.names()
+    assert set(order) == set(demo_stages())
+    assert all(order.index(parent) < order.index(child) for parent, child in dvc_edges)
+    by_name = graph.by_name()
+    assert by_name["summary"].metrics == ("metrics/summary.json",)
+    assert graph.descendants("cam_train") == {"eval_a", "eval_b", "summary"}
+    assert graph.select(["eval_b"]).names() == ["prepare", "cam_train", "eval_b"]
+
+
+def test_foreach_stage_addresses_match_dvc_dag(tmp_path: Path) -> None:
+    stages = {
+        "prepare": demo_stages()["prepare"],
+        "seg_train": {
+            "foreach": ["pseudo", "gt"],
+            "do": {"cmd": "python -c \"open('seg_${item}.txt', 'w').write('${item}')\"", "deps": ["data/raw.txt"], "outs": ["seg_${item}.txt"]},
+        },
+    }
+    project = write_demo_project(tmp_path / "demo", stages=stages)
+    graph = read_stage_graph(project)
+    assert graph.edges() == dot_edges(run([*DVC, "dag", "--dot"], project))
+    assert set(graph.names()) == {"prepare", "seg_train@pseudo", "seg_train@gt"}
+
+
+def test_gpu_table_on_the_real_chain() -> None:
+    """The project's own dvc.yaml: exactly the training/inference stages go to the GPU pool."""
+    graph = read_stage_graph(REPO_ROOT)
+    gpu_stages = {name for name in graph.names() if needs_gpu(name)}
+    assert gpu_stages == {"cam_train", "cam_infer", "weakclip_train", "pseudo_masks", "seg_train@pseudo", "seg_train@gt"}
+    placements = place_stages(graph.names(), gpu_count=2)
+    assert {name for name, placement in placements.items() if placement.pool == GPU_POOL} == gpu_stages
+    gpu_order = [name for name in graph.names() if name in gpu_stages]
+    assert [placements[name].gpu_index for name in gpu_order] == [i % 2 for i in range(len(gpu_order))]
+    assert placements["seg_train@gt"].deployment.startswith("stage/stage-gpu-")
+    assert all(placement.pool != GPU_POOL for placement in place_stages(graph.names(), gpu_count=0).values())
+
+
+def test_metrics_flattening_and_artifact_keys() -> None:
+    metrics = {"miou": 0.5, "per_class": {"cat": 0.25, "dog": {"x": 1}}, "name": "ignored", "flag": True}
+    assert flatten_metrics(metrics) == {"miou": 0.5, "per_class.cat": 0.25, "per_class.dog.x": 1.0}
+    assert artifact_key("seg_train@gt", "metrics") == "seg-train-gt-metrics"
+
+
+# --- slow: flows run against a local Prefect server ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    from flows.local_server import local_prefect_server
+
+    home = tmp_path_factory.mktemp("prefect_home")
+    with local_prefect_server(home) as server:
+        with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+            yield server.api_url
+
+
+@pytest.mark.slow
+def test_chain_leaves_the_same_lock_as_dvc_repro(prefect_api: str, tmp_path: Path) -> None:
+    from flows.chain import chain
+
+    project = write_demo_project(tmp_path / "flow")
+    report = chain(repo_dir=str(project), max_parallel=2, retry_delay_s=0.2)
+    assert set(report.completed) == set(demo_stages())
+    assert report.metrics["eval_a"]["metrics/eval_a.json"]["miou"] == pytest.approx(0.5 * 45 / 100)
+
+    reference = tmp_path / "reference"
+    run(["git", "clone", "--quiet", str(project), str(reference)], tmp_path)
+    run([*DVC, "repro"], reference)
+    assert lock_hashes(project) == lock_hashes(reference)
+    assert lock_hashes(project)["cam_train"] == {"artifacts/model.txt": lock_hashes(reference)["cam_train"]["artifacts/model.txt"]}
+    # DVC, not the flow, decides staleness: a second run re-runs nothing.
+    assert "Running stage" not in run([*DVC, "repro"], project)
+
+
+@pytest.mark.slow
+def test_failed_stage_is_retried_then_stops_its_descendants(prefect_api: str, tmp_path: Path) -> None:
+    from prefect import get_client
+
+    from flows.chain import chain
+
+    stages = demo_stages()
+    prepare = stages["prepare"]
+    failing = {
+        "prepare": prepare,
+        "broken": {
+            "cmd": "python -c \"open('attempts.log', 'a').write('try\\n'); raise SystemExit(3)\"",
+            "deps": ["data/raw.txt"],
+            "outs": ["broken.txt"],
+        },
+        "after_broken": {"cmd": "python -c \"open('after.txt', 'w').write('x')\"", "deps": ["broken.txt"], "outs": ["after.txt"]},
+        "independent": {"cmd": "python -c \"open('independent.txt', 'w').write('y')\"", "deps": ["data/raw.txt"], "outs": ["independent.txt"]},
+    }
+    project = write_demo_project(tmp_path / "failing", stages=failing)
+    state = chain(repo_dir=str(project), retries=2, retry_delay_s=0.2, return_state=True)
+
+    assert state.is_failed()
+    assert "['broken'] failed" in state.message and "not run: ['after_broken']" in state.message
+    assert (project / "attempts.log").read_text().splitlines() == ["try"] * 3  # 1 run + 2 retries
+    assert not (project / "after.txt").exists()
+    assert (project / "independent.txt").read_text() == "y"  # a sibling branch still ran
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    by_name = {run_.name: run_ for run_ in task_runs}
+    assert "after_broken" not in by_name
+    assert by_name["broken"].state.is_failed() and by_name["broken"].run_count == 3
+    assert by_name["independent"].state.is_completed()
+
+
+@pytest.mark.slow
+def test_remote_round_trip_reruns_nothing(prefect_api: str, tmp_path: Path) -> None:
+    from flows.chain import chain
+
+    remote_dir = tmp_path / "dvc-remote"
+    machine_a = write_demo_project(tmp_path / "machine_a", remote_dir=remote_dir)
+    chain(repo_dir=str(machine_a), remote="shared", retry_delay_s=0.2)
+    assert any(path.is_file() for path in remote_dir.rglob("*")), "the stages pushed nothing"
+    run(["git", "add", "--all"], machine_a)
+    run(["git", "commit", "--quiet", "-m", "run the chain"], machine_a)
+
+    machine_b = tmp_path / "machine_b"
+    run(["git", "clone", "--quiet", str(machine_a), str(machine_b)], tmp_path)
+    assert not (machine_b / "artifacts" / "model.txt").exists()
+    run([*DVC, "pull"], machine_b)
+    assert (machine_b / "artifacts" / "model.txt").read_text() == "45"
+    output = run([*DVC, "repro"], machine_b)
+    assert "Running stage" not in output
+    assert lock_hashes(machine_b) == lock_hashes(machine_a)
+    assert run(["git", "status", "--porcelain"], machine_b).strip() == ""
+
+
+@pytest.mark.slow
+def test_sweep_variants_gathered_in_one_exp_show(prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.sweep import sweep
+
+    for key, value in tool_env().items():
+        if key.startswith("GIT_"):
+            monkeypatch.setenv(key, value)
+    remote_dir = tmp_path / "dvc-remote"
+    origin = write_demo_project(tmp_path / "origin", remote_dir=remote_dir)
+    run([*DVC, "repro"], origin)
+    run([*DVC, "push"], origin)
+    run(["git", "add", "--all"], origin)
+    run(["git", "commit", "--quiet", "-m", "baseline"], origin)
+
+    rows = sweep(repo_dir=str(origin), variants={"scale-7": ["scale=0.7"], "scale-9": ["scale=0.9"]}, remote="shared")
+    by_name = {row["experiment"]: row for row in rows}
+    assert set(by_name) == {"scale-7", "scale-9"}
+    # eval_a's miou = scale * sum(range(10)) / 100, by hand: 0.315 and 0.405.
+    assert by_name["scale-7"]["metrics/eval_a.json:miou"] == pytest.approx(0.315)
+    assert by_name["scale-9"]["metrics/eval_a.json:miou"] == pytest.approx(0.405)
+
+    # Another machine gathers them with dvc exp pull and compares them in one table.
+    analyst = tmp_path / "analyst"
+    run(["git", "clone", "--quiet", str(origin), str(analyst)], tmp_path)
+    run([*DVC, "exp", "pull", "origin", "scale-7", "scale-9"], analyst)
+    shown = json.loads(subprocess.run([*DVC, "exp", "show", "--json"], cwd=analyst, env=tool_env(), capture_output=True, text=True, check=True).stdout)
+    experiments = {exp["name"]: exp["revs"][0]["data"] for entry in shown for exp in entry.get("experiments") or []}
+    assert experiments["scale-7"]["params"]["params.yaml"]["data"]["scale"] == 0.7
+    assert experiments["scale-9"]["metrics"]["metrics/eval_a.json"]["data"]["miou"] == pytest.approx(0.405)

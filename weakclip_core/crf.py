@@ -54,7 +54,9 @@ class CrfPool:
     ``workers: 0`` runs inline in the caller. Use as a context manager (or call
     :meth:`close`) so the processes end with the training run. Workers are
     spawned, not forked: forking a process that has started torch threads can
-    deadlock.
+    deadlock. Spawned workers re-import the main module, so a script that
+    creates a pool must keep its work under ``if __name__ == "__main__":``
+    (every stage does; ``python -c`` one-liners and pytest are fine).
     """
 
     def __init__(self, cfg: CrfConfig, workers: int) -> None:

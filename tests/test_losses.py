@@ -126,7 +126,7 @@ def test_total_with_inline_crf_against_numpy() -> None:
     rng = np.random.default_rng(4)
     small_image = rng.integers(0, 256, size=(1, 8, 8, 3), dtype=np.uint8)
     image = small_image.repeat(4, axis=1).repeat(4, axis=2)  # (1, 32, 32, 3), 4x4 blocks
-    logits = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    logits = rng.normal(scale=6.0, size=(1, 3, 8, 8)).astype(np.float32)  # some P below 1e-4
     matching = rng.uniform(-1, 1, size=(1, 3, 2, 2)).astype(np.float32)
     seeds = np.full((1, 32, 32), 255, dtype=np.int64)
     seeds[0, :8, :] = 0
@@ -134,7 +134,8 @@ def test_total_with_inline_crf_against_numpy() -> None:
     # numpy reference
     p = numpy_probabilities(logits.astype(np.float64))
     crf = dcrf.DenseCRF2D(8, 8, 3)
-    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(p[0].astype(np.float32)).reshape(3, -1)))
+    crf_input = np.maximum(p[0], 1e-4).astype(np.float32)  # the reference floors P before the CRF
+    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(crf_input).reshape(3, -1)))
     crf.addPairwiseGaussian(sxy=crf_cfg.gaussian_sxy, compat=crf_cfg.gaussian_compat)
     crf.addPairwiseBilateral(sxy=crf_cfg.bilateral_sxy, srgb=crf_cfg.bilateral_srgb,
                              rgbim=np.ascontiguousarray(small_image[0]), compat=crf_cfg.bilateral_compat)

@@ -88,14 +88,15 @@ def auxiliary_loss(matching: torch.Tensor, seeds: torch.Tensor, temperature: flo
 def crf_targets(logits: torch.Tensor, images_uint8: torch.Tensor, crf_pool: CrfPool) -> torch.Tensor:
     """Q = dense CRF of P on the image downsized to P's size; (B, K, h, w), no gradient.
 
-    images_uint8: (B, 3, H, W) uint8 RGB (before normalisation). Q is floored at
-    1e-4 and renormalised, as in the reference.
+    images_uint8: (B, 3, H, W) uint8 RGB (before normalisation). As in the
+    reference, P is floored at 1e-4 before the CRF, and Q is floored at 1e-4
+    and renormalised after it.
     """
     size = logits.shape[2:]
     with torch.no_grad():
         small = F.interpolate(images_uint8.float(), size=size, mode="bilinear", align_corners=False)
         small = small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        probabilities = smoothed_probabilities(logits.detach()).float().cpu().numpy()
+        probabilities = smoothed_probabilities(logits.detach()).float().clamp_min(CRF_FLOOR).cpu().numpy()
     refined = np.maximum(crf_pool.map(small, probabilities), CRF_FLOOR)
     refined = refined / refined.sum(axis=1, keepdims=True)
     return torch.from_numpy(refined).to(device=logits.device, dtype=logits.dtype)

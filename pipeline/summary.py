@@ -1,0 +1,256 @@
+"""Stage ``summary``: the chain's headline ``metrics/summary.json`` and ``docs/RESULTS.md``, from the metrics files.
+
+``summary.json`` holds exactly ``cam_miou``, ``weakclip_miou``, ``pseudo_miou`` (train split),
+``seg_pseudo_miou``, ``seg_gt_miou`` (val split) and ``wsss_fsss_ratio`` = seg_pseudo / seg_gt, all
+fractions in [0, 1]. Each figure is the ``miou`` of its metrics file; a missing file, a missing ``miou``
+or ``split``, a split other than the configured one, or a value outside [0, 1] stops the stage with a
+message naming the file.
+
+``docs/RESULTS.md`` is regenerated whole: the headline table (split, images, mIoU, whether a threshold
+was chosen with GT, per figure), per-class IoU, the CAM variant ablation (``metrics/cam.json`` →
+``variants``: ``{name: {"miou": ..., "best_threshold": ...}}``) when present, and every
+``metrics/ablations*.json``. An ablation file has this format::
+
+    {"title": "Prompt length", "description": "optional text",
+     "split": "train", "threshold_chosen_with_gt": false,
+     "rows": [{"setting": "prompt_len=4", "miou": 0.612, "...": "any other scalar column"}, ...]}
+
+``title`` and ``rows`` are required; columns are the rows' keys in order of first appearance; keys
+containing ``iou`` are fractions shown in percent. ``split``/``threshold_chosen_with_gt`` may instead
+be given per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from weakclip_core.atomic import write_json, write_text
+from weakclip_core.config import Params, load_params
+
+SUMMARY_KEYS = ("cam_miou", "weakclip_miou", "pseudo_miou", "seg_pseudo_miou", "seg_gt_miou", "wsss_fsss_ratio")
+GT_FLAG_KEYS = ("threshold_chosen_with_gt", "thresholds_chosen_with_gt")
+
+
+class SummaryError(ValueError):
+    """A metrics file is missing or does not hold what the summary needs; the message names it."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One headline number: its summary key, its metrics file, a label, and which split it must be on."""
+
+    key: str
+    stem: str
+    label: str
+    split_role: str  # "train" or "val"
+
+
+FIGURES = (
+    Figure("cam_miou", "cam", "CAM seeds (MCTformer-V2)", "train"),
+    Figure("weakclip_miou", "weakclip", "WeakCLIP prediction", "train"),
+    Figure("pseudo_miou", "pseudo", "Pseudo masks (WeakCLIP + CRF)", "train"),
+    Figure("seg_pseudo_miou", "seg_pseudo", "Segmenter trained on pseudo masks (WSSS)", "val"),
+    Figure("seg_gt_miou", "seg_gt", "Segmenter trained on GT masks (FSSS upper bound)", "val"),
+)
+
+
+@dataclass(frozen=True)
+class SummaryPaths:
+    metrics_root: Path = Path("metrics")
+    results: Path = Path("docs/RESULTS.md")
+
+    @property
+    def summary(self) -> Path:
+        return self.metrics_root / "summary.json"
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SummaryError(f"{path}: metrics file missing (run its stage first: dvc repro)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SummaryError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise SummaryError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def fraction(value: Any, where: str) -> float:
+    """A number in [0, 1] (percentages and missing values are errors, never silently rescaled)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SummaryError(f"{where}: expected a number in [0, 1], got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise SummaryError(f"{where}: {value} is outside [0, 1] (mIoU must be a fraction, not a percentage)")
+    return float(value)
+
+
+def gt_flag(data: dict[str, Any]) -> bool | None:
+    for key in GT_FLAG_KEYS:
+        if isinstance(data.get(key), bool):
+            return data[key]
+    return None
+
+
+def load_figures(paths: SummaryPaths, splits: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Every headline metrics file, checked: ``miou`` a fraction, ``split`` the configured one."""
+    loaded = {}
+    for figure in FIGURES:
+        path = paths.metrics_root / f"{figure.stem}.json"
+        data = read_metrics(path)
+        fraction(data.get("miou"), f"{path}: key 'miou'")
+        split = data.get("split")
+        if not isinstance(split, str):
+            raise SummaryError(f"{path}: key 'split' is missing (every figure must state its split)")
+        if split != splits[figure.split_role]:
+            raise SummaryError(f"{path}: split {split!r}, but {figure.key} must be on the {figure.split_role} "
+                               f"split {splits[figure.split_role]!r}")
+        loaded[figure.key] = data
+    return loaded
+
+
+def summary_of(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
+    values = {figure.key: float(figures[figure.key]["miou"]) for figure in FIGURES}
+    if values["seg_gt_miou"] <= 0.0:
+        raise SummaryError("seg_gt.json: miou is 0, the WSSS/FSSS ratio is undefined")
+    values["wsss_fsss_ratio"] = values["seg_pseudo_miou"] / values["seg_gt_miou"]
+    return {key: values[key] for key in SUMMARY_KEYS}
+
+
+def percent(value: Any) -> str:
+    return "—" if value is None else f"{100 * float(value):.1f}"
+
+
+def yes_no(flag: bool | None) -> str:
+    return "unknown" if flag is None else ("yes" if flag else "no")
+
+
+def figure_note(figure: Figure, data: dict[str, Any]) -> str:
+    if figure.stem == "cam":
+        return (f"variant {data.get('variant', '?')}, best background threshold "
+                f"{data.get('best_threshold', '?')} (picked on GT: an upper bound for the seeds)")
+    if figure.stem == "weakclip":
+        return f"{data.get('inference', 'single scale')}; seeds {data.get('seed_mode', '?')}"
+    if figure.stem == "pseudo":
+        return (f"before CRF {percent(data.get('miou_before_crf'))}, after CRF {percent(data.get('miou_after_crf'))};"
+                f" scales {data.get('scales', '?')}, flip {data.get('flip', '?')}")
+    return f"{data.get('model', '?')} / {data.get('encoder', '?')}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ablation_section(path: Path) -> str:
+    """One ``metrics/ablations*.json`` (format in the module docstring) as a titled table."""
+    data = read_metrics(path)
+    if not isinstance(data.get("title"), str) or not isinstance(data.get("rows"), list) or not data["rows"]:
+        raise SummaryError(f"{path}: an ablation file needs 'title' (text) and 'rows' (a non-empty list of "
+                           "objects); see pipeline/summary.py for the format")
+    columns: list[str] = []
+    for index, row in enumerate(data["rows"]):
+        if not isinstance(row, dict):
+            raise SummaryError(f"{path}: rows[{index}] is not an object")
+        columns += [key for key in row if key not in columns]
+
+    def cell(key: str, value: Any) -> str:
+        if value is None:
+            return "—"
+        if isinstance(value, bool):
+            return yes_no(value)
+        if "iou" in key and isinstance(value, (int, float)):
+            return percent(fraction(value, f"{path}: {key}"))
+        return str(value)
+
+    parts = [f"### {data['title']} (`{path.name}`)"]
+    if data.get("description"):
+        parts.append(str(data["description"]))
+    facts = []
+    if "split" in data:
+        facts.append(f"split: {data['split']}")
+    if "threshold_chosen_with_gt" in data:
+        facts.append(f"threshold chosen with GT: {yes_no(data['threshold_chosen_with_gt'])}")
+    if facts:
+        parts.append("; ".join(facts) + ".")
+    parts.append(markdown_table(columns, [[cell(key, row.get(key)) for key in columns] for row in data["rows"]]))
+    return "\n\n".join(parts)
+
+
+def results_markdown(figures: dict[str, dict[str, Any]], summary: dict[str, float], dataset_name: str,
+                     ablation_files: list[Path]) -> str:
+    parts = ["# Results",
+             "Generated by `python -m pipeline.summary` (the `summary` stage) from `metrics/*.json`; "
+             "edits here are overwritten. mIoU in percent; every figure states its split and whether any "
+             f"threshold behind it was chosen with GT. Dataset: **{dataset_name}**.",
+             "## Headline"]
+    rows = []
+    for figure in FIGURES:
+        data = figures[figure.key]
+        rows.append([figure.label, f"`{figure.stem}.json`", str(data["split"]), str(data.get("n_images", "?")),
+                     percent(data["miou"]), yes_no(gt_flag(data)), figure_note(figure, data)])
+    rows.append(["WSSS / FSSS ratio (seg@pseudo ÷ seg@GT)", "`summary.json`",
+                 str(figures["seg_pseudo_miou"]["split"]), "", f"{summary['wsss_fsss_ratio']:.3f}", "", ""])
+    parts.append(markdown_table(["stage", "file", "split", "images", "mIoU", "threshold chosen with GT", "notes"],
+                                rows))
+    pseudo_flag = gt_flag(figures["pseudo_miou"])
+    parts.append("The segmenter trained on GT masks is the fully-supervised upper bound: it uses GT by "
+                 "design. The WSSS chain (seeds → WeakCLIP → pseudo masks → segmenter) uses image-level "
+                 "labels only" + ("" if pseudo_flag is False else
+                                  " — except that a threshold upstream of the pseudo masks was chosen with GT "
+                                  "(see the table)") + ".")
+
+    per_class_figures = [figure for figure in FIGURES if isinstance(figures[figure.key].get("per_class"), dict)]
+    if per_class_figures:
+        class_names: list[str] = []
+        for figure in per_class_figures:
+            class_names += [name for name in figures[figure.key]["per_class"] if name not in class_names]
+        parts.append("## Per-class IoU")
+        parts.append(markdown_table(
+            ["class"] + [f"{figure.stem} ({figures[figure.key]['split']})" for figure in per_class_figures],
+            [[name] + [percent(figures[figure.key]["per_class"].get(name)) for figure in per_class_figures]
+             for name in class_names]))
+
+    cam = figures["cam_miou"]
+    if isinstance(cam.get("variants"), dict) and cam["variants"]:
+        parts.append("## CAM variant ablation")
+        parts.append(f"`metrics/cam.json` → `variants`; split {cam['split']}; each variant's background "
+                     "threshold is chosen with GT (the whole curve is swept). The chain uses "
+                     f"**{cam.get('variant', '?')}**.")
+        parts.append(markdown_table(["variant", "mIoU", "best threshold", "threshold chosen with GT"],
+                                    [[name, percent(values.get("miou")), str(values.get("best_threshold", "—")),
+                                      yes_no(gt_flag(cam))] for name, values in cam["variants"].items()]))
+    if ablation_files:
+        parts.append("## Other ablations")
+        parts += [ablation_section(path) for path in ablation_files]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_summary(params: Params, paths: SummaryPaths = SummaryPaths()) -> dict[str, float]:
+    """Check every metrics file, then write ``summary.json`` and ``RESULTS.md``; returns the summary."""
+    splits = {"train": params.dataset.train_split, "val": params.dataset.val_split}
+    figures = load_figures(paths, splits)
+    summary = summary_of(figures)
+    ablation_files = sorted(paths.metrics_root.glob("ablations*.json"))
+    markdown = results_markdown(figures, summary, params.dataset.name, ablation_files)
+    write_json(paths.summary, summary)
+    write_text(paths.results, markdown)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    args = parser.parse_args(argv)
+    summary = write_summary(load_params(args.params))
+    print("summary: " + ", ".join(f"{key} {value:.4f}" for key, value in summary.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The summary stage against hand-made metrics files: exact keys, the ratio, RESULTS.md tables, clear errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.summary import SummaryError, SummaryPaths, write_summary
+from weakclip_core.config import params_from_dict
+
+PARAMS = params_from_dict({"dataset": {"name": "synthetic"}})
+HAND_MADE = {
+    "cam": {"miou": 0.52, "split": "train", "n_images": 800, "threshold_chosen_with_gt": True,
+            "variant": "fused_affinity", "best_threshold": 0.31, "per_class": {"background": 0.8, "cat": 0.24},
+            "variants": {"class_token": {"miou": 0.40, "best_threshold": 0.2},
+                         "fused_affinity": {"miou": 0.52, "best_threshold": 0.31}}},
+    "weakclip": {"miou": 0.61, "split": "train", "n_images": 800, "thresholds_chosen_with_gt": False,
+                 "per_class": {"background": 0.85, "cat": 0.37}},
+    "pseudo": {"miou": 0.64, "miou_before_crf": 0.62, "miou_after_crf": 0.64, "split": "train",
+               "n_images": 800, "threshold_chosen_with_gt": False, "per_class": {"background": 0.86, "cat": 0.42}},
+    "seg_pseudo": {"miou": 0.57, "split": "val", "n_images": 200, "threshold_chosen_with_gt": False,
+                   "model": "deeplabv3plus", "encoder": "resnet18"},
+    "seg_gt": {"miou": 0.60, "split": "val", "n_images": 200, "threshold_chosen_with_gt": False},
+}
+
+
+def write_metrics(root: Path, files: dict) -> SummaryPaths:
+    (root / "metrics").mkdir(parents=True, exist_ok=True)
+    for stem, data in files.items():
+        (root / "metrics" / f"{stem}.json").write_text(json.dumps(data))
+    return SummaryPaths(metrics_root=root / "metrics", results=root / "docs" / "RESULTS.md")
+
+
+def test_summary_keys_ratio_and_results_tables(tmp_path):
+    paths = write_metrics(tmp_path, HAND_MADE)
+    (paths.metrics_root / "ablations_prompt_len.json").write_text(json.dumps({
+        "title": "Prompt length", "split": "train", "threshold_chosen_with_gt": False,
+        "rows": [{"setting": "prompt_len=4", "miou": 0.605}, {"setting": "prompt_len=8", "miou": 0.61,
+                                                             "note": "default"}]}))
+    summary = write_summary(PARAMS, paths)
+    on_disk = json.loads(paths.summary.read_text())
+    assert list(on_disk) == ["cam_miou", "weakclip_miou", "pseudo_miou", "seg_pseudo_miou", "seg_gt_miou",
+                             "wsss_fsss_ratio"]
+    assert on_disk == summary
+    assert on_disk["cam_miou"] == 0.52 and on_disk["pseudo_miou"] == 0.64 and on_disk["seg_gt_miou"] == 0.60
+    assert on_disk["wsss_fsss_ratio"] == pytest.approx(0.95)  # 0.57 / 0.60
+    results = paths.results.read_text()
+    assert "| CAM seeds (MCTformer-V2) | `cam.json` | train | 800 | 52.0 | yes |" in results
+    assert "| Pseudo masks (WeakCLIP + CRF) | `pseudo.json` | train | 800 | 64.0 | no |" in results
+    assert "before CRF 62.0, after CRF 64.0" in results
+    assert "| 0.950 |" in results
+    assert "## CAM variant ablation" in results and "| class_token | 40.0 | 0.2 | yes |" in results
+    assert "### Prompt length (`ablations_prompt_len.json`)" in results
+    assert "| prompt_len=4 | 60.5 | — |" in results and "| prompt_len=8 | 61.0 | default |" in results
+    assert "| cat | 24.0 | 37.0 | 42.0 |" in results
+
+
+@pytest.mark.parametrize("stem", list(HAND_MADE))
+def test_a_missing_metrics_file_is_named(tmp_path, stem):
+    paths = write_metrics(tmp_path, {k: v for k, v in HAND_MADE.items() if k != stem})
+    with pytest.raises(SummaryError, match=rf"{stem}\.json: metrics file missing"):
+        write_summary(PARAMS, paths)
+    assert not paths.summary.exists() and not paths.results.exists()
+
+
+@pytest.mark.parametrize("stem, change, message", [
+    ("pseudo", {"miou": 64.0}, "outside \\[0, 1\\]"),
+    ("seg_gt", {"miou": None}, "expected a number"),
+    ("weakclip", {"split": "val"}, "must be on the train split"),
+    ("seg_pseudo", {"split": None}, "'split' is missing"),
+    ("seg_gt", {"miou": 0.0}, "ratio is undefined"),
+])
+def test_bad_figures_stop_with_the_file_named(tmp_path, stem, change, message):
+    broken = {**HAND_MADE, stem: {**HAND_MADE[stem], **change}}
+    if change.get("split", "") is None:
+        del broken[stem]["split"]
+    paths = write_metrics(tmp_path, broken)
+    with pytest.raises(SummaryError, match=message):
+        write_summary(PARAMS, paths)
+
+
+def test_a_malformed_ablation_file_is_named(tmp_path):
+    paths = write_metrics(tmp_path, HAND_MADE)
+    (paths.metrics_root / "ablations_x.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SummaryError, match="ablations_x.json: an ablation file needs"):
+        write_summary(PARAMS, paths)

@@ -1,0 +1,1 @@
+"""The benchmark suite: ``python -m bench.run [--quick]`` writes bench/results.json and docs/BENCHMARKS.md."""

@@ -1,0 +1,397 @@
+"""The measurements of ``python -m bench.run``, one function each; ``bench.run`` runs them in child processes.
+
+Every function builds its own random-init model (no weights are needed to time
+a step), runs a few warm-up steps, times the next ones and returns a plain dict.
+Peak memory is the process's own: CPU peak RSS from ``resource`` (which
+includes ~0.5 GiB for importing torch, hence the separate ``train_memory_mib``
+= peak growth during the steps), or ``torch.cuda.max_memory_allocated`` on a
+GPU. That is why each training measurement runs in a fresh process.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from weakclip_core.cam_store import CamStoreWriter
+from weakclip_core.clip_model import clip_from_config, dense_visual_features, named_model_config
+from weakclip_core.config import CrfConfig, MCTformerArchConfig, WeakClipConfig
+from weakclip_core.crf import CrfPool
+from weakclip_core.inference import InferenceAugmentation, predict_image_batch
+from weakclip_core.losses import weakclip_losses
+from weakclip_core.models.mctformer import build_mctformer
+from weakclip_core.models.weakclip import WeakCLIP, WeakClipOutput, paper_weakclip_config
+from weakclip_core.models.weakclip.matching import cosine_matching
+
+VOC_CLASS_COUNT = 21
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    """Everything that differs between ``--quick`` (seconds, tiny models) and the full run (the paper's sizes)."""
+
+    name: str
+    clip_config: dict[str, Any]
+    weakclip: WeakClipConfig
+    input_size: int
+    batch_size: int
+    warmup_steps: int
+    timed_steps: int
+    mctformer: MCTformerArchConfig
+    n_classes: int  # K, background included
+    inference_image: tuple[int, int]
+    inference: InferenceAugmentation
+    inference_images: int
+    crf: CrfConfig
+    crf_image: tuple[int, int]
+    crf_images: int
+    cam_image: tuple[int, int]
+    cam_images: int
+    cam_present: int = 2
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def full_size() -> BenchSize:
+    """The paper's models: WeakCLIP on CLIP ViT-B/16 at 512, MCTformer DeiT-S at 224, K = 21 (VOC)."""
+    voc_pseudo_crf = CrfConfig(iterations=10, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=83.0,
+                               bilateral_srgb=5.0, bilateral_compat=3.0)
+    return BenchSize(
+        name="full", clip_config=named_model_config("ViT-B-16", image_size=512), weakclip=paper_weakclip_config(),
+        input_size=512, batch_size=2, warmup_steps=1, timed_steps=3,
+        mctformer=MCTformerArchConfig(image_size=224, patch_size=16, width=384, depth=12, heads=6, drop_path=0.1),
+        n_classes=VOC_CLASS_COUNT, inference_image=(375, 500),
+        inference=InferenceAugmentation(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True, crop=512, stride=341),
+        inference_images=1, crf=voc_pseudo_crf, crf_image=(375, 500), crf_images=4, cam_image=(375, 500),
+        cam_images=16)
+
+
+def quick_size() -> BenchSize:
+    """Tiny models and images: the same code paths in a few seconds (so the benchmark cannot rot)."""
+    clip_config = {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 64, "layers": 4, "head_width": 32,
+                       "mlp_ratio": 4.0},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    weakclip = replace(WeakClipConfig(), prompt_len=4, text_context_length=12, taps=[0, 1, 2, 3],
+                       co_attention_width=32, co_attention_heads=2, co_attention_layers=1, neck_width=32,
+                       head_width=32)
+    weakclip = replace(weakclip, loss=replace(weakclip.loss, loss_size=16, crf_workers=0))
+    return BenchSize(
+        name="quick", clip_config=clip_config, weakclip=weakclip, input_size=64, batch_size=1, warmup_steps=1,
+        timed_steps=2, mctformer=MCTformerArchConfig(image_size=64, patch_size=16, width=64, depth=3, heads=2),
+        n_classes=5, inference_image=(48, 64),
+        inference=InferenceAugmentation(scales=(0.75, 1.0), flip=True, crop=64, stride=43), inference_images=2,
+        crf=CrfConfig(iterations=5), crf_image=(48, 64), crf_images=8, cam_image=(48, 64), cam_images=8)
+
+
+def size_named(name: str) -> BenchSize:
+    if name == "full":
+        return full_size()
+    if name == "quick":
+        return quick_size()
+    raise ValueError(f"bench size must be 'quick' or 'full', got {name!r}")
+
+
+# --------------------------------------------------------------------------- memory and timing
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_baseline(device: torch.device) -> float:
+    """Memory in use before the timed part (model built, nothing run yet)."""
+    if device.type == "cuda":
+        synchronise(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2 ** 20
+    return peak_rss_mib()
+
+
+def memory_peak(device: torch.device) -> float:
+    if device.type == "cuda":
+        synchronise(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return peak_rss_mib()
+
+
+def memory_kind(device: torch.device) -> str:
+    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS (resource.ru_maxrss)"
+
+
+def time_steps(step, warmup_steps: int, timed_steps: int, device: torch.device) -> list[float]:
+    """Run ``step()`` warm-up times untimed, then ``timed_steps`` times; the seconds of each timed step."""
+    for _ in range(warmup_steps):
+        step()
+    seconds = []
+    for _ in range(timed_steps):
+        synchronise(device)
+        started = time.perf_counter()
+        step()
+        synchronise(device)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def count(parameters) -> int:
+    return sum(parameter.numel() for parameter in parameters)
+
+
+# --------------------------------------------------------------------------- WeakCLIP training
+
+def class_names(n_classes: int) -> list[str]:
+    return ["background", *(f"class {index}" for index in range(1, n_classes))]
+
+
+def forward_with_clip_gradients(model: WeakCLIP, images: torch.Tensor) -> WeakClipOutput:
+    """``WeakCLIP.forward`` with gradients flowing into the visual encoder: the full fine-tuning baseline.
+
+    WeakCLIP's own forward runs the frozen visual tower under ``no_grad``; the
+    baseline needs the same graph with that removed. tests/test_bench.py checks
+    this equals ``model(images)`` (to float rounding), so the two cannot drift apart.
+    """
+    visual = dense_visual_features(model.clip.visual, images, model.taps)
+    batch, joint, grid_h, grid_w = visual.patch_embeddings.shape
+    text = model.text_embeddings().unsqueeze(0).expand(batch, -1, -1)
+    patches = visual.patch_embeddings.flatten(2).transpose(1, 2)
+    if model.co_attention is not None:
+        updated = model.co_attention(text, torch.cat([visual.global_embedding.unsqueeze(1), patches], dim=1))
+        text, patches = updated.text, updated.visual[:, 1:]
+    matching = cosine_matching(text, patches.transpose(1, 2).reshape(batch, joint, grid_h, grid_w))
+    logits = model.decoder(model.pyramid_adapter(visual.taps), matching)
+    return WeakClipOutput(logits=logits, matching=matching)
+
+
+def training_batch(size: BenchSize, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random normalised images, their uint8 originals and seed masks (a quarter ignored), (B, ...)."""
+    generator = torch.Generator().manual_seed(seed)
+    side, batch = size.input_size, size.batch_size
+    raw = torch.randint(0, 256, (batch, 3, side, side), generator=generator, dtype=torch.uint8)
+    images = (raw.float() / 255.0 - 0.45) / 0.27
+    seeds = torch.randint(0, size.n_classes, (batch, side, side), generator=generator)
+    seeds[torch.rand((batch, side, side), generator=generator) < 0.25] = 255
+    return {"image": images.to(device), "raw_image": raw.to(device), "seed_mask": seeds.to(device)}
+
+
+def measure_weakclip_training(size: BenchSize, device: torch.device, full_finetune: bool) -> dict[str, Any]:
+    """Images/s and peak memory of WeakCLIP's training step (forward, seed + CRF boundary + aux loss,
+    backward, AdamW) with CLIP frozen (the method) or with CLIP trained too (``full_finetune``)."""
+    torch.manual_seed(0)
+    model = WeakCLIP(clip_from_config(size.clip_config), class_names(size.n_classes), size.weakclip).to(device)
+    if full_finetune:
+        for parameter in model.clip.parameters():
+            parameter.requires_grad_(True)
+        trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    else:
+        trained = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=3e-5)
+    batch = training_batch(size, device)
+    forward = (lambda images: forward_with_clip_gradients(model, images)) if full_finetune else model
+    model.train()
+
+    with CrfPool(size.weakclip.loss.crf, workers=0) as crf_pool:
+        def step() -> None:
+            output = forward(batch["image"])
+            losses = weakclip_losses(output.logits, output.matching, batch["seed_mask"], batch["raw_image"],
+                                     size.weakclip.loss, crf_pool)
+            optimizer.zero_grad(set_to_none=True)
+            losses.total.backward()
+            optimizer.step()
+
+        baseline = memory_baseline(device)
+        seconds = time_steps(step, size.warmup_steps, size.timed_steps, device)
+        peak = memory_peak(device)
+    return training_record(seconds, size.batch_size, size.input_size, peak, baseline, device,
+                           trainable=count(trained), total=count(model.parameters()))
+
+
+def training_record(seconds: list[float], batch_size: int, input_size: int, peak: float, baseline: float,
+                    device: torch.device, trainable: int, total: int) -> dict[str, Any]:
+    median = float(np.median(seconds))
+    return {
+        "images_per_s": batch_size / median,
+        "s_per_step": median,
+        "step_seconds": [round(s, 4) for s in seconds],
+        "batch_size": batch_size,
+        "input_size": input_size,
+        "peak_memory_mib": peak,
+        "train_memory_mib": max(peak - baseline, 0.0),
+        "memory_kind": memory_kind(device),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+
+
+# --------------------------------------------------------------------------- MCTformer training
+
+def measure_mctformer_training(size: BenchSize, device: torch.device) -> dict[str, Any]:
+    """Images/s and peak memory of MCTformer-V2's training step (two multi-label soft-margin losses, AdamW)."""
+    torch.manual_seed(0)
+    n_foreground = size.n_classes - 1
+    model = build_mctformer(size.mctformer, n_foreground).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4 * 64 / 512, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(0)
+    side = size.mctformer.image_size
+    images = torch.randn((size.batch_size, 3, side, side), generator=generator).to(device)
+    labels = (torch.rand((size.batch_size, n_foreground), generator=generator) < 0.2).float()
+    labels[:, 0] = 1.0
+    labels = labels.to(device)
+    model.train()
+
+    def step() -> None:
+        output = model(images)
+        loss = (F.multilabel_soft_margin_loss(output.class_logits, labels)
+                + F.multilabel_soft_margin_loss(output.patch_logits, labels))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    baseline = memory_baseline(device)
+    seconds = time_steps(step, size.warmup_steps, size.timed_steps, device)
+    peak = memory_peak(device)
+    n_parameters = count(model.parameters())
+    return training_record(seconds, size.batch_size, side, peak, baseline, device, n_parameters, n_parameters)
+
+
+# --------------------------------------------------------------------------- inference, CRF, CAM store
+
+def measure_pseudo_inference(size: BenchSize, device: torch.device) -> dict[str, Any]:
+    """Images/s of the pseudo_masks stage's dense inference (multi-scale + flip, sliding window, restricted
+    softmax) through ``weakclip_core.inference.predict_image_batch``; CRF not included (measured apart)."""
+    torch.manual_seed(0)
+    model = WeakCLIP(clip_from_config(size.clip_config), class_names(size.n_classes), size.weakclip).to(device)
+    model.eval()
+    height, width = size.inference_image
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(size.inference_images)]
+    labels = [[1, 2] for _ in images]
+
+    def predict(window: torch.Tensor) -> torch.Tensor:
+        return model(window).logits
+
+    def step() -> None:
+        for image, image_labels in zip(images, labels):  # one image at a time, as the stage streams them
+            predict_image_batch(predict, [image], [image_labels], size.n_classes, size.inference, device)
+
+    seconds = time_steps(step, 0 if size.name == "full" else 1, 1, device)
+    return {
+        "images_per_s": len(images) / seconds[0],
+        "s_per_image": seconds[0] / len(images),
+        "image_size": [height, width],
+        "scales": list(size.inference.scales),
+        "flip": size.inference.flip,
+        "crop": size.inference.crop,
+        "stride": size.inference.stride,
+        "n_images": len(images),
+    }
+
+
+def crf_inputs(size: BenchSize) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, 3) uint8 images and (N, K, H, W) smooth probability maps (softmax of blurred noise)."""
+    rng = np.random.default_rng(0)
+    height, width = size.crf_image
+    images = rng.integers(0, 256, (size.crf_images, height, width, 3), dtype=np.uint8)
+    coarse = rng.normal(size=(size.crf_images, size.n_classes, max(2, height // 16), max(2, width // 16)))
+    logits = torch.nn.functional.interpolate(torch.from_numpy(coarse).float(), size=(height, width),
+                                             mode="bilinear", align_corners=False) * 3.0
+    return images, logits.softmax(dim=1).numpy().astype(np.float32)
+
+
+def measure_crf(size: BenchSize, workers: int) -> dict[str, Any]:
+    """Images/s of the dense CRF (the pseudo-mask settings) through ``CrfPool`` with ``workers`` processes.
+
+    The pool is created and warmed up (one batch) before timing, as the stage keeps it for the whole run.
+    """
+    images, probabilities = crf_inputs(size)
+    with CrfPool(size.crf, workers=workers) as pool:
+        pool.map(images[:max(1, workers)], probabilities[:max(1, workers)])
+        started = time.perf_counter()
+        refined = pool.map(images, probabilities)
+        seconds = time.perf_counter() - started
+    if not np.isfinite(refined).all():
+        raise RuntimeError("CRF benchmark produced non-finite probabilities")
+    return {"images_per_s": len(images) / seconds, "s_per_image": seconds / len(images), "workers": workers,
+            "n_images": len(images), "image_size": list(size.crf_image), "n_classes": size.n_classes,
+            "iterations": size.crf.iterations}
+
+
+def smooth_cams(rng: np.random.Generator, n_present: int, height: int, width: int) -> np.ndarray:
+    """(n_present, H, W) float32 in [0, 1]: a Gaussian blob per class, like a real CAM's smooth peak."""
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    cams = []
+    for _ in range(n_present):
+        centre_row, centre_col = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
+        spread = rng.uniform(0.1, 0.25) * min(height, width)
+        blob = np.exp(-((rows - centre_row) ** 2 + (cols - centre_col) ** 2) / (2 * spread ** 2))
+        cams.append(blob / blob.max())
+    return np.stack(cams).astype(np.float32)
+
+
+def measure_cam_store(size: BenchSize, n_classes: int | None = None) -> dict[str, Any]:
+    """Bytes per image of the CAM store (float16, gzip + shuffle) vs the same CAMs as raw float32."""
+    n_classes = n_classes or size.n_classes
+    rng = np.random.default_rng(0)
+    height, width = size.cam_image
+    raw_bytes = 0
+    with tempfile.TemporaryDirectory(prefix="bench-cams-") as folder:
+        path = Path(folder) / "cams.h5"
+        with CamStoreWriter(path, "bench", class_names(n_classes), {"bench": size.name}) as writer:
+            for index in range(size.cam_images):
+                cams = smooth_cams(rng, size.cam_present, height, width)
+                writer.add(f"image_{index:05d}", list(range(1, size.cam_present + 1)), cams)
+                raw_bytes += cams.astype(np.float32).nbytes
+        store_bytes = path.stat().st_size
+    return {"bytes_per_image": store_bytes / size.cam_images, "raw_float32_bytes_per_image": raw_bytes / size.cam_images,
+            "compression_ratio": raw_bytes / store_bytes, "n_images": size.cam_images,
+            "image_size": [height, width], "classes_per_image": size.cam_present,
+            "source": "synthetic smooth CAMs (one Gaussian blob per present class)"}
+
+
+def measure_existing_cam_store(path: Path) -> dict[str, Any] | None:
+    """The same ratio for a CAM store the chain wrote (``artifacts/cams/train.h5``), when there is one."""
+    if not path.is_file():
+        return None
+    import h5py
+    raw_bytes, n_images = 0, 0
+    with h5py.File(path, "r") as handle:
+        for image_id in handle:
+            shape = handle[image_id]["cams"].shape
+            raw_bytes += int(np.prod(shape)) * 4
+            n_images += 1
+    if n_images == 0 or raw_bytes == 0:
+        return None
+    store_bytes = path.stat().st_size
+    return {"bytes_per_image": store_bytes / n_images, "raw_float32_bytes_per_image": raw_bytes / n_images,
+            "compression_ratio": raw_bytes / store_bytes, "n_images": n_images, "source": str(path)}
+
+
+def paper_parameter_counts(n_classes: int = VOC_CLASS_COUNT) -> dict[str, Any]:
+    """Trainable / total parameters of the paper-size WeakCLIP (ViT-B/16 at 512), built on the meta device."""
+    with torch.device("meta"):
+        clip_model = clip_from_config(named_model_config("ViT-B-16", image_size=512))
+        model = WeakCLIP(clip_model, class_names(n_classes), paper_weakclip_config())
+    trainable, total = count(model.trainable_parameters()), count(model.parameters())
+    return {"n_classes": n_classes, "trainable": trainable, "total": total, "trainable_fraction": trainable / total}
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    record: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record

@@ -1,0 +1,359 @@
+"""``python -m bench.run [--quick]``: the benchmark suite → ``bench/results.json`` + ``docs/BENCHMARKS.md``.
+
+Measured side by side in one run on one machine (CPU here; the same command
+on a GPU machine measures CUDA time and ``torch.cuda.max_memory_allocated``):
+
+- WeakCLIP training images/s and peak memory (CLIP frozen: the method) vs the
+  same model with CLIP trained too (full fine-tuning) vs MCTformer-V2 (DeiT-S
+  224): the paper's parameter-efficiency claim, as ratios;
+- trainable / total parameters (measured models, and the paper-size model);
+- pseudo-mask inference images/s (multi-scale + flip, sliding window);
+- dense CRF images/s with 1 and 2 worker processes;
+- CAM store bytes per image vs raw float32;
+- per-stage wall time of ``make repro``.
+
+Each training measurement runs in its own child process (``--child``), so its
+peak memory is its own. ``--quick`` runs tiny models in well under a minute
+(tests/test_bench.py runs it); the default runs the paper's sizes.
+
+Stage wall times come from the stages themselves when they record one
+(``wall_s`` in their metrics file); otherwise the full run times
+``dvc repro -s <stage> --force`` and stores the result in
+``bench/stage_timings.json``; ``--quick`` only reads that file. The page says
+which source each number came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from weakclip_core.atomic import atomic_path, write_json
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = Path(__file__).resolve().parent / "BENCHMARKS.template.md"
+STAGE_TIMINGS_FILE = REPO / "bench" / "stage_timings.json"
+RESULT_MARKER = "BENCH_RESULT "
+CHILDREN = ("weakclip", "weakclip_full_finetune", "mctformer", "inference_crf_store")
+WALL_TIME_KEYS = ("wall_s", "wall_seconds")
+
+# The paper's training-cost claim (METHOD.md §2): WeakCLIP vs the MCTformer refinement step (PSA on ResNet38).
+PAPER_CLAIM = {"weakclip_fps": 16.8, "weakclip_gib": 9.7, "mctformer_refinement_fps": 3.9,
+               "mctformer_refinement_gib": 30.7, "speedup": 4.3, "memory_saving": 0.684}
+
+
+# --------------------------------------------------------------------------- child processes
+
+def run_child(name: str, size: str, device: str) -> dict[str, Any]:
+    """``measure_<name>`` in a fresh interpreter; returns its JSON result (stderr is shown on failure)."""
+    command = [sys.executable, "-m", "bench.run", "--child", name, "--size", size, "--device", device]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment)
+    for line in completed.stdout.splitlines():
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    raise RuntimeError(f"bench child {name!r} failed (rc {completed.returncode}):\n{completed.stderr[-3000:]}")
+
+
+def child_main(name: str, size_name: str, device_name: str) -> None:
+    """Entry point of one child: run one measurement, print it as one marked JSON line."""
+    from bench import measure
+    from weakclip_core.device import resolve_device
+
+    device = resolve_device(device_name)
+    size = measure.size_named(size_name)
+    if name == "weakclip":
+        result = measure.measure_weakclip_training(size, device, full_finetune=False)
+    elif name == "weakclip_full_finetune":
+        result = measure.measure_weakclip_training(size, device, full_finetune=True)
+    elif name == "mctformer":
+        result = measure.measure_mctformer_training(size, device)
+    elif name == "inference_crf_store":  # no peak memory reported: these share one process
+        crf = {"workers_1": measure.measure_crf(size, workers=1), "workers_2": measure.measure_crf(size, workers=2)}
+        crf["speedup_2_vs_1"] = crf["workers_2"]["images_per_s"] / crf["workers_1"]["images_per_s"]
+        result = {
+            "pseudo_inference": measure.measure_pseudo_inference(size, device),
+            "crf": crf,
+            "cam_store": {"synthetic": measure.measure_cam_store(size),
+                          "project": measure.measure_existing_cam_store(REPO / "artifacts" / "cams" / "train.h5")},
+            "paper_size_parameters": measure.paper_parameter_counts(),
+        }
+    else:
+        raise ValueError(f"unknown bench child {name!r} (one of {', '.join(CHILDREN)})")
+    result["environment"] = measure.environment(device)
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------- stage timings
+
+def stages_and_metrics(root: Path) -> list[tuple[str, list[Path]]]:
+    """DVC's stages in dvc.yaml order (``foreach`` expanded) with their metrics files."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return [(stage.addressing, [root / str(out.def_path) for out in stage.outs if out.metric])
+                for stage in repo.index.stages]
+
+
+def wall_time_from_metrics(paths: list[Path]) -> tuple[float, str] | None:
+    """A stage's own record of its wall time (``wall_s`` in one of its metrics files)."""
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for key in WALL_TIME_KEYS:
+            value = data.get(key) if isinstance(data, dict) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                return float(value), f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}:{key}"
+    return None
+
+
+def time_stage_with_dvc(root: Path, stage: str) -> float:
+    """Seconds of ``dvc repro -s <stage> --force`` (the stage alone, its deps as they are)."""
+    environment = {**os.environ, "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    started = time.perf_counter()
+    completed = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "-s", "--force", stage], cwd=root,
+                               env=environment, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"dvc repro -s --force {stage} failed:\n{completed.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def collect_stage_timings(root: Path, measure_missing: bool, timings_file: Path) -> dict[str, Any]:
+    """``{"seconds": {stage: s}, "sources": {stage: where it came from}, "missing": [...]}``.
+
+    Order of preference: the stage's own ``wall_s``; in the full run, a fresh
+    ``dvc repro -s --force`` timing (saved to ``timings_file``); otherwise the
+    last such file.
+    """
+    saved = {}
+    if timings_file.is_file():
+        saved = json.loads(timings_file.read_text()).get("seconds", {})
+    saved_when = json.loads(timings_file.read_text()).get("measured") if timings_file.is_file() else None
+    seconds: dict[str, float] = {}
+    sources: dict[str, str] = {}
+    missing: list[str] = []
+    fresh: dict[str, float] = {}
+    for stage, metrics in stages_and_metrics(root):
+        own = wall_time_from_metrics(metrics)
+        if own is not None:
+            seconds[stage], sources[stage] = own[0], f"stage metrics ({own[1]})"
+        elif measure_missing:
+            fresh[stage] = time_stage_with_dvc(root, stage)
+            seconds[stage], sources[stage] = fresh[stage], "dvc repro -s --force (this run)"
+        elif stage in saved:
+            seconds[stage], sources[stage] = float(saved[stage]), f"{timings_file.name} (measured {saved_when})"
+        else:
+            missing.append(stage)
+    if fresh:
+        write_json(timings_file, {"measured": now(), "seconds": {**saved, **fresh}})
+    return {"seconds": seconds, "sources": sources, "missing": missing, "total_s": sum(seconds.values())}
+
+
+# --------------------------------------------------------------------------- the report page
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def ratios(training: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """WeakCLIP (CLIP frozen) against the two baselines: speed (>1 = faster) and memory (<1 = less)."""
+    weakclip, finetune, mct = training["weakclip"], training["weakclip_full_finetune"], training["mctformer"]
+    return {
+        "speed_vs_full_finetune": weakclip["images_per_s"] / finetune["images_per_s"],
+        "peak_memory_vs_full_finetune": weakclip["peak_memory_mib"] / finetune["peak_memory_mib"],
+        "train_memory_vs_full_finetune": weakclip["train_memory_mib"] / finetune["train_memory_mib"],
+        "trainable_parameters_vs_full_finetune": weakclip["trainable_parameters"] / finetune["trainable_parameters"],
+        "speed_vs_mctformer": weakclip["images_per_s"] / mct["images_per_s"],
+        "peak_memory_vs_mctformer": weakclip["peak_memory_mib"] / mct["peak_memory_mib"],
+    }
+
+
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def _number(value: float, digits: int = 2) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def render_markdown(results: dict[str, Any], results_path: str = "bench/results.json",
+                    template: Path = TEMPLATE) -> str:
+    """``docs/BENCHMARKS.md``: the hand-written template with this run's tables filled in."""
+    training, ratio = results["training"], results["ratios"]
+    labels = {"weakclip": "WeakCLIP, CLIP frozen (the method)",
+              "weakclip_full_finetune": "WeakCLIP, CLIP unfrozen (full fine-tuning)",
+              "mctformer": "MCTformer-V2 (DeiT-S)"}
+    training_rows = [_row("model", "input", "batch", "s/step", "images/s", "peak memory (MiB)",
+                          "growth during steps (MiB)", "trainable / total params"),
+                     _row(*["---"] * 8)]
+    for key, label in labels.items():
+        record = training[key]
+        training_rows.append(_row(label, record["input_size"], record["batch_size"], _number(record["s_per_step"], 3),
+                                  _number(record["images_per_s"], 3), _number(record["peak_memory_mib"], 0),
+                                  _number(record["train_memory_mib"], 0),
+                                  f"{record['trainable_parameters'] / 1e6:.2f}M / {record['total_parameters'] / 1e6:.2f}M"))
+    ratio_rows = [_row("ratio", "value"), _row("---", "---")]
+    ratio_rows += [_row(name.replace("_", " "), f"{value:.3f}") for name, value in ratio.items()]
+    paper = results["parameters"]["paper_size"]
+    inference = results["pseudo_inference"]
+    crf = results["crf"]
+    store = results["cam_store"]
+    store_rows = [_row("store", "images", "bytes / image", "raw float32 bytes / image", "raw / store"),
+                  _row(*["---"] * 5),
+                  _row(store["synthetic"]["source"], store["synthetic"]["n_images"],
+                       _number(store["synthetic"]["bytes_per_image"], 0),
+                       _number(store["synthetic"]["raw_float32_bytes_per_image"], 0),
+                       f"{store['synthetic']['compression_ratio']:.1f}x")]
+    if store.get("project") is not None:
+        project = store["project"]
+        store_rows.append(_row(project["source"], project["n_images"], _number(project["bytes_per_image"], 0),
+                               _number(project["raw_float32_bytes_per_image"], 0),
+                               f"{project['compression_ratio']:.1f}x"))
+    stages = results["stage_timings"]
+    stage_rows = [_row("stage", "wall time (s)", "source"), _row("---", "---", "---")]
+    stage_rows += [_row(f"`{stage}`", _number(seconds, 1), stages["sources"][stage])
+                   for stage, seconds in stages["seconds"].items()]
+    stage_rows += [_row(f"`{stage}`", "not measured", "no wall_s in its metrics and no timings file; run "
+                                                       "`python -m bench.run` (full) after `make repro`")
+                   for stage in stages["missing"]]
+    environment = results["environment"]
+    fields = {
+        "created": results["created"],
+        "mode": results["mode"],
+        "device": environment.get("gpu", environment["device"]),
+        "threads": environment["threads"],
+        "cpu_count": environment["cpu_count"],
+        "torch": environment["torch"],
+        "wall_s": _number(results["wall_s"], 1),
+        "load_before": f"{results['load_average']['before']:.1f}",
+        "load_after": f"{results['load_average']['after']:.1f}",
+        "results_path": results_path,
+        "training_table": "\n".join(training_rows),
+        "ratio_table": "\n".join(ratio_rows),
+        "speed_vs_full_finetune": f"{ratio['speed_vs_full_finetune']:.2f}",
+        "memory_saving_vs_full_finetune": f"{100 * (1 - ratio['peak_memory_vs_full_finetune']):.1f}",
+        "paper_trainable": f"{paper['trainable'] / 1e6:.2f}M",
+        "paper_total": f"{paper['total'] / 1e6:.2f}M",
+        "paper_fraction": f"{100 * paper['trainable_fraction']:.1f}",
+        "inference_images_per_s": _number(inference["images_per_s"], 3),
+        "inference_setup": (f"{inference['image_size'][0]}x{inference['image_size'][1]} image, scales "
+                            f"{inference['scales']}, flip {inference['flip']}, window {inference['crop']} "
+                            f"stride {inference['stride']}"),
+        "crf_table": "\n".join([
+            _row("workers", "images/s", "s / image"), _row("---", "---", "---"),
+            _row(1, _number(crf["workers_1"]["images_per_s"], 3), _number(crf["workers_1"]["s_per_image"], 3)),
+            _row(2, _number(crf["workers_2"]["images_per_s"], 3), _number(crf["workers_2"]["s_per_image"], 3)),
+        ]),
+        "crf_setup": (f"{crf['workers_1']['n_images']} images of {crf['workers_1']['image_size'][0]}x"
+                      f"{crf['workers_1']['image_size'][1]}, K = {crf['workers_1']['n_classes']}, "
+                      f"{crf['workers_1']['iterations']} iterations"),
+        "crf_speedup": f"{crf['speedup_2_vs_1']:.2f}",
+        "cam_store_table": "\n".join(store_rows),
+        "stage_table": "\n".join(stage_rows),
+        "stage_total": _number(stages["total_s"], 1),
+    }
+    return string.Template(template.read_text()).substitute(fields)
+
+
+# --------------------------------------------------------------------------- the suite
+
+def run_suite(quick: bool, device: str, measure_stage_timings: bool, timings_file: Path = STAGE_TIMINGS_FILE,
+              progress=print) -> dict[str, Any]:
+    """Every measurement of the module docstring; returns the results dict (what results.json holds)."""
+    size = "quick" if quick else "full"
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    training = {}
+    for name in ("weakclip", "weakclip_full_finetune", "mctformer"):
+        progress(f"bench: {name} training ({size}) ...")
+        training[name] = run_child(name, size, device)
+    progress(f"bench: pseudo-mask inference, dense CRF (1 and 2 workers), CAM store ({size}) ...")
+    rest = run_child("inference_crf_store", size, device)
+    inference, crf, cam_store = rest["pseudo_inference"], rest["crf"], rest["cam_store"]
+    progress("bench: stage timings ...")
+    parameters = {
+        "paper_size": rest["paper_size_parameters"],
+        "measured_weakclip": {"trainable": training["weakclip"]["trainable_parameters"],
+                              "total": training["weakclip"]["total_parameters"],
+                              "trainable_fraction": training["weakclip"]["trainable_parameters"]
+                              / training["weakclip"]["total_parameters"]},
+    }
+    stage_timings = collect_stage_timings(REPO, measure_stage_timings, timings_file)
+    environment = training["weakclip"].pop("environment")
+    for record in training.values():
+        record.pop("environment", None)
+    return {
+        "created": now(),
+        "mode": size,
+        "environment": environment,
+        "training": training,
+        "ratios": ratios(training),
+        "parameters": parameters,
+        "pseudo_inference": inference,
+        "crf": crf,
+        "cam_store": cam_store,
+        "stage_timings": stage_timings,
+        "paper_claim": PAPER_CLAIM,
+        "wall_s": time.perf_counter() - started,
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+    }
+
+
+def check_finite(results: Any, path: str = "") -> None:
+    """Every number in the results is finite (a NaN in a benchmark file is a bug, not a result)."""
+    if isinstance(results, dict):
+        for key, value in results.items():
+            check_finite(value, f"{path}.{key}" if path else key)
+    elif isinstance(results, list):
+        for index, value in enumerate(results):
+            check_finite(value, f"{path}[{index}]")
+    elif isinstance(results, float) and not math.isfinite(results):
+        raise ValueError(f"bench result {path} is {results}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models: the same code paths in well under a minute")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--results", type=Path, default=None,
+                        help="default: bench/results.json (full) or bench/results.quick.json (--quick)")
+    parser.add_argument("--doc", type=Path, default=None,
+                        help="default: docs/BENCHMARKS.md (full) or bench/BENCHMARKS.quick.md (--quick)")
+    parser.add_argument("--no-stage-timing", action="store_true",
+                        help="full run: do not time stages with `dvc repro -s --force` (read recorded times only)")
+    parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=["quick", "full"], default="full", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child_main(args.child, args.size, args.device)
+        return 0
+    results_path = (args.results or REPO / "bench" / ("results.quick.json" if args.quick else "results.json")).resolve()
+    doc_path = (args.doc or (REPO / "bench" / "BENCHMARKS.quick.md" if args.quick
+                             else REPO / "docs" / "BENCHMARKS.md")).resolve()
+    results = run_suite(args.quick, args.device, measure_stage_timings=not args.quick and not args.no_stage_timing)
+    check_finite(results)
+    write_json(results_path, results)
+    with atomic_path(doc_path, suffix=".md") as temporary:
+        shown = results_path.relative_to(REPO) if results_path.is_relative_to(REPO) else results_path
+        temporary.write_text(render_markdown(results, str(shown)))
+    ratio = results["ratios"]
+    print(f"bench ({results['mode']}, {results['wall_s']:.0f} s): WeakCLIP frozen vs full fine-tune: "
+          f"{ratio['speed_vs_full_finetune']:.2f}x images/s, {ratio['peak_memory_vs_full_finetune']:.2f}x peak memory; "
+          f"vs MCTformer: {ratio['speed_vs_mctformer']:.2f}x images/s -> {results_path}, {doc_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

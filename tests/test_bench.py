@@ -1,0 +1,175 @@
+"""The benchmark suite: ``--quick`` end to end (so it cannot rot), and its parts against independent references."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from bench.measure import (class_names, forward_with_clip_gradients, measure_cam_store, quick_size, smooth_cams,
+                           training_batch)
+from bench.run import check_finite, collect_stage_timings, main, stages_and_metrics, wall_time_from_metrics
+from weakclip_core.clip_model import clip_from_config
+from weakclip_core.models.weakclip import WeakCLIP
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Every key the results must hold, as paths into results.json; each leaf must be a positive finite number.
+POSITIVE_NUMBERS = [
+    *(f"training.{model}.{key}" for model in ("weakclip", "weakclip_full_finetune", "mctformer")
+      for key in ("images_per_s", "s_per_step", "peak_memory_mib", "trainable_parameters", "total_parameters",
+                  "batch_size", "input_size")),
+    *(f"ratios.{key}" for key in ("speed_vs_full_finetune", "peak_memory_vs_full_finetune",
+                                   "train_memory_vs_full_finetune", "trainable_parameters_vs_full_finetune",
+                                   "speed_vs_mctformer", "peak_memory_vs_mctformer")),
+    "parameters.paper_size.trainable", "parameters.paper_size.total", "parameters.paper_size.trainable_fraction",
+    "parameters.measured_weakclip.trainable", "parameters.measured_weakclip.total",
+    "pseudo_inference.images_per_s", "pseudo_inference.s_per_image",
+    "crf.workers_1.images_per_s", "crf.workers_2.images_per_s", "crf.speedup_2_vs_1",
+    "cam_store.synthetic.bytes_per_image", "cam_store.synthetic.raw_float32_bytes_per_image",
+    "cam_store.synthetic.compression_ratio", "wall_s",
+]
+
+
+def lookup(results: dict, dotted: str):
+    value = results
+    for part in dotted.split("."):
+        assert isinstance(value, dict) and part in value, f"results.json lacks {dotted} (at {part!r})"
+        value = value[part]
+    return value
+
+
+@pytest.mark.slow
+def test_quick_suite_writes_every_number(tmp_path: Path) -> None:
+    results_path, doc_path = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    assert main(["--quick", "--results", str(results_path), "--doc", str(doc_path)]) == 0
+    results = json.loads(results_path.read_text())
+    assert results["mode"] == "quick"
+    for dotted in POSITIVE_NUMBERS:
+        value = lookup(results, dotted)
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), (dotted, value)
+        assert math.isfinite(value) and value > 0, (dotted, value)
+    training = results["training"]
+    # Freezing CLIP trains fewer parameters than fine-tuning everything, on the same total.
+    assert training["weakclip"]["total_parameters"] == training["weakclip_full_finetune"]["total_parameters"]
+    assert training["weakclip"]["trainable_parameters"] < training["weakclip_full_finetune"]["trainable_parameters"]
+    assert training["weakclip_full_finetune"]["trainable_parameters"] == training["weakclip"]["total_parameters"]
+    assert results["ratios"]["speed_vs_full_finetune"] == pytest.approx(
+        training["weakclip"]["images_per_s"] / training["weakclip_full_finetune"]["images_per_s"])
+    # The paper-size model: METHOD.md's 21.24M trainable of 171.46M (K = 21).
+    paper = results["parameters"]["paper_size"]
+    assert abs(paper["trainable"] / 1e6 - 21.24) < 0.1 and abs(paper["total"] / 1e6 - 171.46) < 0.2
+    timings = results["stage_timings"]
+    for stage, seconds in timings["seconds"].items():
+        assert math.isfinite(seconds) and seconds > 0 and timings["sources"][stage]
+    assert set(timings["seconds"]) | set(timings["missing"]) == {stage for stage, _ in stages_and_metrics(REPO)}
+    page = doc_path.read_text()
+    assert "$" not in page.replace("$ ", "")  # every template field was filled
+    assert "WeakCLIP, CLIP unfrozen (full fine-tuning)" in page and "| 2 |" in page
+
+
+def tiny_weakclip() -> WeakCLIP:
+    size = quick_size()
+    torch.manual_seed(0)
+    return WeakCLIP(clip_from_config(size.clip_config), class_names(size.n_classes), size.weakclip)
+
+
+def test_full_finetune_forward_is_weakclips_forward_with_gradients_into_clip() -> None:
+    model = tiny_weakclip().eval()
+    images = training_batch(quick_size(), torch.device("cpu"))["image"]
+    reference = model(images)
+    for parameter in model.clip.parameters():
+        parameter.requires_grad_(True)
+    unfrozen = forward_with_clip_gradients(model, images)
+    # Equal up to float rounding: under no_grad PyTorch's attention takes its fused inference path.
+    torch.testing.assert_close(unfrozen.logits, reference.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(unfrozen.matching, reference.matching, rtol=1e-4, atol=1e-5)
+    unfrozen.logits.square().mean().backward()
+    visual_gradient = model.clip.visual.conv1.weight.grad
+    assert visual_gradient is not None and visual_gradient.abs().sum() > 0
+    # WeakCLIP's own forward leaves the visual tower without gradient even when it is trainable.
+    model.zero_grad(set_to_none=True)
+    model(images).logits.square().mean().backward()
+    assert model.clip.visual.conv1.weight.grad is None
+
+
+def test_training_batch_seeds_hold_classes_and_ignore() -> None:
+    batch = training_batch(quick_size(), torch.device("cpu"))
+    seeds = batch["seed_mask"]
+    values = set(torch.unique(seeds).tolist())
+    assert 255 in values and values - {255} <= set(range(quick_size().n_classes))
+    ignored = (seeds == 255).float().mean().item()
+    assert 0.15 < ignored < 0.35  # a quarter of the pixels, by construction
+    assert batch["raw_image"].dtype == torch.uint8
+
+
+def test_cam_store_size_against_raw_float32() -> None:
+    size = quick_size()
+    record = measure_cam_store(size)
+    height, width = size.cam_image
+    assert record["raw_float32_bytes_per_image"] == size.cam_present * height * width * 4
+    assert record["compression_ratio"] == pytest.approx(record["raw_float32_bytes_per_image"]
+                                                        / record["bytes_per_image"])
+    # float16 alone halves the bytes; smooth maps compress further (HDF5 overhead aside).
+    assert record["compression_ratio"] > 1.5
+
+
+def test_smooth_cams_are_valid_cams() -> None:
+    cams = smooth_cams(np.random.default_rng(1), 3, 20, 30)
+    assert cams.shape == (3, 20, 30) and cams.dtype == np.float32
+    assert cams.min() >= 0 and np.allclose(cams.reshape(3, -1).max(axis=1), 1.0)
+
+
+def test_stage_wall_time_read_from_metrics(tmp_path: Path) -> None:
+    without = tmp_path / "a.json"
+    without.write_text(json.dumps({"miou": 0.5}))
+    with_time = tmp_path / "b.json"
+    with_time.write_text(json.dumps({"miou": 0.5, "wall_s": 12.5}))
+    broken = tmp_path / "c.json"
+    broken.write_text("{")
+    assert wall_time_from_metrics([without, broken]) is None
+    seconds, source = wall_time_from_metrics([without, broken, with_time])
+    assert seconds == 12.5 and source.endswith("b.json:wall_s")
+
+
+def test_stage_timings_fall_back_to_the_timings_file(tmp_path: Path) -> None:
+    stages = [stage for stage, _ in stages_and_metrics(REPO)]
+    timings_file = tmp_path / "stage_timings.json"
+    timings_file.write_text(json.dumps({"measured": "2026-01-01 00:00 UTC",
+                                        "seconds": {stage: 10.0 + index for index, stage in enumerate(stages)}}))
+    timings = collect_stage_timings(REPO, measure_missing=False, timings_file=timings_file)
+    assert timings["missing"] == [] and list(timings["seconds"]) == stages
+    for index, stage in enumerate(stages):
+        if timings["sources"][stage].startswith("stage_timings.json"):
+            assert timings["seconds"][stage] == 10.0 + index
+        else:
+            assert timings["sources"][stage].startswith("stage metrics")
+    assert timings["total_s"] == pytest.approx(sum(timings["seconds"].values()))
+
+
+def test_check_finite_names_the_bad_number() -> None:
+    check_finite({"a": [1.0, {"b": 2}], "c": "text"})
+    with pytest.raises(ValueError, match=r"a\[1\]\.b"):
+        check_finite({"a": [1.0, {"b": float("nan")}]})
+
+
+def test_cam_store_reader_sees_what_the_benchmark_measured(tmp_path: Path) -> None:
+    """measure_existing_cam_store counts raw bytes from the stored shapes (independent of compression)."""
+    from bench.measure import measure_existing_cam_store
+    from weakclip_core.cam_store import CamStoreWriter
+
+    path = tmp_path / "train.h5"
+    with CamStoreWriter(path, "toy", ["background", "a", "b"], {}) as writer:
+        writer.add("x", [1], np.zeros((1, 10, 12), dtype=np.float32))
+        writer.add("y", [1, 2], np.full((2, 8, 8), 0.5, dtype=np.float32))
+    record = measure_existing_cam_store(path)
+    assert record["n_images"] == 2
+    assert record["raw_float32_bytes_per_image"] == (1 * 10 * 12 + 2 * 8 * 8) * 4 / 2
+    with h5py.File(path, "r") as handle:
+        assert set(handle) == {"x", "y"}
+    assert measure_existing_cam_store(tmp_path / "absent.h5") is None

@@ -114,13 +114,22 @@ def colour_name(rgb: np.ndarray | tuple[int, int, int]) -> str:
     return _NAMED_COLOURS[int(np.argmin(distances))][0]
 
 
-def _background_colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    """A random colour at least ``_MIN_BACKGROUND_BODY_DISTANCE`` away from every body colour."""
+def _segment_distance(point: np.ndarray, start: np.ndarray, end: np.ndarray) -> float:
+    """RGB distance from ``point`` to the segment ``start``-``end`` (all colours a blend of the two can take)."""
+    direction = end - start
+    t = float(np.clip(np.dot(point - start, direction) / max(float(np.dot(direction, direction)), 1e-9), 0.0, 1.0))
+    return float(np.linalg.norm(point - (start + t * direction)))
+
+
+def _background_colours(rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Two random colours whose every blend stays ``_MIN_BACKGROUND_BODY_DISTANCE`` from every body
+    colour (gradients and noise pass through the blends), so bodies keep a sharp colour edge."""
     while True:
-        colour = rng.integers(0, 256, size=3)
-        if all(np.linalg.norm(colour - np.asarray(style.colour)) >= _MIN_BACKGROUND_BODY_DISTANCE
+        first, second = rng.integers(0, 256, size=3), rng.integers(0, 256, size=3)
+        if all(_segment_distance(np.asarray(style.colour, dtype=np.float64), first.astype(np.float64),
+                                 second.astype(np.float64)) >= _MIN_BACKGROUND_BODY_DISTANCE
                for style in BODY_STYLES):
-            return (int(colour[0]), int(colour[1]), int(colour[2]))
+            return ((int(first[0]), int(first[1]), int(first[2])), (int(second[0]), int(second[1]), int(second[2])))
 
 
 def class_designs(n_classes: int) -> list[ClassDesign]:
@@ -143,7 +152,7 @@ def class_designs(n_classes: int) -> list[ClassDesign]:
             part_position=_PART_POSITIONS[position % len(_PART_POSITIONS)],
             body_styles=(first_style, second_style),
             context_kind=BACKGROUND_KINDS[position % len(BACKGROUND_KINDS)],
-            context_colours=(_background_colour(design_rng), _background_colour(design_rng)),
+            context_colours=_background_colours(design_rng),
             companion=(position + companion_offset) % n_classes + 1,
         ))
     return designs
@@ -339,7 +348,7 @@ def _make_object(rng: np.random.Generator, config: SyntheticConfig, design: Clas
     """Draw one object's geometry; ``placed`` holds (x, y, radius) of the objects already drawn."""
     size = config.image_size
     shrink = n_objects ** -0.35
-    semi_major = rng.uniform(0.14, 0.28) * size * shrink
+    semi_major = rng.uniform(0.18, 0.34) * size * shrink
     semi_minor = semi_major * rng.uniform(0.5, 0.8)
     part_radius = math.sqrt(config.part_fraction * semi_major * semi_minor)
     if design.part_position == "emblem":
@@ -472,8 +481,9 @@ def render_sample(config: SyntheticConfig, seed: int, split: str, index: int) ->
         second = np.asarray(primary.context_colours[1], dtype=np.float64) + rng.uniform(-12, 12, size=3)
     else:
         background_kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
-        first = np.asarray(_background_colour(rng), dtype=np.float64)
-        second = np.asarray(_background_colour(rng), dtype=np.float64)
+        first_colour, second_colour = _background_colours(rng)
+        first = np.asarray(first_colour, dtype=np.float64)
+        second = np.asarray(second_colour, dtype=np.float64)
     image = _blend(_texture(background_kind, rng, size), first, second)
     dominant = tuple(int(v) for v in np.clip(first if background_kind != "dots" else second, 0, 255))
 
@@ -554,7 +564,10 @@ def generate_synthetic(config: SyntheticConfig, seed: int, root: str | Path,
                 records.append(record)
                 bar.update()
         else:
-            with multiprocessing.get_context("spawn").Pool(config.workers) as pool:
+            # fork where the OS has it: workers need no re-import of __main__ (spawn breaks for
+            # ``python - <script``) and start in milliseconds; they only run numpy/PIL/scipy code.
+            start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            with multiprocessing.get_context(start_method).Pool(config.workers) as pool:
                 for record in pool.imap(_write_one, jobs, chunksize=16):
                     records.append(record)
                     bar.update()

@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.prepare import run
 from weakclip_core.config import params_from_dict
 from weakclip_core.data.layout import PreparedDataset
-from weakclip_core.data.synthetic import CLASS_WORDS, class_designs, ignore_band, render_sample
+from weakclip_core.data.synthetic import BODY_STYLES, CLASS_WORDS, class_designs, ignore_band, render_sample
 from weakclip_core.config.dataset import SyntheticConfig
 
 TINY = {"image_size": 64, "n_train": 10, "n_val": 4, "workers": 1}
@@ -158,3 +158,13 @@ def test_class_words_cover_the_largest_allowed_config() -> None:
     signatures = {(d.part_colour_name, d.part_shape, d.part_position) for d in designs}
     assert len(signatures) == 20  # every class has its own part
     assert all(d.companion != d.index for d in designs)
+
+
+def test_context_backgrounds_never_blend_into_a_body_colour() -> None:
+    """Every colour a two-colour background can take stays far from every body colour (sharp body edges)."""
+    blend = np.linspace(0.0, 1.0, 201)[:, None]
+    for design in class_designs(20):
+        first, second = (np.asarray(colour, dtype=np.float64) for colour in design.context_colours)
+        colours = first * (1 - blend) + second * blend
+        for style in BODY_STYLES:
+            assert np.linalg.norm(colours - np.asarray(style.colour), axis=1).min() >= 89.0, design.name

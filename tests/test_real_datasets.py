@@ -102,16 +102,18 @@ def _break_size(source: Path) -> Path:
     return path
 
 
-def _break_jpeg(source: Path) -> Path:
-    path = source / "JPEGImages" / "2007_000001.jpg"
-    path.write_bytes(path.read_bytes()[:200])
+def _truncate(path: Path, n_bytes: int) -> Path:
+    """Cut a file short, as an interrupted download leaves it."""
+    path.write_bytes(path.read_bytes()[:n_bytes])
     return path
+
+
+def _break_jpeg(source: Path) -> Path:
+    return _truncate(source / "JPEGImages" / "2007_000001.jpg", 200)
 
 
 def _break_png(source: Path) -> Path:
-    path = source / "SegmentationClass" / "2007_000003.png"
-    path.write_bytes(path.read_bytes()[:60])
-    return path
+    return _truncate(source / "SegmentationClass" / "2007_000003.png", 60)
 
 
 def _break_class_id(source: Path) -> Path:
@@ -261,9 +263,7 @@ def _coco_break_size(source: Path) -> Path:
 
 
 def _coco_break_jpeg(source: Path) -> Path:
-    path = source / "val2014" / "COCO_val2014_000000000007.jpg"
-    path.write_bytes(path.read_bytes()[:150])
-    return path
+    return _truncate(source / "val2014" / "COCO_val2014_000000000007.jpg", 150)
 
 
 def _coco_break_empty(source: Path) -> Path:
@@ -289,7 +289,8 @@ def _coco_break_missing_dir(source: Path) -> Path:
 
 
 @pytest.mark.parametrize("breaker, words", [
-    (_coco_break_category, "category_id 99"), (_coco_break_absent_image, "absent"), (_coco_break_size, "image is 13x10"),
+    (_coco_break_category, "category_id 99"), (_coco_break_absent_image, "absent"),
+    (_coco_break_size, "image is 13x10"),
     (_coco_break_jpeg, "unreadable image"), (_coco_break_empty, "empty"),
     (_coco_break_missing_annotations, "not found"), (_coco_break_missing_dir, "not found")])
 def test_coco_bad_input_names_the_file(tmp_path: Path, breaker, words: str) -> None:

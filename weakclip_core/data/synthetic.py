@@ -28,6 +28,7 @@ below ``MIN_VISIBLE_PIXELS`` or with their part mostly hidden are dropped).
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 from collections.abc import Iterator
@@ -114,11 +115,14 @@ def colour_name(rgb: np.ndarray | tuple[int, int, int]) -> str:
     return _NAMED_COLOURS[int(np.argmin(distances))][0]
 
 
-def _segment_distance(point: np.ndarray, start: np.ndarray, end: np.ndarray) -> float:
-    """RGB distance from ``point`` to the segment ``start``-``end`` (all colours a blend of the two can take)."""
+_BODY_RGB = np.array([style.colour for style in BODY_STYLES], dtype=np.float64)  # (n_styles, 3)
+
+
+def _segment_distances(points: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """(N,) RGB distances from ``points`` (N, 3) to the segment ``start``-``end`` (every blend of the two)."""
     direction = end - start
-    t = float(np.clip(np.dot(point - start, direction) / max(float(np.dot(direction, direction)), 1e-9), 0.0, 1.0))
-    return float(np.linalg.norm(point - (start + t * direction)))
+    t = np.clip((points - start) @ direction / max(float(direction @ direction), 1e-9), 0.0, 1.0)
+    return np.linalg.norm(points - (start[None, :] + t[:, None] * direction[None, :]), axis=1)
 
 
 def _background_colours(rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -126,14 +130,17 @@ def _background_colours(rng: np.random.Generator) -> tuple[tuple[int, int, int],
     colour (gradients and noise pass through the blends), so bodies keep a sharp colour edge."""
     while True:
         first, second = rng.integers(0, 256, size=3), rng.integers(0, 256, size=3)
-        if all(_segment_distance(np.asarray(style.colour, dtype=np.float64), first.astype(np.float64),
-                                 second.astype(np.float64)) >= _MIN_BACKGROUND_BODY_DISTANCE
-               for style in BODY_STYLES):
+        distances = _segment_distances(_BODY_RGB, first.astype(np.float64), second.astype(np.float64))
+        if distances.min() >= _MIN_BACKGROUND_BODY_DISTANCE:
             return ((int(first[0]), int(first[1]), int(first[2])), (int(second[0]), int(second[1]), int(second[2])))
 
 
-def class_designs(n_classes: int) -> list[ClassDesign]:
-    """The fixed designs of foreground classes 1..n_classes (independent of the dataset seed)."""
+@functools.cache
+def class_designs(n_classes: int) -> tuple[ClassDesign, ...]:
+    """The fixed designs of foreground classes 1..n_classes (independent of the dataset seed).
+
+    A pure function of ``n_classes``, memoised because every image needs it.
+    """
     if not 2 <= n_classes <= len(CLASS_WORDS):
         raise ValueError(f"n_classes must be in 2..{len(CLASS_WORDS)}, got {n_classes}")
     design_rng = np.random.default_rng(20240917)
@@ -155,7 +162,7 @@ def class_designs(n_classes: int) -> list[ClassDesign]:
             context_colours=_background_colours(design_rng),
             companion=(position + companion_offset) % n_classes + 1,
         ))
-    return designs
+    return tuple(designs)
 
 
 def class_names(n_classes: int) -> list[str]:
@@ -331,7 +338,7 @@ def _object_count(rng: np.random.Generator, config: SyntheticConfig) -> int:
     return int(rng.choice(counts, p=weights / weights.sum()))
 
 
-def _draw_classes(rng: np.random.Generator, config: SyntheticConfig, designs: list[ClassDesign]) -> list[int]:
+def _draw_classes(rng: np.random.Generator, config: SyntheticConfig, designs: tuple[ClassDesign, ...]) -> list[int]:
     count = _object_count(rng, config)
     primary = int(rng.integers(1, config.n_classes + 1))
     classes = [primary]
@@ -429,7 +436,7 @@ def _body_shading(rng: np.random.Generator, style: BodyStyle, size: int, angle: 
     return shading
 
 
-def _caption(objects: list[_Object], designs: list[ClassDesign], background_kind: str,
+def _caption(objects: list[_Object], designs: tuple[ClassDesign, ...], background_kind: str,
              background_colour: tuple[int, int, int]) -> str:
     """e.g. "a green-headed grey heron and two red-tailed kites on a wavy blue background"."""
     phrases = []

@@ -14,7 +14,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-fast bench report results clean-venv
+.PHONY: setup repro test test-fast bench report results preset clean-venv
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: setup
 
 report: setup
 	$(BIN)/python -m pipeline.report
+
+# make preset PRESET=configs/voc.yaml : merge a paper preset over params.yaml (validated, atomic)
+preset: setup
+	@test -n "$(PRESET)" || { echo "usage: make preset PRESET=configs/voc.yaml" >&2; exit 2; }
+	$(BIN)/python -m weakclip_core.config.presets apply $(PRESET)
 
 results: setup
 	$(BIN)/python -m pipeline.summary

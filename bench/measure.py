@@ -26,7 +26,7 @@ from weakclip_core.cam_store import CamStoreWriter
 from weakclip_core.clip_model import clip_from_config, dense_visual_features, named_model_config
 from weakclip_core.config import CrfConfig, MCTformerArchConfig, WeakClipConfig
 from weakclip_core.crf import CrfPool
-from weakclip_core.inference import InferenceAugmentation, predict_image_batch
+from weakclip_core.inference import InferenceAugmentation
 from weakclip_core.losses import weakclip_losses
 from weakclip_core.models.mctformer import build_mctformer
 from weakclip_core.models.weakclip import WeakCLIP, WeakClipOutput, paper_weakclip_config
@@ -52,8 +52,6 @@ class BenchSize:
     inference: InferenceAugmentation
     inference_images: int
     crf: CrfConfig
-    crf_image: tuple[int, int]
-    crf_images: int
     cam_image: tuple[int, int]
     cam_images: int
     cam_present: int = 2
@@ -70,8 +68,7 @@ def full_size() -> BenchSize:
         mctformer=MCTformerArchConfig(image_size=224, patch_size=16, width=384, depth=12, heads=6, drop_path=0.1),
         n_classes=VOC_CLASS_COUNT, inference_image=(375, 500),
         inference=InferenceAugmentation(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True, crop=512, stride=341),
-        inference_images=1, crf=voc_pseudo_crf, crf_image=(375, 500), crf_images=4, cam_image=(375, 500),
-        cam_images=16)
+        inference_images=2, crf=voc_pseudo_crf, cam_image=(375, 500), cam_images=16)
 
 
 def quick_size() -> BenchSize:
@@ -90,8 +87,8 @@ def quick_size() -> BenchSize:
         name="quick", clip_config=clip_config, weakclip=weakclip, input_size=64, batch_size=1, warmup_steps=1,
         timed_steps=2, mctformer=MCTformerArchConfig(image_size=64, patch_size=16, width=64, depth=3, heads=2),
         n_classes=5, inference_image=(48, 64),
-        inference=InferenceAugmentation(scales=(0.75, 1.0), flip=True, crop=64, stride=43), inference_images=2,
-        crf=CrfConfig(iterations=5), crf_image=(48, 64), crf_images=8, cam_image=(48, 64), cam_images=8)
+        inference=InferenceAugmentation(scales=(0.75, 1.0), flip=True, crop=64, stride=43), inference_images=4,
+        crf=CrfConfig(iterations=5), cam_image=(48, 64), cam_images=8)
 
 
 def size_named(name: str) -> BenchSize:
@@ -270,9 +267,16 @@ def measure_mctformer_training(size: BenchSize, device: torch.device) -> dict[st
 
 # --------------------------------------------------------------------------- inference, CRF, CAM store
 
-def measure_pseudo_inference(size: BenchSize, device: torch.device) -> dict[str, Any]:
-    """Images/s of the pseudo_masks stage's dense inference (multi-scale + flip, sliding window, restricted
-    softmax) through ``weakclip_core.inference.predict_image_batch``; CRF not included (measured apart)."""
+def measure_pseudo_throughput(size: BenchSize, device: torch.device) -> dict[str, Any]:
+    """Pseudo-mask inference images/s and dense CRF images/s with 1 and 2 workers, through the
+    pseudo_masks stage's own benchmark (``bench.pseudo_bench.bench_dense_model``) on a random-init WeakCLIP
+    and random images (throughput does not depend on the weights or the pixels).
+
+    Inference: multi-scale + flip, sliding window, label-restricted softmax; CRF: the stage's pseudo-mask
+    settings on background + the image's labels, workers started before the clock runs.
+    """
+    from bench.pseudo_bench import bench_dense_model
+
     torch.manual_seed(0)
     model = WeakCLIP(clip_from_config(size.clip_config), class_names(size.n_classes), size.weakclip).to(device)
     model.eval()
@@ -280,54 +284,21 @@ def measure_pseudo_inference(size: BenchSize, device: torch.device) -> dict[str,
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(size.inference_images)]
     labels = [[1, 2] for _ in images]
-
-    def predict(window: torch.Tensor) -> torch.Tensor:
-        return model(window).logits
-
-    def step() -> None:
-        for image, image_labels in zip(images, labels):  # one image at a time, as the stage streams them
-            predict_image_batch(predict, [image], [image_labels], size.n_classes, size.inference, device)
-
-    seconds = time_steps(step, 0 if size.name == "full" else 1, 1, device)
-    return {
-        "images_per_s": len(images) / seconds[0],
-        "s_per_image": seconds[0] / len(images),
-        "image_size": [height, width],
-        "scales": list(size.inference.scales),
-        "flip": size.inference.flip,
-        "crop": size.inference.crop,
-        "stride": size.inference.stride,
-        "n_images": len(images),
-    }
-
-
-def crf_inputs(size: BenchSize) -> tuple[np.ndarray, np.ndarray]:
-    """(N, H, W, 3) uint8 images and (N, K, H, W) smooth probability maps (softmax of blurred noise)."""
-    rng = np.random.default_rng(0)
-    height, width = size.crf_image
-    images = rng.integers(0, 256, (size.crf_images, height, width, 3), dtype=np.uint8)
-    coarse = rng.normal(size=(size.crf_images, size.n_classes, max(2, height // 16), max(2, width // 16)))
-    logits = torch.nn.functional.interpolate(torch.from_numpy(coarse).float(), size=(height, width),
-                                             mode="bilinear", align_corners=False) * 3.0
-    return images, logits.softmax(dim=1).numpy().astype(np.float32)
-
-
-def measure_crf(size: BenchSize, workers: int) -> dict[str, Any]:
-    """Images/s of the dense CRF (the pseudo-mask settings) through ``CrfPool`` with ``workers`` processes.
-
-    The pool is created and warmed up (one batch) before timing, as the stage keeps it for the whole run.
-    """
-    images, probabilities = crf_inputs(size)
-    with CrfPool(size.crf, workers=workers) as pool:
-        pool.map(images[:max(1, workers)], probabilities[:max(1, workers)])
-        started = time.perf_counter()
-        refined = pool.map(images, probabilities)
-        seconds = time.perf_counter() - started
-    if not np.isfinite(refined).all():
-        raise RuntimeError("CRF benchmark produced non-finite probabilities")
-    return {"images_per_s": len(images) / seconds, "s_per_image": seconds / len(images), "workers": workers,
-            "n_images": len(images), "image_size": list(size.crf_image), "n_classes": size.n_classes,
-            "iterations": size.crf.iterations}
+    measured = bench_dense_model(lambda batch: model(batch).logits, images, labels, size.n_classes, size.inference,
+                                 size.crf, batch_size=1, device=device, worker_counts=(1, 2))
+    common = {"n_images": len(images), "image_size": [height, width]}
+    inference_rate = float(measured["inference_images_per_s"])
+    inference = {"images_per_s": inference_rate, "s_per_image": 1.0 / inference_rate if inference_rate > 0 else None,
+                 "scales": measured["scales"], "flip": measured["flip"], "crop": measured["crop"],
+                 "stride": measured["stride"], **common}
+    crf: dict[str, Any] = {}
+    for workers in (1, 2):
+        rate = float(measured["crf_images_per_s"][str(workers)])
+        crf[f"workers_{workers}"] = {"images_per_s": rate, "s_per_image": 1.0 / rate if rate > 0 else None,
+                                     "workers": workers, "n_classes": 1 + len(labels[0]),
+                                     "iterations": size.crf.iterations, **common}
+    crf["speedup_2_vs_1"] = crf["workers_2"]["images_per_s"] / crf["workers_1"]["images_per_s"]
+    return {"pseudo_inference": inference, "crf": crf}
 
 
 def smooth_cams(rng: np.random.Generator, n_present: int, height: int, width: int) -> np.ndarray:

@@ -78,11 +78,8 @@ def child_main(name: str, size_name: str, device_name: str) -> None:
     elif name == "mctformer":
         result = measure.measure_mctformer_training(size, device)
     elif name == "inference_crf_store":  # no peak memory reported: these share one process
-        crf = {"workers_1": measure.measure_crf(size, workers=1), "workers_2": measure.measure_crf(size, workers=2)}
-        crf["speedup_2_vs_1"] = crf["workers_2"]["images_per_s"] / crf["workers_1"]["images_per_s"]
         result = {
-            "pseudo_inference": measure.measure_pseudo_inference(size, device),
-            "crf": crf,
+            **measure.measure_pseudo_throughput(size, device),
             "cam_store": {"synthetic": measure.measure_cam_store(size),
                           "project": measure.measure_existing_cam_store(REPO / "artifacts" / "cams" / "train.h5")},
             "paper_size_parameters": measure.paper_parameter_counts(),
@@ -184,8 +181,8 @@ def _row(*cells: Any) -> str:
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
-def _number(value: float, digits: int = 2) -> str:
-    return f"{value:,.{digits}f}"
+def _number(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
 def render_markdown(results: dict[str, Any], results_path: str = "bench/results.json",

@@ -163,3 +163,16 @@ def test_mixed_sizes_batch_like_single_images():
         np.testing.assert_allclose(probabilities, single, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="predicts 6 classes"):
         predict_image_batch(model, images[:1], None, 7, tta)
+
+
+def test_benchmark_reports_positive_rates_for_each_worker_count():
+    from bench.pseudo_bench import bench_dense_model
+    from weakclip_core.config.weakclip import CrfConfig
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8) for _ in range(3)]
+    result = bench_dense_model(random_conv(3), images, [[1], [2], [1, 5]], 6,
+                               InferenceAugmentation(scales=(1.0, 0.5), flip=True, crop=16, stride=8),
+                               CrfConfig(iterations=2), batch_size=2, device=torch.device("cpu"), worker_counts=(0,))
+    assert result["n_images"] == 3 and result["inference_images_per_s"] > 0
+    assert set(result["crf_images_per_s"]) == {"0"} and result["crf_images_per_s"]["0"] > 0

@@ -1,0 +1,432 @@
+"""Stage ``pseudo_masks``: WeakCLIP pseudo masks of the train split, refined by dense CRF (METHOD.md §3).
+
+1. Inference at ``pseudo.scales``, each with horizontal flip (sliding ``crop``/``stride`` windows; smaller
+   images padded), softmax probabilities averaged at the image size and restricted to the image's labels
+   + background (``weakclip_core.inference``).
+2. Dense CRF (``pseudo.crf``) on those classes only, in ``pseudo.workers`` spawned processes: the jobs of
+   a batch are submitted as soon as its probabilities exist, so the model's forward and the CRF overlap.
+3. Masks are written (atomically) into a work folder outside DVC's outputs,
+   ``checkpoints/pseudo_masks/<config hash>/`` (DVC deletes declared outputs before it re-runs a stage):
+   ``masks/<id>.png`` after CRF, ``raw/<id>.png`` before, and an append-only manifest per shard
+   (``manifest-<i>-of-<n>.jsonl``, one ``{"id", "mask_sha256", "raw_sha256"}`` line per image, flushed and
+   fsynced). A killed run resumes: an image is done only when both PNGs exist and hash to the manifest's
+   checksums; anything else is recomputed.
+4. ``--shard i/n`` processes batches i, i+n, i+2n, ... of the sorted train ids cut into ``batch_size``
+   chunks (whole batches, so every image is predicted in exactly the batch it has in an unsharded run and
+   the bytes are the same); shards may run at once into the same work folder. ``--merge`` (or any
+   unsharded run, which skips what is done) assembles the outputs once every image is done.
+5. Assembly copies the masks into ``pseudo.output_dir`` (whole folder replaced atomically, plus
+   ``provenance.json``), scores before/after CRF against GT where GT exists (``metrics/pseudo.json``) and
+   draws overlays of a fixed sample and the worst images into ``reports/pseudo/``; then the work folder
+   is removed.
+
+Guards: an output folder that resolves to a GT folder stops the stage before any work; the GT-use flags
+of the upstream seeds are read from ``metrics/weakclip.json`` (a missing flag stops the stage rather
+than report "no GT used").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from weakclip_core.atomic import atomic_dir, sha256_of_file, write_json
+from weakclip_core.config import Params, load_params, to_plain
+from weakclip_core.config.weakclip import CrfConfig
+from weakclip_core.crf import dense_crf
+from weakclip_core.data.layout import LABELS_FILE, PreparedDataset, read_mask, write_mask
+from weakclip_core.data.segmentation import ground_truth_dirs, refuse_ground_truth_dir
+from weakclip_core.device import resolve_device, set_threads
+from weakclip_core.inference import DenseModel, InferenceAugmentation, predict_image_batch
+from weakclip_core.metrics import ConfusionAccumulator, confusion_matrix, iou_report
+from weakclip_core.overlays import evenly_spaced, lowest_scoring, save_overlay
+from weakclip_core.training import CHECKPOINT_ROOT, config_hash
+from weakclip_core.weakclip_artifact import load_weakclip_model
+
+STAGE = "pseudo_masks"
+PROVENANCE_FILE = "provenance.json"
+N_WORST = 8
+SEEDS_GT_FLAG = "thresholds_chosen_with_gt"
+
+
+class ProvenanceError(ValueError):
+    """The GT use upstream cannot be established, or would be misreported; names the file and key."""
+
+
+@dataclass(frozen=True)
+class PseudoPaths:
+    """What the stage reads and writes besides ``pseudo.output_dir``; tests point these into a temp folder."""
+
+    model: Path = Path("artifacts/weakclip/model.pt")
+    clip_dir: Path | None = None  # None: the CLIP artifact recorded in the model file
+    weakclip_metrics: Path = Path("metrics/weakclip.json")
+    metrics: Path = Path("metrics/pseudo.json")
+    reports: Path = Path("reports/pseudo")
+    work_root: Path = CHECKPOINT_ROOT / STAGE
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Batches ``index``, ``index + count``, ... of the sorted ids (``0/1``: everything)."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        try:
+            index_text, count_text = text.split("/")
+            shard = cls(int(index_text), int(count_text))
+        except ValueError:
+            raise ValueError(f"--shard: expected i/n with 0 <= i < n, got {text!r}") from None
+        if not 0 <= shard.index < shard.count:
+            raise ValueError(f"--shard: expected i/n with 0 <= i < n, got {text!r}")
+        return shard
+
+    @property
+    def manifest_name(self) -> str:
+        return f"manifest-{self.index}-of-{self.count}.jsonl"
+
+
+# --------------------------------------------------------------------------- work folder and manifest
+
+def work_config(params: Params, dataset: PreparedDataset, model_path: Path) -> dict[str, Any]:
+    """Everything that changes a mask's bytes (not where outputs go, nor how many CRF workers run)."""
+    pseudo = to_plain(params.pseudo)
+    for key in ("output_dir", "workers", "overlay_samples"):
+        pseudo.pop(key)
+    return {"pseudo": pseudo, "model_sha256": sha256_of_file(model_path),
+            "dataset": {"root": str(dataset.root.resolve()), "split": params.dataset.train_split,
+                        "labels_sha256": sha256_of_file(dataset.root / LABELS_FILE)}}
+
+
+def work_dir_of(paths: PseudoPaths, config: dict[str, Any]) -> Path:
+    return paths.work_root / config_hash(config)
+
+
+def read_manifest_lines(path: Path) -> list[dict[str, str]]:
+    """The complete JSON lines of one manifest; a torn last line (a kill mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and {"id", "mask_sha256", "raw_sha256"} <= set(entry):
+            entries.append(entry)
+    return entries
+
+
+def done_images(work_dir: Path) -> dict[str, dict[str, str]]:
+    """Images whose two PNGs exist and match a manifest checksum (any shard's manifest)."""
+    claimed: dict[str, dict[str, str]] = {}
+    for manifest in sorted(work_dir.glob("manifest-*.jsonl")):
+        for entry in read_manifest_lines(manifest):
+            claimed[entry["id"]] = entry
+    done = {}
+    for image_id, entry in claimed.items():
+        mask_path, raw_path = work_dir / "masks" / f"{image_id}.png", work_dir / "raw" / f"{image_id}.png"
+        if (mask_path.is_file() and raw_path.is_file() and sha256_of_file(mask_path) == entry["mask_sha256"]
+                and sha256_of_file(raw_path) == entry["raw_sha256"]):
+            done[image_id] = entry
+    return done
+
+
+class ManifestWriter:
+    """Appends one line per finished image to this shard's manifest, durably (flush + fsync)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            text = path.read_text()
+            if text and not text.endswith("\n"):  # a torn line from a kill: cut it before appending
+                with open(path, "r+") as stream:
+                    stream.truncate(text.rfind("\n") + 1)
+        self._stream = open(path, "a")
+
+    def add(self, entry: dict[str, str]) -> None:
+        self._stream.write(json.dumps(entry, sort_keys=True) + "\n")
+        self._stream.flush()
+        os.fsync(self._stream.fileno())
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def remove_stale_temporaries(work_dir: Path) -> None:
+    """Temporary PNGs of a killed run (never under a final name) are deleted before resuming."""
+    for folder in (work_dir / "masks", work_dir / "raw"):
+        if folder.is_dir():
+            for stale in folder.glob(".*.tmp*"):
+                stale.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the CRF worker job
+
+@dataclass(frozen=True)
+class RefineJob:
+    """One image's CRF job: its probabilities over its ``classes`` only ((n, H, W), rows in ``classes`` order)."""
+
+    image_id: str
+    image: np.ndarray
+    probabilities: np.ndarray
+    classes: tuple[int, ...]
+    crf: CrfConfig | None
+    work_dir: Path
+
+
+def refine_and_write(job: RefineJob) -> dict[str, str]:
+    """Argmax before CRF (raw) and after CRF (mask), both written atomically; returns the manifest entry.
+
+    Runs in a CRF worker process. Class ids map back through ``job.classes``, so a class outside the
+    image's labels + background can never be written.
+    """
+    classes = np.asarray(job.classes, dtype=np.uint8)
+    raw = classes[job.probabilities.argmax(axis=0)]
+    refined = raw if job.crf is None else classes[dense_crf(job.image, job.probabilities, job.crf).argmax(axis=0)]
+    raw_path = job.work_dir / "raw" / f"{job.image_id}.png"
+    mask_path = job.work_dir / "masks" / f"{job.image_id}.png"
+    write_mask(raw_path, raw)
+    write_mask(mask_path, refined)
+    return {"id": job.image_id, "mask_sha256": sha256_of_file(mask_path), "raw_sha256": sha256_of_file(raw_path)}
+
+
+# --------------------------------------------------------------------------- inference over a shard
+
+def id_batches(image_ids: list[str], batch_size: int) -> list[list[str]]:
+    ordered = sorted(image_ids)
+    return [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
+
+
+def load_dense_model(paths: PseudoPaths, device: torch.device) -> DenseModel:
+    """The trained WeakCLIP as a ``(B, 3, h, w) → (B, K, h/4, w/4)`` logits callable on ``device``."""
+    model = load_weakclip_model(paths.model, paths.clip_dir).to(device).eval()
+
+    def logits_of(images: torch.Tensor) -> torch.Tensor:
+        return model(images).logits
+
+    return logits_of
+
+
+def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = PseudoPaths(),
+              stop_after_images: int | None = None, show_progress: bool = True) -> int:
+    """Predict and refine this shard's undone images into the work folder; returns how many it wrote.
+
+    ``stop_after_images`` returns once that many images of this call are recorded (a stand-in for a kill
+    in tests; the in-flight CRF jobs are abandoned like a killed run's).
+    """
+    pseudo = params.pseudo
+    dataset = PreparedDataset.open(params.dataset.prepared_dir)
+    refuse_ground_truth_dir(pseudo.output_dir, ground_truth_dirs(dataset.root, params.dataset.source or None),
+                            "pseudo.output_dir")
+    config = work_config(params, dataset, paths.model)
+    work_dir = work_dir_of(paths, config)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    write_json(work_dir / "config.json", config)
+    remove_stale_temporaries(work_dir)
+    done = done_images(work_dir)
+    batches = id_batches(dataset.split(params.dataset.train_split), pseudo.batch_size)[shard.index::shard.count]
+    pending_batches = [batch for batch in batches if any(image_id not in done for image_id in batch)]
+    n_todo = sum(image_id not in done for batch in pending_batches for image_id in batch)
+    if not pending_batches:
+        return 0
+
+    set_threads(params.runtime.threads)
+    torch.manual_seed(params.runtime.seed)
+    device = resolve_device(params.runtime.device)
+    model = load_dense_model(paths, device)
+    views = InferenceAugmentation(scales=tuple(pseudo.scales), flip=pseudo.flip, crop=pseudo.crop,
+                                  stride=pseudo.stride)
+    crf = pseudo.crf if pseudo.use_crf else None
+    executor = (ProcessPoolExecutor(max_workers=pseudo.workers, mp_context=multiprocessing.get_context("spawn"))
+                if pseudo.workers > 0 else None)
+    manifest = ManifestWriter(work_dir / shard.manifest_name)
+    in_flight: deque[Future] = deque()
+    max_in_flight = 2 * max(1, pseudo.workers) * pseudo.batch_size
+    written = 0
+    progress = tqdm(total=n_todo, desc=f"{STAGE} {shard.index}/{shard.count}", unit="img", disable=not show_progress)
+
+    def record(future: Future) -> None:
+        nonlocal written
+        manifest.add(future.result())
+        written += 1
+        progress.update(1)
+
+    try:
+        for batch in pending_batches:
+            images = [dataset.image(image_id) for image_id in batch]
+            labels = [dataset.image_labels(image_id) for image_id in batch]
+            probabilities = predict_image_batch(model, images, labels, dataset.n_classes, views, device)
+            for image_id, image, classes, probability in zip(batch, images, labels, probabilities):
+                if image_id in done:
+                    continue
+                allowed = (0, *sorted(classes))
+                job = RefineJob(image_id, image, np.ascontiguousarray(probability[list(allowed)]), allowed, crf,
+                                work_dir)
+                if executor is None:
+                    manifest.add(refine_and_write(job))
+                    written += 1
+                    progress.update(1)
+                else:
+                    in_flight.append(executor.submit(refine_and_write, job))
+            # Record what finished without waiting; block only when too much is queued.
+            while in_flight and (in_flight[0].done() or len(in_flight) > max_in_flight):
+                record(in_flight.popleft())
+            if stop_after_images is not None and written >= stop_after_images:
+                return written
+        while in_flight:
+            wait([in_flight[0]], return_when=FIRST_COMPLETED)
+            record(in_flight.popleft())
+    finally:
+        progress.close()
+        manifest.close()
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    return written
+
+
+# --------------------------------------------------------------------------- provenance and assembly
+
+def upstream_seed_provenance(weakclip_metrics: Path) -> dict[str, Any]:
+    """How the seeds WeakCLIP trained on were made, from ``metrics/weakclip.json``.
+
+    A missing file or flag stops the stage: without it the chain cannot claim that no GT was used.
+    """
+    if not weakclip_metrics.is_file():
+        raise ProvenanceError(f"{weakclip_metrics}: missing; it records whether GT chose the seed thresholds "
+                              "(run weakclip_train) and pseudo_masks will not report 'no GT used' without it")
+    data = json.loads(weakclip_metrics.read_text())
+    if not isinstance(data.get(SEEDS_GT_FLAG), bool):
+        raise ProvenanceError(f"{weakclip_metrics}: key {SEEDS_GT_FLAG!r} (true/false) is missing; cannot "
+                              "establish whether GT chose the seed thresholds")
+    return {"seeds_thresholds_chosen_with_gt": data[SEEDS_GT_FLAG], "seed_mode": data.get("seed_mode"),
+            "cam_variant": data.get("cam_variant")}
+
+
+def check_gt_claim(metrics: dict[str, Any], upstream: dict[str, Any]) -> None:
+    """Refuse a report that says "no threshold chosen with GT" over seeds that were thresholded with GT."""
+    if upstream["seeds_thresholds_chosen_with_gt"] and not metrics["threshold_chosen_with_gt"]:
+        raise ProvenanceError("metrics/pseudo.json would report threshold_chosen_with_gt=false, but the seeds "
+                              f"WeakCLIP trained on were thresholded with GT ({SEEDS_GT_FLAG}=true upstream)")
+
+
+def assemble(params: Params, paths: PseudoPaths = PseudoPaths(), started: float | None = None) -> dict[str, Any]:
+    """Outputs from a complete work folder: the mask folder, ``metrics/pseudo.json``, ``reports/pseudo/``."""
+    pseudo = params.pseudo
+    dataset = PreparedDataset.open(params.dataset.prepared_dir)
+    refuse_ground_truth_dir(pseudo.output_dir, ground_truth_dirs(dataset.root, params.dataset.source or None),
+                            "pseudo.output_dir")
+    upstream = upstream_seed_provenance(paths.weakclip_metrics)
+    config = work_config(params, dataset, paths.model)
+    work_dir = work_dir_of(paths, config)
+    split = params.dataset.train_split
+    image_ids = sorted(dataset.split(split))
+    done = done_images(work_dir) if work_dir.is_dir() else {}
+    missing = [image_id for image_id in image_ids if image_id not in done]
+    if missing:
+        raise RuntimeError(f"{work_dir}: {len(missing)} of {len(image_ids)} images are not done (first: "
+                           f"{missing[0]}); run the remaining shards (or the unsharded command) first")
+
+    before, after = ConfusionAccumulator(dataset.n_classes), ConfusionAccumulator(dataset.n_classes)
+    per_image_miou: dict[str, float] = {}
+    for image_id in image_ids:
+        if not dataset.has_mask(image_id):
+            continue
+        ground_truth = dataset.mask(image_id)
+        before.add(ground_truth, read_mask(work_dir / "raw" / f"{image_id}.png"))
+        confusion = confusion_matrix(ground_truth, read_mask(work_dir / "masks" / f"{image_id}.png"),
+                                     dataset.n_classes)
+        after.confusion += confusion
+        per_image_miou[image_id] = iou_report(confusion).miou
+    n_scored = len(per_image_miou)
+    before_report, after_report = before.report(), after.report()
+    final_report = after_report if pseudo.use_crf else before_report
+
+    provenance = {"made_by": f"pipeline.{STAGE}", "split": split, "n_images": len(image_ids),
+                  "gt_used": False, "threshold_chosen_with_gt": upstream["seeds_thresholds_chosen_with_gt"],
+                  "seed_mode": upstream["seed_mode"], "cam_variant": upstream["cam_variant"],
+                  "model_sha256": config["model_sha256"]}
+    with atomic_dir(pseudo.output_dir) as output_dir:
+        for image_id in image_ids:
+            shutil.copyfile(work_dir / "masks" / f"{image_id}.png", output_dir / f"{image_id}.png")
+        write_json(output_dir / PROVENANCE_FILE, provenance)
+
+    worst = lowest_scoring(per_image_miou, N_WORST)
+    with atomic_dir(paths.reports) as reports_dir:
+        for prefix, chosen in (("sample", evenly_spaced(image_ids, pseudo.overlay_samples)), ("worst", worst)):
+            for rank, image_id in enumerate(chosen):
+                masks = ([("GT", dataset.mask(image_id))] if dataset.has_mask(image_id) else [])
+                masks += [("before CRF", read_mask(work_dir / "raw" / f"{image_id}.png")),
+                          ("after CRF", read_mask(work_dir / "masks" / f"{image_id}.png"))]
+                score = f"  mIoU {100 * per_image_miou[image_id]:.1f}" if image_id in per_image_miou else ""
+                save_overlay(reports_dir / f"{prefix}_{rank}_{image_id}.png", dataset.image(image_id), masks,
+                             caption=f"{image_id}{score}")
+
+    metrics: dict[str, Any] = {
+        "miou": final_report.miou if n_scored else None,
+        "miou_before_crf": before_report.miou if n_scored else None,
+        "miou_after_crf": after_report.miou if n_scored and pseudo.use_crf else None,
+        **{key: value for key, value in final_report.as_dict(dataset.class_names).items() if key != "miou"},
+        "before_crf": before_report.as_dict(dataset.class_names) if n_scored else None,
+        "split": split,
+        "n_images": len(image_ids),
+        "n_scored": n_scored,
+        "use_crf": pseudo.use_crf,
+        "scales": list(pseudo.scales),
+        "flip": pseudo.flip,
+        "crf": to_plain(pseudo.crf),
+        "threshold_chosen_with_gt": bool(upstream["seeds_thresholds_chosen_with_gt"]),
+        "this_stage_chose_threshold_with_gt": False,
+        "seed_mode": upstream["seed_mode"],
+        "cam_variant": upstream["cam_variant"],
+        "worst_images": {image_id: per_image_miou[image_id] for image_id in worst},
+    }
+    if started is not None:
+        metrics["wall_s"] = round(time.perf_counter() - started, 1)
+    check_gt_claim(metrics, upstream)
+    write_json(paths.metrics, metrics)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    parser.add_argument("--shard", type=Shard.parse, default=Shard(),
+                        help="i/n: process only batches i, i+n, ... (run every shard, then --merge)")
+    parser.add_argument("--merge", action="store_true", help="assemble the outputs of finished shards")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    started = time.perf_counter()
+    if not args.merge:
+        written = run_shard(params, args.shard)
+        print(f"{STAGE}: shard {args.shard.index}/{args.shard.count} wrote {written} masks "
+              f"in {time.perf_counter() - started:.1f} s")
+        if args.shard.count > 1:
+            print(f"{STAGE}: when every shard is done, run `python -m pipeline.{STAGE} --merge`")
+            return
+    metrics = assemble(params, started=started)
+    before = metrics["miou_before_crf"]
+    print(f"{STAGE}: {metrics['split']} mIoU {metrics['miou']} (before CRF {before}) over "
+          f"{metrics['n_scored']} of {metrics['n_images']} images, {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""pseudo_masks end to end on a tiny dataset + a tiny WeakCLIP written here: shards merge byte for byte,
+a SIGKILLed run resumes without losing or duplicating an image, labels restrict the classes, guards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.pseudo_masks import (ManifestWriter, ProvenanceError, PseudoPaths, Shard, assemble, check_gt_claim,
+                                   done_images, read_manifest_lines, run_shard, upstream_seed_provenance,
+                                   work_config, work_dir_of)
+from tiny_voc import CLASS_NAMES, TINY_CLIP_ARCH, write_tiny_voc
+from weakclip_core.clip_model import build_clip, load_clip_artifact, save_clip_artifact
+from weakclip_core.config import ClipConfig, WeakClipConfig, build_dataclass, params_from_dict
+from weakclip_core.data.layout import PreparedDataset, read_mask
+from weakclip_core.data.segmentation import GroundTruthMaskError
+from weakclip_core.models.weakclip.model import WeakCLIP
+from weakclip_core.weakclip_artifact import save_weakclip_model
+
+REPO = Path(__file__).resolve().parent.parent
+N_TRAIN = 12
+TINY_WEAKCLIP = {"prompt_len": 2, "text_context_length": 6, "taps": [0, 1, 2, 3], "co_attention_width": 16,
+                 "co_attention_heads": 2, "co_attention_layers": 1, "neck_width": 16, "head_width": 16}
+
+
+def write_chain(root: Path) -> None:
+    """root/data (tiny VOC), root/artifacts/{clip,weakclip/model.pt} (random tiny model), root/metrics/weakclip.json."""
+    write_tiny_voc(root / "data", n_train=N_TRAIN, n_val=4, size=64)
+    clip_cfg = build_dataclass(ClipConfig, {"source": "random", "arch": dict(TINY_CLIP_ARCH)})
+    torch.manual_seed(0)
+    save_clip_artifact(root / "artifacts" / "clip", build_clip(clip_cfg), clip_cfg)
+    cfg = build_dataclass(WeakClipConfig, dict(TINY_WEAKCLIP))
+    model = WeakCLIP(load_clip_artifact(root / "artifacts" / "clip"), CLASS_NAMES, cfg)
+    save_weakclip_model(root / "artifacts" / "weakclip" / "model.pt", model, cfg, root / "artifacts" / "clip")
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics" / "weakclip.json").write_text(json.dumps({"miou": 0.1, "split": "train",
+                                                                "thresholds_chosen_with_gt": False,
+                                                                "seed_mode": "confident",
+                                                                "cam_variant": "fused_affinity"}))
+
+
+def params_dict(root: Path, output: str = "data_pseudo", workers: int = 0) -> dict:
+    return {"runtime": {"device": "cpu", "seed": 0, "threads": 2},
+            "dataset": {"prepared_dir": str(root / "data")},
+            "pseudo": {"scales": [0.75, 1.0], "flip": True, "crop": 64, "stride": 32, "batch_size": 3,
+                       "workers": workers, "output_dir": str(root / output), "overlay_samples": 3,
+                       "crf": {"iterations": 5}}}
+
+
+def paths_of(root: Path, run: str) -> PseudoPaths:
+    return PseudoPaths(model=root / "artifacts" / "weakclip" / "model.pt",
+                       weakclip_metrics=root / "metrics" / "weakclip.json",
+                       metrics=root / run / "pseudo.json", reports=root / run / "reports",
+                       work_root=root / run / "work")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pseudo")
+    write_chain(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def straight_run(chain) -> dict:
+    """The unsharded run, inline CRF: the reference every other run must reproduce byte for byte."""
+    params = params_from_dict(params_dict(chain, "straight_masks"))
+    paths = paths_of(chain, "straight")
+    assert run_shard(params, paths=paths, show_progress=False) == N_TRAIN
+    return assemble(params, paths)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def numpy_miou(pairs: list[tuple[np.ndarray, np.ndarray]], n_classes: int) -> float:
+    """Independent mIoU: per-class TP / (TP + FP + FN) summed over images, 255 ignored, undefined skipped."""
+    tp, fp, fn = np.zeros(n_classes), np.zeros(n_classes), np.zeros(n_classes)
+    for gt, pred in pairs:
+        valid = gt != 255
+        for k in range(n_classes):
+            tp[k] += np.sum((gt == k) & (pred == k) & valid)
+            fp[k] += np.sum((gt != k) & (pred == k) & valid)
+            fn[k] += np.sum((gt == k) & (pred != k) & valid)
+    union = tp + fp + fn
+    return float(np.mean(tp[union > 0] / union[union > 0]))
+
+
+def test_unsharded_run_writes_restricted_masks_metrics_and_reports(chain, straight_run):
+    dataset = PreparedDataset.open(chain / "data")
+    output = chain / "straight_masks"
+    train_ids = sorted(dataset.split("train"))
+    assert sorted(p.stem for p in output.glob("*.png")) == train_ids
+    pairs = []
+    for image_id in train_ids:
+        mask = read_mask(output / f"{image_id}.png")
+        assert mask.shape == (64, 64)
+        assert set(np.unique(mask).tolist()) <= {0, *dataset.image_labels(image_id)}, image_id
+        pairs.append((dataset.mask(image_id), mask))
+    metrics = straight_run
+    assert metrics["split"] == "train" and metrics["n_images"] == N_TRAIN and metrics["n_scored"] == N_TRAIN
+    assert metrics["miou"] == pytest.approx(numpy_miou(pairs, 4), abs=1e-12)
+    assert metrics["miou"] == metrics["miou_after_crf"] and metrics["miou_before_crf"] is not None
+    assert metrics["threshold_chosen_with_gt"] is False and metrics["cam_variant"] == "fused_affinity"
+    assert set(metrics["per_class"]) == set(CLASS_NAMES) and set(metrics["precision"]) == set(CLASS_NAMES)
+    assert json.loads((output / "provenance.json").read_text())["threshold_chosen_with_gt"] is False
+    reports = sorted(p.name for p in (chain / "straight" / "reports").iterdir())
+    assert len([r for r in reports if r.startswith("sample_")]) == 3
+    assert len([r for r in reports if r.startswith("worst_")]) == 8
+    assert not (chain / "straight" / "work").exists() or not any((chain / "straight" / "work").iterdir())
+
+
+@pytest.mark.slow
+def test_shards_merged_equal_the_unsharded_run_byte_for_byte(chain, straight_run):
+    params = params_from_dict(params_dict(chain, "sharded_masks", workers=1))
+    paths = paths_of(chain, "sharded")
+    written = [run_shard(params, Shard(index, 2), paths, show_progress=False) for index in (1, 0)]
+    assert sum(written) == N_TRAIN and all(written)
+    merged = assemble(params, paths)
+    assert folder_bytes(chain / "sharded_masks") == folder_bytes(chain / "straight_masks")
+    assert {k: v for k, v in merged.items() if k != "wall_s"} == {k: v for k, v in straight_run.items()
+                                                                  if k != "wall_s"}
+
+
+def test_merge_refuses_while_a_shard_is_missing(chain):
+    params = params_from_dict(params_dict(chain, "partial_masks"))
+    paths = paths_of(chain, "partial")
+    run_shard(params, Shard(0, 2), paths, show_progress=False)
+    with pytest.raises(RuntimeError, match="are not done"):
+        assemble(params, paths)
+    assert not (chain / "partial_masks").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(chain, straight_run, tmp_path):
+    for name in ("data", "artifacts", "metrics"):
+        (tmp_path / name).symlink_to(chain / name)
+    settings = params_dict(chain, workers=1)
+    settings["pseudo"]["output_dir"] = "data_pseudo"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "pipeline.pseudo_masks", "--params", "params.yaml"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    work_root = tmp_path / "checkpoints" / "pseudo_masks"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        lines = sum(len(read_manifest_lines(m)) for m in work_root.glob("*/manifest-*.jsonl"))
+        if lines >= 3 or process.poll() is not None:
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "the run finished before it could be killed: " + process.stdout.read().decode()
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    [work_dir] = list(work_root.iterdir())
+    for folder in (work_dir / "masks", work_dir / "raw"):
+        for png in folder.glob("[!.]*.png"):  # every file under a final name is a whole PNG
+            assert read_mask(png).shape == (64, 64)
+    survived = done_images(work_dir)
+    assert 3 <= len(survived) < N_TRAIN
+    assert not (tmp_path / "data_pseudo").exists()
+
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"wrote {N_TRAIN - len(survived)} masks" in rerun.stdout
+    assert folder_bytes(tmp_path / "data_pseudo") == folder_bytes(chain / "straight_masks")
+    assert not any(p.name.endswith((".tmp.png", ".tmp")) for p in (tmp_path / "data_pseudo").iterdir())
+
+
+def test_manifest_drops_a_torn_line_and_appends_after_it(tmp_path):
+    path = tmp_path / "manifest-0-of-1.jsonl"
+    path.write_text('{"id": "a", "mask_sha256": "1", "raw_sha256": "2"}\n{"id": "b", "mask_sha')
+    assert [entry["id"] for entry in read_manifest_lines(path)] == ["a"]
+    writer = ManifestWriter(path)
+    writer.add({"id": "c", "mask_sha256": "3", "raw_sha256": "4"})
+    writer.close()
+    assert [entry["id"] for entry in read_manifest_lines(path)] == ["a", "c"]
+
+
+def test_an_image_whose_png_does_not_match_the_manifest_is_not_done(chain):
+    params = params_from_dict(params_dict(chain, "tamper_masks"))
+    paths = paths_of(chain, "tamper")
+    run_shard(params, Shard(0, 4), paths, show_progress=False)
+    work_dir = work_dir_of(paths, work_config(params, PreparedDataset.open(chain / "data"), paths.model))
+    done = done_images(work_dir)
+    victim = sorted(done)[0]
+    (work_dir / "masks" / f"{victim}.png").write_bytes(b"\x89PNG half")
+    assert victim not in done_images(work_dir)
+    assert run_shard(params, Shard(0, 4), paths, show_progress=False) == 1
+
+
+def test_output_folder_that_is_the_gt_folder_is_refused(chain):
+    settings = params_dict(chain)
+    settings["pseudo"]["output_dir"] = str(chain / "data" / "SegmentationClass")
+    params = params_from_dict(settings)
+    before = folder_bytes(chain / "data" / "SegmentationClass")
+    with pytest.raises(GroundTruthMaskError, match="ground-truth mask folder"):
+        run_shard(params, paths=paths_of(chain, "refused"), show_progress=False)
+    with pytest.raises(GroundTruthMaskError):
+        assemble(params, paths_of(chain, "refused"))
+    assert folder_bytes(chain / "data" / "SegmentationClass") == before
+
+
+def test_unknown_or_gt_thresholded_upstream_is_never_reported_as_no_gt(tmp_path):
+    with pytest.raises(ProvenanceError, match="weakclip.json: missing"):
+        upstream_seed_provenance(tmp_path / "weakclip.json")
+    (tmp_path / "weakclip.json").write_text(json.dumps({"miou": 0.5}))
+    with pytest.raises(ProvenanceError, match="thresholds_chosen_with_gt"):
+        upstream_seed_provenance(tmp_path / "weakclip.json")
+    (tmp_path / "weakclip.json").write_text(json.dumps({"thresholds_chosen_with_gt": True}))
+    upstream = upstream_seed_provenance(tmp_path / "weakclip.json")
+    with pytest.raises(ProvenanceError, match="thresholded with GT"):
+        check_gt_claim({"threshold_chosen_with_gt": False}, upstream)
+    check_gt_claim({"threshold_chosen_with_gt": True}, upstream)
+
+
+def test_shard_argument():
+    assert Shard.parse("1/4") == Shard(1, 4)
+    for bad in ("4/4", "-1/2", "x", "1/0"):
+        with pytest.raises(ValueError, match="--shard"):
+            Shard.parse(bad)

@@ -146,7 +146,9 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
     last_loss = float(extra.get("last_loss", math.nan))
 
     loader = DataLoader(train_set, batch_size=train.batch_size, num_workers=train.workers,
-                        sampler=StepSampler(len(train_set), train.batch_size, seed, total_steps, start_step))
+                        sampler=StepSampler(len(train_set), train.batch_size, seed, total_steps, start_step),
+                        generator=torch.Generator().manual_seed(seed))  # the loader's own seed draw leaves
+    # the global RNG (dropout, drop-path) untouched, so a resumed run continues its exact stream
     live = Live(str(paths.live_dir(source)), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
     progress = tqdm(total=total_steps, initial=start_step, desc=f"seg_train@{source}", unit="step",
                     disable=not show_progress)

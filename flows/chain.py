@@ -193,3 +193,28 @@ def stage(repo_dir: str, stage_name: str, remote: str | None = None) -> dict[str
     if spec is None:
         raise KeyError(f"{root / 'dvc.yaml'}: no stage named {stage_name!r}")
     return execute_stage(spec, root, get_run_logger(), remote=remote)
+
+
+def main() -> None:
+    """``python -m flows.chain``: run the chain in this process (stages as local tasks)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the DVC pipeline as a Prefect flow, stage by stage.")
+    parser.add_argument("--repo-dir", default=".", help="root of the DVC project (default: .)")
+    parser.add_argument("--target", action="append", default=None, help="run only what this stage needs (repeatable)")
+    parser.add_argument("--remote", default=None, help="DVC remote: pull upstream outputs before, push outputs after each stage")
+    parser.add_argument("--max-parallel", type=int, default=2, help="stages running at once (default: 2)")
+    parser.add_argument("--retries", type=int, default=2, help="retries of a failed stage (default: 2)")
+    args = parser.parse_args()
+    report = chain(
+        repo_dir=args.repo_dir,
+        targets=args.target,
+        remote=args.remote,
+        max_parallel=args.max_parallel,
+        retries=args.retries,
+    )
+    print(f"completed: {', '.join(report.completed)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -88,3 +88,29 @@ def sweep(
     rows = experiment_rows(json.loads(shown), names)
     create_table_artifact(table=rows, key="sweep-experiments", description=f"dvc exp show for {names}")
     return rows
+
+
+def main() -> None:
+    """``python -m flows.sweep --variant NAME KEY=VALUE [KEY=VALUE ...] ...``: run a sweep in this process."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run dvc exp variants in clones and push them back.")
+    parser.add_argument("--repo-dir", default=".", help="the git + DVC repository (its HEAD is the baseline)")
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar="NAME_OR_OVERRIDE",
+        help="an experiment name then its -S overrides, e.g. --variant lr-small seg.lr=0.001 (repeatable)",
+    )
+    parser.add_argument("--remote", default=None, help="DVC remote shared by the clones")
+    parser.add_argument("--max-parallel", type=int, default=2)
+    args = parser.parse_args()
+    variants = {name: overrides for name, *overrides in args.variant}
+    rows = sweep(repo_dir=args.repo_dir, variants=variants, remote=args.remote, max_parallel=args.max_parallel)
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

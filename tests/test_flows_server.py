@@ -138,8 +138,13 @@ def test_stages_ran_as_deployments_on_their_pools_with_logs(pool_run: PoolRun, s
     assert "Running stage 'cam_train':" in messages  # dvc repro's own output, in the stage's flow run logs
 
 
-def chromium_dom(url: str, profile: Path) -> str:
-    """The DOM of ``url`` after the single-page app rendered (headless Chromium, no network but loopback)."""
+def chromium_dom(url: str, profile: Path, expected: list[str], attempts: int = 3) -> str:
+    """The text of ``url``'s DOM after the single-page app rendered (headless Chromium, loopback only).
+
+    ``--virtual-time-budget`` runs the page's timers fast but the API answers in real time: on a
+    loaded machine the first dump can come before the data. Load again (up to ``attempts`` times)
+    until every ``expected`` string is on the page; the caller asserts on the last dump.
+    """
     if not CHROMIUM.exists():
         pytest.fail(
             f"{CHROMIUM} is missing: the UI check needs Debian's chromium "
@@ -159,9 +164,15 @@ def chromium_dom(url: str, profile: Path) -> str:
         "--dump-dom",
         url,
     ]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", completed.stdout))
+    text = ""
+    for _ in range(attempts):
+        shutil.rmtree(profile, ignore_errors=True)
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", completed.stdout))
+        if all(needle in text for needle in expected):
+            break
+    return text
 
 
 @pytest.mark.slow
@@ -169,8 +180,9 @@ def test_ui_shows_the_flow_run_and_its_metric_artifacts(pool_run: PoolRun, serve
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    run_page = chromium_dom(f"{server.ui_url}/runs/flow-run/{pool_run.flow_run_id}", tmp_path / "profile-run")
-    assert pool_run.flow_run_name in run_page and "Completed" in run_page
+    run_expected = [pool_run.flow_run_name, "Completed", "Artifacts"]
+    run_page = chromium_dom(f"{server.ui_url}/runs/flow-run/{pool_run.flow_run_id}", tmp_path / "profile-run", run_expected)
+    assert all(needle in run_page for needle in run_expected), run_page[-1500:]
     assert "Can't connect to Server API" not in run_page
 
     with get_client(sync_client=True) as client:
@@ -179,9 +191,12 @@ def test_ui_shows_the_flow_run_and_its_metric_artifacts(pool_run: PoolRun, serve
     assert set(ids) == {"chain-miou", "eval-a-metrics"}
 
     # The mIoU table as the UI renders it, against the metrics files read here independently.
-    miou_page = chromium_dom(f"{server.ui_url}/artifacts/artifact/{ids['chain-miou']}", tmp_path / "profile-miou")
+    rows = []
     for stage_name, path, key in (("eval_a", "eval_a.json", "miou"), ("eval_b", "eval_b.json", "miou"), ("summary", "summary.json", "summary_miou")):
         value = json.loads((pool_run.project / "metrics" / path).read_text())[key]
-        assert f"{stage_name} metrics/{path}: {key} {value:.4f}" in miou_page
-    table_page = chromium_dom(f"{server.ui_url}/artifacts/artifact/{ids['eval-a-metrics']}", tmp_path / "profile-table")
-    assert "metrics/eval_a.json per_class.cat 0.25" in table_page
+        rows.append(f"{stage_name} metrics/{path}: {key} {value:.4f}")
+    miou_page = chromium_dom(f"{server.ui_url}/artifacts/artifact/{ids['chain-miou']}", tmp_path / "profile-miou", rows)
+    assert all(row in miou_page for row in rows), miou_page[-1500:]
+    table_row = "metrics/eval_a.json per_class.cat 0.25"
+    table_page = chromium_dom(f"{server.ui_url}/artifacts/artifact/{ids['eval-a-metrics']}", tmp_path / "profile-table", [table_row])
+    assert table_row in table_page, table_page[-1500:]

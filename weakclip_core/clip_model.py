@@ -207,8 +207,9 @@ def save_clip_artifact(directory: str | Path, model: CLIP, cfg: ClipConfig,
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / WEIGHTS_FILE) as temporary:
-        torch.save({key: value.detach().cpu() for key, value in model.state_dict().items()}, temporary)
+    with atomic_path(directory / WEIGHTS_FILE) as temporary, open(temporary, "wb") as stream:
+        # A stream, not the path: torch names the archive after the (random) temporary file name.
+        torch.save({key: value.detach().cpu() for key, value in model.state_dict().items()}, stream)
     write_json(directory / MODEL_CONFIG_FILE, clip_model_config(cfg, model))
     details: dict[str, Any] = {"source": cfg.source, "model_name": cfg.model_name,
                                "parameters": sum(parameter.numel() for parameter in model.parameters())}

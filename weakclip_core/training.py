@@ -88,8 +88,8 @@ class Checkpointer:
              extra: dict[str, Any] | None = None) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                  "config": self.config, "rng": capture_rng_state(), "extra": extra or {}}
-        with atomic_path(self.path) as temporary_path:
-            torch.save(state, temporary_path)
+        with atomic_path(self.path) as temporary_path, open(temporary_path, "wb") as stream:
+            torch.save(state, stream)  # a stream, not the path: torch names the archive after the file
 
     def load(self) -> dict[str, Any] | None:
         """The last checkpoint of this config, or ``None`` when there is none."""
@@ -117,5 +117,7 @@ class Checkpointer:
 
 def save_final_model(path: str | Path, model: torch.nn.Module, config: dict[str, Any], **metadata: Any) -> None:
     """The stage's declared output: ``{"model": state_dict, "config": ..., **metadata}``, atomically."""
-    with atomic_path(path) as temporary_path:
-        torch.save({"model": model.state_dict(), "config": config, **metadata}, temporary_path)
+    # Saved through a stream: given a path, torch names the zip's root folder after the (random) temporary
+    # file name, so identical weights would give different bytes (and a different DVC hash) on every run.
+    with atomic_path(path) as temporary_path, open(temporary_path, "wb") as stream:
+        torch.save({"model": model.state_dict(), "config": config, **metadata}, stream)

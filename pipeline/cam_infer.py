@@ -26,6 +26,7 @@ from weakclip_core.cam_store import CamStoreWriter
 from weakclip_core.config import Params, load_params, to_plain
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from weakclip_core.data.voc import check_mask
 from weakclip_core.device import resolve_device, set_threads
 from weakclip_core.models.mctformer import load_trained_mctformer
 
@@ -98,12 +99,13 @@ def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_prog
             cams = multiscale_cams(model, normalise_images([image for _, image in batch], device), labels.to(device),
                                    infer.scales, infer.flip, infer.attention_layers)
             cams = {variant: maps.cpu().numpy() for variant, maps in cams.items()}
-            for row, (image_id, _) in enumerate(batch):
+            for row, (image_id, image) in enumerate(batch):
                 classes = dataset.image_labels(image_id)
                 rows = [class_index - 1 for class_index in classes]
                 writer.add(image_id, classes, np.clip(cams[infer.variant][row, rows], 0.0, 1.0))
                 if dataset.has_mask(image_id):
                     ground_truth = dataset.mask(image_id)
+                    check_mask(ground_truth, dataset.mask_path(image_id), image.shape[:2], dataset.n_classes)
                     for variant in CAM_VARIANTS:
                         sweeps[variant].add(ground_truth, cams[variant][row, rows], classes)
                     n_scored += 1

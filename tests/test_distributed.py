@@ -132,3 +132,46 @@ def test_stage_command_for_each_launcher() -> None:
     ddp = stage_command("pipeline.cam_train", RuntimeConfig(launcher="torchrun", nproc=4), ["--params", "p.yaml"])
     assert Path(ddp[0]).name == "torchrun"
     assert ddp[1:] == ["--standalone", "--nproc_per_node", "4", "-m", "pipeline.cam_train", "--params", "p.yaml"]
+
+
+TINY_STAGE = '''
+import sys
+from pathlib import Path
+
+import torch
+
+from weakclip_core.config.params import RuntimeConfig
+from weakclip_core.distributed import all_reduce_mean, init_distributed, relaunch_under_torchrun, run_on_main, shutdown_distributed
+
+
+def main() -> None:
+    code = relaunch_under_torchrun("tiny_ddp_stage", RuntimeConfig(launcher="torchrun", nproc=2), sys.argv[1:])
+    if code is not None:
+        raise SystemExit(code)
+    context = init_distributed("cpu")
+    mean_rank = all_reduce_mean(torch.tensor(float(context.rank)), context)
+    out = Path(sys.argv[1])
+    run_on_main(context, lambda: (out / "result.txt").write_text(f"{context.world_size} {context.backend} {mean_rank.item()}"))
+    shutdown_distributed(context)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.mark.slow
+def test_stage_relaunches_itself_under_torchrun(tmp_path: Path) -> None:
+    """``python -m stage`` with ``launcher: torchrun`` becomes 2 torchrun workers that join one Gloo group."""
+    import os
+    import subprocess
+
+    (tmp_path / "tiny_ddp_stage.py").write_text(TINY_STAGE)
+    repo_root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(repo_root)]), OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        [sys.executable, "-m", "tiny_ddp_stage", str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    # World of 2 on Gloo; the mean of ranks 0 and 1 is 0.5; only rank 0 wrote.
+    assert (tmp_path / "result.txt").read_text() == "2 gloo 0.5"

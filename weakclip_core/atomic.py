@@ -33,8 +33,10 @@ def atomic_path(final_path: str | Path, suffix: str = "") -> Iterator[Path]:
     try:
         yield temporary_path
         os.replace(temporary_path, final_path)
-    except BaseException:
+    except BaseException as error:
         temporary_path.unlink(missing_ok=True)
+        if isinstance(error, OSError):  # e.g. ENOSPC: the OS error does not say which output failed
+            error.add_note(f"while writing {final_path} (left as it was)")
         raise
 
 
@@ -54,8 +56,10 @@ def atomic_dir(final_dir: str | Path) -> Iterator[Path]:
             shutil.rmtree(old_dir, ignore_errors=True)
         else:
             os.replace(temporary_dir, final_dir)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temporary_dir, ignore_errors=True)
+        if isinstance(error, OSError):
+            error.add_note(f"while writing {final_dir} (not replaced)")
         raise
 
 

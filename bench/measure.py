@@ -327,7 +327,8 @@ def measure_cam_store(size: BenchSize, n_classes: int | None = None) -> dict[str
                 writer.add(f"image_{index:05d}", list(range(1, size.cam_present + 1)), cams)
                 raw_bytes += cams.astype(np.float32).nbytes
         store_bytes = path.stat().st_size
-    return {"bytes_per_image": store_bytes / size.cam_images, "raw_float32_bytes_per_image": raw_bytes / size.cam_images,
+    return {"bytes_per_image": store_bytes / size.cam_images,
+            "raw_float32_bytes_per_image": raw_bytes / size.cam_images,
             "compression_ratio": raw_bytes / store_bytes, "n_images": size.cam_images,
             "image_size": [height, width], "classes_per_image": size.cam_present,
             "source": "synthetic smooth CAMs (one Gaussian blob per present class)"}

@@ -197,10 +197,11 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
                      _row(*["---"] * 8)]
     for key, label in labels.items():
         record = training[key]
+        parameters = f"{record['trainable_parameters'] / 1e6:.2f}M / {record['total_parameters'] / 1e6:.2f}M"
         training_rows.append(_row(label, record["input_size"], record["batch_size"], _number(record["s_per_step"], 3),
                                   _number(record["images_per_s"], 3), _number(record["peak_memory_mib"], 0),
                                   _number(record["train_memory_mib"], 0),
-                                  f"{record['trainable_parameters'] / 1e6:.2f}M / {record['total_parameters'] / 1e6:.2f}M"))
+                                  parameters))
     ratio_rows = [_row("ratio", "value"), _row("---", "---")]
     ratio_rows += [_row(name.replace("_", " "), f"{value:.3f}") for name, value in ratio.items()]
     paper = results["parameters"]["paper_size"]

@@ -13,8 +13,11 @@ one clear line naming the file, never a crash):
 - per-class IoU of every stage that reports it;
 - the CAM background-threshold curve (``plots/cam_threshold.csv``);
 - training curves (``dvclive/<stage>/plots/metrics/**/*.tsv``);
-- overlays for a fixed sample of train images (image, GT, CAM seeds, WeakCLIP
-  prediction, pseudo mask) and val images (image, GT, retrained predictions).
+- overlays for a fixed sample (``weakclip_core.overlays.evenly_spaced``) of
+  train images (image, GT, CAM seeds from the store, WeakCLIP prediction, pseudo
+  mask, retrained predictions) and of val images (image, GT, predictions). The
+  predictions come from running the trained models (``artifacts/weakclip``,
+  ``artifacts/seg/<source>``) single-scale on those few images.
 """
 
 from __future__ import annotations
@@ -38,9 +41,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import torch  # noqa: E402
+
 from weakclip_core.atomic import atomic_path  # noqa: E402
+from weakclip_core.cam_store import CamStoreError, CamStoreReader  # noqa: E402
 from weakclip_core.config import Params, SeedConfig, load_params  # noqa: E402
-from weakclip_core.data.layout import read_image, read_mask, read_split, voc_palette  # noqa: E402
+from weakclip_core.data.layout import DatasetError, PreparedDataset, read_mask, voc_palette  # noqa: E402
+from weakclip_core.device import resolve_device  # noqa: E402
+from weakclip_core.inference import DenseModel, InferenceAugmentation, predict_image_batch  # noqa: E402
+from weakclip_core.overlays import evenly_spaced  # noqa: E402
+from weakclip_core.seeds import seeds_from_cams  # noqa: E402
+from weakclip_core.segmenter import load_segmenter  # noqa: E402
+from weakclip_core.weakclip_artifact import load_weakclip_model  # noqa: E402
 
 IGNORE_INDEX = 255
 TILE_HEIGHT = 144
@@ -63,14 +75,6 @@ PAPER_REFERENCE: dict[str, dict[str, tuple[float, str]]] = {
 }
 
 
-@dataclass(frozen=True)
-class OverlaySource:
-    """One column of the overlay grid: masks named ``<image_id>.png`` in ``directory``."""
-
-    label: str
-    directory: Path
-
-
 @dataclass
 class ReportInputs:
     """Where the report looks. ``from_params`` fills it from ``params.yaml`` and the dvc.yaml outputs."""
@@ -85,8 +89,12 @@ class ReportInputs:
     val_split: str = "val"
     cam_store: Path = Path("artifacts/cams/train.h5")
     seed_config: SeedConfig = field(default_factory=SeedConfig)
-    train_sources: list[OverlaySource] = field(default_factory=list)
-    val_sources: list[OverlaySource] = field(default_factory=list)
+    pseudo_dir: Path = Path("data/pseudo_masks")
+    weakclip_model: Path = Path("artifacts/weakclip/model.pt")
+    weakclip_crop: int = 128
+    segmenter_models: dict[str, Path] = field(default_factory=lambda: {
+        "pseudo": Path("artifacts/seg/pseudo/model.pt"), "gt": Path("artifacts/seg/gt/model.pt")})
+    device: str = "auto"
     extra_images: list[Path] = field(default_factory=list)
     n_samples: int = 6
 
@@ -102,10 +110,9 @@ class ReportInputs:
             train_split=params.dataset.train_split,
             val_split=params.dataset.val_split,
             seed_config=params.weakclip.seeds,
-            train_sources=[OverlaySource("WeakCLIP prediction", Path("reports/pseudo/predictions")),
-                           OverlaySource("pseudo mask", Path(params.pseudo.output_dir))],
-            val_sources=[OverlaySource("retrained on pseudo", Path("reports/seg_pseudo/predictions")),
-                         OverlaySource("trained on GT", Path("reports/seg_gt/predictions"))],
+            pseudo_dir=Path(params.pseudo.output_dir),
+            weakclip_crop=params.weakclip.train.crop,
+            device=params.runtime.device,
             extra_images=[Path("reports/dataset_preview.png")],
             n_samples=n_samples,
         )
@@ -364,24 +371,20 @@ def _tile(array: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((new_width, TILE_HEIGHT), Image.BILINEAR))
 
 
-def fixed_sample(image_ids: list[str], count: int) -> list[str]:
-    """``count`` ids evenly spaced over the split (first and last included): the same every run."""
-    if count <= 0 or not image_ids:
-        return []
-    if count >= len(image_ids):
-        return list(image_ids)
-    if count == 1:
-        return [image_ids[0]]
-    return [image_ids[round(i * (len(image_ids) - 1) / (count - 1))] for i in range(count)]
+@dataclass
+class MaskColumn:
+    """One column of the overlay grid: a mask per image id (absent ids show a short note)."""
+
+    label: str
+    masks: dict[str, np.ndarray]
+    absent_note: str = "not available"
 
 
-def _seed_masks(inputs: ReportInputs, image_ids: list[str]) -> tuple[dict[str, np.ndarray], str | None]:
-    """Seed masks of ``image_ids`` from the CAM store (what weakclip_train trains on)."""
+def seed_column(inputs: ReportInputs, image_ids: list[str]) -> tuple[MaskColumn | None, str | None]:
+    """Seed masks from the CAM store, made with ``weakclip.seeds`` (what weakclip_train trains on)."""
     path = inputs.resolve(inputs.cam_store)
     if not path.is_file():
-        return {}, f"{path}: not found (run the cam_infer stage); no seed column"
-    from weakclip_core.cam_store import CamStoreError, CamStoreReader
-    from weakclip_core.seeds import seeds_from_cams
+        return None, f"{path}: not found (run the cam_infer stage); no 'CAM seeds' column"
     try:
         reader = CamStoreReader(path)
         seeds = {}
@@ -391,80 +394,162 @@ def _seed_masks(inputs: ReportInputs, image_ids: list[str]) -> tuple[dict[str, n
                 seeds[image_id] = seeds_from_cams(cams, classes, inputs.seed_config)
         reader.close()
     except (CamStoreError, OSError, ValueError) as error:
-        return {}, f"{path}: unreadable CAM store ({error}); no seed column"
-    return seeds, None
+        return None, f"{path}: unreadable CAM store ({error}); no 'CAM seeds' column"
+    return MaskColumn("CAM seeds", seeds, "not in store"), None
 
 
-def _overlay_table(inputs: ReportInputs, split: str, sources: list[OverlaySource], with_seeds: bool) -> str:
-    """Rows: a fixed sample of ``split``; columns: image, GT, (seeds), each source that has the image."""
-    prepared = inputs.resolve(inputs.prepared_dir) if inputs.prepared_dir else None
-    title = f"<h3>{_escape(split)} split</h3>"
-    if prepared is None or not prepared.is_dir():
-        return title + _missing(f"{prepared}: prepared dataset not found (run the prepare stage)")
-    try:
-        image_ids = fixed_sample(read_split(prepared, split), inputs.n_samples)
-    except ValueError as error:
-        return title + _missing(str(error))
-    notes: list[str] = []
-    seeds: dict[str, np.ndarray] = {}
-    if with_seeds:
-        seeds, problem = _seed_masks(inputs, image_ids)
-        if problem:
-            notes.append(_missing(problem))
-    present_sources = []
-    for source in sources:
-        directory = inputs.resolve(source.directory)
-        if directory.is_dir():
-            present_sources.append((source.label, directory))
+def mask_dir_column(label: str, directory: Path, image_ids: list[str]) -> tuple[MaskColumn | None, str | None]:
+    """Masks written as ``<directory>/<image_id>.png`` (the pseudo masks)."""
+    if not directory.is_dir():
+        return None, f"{directory}: not found; no '{label}' column"
+    masks = {}
+    for image_id in image_ids:
+        path = directory / f"{image_id}.png"
+        if path.is_file():
+            try:
+                masks[image_id] = read_mask(path)
+            except (OSError, ValueError) as error:
+                return None, f"{path}: unreadable ({error}); no '{label}' column"
+    return MaskColumn(label, masks, "not written"), None
+
+
+def predicted_masks(model: DenseModel, images: list[np.ndarray], labels: list[list[int]] | None, n_classes: int,
+                    crop: int, device: torch.device, mean: list[float] | None = None,
+                    std: list[float] | None = None) -> list[np.ndarray]:
+    """Single-scale sliding-window argmax masks (H, W) uint8 of a dense model (labels restrict the classes)."""
+    views = InferenceAugmentation(scales=(1.0,), flip=False, crop=crop, stride=max(1, (2 * crop) // 3))
+    normalisation = {"mean": mean, "std": std} if mean is not None and std is not None else {}
+    masks = []
+    for index, image in enumerate(images):  # one by one: sizes differ on real datasets
+        image_labels = None if labels is None else [labels[index]]
+        probabilities = predict_image_batch(model, [image], image_labels, n_classes, views, device, **normalisation)
+        masks.append(probabilities[0].argmax(axis=0).astype(np.uint8))
+    return masks
+
+
+@dataclass
+class TrainedModels:
+    """The trained WeakCLIP and segmenters, loaded once for both splits (``None`` + a note when absent)."""
+
+    weakclip: Any = None
+    segmenters: dict[str, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, inputs: ReportInputs, class_names: list[str]) -> "TrainedModels":
+        loaded = cls()
+        path = inputs.resolve(inputs.weakclip_model)
+        if not path.is_file():
+            loaded.notes.append(f"{path}: not found (run weakclip_train); no 'WeakCLIP prediction' column")
         else:
-            notes.append(_missing(f"{directory}: not found; no '{source.label}' column"))
-    columns = ["image", "GT"] + (["CAM seeds"] if with_seeds and seeds else []) + [l for l, _ in present_sources]
-    header = "<tr><th>id</th>" + "".join(f"<th>{_escape(c)}</th>" for c in columns) + "</tr>"
+            try:
+                model = load_weakclip_model(path)
+                if list(model.class_names) != class_names:
+                    raise ValueError(f"trained for classes {model.class_names[:4]}..., the dataset has "
+                                     f"{class_names[:4]}...")
+                loaded.weakclip = model
+            except (OSError, ValueError, KeyError, RuntimeError) as error:
+                loaded.notes.append(f"{path}: cannot be loaded ({error}); no 'WeakCLIP prediction' column")
+        for source, model_path in inputs.segmenter_models.items():
+            path = inputs.resolve(model_path)
+            if not path.is_file():
+                loaded.notes.append(f"{path}: not found (run seg_train@{source}); no segmenter@{source} column")
+                continue
+            try:
+                segmenter, saved = load_segmenter(path)
+                if list(saved["config"]["class_names"]) != class_names:
+                    raise ValueError(f"trained for classes {saved['config']['class_names'][:4]}...")
+                loaded.segmenters[source] = (segmenter, saved["config"])
+            except (OSError, ValueError, KeyError, RuntimeError) as error:
+                loaded.notes.append(f"{path}: cannot be loaded ({error}); no segmenter@{source} column")
+        return loaded
+
+
+SEGMENTER_LABELS = {"pseudo": "retrained on pseudo masks", "gt": "trained on GT"}
+
+
+def model_columns(models: TrainedModels, dataset: PreparedDataset, image_ids: list[str], restrict_to_labels: bool,
+                  crop: int, device: torch.device) -> list[MaskColumn]:
+    """Predictions of the trained models for ``image_ids``; WeakCLIP restricted to the image labels on train
+    (as pseudo_masks runs it), every model unrestricted on val."""
+    images = [dataset.image(image_id) for image_id in image_ids]
+    columns = []
+    with torch.inference_mode():
+        if models.weakclip is not None:
+            weakclip = models.weakclip.to(device)
+            labels = [dataset.image_labels(i) for i in image_ids] if restrict_to_labels else None
+            masks = predicted_masks(lambda batch: weakclip(batch).logits, images, labels, dataset.n_classes, crop,
+                                    device)
+            columns.append(MaskColumn("WeakCLIP prediction", dict(zip(image_ids, masks))))
+        for source, (segmenter, record) in models.segmenters.items():
+            masks = predicted_masks(segmenter.to(device), images, None, dataset.n_classes,
+                                    int(record["seg"]["train"]["crop"]), device, record["mean"], record["std"])
+            columns.append(MaskColumn(SEGMENTER_LABELS.get(source, source), dict(zip(image_ids, masks))))
+    return columns
+
+
+def overlay_table(dataset: PreparedDataset, image_ids: list[str], columns: list[MaskColumn]) -> str:
+    """Rows: images; columns: image, GT, then each mask column, every tile an inlined PNG."""
+    header = "<tr><th>id</th><th>image</th><th>GT</th>" + "".join(
+        f"<th>{_escape(column.label)}</th>" for column in columns) + "</tr>"
     rows = []
     for image_id in image_ids:
-        image_path = prepared / "JPEGImages" / f"{image_id}.jpg"
-        try:
-            image = read_image(image_path)
-        except (OSError, ValueError) as error:
-            notes.append(_missing(f"{image_path}: unreadable ({error})"))
-            continue
+        image = dataset.image(image_id)
         cells = [_img(_array_png(_tile(image)), f"{image_id} image", "tile")]
-        mask_path = prepared / "SegmentationClass" / f"{image_id}.png"
-        cells.append(_img(_array_png(_tile(colour_overlay(image, read_mask(mask_path)))), f"{image_id} GT", "tile")
-                     if mask_path.is_file() else "<span class=na>no GT</span>")
-        if "CAM seeds" in columns:
-            cells.append(_img(_array_png(_tile(colour_overlay(image, seeds[image_id]))), f"{image_id} seeds", "tile")
-                         if image_id in seeds else "<span class=na>not in store</span>")
-        for label, directory in present_sources:
-            predicted = directory / f"{image_id}.png"
-            cells.append(_img(_array_png(_tile(colour_overlay(image, read_mask(predicted)))), f"{image_id} {label}",
-                              "tile") if predicted.is_file() else "<span class=na>not written</span>")
-        rows.append(f"<tr><td>{_escape(image_id)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    table = f"<table class=overlays>{header}{''.join(rows)}</table>" if rows else ""
-    return title + "".join(notes) + table
+        cells.append(_img(_array_png(_tile(colour_overlay(image, dataset.mask(image_id)))), f"{image_id} GT", "tile")
+                     if dataset.has_mask(image_id) else "<span class=na>no GT</span>")
+        for column in columns:
+            mask = column.masks.get(image_id)
+            cells.append(_img(_array_png(_tile(colour_overlay(image, mask))), f"{image_id} {column.label}", "tile")
+                         if mask is not None else f"<span class=na>{_escape(column.absent_note)}</span>")
+        rows.append(f"<tr><td>{_escape(image_id)}</td>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    return f"<table class=overlays>{header}{''.join(rows)}</table>"
 
 
-def _legend(inputs: ReportInputs) -> str:
-    prepared = inputs.resolve(inputs.prepared_dir) if inputs.prepared_dir else None
-    labels_path = prepared / "labels.json" if prepared else None
-    data, _ = read_json_file(labels_path) if labels_path else (None, None)
-    if not data or not isinstance(data.get("class_names"), list):
-        return ""
+def _legend(class_names: list[str]) -> str:
     swatches = []
-    for index, name in enumerate(data["class_names"][:IGNORE_INDEX]):
+    for index, name in [*enumerate(class_names[:IGNORE_INDEX]), (IGNORE_INDEX, "ignore")]:
         red, green, blue = (int(v) for v in _PALETTE[index])
         swatches.append(f'<span class=swatch><span class=chip style="background:rgb({red},{green},{blue})"></span>'
                         f"{index} {_escape(name)}</span>")
-    red, green, blue = (int(v) for v in _PALETTE[IGNORE_INDEX])
-    swatches.append(f'<span class=swatch><span class=chip style="background:rgb({red},{green},{blue})"></span>'
-                    "255 ignore</span>")
     return "<p class=legend>" + " ".join(swatches) + "</p>"
 
 
 def section_overlays(inputs: ReportInputs) -> str:
-    parts = ["<h2>Overlays</h2>", _legend(inputs)]
-    parts.append(_overlay_table(inputs, inputs.train_split, inputs.train_sources, with_seeds=True))
-    parts.append(_overlay_table(inputs, inputs.val_split, inputs.val_sources, with_seeds=False))
+    """A fixed sample of train images (image, GT, CAM seeds, WeakCLIP prediction, pseudo mask, retrained
+    predictions) and of val images (image, GT, WeakCLIP and segmenter predictions)."""
+    parts = ["<h2>Overlays</h2>"]
+    prepared = inputs.resolve(inputs.prepared_dir) if inputs.prepared_dir else None
+    if prepared is None or not prepared.is_dir():
+        return "".join(parts) + _missing(f"{prepared}: prepared dataset not found (run the prepare stage)")
+    try:
+        dataset = PreparedDataset.open(prepared)
+        train_ids = evenly_spaced(dataset.split(inputs.train_split), inputs.n_samples)
+        val_ids = evenly_spaced(dataset.split(inputs.val_split), inputs.n_samples)
+    except (DatasetError, OSError, ValueError) as error:
+        return "".join(parts) + _missing(f"{prepared}: unreadable prepared dataset ({error})")
+    parts.append(_legend(dataset.class_names))
+    device = resolve_device(inputs.device)
+    models = TrainedModels.load(inputs, dataset.class_names)
+    parts += [_missing(note) for note in models.notes]
+    parts.append("<p class=note>Predictions are single-scale, no CRF (the pseudo masks are the stage's "
+                 "multi-scale + CRF output); on the train split WeakCLIP is restricted to the image's labels, "
+                 "as the pseudo_masks stage runs it.</p>")
+    for split, image_ids, is_train in ((inputs.train_split, train_ids, True), (inputs.val_split, val_ids, False)):
+        parts.append(f"<h3>{_escape(split)} split</h3>")
+        columns: list[MaskColumn] = []
+        if is_train:
+            for column, problem in (seed_column(inputs, image_ids),
+                                    mask_dir_column("pseudo mask", inputs.resolve(inputs.pseudo_dir), image_ids)):
+                if column is not None:
+                    columns.append(column)
+                else:
+                    parts.append(_missing(problem or ""))
+        try:
+            columns += model_columns(models, dataset, image_ids, is_train, inputs.weakclip_crop, device)
+        except (RuntimeError, ValueError) as error:
+            parts.append(_missing(f"predicting the {split} sample failed: {error}"))
+        parts.append(overlay_table(dataset, image_ids, columns))
     return "".join(parts)
 
 

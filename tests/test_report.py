@@ -8,18 +8,25 @@ import json
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from pipeline.report import (OverlaySource, ReportInputs, colour_overlay, fixed_sample, training_curves,
+from pipeline.report import (ReportInputs, TrainedModels, colour_overlay, model_columns, training_curves,
                              write_report)
 from weakclip_core.cam_store import CamStoreWriter
-from weakclip_core.config import SeedConfig
-from weakclip_core.data.layout import write_image, write_labels, write_mask, write_split
+from weakclip_core.clip_model import build_clip, load_clip_artifact, save_clip_artifact
+from weakclip_core.config import ClipArchConfig, ClipConfig, SeedConfig, SegConfig, SegTrainConfig, WeakClipConfig
+from weakclip_core.data.layout import PreparedDataset, write_image, write_labels, write_mask, write_split
+from weakclip_core.models.weakclip import WeakCLIP
+from weakclip_core.segmenter import build_segmenter, segmenter_record
+from weakclip_core.training import save_final_model
+from weakclip_core.weakclip_artifact import save_weakclip_model
 
 CLASS_NAMES = ["background", "cat", "dog"]
 
@@ -96,18 +103,35 @@ def make_project(root: Path) -> ReportInputs:
                            + "".join(f"{1700000000 + s}\t{s}\t{1.0 / (1 + s)}\n" for s in range(20)))
 
     with CamStoreWriter(root / "artifacts" / "cams" / "train.h5", "toy", CLASS_NAMES, {}) as writer:
-        for image_id in train_ids[:3]:  # t3 deliberately absent from the store
+        for image_id in ("t0", "t2", "t3"):  # t1 deliberately absent from the store
             cams = (masks[image_id] > 0).astype(np.float32)[None] * 0.9
             writer.add(image_id, labels[image_id], cams)
 
     for image_id in train_ids:
         write_mask(root / "data" / "pseudo_masks" / f"{image_id}.png", masks[image_id])
+    save_tiny_models(root)
     return ReportInputs(
         root=root, dataset_name="voc", prepared_dir=Path("data/prepared/toy"), train_split="train",
         val_split="val", seed_config=SeedConfig(mode="confident", fg_threshold=0.4, bg_threshold=0.15),
-        train_sources=[OverlaySource("pseudo mask", Path("data/pseudo_masks"))],
-        val_sources=[OverlaySource("retrained on pseudo", Path("reports/seg_pseudo/predictions"))],
-        n_samples=3)
+        pseudo_dir=Path("data/pseudo_masks"), weakclip_crop=64, device="cpu", n_samples=3)
+
+
+def save_tiny_models(root: Path) -> None:
+    """Random-init WeakCLIP and segmenter artifacts in the stages' own formats (seg_train@gt left out)."""
+    torch.manual_seed(0)
+    clip_cfg = ClipConfig(source="random", arch=ClipArchConfig(
+        embed_dim=32, image_size=32, patch_size=16, vision_width=32, vision_layers=4, vision_head_width=16,
+        text_width=32, text_layers=1, text_heads=2, context_length=16))
+    clip_dir = root / "artifacts" / "clip"
+    save_clip_artifact(clip_dir, build_clip(clip_cfg), clip_cfg)
+    weakclip_cfg = replace(WeakClipConfig(), prompt_len=2, text_context_length=8, taps=[0, 1, 2, 3],
+                           co_attention_width=16, co_attention_heads=2, co_attention_layers=1, neck_width=16,
+                           head_width=16)
+    weakclip = WeakCLIP(load_clip_artifact(clip_dir), CLASS_NAMES, weakclip_cfg)
+    save_weakclip_model(root / "artifacts" / "weakclip" / "model.pt", weakclip, weakclip_cfg, clip_dir)
+    seg_cfg = SegConfig(encoder="resnet18", train=SegTrainConfig(crop=64))
+    save_final_model(root / "artifacts" / "seg" / "pseudo" / "model.pt", build_segmenter(seg_cfg, len(CLASS_NAMES)),
+                     config=segmenter_record(seg_cfg, CLASS_NAMES))
 
 
 @pytest.fixture(scope="module")
@@ -154,20 +178,39 @@ def test_report_names_every_missing_or_broken_input(built_report: tuple[Path, st
     assert "weakclip.json: not found" in joined
     assert "seg_gt.json: not found" in joined
     assert "seg_pseudo.json: unreadable JSON" in joined
-    assert "reports/seg_pseudo/predictions: not found" in joined
+    assert "artifacts/seg/gt/model.pt: not found" in joined
     assert "cam.json" not in joined and "pseudo.json: not found" not in joined
+    assert "weakclip/model.pt" not in joined and "seg/pseudo/model.pt" not in joined
 
 
 def test_overlay_grid_uses_the_fixed_sample_and_every_available_column(built_report: tuple[Path, str]) -> None:
     _, page = built_report
-    # 3 evenly spaced train ids of t0..t3 are t0, t2, t3 (round(1.5) = 2); both val ids.
-    assert fixed_sample(["t0", "t1", "t2", "t3"], 3) == ["t0", "t2", "t3"]
-    for image_id in ("t0", "t2", "t3", "v0", "v1"):
+    # 3 evenly spaced of t0..t3 (steps of 4/3, floored): t0, t1, t2; both val ids.
+    for image_id in ("t0", "t1", "t2", "v0", "v1"):
         assert f'alt="{image_id} image"' in page and f'alt="{image_id} GT"' in page
-    assert 'alt="t1 image"' not in page
-    assert 'alt="t0 seeds"' in page and 'alt="t2 seeds"' in page
-    assert 'alt="t3 seeds"' not in page and "not in store" in page
-    assert 'alt="t3 pseudo mask"' in page
+        assert f'alt="{image_id} WeakCLIP prediction"' in page
+        assert f'alt="{image_id} retrained on pseudo masks"' in page
+    assert 'alt="t3 image"' not in page
+    assert 'alt="t0 CAM seeds"' in page and 'alt="t2 CAM seeds"' in page
+    assert 'alt="t1 CAM seeds"' not in page and "not in store" in page
+    assert 'alt="t1 pseudo mask"' in page and 'alt="v0 pseudo mask"' not in page
+    assert 'alt="v0 CAM seeds"' not in page
+
+
+def test_model_columns_restrict_train_predictions_to_image_labels(built_report: tuple[Path, str]) -> None:
+    output, _ = built_report
+    root = output.parent.parent
+    inputs = ReportInputs(root=root, prepared_dir=Path("data/prepared/toy"), weakclip_crop=64, device="cpu")
+    dataset = PreparedDataset.open(root / "data" / "prepared" / "toy")
+    models = TrainedModels.load(inputs, dataset.class_names)
+    assert models.weakclip is not None and set(models.segmenters) == {"pseudo"}
+    image_ids = ["t0", "t1", "t2", "t3"]
+    restricted = model_columns(models, dataset, image_ids, True, 64, torch.device("cpu"))
+    weakclip_masks = next(c for c in restricted if c.label == "WeakCLIP prediction").masks
+    for image_id in image_ids:
+        mask = weakclip_masks[image_id]
+        assert mask.shape == dataset.image(image_id).shape[:2]
+        assert set(np.unique(mask)) <= {0, *dataset.image_labels(image_id)}
 
 
 def test_colour_overlay_tints_only_labelled_pixels() -> None:

@@ -55,6 +55,7 @@ def test_presets_carry_the_papers_numbers(applied: dict[str, Params]) -> None:
         train = params.cam.train
         assert (train.batch_size, train.epochs, train.lr, train.weight_decay, train.warmup_epochs) == \
             (64, 60, 5e-4, 0.05, 5)
+        assert train.randaugment_ops > 0  # MCTformer trains with RandAugment
         assert (params.cam.infer.threshold_start, params.cam.infer.threshold_stop,
                 params.cam.infer.threshold_step, params.cam.infer.attention_layers) == (0.0, 0.59, 0.01, 3)
         weakclip = params.weakclip

@@ -235,3 +235,27 @@ def test_sweep_variants_gathered_in_one_exp_show(prefect_api: str, tmp_path: Pat
     experiments = {exp["name"]: exp["revs"][0]["data"] for entry in shown for exp in entry.get("experiments") or []}
     assert experiments["scale-7"]["params"]["params.yaml"]["data"]["scale"] == 0.7
     assert experiments["scale-9"]["metrics"]["metrics/eval_a.json"]["data"]["miou"] == pytest.approx(0.405)
+
+
+@pytest.mark.slow
+def test_independent_branches_run_at_the_same_time(prefect_api: str, tmp_path: Path) -> None:
+    """DVC locks only its bookkeeping: two sibling stages' commands overlap in time, and both land in dvc.lock."""
+    from flows.chain import chain
+
+    def sleeper(name: str) -> dict[str, object]:
+        code = (
+            "import time, pathlib; pathlib.Path('times').mkdir(exist_ok=True); start = time.time(); time.sleep(3); "
+            f"pathlib.Path('times/{name}.txt').write_text(f'{{start}} {{time.time()}}'); "
+            f"pathlib.Path('{name}.out').write_text(open('data/raw.txt').read())"
+        )
+        return {"cmd": f'python -c "{code}"', "deps": ["data/raw.txt"], "outs": [f"{name}.out"]}
+
+    stages = {"prepare": demo_stages()["prepare"], "left": sleeper("left"), "right": sleeper("right")}
+    project = write_demo_project(tmp_path / "parallel", stages=stages)
+    (project / ".gitignore").write_text("/env/\n/times/\n")
+    chain(repo_dir=str(project), max_parallel=2, retry_delay_s=0.2)
+    left_start, left_end = map(float, (project / "times" / "left.txt").read_text().split())
+    right_start, right_end = map(float, (project / "times" / "right.txt").read_text().split())
+    assert left_start < right_end and right_start < left_end, "the two branches did not overlap"
+    assert set(lock_hashes(project)) == {"prepare", "left", "right"}
+    assert "Running stage" not in run([*DVC, "repro"], project)

@@ -88,7 +88,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         shutdown_distributed(context)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path: Path) -> None:
+    """5 s idle, ~30 s on this machine under load: two spawned children each import torch."""
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     reference = _reference_weights()
     initial = _model().state_dict()

@@ -1,7 +1,11 @@
 """Prefect flows that schedule the DVC stages (ARCHITECTURE.md, docs/ORCHESTRATION.md).
 
-``flows.dag`` reads the stage graph from DVC; ``flows.chain`` runs it (``chain``
-flow, and the one-stage ``stage`` flow the work pools run); ``flows.sweep`` fans
-out ``dvc exp run`` variants in clones; ``flows.resources`` says which stages
-need a GPU. Stages run only through ``dvc repro``, never by import.
+``flows.dag`` reads the stage graph from DVC; ``flows.chain`` runs it (the
+``chain`` flow, and the one-stage ``stage`` flow the work pools run);
+``flows.sweep`` fans out ``dvc exp run`` variants in clones; ``flows.resources``
+says which stages need a GPU and where each stage runs; ``flows.stage_run`` is
+one stage's pull → repro → push → metrics artifacts; ``flows.dvc_cli`` runs the
+commands; ``flows.local_server`` starts a loopback server and workers;
+``flows.demo`` writes a tiny DVC project to try it all on. Stages run only
+through ``dvc repro``, never by import.
 """

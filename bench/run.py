@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models: the same code paths in well under a minute")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--results", type=Path, default=None,
-                        help="default: bench/results.json (full) or bench/results.quick.json (--quick)")
+                        help="default: bench/results.json (full) or bench/out/results.quick.json (--quick)")
     parser.add_argument("--doc", type=Path, default=None,
-                        help="default: docs/BENCHMARKS.md (full) or bench/BENCHMARKS.quick.md (--quick)")
+                        help="default: docs/BENCHMARKS.md (full) or bench/out/BENCHMARKS.quick.md (--quick)")
     parser.add_argument("--no-stage-timing", action="store_true",
                         help="full run: do not time stages with `dvc repro -s --force` (read recorded times only)")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
@@ -337,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child_main(args.child, args.size, args.device)
         return 0
-    results_path = (args.results or REPO / "bench" / ("results.quick.json" if args.quick else "results.json")).resolve()
-    doc_path = (args.doc or (REPO / "bench" / "BENCHMARKS.quick.md" if args.quick
+    results_path = (args.results or (REPO / "bench" / "out" / "results.quick.json" if args.quick
+                                     else REPO / "bench" / "results.json")).resolve()
+    doc_path = (args.doc or (REPO / "bench" / "out" / "BENCHMARKS.quick.md" if args.quick
                              else REPO / "docs" / "BENCHMARKS.md")).resolve()
     results = run_suite(args.quick, args.device, measure_stage_timings=not args.quick and not args.no_stage_timing)
     check_finite(results)

@@ -75,6 +75,9 @@ def test_sliding_window_of_pointwise_model_matches_numpy_with_padding():
         expected = np.stack([numpy_pointwise(one, weight, bias) for one in image])
         assert logits.shape == (2, 5, height, width)
         np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+        one_window_at_a_time = sliding_window_logits(model, torch.from_numpy(image), crop=16, stride=11,
+                                                     max_forward_batch=1).numpy()
+        np.testing.assert_allclose(one_window_at_a_time, expected, rtol=1e-5, atol=1e-5)
     assert set(model.windows_seen) == {(16, 16)}  # small images were padded up to the crop
 
 

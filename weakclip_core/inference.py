@@ -59,31 +59,38 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
 
 
 @torch.inference_mode()
-def sliding_window_logits(model: DenseModel, images: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
+def sliding_window_logits(model: DenseModel, images: torch.Tensor, crop: int, stride: int,
+                          max_forward_batch: int = 64) -> torch.Tensor:
     """(B, 3, H, W) normalised → (B, K, H, W) logits, averaged over the windows covering each pixel.
 
     Images smaller than ``crop`` on a side are zero-padded at the bottom/right first; the padding is
-    cropped off the result. Each window's logits are resized (bilinear) from the model's output grid
-    to ``crop`` x ``crop`` before they are accumulated.
+    cropped off the result. The windows of all images are stacked and run through the model in chunks
+    of at most ``max_forward_batch`` (large batches amortise per-forward work such as WeakCLIP's text
+    encoder); each window's logits are resized (bilinear) from the model's output grid to ``crop`` x
+    ``crop`` before they are accumulated.
     """
     batch, _, height, width = images.shape
     padded_height, padded_width = max(height, crop), max(width, crop)
     if (padded_height, padded_width) != (height, width):
         images = F.pad(images, (0, padded_width - width, 0, padded_height - height), value=0.0)
+    positions = [(top, left) for top in window_starts(padded_height, crop, stride)
+                 for left in window_starts(padded_width, crop, stride)]
+    windows_per_forward = max(1, max_forward_batch // batch)
     logit_sum: torch.Tensor | None = None
     window_count = torch.zeros((1, 1, padded_height, padded_width), dtype=torch.float32, device=images.device)
-    for top in window_starts(padded_height, crop, stride):
-        for left in window_starts(padded_width, crop, stride):
-            window = images[:, :, top:top + crop, left:left + crop]
-            logits = model(window).float()
-            if logits.ndim != 4 or logits.shape[0] != batch:
-                raise ValueError(f"model output must be (B={batch}, K, h, w) logits, got {tuple(logits.shape)}")
-            if logits.shape[-2:] != (crop, crop):
-                logits = F.interpolate(logits, size=(crop, crop), mode="bilinear", align_corners=False)
-            if logit_sum is None:
-                logit_sum = torch.zeros((batch, logits.shape[1], padded_height, padded_width),
-                                        dtype=torch.float32, device=images.device)
-            logit_sum[:, :, top:top + crop, left:left + crop] += logits
+    for first in range(0, len(positions), windows_per_forward):
+        chunk = positions[first:first + windows_per_forward]
+        windows = torch.cat([images[:, :, top:top + crop, left:left + crop] for top, left in chunk])
+        logits = model(windows).float()
+        if logits.ndim != 4 or logits.shape[0] != windows.shape[0]:
+            raise ValueError(f"model output must be (B={windows.shape[0]}, K, h, w) logits, got {tuple(logits.shape)}")
+        if logits.shape[-2:] != (crop, crop):
+            logits = F.interpolate(logits, size=(crop, crop), mode="bilinear", align_corners=False)
+        if logit_sum is None:
+            logit_sum = torch.zeros((batch, logits.shape[1], padded_height, padded_width),
+                                    dtype=torch.float32, device=images.device)
+        for offset, (top, left) in enumerate(chunk):
+            logit_sum[:, :, top:top + crop, left:left + crop] += logits[offset * batch:(offset + 1) * batch]
             window_count[:, :, top:top + crop, left:left + crop] += 1.0
     assert logit_sum is not None
     return (logit_sum / window_count)[:, :, :height, :width]

@@ -33,7 +33,8 @@ from weakclip_core.data.classification import (ClassificationAugment, Classifica
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset
 from weakclip_core.device import resolve_device, seed_everything, set_threads
 from weakclip_core.models.mctformer import MCTformerV2, build_mctformer
-from weakclip_core.training import CHECKPOINT_ROOT, Checkpointer, save_final_model, set_lr, warmup_cosine_lr
+from weakclip_core.training import (CHECKPOINT_ROOT, Checkpointer, save_final_model, set_lr, trim_live_history,
+                                    warmup_cosine_lr)
 
 STAGE = "cam_train"
 
@@ -140,6 +141,8 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
                         generator=torch.Generator().manual_seed(seed))
     val_loader = DataLoader(val_set, batch_size=max(train.batch_size, 32), num_workers=train.workers)
 
+    if start_step > 0:  # rows of epochs that ended after the checkpoint are logged again below
+        trim_live_history(paths.live_dir, start_step // epoch_steps)
     live = Live(str(paths.live_dir), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
     val_maps = (float(extra.get("val_map_class_token", 0.0)), float(extra.get("val_map_patch_cam", 0.0)))
     progress = tqdm(total=total_steps, initial=start_step, desc=STAGE, unit="step", disable=not show_progress)

@@ -33,7 +33,7 @@ from weakclip_core.data.transforms import DenseAugmentation
 from weakclip_core.device import resolve_device, seed_everything, set_threads
 from weakclip_core.segmenter import SEGMENTER_MEAN, SEGMENTER_STD, build_segmenter, segmenter_record
 from weakclip_core.training import (CHECKPOINT_ROOT, Checkpointer, poly_lr, save_final_model, set_lr,
-                                    warmup_cosine_lr)
+                                    trim_live_history, warmup_cosine_lr)
 
 Source = Literal["pseudo", "gt"]
 SOURCES: tuple[str, ...] = ("pseudo", "gt")
@@ -149,6 +149,8 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
                         sampler=StepSampler(len(train_set), train.batch_size, seed, total_steps, start_step),
                         generator=torch.Generator().manual_seed(seed))  # the loader's own seed draw leaves
     # the global RNG (dropout, drop-path) untouched, so a resumed run continues its exact stream
+    if start_step > 0:  # rows of epochs that ended after the checkpoint are logged again below
+        trim_live_history(paths.live_dir(source), start_step // steps_per_epoch)
     live = Live(str(paths.live_dir(source)), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
     progress = tqdm(total=total_steps, initial=start_step, desc=f"seg_train@{source}", unit="step",
                     disable=not show_progress)

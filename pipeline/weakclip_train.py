@@ -47,7 +47,7 @@ from weakclip_core.inference import InferenceAugmentation, predict_image_batch
 from weakclip_core.losses import weakclip_losses
 from weakclip_core.metrics import ConfusionAccumulator
 from weakclip_core.models.weakclip.model import WeakCLIP
-from weakclip_core.training import CHECKPOINT_ROOT, Checkpointer, set_lr, warmup_cosine_lr
+from weakclip_core.training import CHECKPOINT_ROOT, Checkpointer, set_lr, trim_live_history, warmup_cosine_lr
 from weakclip_core.weakclip_artifact import clip_weights_sha256, save_weakclip_model, trainable_modules
 
 STAGE = "weakclip_train"
@@ -141,6 +141,8 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     loader = DataLoader(training_set, batch_size=train.batch_size, num_workers=train.workers,
                         sampler=StepSampler(len(training_set), train.batch_size, seed, train.iterations, start_step),
                         generator=torch.Generator().manual_seed(seed))
+    if start_step > 0:  # rows logged after the checkpoint are logged again below
+        trim_live_history(paths.live_dir, start_step + 1)
     live = Live(str(paths.live_dir), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
     progress = tqdm(total=train.iterations, initial=start_step, desc=STAGE, unit="step", disable=not show_progress)
     steps_this_run = 0

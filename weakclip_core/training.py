@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weakclip_core.atomic import atomic_path
+from weakclip_core.atomic import atomic_path, write_text
 
 CHECKPOINT_ROOT = Path("checkpoints")
 
@@ -113,6 +113,20 @@ class Checkpointer:
     def clear(self) -> None:
         """Remove this stage's checkpoints once its final output is written."""
         shutil.rmtree(self.root / self.stage, ignore_errors=True)
+
+
+def trim_live_history(live_dir: str | Path, first_dropped_step: int) -> None:
+    """Drop dvclive plot rows at ``step >= first_dropped_step`` before a resumed run logs again.
+
+    A run killed after logging a row but before the checkpoint that covers it is resumed from the
+    earlier checkpoint and logs that row again; without trimming, the plot would hold it twice.
+    Each ``plots/metrics/**/*.tsv`` (first column ``step``) is rewritten atomically.
+    """
+    for table in sorted((Path(live_dir) / "plots" / "metrics").rglob("*.tsv")):
+        header, *rows = table.read_text().splitlines(keepends=True)
+        kept = [row for row in rows if row.strip() and int(float(row.split("\t", 1)[0])) < first_dropped_step]
+        if len(kept) != len(rows):
+            write_text(table, header + "".join(kept))
 
 
 def save_final_model(path: str | Path, model: torch.nn.Module, config: dict[str, Any], **metadata: Any) -> None:

@@ -127,6 +127,7 @@ def schedule_stages(
     not_run: list[str] = []
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     while waiting or running:
+        waiting_before = len(waiting)
         for name in list(waiting):
             upstream = by_name[name].upstream
             if any(parent in failed or parent in not_run for parent in upstream):
@@ -137,6 +138,8 @@ def schedule_stages(
                 waiting.remove(name)
                 running[_submit(by_name[name], repo_dir, dispatch, placements, remote, retries, retry_delay_s)] = name
         if not running:
+            if waiting and len(waiting) == waiting_before:
+                raise RuntimeError(f"stages {waiting} wait on upstream stages that are not in the graph")
             continue
         finished = next(as_completed(list(running)))
         name = running.pop(finished)

@@ -145,3 +145,15 @@ def process_worker(
         yield process
     finally:
         stop_process(process)
+
+
+def drain_prefect_clients(timeout_s: float = 30.0) -> None:
+    """Send this process's queued logs and events now, before the server they go to is stopped.
+
+    Otherwise the background senders keep retrying a closed port at interpreter exit.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_s)
+    EventsWorker.drain_all(timeout=timeout_s)

@@ -121,12 +121,13 @@ def test_metrics_flattening_and_artifact_keys() -> None:
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
-    from flows.local_server import local_prefect_server
+    from flows.local_server import drain_prefect_clients, local_prefect_server
 
     home = tmp_path_factory.mktemp("prefect_home")
     with local_prefect_server(home) as server:
         with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
             yield server.api_url
+            drain_prefect_clients()
 
 
 @pytest.mark.slow

@@ -23,7 +23,13 @@ import pytest
 import yaml
 
 from flows.demo import demo_stages, write_demo_project
-from flows.local_server import LocalServer, local_prefect_server, prefect_environment, process_worker
+from flows.local_server import (
+    LocalServer,
+    drain_prefect_clients,
+    local_prefect_server,
+    prefect_environment,
+    process_worker,
+)
 from flows.resources import CPU_POOL, GPU_POOL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
             temporary_settings({PREFECT_API_URL: running.api_url, PREFECT_SERVER_ANALYTICS_ENABLED: False}),
         ):
             yield running
+            drain_prefect_clients()
 
 
 @dataclass(frozen=True)

@@ -74,12 +74,12 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
     info: dict = {"source": cfg.source}
     if cfg.source == "pretrain":
         tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=cfg.arch.context_length)
-        pairs = CaptionPairs(dataset, dataset.split(params.dataset.train_split), tokenizer, cfg.arch.image_size,
-                             params.runtime.seed)
+        pairs = CaptionPairs(dataset, dataset.split(params.dataset.train_split), cfg.arch.image_size,
+                             params.runtime.seed, cfg.pretrain.caption_dropout)
         checkpoint_config = {"clip": to_plain(cfg), "dataset": to_plain(params.dataset),
                              "seed": params.runtime.seed}
         checkpointer = Checkpointer("clip", checkpoint_config, root=checkpoint_root or CHECKPOINT_ROOT)
-        result = pretrain_clip(model, pairs, cfg.pretrain, device, checkpointer, params.runtime.seed,
+        result = pretrain_clip(model, pairs, tokenizer, cfg.pretrain, device, checkpointer, params.runtime.seed,
                                stop_after_step=stop_after_step)
         if not result.finished:
             return None

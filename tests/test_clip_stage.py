@@ -11,8 +11,8 @@ from torch import nn
 from pipeline.clip import run as run_clip_stage
 from tiny_voc import TINY_CLIP_ARCH, write_tiny_voc
 from weakclip_core.clip_model import load_clip_artifact
-from weakclip_core.clip_pretrain import (average_precision, clip_contrastive_loss, zero_shot_report,
-                                         zero_shot_scores)
+from weakclip_core.clip_pretrain import (average_precision, caption_clauses, caption_groups, clip_contrastive_loss,
+                                         drop_clauses, zero_shot_report, zero_shot_scores)
 from weakclip_core.config import params_from_dict
 from weakclip_core.data.sampling import StepSampler
 
@@ -48,6 +48,29 @@ def test_contrastive_loss_with_identical_captions_splits_the_target():
                                    torch.arange(4))
     plain = clip_contrastive_loss(torch.tensor(BATCH_IMAGES), torch.tensor(BATCH_TEXTS), torch.tensor(3.0))
     assert float(unique) == pytest.approx(float(plain), rel=1e-9)
+
+
+CAPTION = "a red-headed grey heron, two blue-tailed kites and a green-marked otter on a wavy tan background"
+
+
+def test_caption_clauses_and_their_dropout():
+    clauses = ["a red-headed grey heron", "two blue-tailed kites", "a green-marked otter", "a wavy tan background"]
+    assert caption_clauses(CAPTION) == clauses
+    rng = np.random.default_rng(0)
+    assert drop_clauses(CAPTION, 0.0, rng) == CAPTION
+    assert drop_clauses("a heron", 0.9, rng) == "a heron"
+    for seed in range(20):
+        dropped = drop_clauses(CAPTION, 0.5, np.random.default_rng(seed))
+        kept = dropped.split(" and ")
+        assert kept and all(clause in clauses for clause in kept)
+        assert kept == [clause for clause in clauses if clause in kept], "clause order is kept"
+        assert dropped == drop_clauses(CAPTION, 0.5, np.random.default_rng(seed))
+    # Probability 1 drops everything but the one forced clause.
+    assert len(drop_clauses(CAPTION, 1.0, np.random.default_rng(3)).split(" and ")) == 1
+
+
+def test_caption_groups_mark_identical_captions():
+    assert caption_groups(["a", "b", "a", "c", "b"]).tolist() == [0, 1, 0, 2, 1]
 
 
 class MeanColourClip(nn.Module):

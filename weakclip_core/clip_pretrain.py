@@ -14,6 +14,7 @@ The model is any open_clip ``CLIP``: ``encode_image``, ``encode_text`` and a
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,16 +92,43 @@ def resize_for_clip(image: np.ndarray, size: int) -> torch.Tensor:
     return to_tensor(image)
 
 
+CLAUSE_SEPARATOR = re.compile(r",\s+|\s+and\s+|\s+on\s+|\s+with\s+")
+
+
+def caption_clauses(caption: str) -> list[str]:
+    """A caption cut at ", ", " and ", " on ", " with " into its clauses (object and context phrases)."""
+    return [clause for clause in CLAUSE_SEPARATOR.split(caption.strip()) if clause]
+
+
+def drop_clauses(caption: str, drop_probability: float, rng: np.random.Generator) -> str:
+    """Keep each clause with probability 1 - ``drop_probability`` (at least one), joined by " and ".
+
+    Why: a full caption is told apart from the batch's others by its easiest
+    words (the background's), so the class words never have to carry meaning.
+    Sub-captions such as "a red-headed grey heron" make each object phrase match
+    the image on its own, which is what a prompt "a photo of a heron" asks.
+    One uniform draw per clause, then one integer draw: a fixed number of draws.
+    """
+    clauses = caption_clauses(caption)
+    if drop_probability <= 0.0 or len(clauses) < 2:
+        return caption
+    keep = rng.random(len(clauses)) >= drop_probability
+    forced = int(rng.integers(len(clauses)))
+    if not keep.any():
+        keep[forced] = True
+    return " and ".join(clause for clause, kept in zip(clauses, keep) if kept)
+
+
 class CaptionPairs(Dataset):
     """Image/caption pairs of a prepared split, keyed by ``(epoch, index)`` from a ``StepSampler``.
 
-    Returns ``(image (3, S, S), tokens (L,), caption_group ())``: the augmented
-    image, its pre-tokenised caption, and the id of its caption text (identical
-    captions share an id).
+    Returns ``(image (3, S, S), caption)``: the augmented image and its caption
+    with clauses dropped at random (``caption_dropout``), both drawn from
+    (seed, epoch, index). The training loop tokenises the batch's captions.
     """
 
-    def __init__(self, dataset: PreparedDataset, image_ids: list[str], tokenizer: Tokenizer, image_size: int,
-                 seed: int) -> None:
+    def __init__(self, dataset: PreparedDataset, image_ids: list[str], image_size: int, seed: int,
+                 caption_dropout: float = 0.0) -> None:
         captions = dataset.captions()
         missing = [image_id for image_id in image_ids if image_id not in captions]
         if missing:
@@ -108,21 +136,27 @@ class CaptionPairs(Dataset):
                              f"e.g. {missing[0]}")
         self.dataset = dataset
         self.image_ids = list(image_ids)
-        texts = [captions[image_id] for image_id in self.image_ids]
-        group_of_text = {text: group for group, text in enumerate(dict.fromkeys(texts))}
-        self.caption_groups = torch.tensor([group_of_text[text] for text in texts], dtype=torch.long)
-        self.tokens = tokenizer(texts)
+        self.captions = [captions[image_id] for image_id in self.image_ids]
         self.image_size = image_size
         self.seed = seed
+        self.caption_dropout = caption_dropout
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str]:
         epoch, index = key
+        rng = sample_rng(self.seed, epoch, index)
         image = self.dataset.image(self.image_ids[index])
-        augmented = light_augmentation(image, self.image_size, sample_rng(self.seed, epoch, index))
-        return to_tensor(augmented), self.tokens[index], self.caption_groups[index]
+        augmented = light_augmentation(image, self.image_size, rng)
+        return to_tensor(augmented), drop_clauses(self.captions[index], self.caption_dropout, rng)
+
+
+def caption_groups(captions: Sequence[str]) -> torch.Tensor:
+    """(B,) ids with equal ids for identical captions (their texts are all positives of each such image)."""
+    group_of_text: dict[str, int] = {}
+    return torch.tensor([group_of_text.setdefault(text, len(group_of_text)) for text in captions],
+                        dtype=torch.long)
 
 
 def _decay_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -147,8 +181,8 @@ class PretrainResult:
     logit_scale: float
 
 
-def pretrain_clip(model: nn.Module, pairs: CaptionPairs, config: ClipPretrainConfig, device: torch.device,
-                  checkpointer: Checkpointer, seed: int, stop_after_step: int | None = None,
+def pretrain_clip(model: nn.Module, pairs: CaptionPairs, tokenizer: Tokenizer, config: ClipPretrainConfig,
+                  device: torch.device, checkpointer: Checkpointer, seed: int, stop_after_step: int | None = None,
                   log: Callable[[int, dict[str, float]], None] | None = None) -> PretrainResult:
     """Train ``model`` contrastively on ``pairs`` for ``config.epochs`` epochs; resumable.
 
@@ -173,12 +207,13 @@ def pretrain_clip(model: nn.Module, pairs: CaptionPairs, config: ClipPretrainCon
     progress = tqdm(loader, total=end_step - start_step, initial=0, desc="clip pretrain", unit="step",
                     dynamic_ncols=True)
     step = start_step
-    for images, tokens, groups in progress:
+    for images, captions in progress:
         lr = warmup_cosine_lr(step, total_steps, config.lr, config.warmup_steps)
         set_lr(optimizer, lr)
         image_features = model.encode_image(images.to(device))
-        text_features = model.encode_text(tokens.to(device))
-        loss = clip_contrastive_loss(image_features, text_features, model.logit_scale.exp(), groups.to(device))
+        text_features = model.encode_text(tokenizer(captions).to(device))
+        loss = clip_contrastive_loss(image_features, text_features, model.logit_scale.exp(),
+                                     caption_groups(captions).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

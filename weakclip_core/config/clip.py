@@ -26,13 +26,18 @@ class ClipArchConfig:
 
 @dataclass(frozen=True)
 class ClipPretrainConfig:
-    """Contrastive pre-training of the small CLIP on the synthetic images and captions."""
+    """Contrastive pre-training of the small CLIP on the synthetic images and captions.
+
+    ``caption_dropout``: probability of dropping each clause of a caption (at
+    least one is kept), so object phrases align with the image on their own.
+    """
 
     epochs: int = bounded(20, low=1)
     batch_size: int = bounded(64, low=2)
     lr: float = bounded(1e-3, low=0.0)
     weight_decay: float = bounded(0.1, low=0.0)
     warmup_steps: int = bounded(50, low=0)
+    caption_dropout: float = bounded(0.5, low=0.0, high=1.0)
     workers: int = bounded(0, low=0)
 
 

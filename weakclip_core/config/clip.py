@@ -15,7 +15,7 @@ class ClipArchConfig:
     embed_dim: int = bounded(128, low=8)
     image_size: int = bounded(128, low=32)
     patch_size: int = bounded(16, low=4)
-    vision_width: int = bounded(192, low=16)
+    vision_width: int = bounded(128, low=16)
     vision_layers: int = bounded(12, low=1)
     vision_head_width: int = bounded(64, low=8)
     text_width: int = bounded(128, low=16)
@@ -34,7 +34,7 @@ class ClipPretrainConfig:
 
     epochs: int = bounded(20, low=1)
     batch_size: int = bounded(64, low=2)
-    lr: float = bounded(1e-3, low=0.0)
+    lr: float = bounded(5e-4, low=0.0)
     weight_decay: float = bounded(0.1, low=0.0)
     warmup_steps: int = bounded(50, low=0)
     caption_dropout: float = bounded(0.5, low=0.0, high=1.0)

@@ -331,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: docs/BENCHMARKS.md (full) or bench/out/BENCHMARKS.quick.md (--quick)")
     parser.add_argument("--no-stage-timing", action="store_true",
                         help="full run: do not time stages with `dvc repro -s --force` (read recorded times only)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: rewrite the page from an existing results file (after a template edit)")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=["quick", "full"], default="full", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -341,9 +343,12 @@ def main(argv: list[str] | None = None) -> int:
                                      else REPO / "bench" / "results.json")).resolve()
     doc_path = (args.doc or (REPO / "bench" / "out" / "BENCHMARKS.quick.md" if args.quick
                              else REPO / "docs" / "BENCHMARKS.md")).resolve()
-    results = run_suite(args.quick, args.device, measure_stage_timings=not args.quick and not args.no_stage_timing)
-    check_finite(results)
-    write_json(results_path, results)
+    if args.render_only:
+        results = json.loads(results_path.read_text())
+    else:
+        results = run_suite(args.quick, args.device, measure_stage_timings=not args.quick and not args.no_stage_timing)
+        check_finite(results)
+        write_json(results_path, results)
     with atomic_path(doc_path, suffix=".md") as temporary:
         shown = results_path.relative_to(REPO) if results_path.is_relative_to(REPO) else results_path
         temporary.write_text(render_markdown(results, str(shown)))

@@ -59,7 +59,7 @@ def bench_dense_model(model: DenseModel, images: list[np.ndarray], labels: list[
     probabilities = []
     for start in range(0, len(images), batch_size):
         probabilities += predict_image_batch(model, images[start:start + batch_size], labels[start:start + batch_size],
-                                             n_classes, views, device)
+                                             n_classes, views, device, max_forward_batch=batch_size)
     inference_rate = len(images) / (time.perf_counter() - started)
     compact = [np.ascontiguousarray(p[[0, *sorted(classes)]]) for p, classes in zip(probabilities, labels)]
     return {"n_images": len(images), "inference_images_per_s": round(inference_rate, 2),

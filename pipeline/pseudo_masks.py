@@ -2,7 +2,8 @@
 
 1. Inference at ``pseudo.scales``, each with horizontal flip (sliding ``crop``/``stride`` windows; smaller
    images padded), softmax probabilities averaged at the image size and restricted to the image's labels
-   + background (``weakclip_core.inference``).
+   + background (``weakclip_core.inference``); ``batch_size`` images at a time, at most ``batch_size``
+   windows per model call.
 2. Dense CRF (``pseudo.crf``) on those classes only, in ``pseudo.workers`` spawned processes: the jobs of
    a batch are submitted as soon as its probabilities exist, so the model's forward and the CRF overlap.
 3. Masks are written (atomically) into a work folder outside DVC's outputs,
@@ -273,7 +274,8 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
         for batch in pending_batches:
             images = [dataset.image(image_id) for image_id in batch]
             labels = [dataset.image_labels(image_id) for image_id in batch]
-            probabilities = predict_image_batch(model, images, labels, dataset.n_classes, views, device)
+            probabilities = predict_image_batch(model, images, labels, dataset.n_classes, views, device,
+                                                max_forward_batch=pseudo.batch_size)
             for image_id, image, classes, probability in zip(batch, images, labels, probabilities):
                 if image_id in done:
                     continue

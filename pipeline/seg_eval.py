@@ -81,7 +81,7 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
         batch_ids = image_ids[start:start + EVAL_BATCH]
         images = [dataset.image(image_id) for image_id in batch_ids]
         probabilities = predict_image_batch(model, images, None, dataset.n_classes, views, device,
-                                            mean=record["mean"], std=record["std"])
+                                            mean=record["mean"], std=record["std"], max_forward_batch=EVAL_BATCH)
         for image_id, image, probability in zip(batch_ids, images, probabilities):
             prediction = probability.argmax(axis=0).astype(np.uint8)
             ground_truth = dataset.mask(image_id)

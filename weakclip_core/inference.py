@@ -122,12 +122,13 @@ def restricted_softmax(logits: torch.Tensor, allowed: torch.Tensor | None) -> to
 
 @torch.inference_mode()
 def predict_probabilities(model: DenseModel, images: torch.Tensor, tta: InferenceAugmentation,
-                          allowed: torch.Tensor | None = None) -> torch.Tensor:
+                          allowed: torch.Tensor | None = None, max_forward_batch: int = 64) -> torch.Tensor:
     """(B, 3, H, W) normalised images → (B, K, H, W) probabilities averaged over scales and flips.
 
     For each scale s the batch is resized (bilinear) to round(s*H) x round(s*W), run through the
     sliding window (and again mirrored, when ``tta.flip``, with the logits mirrored back), the logits
-    resized back to H x W and soft-maxed over the ``allowed`` (B, K) classes only.
+    resized back to H x W and soft-maxed over the ``allowed`` (B, K) classes only. ``max_forward_batch``
+    bounds the windows per model call (memory).
     """
     height, width = images.shape[-2:]
     probability_sum: torch.Tensor | None = None
@@ -138,7 +139,7 @@ def predict_probabilities(model: DenseModel, images: torch.Tensor, tta: Inferenc
             images, size=scaled_size, mode="bilinear", align_corners=False)
         for flipped in ((False, True) if tta.flip else (False,)):
             view = scaled.flip(-1) if flipped else scaled
-            logits = sliding_window_logits(model, view, tta.crop, tta.stride)
+            logits = sliding_window_logits(model, view, tta.crop, tta.stride, max_forward_batch)
             if flipped:
                 logits = logits.flip(-1)
             if scaled_size != (height, width):
@@ -162,7 +163,8 @@ def normalise_images(images: Sequence[np.ndarray], mean: Sequence[float] = CLIP_
 
 def predict_image_batch(model: DenseModel, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]] | None,
                         n_classes: int, tta: InferenceAugmentation, device: torch.device | str = "cpu",
-                        mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> list[np.ndarray]:
+                        mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                        max_forward_batch: int = 64) -> list[np.ndarray]:
     """Probabilities (K, H_i, W_i) float32 for each (H_i, W_i, 3) uint8 image.
 
     Images of the same size run as one batch (in their order of first appearance); ``labels`` restricts
@@ -175,7 +177,7 @@ def predict_image_batch(model: DenseModel, images: Sequence[np.ndarray], labels:
     for indices in groups.values():
         batch = normalise_images([images[i] for i in indices], mean, std).to(device)
         allowed = None if labels is None else allowed_class_mask([labels[i] for i in indices], n_classes, device)
-        probabilities = predict_probabilities(model, batch, tta, allowed)
+        probabilities = predict_probabilities(model, batch, tta, allowed, max_forward_batch)
         if probabilities.shape[1] != n_classes:
             raise ValueError(f"model predicts {probabilities.shape[1]} classes, the dataset has {n_classes}")
         for row, index in enumerate(indices):

@@ -56,6 +56,7 @@ from weakclip_core.metrics import ConfusionAccumulator, confusion_matrix, iou_re
 from weakclip_core.overlays import evenly_spaced, lowest_scoring, save_overlay
 from weakclip_core.training import CHECKPOINT_ROOT, config_hash
 from weakclip_core.weakclip_artifact import load_weakclip_model
+from weakclip_core.processes import die_with_parent
 
 STAGE = "pseudo_masks"
 PROVENANCE_FILE = "provenance.json"
@@ -256,7 +257,8 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
     views = InferenceAugmentation(scales=tuple(pseudo.scales), flip=pseudo.flip, crop=pseudo.crop,
                                   stride=pseudo.stride)
     crf = pseudo.crf if pseudo.use_crf else None
-    executor = (ProcessPoolExecutor(max_workers=pseudo.workers, mp_context=multiprocessing.get_context("spawn"))
+    executor = (ProcessPoolExecutor(max_workers=pseudo.workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=die_with_parent)
                 if pseudo.workers > 0 else None)
     manifest = ManifestWriter(work_dir / shard.manifest_name)
     in_flight: deque[Future] = deque()

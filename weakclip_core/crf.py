@@ -14,6 +14,7 @@ from types import TracebackType
 import numpy as np
 
 from weakclip_core.config.weakclip import CrfConfig
+from weakclip_core.processes import die_with_parent
 
 PROBABILITY_FLOOR = 1e-8
 
@@ -65,7 +66,8 @@ class CrfPool:
         self._executor: ProcessPoolExecutor | None = None
         if workers > 0:
             self._executor = ProcessPoolExecutor(max_workers=workers,
-                                                 mp_context=multiprocessing.get_context("spawn"))
+                                                 mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=die_with_parent)
 
     def map(self, images: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
         """images: (B, H, W, 3) uint8; probabilities: (B, K, H, W) → Q, (B, K, H, W) float32."""

@@ -16,11 +16,11 @@ def _voc_pseudo_crf() -> CrfConfig:
 
 @dataclass(frozen=True)
 class PseudoConfig:
-    scales: list[float] = listed([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], low=0.1, high=4.0)
+    scales: list[float] = listed([0.75, 1.0, 1.25], low=0.1, high=4.0)
     flip: bool = True
     crop: int = bounded(128, low=16)
     stride: int = bounded(85, low=1)
-    batch_size: int = bounded(8, low=1)
+    batch_size: int = bounded(32, low=1)
     workers: int = bounded(2, low=0)
     use_crf: bool = True
     output_dir: str = "data/pseudo_masks"

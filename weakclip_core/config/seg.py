@@ -12,7 +12,7 @@ from weakclip_core.config.schema import ConfigError, bounded
 class SegTrainConfig:
     """``optimizer: sgd`` + ``schedule: poly`` is the paper's DeepLab recipe; AdamW is the small default."""
 
-    epochs: int = bounded(12, low=1)
+    epochs: int = bounded(6, low=1)
     batch_size: int = bounded(16, low=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = bounded(1e-3, low=0.0)

@@ -139,7 +139,8 @@ def figure_note(figure: Figure, data: dict[str, Any]) -> str:
     if figure.stem == "pseudo":
         return (f"before CRF {percent(data.get('miou_before_crf'))}, after CRF {percent(data.get('miou_after_crf'))};"
                 f" scales {data.get('scales', '?')}, flip {data.get('flip', '?')}")
-    return f"{data.get('model', '?')} / {data.get('encoder', '?')}"
+    trained_on_gt = "; trained on GT masks" if data.get("gt_used_in_training") else ""
+    return f"{data.get('model', '?')} / {data.get('encoder', '?')}{trained_on_gt}"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -202,8 +203,9 @@ def results_markdown(figures: dict[str, dict[str, Any]], summary: dict[str, floa
     pseudo_flag = gt_flag(figures["pseudo_miou"])
     parts.append("The segmenter trained on GT masks is the fully-supervised upper bound: it uses GT by "
                  "design. The WSSS chain (seeds → WeakCLIP → pseudo masks → segmenter) uses image-level "
-                 "labels only" + ("" if pseudo_flag is False else
-                                  " — except that a threshold upstream of the pseudo masks was chosen with GT "
+                 "labels only" + (": the CAM row's GT-chosen background threshold sets only that row's score "
+                                  "(the seeds WeakCLIP trains on use fixed thresholds)" if pseudo_flag is False else
+                                  ", except that a threshold upstream of the pseudo masks was chosen with GT "
                                   "(see the table)") + ".")
 
     per_class_figures = [figure for figure in FIGURES if isinstance(figures[figure.key].get("per_class"), dict)]

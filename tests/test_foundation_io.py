@@ -118,3 +118,17 @@ def test_checkpointer_resumes_state_and_ignores_other_configs(tmp_path):
     assert other.resume(fresh, fresh_optimizer) == (0, {})
     checkpointer.clear()
     assert checkpointer.load() is None
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    """mkstemp/mkdtemp create 0o600/0o700; final outputs get what open()/mkdir() would give."""
+    import os
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+        with atomic_dir(tmp_path / "d") as folder:
+            (folder / "x").write_text("1")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -17,6 +17,13 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_path(final_path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``final_path``; rename it over ``final_path`` on success.
@@ -32,6 +39,8 @@ def atomic_path(final_path: str | Path, suffix: str = "") -> Iterator[Path]:
     temporary_path = Path(temporary_name)
     try:
         yield temporary_path
+        if temporary_path.exists():
+            os.chmod(temporary_path, 0o666 & ~_umask())  # mkstemp made it 0o600
         os.replace(temporary_path, final_path)
     except BaseException as error:
         temporary_path.unlink(missing_ok=True)
@@ -48,6 +57,7 @@ def atomic_dir(final_dir: str | Path) -> Iterator[Path]:
     temporary_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
     try:
         yield temporary_dir
+        os.chmod(temporary_dir, 0o777 & ~_umask())  # mkdtemp made it 0o700
         if final_dir.exists():
             old_dir = final_dir.with_name(f".{final_dir.name}.old")
             shutil.rmtree(old_dir, ignore_errors=True)

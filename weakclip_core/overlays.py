@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from weakclip_core.atomic import atomic_path
-from weakclip_core.data.layout import IGNORE_INDEX, voc_palette
+from weakclip_core.data.layout import voc_palette
 
 _PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
 TITLE_HEIGHT = 14
@@ -61,7 +61,8 @@ def save_overlay(path: str | Path, image: np.ndarray, masks: Sequence[tuple[str,
 
 def save_confusion_matrix(path: str | Path, confusion: np.ndarray, class_names: Sequence[str],
                           title: str = "") -> None:
-    """Row-normalised (recall per GT class) confusion matrix image, cells annotated in percent."""
+    """Row-normalised (recall per GT class) confusion matrix image, cells annotated in percent
+    (the matrix already leaves out ignored (255) GT pixels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +77,7 @@ def save_confusion_matrix(path: str | Path, confusion: np.ndarray, class_names: 
     axes.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
     axes.set_yticks(range(len(class_names)), class_names, fontsize=7)
     axes.set_xlabel("prediction")
-    axes.set_ylabel(f"ground truth (rows sum to 100%, {IGNORE_INDEX} ignored)")
+    axes.set_ylabel("ground truth (% of row)")
     if len(class_names) <= 30:
         for row in range(len(class_names)):
             for column in range(len(class_names)):

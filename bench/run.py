@@ -169,10 +169,12 @@ def ratios(training: dict[str, dict[str, Any]]) -> dict[str, float]:
     weakclip, finetune, mct = training["weakclip"], training["weakclip_full_finetune"], training["mctformer"]
     return {
         "speed_vs_full_finetune": weakclip["images_per_s"] / finetune["images_per_s"],
+        "cpu_speed_vs_full_finetune": weakclip["images_per_cpu_s"] / finetune["images_per_cpu_s"],
         "peak_memory_vs_full_finetune": weakclip["peak_memory_mib"] / finetune["peak_memory_mib"],
         "train_memory_vs_full_finetune": weakclip["train_memory_mib"] / finetune["train_memory_mib"],
         "trainable_parameters_vs_full_finetune": weakclip["trainable_parameters"] / finetune["trainable_parameters"],
         "speed_vs_mctformer": weakclip["images_per_s"] / mct["images_per_s"],
+        "cpu_speed_vs_mctformer": weakclip["images_per_cpu_s"] / mct["images_per_cpu_s"],
         "peak_memory_vs_mctformer": weakclip["peak_memory_mib"] / mct["peak_memory_mib"],
     }
 
@@ -192,14 +194,15 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
     labels = {"weakclip": "WeakCLIP, CLIP frozen (the method)",
               "weakclip_full_finetune": "WeakCLIP, CLIP unfrozen (full fine-tuning)",
               "mctformer": "MCTformer-V2 (DeiT-S)"}
-    training_rows = [_row("model", "input", "batch", "s/step", "images/s", "peak memory (MiB)",
-                          "growth during steps (MiB)", "trainable / total params"),
-                     _row(*["---"] * 8)]
+    training_rows = [_row("model", "input", "batch", "s/step", "images/s", "CPU s/step", "images/CPU-s",
+                          "peak memory (MiB)", "growth during steps (MiB)", "trainable / total params"),
+                     _row(*["---"] * 10)]
     for key, label in labels.items():
         record = training[key]
         parameters = f"{record['trainable_parameters'] / 1e6:.2f}M / {record['total_parameters'] / 1e6:.2f}M"
         training_rows.append(_row(label, record["input_size"], record["batch_size"], _number(record["s_per_step"], 3),
-                                  _number(record["images_per_s"], 3), _number(record["peak_memory_mib"], 0),
+                                  _number(record["images_per_s"], 3), _number(record.get("cpu_s_per_step"), 3),
+                                  _number(record.get("images_per_cpu_s"), 4), _number(record["peak_memory_mib"], 0),
                                   _number(record["train_memory_mib"], 0),
                                   parameters))
     ratio_rows = [_row("ratio", "value"), _row("---", "---")]
@@ -245,7 +248,8 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
         "paper_trainable": f"{paper['trainable'] / 1e6:.2f}M",
         "paper_total": f"{paper['total'] / 1e6:.2f}M",
         "paper_fraction": f"{100 * paper['trainable_fraction']:.1f}",
-        "inference_images_per_s": _number(inference["images_per_s"], 3),
+        "inference_images_per_s": _number(inference["images_per_s"], 4),
+        "inference_rate_source": inference.get("rate_source", "bench_dense_model"),
         "inference_setup": (f"{inference['image_size'][0]}x{inference['image_size'][1]} image, scales "
                             f"{inference['scales']}, flip {inference['flip']}, window {inference['crop']} "
                             f"stride {inference['stride']}"),

@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 POSITIVE_NUMBERS = [
     *(f"training.{model}.{key}" for model in ("weakclip", "weakclip_full_finetune", "mctformer")
       for key in ("images_per_s", "s_per_step", "peak_memory_mib", "trainable_parameters", "total_parameters",
-                  "batch_size", "input_size")),
-    *(f"ratios.{key}" for key in ("speed_vs_full_finetune", "peak_memory_vs_full_finetune",
+                  "batch_size", "input_size", "cpu_s_per_step", "images_per_cpu_s")),
+    *(f"ratios.{key}" for key in ("speed_vs_full_finetune", "cpu_speed_vs_full_finetune", "cpu_speed_vs_mctformer",
+                                   "peak_memory_vs_full_finetune",
                                    "train_memory_vs_full_finetune", "trainable_parameters_vs_full_finetune",
                                    "speed_vs_mctformer", "peak_memory_vs_mctformer")),
     "parameters.paper_size.trainable", "parameters.paper_size.total", "parameters.paper_size.trainable_fraction",

@@ -196,7 +196,7 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
         "seed_mode": cfg.seeds.mode,
         "fg_threshold": cfg.seeds.fg_threshold,
         "bg_threshold": cfg.seeds.bg_threshold,
-        "thresholds_chosen_with_gt": False,
+        "thresholds_chosen_with_gt": cfg.seeds.chosen_with_gt,
         "cam_variant": store.params.get("cam_infer", {}).get("variant"),
         **seeds,
         "steps": train.iterations,

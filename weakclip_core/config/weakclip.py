@@ -22,11 +22,17 @@ class CrfConfig:
 
 @dataclass(frozen=True)
 class SeedConfig:
-    """How CAMs become training seeds: confident thresholds (paper) or dense argmax (ablation)."""
+    """How CAMs become training seeds: confident thresholds (paper) or dense argmax (ablation).
+
+    ``chosen_with_gt``: set true when the thresholds were picked by looking at
+    ground truth (e.g. cam.json's best threshold or a seed-mIoU sweep); the
+    stage copies it into ``metrics/weakclip.json`` as ``thresholds_chosen_with_gt``.
+    """
 
     mode: Literal["confident", "dense"] = "confident"
     fg_threshold: float = bounded(0.4, low=0.0, high=1.0)
     bg_threshold: float = bounded(0.15, low=0.0, high=1.0)
+    chosen_with_gt: bool = False
 
     def validate(self) -> None:
         if self.bg_threshold > self.fg_threshold:

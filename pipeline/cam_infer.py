@@ -29,6 +29,7 @@ from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip_core.data.voc import check_mask
 from weakclip_core.device import resolve_device, set_threads
 from weakclip_core.models.mctformer import load_trained_mctformer
+from weakclip_core.errors import run_stage_cli
 
 STAGE = "cam_infer"
 
@@ -147,4 +148,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage_cli(main, "cam_infer")

@@ -35,6 +35,7 @@ from weakclip_core.device import resolve_device, seed_everything, set_threads
 from weakclip_core.models.mctformer import MCTformerV2, build_mctformer
 from weakclip_core.training import (CHECKPOINT_ROOT, Checkpointer, save_final_model, set_lr, trim_live_history,
                                     warmup_cosine_lr)
+from weakclip_core.errors import run_stage_cli
 
 STAGE = "cam_train"
 
@@ -206,4 +207,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage_cli(main, "cam_train")

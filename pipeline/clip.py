@@ -31,6 +31,7 @@ from weakclip_core.config import Params, load_params, to_plain
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.device import resolve_device, seed_everything, set_threads
 from weakclip_core.training import CHECKPOINT_ROOT, Checkpointer
+from weakclip_core.errors import run_stage_cli
 
 ARTIFACT_DIR = Path("artifacts/clip")
 METRICS_PATH = Path("metrics/clip.json")
@@ -133,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage_cli(main, "clip")

@@ -22,6 +22,7 @@ from weakclip_core.data.layout import CAPTIONS_FILE, DatasetError, PreparedDatas
 from weakclip_core.data.preview import write_dataset_preview
 from weakclip_core.data.synthetic import class_names, generate_synthetic
 from weakclip_core.data.voc import prepare_voc
+from weakclip_core.errors import run_stage_cli
 
 PREVIEW_PATH = Path("reports/dataset_preview.png")
 
@@ -103,4 +104,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage_cli(main, "prepare")

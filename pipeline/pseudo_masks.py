@@ -57,6 +57,7 @@ from weakclip_core.overlays import evenly_spaced, lowest_scoring, save_overlay
 from weakclip_core.training import CHECKPOINT_ROOT, config_hash
 from weakclip_core.weakclip_artifact import load_weakclip_model
 from weakclip_core.processes import die_with_parent
+from weakclip_core.errors import run_stage_cli
 
 STAGE = "pseudo_masks"
 PROVENANCE_FILE = "provenance.json"
@@ -433,4 +434,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage_cli(main, "pseudo_masks", (ProvenanceError,))

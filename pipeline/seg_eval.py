@@ -25,6 +25,7 @@ from weakclip_core.inference import InferenceAugmentation, predict_image_batch
 from weakclip_core.metrics import ConfusionAccumulator, confusion_matrix, iou_report
 from weakclip_core.overlays import evenly_spaced, lowest_scoring, save_confusion_matrix, save_overlay
 from weakclip_core.segmenter import load_segmenter
+from weakclip_core.errors import run_stage_cli
 
 SOURCES: tuple[str, ...] = ("pseudo", "gt")
 EVAL_BATCH = 16
@@ -138,4 +139,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage_cli(main, "seg_eval")

@@ -34,6 +34,7 @@ from weakclip_core.device import resolve_device, seed_everything, set_threads
 from weakclip_core.segmenter import SEGMENTER_MEAN, SEGMENTER_STD, build_segmenter, segmenter_record
 from weakclip_core.training import (CHECKPOINT_ROOT, Checkpointer, poly_lr, save_final_model, set_lr,
                                     trim_live_history, warmup_cosine_lr)
+from weakclip_core.errors import run_stage_cli
 
 Source = Literal["pseudo", "gt"]
 SOURCES: tuple[str, ...] = ("pseudo", "gt")
@@ -208,4 +209,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage_cli(main, "seg_train")

@@ -31,6 +31,7 @@ from typing import Any
 
 from weakclip_core.atomic import write_json, write_text
 from weakclip_core.config import Params, load_params
+from weakclip_core.errors import run_stage_cli
 
 SUMMARY_KEYS = ("cam_miou", "weakclip_miou", "pseudo_miou", "seg_pseudo_miou", "seg_gt_miou", "wsss_fsss_ratio")
 GT_FLAG_KEYS = ("threshold_chosen_with_gt", "thresholds_chosen_with_gt")
@@ -255,4 +256,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage_cli(main, "summary", (SummaryError,))

@@ -49,6 +49,7 @@ from weakclip_core.metrics import ConfusionAccumulator
 from weakclip_core.models.weakclip.model import WeakCLIP
 from weakclip_core.training import CHECKPOINT_ROOT, Checkpointer, set_lr, trim_live_history, warmup_cosine_lr
 from weakclip_core.weakclip_artifact import clip_weights_sha256, save_weakclip_model, trainable_modules
+from weakclip_core.errors import run_stage_cli
 
 STAGE = "weakclip_train"
 LOG_EVERY = 10
@@ -224,4 +225,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage_cli(main, "weakclip_train")

@@ -244,6 +244,7 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
         "training_table": "\n".join(training_rows),
         "ratio_table": "\n".join(ratio_rows),
         "speed_vs_full_finetune": f"{ratio['speed_vs_full_finetune']:.2f}",
+        "cpu_speed_vs_full_finetune": _number(ratio.get("cpu_speed_vs_full_finetune")),
         "memory_saving_vs_full_finetune": f"{100 * (1 - ratio['peak_memory_vs_full_finetune']):.1f}",
         "paper_trainable": f"{paper['trainable'] / 1e6:.2f}M",
         "paper_total": f"{paper['total'] / 1e6:.2f}M",

@@ -106,6 +106,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def current_rss_mib() -> float:
+    """This process's resident set size now (``/proc/self/statm``; the peak where /proc is absent).
+
+    The baseline of the training-memory growth: a high-water mark taken before training can sit above
+    the training peak (model construction allocates transiently), which made the growth read 0.
+    """
+    statm = Path("/proc/self/statm")
+    if not statm.is_file():
+        return peak_rss_mib()
+    resident_pages = int(statm.read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -117,7 +130,7 @@ def memory_baseline(device: torch.device) -> float:
         synchronise(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2 ** 20
-    return peak_rss_mib()
+    return current_rss_mib()
 
 
 def memory_peak(device: torch.device) -> float:

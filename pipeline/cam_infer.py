@@ -28,6 +28,7 @@ from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip_core.data.voc import check_mask
 from weakclip_core.device import resolve_device, set_threads
+from weakclip_core.inference import normalise_images
 from weakclip_core.models.mctformer import load_trained_mctformer
 from weakclip_core.errors import run_stage_cli
 
@@ -55,14 +56,6 @@ def image_batches(image_ids: list[str], dataset: PreparedDataset, batch_size: in
         pending.append((image_id, image))
     if pending:
         yield pending
-
-
-def normalise_images(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """(H, W, 3) uint8 images of one size → (B, 3, H, W) float32, ImageNet-normalised (as in training)."""
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((batch - mean) / std).to(device)
 
 
 def curve_csv(thresholds: np.ndarray, selected: str, curves: dict[str, list[float]]) -> str:
@@ -97,7 +90,8 @@ def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_prog
         progress = tqdm(total=len(image_ids), desc=STAGE, unit="img", disable=not show_progress)
         for batch in image_batches(image_ids, dataset, infer.batch_size):
             labels = torch.from_numpy(np.stack([dataset.label_vector(image_id) for image_id, _ in batch]))
-            cams = multiscale_cams(model, normalise_images([image for _, image in batch], device), labels.to(device),
+            images = normalise_images([image for _, image in batch], IMAGENET_MEAN, IMAGENET_STD).to(device)
+            cams = multiscale_cams(model, images, labels.to(device),
                                    infer.scales, infer.flip, infer.attention_layers)
             cams = {variant: maps.cpu().numpy() for variant, maps in cams.items()}
             for row, (image_id, image) in enumerate(batch):

@@ -3,7 +3,8 @@
 Runs the trained model at ``cam.infer.scales`` (with horizontal flip), writes
 the ``cam.infer.variant`` CAMs of every train image to ``artifacts/cams/train.h5``
 and, in the same pass, scores all four variants against the ground truth for
-every background threshold (METHOD.md §1). The best threshold is chosen with
+every background threshold (METHOD.md §1) on ``dataset.score_split`` (default: the
+train split; VOC's ``train`` inside ``train_aug``). The best threshold is chosen with
 the GT, and the metrics file says so.
 """
 
@@ -20,17 +21,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from weakclip_core.atomic import write_json, write_text
+from weakclip_core.atomic import remove_stale_temporaries, write_json, write_text
 from weakclip_core.cam import CAM_VARIANTS, ThresholdSweep, multiscale_cams, threshold_values
 from weakclip_core.cam_store import CamStoreWriter
 from weakclip_core.config import Params, load_params, to_plain
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from weakclip_core.data.voc import check_mask
 from weakclip_core.device import resolve_device, set_threads
 from weakclip_core.inference import normalise_images
 from weakclip_core.models.mctformer import load_trained_mctformer
-from weakclip_core.errors import run_stage_cli
+from weakclip_core.errors import require_input, run_stage_cli
 
 STAGE = "cam_infer"
 
@@ -74,13 +74,17 @@ def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_prog
     infer = params.cam.infer
     set_threads(params.runtime.threads)
     device = resolve_device(params.runtime.device)
+    for output in (paths.store, paths.metrics, paths.curve):  # a killed earlier run's temporaries
+        remove_stale_temporaries(output.parent, output.name)
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
-    model, saved = load_trained_mctformer(paths.model, device)
+    model, saved = load_trained_mctformer(require_input(paths.model, "cam_train"), device)
     if saved.get("class_names", dataset.class_names) != dataset.class_names:
         raise ValueError(f"{paths.model}: trained for classes {saved['class_names']}, the dataset "
                          f"{dataset.root} has {dataset.class_names} (re-run cam_train)")
     split = params.dataset.train_split
     image_ids = dataset.split(split)
+    score_split = params.dataset.scored_split
+    scored_ids = set(dataset.scored_ids(split, score_split))
     thresholds = threshold_values(infer.threshold_start, infer.threshold_stop, infer.threshold_step)
     sweeps = {variant: ThresholdSweep(dataset.n_classes, thresholds) for variant in CAM_VARIANTS}
     n_scored = 0
@@ -98,16 +102,15 @@ def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_prog
                 classes = dataset.image_labels(image_id)
                 rows = [class_index - 1 for class_index in classes]
                 writer.add(image_id, classes, np.clip(cams[infer.variant][row, rows], 0.0, 1.0))
-                if dataset.has_mask(image_id):
-                    ground_truth = dataset.mask(image_id)
-                    check_mask(ground_truth, dataset.mask_path(image_id), image.shape[:2], dataset.n_classes)
+                if image_id in scored_ids and dataset.has_mask(image_id):
+                    ground_truth = dataset.checked_mask(image_id, image.shape[:2])
                     for variant in CAM_VARIANTS:
                         sweeps[variant].add(ground_truth, cams[variant][row, rows], classes)
                     n_scored += 1
             progress.update(len(batch))
         progress.close()
     if n_scored == 0:
-        raise ValueError(f"{dataset.root}: no ground-truth masks for split {split!r}; cannot score the CAMs")
+        raise ValueError(f"{dataset.root}: no ground-truth masks for split {score_split!r}; cannot score the CAMs")
 
     curves = {variant: sweeps[variant].curve() for variant in CAM_VARIANTS}
     best = {variant: sweeps[variant].best() for variant in CAM_VARIANTS}
@@ -116,7 +119,8 @@ def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_prog
         "miou": report.miou,
         "best_threshold": best_threshold,
         "per_class": dict(zip(dataset.class_names, report.per_class)),
-        "split": split,
+        "split": score_split,
+        "predicted_split": split,
         "variant": infer.variant,
         "threshold_chosen_with_gt": True,
         "n_images": n_scored,

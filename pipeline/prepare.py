@@ -64,13 +64,15 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
         raise DatasetError(f"dataset.train_split and dataset.val_split are both {dataset.train_split!r}")
     started = time.perf_counter()
     prepared_dir = Path(dataset.prepared_dir)
-    splits = [dataset.train_split, dataset.val_split]
+    splits = list(dict.fromkeys([dataset.train_split, dataset.val_split, dataset.scored_split]))
     with atomic_dir(prepared_dir) as staging_dir:
         if dataset.name == "synthetic":
             _build_synthetic(params, staging_dir, progress)
         elif dataset.name == "voc":
             prepare_voc(dataset.source, staging_dir, splits, dataset.voc_mask_dir,
-                        drop_unlabelled_from=(dataset.train_split,), progress=progress)
+                        drop_unlabelled_from=(dataset.train_split, dataset.scored_split), progress=progress)
+            prepared = PreparedDataset.open(staging_dir)
+            prepared.scored_ids(dataset.train_split, dataset.scored_split)  # the score split lies inside train
         else:
             prepare_coco(dataset.source, staging_dir, splits, drop_unlabelled_from=(dataset.train_split,),
                          progress=progress)

@@ -17,7 +17,8 @@
    the bytes are the same); shards may run at once into the same work folder. ``--merge`` (or any
    unsharded run, which skips what is done) assembles the outputs once every image is done.
 5. Assembly copies the masks into ``pseudo.output_dir`` (whole folder replaced atomically, plus
-   ``provenance.json``), scores before/after CRF against GT where GT exists (``metrics/pseudo.json``) and
+   ``provenance.json``), scores before/after CRF against GT on ``dataset.score_split`` (default the train
+   split; each GT mask checked for size and class range) (``metrics/pseudo.json``) and
    draws overlays of a fixed sample and the worst images into ``reports/pseudo/``; then the work folder
    is removed.
 
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from weakclip_core.atomic import atomic_dir, sha256_of_file, write_json
+from weakclip_core.atomic import atomic_dir, remove_stale_temporaries, sha256_of_file, write_json
 from weakclip_core.config import Params, load_params, to_plain
 from weakclip_core.config.weakclip import CrfConfig
 from weakclip_core.crf import dense_crf
@@ -57,7 +58,7 @@ from weakclip_core.overlays import evenly_spaced, lowest_scoring, save_overlay
 from weakclip_core.training import CHECKPOINT_ROOT, config_hash
 from weakclip_core.weakclip_artifact import load_weakclip_model
 from weakclip_core.processes import die_with_parent
-from weakclip_core.errors import run_stage_cli
+from weakclip_core.errors import require_input, run_stage_cli
 
 STAGE = "pseudo_masks"
 PROVENANCE_FILE = "provenance.json"
@@ -173,12 +174,15 @@ class ManifestWriter:
         self._stream.close()
 
 
-def remove_stale_temporaries(work_dir: Path) -> None:
-    """Temporary PNGs of a killed run (never under a final name) are deleted before resuming."""
+def remove_killed_writers_temporaries(params: Params, paths: PseudoPaths, work_dir: Path) -> None:
+    """Delete what a killed run of this stage left under temporary names: PNGs in the work folder and the
+    half-built output folders / metrics beside their final names. Only the atomic writers' own temporary
+    names whose writer process is gone are removed (``weakclip_core.atomic.remove_stale_temporaries``), so a
+    shard running at the same time keeps its files."""
     for folder in (work_dir / "masks", work_dir / "raw"):
-        if folder.is_dir():
-            for stale in folder.glob(".*.tmp*"):
-                stale.unlink(missing_ok=True)
+        remove_stale_temporaries(folder)
+    for output in (Path(params.pseudo.output_dir), paths.reports, paths.metrics):
+        remove_stale_temporaries(output.parent, output.name)
 
 
 # --------------------------------------------------------------------------- the CRF worker job
@@ -239,11 +243,11 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
     refuse_ground_truth_dir(pseudo.output_dir, ground_truth_dirs(dataset.root, params.dataset.source or None),
                             "pseudo.output_dir")
-    config = work_config(params, dataset, paths.model)
+    config = work_config(params, dataset, require_input(paths.model, "weakclip_train"))
     work_dir = work_dir_of(paths, config)
     work_dir.mkdir(parents=True, exist_ok=True)
     write_json(work_dir / "config.json", config)
-    remove_stale_temporaries(work_dir)
+    remove_killed_writers_temporaries(params, paths, work_dir)
     done = done_images(work_dir)
     batches = id_batches(dataset.split(params.dataset.train_split), pseudo.batch_size)[shard.index::shard.count]
     pending_batches = [batch for batch in batches if any(image_id not in done for image_id in batch)]
@@ -339,10 +343,12 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths(), started: float 
     refuse_ground_truth_dir(pseudo.output_dir, ground_truth_dirs(dataset.root, params.dataset.source or None),
                             "pseudo.output_dir")
     upstream = upstream_seed_provenance(paths.weakclip_metrics)
-    config = work_config(params, dataset, paths.model)
+    config = work_config(params, dataset, require_input(paths.model, "weakclip_train"))
     work_dir = work_dir_of(paths, config)
     split = params.dataset.train_split
     image_ids = sorted(dataset.split(split))
+    score_split = params.dataset.scored_split
+    scored_ids = set(dataset.scored_ids(split, score_split))
     done = done_images(work_dir) if work_dir.is_dir() else {}
     missing = [image_id for image_id in image_ids if image_id not in done]
     if missing:
@@ -351,10 +357,11 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths(), started: float 
 
     before, after = ConfusionAccumulator(dataset.n_classes), ConfusionAccumulator(dataset.n_classes)
     per_image_miou: dict[str, float] = {}
+    remove_killed_writers_temporaries(params, paths, work_dir)
     for image_id in image_ids:
-        if not dataset.has_mask(image_id):
+        if image_id not in scored_ids or not dataset.has_mask(image_id):
             continue
-        ground_truth = dataset.mask(image_id)
+        ground_truth = dataset.checked_mask(image_id)
         before.add(ground_truth, read_mask(work_dir / "raw" / f"{image_id}.png"))
         confusion = confusion_matrix(ground_truth, read_mask(work_dir / "masks" / f"{image_id}.png"),
                                      dataset.n_classes)
@@ -390,7 +397,8 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths(), started: float 
         "miou_after_crf": after_report.miou if n_scored and pseudo.use_crf else None,
         **{key: value for key, value in final_report.as_dict(dataset.class_names).items() if key != "miou"},
         "before_crf": before_report.as_dict(dataset.class_names) if n_scored else None,
-        "split": split,
+        "split": score_split,
+        "predicted_split": split,
         "n_images": len(image_ids),
         "n_scored": n_scored,
         "use_crf": pseudo.use_crf,

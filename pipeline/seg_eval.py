@@ -25,7 +25,7 @@ from weakclip_core.inference import InferenceAugmentation, predict_image_batch
 from weakclip_core.metrics import ConfusionAccumulator, confusion_matrix, iou_report
 from weakclip_core.overlays import evenly_spaced, lowest_scoring, save_confusion_matrix, save_overlay
 from weakclip_core.segmenter import load_segmenter
-from weakclip_core.errors import run_stage_cli
+from weakclip_core.errors import require_input, run_stage_cli
 
 SOURCES: tuple[str, ...] = ("pseudo", "gt")
 EVAL_BATCH = 16
@@ -57,7 +57,7 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
     set_threads(params.runtime.threads)
     device = resolve_device(params.runtime.device)
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
-    model, saved = load_segmenter(paths.model(source))
+    model, saved = load_segmenter(require_input(paths.model(source), f"seg_train@{source}"))
     record = saved["config"]
     if list(record["class_names"]) != dataset.class_names:
         raise DatasetError(f"{paths.model(source)}: trained for classes {record['class_names']}, but "
@@ -85,7 +85,7 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
                                             mean=record["mean"], std=record["std"], max_forward_batch=EVAL_BATCH)
         for image_id, image, probability in zip(batch_ids, images, probabilities):
             prediction = probability.argmax(axis=0).astype(np.uint8)
-            ground_truth = dataset.mask(image_id)
+            ground_truth = dataset.checked_mask(image_id, image.shape[:2])
             confusion = confusion_matrix(ground_truth, prediction, dataset.n_classes)
             accumulator.confusion += confusion
             per_image_miou[image_id] = iou_report(confusion).miou

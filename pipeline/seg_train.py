@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from weakclip_core.config import Params, load_params, to_plain
-from weakclip_core.data.layout import IGNORE_INDEX, DatasetError, PreparedDataset
+from weakclip_core.data.layout import IGNORE_INDEX, DatasetError, PreparedDataset, read_checked_mask, read_image_size
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.segmentation import MaskedImageDataset, ground_truth_dirs, refuse_ground_truth_dir
 from weakclip_core.data.transforms import DenseAugmentation
@@ -34,7 +34,7 @@ from weakclip_core.device import resolve_device, seed_everything, set_threads
 from weakclip_core.segmenter import SEGMENTER_MEAN, SEGMENTER_STD, build_segmenter, segmenter_record
 from weakclip_core.training import (CHECKPOINT_ROOT, Checkpointer, poly_lr, save_final_model, set_lr,
                                     trim_live_history, warmup_cosine_lr)
-from weakclip_core.errors import run_stage_cli
+from weakclip_core.errors import require_input, run_stage_cli
 
 Source = Literal["pseudo", "gt"]
 SOURCES: tuple[str, ...] = ("pseudo", "gt")
@@ -71,7 +71,7 @@ def mask_dir_of(params: Params, source: str) -> Path:
     if source == "pseudo":
         gt_dirs = ground_truth_dirs(dataset.root, params.dataset.source or None)
         refuse_ground_truth_dir(params.pseudo.output_dir, gt_dirs, "pseudo.output_dir")
-        return Path(params.pseudo.output_dir)
+        return require_input(params.pseudo.output_dir, "pseudo_masks")
     raise ValueError(f"--source: expected one of {list(SOURCES)}, got {source!r}")
 
 
@@ -82,6 +82,15 @@ def mask_fingerprint(mask_dir: Path, image_ids: list[str]) -> str:
         digest.update(image_id.encode())
         digest.update((mask_dir / f"{image_id}.png").read_bytes())
     return digest.hexdigest()
+
+
+def check_training_masks(dataset: PreparedDataset, mask_dir: Path, image_ids: list[str],
+                         show_progress: bool = True) -> None:
+    """Read every training mask once before the first step: a mask of the wrong size or with a class id
+    outside 0..K-1 (255 ignore) stops the stage naming the file and the id, not ``cross_entropy`` mid-run."""
+    for image_id in tqdm(image_ids, desc="checking masks", unit="mask", disable=not show_progress):
+        read_checked_mask(mask_dir / f"{image_id}.png", read_image_size(dataset.image_path(image_id)),
+                          dataset.n_classes)
 
 
 def mask_provenance(mask_dir: Path, source: str) -> dict[str, Any]:
@@ -129,6 +138,7 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
     train_set = MaskedImageDataset(dataset, image_ids, mask_dir,
                                    DenseAugmentation(train.crop, train.scale_min, train.scale_max),
                                    seed, SEGMENTER_MEAN, SEGMENTER_STD)
+    check_training_masks(dataset, mask_dir, image_ids, show_progress)
     provenance = mask_provenance(mask_dir, source)
     model = build_segmenter(seg, dataset.n_classes).to(device)
     optimizer = make_optimizer(model, params)

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +25,56 @@ def _umask() -> int:
     return umask
 
 
+def temporary_prefix(final_path: Path) -> str:
+    """The start of every temporary name for ``final_path``: ``.<final name>.<writer pid>.``.
+
+    ``mkstemp``/``mkdtemp`` add 8 random characters and the ``.tmp[suffix]`` ending. The pid lets
+    ``remove_stale_temporaries`` tell a killed writer's leftover from a live writer's file.
+    """
+    return f".{final_path.name}.{os.getpid()}."
+
+
+# ``.<final name>.<pid>.<8 mkstemp characters>.tmp[.<extension>]``: nothing else is ever removed.
+_TEMPORARY_NAME = re.compile(r"^\.(?P<final>.+)\.(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path, final_name: str | None = None) -> list[Path]:
+    """Delete the temporary files / folders in ``folder`` that a killed writer of this module left.
+
+    Only names of this module's pattern (``temporary_prefix`` + 8 characters + ``.tmp[.ext]``) whose
+    writer process no longer exists are removed, and with ``final_name`` only those for that output.
+    A live writer's temporary (a concurrent run, a pid of this process) is left alone, and so is every
+    other file. Returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for candidate in sorted(folder.iterdir()):
+        match = _TEMPORARY_NAME.match(candidate.name)
+        if match is None or (final_name is not None and match["final"] != final_name):
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(final_path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``final_path``; rename it over ``final_path`` on success.
@@ -33,7 +84,7 @@ def atomic_path(final_path: str | Path, suffix: str = "") -> Iterator[Path]:
     """
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=f".tmp{suffix}",
+    handle, temporary_name = tempfile.mkstemp(prefix=temporary_prefix(final_path), suffix=f".tmp{suffix}",
                                               dir=final_path.parent)
     os.close(handle)
     temporary_path = Path(temporary_name)
@@ -54,7 +105,7 @@ def atomic_dir(final_dir: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``final_dir``; it replaces ``final_dir`` whole on success."""
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
+    temporary_dir = Path(tempfile.mkdtemp(prefix=temporary_prefix(final_dir), suffix=".tmp", dir=final_dir.parent))
     try:
         yield temporary_dir
         os.chmod(temporary_dir, 0o777 & ~_umask())  # mkdtemp made it 0o700

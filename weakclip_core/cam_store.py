@@ -23,6 +23,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from weakclip_core.atomic import temporary_prefix
+
 
 class CamStoreError(ValueError):
     """The CAM store is missing, incomplete, or disagrees with the dataset; the message names the file."""
@@ -34,7 +36,8 @@ class CamStoreWriter:
     def __init__(self, path: str | Path, dataset_name: str, class_names: list[str], params: dict[str, Any]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        handle, temporary_name = tempfile.mkstemp(prefix=temporary_prefix(self.path), suffix=".tmp",
+                                                  dir=self.path.parent)
         os.close(handle)
         self.temporary_path = Path(temporary_name)
         self.n_classes = len(class_names)

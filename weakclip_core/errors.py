@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from weakclip_core.cam_store import CamStoreError
 from weakclip_core.clip_model import ClipWeightsError
@@ -20,6 +21,20 @@ from weakclip_core.data.layout import DatasetError
 from weakclip_core.data.segmentation import GroundTruthMaskError
 from weakclip_core.models.mctformer import PretrainedWeightsError
 from weakclip_core.segmenter import SegmenterWeightsError
+
+class MissingInputError(FileNotFoundError):
+    """An upstream artifact a stage reads does not exist; the message names it and the stage that makes it."""
+
+
+def require_input(path: str | Path, made_by_stage: str) -> Path:
+    """``path`` as a ``Path`` when it exists; else ``MissingInputError``: ``<path> does not exist: run
+    `dvc repro <made_by_stage>` first``. Stages call it where they open an upstream artifact, so a chain
+    run out of order says what to run instead of Python's bare ``No such file or directory``."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"{path} does not exist: run `dvc repro {made_by_stage}` first")
+    return path
+
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (
     CamStoreError, ClipWeightsError, ConfigError, DatasetError, GroundTruthMaskError, PretrainedWeightsError,

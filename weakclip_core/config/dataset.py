@@ -45,6 +45,10 @@ class DatasetConfig:
     ``source`` is the VOC 2012 root (the folder holding JPEGImages/) or the COCO
     2014 root (holding annotations/ and train2014/, val2014/); ignored for synthetic.
     ``prepared_dir`` is where ``prepare`` writes the VOC-layout copy every stage reads.
+    ``score_split`` is the split whose GT scores the train-split stages (cam_infer, weakclip_train,
+    pseudo_masks): they still run over all of ``train_split`` but report mIoU on this subset of it
+    (VOC: ``train``, the 1,464 images of the paper's seed / pseudo-mask figures, inside ``train_aug``).
+    Empty means ``train_split``.
     """
 
     name: Literal["synthetic", "voc", "coco"] = "synthetic"
@@ -53,9 +57,18 @@ class DatasetConfig:
     prepared_dir: str = "data/prepared/synthetic"
     train_split: str = "train"
     val_split: str = "val"
+    score_split: str = ""
     voc_mask_dir: Literal["SegmentationClass", "SegmentationClassAug"] = "SegmentationClass"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
+    @property
+    def scored_split(self) -> str:
+        """The split the train-split stages score against GT: ``score_split``, or ``train_split`` when empty."""
+        return self.score_split or self.train_split
+
     def validate(self) -> None:
+        if self.scored_split != self.train_split and self.name != "voc":
+            raise ConfigError(f"score_split: {self.score_split!r} differs from train_split, but only VOC has a "
+                              "scoring subset of its train split (leave it empty)")
         if self.name != "synthetic" and not self.source:
             raise ConfigError(f"source: required when name is {self.name!r} (path to the {self.name.upper()} tree)")

@@ -84,6 +84,40 @@ def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> None:
         Image.fromarray(image.astype(np.uint8), mode="RGB").save(temporary_path, format="JPEG", quality=quality)
 
 
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` of an image from its header (no decoding); a missing or unreadable file names itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception as error:
+        raise DatasetError(f"{path}: unreadable image ({error})") from None
+    return height, width
+
+
+def check_mask(mask: np.ndarray, mask_path: str | Path, image_shape: tuple[int, int], n_classes: int) -> None:
+    """Raise ``DatasetError`` naming ``mask_path`` if the (H, W) ``mask`` differs in size from its image
+    (``image_shape`` = (H, W)) or holds a class id outside 0..n_classes-1 other than 255 (ignore)."""
+    if mask.shape != tuple(image_shape):
+        raise DatasetError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                           f"{image_shape[1]}x{image_shape[0]} (width x height)")
+    bad = [int(v) for v in np.unique(mask) if v >= n_classes and v != IGNORE_INDEX]
+    if bad:
+        raise DatasetError(f"{mask_path}: class id {bad[0]} out of range (expected 0..{n_classes - 1} "
+                           f"or {IGNORE_INDEX} ignore)")
+
+
+def read_checked_mask(path: str | Path, image_shape: tuple[int, int], n_classes: int) -> np.ndarray:
+    """``read_mask`` + ``check_mask``: the (H, W) uint8 mask of an image of ``image_shape`` over
+    ``n_classes`` classes (K, background included). Every stage that scores or trains on a mask reads it
+    through here, so a broken mask is reported with its file name, never deep inside a metric or a loss."""
+    mask = read_mask(path)
+    check_mask(mask, path, image_shape, n_classes)
+    return mask
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image as (H, W, 3) uint8 RGB; a missing or corrupt file names itself."""
     path = Path(path)
@@ -175,6 +209,27 @@ class PreparedDataset:
     def mask(self, image_id: str) -> np.ndarray:
         mask = read_mask(self.mask_path(image_id))
         return mask
+
+    def checked_mask(self, image_id: str, image_shape: tuple[int, int] | None = None) -> np.ndarray:
+        """The GT mask of ``image_id``, checked against its image's size (``image_shape`` (H, W) when the
+        caller already has the image, else read from the JPEG header) and the class range 0..K-1 / 255."""
+        if image_shape is None:
+            image_shape = read_image_size(self.image_path(image_id))
+        return read_checked_mask(self.mask_path(image_id), image_shape, self.n_classes)
+
+    def scored_ids(self, train_split: str, score_split: str) -> list[str]:
+        """Ids of ``score_split`` (in its order), each of which must be in ``train_split``: the subset a
+        stage that runs over the train split scores against GT (e.g. VOC ``train`` inside ``train_aug``)."""
+        if score_split == train_split:
+            return self.split(train_split)
+        in_train = set(self.split(train_split))
+        image_ids = self.split(score_split)
+        outside = [image_id for image_id in image_ids if image_id not in in_train]
+        if outside:
+            raise DatasetError(f"{self.root / 'ImageSets' / 'Segmentation' / f'{score_split}.txt'}: "
+                               f"{len(outside)} image(s) of score split {score_split!r} are not in train split "
+                               f"{train_split!r}, e.g. {outside[0]}")
+        return image_ids
 
     def has_mask(self, image_id: str) -> bool:
         return self.mask_path(image_id).is_file()

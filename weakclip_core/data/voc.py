@@ -22,10 +22,9 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from weakclip_core.data.layout import (IGNORE_INDEX, DatasetError, labels_from_mask, read_image, read_mask,
+from weakclip_core.data.layout import (DatasetError, check_mask, labels_from_mask, read_image, read_mask,
                                        write_labels, write_mask, write_split)
 
 VOC_CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -42,19 +41,6 @@ def link_or_copy(source_file: Path, destination: Path) -> None:
         os.link(source_file, destination)
     except OSError:
         shutil.copyfile(source_file, destination)
-
-
-def check_mask(mask: np.ndarray, mask_path: Path, image_shape: tuple[int, int], n_classes: int) -> None:
-    """Raise ``DatasetError`` naming ``mask_path`` if its size differs from the image's or a class id is
-    outside 0..n_classes-1 (255 ignore allowed)."""
-    if mask.shape != image_shape:
-        raise DatasetError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                           f"{image_shape[1]}x{image_shape[0]} (width x height)")
-    values = np.unique(mask)
-    bad = [int(v) for v in values if v >= n_classes and v != IGNORE_INDEX]
-    if bad:
-        raise DatasetError(f"{mask_path}: class id {bad[0]} out of range (expected 0..{n_classes - 1} "
-                           f"or {IGNORE_INDEX} ignore)")
 
 
 def find_split_list(source: Path, split: str) -> Path:

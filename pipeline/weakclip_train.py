@@ -49,7 +49,7 @@ from weakclip_core.metrics import ConfusionAccumulator
 from weakclip_core.models.weakclip.model import WeakCLIP
 from weakclip_core.training import CHECKPOINT_ROOT, Checkpointer, set_lr, trim_live_history, warmup_cosine_lr
 from weakclip_core.weakclip_artifact import clip_weights_sha256, save_weakclip_model, trainable_modules
-from weakclip_core.errors import run_stage_cli
+from weakclip_core.errors import require_input, run_stage_cli
 
 STAGE = "weakclip_train"
 LOG_EVERY = 10
@@ -76,7 +76,7 @@ def seed_quality(seed_masks: dict[str, np.ndarray], dataset: PreparedDataset, im
     for image_id in image_ids:
         if not dataset.has_mask(image_id):
             continue
-        ground_truth = dataset.mask(image_id)
+        ground_truth = dataset.checked_mask(image_id)
         seed_mask = seed_masks[image_id]
         unlabelled = seed_mask == IGNORE_INDEX
         scored += int((ground_truth != IGNORE_INDEX).sum())
@@ -101,7 +101,7 @@ def evaluate_on_split(model: WeakCLIP, dataset: PreparedDataset, image_ids: list
                                             [dataset.image_labels(image_id) for image_id in batch_ids],
                                             dataset.n_classes, tta, device)
         for image_id, probability in zip(batch_ids, probabilities):
-            accumulator.add(dataset.mask(image_id), probability.argmax(axis=0))
+            accumulator.add(dataset.checked_mask(image_id, probability.shape[1:]), probability.argmax(axis=0))
     return accumulator.report().as_dict(dataset.class_names), len(scored_ids)
 
 
@@ -119,12 +119,14 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     device = resolve_device(params.runtime.device)
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
     image_ids = dataset.split(params.dataset.train_split)
-    store = CamStoreReader(paths.cam_store)
+    scored_ids = dataset.scored_ids(params.dataset.train_split, params.dataset.scored_split)
+    store = CamStoreReader(require_input(paths.cam_store, "cam_infer"))
     seed_masks = build_seed_masks(store, dataset, image_ids, cfg.seeds, progress=show_progress)
     store.close()
+    seeds = seed_quality(seed_masks, dataset, scored_ids)  # before training: a broken GT mask stops it here
 
     seed_everything(seed)
-    model = WeakCLIP(load_clip_artifact(paths.clip_dir), dataset.class_names, cfg).to(device)
+    model = WeakCLIP(load_clip_artifact(require_input(paths.clip_dir, "clip")), dataset.class_names, cfg).to(device)
     learned = trainable_modules(model)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=train.lr, weight_decay=train.weight_decay)
     checkpointer = Checkpointer(STAGE, {
@@ -185,13 +187,12 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     progress.close()
     train_seconds = time.perf_counter() - train_started
 
-    seeds = seed_quality(seed_masks, dataset, image_ids)
     save_weakclip_model(paths.model, model.cpu(), cfg, paths.clip_dir, dataset=dataset.name,
                         steps=train.iterations, seed=seed, seed_mode=cfg.seeds.mode)
-    report, n_scored = evaluate_on_split(model.to(device), dataset, image_ids, train.crop, device, show_progress)
+    report, n_scored = evaluate_on_split(model.to(device), dataset, scored_ids, train.crop, device, show_progress)
     metrics = {
         "miou": report["miou"],
-        "split": params.dataset.train_split,
+        "split": params.dataset.scored_split,
         "n_images": n_scored,
         "inference": "single scale, no CRF, restricted to image labels + background",
         "seed_mode": cfg.seeds.mode,

@@ -32,6 +32,7 @@ from weakclip_core.data.classification import (ClassificationAugment, Classifica
                                                steps_per_epoch)
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset
 from weakclip_core.device import resolve_device, seed_everything, set_threads
+from weakclip_core.metrics import mean_average_precision
 from weakclip_core.models.mctformer import MCTformerV2, build_mctformer
 from weakclip_core.training import (CHECKPOINT_ROOT, Checkpointer, save_final_model, set_lr, trim_live_history,
                                     warmup_cosine_lr)
@@ -55,24 +56,6 @@ class CamTrainResult:
     steps: int
     val_map_class_token: float
     val_map_patch_cam: float
-
-
-def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Multi-label mAP: per-class average precision over images, averaged over classes with a positive.
-
-    ``scores``, ``targets``: (N, C). AP of a class = mean over its positives of
-    the precision at the positive's rank (scores sorted high to low, ties in input order).
-    """
-    precisions = []
-    for class_index in range(scores.shape[1]):
-        positives = targets[:, class_index] > 0.5
-        if not positives.any():
-            continue
-        order = np.argsort(-scores[:, class_index], kind="stable")
-        hits = positives[order].astype(np.float64)
-        precision_at_rank = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-        precisions.append(float((precision_at_rank * hits).sum() / hits.sum()))
-    return float(np.mean(precisions)) if precisions else 0.0
 
 
 @torch.no_grad()

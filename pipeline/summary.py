@@ -237,7 +237,7 @@ def results_markdown(figures: dict[str, dict[str, Any]], summary: dict[str, floa
 
 def write_summary(params: Params, paths: SummaryPaths = SummaryPaths()) -> dict[str, float]:
     """Check every metrics file, then write ``summary.json`` and ``RESULTS.md``; returns the summary."""
-    splits = {"train": params.dataset.train_split, "val": params.dataset.val_split}
+    splits = {"train": params.dataset.scored_split, "val": params.dataset.val_split}  # train figures: the scored split
     figures = load_figures(paths, splits)
     summary = summary_of(figures)
     ablation_files = sorted(paths.metrics_root.glob("ablations*.json"))

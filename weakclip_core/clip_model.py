@@ -34,6 +34,7 @@ from torch import nn
 
 from weakclip_core.atomic import atomic_path, write_json
 from weakclip_core.config.clip import ClipArchConfig, ClipConfig
+from weakclip_core.state_dict import unwrap_state_dict
 
 WEIGHTS_FILE = "weights.pt"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -150,7 +151,7 @@ def _is_torchscript_archive(path: Path) -> bool:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a CLIP checkpoint: safetensors, torch state dict (optionally under
-    ``state_dict``, DDP ``module.`` prefixes removed) or an OpenAI TorchScript archive."""
+    ``state_dict``, DDP ``module.`` prefixes removed: ``unwrap_state_dict``) or an OpenAI TorchScript archive."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -162,11 +163,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as error:  # noqa: BLE001 — any reader failure means "not a checkpoint"
         raise ClipWeightsError(f"clip.weights: '{path}' is not a readable CLIP checkpoint "
                                f"(.pt/.bin/.safetensors): {type(error).__name__}: {error}") from error
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+    state_dict = unwrap_state_dict(loaded)
+    if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ClipWeightsError(f"clip.weights: '{path}' does not hold a state dict of tensors")
-    state_dict = {(key[7:] if key.startswith("module.") else key): value for key, value in loaded.items()}
     for key in ("input_resolution", "context_length", "vocab_size"):
         state_dict.pop(key, None)
     return state_dict

@@ -31,6 +31,7 @@ from weakclip_core.config.clip import ClipPretrainConfig
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.transforms import sample_rng, to_tensor
+from weakclip_core.metrics import average_precision
 from weakclip_core.training import Checkpointer, set_lr, warmup_cosine_lr
 
 PROMPT_TEMPLATE = "a photo of a {}"
@@ -242,20 +243,6 @@ def zero_shot_scores(model: nn.Module, tokenizer: Tokenizer, image_batches: Iter
     scores = [(F.normalize(model.encode_image(images.to(device)), dim=-1) @ text_features.T).cpu()
               for images in image_batches]
     return torch.cat(scores).float()
-
-
-def average_precision(scores: np.ndarray, positives: np.ndarray) -> float | None:
-    """Non-interpolated AP of one class: mean precision at the rank of each positive (``None`` without positives).
-
-    Ranks follow descending score; ties keep the input order (stable sort).
-    """
-    positives = positives.astype(bool)
-    if not positives.any():
-        return None
-    order = np.argsort(-scores, kind="stable")
-    hits = positives[order]
-    precision_at_rank = np.cumsum(hits) / np.arange(1, hits.size + 1)
-    return float(precision_at_rank[hits].mean())
 
 
 def zero_shot_report(scores: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:

@@ -88,3 +88,24 @@ class ConfusionAccumulator:
 
     def report(self) -> IouReport:
         return iou_report(self.confusion)
+
+
+def average_precision(scores: np.ndarray, positives: np.ndarray) -> float | None:
+    """Non-interpolated AP of one class over N items: the mean, over its positives, of the precision at
+    each positive's rank (scores sorted high to low, ties kept in input order). ``scores``, ``positives``:
+    (N,); a positive is a label above 0.5. ``None`` when there is no positive (AP undefined)."""
+    hits_in_input_order = np.asarray(positives) > 0.5
+    if not hits_in_input_order.any():
+        return None
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    hits = hits_in_input_order[order]
+    precision_at_rank = np.cumsum(hits) / np.arange(1, hits.size + 1)
+    return float(precision_at_rank[hits].mean())
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Multi-label mAP of (N, C) ``scores`` against (N, C) 0/1 ``targets``: ``average_precision`` per
+    class, averaged over the classes with at least one positive (0.0 when none has)."""
+    defined = [ap for ap in (average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1]))
+               if ap is not None]
+    return float(np.mean(defined)) if defined else 0.0

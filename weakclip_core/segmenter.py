@@ -19,6 +19,7 @@ from torch import nn
 from weakclip_core.config.schema import build_dataclass, to_plain
 from weakclip_core.config.seg import SegConfig
 from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from weakclip_core.state_dict import unwrap_state_dict
 
 SEGMENTER_MEAN = IMAGENET_MEAN
 SEGMENTER_STD = IMAGENET_STD
@@ -42,12 +43,6 @@ def build_segmenter(cfg: SegConfig, n_classes: int, encoder_weights: bool = True
     return model
 
 
-def _strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
-    if state_dict and all(key.startswith(prefix) for key in state_dict):
-        return {key[len(prefix):]: value for key, value in state_dict.items()}
-    return state_dict
-
-
 def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local encoder state dict into ``model.encoder`` (classifier heads are dropped); a file
     that is missing, unreadable or of another architecture raises ``SegmenterWeightsError``."""
@@ -59,15 +54,10 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise SegmenterWeightsError(f"seg.encoder_weights: {path} is not a torch state dict ({error})") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
+    unwrapped = unwrap_state_dict(state, extra_prefixes=("encoder.",))
+    if unwrapped is None:
         raise SegmenterWeightsError(f"seg.encoder_weights: {path} holds a {type(state).__name__}, not a state dict")
-    for prefix in ("module.", "encoder."):
-        state = _strip_prefix(state, prefix)
-    state = {key: value for key, value in state.items()
-             if not key.startswith(("fc.", "head.", "classifier."))}
+    state = {key: value for key, value in unwrapped.items() if not key.startswith(("fc.", "head.", "classifier."))}
     try:
         model.encoder.load_state_dict(state)
     except RuntimeError as error:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weakclip_core.config.cam import MCTformerArchConfig
+from weakclip_core.state_dict import unwrap_state_dict
 
 
 class PretrainedWeightsError(ValueError):
@@ -230,10 +231,8 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise PretrainedWeightsError(f"{path}: unreadable weights file ({error})") from None
-    for wrapper_key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
-            state = state[wrapper_key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    state = unwrap_state_dict(state)
+    if state is None or not all(isinstance(v, Tensor) for v in state.values()):
         raise PretrainedWeightsError(f"{path}: expected a state dict of tensors (optionally under 'model')")
     return state
 

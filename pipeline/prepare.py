@@ -71,13 +71,12 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
         elif dataset.name == "voc":
             prepare_voc(dataset.source, staging_dir, splits, dataset.voc_mask_dir,
                         drop_unlabelled_from=(dataset.train_split, dataset.scored_split), progress=progress)
-            prepared = PreparedDataset.open(staging_dir)
-            prepared.scored_ids(dataset.train_split, dataset.scored_split)  # the score split lies inside train
         else:
             prepare_coco(dataset.source, staging_dir, splits, drop_unlabelled_from=(dataset.train_split,),
                          progress=progress)
         prepared = PreparedDataset.open(staging_dir)
         split_counts = {split: len(prepared.split(split)) for split in splits}
+        prepared.scored_ids(dataset.train_split, dataset.scored_split)  # the score split lies inside train
     prepared = PreparedDataset.open(prepared_dir)
     write_dataset_preview(prepared, dataset.train_split, preview_path)
     total_bytes = sum(path.stat().st_size for path in prepared_dir.rglob("*") if path.is_file())

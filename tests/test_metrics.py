@@ -62,3 +62,23 @@ def test_out_of_range_ids_and_shape_mismatch_are_errors():
         confusion_matrix(np.array([0, 1]), np.array([0, 3]), 3)
     with pytest.raises(ValueError, match="shape"):
         confusion_matrix(np.zeros((2, 2)), np.zeros((2, 3)), 3)
+
+
+def test_average_precision_hand_worked():
+    from weakclip_core.metrics import average_precision
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    # positives at ranks 1, 3 and 4: precisions 1/1, 2/3, 3/4
+    assert average_precision(scores, np.array([1, 0, 1, 1, 0])) == pytest.approx((1 + 2 / 3 + 3 / 4) / 3)
+    # ties keep input order: the positive listed second of two equal scores ranks 2nd -> precision 1/2
+    assert average_precision(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
+    assert average_precision(scores, np.zeros(5)) is None
+
+
+def test_mean_average_precision_hand_worked():
+    from weakclip_core.metrics import mean_average_precision
+    # class 0: targets 1 0 1 0 by falling score -> precisions 1/1, 2/3 -> AP 5/6
+    # class 1: its one positive ranked last of 4 -> AP 1/4; class 2 has no positive: left out of the mean
+    scores = np.array([[0.9, 0.9, 0.1], [0.8, 0.8, 0.2], [0.7, 0.7, 0.3], [0.6, 0.1, 0.4]])
+    targets = np.array([[1.0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    assert mean_average_precision(scores, targets) == pytest.approx((5 / 6 + 1 / 4) / 2)
+    assert mean_average_precision(scores, np.zeros_like(targets)) == 0.0

@@ -300,3 +300,114 @@ def test_coco_bad_input_names_the_file(tmp_path: Path, breaker, words: str) -> N
         prepare_coco(source, tmp_path / "prepared", ["train", "val"], progress=False)
     assert str(bad_path) in str(caught.value)
     assert words in str(caught.value)
+
+
+# ------------------------------------------------------------------------------------------------ score split
+
+
+def test_voc_prepare_writes_the_score_split_inside_train_aug(tmp_path: Path) -> None:
+    """``dataset.score_split: train`` with ``train_split: train_aug``: both lists land in the prepared folder;
+    a score split with an image outside the train split is refused, naming its list."""
+    source = _voc_tree(tmp_path / "VOC2012", mask_dir="SegmentationClassAug")
+    (source / "train_aug.txt").write_text("2007_000001\n2007_000002\n")
+    (source / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000002\n")
+    prepared_dir = tmp_path / "prepared"
+    dataset = {"name": "voc", "source": str(source), "prepared_dir": str(prepared_dir),
+               "voc_mask_dir": "SegmentationClassAug", "train_split": "train_aug", "score_split": "train"}
+    run(params_from_dict({"dataset": dataset}), preview_path=tmp_path / "preview.png", progress=False)
+    prepared = PreparedDataset.open(prepared_dir)
+    assert prepared.split("train_aug") == ["2007_000001", "2007_000002"]
+    assert prepared.scored_ids("train_aug", "train") == ["2007_000002"]
+
+    (source / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000002\n2007_000003\n")  # 3 is val
+    with pytest.raises(DatasetError, match=r"train\.txt: 1 image\(s\) of score split 'train' are not in train "
+                                           r"split 'train_aug', e\.g\. 2007_000003"):
+        run(params_from_dict({"dataset": dataset}), preview_path=tmp_path / "preview.png", progress=False)
+
+
+SCORE_IDS = ["train_001", "train_004", "train_006"]
+
+
+@pytest.fixture(scope="module")
+def scored_on_a_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project trained on ``train_aug`` (8 images) and scored on ``train`` (3 of them), the VOC
+    arrangement: cam_train, cam_infer, weakclip_train and pseudo_masks run through their ``main``."""
+    import os
+
+    import torch
+    import yaml
+
+    from pipeline import cam_infer, cam_train, pseudo_masks, weakclip_train
+    from tests.faults.tiny_chain import TINY_PARAMS, tiny_params
+    from tiny_voc import write_tiny_voc
+    from weakclip_core.clip_model import build_clip, save_clip_artifact
+    from weakclip_core.config import ClipConfig, build_dataclass
+    from weakclip_core.data.layout import write_split
+
+    project = tmp_path_factory.mktemp("score_split")
+    write_tiny_voc(project / "data", n_train=8, n_val=4, size=32, cam_path=project / "artifacts/cams/train.h5")
+    write_split(project / "data", "train_aug", [f"train_{index:03d}" for index in range(8)])
+    write_split(project / "data", "train", SCORE_IDS)
+    params = tiny_params(0, {"dataset": {"prepared_dir": "data", "train_split": "train_aug", "score_split": "train"},
+                             "pseudo": {"output_dir": "pseudo_masks"}})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    clip_cfg = build_dataclass(ClipConfig, {"source": "random", "arch": dict(TINY_PARAMS["clip"]["arch"])})
+    torch.manual_seed(0)
+    save_clip_artifact(project / "artifacts/clip", build_clip(clip_cfg), clip_cfg)
+    previous = Path.cwd()
+    os.chdir(project)
+    try:
+        for stage in (cam_train, cam_infer, weakclip_train, pseudo_masks):
+            stage.main(["--params", "params.yaml"])
+    finally:
+        os.chdir(previous)
+    return project
+
+
+def _miou(pairs: list[tuple[np.ndarray, np.ndarray]], n_classes: int) -> float:
+    from weakclip_core.metrics import confusion_matrix, iou_report
+    return iou_report(sum(confusion_matrix(gt, prediction, n_classes) for gt, prediction in pairs)).miou
+
+
+@pytest.mark.slow
+def test_pseudo_masks_are_made_for_train_aug_and_scored_on_train_only(scored_on_a_subset: Path) -> None:
+    from weakclip_core.data.layout import read_mask
+
+    project = scored_on_a_subset
+    dataset = PreparedDataset.open(project / "data")
+    metrics = json.loads((project / "metrics/pseudo.json").read_text())
+    assert metrics["split"] == "train" and metrics["predicted_split"] == "train_aug"
+    assert metrics["n_images"] == 8 and metrics["n_scored"] == 3
+    masks = {image_id: read_mask(project / "pseudo_masks" / f"{image_id}.png") for image_id in dataset.split("train_aug")}
+    assert len(masks) == 8  # every train_aug image has its pseudo mask
+    on_subset = _miou([(dataset.mask(i), masks[i]) for i in SCORE_IDS], dataset.n_classes)
+    on_all = _miou([(dataset.mask(i), masks[i]) for i in masks], dataset.n_classes)
+    assert metrics["miou"] == pytest.approx(on_subset, abs=1e-12)
+    assert abs(on_all - on_subset) > 1e-3  # the subset is a real restriction here
+
+
+@pytest.mark.slow
+def test_cam_and_weakclip_scores_are_on_the_score_split_only(scored_on_a_subset: Path) -> None:
+    """cam_infer stores CAMs of all 8 train_aug images but scores the 3 ``train`` ones: its mIoU equals a
+    hand-made one over those ids from the stored CAMs at its best threshold (float16 storage moves at most
+    a few pixels across the threshold, hence the tolerance); weakclip_train scores the same 3."""
+    from weakclip_core.cam_store import CamStoreReader
+
+    project = scored_on_a_subset
+    dataset = PreparedDataset.open(project / "data")
+    cam = json.loads((project / "metrics/cam.json").read_text())
+    assert cam["split"] == "train" and cam["predicted_split"] == "train_aug" and cam["n_images"] == 3
+    store = CamStoreReader(project / "artifacts/cams/train.h5")
+    assert all(image_id in store for image_id in dataset.split("train_aug"))
+
+    def seed_at(image_id: str) -> np.ndarray:
+        classes, cams = store.read(image_id)
+        cams = cams.astype(np.float64)
+        return np.where(cams.max(axis=0) > cam["best_threshold"], np.asarray(classes)[cams.argmax(axis=0)], 0)
+
+    on_subset = _miou([(dataset.mask(i), seed_at(i)) for i in SCORE_IDS], dataset.n_classes)
+    on_all = _miou([(dataset.mask(i), seed_at(i)) for i in dataset.split("train_aug")], dataset.n_classes)
+    assert cam["miou"] == pytest.approx(on_subset, abs=2e-3)  # (equal to the last bit on this data)
+    assert abs(on_all - on_subset) > 1e-2  # scoring all 8 would be told apart (0.013 here)
+    weakclip = json.loads((project / "metrics/weakclip.json").read_text())
+    assert weakclip["split"] == "train" and weakclip["n_images"] == 3

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from tqdm import tqdm
+
 from weakclip_core.cam_store import CamStoreError
 from weakclip_core.clip_model import ClipWeightsError
 from weakclip_core.config.schema import ConfigError
@@ -42,6 +44,12 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _close_progress_bars() -> None:
+    """Finish the progress bars the failed stage left open, so the error starts its own line."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run_stage_cli(main: Callable[[], object], stage: str,
                   extra_errors: tuple[type[BaseException], ...] = ()) -> None:
     """Run ``main()``; input errors become ``<stage>: error: <message>`` on stderr and exit status 1."""
@@ -50,6 +58,7 @@ def run_stage_cli(main: Callable[[], object], stage: str,
     except INPUT_ERRORS + extra_errors as error:
         if os.environ.get("WEAKCLIP_TRACEBACK"):
             raise
+        _close_progress_bars()
         print(f"{stage}: error: {error}", file=sys.stderr)
         for note in getattr(error, "__notes__", []):
             print(f"  {note}", file=sys.stderr)

@@ -13,6 +13,8 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +25,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline import cam_infer, cam_train, clip, pseudo_masks, seg_train, weakclip_train
-from tiny_chain import TINY_PARAMS, is_temporary
+from pipeline import cam_infer, cam_train, clip, pseudo_masks, seg_eval, seg_train, weakclip_train
+from tiny_chain import REPO_ROOT, TINY_PARAMS, is_temporary
 from tiny_voc import write_tiny_voc
 from weakclip_core.cam_store import CamStoreError
 from weakclip_core.clip_model import (ClipWeightsError, arch_model_config, build_clip, clip_from_config,
@@ -33,6 +35,7 @@ from weakclip_core.config import ClipConfig, ConfigError, build_dataclass
 from weakclip_core.config.clip import ClipArchConfig
 from weakclip_core.data.layout import DatasetError, read_mask, write_mask
 from weakclip_core.data.segmentation import GroundTruthMaskError
+from weakclip_core.errors import run_stage_cli
 
 SIZE = 32
 CLIP_ARCH = {"embed_dim": 16, "image_size": 32, "patch_size": 8, "vision_width": 16, "vision_layers": 4,
@@ -222,7 +225,65 @@ def test_missing_upstream_model_names_the_file(project: Path) -> None:
     (project / "metrics").mkdir(exist_ok=True)
     error = failure_of(project, pseudo_masks.main)  # no artifacts/weakclip/model.pt: weakclip_train never ran
     assert isinstance(error, FileNotFoundError)
-    assert str(Path("artifacts/weakclip/model.pt")) in str(error)
+    assert str(error) == f"{Path('artifacts/weakclip/model.pt')} does not exist: run `dvc repro weakclip_train` first"
+
+
+def test_missing_cam_store_names_the_stage_that_makes_it(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (project / "artifacts/cams/train.h5").unlink()
+    before = snapshot(project)
+    with pytest.raises(SystemExit) as exit_info:  # as the command line runs it
+        run_stage_cli(lambda: weakclip_train.main(["--params", "params.yaml"]), "weakclip_train")
+    assert exit_info.value.code == 1
+    assert_nothing_lost(project, before)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"weakclip_train: error: {Path('artifacts/cams/train.h5')} does not exist: run `dvc repro cam_infer` first"]
+
+
+@pytest.mark.parametrize("stage_main, arguments, missing, maker", [
+    (cam_infer.main, (), "artifacts/mctformer/model.pt", "cam_train"),
+    (seg_eval.main, ("--source", "gt"), "artifacts/seg/gt/model.pt", "seg_train@gt"),
+    (seg_train.main, ("--source", "pseudo"), "pseudo_masks", "pseudo_masks"),
+], ids=["cam_infer", "seg_eval", "seg_train"])
+def test_missing_upstream_artifact_names_the_stage_that_makes_it(project: Path, stage_main, arguments, missing: str,
+                                                                 maker: str) -> None:
+    if (project / missing).is_file():
+        (project / missing).unlink()
+    error = failure_of(project, stage_main, *arguments)
+    assert isinstance(error, FileNotFoundError)
+    assert str(error) == f"{Path(missing)} does not exist: run `dvc repro {maker}` first"
+
+
+def test_cam_infer_removes_a_killed_writers_leftovers_and_nothing_else(project: Path) -> None:
+    """A cam_infer SIGKILLed while writing the store and the metrics left ``.train.h5.<pid>.<random>.tmp``
+    and ``.cam.json.<pid>.<random>.tmp``; the next run deletes exactly those, not a live writer's
+    temporary (this process's pid) nor any other file."""
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal\n"
+        "import numpy as np\n"
+        "from weakclip_core.atomic import atomic_path\n"
+        "from weakclip_core.cam_store import CamStoreWriter\n"
+        "writer = CamStoreWriter('artifacts/cams/train.h5', 'tiny', ['background', 'apple'], {})\n"
+        "writer.add('train_000', [1], np.zeros((1, 4, 4), np.float32))\n"
+        "with atomic_path('metrics/cam.json') as t:\n"
+        "    t.write_text('{')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")],
+        cwd=project, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert killed.returncode == -signal.SIGKILL
+    stale = sorted(p.name for folder in ("artifacts/cams", "metrics") for p in (project / folder).iterdir()
+                   if is_temporary(p))
+    assert [name.split(".")[1] for name in stale] == ["cam", "train"]  # .cam.json.<pid>… and .train.h5.<pid>…
+    live = project / "artifacts/cams" / f".train.h5.{os.getpid()}.abcdefgh.tmp"
+    live.write_bytes(b"a live writer's file")
+    unrelated = [project / "artifacts/cams/.train.h5.notes", project / "artifacts/cams/val.h5.tmp",
+                 project / "metrics/.other.json.1.abcdefgh.tmp"]
+    for path in unrelated:
+        path.write_text("keep me\n")
+
+    cam_infer.main(["--params", "params.yaml"])
+    assert sorted(p.name for folder in ("artifacts/cams", "metrics") for p in (project / folder).iterdir()
+                  if is_temporary(p)) == sorted([live.name, unrelated[2].name])
+    assert all(path.read_text() == "keep me\n" for path in unrelated)
+    assert live.read_bytes() == b"a live writer's file"
 
 
 # ------------------------------------------------------------------------------------------------ params

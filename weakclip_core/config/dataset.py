@@ -67,8 +67,5 @@ class DatasetConfig:
         return self.score_split or self.train_split
 
     def validate(self) -> None:
-        if self.scored_split != self.train_split and self.name != "voc":
-            raise ConfigError(f"score_split: {self.score_split!r} differs from train_split, but only VOC has a "
-                              "scoring subset of its train split (leave it empty)")
         if self.name != "synthetic" and not self.source:
             raise ConfigError(f"source: required when name is {self.name!r} (path to the {self.name.upper()} tree)")

@@ -378,7 +378,8 @@ def test_pseudo_masks_are_made_for_train_aug_and_scored_on_train_only(scored_on_
     metrics = json.loads((project / "metrics/pseudo.json").read_text())
     assert metrics["split"] == "train" and metrics["predicted_split"] == "train_aug"
     assert metrics["n_images"] == 8 and metrics["n_scored"] == 3
-    masks = {image_id: read_mask(project / "pseudo_masks" / f"{image_id}.png") for image_id in dataset.split("train_aug")}
+    masks = {image_id: read_mask(project / "pseudo_masks" / f"{image_id}.png")
+             for image_id in dataset.split("train_aug")}
     assert len(masks) == 8  # every train_aug image has its pseudo mask
     on_subset = _miou([(dataset.mask(i), masks[i]) for i in SCORE_IDS], dataset.n_classes)
     on_all = _miou([(dataset.mask(i), masks[i]) for i in masks], dataset.n_classes)

@@ -57,7 +57,8 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
     unwrapped = unwrap_state_dict(state, extra_prefixes=("encoder.",))
     if unwrapped is None:
         raise SegmenterWeightsError(f"seg.encoder_weights: {path} holds a {type(state).__name__}, not a state dict")
-    state = {key: value for key, value in unwrapped.items() if not key.startswith(("fc.", "head.", "classifier."))}
+    state = {key: value for key, value in unwrapped.items()
+             if not key.startswith(("fc.", "head.", "classifier."))}
     try:
         model.encoder.load_state_dict(state)
     except RuntimeError as error:

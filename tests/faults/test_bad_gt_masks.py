@@ -19,15 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import yaml
 
 from pipeline import cam_infer, cam_train, pseudo_masks, seg_eval, seg_train, weakclip_train
-from test_bad_inputs import CLIP_ARCH, PARAMS, SIZE
+from test_bad_inputs import PARAMS, SIZE, build_project, private_copy
 from tiny_chain import REPO_ROOT, is_temporary
-from tiny_voc import CLASS_NAMES, write_tiny_voc
-from weakclip_core.clip_model import build_clip, save_clip_artifact
-from weakclip_core.config import ClipConfig, build_dataclass
+from tiny_voc import CLASS_NAMES
 from weakclip_core.data.layout import read_mask, write_mask
 from weakclip_core.errors import run_stage_cli
 
@@ -37,31 +33,16 @@ K = len(CLASS_NAMES)  # 4: background + 3
 @pytest.fixture(scope="module")
 def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny data, CAM store, CLIP artifact, trained MCTformer, WeakCLIP and GT-trained segmenter."""
-    project = tmp_path_factory.mktemp("trained")
-    write_tiny_voc(project / "data", n_train=8, n_val=4, size=SIZE, cam_path=project / "artifacts/cams/train.h5")
     params = {**PARAMS, "seg": {**PARAMS["seg"], "train": {**PARAMS["seg"]["train"], "epochs": 1}}}
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    clip_cfg = build_dataclass(ClipConfig, {"source": "random", "arch": dict(CLIP_ARCH)})
-    torch.manual_seed(0)
-    save_clip_artifact(project / "artifacts/clip", build_clip(clip_cfg), clip_cfg)
-    previous = Path.cwd()
-    os.chdir(project)
-    try:
-        cam_train.main(["--params", "params.yaml"])
-        weakclip_train.main(["--params", "params.yaml"])
-        seg_train.main(["--params", "params.yaml", "--source", "gt"])
-    finally:
-        os.chdir(previous)
+    project = build_project(tmp_path_factory.mktemp("trained"), params, [
+        (cam_train.main, ()), (weakclip_train.main, ()), (seg_train.main, ("--source", "gt"))])
     shutil.rmtree(project / "checkpoints", ignore_errors=True)
     return project
 
 
 @pytest.fixture
 def project(trained_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    copy = tmp_path / "project"
-    shutil.copytree(trained_project, copy)
-    monkeypatch.chdir(copy)
-    return copy
+    return private_copy(trained_project, tmp_path, monkeypatch)
 
 
 def every_file(project: Path) -> dict[str, bytes]:
@@ -137,7 +118,8 @@ def test_pseudo_masks_removes_a_killed_writers_leftovers_and_nothing_else(projec
     assert killed.returncode == -signal.SIGKILL
     leftovers = sorted(p.name for p in [*project.iterdir(), *project.joinpath("metrics").iterdir()]
                        if is_temporary(p))
-    assert len(leftovers) == 2 and leftovers[0].startswith(".pseudo.json.") and leftovers[1].startswith(".pseudo_masks.")
+    assert len(leftovers) == 2
+    assert leftovers[0].startswith(".pseudo.json.") and leftovers[1].startswith(".pseudo_masks.")
     live = project / f".pseudo_masks.{os.getpid()}.abcdefgh.tmp"  # this process is alive
     live.mkdir()
     unrelated = [project / ".pseudo_masks.notes", project / "metrics" / "pseudo.json.tmp"]

@@ -53,32 +53,42 @@ PARAMS = {
 }
 
 
-@pytest.fixture(scope="module")
-def finished_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Data, CAM store, CLIP artifact, a trained MCTformer and its CAM outputs, all written once."""
-    project = tmp_path_factory.mktemp("finished")
+def build_project(project: Path, params: dict,
+                  stages: list[tuple[Callable[[list[str]], None], tuple[str, ...]]]) -> Path:
+    """Tiny VOC-layout data + CAM store + random tiny CLIP artifact in ``project``, then ``stages`` run there
+    through their ``main`` (each with its extra arguments), as ``dvc repro`` would in the repository root."""
     write_tiny_voc(project / "data", n_train=8, n_val=4, size=SIZE, cam_path=project / "artifacts/cams/train.h5")
-    (project / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     clip_cfg = build_dataclass(ClipConfig, {"source": "random", "arch": dict(CLIP_ARCH)})
     torch.manual_seed(0)
     save_clip_artifact(project / "artifacts/clip", build_clip(clip_cfg), clip_cfg)
     previous = Path.cwd()
     os.chdir(project)
     try:
-        cam_train.main(["--params", "params.yaml"])
-        cam_infer.main(["--params", "params.yaml"])
+        for stage_main, arguments in stages:
+            stage_main(["--params", "params.yaml", *arguments])
     finally:
         os.chdir(previous)
     return project
 
 
-@pytest.fixture
-def project(finished_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private copy of the finished project, made the working directory (stages use relative paths)."""
+def private_copy(finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of a finished project, made the working directory (stages use relative paths)."""
     copy = tmp_path / "project"
-    shutil.copytree(finished_project, copy)
+    shutil.copytree(finished, copy)
     monkeypatch.chdir(copy)
     return copy
+
+
+@pytest.fixture(scope="module")
+def finished_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Data, CAM store, CLIP artifact, a trained MCTformer and its CAM outputs, all written once."""
+    return build_project(tmp_path_factory.mktemp("finished"), PARAMS, [(cam_train.main, ()), (cam_infer.main, ())])
+
+
+@pytest.fixture
+def project(finished_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return private_copy(finished_project, tmp_path, monkeypatch)
 
 
 def snapshot(project: Path) -> dict[str, bytes]:

@@ -32,6 +32,9 @@ from weakclip_core.data.classification import (ClassificationAugment, Classifica
                                                steps_per_epoch)
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset
 from weakclip_core.device import resolve_device, seed_everything, set_threads
+from weakclip_core.distributed import (DistributedContext, ShardedBatchSampler, all_reduce_mean, broadcast_from_main,
+                                       distributed_context, launch_stage, per_process_batch_size, run_on_main,
+                                       shard_loss_weight, single_process_context, wrap_model)
 from weakclip_core.metrics import mean_average_precision
 from weakclip_core.models.mctformer import MCTformerV2, build_mctformer
 from weakclip_core.training import (CHECKPOINT_ROOT, Checkpointer, save_final_model, set_lr, trim_live_history,
@@ -83,19 +86,22 @@ def parameter_groups(model: MCTformerV2, weight_decay: float) -> list[dict[str, 
 
 
 def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop_after_steps: int | None = None,
-                    show_progress: bool = True) -> CamTrainResult | None:
+                    show_progress: bool = True, context: DistributedContext | None = None) -> CamTrainResult | None:
     """Train (or resume) and write the final model; returns ``None`` when stopped early.
 
     ``stop_after_steps`` stops the process's loop after that many steps as if
     it were killed (nothing is written beyond the periodic checkpoints); the
-    next call resumes from the last checkpoint.
+    next call resumes from the last checkpoint. Under DDP (``context`` from
+    torchrun) each rank trains on its slice of every global batch
+    (``cam.train.batch_size``), and only rank 0 evaluates and writes.
     """
     arch, train = params.cam.arch, params.cam.train
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
     seed = params.runtime.seed
     set_threads(params.runtime.threads)
     seed_everything(seed)
-    device = resolve_device(params.runtime.device)
+    context = context or single_process_context(resolve_device(params.runtime.device))
+    device = context.device
     n_foreground = dataset.n_classes - 1
 
     model = build_mctformer(arch, n_foreground).to(device)
@@ -119,30 +125,42 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
     start_step, extra = checkpointer.resume(model, optimizer)
     loss_sum, loss_batches = float(extra.get("epoch_loss_sum", 0.0)), int(extra.get("epoch_loss_batches", 0))
 
-    loader = DataLoader(train_set, num_workers=train.workers,
-                        batch_sampler=EpochBatchSampler(len(train_set), train.batch_size, seed, total_steps,
-                                                        start_step),
+    batch_sampler = EpochBatchSampler(len(train_set), train.batch_size, seed, total_steps, start_step)
+    if context.is_distributed:  # each rank takes its slice of the global batch one process would take
+        per_process_batch_size(train.batch_size, context, "cam.train.batch_size")
+        last_batch = len(train_set) - (epoch_steps - 1) * train.batch_size
+        if last_batch < context.world_size:
+            raise ValueError(f"cam.train.batch_size: the last batch of an epoch holds {last_batch} image(s), "
+                             f"fewer than runtime.nproc = {context.world_size}; change the batch size")
+        batch_sampler = ShardedBatchSampler(batch_sampler, context)
+    loader = DataLoader(train_set, num_workers=train.workers, batch_sampler=batch_sampler,
                         generator=torch.Generator().manual_seed(seed))
     val_loader = DataLoader(val_set, batch_size=max(train.batch_size, 32), num_workers=train.workers)
+    trained_model = wrap_model(model, context)  # ``model`` itself alone; its DDP wrapper under torchrun
 
-    if start_step > 0:  # rows of epochs that ended after the checkpoint are logged again below
+    if start_step > 0 and context.is_main:  # rows of epochs that ended after the checkpoint are logged again
         trim_live_history(paths.live_dir, start_step // epoch_steps)
-    live = Live(str(paths.live_dir), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+    live = (Live(str(paths.live_dir), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+            if context.is_main else None)
     val_maps = (float(extra.get("val_map_class_token", 0.0)), float(extra.get("val_map_patch_cam", 0.0)))
-    progress = tqdm(total=total_steps, initial=start_step, desc=STAGE, unit="step", disable=not show_progress)
+    progress = tqdm(total=total_steps, initial=start_step, desc=STAGE, unit="step",
+                    disable=not (show_progress and context.is_main))
     steps_this_run = 0
     for step, (images, labels) in enumerate(loader, start=start_step):
         lr = warmup_cosine_lr(step, total_steps, base_lr, warmup_steps)
         set_lr(optimizer, lr)
         model.train()
         images, labels = images.to(device), labels.to(device)
-        output = model(images)
+        output = trained_model(images)
         loss = (F.multilabel_soft_margin_loss(output.class_logits, labels)
                 + F.multilabel_soft_margin_loss(output.patch_logits, labels))
+        if context.is_distributed:  # DDP's gradient average becomes the global batch's mean
+            global_batch = min(train.batch_size, len(train_set) - (step % epoch_steps) * train.batch_size)
+            loss = loss * shard_loss_weight(len(images), global_batch, context)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_value = loss.item()
+        loss_value = all_reduce_mean(loss.detach(), context).item()
         if not math.isfinite(loss_value):
             raise RuntimeError(f"{STAGE}: loss became {loss_value} at step {step} (lower cam.train.lr?)")
         loss_sum, loss_batches = loss_sum + loss_value, loss_batches + 1
@@ -150,7 +168,7 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
         epoch_end = done % epoch_steps == 0 or done == total_steps
-        if epoch_end:
+        if epoch_end and live is not None:
             val_maps = evaluate_map(model, val_loader, device)
             live.step = (done - 1) // epoch_steps
             live.log_metric("train/loss", loss_sum / loss_batches)
@@ -158,8 +176,9 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
             live.log_metric("val/map_class_token", val_maps[0])
             live.log_metric("val/map_patch_cam", val_maps[1])
             live.next_step()
+        if epoch_end:
             loss_sum, loss_batches = 0.0, 0
-        if epoch_end or done % train.checkpoint_every == 0:
+        if (epoch_end or done % train.checkpoint_every == 0) and context.is_main:
             checkpointer.save(model, optimizer, done, extra={
                 "epoch_loss_sum": loss_sum, "epoch_loss_batches": loss_batches,
                 "val_map_class_token": val_maps[0], "val_map_patch_cam": val_maps[1],
@@ -170,23 +189,37 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
             return None
     progress.close()
 
-    save_final_model(paths.model, model.cpu(), config={"arch": to_plain(arch), "n_classes": n_foreground},
-                     class_names=dataset.class_names, dataset=dataset.name, steps=total_steps,
-                     train=to_plain(train), seed=seed, val_map_class_token=val_maps[0],
-                     val_map_patch_cam=val_maps[1])
-    live.end()
-    checkpointer.clear()
+    def write_outputs() -> tuple[float, float]:
+        save_final_model(paths.model, model.cpu(), config={"arch": to_plain(arch), "n_classes": n_foreground},
+                         class_names=dataset.class_names, dataset=dataset.name, steps=total_steps,
+                         train=to_plain(train), seed=seed, val_map_class_token=val_maps[0],
+                         val_map_patch_cam=val_maps[1])
+        assert live is not None
+        live.end()
+        checkpointer.clear()
+        return val_maps
+
+    val_maps = broadcast_from_main(run_on_main(context, write_outputs), context) or val_maps
     return CamTrainResult(paths.model, total_steps, val_maps[0], val_maps[1])
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
+    """Run the stage; with ``runtime.launcher: torchrun`` first relaunch it as ``runtime.nproc`` DDP workers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
     args = parser.parse_args(argv)
-    result = train_cam_model(load_params(args.params))
+    params = load_params(args.params)
+    torchrun_code = launch_stage("pipeline.cam_train", params.runtime, argv,
+                                 {"cam.train.batch_size": params.cam.train.batch_size})
+    if torchrun_code is not None:
+        return torchrun_code
+    with distributed_context(params.runtime.device) as context:
+        result = train_cam_model(params, context=context)
     assert result is not None
-    print(f"{STAGE}: {result.steps} steps, val mAP class-token {result.val_map_class_token:.3f}, "
-          f"PatchCAM {result.val_map_patch_cam:.3f} -> {result.model_path}")
+    if context.is_main:
+        print(f"{STAGE}: {result.steps} steps, val mAP class-token {result.val_map_class_token:.3f}, "
+              f"PatchCAM {result.val_map_patch_cam:.3f} -> {result.model_path}")
+    return None
 
 
 if __name__ == "__main__":

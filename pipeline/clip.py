@@ -30,6 +30,8 @@ from weakclip_core.clip_pretrain import (PROMPT_TEMPLATE, CaptionPairs, pretrain
 from weakclip_core.config import Params, load_params, to_plain
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.device import resolve_device, seed_everything, set_threads
+from weakclip_core.distributed import (DistributedContext, broadcast_from_main, distributed_context, launch_stage,
+                                       run_on_main, single_process_context)
 from weakclip_core.training import CHECKPOINT_ROOT, Checkpointer
 from weakclip_core.errors import run_stage_cli
 
@@ -59,16 +61,20 @@ def evaluate_zero_shot(model: torch.nn.Module, dataset: PreparedDataset, split: 
 
 
 def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = METRICS_PATH,
-        checkpoint_root: Path | None = None, stop_after_step: int | None = None) -> dict | None:
+        checkpoint_root: Path | None = None, stop_after_step: int | None = None,
+        context: DistributedContext | None = None) -> dict | None:
     """Build/train/load the CLIP, write the artifact and the zero-shot metrics; returns the metrics.
 
     ``stop_after_step`` (tests) stops pre-training after that many steps with a
-    checkpoint and writes nothing else; the next run resumes from it.
+    checkpoint and writes nothing else; the next run resumes from it. Under DDP
+    (``context`` from torchrun) the pre-training is data-parallel and rank 0
+    alone evaluates and writes; every rank returns rank 0's metrics.
     """
     started = time.perf_counter()
     cfg = params.clip
     set_threads(params.runtime.threads)
-    device = resolve_device(params.runtime.device)
+    context = context or single_process_context(resolve_device(params.runtime.device))
+    device = context.device
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
     seed_everything(params.runtime.seed)
     model = build_clip(cfg)
@@ -81,7 +87,7 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
                              "seed": params.runtime.seed}
         checkpointer = Checkpointer("clip", checkpoint_config, root=checkpoint_root or CHECKPOINT_ROOT)
         result = pretrain_clip(model, pairs, tokenizer, cfg.pretrain, device, checkpointer, params.runtime.seed,
-                               stop_after_step=stop_after_step)
+                               stop_after_step=stop_after_step, context=context)
         if not result.finished:
             return None
         info["pretrain"] = {"steps": result.steps_done, "final_loss": result.final_loss,
@@ -89,6 +95,8 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
                             "train_s": round(time.perf_counter() - started, 1)}
     else:
         checkpointer = None
+    if not context.is_main:  # rank 0 evaluates and writes; the others wait for its metrics
+        return broadcast_from_main(run_on_main(context, dict), context)
     model = model.cpu().eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -118,15 +126,22 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
     write_json(metrics_path, metrics)
     if checkpointer is not None:
         checkpointer.clear()
-    return metrics
+    return broadcast_from_main(run_on_main(context, lambda: metrics), context)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int | None:
+    """Run the stage; with ``runtime.launcher: torchrun`` the pre-training runs as ``runtime.nproc`` DDP workers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    args = parser.parse_args()
-    metrics = run(load_params(args.params))
-    if metrics is not None:
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    batches = {"clip.pretrain.batch_size": params.clip.pretrain.batch_size} if params.clip.source == "pretrain" else {}
+    torchrun_code = launch_stage("pipeline.clip", params.runtime, argv, batches) if batches else None
+    if torchrun_code is not None:
+        return torchrun_code
+    with distributed_context(params.runtime.device) as context:
+        metrics = run(params, context=context)
+    if metrics is not None and context.is_main:
         print(f"clip ({metrics['source']}): zero-shot mAP {metrics['zero_shot_map']:.3f} "
               f"top-1 {metrics['zero_shot_top1']:.3f} on {metrics['split']} "
               f"(random init: mAP {metrics['random_init_map']:.3f}, top-1 {metrics['random_init_top1']:.3f}), "

@@ -31,6 +31,9 @@ from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.segmentation import MaskedImageDataset, ground_truth_dirs, refuse_ground_truth_dir
 from weakclip_core.data.transforms import DenseAugmentation
 from weakclip_core.device import resolve_device, seed_everything, set_threads
+from weakclip_core.distributed import (DistributedContext, ShardedKeySampler, all_reduce_mean, all_reduce_sum,
+                                       distributed_context, launch_stage, per_process_batch_size,
+                                       run_on_main, single_process_context, wrap_model)
 from weakclip_core.segmenter import SEGMENTER_MEAN, SEGMENTER_STD, build_segmenter, segmenter_record
 from weakclip_core.training import (CHECKPOINT_ROOT, Checkpointer, poly_lr, save_final_model, set_lr,
                                     trim_live_history, warmup_cosine_lr)
@@ -120,11 +123,15 @@ def learning_rate(params: Params, step: int, total_steps: int) -> float:
 
 
 def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrainPaths(),
-                    stop_after_steps: int | None = None, show_progress: bool = True) -> SegTrainResult | None:
+                    stop_after_steps: int | None = None, show_progress: bool = True,
+                    context: DistributedContext | None = None) -> SegTrainResult | None:
     """Train (or resume) on ``source`` masks and write the final model; ``None`` when stopped early.
 
     ``stop_after_steps`` ends this call after that many steps as if it were killed; the next call
-    resumes from the last checkpoint.
+    resumes from the last checkpoint. Under DDP (``context`` from torchrun) each rank trains on its
+    slice of every global batch (``seg.train.batch_size``) with cross-process batch norm and the
+    cross-entropy normalised by the global count of labelled pixels, so the step is the one a single
+    process takes on the whole batch; only rank 0 writes.
     """
     seg, train = params.seg, params.seg.train
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
@@ -133,7 +140,8 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
     seed = params.runtime.seed
     set_threads(params.runtime.threads)
     seed_everything(seed)
-    device = resolve_device(params.runtime.device)
+    context = context or single_process_context(resolve_device(params.runtime.device))
+    device = context.device
 
     train_set = MaskedImageDataset(dataset, image_ids, mask_dir,
                                    DenseAugmentation(train.crop, train.scale_min, train.scale_max),
@@ -156,26 +164,38 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
     loss_sum, loss_batches = float(extra.get("epoch_loss_sum", 0.0)), int(extra.get("epoch_loss_batches", 0))
     last_loss = float(extra.get("last_loss", math.nan))
 
-    loader = DataLoader(train_set, batch_size=train.batch_size, num_workers=train.workers,
-                        sampler=StepSampler(len(train_set), train.batch_size, seed, total_steps, start_step),
+    sampler = StepSampler(len(train_set), train.batch_size, seed, total_steps, start_step)
+    local_batch = per_process_batch_size(train.batch_size, context, "seg.train.batch_size")
+    loader = DataLoader(train_set, batch_size=local_batch, num_workers=train.workers,
+                        sampler=ShardedKeySampler(sampler, train.batch_size, context) if context.is_distributed
+                        else sampler,
                         generator=torch.Generator().manual_seed(seed))  # the loader's own seed draw leaves
     # the global RNG (dropout, drop-path) untouched, so a resumed run continues its exact stream
-    if start_step > 0:  # rows of epochs that ended after the checkpoint are logged again below
+    trained_model = wrap_model(model, context)  # ``model`` itself alone; DDP with cross-process BN under torchrun
+    if start_step > 0 and context.is_main:  # rows of epochs that ended after the checkpoint are logged again
         trim_live_history(paths.live_dir(source), start_step // steps_per_epoch)
-    live = Live(str(paths.live_dir(source)), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+    live = (Live(str(paths.live_dir(source)), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+            if context.is_main else None)
     progress = tqdm(total=total_steps, initial=start_step, desc=f"seg_train@{source}", unit="step",
-                    disable=not show_progress)
+                    disable=not (show_progress and context.is_main))
     steps_this_run = 0
     for step, (images, masks) in enumerate(loader, start=start_step):
         lr = learning_rate(params, step, total_steps)
         set_lr(optimizer, lr)
         model.train()
-        logits = model(images.to(device))
-        loss = F.cross_entropy(logits, masks.to(device), ignore_index=IGNORE_INDEX)
+        logits = trained_model(images.to(device))
+        masks = masks.to(device)
+        if context.is_distributed:  # sum over this shard / labelled pixels of the global batch, times W:
+            # DDP's average over ranks is then the mean over the global batch's labelled pixels
+            labelled = all_reduce_sum((masks != IGNORE_INDEX).sum().to(logits.dtype), context)
+            loss = (F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
+                    * (context.world_size / labelled))
+        else:
+            loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        last_loss = loss.item()
+        last_loss = all_reduce_mean(loss.detach(), context).item()
         if not math.isfinite(last_loss):
             raise RuntimeError(f"seg_train@{source}: loss became {last_loss} at step {step} (lower seg.train.lr?)")
         loss_sum, loss_batches = loss_sum + last_loss, loss_batches + 1
@@ -183,13 +203,14 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
         progress.update(1)
         progress.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}")
         epoch_end = done % steps_per_epoch == 0 or done == total_steps
-        if epoch_end:
+        if epoch_end and live is not None:
             live.step = (done - 1) // steps_per_epoch
             live.log_metric("train/loss", loss_sum / loss_batches)
             live.log_metric("train/lr", lr)
             live.next_step()
+        if epoch_end:
             loss_sum, loss_batches = 0.0, 0
-        if epoch_end or done % train.checkpoint_every == 0:
+        if (epoch_end or done % train.checkpoint_every == 0) and context.is_main:
             checkpointer.save(model, optimizer, done, extra={"epoch_loss_sum": loss_sum,
                                                               "epoch_loss_batches": loss_batches,
                                                               "last_loss": last_loss})
@@ -200,22 +221,37 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
     progress.close()
 
     model_path = paths.model(source)
-    save_final_model(model_path, model.cpu(), config=segmenter_record(seg, dataset.class_names),
-                     source=source, dataset=dataset.name, train_split=params.dataset.train_split,
-                     steps=total_steps, seed=seed, final_loss=last_loss, mask_provenance=provenance)
-    live.end()
-    checkpointer.clear()
+
+    def write_outputs() -> None:
+        save_final_model(model_path, model.cpu(), config=segmenter_record(seg, dataset.class_names),
+                         source=source, dataset=dataset.name, train_split=params.dataset.train_split,
+                         steps=total_steps, seed=seed, final_loss=last_loss, mask_provenance=provenance)
+        assert live is not None
+        live.end()
+        checkpointer.clear()
+
+    run_on_main(context, write_outputs)
     return SegTrainResult(model_path, total_steps, last_loss)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
+    """Run the stage; with ``runtime.launcher: torchrun`` first relaunch it as ``runtime.nproc`` DDP workers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", choices=SOURCES, required=True, help="train on pseudo masks or on GT masks")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
     args = parser.parse_args(argv)
-    result = train_segmenter(load_params(args.params), args.source)
+    params = load_params(args.params)
+    torchrun_code = launch_stage("pipeline.seg_train", params.runtime, argv,
+                                 {"seg.train.batch_size": params.seg.train.batch_size})
+    if torchrun_code is not None:
+        return torchrun_code
+    with distributed_context(params.runtime.device) as context:
+        result = train_segmenter(params, args.source, context=context)
     assert result is not None
-    print(f"seg_train@{args.source}: {result.steps} steps, last loss {result.final_loss:.4f} -> {result.model_path}")
+    if context.is_main:
+        print(f"seg_train@{args.source}: {result.steps} steps, last loss {result.final_loss:.4f} "
+              f"-> {result.model_path}")
+    return None
 
 
 if __name__ == "__main__":

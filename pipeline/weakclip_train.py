@@ -43,6 +43,9 @@ from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
 from weakclip_core.data.transforms import DenseAugmentation
 from weakclip_core.device import resolve_device, seed_everything, set_threads
+from weakclip_core.distributed import (DistributedContext, ShardedKeySampler, all_reduce_mean, broadcast_from_main,
+                                       distributed_context, launch_stage, per_process_batch_size, run_on_main,
+                                       single_process_context, wrap_model)
 from weakclip_core.inference import InferenceAugmentation, predict_image_batch
 from weakclip_core.losses import weakclip_losses
 from weakclip_core.metrics import ConfusionAccumulator
@@ -106,17 +109,24 @@ def evaluate_on_split(model: WeakCLIP, dataset: PreparedDataset, image_ids: list
 
 
 def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPaths(),
-                   stop_after_steps: int | None = None, show_progress: bool = True) -> dict[str, Any] | None:
+                   stop_after_steps: int | None = None, show_progress: bool = True,
+                   context: DistributedContext | None = None) -> dict[str, Any] | None:
     """Train (or resume), write the model and the metrics; returns the metrics, or ``None`` when stopped early.
 
     ``stop_after_steps`` stops this call after that many steps as if the process
     were killed (only the periodic checkpoints are written); the next call resumes.
+    Under DDP (``context`` from torchrun) each rank trains on its slice of every
+    global batch (``weakclip.train.batch_size``); the frozen CLIP stays out of DDP
+    (each rank loads it from the artifact); the losses are per-shard means that
+    DDP averages; only rank 0 evaluates and writes.
     """
     started = time.perf_counter()
     cfg, train = params.weakclip, params.weakclip.train
     seed = params.runtime.seed
     set_threads(params.runtime.threads)
-    device = resolve_device(params.runtime.device)
+    context = context or single_process_context(resolve_device(params.runtime.device))
+    device = context.device
+    show_progress = show_progress and context.is_main
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
     image_ids = dataset.split(params.dataset.train_split)
     scored_ids = dataset.scored_ids(params.dataset.train_split, params.dataset.scored_split)
@@ -141,12 +151,17 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
 
     augmentation = DenseAugmentation(crop=train.crop, scale_min=train.scale_min, scale_max=train.scale_max)
     training_set = SeededTrainingSet(dataset, image_ids, seed_masks, augmentation, seed)
-    loader = DataLoader(training_set, batch_size=train.batch_size, num_workers=train.workers,
-                        sampler=StepSampler(len(training_set), train.batch_size, seed, train.iterations, start_step),
+    sampler = StepSampler(len(training_set), train.batch_size, seed, train.iterations, start_step)
+    loader = DataLoader(training_set, num_workers=train.workers,
+                        batch_size=per_process_batch_size(train.batch_size, context, "weakclip.train.batch_size"),
+                        sampler=ShardedKeySampler(sampler, train.batch_size, context) if context.is_distributed
+                        else sampler,
                         generator=torch.Generator().manual_seed(seed))
-    if start_step > 0:  # rows logged after the checkpoint are logged again below
+    trained_model = wrap_model(model, context, frozen_prefixes=("clip.",))  # DDP over the learned parts only
+    if start_step > 0 and context.is_main:  # rows logged after the checkpoint are logged again below
         trim_live_history(paths.live_dir, start_step + 1)
-    live = Live(str(paths.live_dir), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+    live = (Live(str(paths.live_dir), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+            if context.is_main else None)
     progress = tqdm(total=train.iterations, initial=start_step, desc=STAGE, unit="step", disable=not show_progress)
     steps_this_run = 0
     train_started = time.perf_counter()
@@ -155,13 +170,17 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
             lr = warmup_cosine_lr(step, train.iterations, train.lr, train.warmup_iterations, train.min_lr)
             set_lr(optimizer, lr)
             model.train()
-            output = model(batch["image"].to(device))
+            output = trained_model(batch["image"].to(device))
             losses = weakclip_losses(output.logits, output.matching, batch["seed_mask"].to(device),
                                      batch["raw_image"].to(device), cfg.loss, crf_pool)
             optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
             optimizer.step()
             values = losses.as_floats()
+            if context.is_distributed:  # the logged losses: means over the ranks' shards
+                means = all_reduce_mean(torch.tensor([values[part] for part in LOSS_PARTS], dtype=torch.float64,
+                                                     device=device), context)
+                values = dict(zip(LOSS_PARTS, means.tolist()))
             if not math.isfinite(values["loss"]):
                 raise RuntimeError(f"{STAGE}: loss became {values['loss']} at step {step} "
                                    f"(lower weakclip.train.lr?)")
@@ -171,14 +190,15 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
             done = step + 1
             progress.update(1)
             progress.set_postfix(loss=f"{values['loss']:.3f}", seed=f"{values['seed_loss']:.3f}", lr=f"{lr:.1e}")
-            if done % LOG_EVERY == 0 or done == train.iterations:
+            if (done % LOG_EVERY == 0 or done == train.iterations) and live is not None:
                 live.step = done
                 for part in LOSS_PARTS:
                     live.log_metric(f"train/{part}", window[part] / window_steps)
                 live.log_metric("train/lr", lr)
                 live.next_step()
+            if done % LOG_EVERY == 0 or done == train.iterations:
                 window, window_steps = {part: 0.0 for part in LOSS_PARTS}, 0
-            if done % train.checkpoint_every == 0 and done < train.iterations:
+            if done % train.checkpoint_every == 0 and done < train.iterations and context.is_main:
                 checkpointer.save(learned, optimizer, done, extra={"window": window, "window_steps": window_steps})
             steps_this_run += 1
             if stop_after_steps is not None and steps_this_run >= stop_after_steps and done < train.iterations:
@@ -186,6 +206,8 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
                 return None
     progress.close()
     train_seconds = time.perf_counter() - train_started
+    if not context.is_main:  # rank 0 evaluates and writes; the others wait for its metrics
+        return broadcast_from_main(run_on_main(context, dict), context)
 
     save_weakclip_model(paths.model, model.cpu(), cfg, paths.clip_dir, dataset=dataset.name,
                         steps=train.iterations, seed=seed, seed_mode=cfg.seeds.mode)
@@ -207,22 +229,33 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
         **{key: report[key] for key in ("pixel_accuracy", "per_class", "precision", "recall")},
     }
     write_json(paths.metrics, metrics)
+    assert live is not None
     live.log_metric("train_miou", metrics["miou"], plot=False)
     live.log_metric("seed_miou", metrics["seed_miou"], plot=False)
     live.end()
     checkpointer.clear()
-    return metrics
+    return broadcast_from_main(run_on_main(context, lambda: metrics), context)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
+    """Run the stage; with ``runtime.launcher: torchrun`` first relaunch it as ``runtime.nproc`` DDP workers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
     args = parser.parse_args(argv)
-    metrics = train_weakclip(load_params(args.params))
+    params = load_params(args.params)
+    torchrun_code = launch_stage("pipeline.weakclip_train", params.runtime, argv,
+                                 {"weakclip.train.batch_size": params.weakclip.train.batch_size})
+    if torchrun_code is not None:
+        return torchrun_code
+    with distributed_context(params.runtime.device) as context:
+        metrics = train_weakclip(params, context=context)
     assert metrics is not None
+    if not context.is_main:
+        return None
     print(f"{STAGE}: {metrics['split']} mIoU {metrics['miou']:.3f} over {metrics['n_images']} images "
           f"(seeds {metrics['seed_mode']}: mIoU {metrics['seed_miou']:.3f} on {metrics['seed_coverage']:.0%} "
           f"of the pixels), {metrics['steps']} steps at {metrics['train_s_per_step']} s, {metrics['wall_s']} s")
+    return None
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from weakclip_core.config.clip import ClipPretrainConfig
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.transforms import sample_rng, to_tensor
+from weakclip_core.distributed import (DistributedContext, ShardedKeySampler, all_reduce_mean, gather_objects,
+                                       gather_with_grad, per_process_batch_size, single_process_context, wrap_model)
 from weakclip_core.metrics import average_precision
 from weakclip_core.training import Checkpointer, set_lr, warmup_cosine_lr
 
@@ -172,6 +174,21 @@ def _decay_groups(model: nn.Module) -> list[dict[str, Any]]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class ContrastivePair(nn.Module):
+    """``forward(images, tokens)`` → (image features (b, D), text features (b, D), exp(logit_scale)).
+
+    The one forward DDP can wrap: open_clip's ``CLIP`` trains through
+    ``encode_image``/``encode_text``, which a DDP wrapper would not see.
+    """
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.clip.encode_image(images), self.clip.encode_text(tokens), self.clip.logit_scale.exp()
+
+
 @dataclass(frozen=True)
 class PretrainResult:
     """What a pre-training run did: steps done, whether that is all of them, the last loss, the logit scale."""
@@ -184,14 +201,21 @@ class PretrainResult:
 
 def pretrain_clip(model: nn.Module, pairs: CaptionPairs, tokenizer: Tokenizer, config: ClipPretrainConfig,
                   device: torch.device, checkpointer: Checkpointer, seed: int, stop_after_step: int | None = None,
-                  log: Callable[[int, dict[str, float]], None] | None = None) -> PretrainResult:
+                  log: Callable[[int, dict[str, float]], None] | None = None,
+                  context: DistributedContext | None = None) -> PretrainResult:
     """Train ``model`` contrastively on ``pairs`` for ``config.epochs`` epochs; resumable.
 
     A checkpoint is written at the end of every epoch (and at ``stop_after_step``);
     a run with the same config resumes from it and, being deterministic per step,
     ends with the weights an uninterrupted run would have. ``stop_after_step``
     stops early after that many steps in total (for tests of resumption).
+
+    Under DDP (``context`` from torchrun; ``device`` is then the context's) each
+    rank encodes its slice of every global batch (``clip.pretrain.batch_size``),
+    the features and captions are gathered (with gradient) so every rank scores
+    the whole N×N logits of the global batch, and only rank 0 checkpoints and logs.
     """
+    context = context or single_process_context(device)
     steps_per_epoch = len(pairs) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"clip.pretrain.batch_size: {config.batch_size} exceeds the {len(pairs)} training pairs")
@@ -202,30 +226,36 @@ def pretrain_clip(model: nn.Module, pairs: CaptionPairs, tokenizer: Tokenizer, c
     start_step, _ = checkpointer.resume(model, optimizer)
     end_step = total_steps if stop_after_step is None else min(total_steps, stop_after_step)
     sampler = StepSampler(len(pairs), config.batch_size, seed, end_step, start_step)
-    loader = DataLoader(pairs, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(pairs, batch_size=per_process_batch_size(config.batch_size, context, "clip.pretrain.batch_size"),
+                        sampler=ShardedKeySampler(sampler, config.batch_size, context) if context.is_distributed
+                        else sampler,
+                        num_workers=config.workers, generator=torch.Generator().manual_seed(seed))
+    pair_model = wrap_model(ContrastivePair(model), context)
     loss_value = float("nan")
     progress = tqdm(loader, total=end_step - start_step, initial=0, desc="clip pretrain", unit="step",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, disable=not context.is_main)
     step = start_step
     for images, captions in progress:
         lr = warmup_cosine_lr(step, total_steps, config.lr, config.warmup_steps)
         set_lr(optimizer, lr)
-        image_features = model.encode_image(images.to(device))
-        text_features = model.encode_text(tokenizer(captions).to(device))
-        loss = clip_contrastive_loss(image_features, text_features, model.logit_scale.exp(),
-                                     caption_groups(captions).to(device))
+        image_features, text_features, logit_scale = pair_model(images.to(device), tokenizer(captions).to(device))
+        # One process: the batch itself. DDP: the global batch in rank order, as one process would hold it;
+        # every rank computes the same loss, whose gradient reaches each rank's own rows (see gather_with_grad).
+        all_captions = gather_objects(list(captions), context)
+        loss = clip_contrastive_loss(gather_with_grad(image_features, context),
+                                     gather_with_grad(text_features, context), logit_scale,
+                                     caption_groups(all_captions).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
         step += 1
-        loss_value = float(loss.detach())
+        loss_value = float(all_reduce_mean(loss.detach(), context))
         progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-        if log is not None:
+        if log is not None and context.is_main:
             log(step, {"loss": loss_value, "lr": lr, "logit_scale": float(model.logit_scale.detach().exp())})
-        if step % steps_per_epoch == 0 or step == end_step:
+        if (step % steps_per_epoch == 0 or step == end_step) and context.is_main:
             checkpointer.save(model, optimizer, step)
     progress.close()
     return PretrainResult(steps_done=step, finished=step == total_steps, final_loss=loss_value,

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +18,8 @@ import numpy as np
 import pytest
 
 from pipeline import cam_infer, cam_train, pseudo_masks, seg_eval, seg_train, weakclip_train
-from test_bad_inputs import PARAMS, SIZE, build_project, private_copy
-from tiny_chain import REPO_ROOT, is_temporary
+from test_bad_inputs import PARAMS, SIZE, build_project, private_copy, run_and_kill_mid_write
+from tiny_chain import is_temporary
 from tiny_voc import CLASS_NAMES
 from weakclip_core.data.layout import read_mask, write_mask
 from weakclip_core.errors import run_stage_cli
@@ -106,16 +103,13 @@ def test_broken_gt_mask_is_one_line_naming_the_file(project: Path, capsys: pytes
 def test_pseudo_masks_removes_a_killed_writers_leftovers_and_nothing_else(project: Path) -> None:
     """A writer SIGKILLed inside ``atomic_dir`` / ``atomic_path`` left its temporaries beside the final
     names; the next run deletes exactly those (a live process's temporary and unrelated files stay)."""
-    killed = subprocess.run([sys.executable, "-c", (
-        "import os, signal\n"
+    run_and_kill_mid_write(project, (
         "from weakclip_core.atomic import atomic_dir, atomic_path\n"
         "with atomic_path('metrics/pseudo.json') as t:\n"
         "    t.write_text('{}')\n"
         "    with atomic_dir('pseudo_masks') as d:\n"
         "        (d / 'train_000.png').write_bytes(b'half')\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n")],
-        cwd=project, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    assert killed.returncode == -signal.SIGKILL
+        "        kill_myself()\n"))
     leftovers = sorted(p.name for p in [*project.iterdir(), *project.joinpath("metrics").iterdir()]
                        if is_temporary(p))
     assert len(leftovers) == 2

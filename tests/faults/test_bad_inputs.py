@@ -263,12 +263,19 @@ def test_missing_upstream_artifact_names_the_stage_that_makes_it(project: Path, 
     assert str(error) == f"{Path(missing)} does not exist: run `dvc repro {maker}` first"
 
 
+def run_and_kill_mid_write(project: Path, code: str) -> None:
+    """Run ``code`` in a Python process in ``project``; it calls ``kill_myself()`` (SIGKILL) inside a write."""
+    prelude = "import os, signal\ndef kill_myself():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    killed = subprocess.run([sys.executable, "-c", prelude + code], cwd=project,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert killed.returncode == -signal.SIGKILL
+
+
 def test_cam_infer_removes_a_killed_writers_leftovers_and_nothing_else(project: Path) -> None:
     """A cam_infer SIGKILLed while writing the store and the metrics left ``.train.h5.<pid>.<random>.tmp``
     and ``.cam.json.<pid>.<random>.tmp``; the next run deletes exactly those, not a live writer's
     temporary (this process's pid) nor any other file."""
-    killed = subprocess.run([sys.executable, "-c", (
-        "import os, signal\n"
+    run_and_kill_mid_write(project, (
         "import numpy as np\n"
         "from weakclip_core.atomic import atomic_path\n"
         "from weakclip_core.cam_store import CamStoreWriter\n"
@@ -276,9 +283,7 @@ def test_cam_infer_removes_a_killed_writers_leftovers_and_nothing_else(project: 
         "writer.add('train_000', [1], np.zeros((1, 4, 4), np.float32))\n"
         "with atomic_path('metrics/cam.json') as t:\n"
         "    t.write_text('{')\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n")],
-        cwd=project, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    assert killed.returncode == -signal.SIGKILL
+        "    kill_myself()\n"))
     stale = sorted(p.name for folder in ("artifacts/cams", "metrics") for p in (project / folder).iterdir()
                    if is_temporary(p))
     assert [name.split(".")[1] for name in stale] == ["cam", "train"]  # .cam.json.<pid>… and .train.h5.<pid>…

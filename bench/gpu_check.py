@@ -1,0 +1,113 @@
+"""The Python half of ``bench/gpu_check.sh``: the training stages on a GPU, plain and under torchrun, and
+the speed of a full-size WeakCLIP training step.
+
+``python -m bench.gpu_check stages --device cuda --work DIR``
+    builds the tiny chain (tests/faults/tiny_chain.py: prepare → clip → cam_train → cam_infer) in ``DIR``,
+    then runs cam_train, weakclip_train and seg_train@gt twice each in fresh copies of it: with
+    ``runtime.launcher: none`` and with ``launcher: torchrun, nproc: 1`` (a real process group: NCCL on
+    CUDA, Gloo on CPU; DDP-wrapped models, SyncBatchNorm). Prints each run's wall time; fails when a run
+    fails or a declared output is missing.
+``python -m bench.gpu_check weakclip-speed --device cuda --size full``
+    times WeakCLIP training steps (ViT-B/16 at 512, K = 21, random CLIP weights, batch 8, fp32: no AMP)
+    and prints images/s and the peak ``torch.cuda.max_memory_allocated``. ``--size quick`` is the tiny
+    model, for a dry run on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests" / "faults"))
+from tiny_chain import run_stage, stage_env, write_project  # noqa: E402
+
+SETUP_STAGES = ("prepare", "clip", "cam_train", "cam_infer")
+# (name, module arguments, outputs that must exist afterwards)
+TIMED_STAGES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("cam_train", ("-m", "pipeline.cam_train"), ("artifacts/mctformer/model.pt", "dvclive/cam_train/metrics.json")),
+    ("weakclip_train", ("-m", "pipeline.weakclip_train"),
+     ("artifacts/weakclip/model.pt", "metrics/weakclip.json", "dvclive/weakclip_train/metrics.json")),
+    ("seg_train@gt", ("-m", "pipeline.seg_train", "--source", "gt"),
+     ("artifacts/seg/gt/model.pt", "dvclive/seg_train_gt/metrics.json")),
+)
+LAUNCHERS = (("none", {"launcher": "none", "nproc": 1}), ("torchrun1", {"launcher": "torchrun", "nproc": 1}))
+
+
+def run_stages(device: str, work: Path) -> None:
+    """Build the tiny chain in ``work/base`` and time each training stage under each launcher."""
+    base = write_project(work / "base", overrides={"runtime": {"device": device}})
+    for stage in SETUP_STAGES:
+        started = time.perf_counter()
+        run_stage(base, stage)
+        print(f"setup {stage:<15} {time.perf_counter() - started:6.1f} s", flush=True)
+    failures = []
+    for name, arguments, outputs in TIMED_STAGES:
+        for launcher, runtime in LAUNCHERS:
+            project = work / f"{name.replace('@', '_')}_{launcher}"
+            shutil.copytree(base, project)
+            for relative in outputs:  # the copy must not already hold what the run is to write
+                target = project / relative
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            shutil.rmtree(project / "checkpoints", ignore_errors=True)
+            write_project(project, overrides={"runtime": {"device": device, **runtime}})
+            started = time.perf_counter()
+            completed = subprocess.run([sys.executable, *arguments, "--params", "params.yaml"], cwd=project,
+                                       env=stage_env(), capture_output=True, text=True)
+            seconds = time.perf_counter() - started
+            missing = [relative for relative in outputs if not (project / relative).is_file()]
+            status = "ok" if completed.returncode == 0 and not missing else "FAILED"
+            print(f"{name:<15} launcher={launcher:<10} {seconds:6.1f} s  {status}"
+                  + (f"  missing: {missing}" if missing else ""), flush=True)
+            if status != "ok":
+                failures.append(name)
+                print(completed.stdout[-2000:], completed.stderr[-4000:], sep="\n", flush=True)
+    if failures:
+        raise SystemExit(f"gpu_check: {len(failures)} stage run(s) failed: {failures}")
+
+
+def weakclip_speed(device_name: str, size_name: str, batch_size: int, timed_steps: int) -> None:
+    """Images/s and peak memory of WeakCLIP training steps (frozen CLIP, fp32) at ``size_name``."""
+    from bench.measure import measure_weakclip_training, size_named
+
+    device = torch.device(device_name)
+    size = replace(size_named(size_name), batch_size=batch_size, warmup_steps=2, timed_steps=timed_steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    record = measure_weakclip_training(size, device, full_finetune=False)
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    print(f"weakclip_speed size={size.name} input={size.input_size} K={size.n_classes} batch={batch_size} "
+          f"amp=off device={device}: {record['images_per_s']:.2f} images/s, {record['s_per_step']:.3f} s/step "
+          f"(median of {timed_steps}; steps {record['step_seconds']}), peak torch.cuda.max_memory_allocated "
+          f"{peak_gib:.2f} GiB, trainable {record['trainable_parameters']:,} / {record['total_parameters']:,} "
+          f"parameters, {time.perf_counter() - started:.1f} s in all", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    stages = commands.add_parser("stages", help="time the tiny training stages with and without torchrun")
+    stages.add_argument("--device", choices=("cuda", "cpu"), required=True)
+    stages.add_argument("--work", type=Path, required=True, help="an empty scratch folder")
+    speed = commands.add_parser("weakclip-speed", help="time full-size WeakCLIP training steps")
+    speed.add_argument("--device", choices=("cuda", "cpu"), required=True)
+    speed.add_argument("--size", choices=("full", "quick"), default="full")
+    speed.add_argument("--batch-size", type=int, default=8)
+    speed.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")
+    args = parser.parse_args(argv)
+    if args.command == "stages":
+        run_stages(args.device, args.work)
+    else:
+        weakclip_speed(args.device, args.size, args.batch_size, args.steps)
+
+
+if __name__ == "__main__":
+    main()

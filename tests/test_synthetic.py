@@ -168,3 +168,23 @@ def test_context_backgrounds_never_blend_into_a_body_colour() -> None:
         colours = first * (1 - blend) + second * blend
         for style in BODY_STYLES:
             assert np.linalg.norm(colours - np.asarray(style.colour), axis=1).min() >= 89.0, design.name
+
+
+def test_body_tint_moves_the_whole_object_to_its_class_colour() -> None:
+    """body_tint 1: every object pixel sits near its class's part colour; 0: the body keeps a shared style colour."""
+    designs = class_designs(10)
+    for tint, expect_near in ((1.0, True), (0.0, False)):
+        config = SyntheticConfig(image_size=96, n_classes=10, min_objects=1, max_objects=1, body_tint=tint,
+                                 body_colour_jitter=0.0, distractors=0, companion_prob=0.0)
+        for index in range(6):
+            sample = render_sample(config, 3, "train", index)
+            (class_index,) = sample.classes
+            part = np.asarray(designs[class_index - 1].part_colour, dtype=np.float64)
+            pixels = sample.image[sample.mask == class_index].astype(np.float64)
+            median_distance = float(np.median(np.linalg.norm(pixels - part, axis=1)))
+            if expect_near:
+                assert median_distance < 30.0, (index, median_distance)
+            else:
+                styles = np.array([style.colour for style in BODY_STYLES], dtype=np.float64)
+                body_distance = float(np.median(np.min(np.linalg.norm(pixels[:, None] - styles[None], axis=2), axis=1)))
+                assert body_distance < 30.0 < median_distance, (index, body_distance, median_distance)

@@ -26,6 +26,7 @@ class SyntheticConfig:
     max_objects: int = bounded(4, low=1, high=8)
     part_fraction: float = bounded(0.3, low=0.05, high=1.0)
     body_colour_jitter: float = bounded(0.08, low=0.0, high=1.0)
+    body_tint: float = bounded(0.0, low=0.0, high=1.0)
     context_prob: float = bounded(0.8, low=0.0, high=1.0)
     companion_prob: float = bounded(0.5, low=0.0, high=1.0)
     distractors: int = bounded(3, low=0, high=20)

@@ -9,6 +9,11 @@ Why it is hard for weak supervision (each knob lives in ``dataset.synthetic``):
   CAM therefore fires on the part and misses most of the body, as VOC CAMs fire on
   faces and wheels. The body is one contiguous region of nearly uniform colour with
   a sharp edge, so a colour-aware dense CRF can grow a part seed to the whole object.
+- **Body tint** (``body_tint``, 0 = off): the body's colour is blended this far
+  towards the class's part colour, so the whole object carries class evidence and
+  a colour-aware CRF can grow a part seed over the body (0 keeps the body
+  class-neutral: only the part decides the class, and no CRF can cross the
+  part/body colour edge).
 - **Context**: each class has a preferred background texture (used with probability
   ``context_prob``) and a companion class (added with ``companion_prob``), so CAMs
   leak onto backgrounds and co-occurring objects.
@@ -390,7 +395,9 @@ def _make_object(rng: np.random.Generator, config: SyntheticConfig, design: Clas
         part_centre = (centre[0] + offset * math.cos(angle), centre[1] + offset * math.sin(angle))
     part = _polygon_mask(_part_outline(design.part_shape, part_centre, part_radius, angle), size)
     jitter = rng.uniform(-1.0, 1.0, size=3) * config.body_colour_jitter * 255.0
-    body_colour = np.clip(np.asarray(style.colour, dtype=np.float64) + jitter, 0, 255)
+    tinted = ((1.0 - config.body_tint) * np.asarray(style.colour, dtype=np.float64)
+              + config.body_tint * np.asarray(design.part_colour, dtype=np.float64))
+    body_colour = np.clip(tinted + jitter, 0, 255)
     part_colour = np.clip(np.asarray(design.part_colour, dtype=np.float64) + rng.uniform(-8, 8, size=3), 0, 255)
     placed.append((centre[0], centre[1], reach))
     return _Object(class_index=design.index, style=style_index, body=body, part=part,

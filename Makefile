@@ -26,7 +26,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 repro: setup
-	$(BIN)/dvc repro
+	$(BIN)/python -m bench.repro_timing
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -174,3 +174,20 @@ def test_cam_store_reader_sees_what_the_benchmark_measured(tmp_path: Path) -> No
     with h5py.File(path, "r") as handle:
         assert set(handle) == {"x", "y"}
     assert measure_existing_cam_store(tmp_path / "absent.h5") is None
+
+
+def test_repro_timing_durations_and_readme_block(tmp_path: Path) -> None:
+    from bench.repro_timing import END_MARKER, START_MARKER, markdown_table, stage_durations, update_readme
+
+    durations = stage_durations([(10.0, "prepare"), (22.5, "clip"), (100.0, "summary")], finished_at=101.0)
+    assert durations == {"prepare": 12.5, "clip": 77.5, "summary": 1.0}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START_MARKER}\nold\n{END_MARKER}\nrest\n", encoding="utf-8")
+    record = {"measured_on": "2026-11-26", "machine": "2 CPU cores", "stages": durations, "total_s": 101.0}
+    assert update_readme(readme, markdown_table(record))
+    text = readme.read_text(encoding="utf-8")
+    assert "old" not in text and text.startswith("intro\n") and text.endswith(f"{END_MARKER}\nrest\n")
+    assert "| `clip` | 1.3 min (78 s) |" in text and "3 stages ran" in text and "**1.7 min (101 s)**" in text
+    (tmp_path / "plain.md").write_text("no markers\n", encoding="utf-8")
+    assert not update_readme(tmp_path / "plain.md", "x")
+    assert (tmp_path / "plain.md").read_text(encoding="utf-8") == "no markers\n"

@@ -1,0 +1,98 @@
+"""Run ``dvc repro`` and time each stage from DVC's own output; what ``make repro`` calls.
+
+Why: issue #7 asks for the per-stage wall time of ``make repro`` on the 2-core
+CPU, in the README, measured rather than typed. DVC prints ``Running stage
+'<name>':`` when a stage starts; the time between two such lines (or the end
+of the run) is that stage's wall time. The result goes to
+``bench/repro_timing.json`` and, between the markers
+``<!-- repro-timing:start -->`` / ``<!-- repro-timing:end -->``, into
+README.md. A run where DVC found every stage up to date times nothing and
+leaves both files as they were.
+
+Usage: ``python -m bench.repro_timing [dvc repro arguments...]``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from weakclip_core.atomic import write_json, write_text
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING_FILE = REPO / "bench" / "repro_timing.json"
+README = REPO / "README.md"
+START_MARKER = "<!-- repro-timing:start -->"
+END_MARKER = "<!-- repro-timing:end -->"
+RUNNING_STAGE = re.compile(r"^Running stage '([^']+)'")
+
+
+def stage_durations(events: list[tuple[float, str]], finished_at: float) -> dict[str, float]:
+    """``{stage: seconds}`` from (time, stage) start events in order; each stage ends where the next begins."""
+    durations: dict[str, float] = {}
+    for (started, stage), following in zip(events, [*events[1:], (finished_at, "")]):
+        durations[stage] = round(following[0] - started, 1)
+    return durations
+
+
+def markdown_table(record: dict[str, Any]) -> str:
+    """The README block: one row per stage that ran, then the total."""
+    lines = [f"Measured by `make repro` on {record['measured_on']} ({record['machine']}); "
+             f"{len(record['stages'])} stages ran.",
+             "", "| stage | wall time |", "|---|---|"]
+    lines += [f"| `{stage}` | {seconds / 60:.1f} min ({seconds:.0f} s) |" for stage, seconds in record["stages"].items()]
+    lines.append(f"| **total `dvc repro`** | **{record['total_s'] / 60:.1f} min ({record['total_s']:.0f} s)** |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    """Replace the text between the markers; False (and nothing written) when the markers are missing."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    if start < 0 or end < start:
+        return False
+    write_text(readme, text[:start + len(START_MARKER)] + "\n" + block + "\n" + text[end:])
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    dvc = Path(sys.executable).parent / "dvc"
+    command = [str(dvc) if dvc.exists() else "dvc", "repro", *arguments]
+    started = time.monotonic()
+    events: list[tuple[float, str]] = []
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            match = RUNNING_STAGE.match(line.strip())
+            if match:
+                events.append((time.monotonic(), match.group(1)))
+        code = process.wait()
+    finished = time.monotonic()
+    if code != 0 or not events:
+        return code
+    record = {
+        "measured_on": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, OMP_NUM_THREADS="
+                   f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "command": "dvc repro " + " ".join(arguments),
+        "stages": stage_durations(events, finished),
+        "total_s": round(finished - started, 1),
+    }
+    write_json(TIMING_FILE, record)
+    if update_readme(README, markdown_table(record)):
+        print(f"repro_timing: {len(events)} stages, {record['total_s']:.0f} s -> {TIMING_FILE.name}, README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

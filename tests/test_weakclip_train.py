@@ -161,3 +161,11 @@ def test_a_store_for_other_labels_is_refused(tmp_path):
             writer.add(image_id, wrong, np.zeros((1, 64, 64), np.float32))
     with pytest.raises(CamStoreError, match="cams.h5"):
         build_seed_masks(CamStoreReader(tmp_path / "cams.h5"), dataset, image_ids, SeedConfig(), progress=False)
+
+
+def test_missing_clip_weights_name_the_clip_stage(tmp_path: Path) -> None:
+    """A WeakCLIP file whose CLIP artifact is gone says which file is missing and which stage makes it."""
+    saved = tmp_path / "model.pt"
+    torch.save({"clip_artifact": str(tmp_path / "clip"), "clip_sha256": "0" * 64}, saved)
+    with pytest.raises(FileNotFoundError, match=r"clip/weights\.pt .*does not exist: run `dvc repro clip` first"):
+        load_weakclip_model(saved)

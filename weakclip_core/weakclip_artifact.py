@@ -58,6 +58,9 @@ def load_weakclip_model(path: str | Path, clip_dir: str | Path | None = None) ->
         raise FileNotFoundError(f"{path}: trained WeakCLIP not found (run the weakclip_train stage)")
     saved = torch.load(path, map_location="cpu", weights_only=False)
     clip_dir = Path(clip_dir if clip_dir is not None else saved["clip_artifact"])
+    if not (clip_dir / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"{clip_dir / WEIGHTS_FILE} (the CLIP that {path} adapts) does not exist: "
+                                f"run `dvc repro clip` first")
     if clip_weights_sha256(clip_dir) != saved["clip_sha256"]:
         raise ValueError(f"{path}: trained on a CLIP with sha256 {saved['clip_sha256'][:12]}..., but "
                          f"{clip_dir / WEIGHTS_FILE} differs (re-run weakclip_train)")

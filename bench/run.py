@@ -187,6 +187,27 @@ def _number(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
+GPU_SPEED_FILES = sorted((Path(__file__).resolve().parent / "gpu").glob("gpu_check_speed_*.json"))
+"""Full-size WeakCLIP step speed measured by ``bench/gpu_check.sh`` on lent GPUs (one file per card)."""
+
+
+def gpu_section(speed_files: list[Path]) -> str:
+    """A table of the ``bench/gpu_check.sh`` speed records, or a line saying none was measured."""
+    if not speed_files:
+        return "No GPU record yet: run `bash bench/gpu_check.sh` on a GPU machine (it writes `bench/gpu/`)."
+    rows = [_row("card", "input", "K", "batch", "precision", "s/step", "images/s", "peak CUDA memory (GiB)",
+                 "trainable / total params", "record"), _row(*["---"] * 10)]
+    for path in speed_files:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        rows.append(_row(record.get("device_name", record["device"]), record["input_size"], record["n_classes"],
+                         record["batch_size"], "fp32" if not record["amp"] else "AMP",
+                         _number(record["s_per_step"], 3), _number(record["images_per_s"], 1),
+                         _number(record["peak_max_memory_allocated_gib"], 2),
+                         f"{record['trainable_parameters'] / 1e6:.2f}M / {record['total_parameters'] / 1e6:.2f}M",
+                         f"`bench/gpu/{path.name}`"))
+    return "\n".join(rows)
+
+
 def render_markdown(results: dict[str, Any], results_path: str = "bench/results.json",
                     template: Path = TEMPLATE) -> str:
     """``docs/BENCHMARKS.md``: the hand-written template with this run's tables filled in."""
@@ -266,6 +287,7 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
         "cam_store_table": "\n".join(store_rows),
         "stage_table": "\n".join(stage_rows),
         "stage_total": _number(stages["total_s"], 1),
+        "gpu_table": gpu_section(GPU_SPEED_FILES),
     }
     return string.Template(template.read_text()).substitute(fields)
 

@@ -191,3 +191,16 @@ def test_repro_timing_durations_and_readme_block(tmp_path: Path) -> None:
     (tmp_path / "plain.md").write_text("no markers\n", encoding="utf-8")
     assert not update_readme(tmp_path / "plain.md", "x")
     assert (tmp_path / "plain.md").read_text(encoding="utf-8") == "no markers\n"
+
+
+def test_gpu_section_lists_each_record(tmp_path: Path) -> None:
+    from bench.run import gpu_section
+
+    assert "No GPU record yet" in gpu_section([])
+    record = {"device": "cuda", "device_name": "Card X", "input_size": 512, "n_classes": 21, "batch_size": 8,
+              "amp": False, "s_per_step": 0.25, "images_per_s": 32.0, "peak_max_memory_allocated_gib": 4.5,
+              "trainable_parameters": 21_240_853, "total_parameters": 171_497_494}
+    path = tmp_path / "gpu_check_speed_x.json"
+    path.write_text(json.dumps(record), encoding="utf-8")
+    table = gpu_section([path])
+    assert "| Card X | 512 | 21 | 8 | fp32 | 0.250 | 32.0 | 4.50 | 21.24M / 171.50M |" in table

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -77,15 +78,19 @@ def queue_and_run(jobs: int, poll_s: float = 15.0) -> None:
         arguments = [argument for override in ablation.overrides for argument in ("-S", override)]
         dvc("exp", "run", "--queue", "--name", ablation.name, *arguments, TARGET)
         print(f"queued {ablation.name}: {' '.join(ablation.overrides)}", flush=True)
-    dvc("queue", "start", "--jobs", str(jobs))
+    # The workers outlive `dvc queue start` and inherit its output: hand them /dev/null, or a captured
+    # pipe stays open (and this call blocks) until the queue has drained.
+    executable = Path(sys.executable).parent / "dvc"
+    subprocess.run([str(executable) if executable.exists() else "dvc", "queue", "start", "--jobs", str(jobs)],
+                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     while True:
         status = dvc("queue", "status", capture=True)
-        busy = [line for line in status.splitlines() if " Running " in line or " Queued " in line]
+        busy = [line for line in status.splitlines() if re.search(r"\s(Running|Queued)\s*$", line)]
         if not busy:
             break
         print(f"{len(busy)} experiments queued or running", flush=True)
         time.sleep(poll_s)
-    failed = [line for line in dvc("queue", "status", capture=True).splitlines() if " Failed " in line]
+    failed = [line for line in dvc("queue", "status", capture=True).splitlines() if re.search(r"\sFailed\s*$", line)]
     if failed:
         raise RuntimeError("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(failed))
 

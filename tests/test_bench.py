@@ -204,3 +204,24 @@ def test_gpu_section_lists_each_record(tmp_path: Path) -> None:
     path.write_text(json.dumps(record), encoding="utf-8")
     table = gpu_section([path])
     assert "| Card X | 512 | 21 | 8 | fp32 | 0.250 | 32.0 | 4.50 | 21.24M / 171.50M |" in table
+
+
+def test_ablation_rows_from_exp_show_json() -> None:
+    """`dvc exp show --json` shape (baseline → experiments → revs → data.metrics.<file>.data); a queued
+    experiment has no metrics yet and is left out; gains are in points over the CAM seeds."""
+    from bench.ablations import ablation_rows, experiment_metrics
+
+    def revision(name: str, miou: float | None) -> dict:
+        metrics = {"metrics/weakclip.json": {"data": {"miou": miou, "split": "train"}}} if miou is not None else {}
+        return {"rev": "f" * 40, "name": name, "data": {"metrics": metrics}, "error": None, "experiments": None}
+
+    exp_show = [{"rev": "workspace", "name": None, "experiments": None},
+                {"rev": "a" * 40, "name": "main", "experiments": [
+                    {"name": "abl-prompt-2", "revs": [revision("abl-prompt-2", 0.52)]},
+                    {"name": "abl-temp-1", "revs": [revision("abl-temp-1", None)]}]}]
+    found = experiment_metrics(exp_show)
+    assert found == {"abl-prompt-2": {"miou": 0.52, "split": "train"}}
+    rows = ablation_rows({"miou": 0.567}, found, cam_miou=0.406)
+    assert [row["experiment"] for row in rows] == ["baseline (committed)", "abl-prompt-2"]
+    assert rows[0]["gain over seeds (points)"] == 16.1 and rows[1]["gain over seeds (points)"] == 11.4
+    assert rows[1]["setting"] == "N = 2 learnable contexts"

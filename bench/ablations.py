@@ -48,7 +48,8 @@ class Ablation:
 ABLATIONS: tuple[Ablation, ...] = (
     Ablation("abl-prompt-2", "N = 2 learnable contexts", ("weakclip.prompt_len=2",)),
     Ablation("abl-prompt-4", "N = 4 learnable contexts", ("weakclip.prompt_len=4",)),
-    Ablation("abl-prompt-16", "N = 16 learnable contexts", ("weakclip.prompt_len=16",)),
+    Ablation("abl-prompt-16", "N = 16 learnable contexts (text context 24 tokens)",
+             ("weakclip.prompt_len=16", "weakclip.text_context_length=24")),
     Ablation("abl-temp-1", "temperature init 1", ("weakclip.temperature_init=1.0",)),
     Ablation("abl-temp-0.01", "temperature init 0.01", ("weakclip.temperature_init=0.01",)),
     Ablation("abl-temp-0.001", "temperature init 0.001", ("weakclip.temperature_init=0.001",)),
@@ -124,7 +125,8 @@ def ablation_rows(baseline: dict[str, Any], by_name: dict[str, dict[str, Any]], 
 
 def collect() -> Path:
     """Write ``metrics/ablations_weakclip.json`` from ``dvc exp show --json`` and the committed metrics."""
-    by_name = experiment_metrics(json.loads(dvc("exp", "show", "--json", capture=True)))
+    # --all-commits: the queue's experiments hang off the commit that was HEAD when each was queued.
+    by_name = experiment_metrics(json.loads(dvc("exp", "show", "--json", "--all-commits", capture=True)))
     missing = [ablation.name for ablation in ABLATIONS if ablation.name not in by_name]
     if len(missing) == len(ABLATIONS):
         raise RuntimeError("no ablation experiment found in `dvc exp show`; run `python -m bench.ablations run`")

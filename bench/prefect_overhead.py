@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,21 +44,9 @@ def load_average() -> float:
 def build_project(project: Path) -> None:
     """A git + DVC repository at ``project`` exactly as the end-to-end test's ``chain`` fixture makes it."""
     sys.path.insert(0, str(REPO / "tests"))
-    from test_end_to_end import COPIED, DVC, project_params, run  # noqa: PLC0415
+    from test_end_to_end import build_tiny_project  # noqa: PLC0415
 
-    project.mkdir(parents=True)
-    for name in COPIED:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copyfile(source, project / name)
-    params = project_params((project / "dvc.yaml").read_text())
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], project)
-    run([*DVC, "init", "-q"], project)
-    run(["git", "add", "."], project)
-    run(["git", "commit", "-q", "-m", "tiny project for the Prefect overhead bench"], project)
+    build_tiny_project(project, "tiny project for the Prefect overhead bench")
 
 
 def lock_hashes(project: Path) -> dict[str, dict[str, str]]:

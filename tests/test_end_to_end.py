@@ -199,11 +199,10 @@ def numpy_miou(pairs: list[tuple[np.ndarray, np.ndarray]], n_classes: int) -> fl
 # --------------------------------------------------------------------------- the project, run once
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
-    """(project folder, its params, the first ``dvc repro``'s output) after one full ``dvc repro``."""
-    project = tmp_path_factory.mktemp("e2e") / "project"
-    project.mkdir()
+def build_tiny_project(project: Path, message: str = "tiny end-to-end project") -> dict[str, Any]:
+    """A git + DVC repository at ``project`` (created) holding the repo's dvc.yaml and code with the tiny
+    params; returns those params. Also used by bench/prefect_overhead.py."""
+    project.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         source = REPO_ROOT / name
         if source.is_dir():
@@ -215,7 +214,15 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
     run(["git", "init", "-q"], project)
     run([*DVC, "init", "-q"], project)
     run(["git", "add", "."], project)
-    run(["git", "commit", "-q", "-m", "tiny end-to-end project"], project)
+    run(["git", "commit", "-q", "-m", message], project)
+    return params
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    """(project folder, its params, the first ``dvc repro``'s output) after one full ``dvc repro``."""
+    project = tmp_path_factory.mktemp("e2e") / "project"
+    params = build_tiny_project(project)
     output = run([*DVC, "repro"], project, timeout=REPRO_TIMEOUT_S)
     return project, params, output
 

@@ -225,3 +225,11 @@ def test_ablation_rows_from_exp_show_json() -> None:
     assert [row["experiment"] for row in rows] == ["baseline (committed)", "abl-prompt-2"]
     assert rows[0]["gain over seeds (points)"] == 16.1 and rows[1]["gain over seeds (points)"] == 11.4
     assert rows[1]["setting"] == "N = 2 learnable contexts"
+
+
+def test_repro_timing_knows_every_stage_of_the_project() -> None:
+    """A full-chain timing needs the whole stage list: the project's dvc.yaml, foreach expanded, by hand."""
+    from bench.repro_timing import REPO, all_stage_names
+
+    assert all_stage_names(REPO) == {"prepare", "clip", "cam_train", "cam_infer", "weakclip_train", "pseudo_masks",
+                                     "seg_train@pseudo", "seg_train@gt", "seg_eval@pseudo", "seg_eval@gt", "summary"}

@@ -21,12 +21,12 @@ import argparse
 import json
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flows.dvc_cli import capture_command, dvc_command, tool_environment
 from weakclip_core.atomic import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,15 +62,10 @@ ABLATIONS: tuple[Ablation, ...] = (
 confident seeds, the pretrained CLIP); each row changes one thing."""
 
 
-def dvc(*arguments: str, capture: bool = False) -> str:
-    """Run the project's ``dvc`` (next to this Python) in the repository; raise with its output on failure."""
-    executable = Path(sys.executable).parent / "dvc"
-    command = [str(executable) if executable.exists() else "dvc", *arguments]
-    completed = subprocess.run(command, cwd=REPO, text=True, capture_output=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[1:])} failed ({completed.returncode}):\n"
-                           f"{completed.stdout[-2000:]}{completed.stderr[-2000:]}")
-    return completed.stdout if capture else ""
+def dvc(*arguments: str) -> str:
+    """``dvc <arguments>`` in the repository through the flows' runner (venv first on PATH, analytics off);
+    its stdout, or ``CommandFailed`` naming the command and its output's tail."""
+    return capture_command(dvc_command(*arguments), REPO)
 
 
 def queue_and_run(jobs: int, poll_s: float = 15.0) -> None:
@@ -81,17 +76,16 @@ def queue_and_run(jobs: int, poll_s: float = 15.0) -> None:
         print(f"queued {ablation.name}: {' '.join(ablation.overrides)}", flush=True)
     # The workers outlive `dvc queue start` and inherit its output: hand them /dev/null, or a captured
     # pipe stays open (and this call blocks) until the queue has drained.
-    executable = Path(sys.executable).parent / "dvc"
-    subprocess.run([str(executable) if executable.exists() else "dvc", "queue", "start", "--jobs", str(jobs)],
-                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(dvc_command("queue", "start", "--jobs", str(jobs)), cwd=REPO, env=tool_environment(),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     while True:
-        status = dvc("queue", "status", capture=True)
+        status = dvc("queue", "status")
         busy = [line for line in status.splitlines() if re.search(r"\s(Running|Queued)\s*$", line)]
         if not busy:
             break
         print(f"{len(busy)} experiments queued or running", flush=True)
         time.sleep(poll_s)
-    failed = [line for line in dvc("queue", "status", capture=True).splitlines() if re.search(r"\sFailed\s*$", line)]
+    failed = [line for line in dvc("queue", "status").splitlines() if re.search(r"\sFailed\s*$", line)]
     if failed:
         raise RuntimeError("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(failed))
 
@@ -126,7 +120,7 @@ def ablation_rows(baseline: dict[str, Any], by_name: dict[str, dict[str, Any]], 
 def collect() -> Path:
     """Write ``metrics/ablations_weakclip.json`` from ``dvc exp show --json`` and the committed metrics."""
     # --all-commits: the queue's experiments hang off the commit that was HEAD when each was queued.
-    by_name = experiment_metrics(json.loads(dvc("exp", "show", "--json", "--all-commits", capture=True)))
+    by_name = experiment_metrics(json.loads(dvc("exp", "show", "--json", "--all-commits")))
     missing = [ablation.name for ablation in ABLATIONS if ablation.name not in by_name]
     if len(missing) == len(ABLATIONS):
         raise RuntimeError("no ablation experiment found in `dvc exp show`; run `python -m bench.ablations run`")

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from flows.dvc_cli import dvc_command
 from weakclip_core.atomic import write_json, write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +74,7 @@ def update_readme(readme: Path, block: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    dvc = Path(sys.executable).parent / "dvc"
-    command = [str(dvc) if dvc.exists() else "dvc", "repro", *arguments]
+    command = dvc_command("repro", *arguments)
     started = time.monotonic()
     events: list[tuple[float, str]] = []
     with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

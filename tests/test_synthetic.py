@@ -170,6 +170,33 @@ def test_context_backgrounds_never_blend_into_a_body_colour() -> None:
             assert np.linalg.norm(colours - np.asarray(style.colour), axis=1).min() >= 89.0, design.name
 
 
+def test_tinted_bodies_keep_a_sharp_edge_against_their_background() -> None:
+    """With body_tint a body takes its class colour; the background around every object still differs from it.
+
+    Measured on the rendered pixels: the median colour of each object's body against the median colour of the
+    background ring just outside it (independent of how the generator picks colours)."""
+    config = SyntheticConfig(image_size=96, n_classes=10, min_objects=1, max_objects=3, body_tint=0.8,
+                             context_prob=0.5, distractors=0)
+    distances = []
+    for index in range(60):
+        sample = render_sample(config, 5, "train", index)
+        for class_index in sample.classes:
+            body = sample.mask == class_index
+            near = np.zeros_like(body)
+            rows, cols = np.nonzero(body | (sample.mask == 255))
+            for d_row in range(-5, 6):  # a 5-px ring by shifting: no scipy in the reference
+                for d_col in range(-5, 6):
+                    near[np.clip(rows + d_row, 0, 95), np.clip(cols + d_col, 0, 95)] = True
+            ring = near & (sample.mask == 0)
+            if ring.sum() < 10:
+                continue
+            body_colour = np.median(sample.image[body].astype(np.float64), axis=0)
+            ring_colour = np.median(sample.image[ring].astype(np.float64), axis=0)
+            distances.append(float(np.linalg.norm(body_colour - ring_colour)))
+    assert len(distances) > 60
+    assert min(distances) > 60.0, sorted(distances)[:5]
+
+
 def test_body_tint_moves_the_whole_object_to_its_class_colour() -> None:
     """body_tint 1: every object pixel sits near its class's part colour; 0: the body keeps a shared style colour."""
     designs = class_designs(10)

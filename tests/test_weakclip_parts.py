@@ -11,6 +11,7 @@ import torch
 
 from weakclip_core.clip_model import build_clip
 from weakclip_core.config.clip import ClipArchConfig, ClipConfig
+from weakclip_core.config.schema import ConfigError
 from weakclip_core.config.weakclip import WeakClipConfig
 from weakclip_core.models.weakclip import WeakCLIP
 from weakclip_core.models.weakclip.co_attention import CoAttention, MultiHeadAttention
@@ -65,8 +66,10 @@ def test_prompt_layout_and_long_names() -> None:
         assert torch.equal(embeddings[row, 3], clip_model.token_embedding.weight[name_tokens[1]].detach())
     end_token = tokens.argmax(dim=1)  # the EOT id is the largest id
     assert torch.equal(learner.end_positions, end_token + 2)
-    with pytest.raises(ValueError, match="needs .* tokens"):
+    with pytest.raises(ConfigError, match="needs .* tokens.*raise weakclip.text_context_length"):
         PromptLearner(["background", "a very long class name indeed"], 2, 6, 24)
+    with pytest.raises(ConfigError, match="weakclip.text_context_length 3 leaves no room"):
+        PromptLearner(["background", "cat"], 2, 3, 24)
 
 
 def test_pyramid_adapter_strides() -> None:

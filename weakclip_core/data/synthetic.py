@@ -8,14 +8,16 @@ Why it is hard for weak supervision (each knob lives in ``dataset.synthetic``):
   only the part (class-specific colour and shape) decides the class. A classifier's
   CAM therefore fires on the part and misses most of the body, as VOC CAMs fire on
   faces and wheels. The body is one contiguous region of nearly uniform colour with
-  a sharp edge, so a colour-aware dense CRF can grow a part seed to the whole object.
+  a sharp edge (the background keeps 90 RGB from every body style colour and from the
+  body and part colours of the image's objects), so a colour-aware dense CRF can grow
+  a part seed to the whole object.
 - **Body tint** (``body_tint``, 0 = off): the body's colour is blended this far
   towards the class's part colour, so the whole object carries class evidence and
   a colour-aware CRF can grow a part seed over the body (0 keeps the body
   class-neutral: only the part decides the class, and no CRF can cross the
   part/body colour edge).
 - **Context**: each class has a preferred background texture (used with probability
-  ``context_prob``) and a companion class (added with ``companion_prob``), so CAMs
+  ``context_prob`` when its colours keep clear of the image's objects) and a companion class (added with ``companion_prob``), so CAMs
   leak onto backgrounds and co-occurring objects.
 - **Clutter**: procedural textured backgrounds (stripes, checks, noise, gradients,
   waves, dots) and up to ``distractors`` unlabelled body-coloured shapes without a
@@ -94,7 +96,9 @@ _NAMED_COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("purple", (120, 50, 160)), ("cyan", (60, 200, 210)), ("orange", (240, 140, 40)), ("grey", (128, 128, 128)),
     ("navy", (20, 30, 90)), ("beige", (225, 210, 170)), ("maroon", (110, 20, 40)), ("teal", (20, 120, 120)))
 _MIN_BACKGROUND_BODY_DISTANCE = 90.0
-"""Background colours keep this RGB distance from every body colour, so bodies have a sharp edge."""
+"""Background colours keep this RGB distance from every body style colour and from the body and part colours
+of the image's own objects (tinted bodies take their class's colour), so every object has a sharp edge."""
+_MAX_BACKGROUND_ATTEMPTS = 100_000
 
 
 @dataclass(frozen=True)
@@ -130,14 +134,23 @@ def _segment_distances(points: np.ndarray, start: np.ndarray, end: np.ndarray) -
     return np.linalg.norm(points - (start[None, :] + t[:, None] * direction[None, :]), axis=1)
 
 
-def _background_colours(rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Two random colours whose every blend stays ``_MIN_BACKGROUND_BODY_DISTANCE`` from every body
-    colour (gradients and noise pass through the blends), so bodies keep a sharp colour edge."""
-    while True:
+def _keeps_clear_of(avoid: np.ndarray, first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether every blend of ``first`` and ``second`` stays ``_MIN_BACKGROUND_BODY_DISTANCE`` from each row
+    of ``avoid`` (N, 3)."""
+    distances = _segment_distances(avoid, first.astype(np.float64), second.astype(np.float64))
+    return bool(distances.min() >= _MIN_BACKGROUND_BODY_DISTANCE)
+
+
+def _background_colours(rng: np.random.Generator,
+                        avoid: np.ndarray = _BODY_RGB) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Two random colours whose every blend stays ``_MIN_BACKGROUND_BODY_DISTANCE`` from every colour in
+    ``avoid`` (gradients and noise pass through the blends), so bodies keep a sharp colour edge."""
+    for _ in range(_MAX_BACKGROUND_ATTEMPTS):
         first, second = rng.integers(0, 256, size=3), rng.integers(0, 256, size=3)
-        distances = _segment_distances(_BODY_RGB, first.astype(np.float64), second.astype(np.float64))
-        if distances.min() >= _MIN_BACKGROUND_BODY_DISTANCE:
+        if _keeps_clear_of(avoid, first, second):
             return ((int(first[0]), int(first[1]), int(first[2])), (int(second[0]), int(second[1]), int(second[2])))
+    raise RuntimeError(f"no background colour pair keeps {_MIN_BACKGROUND_BODY_DISTANCE} RGB from the colours "
+                       f"{avoid.round().astype(int).tolist()} after {_MAX_BACKGROUND_ATTEMPTS} draws")
 
 
 @functools.cache
@@ -489,13 +502,17 @@ def render_sample(config: SyntheticConfig, seed: int, split: str, index: int) ->
                            f"raise dataset.synthetic.image_size")
 
     primary = designs[objects[0].class_index - 1]
-    if rng.random() < config.context_prob:
+    # The background stays clear of this image's own body and part colours too: with body_tint a body takes
+    # its class's colour, which the style-colour rule alone does not keep off the background.
+    avoid = np.vstack([_BODY_RGB, *(obj.body_colour for obj in objects), *(obj.part_colour for obj in objects)])
+    context_first, context_second = (np.asarray(colour, dtype=np.float64) for colour in primary.context_colours)
+    if rng.random() < config.context_prob and _keeps_clear_of(avoid, context_first, context_second):
         background_kind = primary.context_kind
-        first = np.asarray(primary.context_colours[0], dtype=np.float64) + rng.uniform(-12, 12, size=3)
-        second = np.asarray(primary.context_colours[1], dtype=np.float64) + rng.uniform(-12, 12, size=3)
+        first = context_first + rng.uniform(-12, 12, size=3)
+        second = context_second + rng.uniform(-12, 12, size=3)
     else:
         background_kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
-        first_colour, second_colour = _background_colours(rng)
+        first_colour, second_colour = _background_colours(rng, avoid)
         first = np.asarray(first_colour, dtype=np.float64)
         second = np.asarray(second_colour, dtype=np.float64)
     image = _blend(_texture(background_kind, rng, size), first, second)

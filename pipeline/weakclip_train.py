@@ -165,7 +165,8 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     progress = tqdm(total=train.iterations, initial=start_step, desc=STAGE, unit="step", disable=not show_progress)
     steps_this_run = 0
     train_started = time.perf_counter()
-    with CrfPool(cfg.loss.crf, cfg.loss.crf_workers) as crf_pool:
+    crf_workers = cfg.loss.crf_workers if cfg.loss.boundary_weight > 0 else 0  # no boundary loss: no CRF to run
+    with CrfPool(cfg.loss.crf, crf_workers) as crf_pool:
         for step, batch in enumerate(loader, start=start_step):
             lr = warmup_cosine_lr(step, train.iterations, train.lr, train.warmup_iterations, train.min_lr)
             set_lr(optimizer, lr)

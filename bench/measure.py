@@ -388,7 +388,8 @@ def measure_existing_cam_store(path: Path) -> dict[str, Any] | None:
         return None
     store_bytes = path.stat().st_size
     return {"bytes_per_image": store_bytes / n_images, "raw_float32_bytes_per_image": raw_bytes / n_images,
-            "compression_ratio": raw_bytes / store_bytes, "n_images": n_images, "source": str(path)}
+            "compression_ratio": raw_bytes / store_bytes, "n_images": n_images,
+            "source": f"{path.parent.name}/{path.name}"}
 
 
 def paper_parameter_counts(n_classes: int = VOC_CLASS_COUNT) -> dict[str, Any]:

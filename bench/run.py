@@ -42,6 +42,7 @@ from weakclip_core.atomic import atomic_path, write_json
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = Path(__file__).resolve().parent / "BENCHMARKS.template.md"
 STAGE_TIMINGS_FILE = REPO / "bench" / "stage_timings.json"
+REPRO_TIMING_FILE = REPO / "bench" / "repro_timing.json"  # written by `make repro` (bench/repro_timing.py)
 RESULT_MARKER = "BENCH_RESULT "
 CHILDREN = ("weakclip", "weakclip_full_finetune", "mctformer", "inference_crf_store")
 WALL_TIME_KEYS = ("wall_s", "wall_seconds")
@@ -127,17 +128,22 @@ def time_stage_with_dvc(root: Path, stage: str) -> float:
     return time.perf_counter() - started
 
 
-def collect_stage_timings(root: Path, measure_missing: bool, timings_file: Path) -> dict[str, Any]:
+def collect_stage_timings(root: Path, measure_missing: bool, timings_file: Path,
+                          repro_timing_file: Path | None = None) -> dict[str, Any]:
     """``{"seconds": {stage: s}, "sources": {stage: where it came from}, "missing": [...]}``.
 
     Order of preference: the stage's own ``wall_s``; in the full run, a fresh
     ``dvc repro -s --force`` timing (saved to ``timings_file``); otherwise the
-    last such file.
+    last such file; otherwise the last full-chain ``make repro`` record
+    (``repro_timing_file``, ``bench/repro_timing.json``).
     """
     saved = {}
     if timings_file.is_file():
         saved = json.loads(timings_file.read_text()).get("seconds", {})
     saved_when = json.loads(timings_file.read_text()).get("measured") if timings_file.is_file() else None
+    repro: dict[str, Any] = {}
+    if repro_timing_file is not None and repro_timing_file.is_file():
+        repro = json.loads(repro_timing_file.read_text())
     seconds: dict[str, float] = {}
     sources: dict[str, str] = {}
     missing: list[str] = []
@@ -151,6 +157,9 @@ def collect_stage_timings(root: Path, measure_missing: bool, timings_file: Path)
             seconds[stage], sources[stage] = fresh[stage], "dvc repro -s --force (this run)"
         elif stage in saved:
             seconds[stage], sources[stage] = float(saved[stage]), f"{timings_file.name} (measured {saved_when})"
+        elif stage in repro.get("stages", {}):
+            seconds[stage] = float(repro["stages"][stage])
+            sources[stage] = f"make repro ({repro_timing_file.name}, {repro.get('measured_on', 'undated')})"
         else:
             missing.append(stage)
     if fresh:
@@ -315,7 +324,7 @@ def run_suite(quick: bool, device: str, measure_stage_timings: bool, timings_fil
                               "trainable_fraction": training["weakclip"]["trainable_parameters"]
                               / training["weakclip"]["total_parameters"]},
     }
-    stage_timings = collect_stage_timings(REPO, measure_stage_timings, timings_file)
+    stage_timings = collect_stage_timings(REPO, measure_stage_timings, timings_file, REPRO_TIMING_FILE)
     environment = training["weakclip"].pop("environment")
     for record in training.values():
         record.pop("environment", None)

@@ -153,6 +153,20 @@ def test_stage_timings_fall_back_to_the_timings_file(tmp_path: Path) -> None:
     assert timings["total_s"] == pytest.approx(sum(timings["seconds"].values()))
 
 
+def test_stage_timings_fall_back_to_the_make_repro_record(tmp_path: Path) -> None:
+    """A stage with no wall_s and no stage_timings.json entry takes make repro's time, named as its source."""
+    stages = [stage for stage, _ in stages_and_metrics(REPO)]
+    repro_file = tmp_path / "repro_timing.json"
+    repro_file.write_text(json.dumps({"measured_on": "2026-01-02", "stages": {stage: 3.0 for stage in stages}}))
+    timings = collect_stage_timings(REPO, measure_missing=False, timings_file=tmp_path / "absent.json",
+                                    repro_timing_file=repro_file)
+    assert timings["missing"] == []
+    from_repro = [stage for stage in stages if timings["sources"][stage].startswith("make repro")]
+    assert "seg_train@gt" in from_repro  # seg_train writes no wall_s
+    assert all(timings["seconds"][stage] == 3.0 for stage in from_repro)
+    assert timings["sources"]["seg_train@gt"] == "make repro (repro_timing.json, 2026-01-02)"
+
+
 def test_check_finite_names_the_bad_number() -> None:
     check_finite({"a": [1.0, {"b": 2}], "c": "text"})
     with pytest.raises(ValueError, match=r"a\[1\]\.b"):

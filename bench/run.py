@@ -137,10 +137,8 @@ def collect_stage_timings(root: Path, measure_missing: bool, timings_file: Path,
     last such file; otherwise the last full-chain ``make repro`` record
     (``repro_timing_file``, ``bench/repro_timing.json``).
     """
-    saved = {}
-    if timings_file.is_file():
-        saved = json.loads(timings_file.read_text()).get("seconds", {})
-    saved_when = json.loads(timings_file.read_text()).get("measured") if timings_file.is_file() else None
+    saved_record = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    saved, saved_when = saved_record.get("seconds", {}), saved_record.get("measured")
     repro: dict[str, Any] = {}
     if repro_timing_file is not None and repro_timing_file.is_file():
         repro = json.loads(repro_timing_file.read_text())

@@ -6,6 +6,8 @@
    windows per model call.
 2. Dense CRF (``pseudo.crf``) on those classes only, in ``pseudo.workers`` spawned processes: the jobs of
    a batch are submitted as soon as its probabilities exist, so the model's forward and the CRF overlap.
+   A labelled class left with no pixel is boosted and the CRF run again (``pseudo.absent_class_odds_ratio``,
+   ``weakclip_core.absent_classes``; 0 = off), so every mask agrees with its image's labels where it can.
 3. Masks are written (atomically) into a work folder outside DVC's outputs,
    ``checkpoints/pseudo_masks/<config hash>/`` (DVC deletes declared outputs before it re-runs a stage):
    ``masks/<id>.png`` after CRF, ``raw/<id>.png`` before, and an append-only manifest per shard
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from weakclip_core.absent_classes import absent_classes, boost_absent_classes
 from weakclip_core.atomic import atomic_dir, remove_stale_temporaries, sha256_of_file, write_json
 from weakclip_core.config import Params, load_params, to_plain
 from weakclip_core.config.weakclip import CrfConfig
@@ -64,6 +67,7 @@ STAGE = "pseudo_masks"
 PROVENANCE_FILE = "provenance.json"
 N_WORST = 8
 SEEDS_GT_FLAG = "thresholds_chosen_with_gt"
+MANIFEST_KEYS = {"id", "mask_sha256", "raw_sha256", "absent_before_repair", "absent_after_repair"}
 
 
 class ProvenanceError(ValueError):
@@ -121,7 +125,7 @@ def work_dir_of(paths: PseudoPaths, config: dict[str, Any]) -> Path:
     return paths.work_root / config_hash(config)
 
 
-def read_manifest_lines(path: Path) -> list[dict[str, str]]:
+def read_manifest_lines(path: Path) -> list[dict[str, Any]]:
     """The complete JSON lines of one manifest; a torn last line (a kill mid-write) is dropped."""
     if not path.is_file():
         return []
@@ -133,14 +137,14 @@ def read_manifest_lines(path: Path) -> list[dict[str, str]]:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(entry, dict) and {"id", "mask_sha256", "raw_sha256"} <= set(entry):
+        if isinstance(entry, dict) and MANIFEST_KEYS <= set(entry):
             entries.append(entry)
     return entries
 
 
-def done_images(work_dir: Path) -> dict[str, dict[str, str]]:
+def done_images(work_dir: Path) -> dict[str, dict[str, Any]]:
     """Images whose two PNGs exist and match a manifest checksum (any shard's manifest)."""
-    claimed: dict[str, dict[str, str]] = {}
+    claimed: dict[str, dict[str, Any]] = {}
     for manifest in sorted(work_dir.glob("manifest-*.jsonl")):
         for entry in read_manifest_lines(manifest):
             claimed[entry["id"]] = entry
@@ -165,7 +169,7 @@ class ManifestWriter:
                     stream.truncate(text.rfind("\n") + 1)
         self._stream = open(path, "a")
 
-    def add(self, entry: dict[str, str]) -> None:
+    def add(self, entry: dict[str, Any]) -> None:
         self._stream.write(json.dumps(entry, sort_keys=True) + "\n")
         self._stream.flush()
         os.fsync(self._stream.fileno())
@@ -196,23 +200,40 @@ class RefineJob:
     probabilities: np.ndarray
     classes: tuple[int, ...]
     crf: CrfConfig | None
+    absent_class_odds_ratio: float  # 0: no absent-class repair
     work_dir: Path
 
 
-def refine_and_write(job: RefineJob) -> dict[str, str]:
-    """Argmax before CRF (raw) and after CRF (mask), both written atomically; returns the manifest entry.
+def refined_mask(job: RefineJob, probabilities: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 class ids: the argmax after the dense CRF (or of ``probabilities`` without one)."""
+    classes = np.asarray(job.classes, dtype=np.uint8)
+    if job.crf is None:
+        return classes[probabilities.argmax(axis=0)]
+    return classes[dense_crf(job.image, probabilities, job.crf).argmax(axis=0)]
+
+
+def refine_and_write(job: RefineJob) -> dict[str, Any]:
+    """Argmax before CRF (raw) and after CRF + absent-class repair (mask), both written atomically.
 
     Runs in a CRF worker process. Class ids map back through ``job.classes``, so a class outside the
-    image's labels + background can never be written.
+    image's labels + background can never be written. When a labelled class has no pixel after the CRF
+    and the repair is on, its probability is boosted (``weakclip_core.absent_classes``) and the CRF runs
+    again. Returns the manifest entry, with how many labelled classes were absent before and after.
     """
     classes = np.asarray(job.classes, dtype=np.uint8)
     raw = classes[job.probabilities.argmax(axis=0)]
-    refined = raw if job.crf is None else classes[dense_crf(job.image, job.probabilities, job.crf).argmax(axis=0)]
+    refined = raw if job.crf is None else refined_mask(job, job.probabilities)
+    absent_before = absent_classes(refined, job.classes)
+    if absent_before and job.absent_class_odds_ratio > 0:
+        refined = refined_mask(job, boost_absent_classes(job.probabilities, job.classes, absent_before,
+                                                         job.absent_class_odds_ratio))
     raw_path = job.work_dir / "raw" / f"{job.image_id}.png"
     mask_path = job.work_dir / "masks" / f"{job.image_id}.png"
     write_mask(raw_path, raw)
     write_mask(mask_path, refined)
-    return {"id": job.image_id, "mask_sha256": sha256_of_file(mask_path), "raw_sha256": sha256_of_file(raw_path)}
+    return {"id": job.image_id, "mask_sha256": sha256_of_file(mask_path), "raw_sha256": sha256_of_file(raw_path),
+            "absent_before_repair": len(absent_before),
+            "absent_after_repair": len(absent_classes(refined, job.classes))}
 
 
 # --------------------------------------------------------------------------- inference over a shard
@@ -288,7 +309,7 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
                     continue
                 allowed = (0, *sorted(classes))
                 job = RefineJob(image_id, image, np.ascontiguousarray(probability[list(allowed)]), allowed, crf,
-                                work_dir)
+                                pseudo.absent_class_odds_ratio, work_dir)
                 if executor is None:
                     manifest.add(refine_and_write(job))
                     written += 1
@@ -355,6 +376,15 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths(), started: float 
         raise RuntimeError(f"{work_dir}: {len(missing)} of {len(image_ids)} images are not done (first: "
                            f"{missing[0]}); run the remaining shards (or the unsharded command) first")
 
+    labelled_pairs = sum(len(dataset.image_labels(image_id)) for image_id in image_ids)
+    absent_class_repair = {
+        "odds_ratio": pseudo.absent_class_odds_ratio,
+        "labelled_pairs": labelled_pairs,
+        "absent_before_repair": sum(int(done[image_id]["absent_before_repair"]) for image_id in image_ids),
+        "absent_after_repair": sum(int(done[image_id]["absent_after_repair"]) for image_id in image_ids),
+        "images_repaired": sum(int(done[image_id]["absent_before_repair"]) > 0 for image_id in image_ids)
+        if pseudo.absent_class_odds_ratio > 0 else 0,
+    }
     before, after = ConfusionAccumulator(dataset.n_classes), ConfusionAccumulator(dataset.n_classes)
     per_image_miou: dict[str, float] = {}
     remove_killed_writers_temporaries(params, paths, work_dir)
@@ -405,6 +435,7 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths(), started: float 
         "scales": list(pseudo.scales),
         "flip": pseudo.flip,
         "crf": to_plain(pseudo.crf),
+        "absent_class_repair": absent_class_repair,
         "threshold_chosen_with_gt": bool(upstream["seeds_thresholds_chosen_with_gt"]),
         "this_stage_chose_threshold_with_gt": False,
         "seed_mode": upstream["seed_mode"],
@@ -439,6 +470,10 @@ def main(argv: list[str] | None = None) -> None:
     before = metrics["miou_before_crf"]
     print(f"{STAGE}: {metrics['split']} mIoU {metrics['miou']} (before CRF {before}) over "
           f"{metrics['n_scored']} of {metrics['n_images']} images, {time.perf_counter() - started:.1f} s")
+    repair = metrics["absent_class_repair"]
+    print(f"{STAGE}: labelled classes with no pixel: {repair['absent_before_repair']} of {repair['labelled_pairs']} "
+          f"after CRF, {repair['absent_after_repair']} after the absent-class repair "
+          f"(pseudo.absent_class_odds_ratio {repair['odds_ratio']}; 0 = off)")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline.pseudo_masks import (ManifestWriter, ProvenanceError, PseudoPaths, Shard, assemble, check_gt_claim,
-                                   done_images, read_manifest_lines, run_shard, upstream_seed_provenance,
-                                   work_config, work_dir_of)
+from pipeline.pseudo_masks import (ManifestWriter, ProvenanceError, PseudoPaths, RefineJob, Shard, assemble,
+                                   check_gt_claim, done_images, read_manifest_lines, refine_and_write, run_shard,
+                                   upstream_seed_provenance, work_config, work_dir_of)
 from tiny_voc import CLASS_NAMES, TINY_CLIP_ARCH, write_tiny_voc
 from weakclip_core.clip_model import build_clip, load_clip_artifact, save_clip_artifact
 from weakclip_core.config import ClipConfig, WeakClipConfig, build_dataclass, params_from_dict
+from weakclip_core.config.weakclip import CrfConfig
 from weakclip_core.data.layout import PreparedDataset, read_mask
 from weakclip_core.data.segmentation import GroundTruthMaskError
 from weakclip_core.models.weakclip.model import WeakCLIP
@@ -52,7 +53,7 @@ def params_dict(root: Path, output: str = "data_pseudo", workers: int = 0) -> di
             "dataset": {"prepared_dir": str(root / "data")},
             "pseudo": {"scales": [0.75, 1.0], "flip": True, "crop": 64, "stride": 32, "batch_size": 3,
                        "workers": workers, "output_dir": str(root / output), "overlay_samples": 3,
-                       "crf": {"iterations": 5}}}
+                       "absent_class_odds_ratio": 2.0, "crf": {"iterations": 5}}}
 
 
 def paths_of(root: Path, run: str) -> PseudoPaths:
@@ -101,12 +102,18 @@ def test_unsharded_run_writes_restricted_masks_metrics_and_reports(chain, straig
     train_ids = sorted(dataset.split("train"))
     assert sorted(p.stem for p in output.glob("*.png")) == train_ids
     pairs = []
+    absent_in_output = 0
     for image_id in train_ids:
         mask = read_mask(output / f"{image_id}.png")
         assert mask.shape == (64, 64)
         assert set(np.unique(mask).tolist()) <= {0, *dataset.image_labels(image_id)}, image_id
+        absent_in_output += sum(not np.any(mask == label) for label in dataset.image_labels(image_id))
         pairs.append((dataset.mask(image_id), mask))
     metrics = straight_run
+    repair = metrics["absent_class_repair"]
+    assert repair["labelled_pairs"] == sum(len(dataset.image_labels(i)) for i in train_ids)
+    assert repair["absent_after_repair"] == absent_in_output
+    assert repair["absent_after_repair"] < repair["absent_before_repair"]  # the random tiny model misses classes
     assert metrics["split"] == "train" and metrics["n_images"] == N_TRAIN and metrics["n_scored"] == N_TRAIN
     assert metrics["miou"] == pytest.approx(numpy_miou(pairs, 4), abs=1e-12)
     assert metrics["miou"] == metrics["miou_after_crf"] and metrics["miou_before_crf"] is not None
@@ -177,12 +184,48 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(chain, straight
     assert not any(p.name.endswith((".tmp.png", ".tmp")) for p in (tmp_path / "data_pseudo").iterdir())
 
 
+@pytest.mark.parametrize(("odds_ratio", "expected_mask", "absent_after"),
+                         [(2.0, [0, 0, 3, 0], 0), (0.0, [0, 0, 0, 0], 1)])
+def test_refine_gives_an_absent_labelled_class_the_pixels_of_its_best_odds(tmp_path, odds_ratio, expected_mask,
+                                                                           absent_after):
+    # Background wins every pixel; class 3's odds against it are 1/9, 1/4, 2/3, 1/19, so with ratio 2 it
+    # takes the pixels with odds >= (2/3) / 2: only the third.
+    probabilities = np.array([[[0.9, 0.8, 0.6, 0.95]], [[0.1, 0.2, 0.4, 0.05]]], dtype=np.float32)
+    job = RefineJob("img", np.zeros((1, 4, 3), np.uint8), probabilities, (0, 3), None, odds_ratio, tmp_path)
+    entry = refine_and_write(job)
+    assert read_mask(tmp_path / "raw" / "img.png").tolist() == [[0, 0, 0, 0]]
+    assert read_mask(tmp_path / "masks" / "img.png").tolist() == [expected_mask]
+    assert (entry["absent_before_repair"], entry["absent_after_repair"]) == (1, absent_after)
+
+
+def test_refine_reruns_the_crf_on_the_boosted_probabilities(tmp_path):
+    # A bright square on a dark image; background wins everywhere (class 2: 0.45 in the square, 0.2 outside),
+    # so the first CRF leaves class 2 out. Boosted (odds 0.82 in the square, 0.25 outside; ratio 2), the
+    # class wins the square, and the colour-aware CRF keeps it there.
+    image = np.full((24, 24, 3), 30, np.uint8)
+    square = np.zeros((24, 24), bool)
+    square[6:18, 6:18] = True
+    image[square] = 220
+    foreground = np.where(square, 0.45, 0.2).astype(np.float32)
+    probabilities = np.stack([1.0 - foreground, foreground])
+    crf = CrfConfig(iterations=5, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=20.0, bilateral_srgb=10.0,
+                    bilateral_compat=5.0)
+    entry = refine_and_write(RefineJob("img", image, probabilities, (0, 2), crf, 2.0, tmp_path))
+    mask = read_mask(tmp_path / "masks" / "img.png")
+    assert (entry["absent_before_repair"], entry["absent_after_repair"]) == (1, 0)
+    iou = np.sum((mask == 2) & square) / np.sum((mask == 2) | square)
+    assert iou > 0.9, iou
+
+
 def test_manifest_drops_a_torn_line_and_appends_after_it(tmp_path):
     path = tmp_path / "manifest-0-of-1.jsonl"
-    path.write_text('{"id": "a", "mask_sha256": "1", "raw_sha256": "2"}\n{"id": "b", "mask_sha')
-    assert [entry["id"] for entry in read_manifest_lines(path)] == ["a"]
+    counts = '"absent_before_repair": 0, "absent_after_repair": 0'
+    path.write_text(f'{{"id": "a", "mask_sha256": "1", "raw_sha256": "2", {counts}}}\n'
+                    f'{{"id": "x", "mask_sha256": "1", "raw_sha256": "2"}}\n{{"id": "b", "mask_sha')
+    assert [entry["id"] for entry in read_manifest_lines(path)] == ["a"]  # "x" lacks the repair counts
     writer = ManifestWriter(path)
-    writer.add({"id": "c", "mask_sha256": "3", "raw_sha256": "4"})
+    writer.add({"id": "c", "mask_sha256": "3", "raw_sha256": "4", "absent_before_repair": 1,
+                "absent_after_repair": 0})
     writer.close()
     assert [entry["id"] for entry in read_manifest_lines(path)] == ["a", "c"]
 

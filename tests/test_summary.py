@@ -49,10 +49,20 @@ def test_summary_keys_ratio_and_results_tables(tmp_path):
     assert "| Pseudo masks (WeakCLIP + CRF) | `pseudo.json` | train | 800 | 64.0 | no |" in results
     assert "before CRF 62.0, after CRF 64.0" in results
     assert "| 0.950 |" in results
+    assert "labelled classes with no pixel" not in results  # no repair recorded: none claimed
     assert "## CAM variant ablation" in results and "| class_token | 40.0 | 0.2 | yes |" in results
     assert "### Prompt length (`ablations_prompt_len.json`)" in results
     assert "| prompt_len=4 | 60.5 | — |" in results and "| prompt_len=8 | 61.0 | default |" in results
     assert "| cat | 24.0 | 37.0 | 42.0 |" in results
+
+
+def test_the_pseudo_row_names_the_absent_class_repair_and_its_counts(tmp_path):
+    repaired = {**HAND_MADE["pseudo"], "absent_class_repair": {
+        "odds_ratio": 2.0, "labelled_pairs": 1312, "absent_before_repair": 203, "absent_after_repair": 69}}
+    paths = write_metrics(tmp_path, {**HAND_MADE, "pseudo": repaired})
+    write_summary(PARAMS, paths)
+    assert ("before CRF 62.0, after CRF + absent-class repair 64.0; scales ?, flip ?; labelled classes with no "
+            "pixel: 203 of 1312 after CRF, 69 after the repair (odds ratio 2.0)") in paths.results.read_text()
 
 
 @pytest.mark.parametrize("stem", list(HAND_MADE))

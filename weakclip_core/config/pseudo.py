@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from weakclip_core.config.schema import bounded, listed
+from weakclip_core.config.schema import ConfigError, bounded, listed
 from weakclip_core.config.weakclip import CrfConfig
 
 
@@ -16,6 +16,9 @@ def _voc_pseudo_crf() -> CrfConfig:
 
 @dataclass(frozen=True)
 class PseudoConfig:
+    """``absent_class_odds_ratio``: 0 turns the absent-class repair off (the paper has none);
+    otherwise >= 1, see ``weakclip_core.absent_classes``."""
+
     scales: list[float] = listed([0.75, 1.0, 1.25], low=0.1, high=4.0)
     flip: bool = True
     crop: int = bounded(128, low=16)
@@ -26,3 +29,8 @@ class PseudoConfig:
     output_dir: str = "data/pseudo_masks"
     crf: CrfConfig = field(default_factory=_voc_pseudo_crf)
     overlay_samples: int = bounded(8, low=0)
+    absent_class_odds_ratio: float = bounded(0.0, low=0.0)
+
+    def validate(self) -> None:
+        if 0.0 < self.absent_class_odds_ratio < 1.0:
+            raise ConfigError(f"absent_class_odds_ratio: 0 (off) or >= 1, got {self.absent_class_odds_ratio}")

@@ -17,8 +17,9 @@ Why it is hard for weak supervision (each knob lives in ``dataset.synthetic``):
   class-neutral: only the part decides the class, and no CRF can cross the
   part/body colour edge).
 - **Context**: each class has a preferred background texture (used with probability
-  ``context_prob`` when its colours keep clear of the image's objects) and a companion class (added with ``companion_prob``), so CAMs
-  leak onto backgrounds and co-occurring objects.
+  ``context_prob`` when its colours keep clear of the image's objects) and a companion
+  class (added with ``companion_prob``), so CAMs leak onto backgrounds and co-occurring
+  objects.
 - **Clutter**: procedural textured backgrounds (stripes, checks, noise, gradients,
   waves, dots) and up to ``distractors`` unlabelled body-coloured shapes without a
   part (they are background in the mask).

@@ -10,8 +10,9 @@
    ``weakclip_core.absent_classes``; 0 = off), so every mask agrees with its image's labels where it can.
 3. Masks are written (atomically) into a work folder outside DVC's outputs,
    ``checkpoints/pseudo_masks/<config hash>/`` (DVC deletes declared outputs before it re-runs a stage):
-   ``masks/<id>.png`` after CRF, ``raw/<id>.png`` before, and an append-only manifest per shard
-   (``manifest-<i>-of-<n>.jsonl``, one ``{"id", "mask_sha256", "raw_sha256"}`` line per image, flushed and
+   ``masks/<id>.png`` after CRF and repair, ``raw/<id>.png`` the plain argmax, and an append-only manifest per
+   shard (``manifest-<i>-of-<n>.jsonl``, one ``{"id", "mask_sha256", "raw_sha256", "absent_before_repair",
+   "absent_after_repair"}`` line per image: checksums and how many labelled classes had no pixel; flushed and
    fsynced). A killed run resumes: an image is done only when both PNGs exist and hash to the manifest's
    checksums; anything else is recomputed.
 4. ``--shard i/n`` processes batches i, i+n, i+2n, ... of the sorted train ids cut into ``batch_size``
@@ -19,8 +20,8 @@
    the bytes are the same); shards may run at once into the same work folder. ``--merge`` (or any
    unsharded run, which skips what is done) assembles the outputs once every image is done.
 5. Assembly copies the masks into ``pseudo.output_dir`` (whole folder replaced atomically, plus
-   ``provenance.json``), scores before/after CRF against GT on ``dataset.score_split`` (default the train
-   split; each GT mask checked for size and class range) (``metrics/pseudo.json``) and
+   ``provenance.json``), scores the raw and the final masks against GT on ``dataset.score_split`` (default
+   the train split; each GT mask checked for size and class range) (``metrics/pseudo.json``) and
    draws overlays of a fixed sample and the worst images into ``reports/pseudo/``; then the work folder
    is removed.
 
@@ -222,7 +223,7 @@ def refine_and_write(job: RefineJob) -> dict[str, Any]:
     """
     classes = np.asarray(job.classes, dtype=np.uint8)
     raw = classes[job.probabilities.argmax(axis=0)]
-    refined = raw if job.crf is None else refined_mask(job, job.probabilities)
+    refined = refined_mask(job, job.probabilities)
     absent_before = absent_classes(refined, job.classes)
     if absent_before and job.absent_class_odds_ratio > 0:
         refined = refined_mask(job, boost_absent_classes(job.probabilities, job.classes, absent_before,
@@ -382,8 +383,7 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths(), started: float 
         "labelled_pairs": labelled_pairs,
         "absent_before_repair": sum(int(done[image_id]["absent_before_repair"]) for image_id in image_ids),
         "absent_after_repair": sum(int(done[image_id]["absent_after_repair"]) for image_id in image_ids),
-        "images_repaired": sum(int(done[image_id]["absent_before_repair"]) > 0 for image_id in image_ids)
-        if pseudo.absent_class_odds_ratio > 0 else 0,
+        "images_with_absent_class": sum(int(done[image_id]["absent_before_repair"]) > 0 for image_id in image_ids),
     }
     before, after = ConfusionAccumulator(dataset.n_classes), ConfusionAccumulator(dataset.n_classes)
     per_image_miou: dict[str, float] = {}
@@ -399,7 +399,7 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths(), started: float 
         per_image_miou[image_id] = iou_report(confusion).miou
     n_scored = len(per_image_miou)
     before_report, after_report = before.report(), after.report()
-    final_report = after_report if pseudo.use_crf else before_report
+    final_report = after_report  # the written masks (without CRF and repair they equal the raw ones)
 
     provenance = {"made_by": f"pipeline.{STAGE}", "split": split, "n_images": len(image_ids),
                   "gt_used": False, "threshold_chosen_with_gt": upstream["seeds_thresholds_chosen_with_gt"],
@@ -411,12 +411,15 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths(), started: float 
         write_json(output_dir / PROVENANCE_FILE, provenance)
 
     worst = lowest_scoring(per_image_miou, N_WORST)
+    final_caption = "after CRF" if pseudo.use_crf else "argmax"
+    if pseudo.absent_class_odds_ratio > 0:
+        final_caption += " + repair"
     with atomic_dir(paths.reports) as reports_dir:
         for prefix, chosen in (("sample", evenly_spaced(image_ids, pseudo.overlay_samples)), ("worst", worst)):
             for rank, image_id in enumerate(chosen):
                 masks = ([("GT", dataset.mask(image_id))] if dataset.has_mask(image_id) else [])
                 masks += [("before CRF", read_mask(work_dir / "raw" / f"{image_id}.png")),
-                          ("after CRF", read_mask(work_dir / "masks" / f"{image_id}.png"))]
+                          (final_caption, read_mask(work_dir / "masks" / f"{image_id}.png"))]
                 score = f"  mIoU {100 * per_image_miou[image_id]:.1f}" if image_id in per_image_miou else ""
                 save_overlay(reports_dir / f"{prefix}_{rank}_{image_id}.png", dataset.image(image_id), masks,
                              caption=f"{image_id}{score}")

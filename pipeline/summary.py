@@ -140,12 +140,16 @@ def figure_note(figure: Figure, data: dict[str, Any]) -> str:
     if figure.stem == "pseudo":
         repair = data.get("absent_class_repair") or {}
         repaired = bool(repair.get("odds_ratio"))
-        repair_note = (f"; labelled classes with no pixel: {repair.get('absent_before_repair', '?')} of "
-                       f"{repair.get('labelled_pairs', '?')} after CRF, {repair.get('absent_after_repair', '?')} after "
-                       f"the repair (odds ratio {repair['odds_ratio']})" if repaired else "")
-        return (f"before CRF {percent(data.get('miou_before_crf'))}, after CRF"
-                f"{' + absent-class repair' if repaired else ''} {percent(data.get('miou_after_crf'))};"
-                f" scales {data.get('scales', '?')}, flip {data.get('flip', '?')}{repair_note}")
+        steps = [step for step, on in (("CRF", data.get("use_crf", True)), ("absent-class repair", repaired)) if on]
+        final = f", after {' + '.join(steps)} {percent(data.get('miou'))}" if steps else ""
+        counts = ""
+        if repair:
+            counts = (f"; labelled classes with no pixel: {repair.get('absent_before_repair', '?')} of "
+                      f"{repair.get('labelled_pairs', '?')} after CRF, "
+                      + (f"{repair.get('absent_after_repair', '?')} after the repair (odds ratio {repair['odds_ratio']})"
+                         if repaired else "repair off"))
+        return (f"before CRF {percent(data.get('miou_before_crf'))}{final};"
+                f" scales {data.get('scales', '?')}, flip {data.get('flip', '?')}{counts}")
     trained_on_gt = "; trained on GT masks" if data.get("gt_used_in_training") else ""
     return f"{data.get('model', '?')} / {data.get('encoder', '?')}{trained_on_gt}"
 

@@ -50,6 +50,28 @@ def test_best_odds_come_from_background_pixels_only_and_present_classes_keep_the
                                rtol=1e-5)
 
 
+def test_several_absent_classes_are_each_scaled_by_their_own_best_odds():
+    # class 2 odds 3/16, 1/14, 1/6 -> factor 2 / (3/16) = 32/3; class 5 odds 1/16, 5/14, 1/2 -> factor 4.
+    probabilities = row_probabilities([0.8, 0.7, 0.6], [0.15, 0.05, 0.1], [0.05, 0.25, 0.3])
+    boosted = boost_absent_classes(probabilities, [0, 2, 5], [2, 5, 5], 2.0)  # a repeated class counts once
+    unnormalised = np.array([[0.8, 0.7, 0.6], [1.6, 0.05 * 32 / 3, 0.1 * 32 / 3], [0.2, 1.0, 1.2]])
+    np.testing.assert_allclose(boosted[:, 0], unnormalised / unnormalised.sum(axis=0), rtol=1e-6)
+    assert boosted.argmax(axis=0)[0].tolist() == [1, 2, 2]
+
+
+def test_the_boost_may_take_pixels_another_labelled_class_won():
+    # Documented behaviour: the whole row is scaled (factor 2 / (1/6) = 12), so class 5 takes the pixel
+    # class 2 won (0.49 * 12 > 0.5) as well as both of background's.
+    probabilities = row_probabilities([0.6, 0.01, 0.5], [0.3, 0.5, 0.45], [0.1, 0.49, 0.05])
+    boosted = boost_absent_classes(probabilities, [0, 2, 5], [5], 2.0)
+    assert boosted.argmax(axis=0)[0].tolist() == [2, 2, 2]
+
+
+def test_a_class_with_zero_probability_on_backgrounds_pixels_is_left_alone():
+    probabilities = row_probabilities([0.9, 0.3], [0.1, 0.7], [0.0, 0.0])
+    np.testing.assert_array_equal(boost_absent_classes(probabilities, [0, 1, 6], [6], 2.0), probabilities)
+
+
 def test_nothing_absent_or_no_background_pixel_leaves_the_probabilities_alone():
     probabilities = row_probabilities(BACKGROUND, WEAK_CLASS)
     np.testing.assert_array_equal(boost_absent_classes(probabilities, [0, 3], [], 2.0), probabilities)
@@ -59,7 +81,9 @@ def test_nothing_absent_or_no_background_pixel_leaves_the_probabilities_alone():
 
 
 @pytest.mark.parametrize(("classes", "absent", "odds_ratio", "message"), [
-    ([0, 3], [3], 0.5, "odds_ratio must be >= 1"),
+    ([0, 3], [3], 0.5, "odds_ratio must be finite and > 1"),
+    ([0, 3], [3], 1.0, "odds_ratio must be finite and > 1"),  # at 1 the best pixel only ties with background
+    ([0, 3], [3], float("inf"), "odds_ratio must be finite and > 1"),
     ([3, 0], [3], 2.0, "classes must start with background 0"),
     ([0, 3], [4], 2.0, "absent classes [4] are not foreground entries"),
     ([0, 3], [0], 2.0, "absent classes [0] are not foreground entries"),

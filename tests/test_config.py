@@ -51,7 +51,9 @@ def test_params_yaml_lists_every_schema_key():
         ({"seg": {"model": "segformer", "encoder": "resnet18"}}, "seg.encoder: segformer needs an MiT encoder"),
         ({"clip": {"source": "file"}}, "clip.weights: required when source is 'file'"),
         ({"pseudo": []}, "pseudo: expected a mapping"),
-        ({"pseudo": {"absent_class_odds_ratio": 0.5}}, "pseudo.absent_class_odds_ratio: 0 (off) or >= 1, got 0.5"),
+        ({"pseudo": {"absent_class_odds_ratio": 0.5}}, "pseudo.absent_class_odds_ratio: 0 (off) or > 1, got 0.5"),
+        ({"pseudo": {"absent_class_odds_ratio": 1}}, "pseudo.absent_class_odds_ratio: 0 (off) or > 1, got 1.0"),
+        ({"pseudo": {"absent_class_odds_ratio": float("inf")}}, "pseudo.absent_class_odds_ratio: inf is out of range"),
     ],
 )
 def test_bad_values_name_their_key_path(data, message):

@@ -48,12 +48,13 @@ def write_chain(root: Path) -> None:
                                                                 "cam_variant": "fused_affinity"}))
 
 
-def params_dict(root: Path, output: str = "data_pseudo", workers: int = 0) -> dict:
+def params_dict(root: Path, output: str = "data_pseudo", workers: int = 0, odds_ratio: float = 2.0,
+                use_crf: bool = True) -> dict:
     return {"runtime": {"device": "cpu", "seed": 0, "threads": 2},
             "dataset": {"prepared_dir": str(root / "data")},
             "pseudo": {"scales": [0.75, 1.0], "flip": True, "crop": 64, "stride": 32, "batch_size": 3,
                        "workers": workers, "output_dir": str(root / output), "overlay_samples": 3,
-                       "absent_class_odds_ratio": 2.0, "crf": {"iterations": 5}}}
+                       "absent_class_odds_ratio": odds_ratio, "use_crf": use_crf, "crf": {"iterations": 5}}}
 
 
 def paths_of(root: Path, run: str) -> PseudoPaths:
@@ -124,6 +125,42 @@ def test_unsharded_run_writes_restricted_masks_metrics_and_reports(chain, straig
     assert len([r for r in reports if r.startswith("sample_")]) == 3
     assert len([r for r in reports if r.startswith("worst_")]) == 8
     assert not (chain / "straight" / "work").exists() or not any((chain / "straight" / "work").iterdir())
+
+
+def absent_pairs(dataset: PreparedDataset, mask_dir: Path) -> dict[str, int]:
+    """{image id: how many of its labels have no pixel in ``mask_dir``'s mask}, counted here with numpy."""
+    return {image_id: sum(not np.any(read_mask(mask_dir / f"{image_id}.png") == label)
+                          for label in dataset.image_labels(image_id))
+            for image_id in sorted(dataset.split("train"))}
+
+
+def test_repair_counts_match_a_run_without_it_and_touch_only_images_with_an_absent_class(chain, straight_run):
+    params = params_from_dict(params_dict(chain, "unrepaired_masks", odds_ratio=0.0))
+    paths = paths_of(chain, "unrepaired")
+    run_shard(params, paths=paths, show_progress=False)
+    unrepaired = assemble(params, paths)["absent_class_repair"]
+    dataset = PreparedDataset.open(chain / "data")
+    absent_without_repair = absent_pairs(dataset, chain / "unrepaired_masks")
+    assert unrepaired["absent_before_repair"] == unrepaired["absent_after_repair"] == sum(absent_without_repair.values())
+    assert straight_run["absent_class_repair"]["absent_before_repair"] == sum(absent_without_repair.values())
+    assert straight_run["absent_class_repair"]["images_with_absent_class"] == sum(
+        count > 0 for count in absent_without_repair.values())
+    for image_id, count in absent_without_repair.items():
+        if count == 0:
+            assert ((chain / "straight_masks" / f"{image_id}.png").read_bytes()
+                    == (chain / "unrepaired_masks" / f"{image_id}.png").read_bytes()), image_id
+
+
+def test_without_crf_the_metrics_score_the_repaired_masks_that_were_written(chain):
+    params = params_from_dict(params_dict(chain, "no_crf_masks", use_crf=False))
+    paths = paths_of(chain, "no_crf")
+    run_shard(params, paths=paths, show_progress=False)
+    metrics = assemble(params, paths)
+    dataset = PreparedDataset.open(chain / "data")
+    pairs = [(dataset.mask(image_id), read_mask(chain / "no_crf_masks" / f"{image_id}.png"))
+             for image_id in sorted(dataset.split("train"))]
+    assert metrics["miou_after_crf"] is None and metrics["absent_class_repair"]["absent_before_repair"] > 0
+    assert metrics["miou"] == pytest.approx(numpy_miou(pairs, 4), abs=1e-12)
 
 
 @pytest.mark.slow

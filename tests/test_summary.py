@@ -56,13 +56,19 @@ def test_summary_keys_ratio_and_results_tables(tmp_path):
     assert "| cat | 24.0 | 37.0 | 42.0 |" in results
 
 
-def test_the_pseudo_row_names_the_absent_class_repair_and_its_counts(tmp_path):
-    repaired = {**HAND_MADE["pseudo"], "absent_class_repair": {
-        "odds_ratio": 2.0, "labelled_pairs": 1312, "absent_before_repair": 203, "absent_after_repair": 69}}
+@pytest.mark.parametrize(("odds_ratio", "use_crf", "note"), [
+    (2.0, True, "before CRF 62.0, after CRF + absent-class repair 64.0; scales ?, flip ?; labelled classes with no "
+                "pixel: 203 of 1312 after CRF, 69 after the repair (odds ratio 2.0)"),
+    (0.0, True, "before CRF 62.0, after CRF 64.0; scales ?, flip ?; labelled classes with no pixel: 203 of 1312 "
+                "after CRF, repair off"),
+    (2.0, False, "before CRF 62.0, after absent-class repair 64.0;"),
+])
+def test_the_pseudo_row_names_the_absent_class_repair_and_its_counts(tmp_path, odds_ratio, use_crf, note):
+    repaired = {**HAND_MADE["pseudo"], "use_crf": use_crf, "absent_class_repair": {
+        "odds_ratio": odds_ratio, "labelled_pairs": 1312, "absent_before_repair": 203, "absent_after_repair": 69}}
     paths = write_metrics(tmp_path, {**HAND_MADE, "pseudo": repaired})
     write_summary(PARAMS, paths)
-    assert ("before CRF 62.0, after CRF + absent-class repair 64.0; scales ?, flip ?; labelled classes with no "
-            "pixel: 203 of 1312 after CRF, 69 after the repair (odds ratio 2.0)") in paths.results.read_text()
+    assert note in paths.results.read_text()
 
 
 @pytest.mark.parametrize("stem", list(HAND_MADE))

@@ -16,8 +16,7 @@ def _voc_pseudo_crf() -> CrfConfig:
 
 @dataclass(frozen=True)
 class PseudoConfig:
-    """``absent_class_odds_ratio``: 0 turns the absent-class repair off (the paper has none);
-    otherwise >= 1, see ``weakclip_core.absent_classes``."""
+    """Multi-scale inference, dense CRF and the absent-class repair of the train split's pseudo masks."""
 
     scales: list[float] = listed([0.75, 1.0, 1.25], low=0.1, high=4.0)
     flip: bool = True
@@ -29,8 +28,9 @@ class PseudoConfig:
     output_dir: str = "data/pseudo_masks"
     crf: CrfConfig = field(default_factory=_voc_pseudo_crf)
     overlay_samples: int = bounded(8, low=0)
-    absent_class_odds_ratio: float = bounded(0.0, low=0.0)
+    absent_class_odds_ratio: float = bounded(0.0, low=0.0, high=1000.0)  # 0: off (the paper has none)
 
     def validate(self) -> None:
-        if 0.0 < self.absent_class_odds_ratio < 1.0:
-            raise ConfigError(f"absent_class_odds_ratio: 0 (off) or >= 1, got {self.absent_class_odds_ratio}")
+        """The repair's ratio is 0 (off) or above 1 (``weakclip_core.absent_classes``: at 1 nothing flips)."""
+        if 0.0 < self.absent_class_odds_ratio <= 1.0:
+            raise ConfigError(f"absent_class_odds_ratio: 0 (off) or > 1, got {self.absent_class_odds_ratio}")

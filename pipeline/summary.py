@@ -144,10 +144,10 @@ def figure_note(figure: Figure, data: dict[str, Any]) -> str:
         final = f", after {' + '.join(steps)} {percent(data.get('miou'))}" if steps else ""
         counts = ""
         if repair:
+            after_repair = (f"{repair.get('absent_after_repair', '?')} after the repair (odds ratio "
+                            f"{repair['odds_ratio']})" if repaired else "repair off")
             counts = (f"; labelled classes with no pixel: {repair.get('absent_before_repair', '?')} of "
-                      f"{repair.get('labelled_pairs', '?')} after CRF, "
-                      + (f"{repair.get('absent_after_repair', '?')} after the repair (odds ratio {repair['odds_ratio']})"
-                         if repaired else "repair off"))
+                      f"{repair.get('labelled_pairs', '?')} after CRF, {after_repair}")
         return (f"before CRF {percent(data.get('miou_before_crf'))}{final};"
                 f" scales {data.get('scales', '?')}, flip {data.get('flip', '?')}{counts}")
     trained_on_gt = "; trained on GT masks" if data.get("gt_used_in_training") else ""

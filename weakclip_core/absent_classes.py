@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from weakclip_core.data.layout import labels_from_mask
+
 MIN_BACKGROUND_PROBABILITY = 1e-8
 """Background probabilities are clipped here before the odds are formed (a pixel where background has
 probability 0 would otherwise give infinite odds)."""
@@ -32,7 +34,7 @@ probability 0 would otherwise give infinite odds)."""
 
 def absent_classes(mask: np.ndarray, classes: Sequence[int]) -> list[int]:
     """The foreground entries of ``classes`` (background 0 excluded) with no pixel in the (H, W) ``mask``."""
-    present = set(np.unique(mask).tolist())
+    present = set(labels_from_mask(mask))
     return [class_index for class_index in classes if class_index != 0 and class_index not in present]
 
 

@@ -21,7 +21,9 @@ setup: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements.txt || { \
+	  echo "make setup: 'pip install -r requirements.txt' failed. The venv needs about 6.5 GB of disk" >&2; \
+	  echo "(torch 2.14.1 is a CUDA build); free space here:" >&2; df -h . >&2; exit 1; }
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -202,9 +202,29 @@ def test_repro_timing_durations_and_readme_block(tmp_path: Path) -> None:
     text = readme.read_text(encoding="utf-8")
     assert "old" not in text and text.startswith("intro\n") and text.endswith(f"{END_MARKER}\nrest\n")
     assert "| `clip` | 1.3 min (78 s) |" in text and "3 stages ran" in text and "**1.7 min (101 s)**" in text
+    assert text.count("Measured by `make repro` on 2026-11-26 (2 CPU cores)") == 1
+    forced = markdown_table({**record, "command": "dvc repro -f "})
+    assert forced.startswith("Measured by `make repro`'s script run as `dvc repro -f` on 2026-11-26")
     (tmp_path / "plain.md").write_text("no markers\n", encoding="utf-8")
     assert not update_readme(tmp_path / "plain.md", "x")
     assert (tmp_path / "plain.md").read_text(encoding="utf-8") == "no markers\n"
+
+
+def test_repro_timing_records_only_the_synthetic_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A VOC/COCO run through make repro prints its table; the README's synthetic record stays as it was."""
+    from bench.repro_timing import END_MARKER, START_MARKER, record_run
+
+    readme, timing_file = tmp_path / "README.md", tmp_path / "repro_timing.json"
+    original = f"intro\n{START_MARKER}\nsynthetic table\n{END_MARKER}\n"
+    readme.write_text(original, encoding="utf-8")
+    record = {"measured_on": "2026-11-26", "machine": "8 CPU cores", "command": "dvc repro",
+              "stages": {"prepare": 600.0}, "total_s": 600.0}
+    assert not record_run(record, "voc", timing_file, readme)
+    assert readme.read_text(encoding="utf-8") == original and not timing_file.exists()
+    assert "dataset 'voc'" in capsys.readouterr().out
+    assert record_run(record, "synthetic", timing_file, readme)
+    assert json.loads(timing_file.read_text())["total_s"] == 600.0
+    assert "| `prepare` | 10.0 min (600 s) |" in readme.read_text(encoding="utf-8")
 
 
 def test_gpu_section_lists_each_record(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.dvc_cli import capture_command, dvc_command, tool_environment
-from weakclip_core.atomic import write_json
+from weakclip_core.artifacts.atomic import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "metrics" / "ablations_weakclip.json"

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "faults"))
 from tiny_chain import run_stage, stage_env, write_project  # noqa: E402
 
-from weakclip_core.atomic import write_json  # noqa: E402
+from weakclip_core.artifacts.atomic import write_json  # noqa: E402
 
 SETUP_STAGES = ("prepare", "clip", "cam_train", "cam_infer")
 # (name, module arguments, outputs that must exist afterwards)

@@ -65,7 +65,7 @@ else
     exit 1
   fi
 fi
-# The stages and torchrun find each other next to this python (weakclip_core.distributed looks there first).
+# The stages and torchrun find each other next to this python (weakclip_core.runtime.distributed looks there first).
 export PATH="$(dirname "$python"):$PATH"
 echo "python $python, PYTHONPATH=$PYTHONPATH, torchrun $(command -v torchrun || echo 'NOT FOUND'), $((SECONDS - started)) s"
 "$python" - <<'PY' || { echo "gpu_check: the environment is incomplete (see the failed imports above)" >&2; exit 1; }
@@ -84,7 +84,7 @@ names = ("torch", "torchvision", "numpy", "timm", "huggingface_hub", "open_clip_
 print("python", sys.version.split()[0], "|", ", ".join(f"{name} {version(name)}" for name in names))
 failed = []
 for module in ("torch", "open_clip", "segmentation_models_pytorch", "pydensecrf.densecrf", "dvclive", "h5py",
-               "matplotlib.pyplot", "weakclip_core.crf", "pipeline.prepare", "pipeline.clip", "pipeline.cam_train",
+               "matplotlib.pyplot", "weakclip_core.method.crf", "pipeline.prepare", "pipeline.clip", "pipeline.cam_train",
                "pipeline.cam_infer", "pipeline.weakclip_train", "pipeline.seg_train", "bench.measure"):
     try:
         importlib.import_module(module)

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakclip_core.cam_store import CamStoreWriter
-from weakclip_core.clip_model import clip_from_config, dense_visual_features, named_model_config
+from weakclip_core.artifacts.cam_store import CamStoreWriter
+from weakclip_core.models.clip import clip_from_config, dense_visual_features, named_model_config
 from weakclip_core.config import CrfConfig, MCTformerArchConfig, WeakClipConfig
-from weakclip_core.crf import CrfPool
-from weakclip_core.inference import InferenceAugmentation
-from weakclip_core.losses import weakclip_losses
+from weakclip_core.method.crf import CrfPool
+from weakclip_core.method.inference import InferenceAugmentation
+from weakclip_core.method.losses import weakclip_losses
 from weakclip_core.models.mctformer import build_mctformer
 from weakclip_core.models.weakclip import WeakCLIP, WeakClipOutput, paper_weakclip_config
 from weakclip_core.models.weakclip.matching import cosine_matching

@@ -180,7 +180,7 @@ def main() -> None:
     text = json.dumps(results, indent=2)
     print(text)
     if args.out is not None:
-        from weakclip_core.atomic import write_text  # noqa: PLC0415
+        from weakclip_core.artifacts.atomic import write_text  # noqa: PLC0415
 
         write_text(args.out, text + "\n")
 

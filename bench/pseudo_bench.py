@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from weakclip_core.atomic import write_json
+from weakclip_core.artifacts.atomic import write_json
 from weakclip_core.config import Params, load_params
 from weakclip_core.config.weakclip import CrfConfig
-from weakclip_core.crf import dense_crf
+from weakclip_core.method.crf import dense_crf
 from weakclip_core.data.layout import PreparedDataset
-from weakclip_core.device import resolve_device, set_threads
-from weakclip_core.inference import DenseModel, InferenceAugmentation, predict_image_batch
-from weakclip_core.weakclip_artifact import load_weakclip_model
+from weakclip_core.runtime.device import resolve_device, set_threads
+from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_image_batch
+from weakclip_core.artifacts.weakclip import load_weakclip_model
 
 
 def _crf_job(job: tuple[np.ndarray, np.ndarray, CrfConfig]) -> int:

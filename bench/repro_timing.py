@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.dvc_cli import dvc_command
-from weakclip_core.atomic import write_json, write_text
+from weakclip_core.artifacts.atomic import write_json, write_text
 from weakclip_core.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from weakclip_core.atomic import atomic_path, write_json
+from weakclip_core.artifacts.atomic import atomic_path, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = Path(__file__).resolve().parent / "BENCHMARKS.template.md"
@@ -68,7 +68,7 @@ def run_child(name: str, size: str, device: str) -> dict[str, Any]:
 def child_main(name: str, size_name: str, device_name: str) -> None:
     """Entry point of one child: run one measurement, print it as one marked JSON line."""
     from bench import measure
-    from weakclip_core.device import resolve_device
+    from weakclip_core.runtime.device import resolve_device
 
     device = resolve_device(device_name)
     size = measure.size_named(size_name)

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from weakclip_core.atomic import remove_stale_temporaries, write_json, write_text
-from weakclip_core.cam import CAM_VARIANTS, ThresholdSweep, multiscale_cams, threshold_values
-from weakclip_core.cam_store import CamStoreWriter
+from weakclip_core.artifacts.atomic import remove_stale_temporaries, write_json, write_text
+from weakclip_core.method.cam import CAM_VARIANTS, ThresholdSweep, multiscale_cams, threshold_values
+from weakclip_core.artifacts.cam_store import CamStoreWriter
 from weakclip_core.config import Params, load_params, to_plain
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from weakclip_core.device import resolve_device, set_threads
-from weakclip_core.inference import normalise_images
+from weakclip_core.runtime.device import resolve_device, set_threads
+from weakclip_core.method.inference import normalise_images
 from weakclip_core.models.mctformer import load_trained_mctformer
 from weakclip_core.errors import require_input, run_stage_cli
 

@@ -26,18 +26,18 @@ from dvclive import Live
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from weakclip_core.atomic import sha256_of_file
+from weakclip_core.artifacts.atomic import sha256_of_file
 from weakclip_core.config import Params, load_params, to_plain
 from weakclip_core.data.classification import (ClassificationAugment, ClassificationDataset, EpochBatchSampler,
                                                steps_per_epoch)
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset
-from weakclip_core.device import resolve_device, seed_everything, set_threads
-from weakclip_core.distributed import (DistributedContext, ShardedBatchSampler, all_reduce_mean, broadcast_from_main,
+from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
+from weakclip_core.runtime.distributed import (DistributedContext, ShardedBatchSampler, all_reduce_mean, broadcast_from_main,
                                        distributed_context, launch_stage, per_process_batch_size, run_on_main,
                                        shard_loss_weight, single_process_context, wrap_model)
-from weakclip_core.metrics import mean_average_precision
+from weakclip_core.evaluation.metrics import mean_average_precision
 from weakclip_core.models.mctformer import MCTformerV2, build_mctformer
-from weakclip_core.training import (CHECKPOINT_ROOT, Checkpointer, save_final_model, set_lr, trim_live_history,
+from weakclip_core.training.checkpoint import (CHECKPOINT_ROOT, Checkpointer, save_final_model, set_lr, trim_live_history,
                                     warmup_cosine_lr)
 from weakclip_core.errors import run_stage_cli
 

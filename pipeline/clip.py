@@ -23,16 +23,16 @@ import numpy as np
 import open_clip
 import torch
 
-from weakclip_core.atomic import atomic_dir, write_json
-from weakclip_core.clip_model import build_clip, clip_from_config, clip_model_config, save_clip_artifact
-from weakclip_core.clip_pretrain import (PROMPT_TEMPLATE, CaptionPairs, pretrain_clip, resize_for_clip,
+from weakclip_core.artifacts.atomic import atomic_dir, write_json
+from weakclip_core.models.clip import build_clip, clip_from_config, clip_model_config, save_clip_artifact
+from weakclip_core.training.clip_pretrain import (PROMPT_TEMPLATE, CaptionPairs, pretrain_clip, resize_for_clip,
                                          zero_shot_report, zero_shot_scores)
 from weakclip_core.config import Params, load_params, to_plain
 from weakclip_core.data.layout import PreparedDataset
-from weakclip_core.device import resolve_device, seed_everything, set_threads
-from weakclip_core.distributed import (DistributedContext, broadcast_from_main, distributed_context, launch_stage,
+from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
+from weakclip_core.runtime.distributed import (DistributedContext, broadcast_from_main, distributed_context, launch_stage,
                                        run_on_main, single_process_context)
-from weakclip_core.training import CHECKPOINT_ROOT, Checkpointer
+from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
 from weakclip_core.errors import run_stage_cli
 
 ARTIFACT_DIR = Path("artifacts/clip")

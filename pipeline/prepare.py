@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from weakclip_core.atomic import atomic_dir, write_text
+from weakclip_core.artifacts.atomic import atomic_dir, write_text
 from weakclip_core.config import Params, load_params
 from weakclip_core.data.coco import prepare_coco
 from weakclip_core.data.layout import CAPTIONS_FILE, DatasetError, PreparedDataset, write_labels, write_split

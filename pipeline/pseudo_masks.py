@@ -2,12 +2,12 @@
 
 1. Inference at ``pseudo.scales``, each with horizontal flip (sliding ``crop``/``stride`` windows; smaller
    images padded), softmax probabilities averaged at the image size and restricted to the image's labels
-   + background (``weakclip_core.inference``); ``batch_size`` images at a time, at most ``batch_size``
+   + background (``weakclip_core.method.inference``); ``batch_size`` images at a time, at most ``batch_size``
    windows per model call.
 2. Dense CRF (``pseudo.crf``) on those classes only, in ``pseudo.workers`` spawned processes: the jobs of
    a batch are submitted as soon as its probabilities exist, so the model's forward and the CRF overlap.
    A labelled class left with no pixel is boosted and the CRF run again (``pseudo.absent_class_odds_ratio``,
-   ``weakclip_core.absent_classes``; 0 = off), so every mask agrees with its image's labels where it can.
+   ``weakclip_core.method.absent_classes``; 0 = off), so every mask agrees with its image's labels where it can.
 3. Masks are written (atomically) into a work folder outside DVC's outputs,
    ``checkpoints/pseudo_masks/<config hash>/`` (DVC deletes declared outputs before it re-runs a stage):
    ``masks/<id>.png`` after CRF and repair, ``raw/<id>.png`` the plain argmax, and an append-only manifest per
@@ -48,20 +48,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from weakclip_core.absent_classes import absent_classes, boost_absent_classes
-from weakclip_core.atomic import atomic_dir, remove_stale_temporaries, sha256_of_file, write_json
+from weakclip_core.method.absent_classes import absent_classes, boost_absent_classes
+from weakclip_core.artifacts.atomic import atomic_dir, remove_stale_temporaries, sha256_of_file, write_json
 from weakclip_core.config import Params, load_params, to_plain
 from weakclip_core.config.weakclip import CrfConfig
-from weakclip_core.crf import dense_crf
+from weakclip_core.method.crf import dense_crf
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset, read_mask, write_mask
 from weakclip_core.data.segmentation import ground_truth_dirs, refuse_ground_truth_dir
-from weakclip_core.device import resolve_device, set_threads
-from weakclip_core.inference import DenseModel, InferenceAugmentation, predict_image_batch
-from weakclip_core.metrics import ConfusionAccumulator, confusion_matrix, iou_report
-from weakclip_core.overlays import evenly_spaced, lowest_scoring, save_overlay
-from weakclip_core.training import CHECKPOINT_ROOT, config_hash
-from weakclip_core.weakclip_artifact import load_weakclip_model
-from weakclip_core.processes import die_with_parent
+from weakclip_core.runtime.device import resolve_device, set_threads
+from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_image_batch
+from weakclip_core.evaluation.metrics import ConfusionAccumulator, confusion_matrix, iou_report
+from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_overlay
+from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, config_hash
+from weakclip_core.artifacts.weakclip import load_weakclip_model
+from weakclip_core.runtime.processes import die_with_parent
 from weakclip_core.errors import require_input, run_stage_cli
 
 STAGE = "pseudo_masks"
@@ -182,7 +182,7 @@ class ManifestWriter:
 def remove_killed_writers_temporaries(params: Params, paths: PseudoPaths, work_dir: Path) -> None:
     """Delete what a killed run of this stage left under temporary names: PNGs in the work folder and the
     half-built output folders / metrics beside their final names. Only the atomic writers' own temporary
-    names whose writer process is gone are removed (``weakclip_core.atomic.remove_stale_temporaries``), so a
+    names whose writer process is gone are removed (``weakclip_core.artifacts.atomic.remove_stale_temporaries``), so a
     shard running at the same time keeps its files."""
     for folder in (work_dir / "masks", work_dir / "raw"):
         remove_stale_temporaries(folder)
@@ -218,7 +218,7 @@ def refine_and_write(job: RefineJob) -> dict[str, Any]:
 
     Runs in a CRF worker process. Class ids map back through ``job.classes``, so a class outside the
     image's labels + background can never be written. When a labelled class has no pixel after the CRF
-    and the repair is on, its probability is boosted (``weakclip_core.absent_classes``) and the CRF runs
+    and the repair is on, its probability is boosted (``weakclip_core.method.absent_classes``) and the CRF runs
     again. Returns the manifest entry, with how many labelled classes were absent before and after.
     """
     classes = np.asarray(job.classes, dtype=np.uint8)

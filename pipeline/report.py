@@ -13,7 +13,7 @@ one clear line naming the file, never a crash):
 - per-class IoU of every stage that reports it;
 - the CAM background-threshold curve (``plots/cam_threshold.csv``);
 - training curves (``dvclive/<stage>/plots/metrics/**/*.tsv``);
-- overlays for a fixed sample (``weakclip_core.overlays.evenly_spaced``) of
+- overlays for a fixed sample (``weakclip_core.evaluation.overlays.evenly_spaced``) of
   train images (image, GT, CAM seeds from the store, WeakCLIP prediction, pseudo
   mask, retrained predictions) and of val images (image, GT, predictions). The
   predictions come from running the trained models (``artifacts/weakclip``,
@@ -43,16 +43,16 @@ from PIL import Image  # noqa: E402
 
 import torch  # noqa: E402
 
-from weakclip_core.atomic import atomic_path  # noqa: E402
-from weakclip_core.cam_store import CamStoreError, CamStoreReader  # noqa: E402
+from weakclip_core.artifacts.atomic import atomic_path  # noqa: E402
+from weakclip_core.artifacts.cam_store import CamStoreError, CamStoreReader  # noqa: E402
 from weakclip_core.config import Params, SeedConfig, load_params  # noqa: E402
 from weakclip_core.data.layout import DatasetError, PreparedDataset, read_mask, voc_palette  # noqa: E402
-from weakclip_core.device import resolve_device  # noqa: E402
-from weakclip_core.inference import DenseModel, InferenceAugmentation, predict_image_batch  # noqa: E402
-from weakclip_core.overlays import evenly_spaced  # noqa: E402
-from weakclip_core.seeds import seeds_from_cams  # noqa: E402
-from weakclip_core.segmenter import load_segmenter  # noqa: E402
-from weakclip_core.weakclip_artifact import load_weakclip_model  # noqa: E402
+from weakclip_core.runtime.device import resolve_device  # noqa: E402
+from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_image_batch  # noqa: E402
+from weakclip_core.evaluation.overlays import evenly_spaced  # noqa: E402
+from weakclip_core.method.seeds import seeds_from_cams  # noqa: E402
+from weakclip_core.models.segmenter import load_segmenter  # noqa: E402
+from weakclip_core.artifacts.weakclip import load_weakclip_model  # noqa: E402
 
 IGNORE_INDEX = 255
 TILE_HEIGHT = 144

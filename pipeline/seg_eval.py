@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from weakclip_core.atomic import atomic_dir, write_json
+from weakclip_core.artifacts.atomic import atomic_dir, write_json
 from weakclip_core.config import Params, load_params
 from weakclip_core.data.layout import DatasetError, PreparedDataset
-from weakclip_core.device import resolve_device, set_threads
-from weakclip_core.inference import InferenceAugmentation, predict_image_batch
-from weakclip_core.metrics import ConfusionAccumulator, confusion_matrix, iou_report
-from weakclip_core.overlays import evenly_spaced, lowest_scoring, save_confusion_matrix, save_overlay
-from weakclip_core.segmenter import load_segmenter
+from weakclip_core.runtime.device import resolve_device, set_threads
+from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
+from weakclip_core.evaluation.metrics import ConfusionAccumulator, confusion_matrix, iou_report
+from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_confusion_matrix, save_overlay
+from weakclip_core.models.segmenter import load_segmenter
 from weakclip_core.errors import require_input, run_stage_cli
 
 SOURCES: tuple[str, ...] = ("pseudo", "gt")

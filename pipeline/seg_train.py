@@ -30,12 +30,12 @@ from weakclip_core.data.layout import IGNORE_INDEX, DatasetError, PreparedDatase
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.segmentation import MaskedImageDataset, ground_truth_dirs, refuse_ground_truth_dir
 from weakclip_core.data.transforms import DenseAugmentation
-from weakclip_core.device import resolve_device, seed_everything, set_threads
-from weakclip_core.distributed import (DistributedContext, ShardedKeySampler, all_reduce_mean, all_reduce_sum,
+from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
+from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, all_reduce_mean, all_reduce_sum,
                                        distributed_context, launch_stage, per_process_batch_size,
                                        run_on_main, single_process_context, wrap_model)
-from weakclip_core.segmenter import SEGMENTER_MEAN, SEGMENTER_STD, build_segmenter, segmenter_record
-from weakclip_core.training import (CHECKPOINT_ROOT, Checkpointer, poly_lr, save_final_model, set_lr,
+from weakclip_core.models.segmenter import SEGMENTER_MEAN, SEGMENTER_STD, build_segmenter, segmenter_record
+from weakclip_core.training.checkpoint import (CHECKPOINT_ROOT, Checkpointer, poly_lr, save_final_model, set_lr,
                                     trim_live_history, warmup_cosine_lr)
 from weakclip_core.errors import require_input, run_stage_cli
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from weakclip_core.atomic import write_json, write_text
+from weakclip_core.artifacts.atomic import write_json, write_text
 from weakclip_core.config import Params, load_params
 from weakclip_core.errors import run_stage_cli
 

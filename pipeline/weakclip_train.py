@@ -33,25 +33,25 @@ from dvclive import Live
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from weakclip_core.atomic import sha256_of_file, write_json
-from weakclip_core.cam_store import CamStoreReader
-from weakclip_core.clip_model import load_clip_artifact
+from weakclip_core.artifacts.atomic import sha256_of_file, write_json
+from weakclip_core.artifacts.cam_store import CamStoreReader
+from weakclip_core.models.clip import load_clip_artifact
 from weakclip_core.config import Params, load_params, to_plain
-from weakclip_core.crf import CrfPool
+from weakclip_core.method.crf import CrfPool
 from weakclip_core.data.layout import IGNORE_INDEX, LABELS_FILE, PreparedDataset
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
 from weakclip_core.data.transforms import DenseAugmentation
-from weakclip_core.device import resolve_device, seed_everything, set_threads
-from weakclip_core.distributed import (DistributedContext, ShardedKeySampler, all_reduce_mean, broadcast_from_main,
+from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
+from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, all_reduce_mean, broadcast_from_main,
                                        distributed_context, launch_stage, per_process_batch_size, run_on_main,
                                        single_process_context, wrap_model)
-from weakclip_core.inference import InferenceAugmentation, predict_image_batch
-from weakclip_core.losses import weakclip_losses
-from weakclip_core.metrics import ConfusionAccumulator
+from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
+from weakclip_core.method.losses import weakclip_losses
+from weakclip_core.evaluation.metrics import ConfusionAccumulator
 from weakclip_core.models.weakclip.model import WeakCLIP
-from weakclip_core.training import CHECKPOINT_ROOT, Checkpointer, set_lr, trim_live_history, warmup_cosine_lr
-from weakclip_core.weakclip_artifact import clip_weights_sha256, save_weakclip_model, trainable_modules
+from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer, set_lr, trim_live_history, warmup_cosine_lr
+from weakclip_core.artifacts.weakclip import clip_weights_sha256, save_weakclip_model, trainable_modules
 from weakclip_core.errors import require_input, run_stage_cli
 
 STAGE = "weakclip_train"

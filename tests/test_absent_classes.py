@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from weakclip_core.absent_classes import absent_classes, boost_absent_classes
+from weakclip_core.method.absent_classes import absent_classes, boost_absent_classes
 
 
 def row_probabilities(*rows: list[float]) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 from bench.measure import (class_names, forward_with_clip_gradients, measure_cam_store, quick_size, smooth_cams,
                            training_batch)
 from bench.run import check_finite, collect_stage_timings, main, stages_and_metrics, wall_time_from_metrics
-from weakclip_core.clip_model import clip_from_config
+from weakclip_core.models.clip import clip_from_config
 from weakclip_core.models.weakclip import WeakCLIP
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,7 +176,7 @@ def test_check_finite_names_the_bad_number() -> None:
 def test_cam_store_reader_sees_what_the_benchmark_measured(tmp_path: Path) -> None:
     """measure_existing_cam_store counts raw bytes from the stored shapes (independent of compression)."""
     from bench.measure import measure_existing_cam_store
-    from weakclip_core.cam_store import CamStoreWriter
+    from weakclip_core.artifacts.cam_store import CamStoreWriter
 
     path = tmp_path / "train.h5"
     with CamStoreWriter(path, "toy", ["background", "a", "b"], {}) as writer:

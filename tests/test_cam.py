@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from weakclip_core.cam import (CAM_VARIANTS, ThresholdSweep, cam_variants, multiscale_cams, normalise_per_class,
+from weakclip_core.method.cam import (CAM_VARIANTS, ThresholdSweep, cam_variants, multiscale_cams, normalise_per_class,
                                threshold_values)
-from weakclip_core.metrics import ConfusionAccumulator
+from weakclip_core.evaluation.metrics import ConfusionAccumulator
 from weakclip_core.models.mctformer import MCTformerV2
 
 N_CLASSES, PATCH, WIDTH, DEPTH, HEADS, IMAGE = 3, 8, 16, 3, 2, 32

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from weakclip_core.cam_store import CamStoreError, CamStoreReader, CamStoreWriter
+from weakclip_core.artifacts.cam_store import CamStoreError, CamStoreReader, CamStoreWriter
 
 CLASS_NAMES = ["background", "cat", "dog", "kite"]
 
@@ -84,7 +84,7 @@ def test_killed_writer_leaves_no_file_under_final_name(tmp_path):
     path = tmp_path / "train.h5"
     script = textwrap.dedent(f"""
         import time, numpy as np
-        from weakclip_core.cam_store import CamStoreWriter
+        from weakclip_core.artifacts.cam_store import CamStoreWriter
         writer = CamStoreWriter({str(path)!r}, "toy", {CLASS_NAMES!r}, {{}})
         for index in range(100000):
             writer.add(f"img_{{index}}", [1], np.random.rand(1, 32, 32).astype(np.float32))

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.cam_infer import CamInferPaths, infer_cams
 from pipeline.cam_train import CamTrainPaths, CamTrainResult, mean_average_precision, train_cam_model
-from weakclip_core.cam_store import CamStoreReader
+from weakclip_core.artifacts.cam_store import CamStoreReader
 from weakclip_core.config import params_from_dict
 from weakclip_core.data.classification import ClassificationAugment, ClassificationDataset, EpochBatchSampler
 from weakclip_core.data.layout import PreparedDataset, write_image, write_labels, write_mask, write_split

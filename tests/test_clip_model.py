@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from weakclip_core.clip_model import (ClipWeightsError, arch_model_config, build_clip, clip_from_config,
+from weakclip_core.models.clip import (ClipWeightsError, arch_model_config, build_clip, clip_from_config,
                                       dense_visual_features, interpolated_positional_embedding,
                                       load_clip_artifact, load_clip_file, save_clip_artifact)
 from weakclip_core.config.clip import ClipArchConfig, ClipConfig

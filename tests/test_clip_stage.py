@@ -10,8 +10,8 @@ from torch import nn
 
 from pipeline.clip import run as run_clip_stage
 from tiny_voc import TINY_CLIP_ARCH, write_tiny_voc
-from weakclip_core.clip_model import load_clip_artifact
-from weakclip_core.clip_pretrain import (average_precision, caption_clauses, caption_groups, clip_contrastive_loss,
+from weakclip_core.models.clip import load_clip_artifact
+from weakclip_core.training.clip_pretrain import (average_precision, caption_clauses, caption_groups, clip_contrastive_loss,
                                          drop_clauses, zero_shot_report, zero_shot_scores)
 from weakclip_core.config import params_from_dict
 from weakclip_core.data.sampling import StepSampler

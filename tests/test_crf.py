@@ -8,7 +8,7 @@ import pytest
 from pydensecrf.utils import unary_from_softmax
 
 from weakclip_core.config.weakclip import CrfConfig
-from weakclip_core.crf import CrfPool, dense_crf
+from weakclip_core.method.crf import CrfPool, dense_crf
 
 CFG = CrfConfig(iterations=10, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0,
                 bilateral_compat=10.0)

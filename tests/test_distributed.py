@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from weakclip_core.config.params import RuntimeConfig
-from weakclip_core.distributed import (
+from weakclip_core.runtime.distributed import (
     DistributedContext,
     init_distributed,
     make_sampler,
@@ -143,7 +143,7 @@ from pathlib import Path
 import torch
 
 from weakclip_core.config.params import RuntimeConfig
-from weakclip_core.distributed import all_reduce_mean, init_distributed, relaunch_under_torchrun, run_on_main, shutdown_distributed
+from weakclip_core.runtime.distributed import all_reduce_mean, init_distributed, relaunch_under_torchrun, run_on_main, shutdown_distributed
 
 
 def main() -> None:

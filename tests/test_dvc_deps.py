@@ -20,9 +20,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 PLUMBING = {
     "weakclip_core/config": "parameter values reach the stage through dvc.yaml's `params:`, tracked by value",
-    "weakclip_core/atomic.py": "how a file is written (temporary name, rename), not what it holds",
+    "weakclip_core/artifacts/atomic.py": "how a file is written (temporary name, rename), not what it holds",
     "weakclip_core/errors.py": "error messages and exit codes",
-    "weakclip_core/processes.py": "worker process lifetime",
+    "weakclip_core/runtime/processes.py": "worker process lifetime",
 }
 
 
@@ -71,17 +71,17 @@ def test_module_resolution_and_coverage_against_known_answers() -> None:
     assert covered("weakclip_core/data/layout.py", ["weakclip_core/data"])
     assert covered("weakclip_core/data/layout.py", ["weakclip_core/data/layout.py"])
     assert not covered("weakclip_core/data/layout.py", ["weakclip_core/data/layout"])
-    assert not covered("weakclip_core/metrics.py", ["weakclip_core/metrics_extra.py", "weakclip_core/met"])
+    assert not covered("weakclip_core/evaluation/metrics.py", ["weakclip_core/metrics_extra.py", "weakclip_core/met"])
 
 
 def test_imports_are_read_from_the_source(tmp_path: Path) -> None:
     source = tmp_path / "stage.py"
-    source.write_text("import os\nimport weakclip_core.metrics\n"
+    source.write_text("import os\nimport weakclip_core.evaluation.metrics\n"
                       "from weakclip_core.data.layout import PreparedDataset\n"
                       "from weakclip_core.data import transforms\n"
-                      "def later():\n    from weakclip_core.crf import dense_crf\n")
-    assert imported_library_files(source) == {"weakclip_core/metrics.py", "weakclip_core/data/layout.py",
-                                              "weakclip_core/data", "weakclip_core/crf.py"}
+                      "def later():\n    from weakclip_core.method.crf import dense_crf\n")
+    assert imported_library_files(source) == {"weakclip_core/evaluation/metrics.py", "weakclip_core/data/layout.py",
+                                              "weakclip_core/data", "weakclip_core/method/crf.py"}
 
 
 @pytest.mark.parametrize("stage, code, deps", stage_code_and_deps(), ids=lambda value: str(value)[:40])

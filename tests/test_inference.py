@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from weakclip_core.inference import (InferenceAugmentation, allowed_class_mask, predict_image_batch,
+from weakclip_core.method.inference import (InferenceAugmentation, allowed_class_mask, predict_image_batch,
                                      predict_probabilities, sliding_window_logits, window_starts)
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from weakclip_core.config.weakclip import CrfConfig, WeakClipLossConfig
-from weakclip_core.crf import CrfPool
-from weakclip_core.losses import auxiliary_loss, boundary_loss, seeding_loss, weakclip_losses
+from weakclip_core.method.crf import CrfPool
+from weakclip_core.method.losses import auxiliary_loss, boundary_loss, seeding_loss, weakclip_losses
 
 
 def numpy_probabilities(logits: np.ndarray) -> np.ndarray:

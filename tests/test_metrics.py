@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from weakclip_core.metrics import ConfusionAccumulator, confusion_matrix, iou_report
+from weakclip_core.evaluation.metrics import ConfusionAccumulator, confusion_matrix, iou_report
 
 
 def test_hand_worked_three_classes_with_ignore():
@@ -65,7 +65,7 @@ def test_out_of_range_ids_and_shape_mismatch_are_errors():
 
 
 def test_average_precision_hand_worked():
-    from weakclip_core.metrics import average_precision
+    from weakclip_core.evaluation.metrics import average_precision
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
     # positives at ranks 1, 3 and 4: precisions 1/1, 2/3, 3/4
     assert average_precision(scores, np.array([1, 0, 1, 1, 0])) == pytest.approx((1 + 2 / 3 + 3 / 4) / 3)
@@ -75,7 +75,7 @@ def test_average_precision_hand_worked():
 
 
 def test_mean_average_precision_hand_worked():
-    from weakclip_core.metrics import mean_average_precision
+    from weakclip_core.evaluation.metrics import mean_average_precision
     # class 0: targets 1 0 1 0 by falling score -> precisions 1/1, 2/3 -> AP 5/6
     # class 1: its one positive ranked last of 4 -> AP 1/4; class 2 has no positive: left out of the mean
     scores = np.array([[0.9, 0.9, 0.1], [0.8, 0.8, 0.2], [0.7, 0.7, 0.3], [0.6, 0.1, 0.4]])

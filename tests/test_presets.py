@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from weakclip_core.clip_model import clip_from_config, named_model_config
+from weakclip_core.models.clip import clip_from_config, named_model_config
 from weakclip_core.config import ConfigError, Params, load_params
 from weakclip_core.config.presets import apply_preset, deep_merge, main
 from weakclip_core.data.voc import VOC_CLASS_NAMES

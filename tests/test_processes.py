@@ -25,7 +25,7 @@ def test_crf_pool_workers_die_with_a_killed_parent():
         import os, time
         import numpy as np
         from weakclip_core.config.weakclip import CrfConfig
-        from weakclip_core.crf import CrfPool
+        from weakclip_core.method.crf import CrfPool
         if __name__ == "__main__":
             pool = CrfPool(CrfConfig(), workers=2)
             probabilities = np.full((2, 2, 8, 8), 0.5, np.float32)

@@ -18,13 +18,13 @@ from pipeline.pseudo_masks import (ManifestWriter, ProvenanceError, PseudoPaths,
                                    check_gt_claim, done_images, read_manifest_lines, refine_and_write, run_shard,
                                    upstream_seed_provenance, work_config, work_dir_of)
 from tiny_voc import CLASS_NAMES, TINY_CLIP_ARCH, write_tiny_voc
-from weakclip_core.clip_model import build_clip, load_clip_artifact, save_clip_artifact
+from weakclip_core.models.clip import build_clip, load_clip_artifact, save_clip_artifact
 from weakclip_core.config import ClipConfig, WeakClipConfig, build_dataclass, params_from_dict
 from weakclip_core.config.weakclip import CrfConfig
 from weakclip_core.data.layout import PreparedDataset, read_mask
 from weakclip_core.data.segmentation import GroundTruthMaskError
 from weakclip_core.models.weakclip.model import WeakCLIP
-from weakclip_core.weakclip_artifact import save_weakclip_model
+from weakclip_core.artifacts.weakclip import save_weakclip_model
 
 REPO = Path(__file__).resolve().parent.parent
 N_TRAIN = 12

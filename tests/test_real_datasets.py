@@ -340,7 +340,7 @@ def scored_on_a_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline import cam_infer, cam_train, pseudo_masks, weakclip_train
     from tests.faults.tiny_chain import TINY_PARAMS, tiny_params
     from tiny_voc import write_tiny_voc
-    from weakclip_core.clip_model import build_clip, save_clip_artifact
+    from weakclip_core.models.clip import build_clip, save_clip_artifact
     from weakclip_core.config import ClipConfig, build_dataclass
     from weakclip_core.data.layout import write_split
 
@@ -365,7 +365,7 @@ def scored_on_a_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _miou(pairs: list[tuple[np.ndarray, np.ndarray]], n_classes: int) -> float:
-    from weakclip_core.metrics import confusion_matrix, iou_report
+    from weakclip_core.evaluation.metrics import confusion_matrix, iou_report
     return iou_report(sum(confusion_matrix(gt, prediction, n_classes) for gt, prediction in pairs)).miou
 
 
@@ -392,7 +392,7 @@ def test_cam_and_weakclip_scores_are_on_the_score_split_only(scored_on_a_subset:
     """cam_infer stores CAMs of all 8 train_aug images but scores the 3 ``train`` ones: its mIoU equals a
     hand-made one over those ids from the stored CAMs at its best threshold (float16 storage moves at most
     a few pixels across the threshold, hence the tolerance); weakclip_train scores the same 3."""
-    from weakclip_core.cam_store import CamStoreReader
+    from weakclip_core.artifacts.cam_store import CamStoreReader
 
     project = scored_on_a_subset
     dataset = PreparedDataset.open(project / "data")

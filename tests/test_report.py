@@ -19,14 +19,14 @@ from PIL import Image
 
 from pipeline.report import (ReportInputs, TrainedModels, colour_overlay, model_columns, training_curves,
                              write_report)
-from weakclip_core.cam_store import CamStoreWriter
-from weakclip_core.clip_model import build_clip, load_clip_artifact, save_clip_artifact
+from weakclip_core.artifacts.cam_store import CamStoreWriter
+from weakclip_core.models.clip import build_clip, load_clip_artifact, save_clip_artifact
 from weakclip_core.config import ClipArchConfig, ClipConfig, SeedConfig, SegConfig, SegTrainConfig, WeakClipConfig
 from weakclip_core.data.layout import PreparedDataset, write_image, write_labels, write_mask, write_split
 from weakclip_core.models.weakclip import WeakCLIP
-from weakclip_core.segmenter import build_segmenter, segmenter_record
-from weakclip_core.training import save_final_model
-from weakclip_core.weakclip_artifact import save_weakclip_model
+from weakclip_core.models.segmenter import build_segmenter, segmenter_record
+from weakclip_core.training.checkpoint import save_final_model
+from weakclip_core.artifacts.weakclip import save_weakclip_model
 
 CLASS_NAMES = ["background", "cat", "dog"]
 

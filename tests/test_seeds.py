@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from weakclip_core.config.weakclip import SeedConfig
-from weakclip_core.seeds import confident_seeds, dense_seeds, seeds_from_cams
+from weakclip_core.method.seeds import confident_seeds, dense_seeds, seeds_from_cams
 
 # Two present classes (3 and 7) on a 2 x 3 image.
 CAMS = np.array([

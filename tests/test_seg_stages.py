@@ -16,8 +16,8 @@ from weakclip_core.config import params_from_dict
 from weakclip_core.config.seg import SegConfig, SegTrainConfig
 from weakclip_core.data.layout import DatasetError, PreparedDataset
 from weakclip_core.data.segmentation import GroundTruthMaskError
-from weakclip_core.segmenter import build_segmenter, segmenter_record
-from weakclip_core.training import save_final_model
+from weakclip_core.models.segmenter import build_segmenter, segmenter_record
+from weakclip_core.training.checkpoint import save_final_model
 
 SEG = {"model": "segformer", "encoder": "mit_b0",
        "train": {"epochs": 2, "batch_size": 4, "crop": 64, "lr": 0.001, "checkpoint_every": 1}}

@@ -13,9 +13,9 @@ from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.segmentation import (GroundTruthMaskError, MaskedImageDataset, ground_truth_dirs,
                                              refuse_ground_truth_dir)
 from weakclip_core.data.transforms import DenseAugmentation
-from weakclip_core.segmenter import (SEGMENTER_MEAN, SEGMENTER_STD, SegmenterWeightsError, build_segmenter,
+from weakclip_core.models.segmenter import (SEGMENTER_MEAN, SEGMENTER_STD, SegmenterWeightsError, build_segmenter,
                                      load_encoder_weights, load_segmenter, segmenter_record)
-from weakclip_core.training import save_final_model
+from weakclip_core.training.checkpoint import save_final_model
 
 
 @pytest.mark.parametrize("family, encoder", [("deeplabv3plus", "resnet18"), ("segformer", "mit_b0")])

@@ -2,7 +2,7 @@
 
 import torch
 
-from weakclip_core.state_dict import unwrap_state_dict
+from weakclip_core.artifacts.state_dict import unwrap_state_dict
 
 WEIGHTS = {"blocks.0.weight": torch.ones(2), "blocks.0.bias": torch.zeros(2)}
 

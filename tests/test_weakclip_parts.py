@@ -9,7 +9,7 @@ import open_clip
 import pytest
 import torch
 
-from weakclip_core.clip_model import build_clip
+from weakclip_core.models.clip import build_clip
 from weakclip_core.config.clip import ClipArchConfig, ClipConfig
 from weakclip_core.config.schema import ConfigError
 from weakclip_core.config.weakclip import WeakClipConfig

@@ -9,16 +9,16 @@ import torch
 
 from pipeline.weakclip_train import WeakClipTrainPaths, seed_quality, train_weakclip
 from tiny_voc import CLASS_NAMES, TINY_CLIP_ARCH, write_tiny_voc
-from weakclip_core.cam_store import CamStoreError, CamStoreReader, CamStoreWriter
-from weakclip_core.clip_model import build_clip, load_clip_artifact, save_clip_artifact
+from weakclip_core.artifacts.cam_store import CamStoreError, CamStoreReader, CamStoreWriter
+from weakclip_core.models.clip import build_clip, load_clip_artifact, save_clip_artifact
 from weakclip_core.config import ClipConfig, build_dataclass, params_from_dict
 from weakclip_core.config.weakclip import SeedConfig
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
 from weakclip_core.data.transforms import DenseAugmentation
-from weakclip_core.device import seed_everything
+from weakclip_core.runtime.device import seed_everything
 from weakclip_core.models.weakclip.model import WeakCLIP
-from weakclip_core.weakclip_artifact import load_weakclip_model
+from weakclip_core.artifacts.weakclip import load_weakclip_model
 
 TINY_WEAKCLIP = {
     "prompt_len": 2, "text_context_length": 6, "taps": [0, 1, 2, 3], "co_attention_width": 16,

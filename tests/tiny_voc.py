@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weakclip_core.cam_store import CamStoreWriter
+from weakclip_core.artifacts.cam_store import CamStoreWriter
 from weakclip_core.data.layout import write_image, write_labels, write_mask, write_split
 
 CLASS_NAMES = ["background", "apple", "boat", "cat"]

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from weakclip_core.cam_store import CamStoreError
-from weakclip_core.clip_model import ClipWeightsError
+from weakclip_core.artifacts.cam_store import CamStoreError
+from weakclip_core.models.clip import ClipWeightsError
 from weakclip_core.config.schema import ConfigError
 from weakclip_core.data.layout import DatasetError
 from weakclip_core.data.segmentation import GroundTruthMaskError
 from weakclip_core.models.mctformer import PretrainedWeightsError
-from weakclip_core.segmenter import SegmenterWeightsError
+from weakclip_core.models.segmenter import SegmenterWeightsError
 
 class MissingInputError(FileNotFoundError):
     """An upstream artifact a stage reads does not exist; the message names it and the stage that makes it."""

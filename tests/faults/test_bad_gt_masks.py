@@ -104,7 +104,7 @@ def test_pseudo_masks_removes_a_killed_writers_leftovers_and_nothing_else(projec
     """A writer SIGKILLed inside ``atomic_dir`` / ``atomic_path`` left its temporaries beside the final
     names; the next run deletes exactly those (a live process's temporary and unrelated files stay)."""
     run_and_kill_mid_write(project, (
-        "from weakclip_core.atomic import atomic_dir, atomic_path\n"
+        "from weakclip_core.artifacts.atomic import atomic_dir, atomic_path\n"
         "with atomic_path('metrics/pseudo.json') as t:\n"
         "    t.write_text('{}')\n"
         "    with atomic_dir('pseudo_masks') as d:\n"

@@ -28,8 +28,8 @@ import yaml
 from pipeline import cam_infer, cam_train, clip, pseudo_masks, seg_eval, seg_train, weakclip_train
 from tiny_chain import REPO_ROOT, TINY_PARAMS, is_temporary
 from tiny_voc import write_tiny_voc
-from weakclip_core.cam_store import CamStoreError
-from weakclip_core.clip_model import (ClipWeightsError, arch_model_config, build_clip, clip_from_config,
+from weakclip_core.artifacts.cam_store import CamStoreError
+from weakclip_core.models.clip import (ClipWeightsError, arch_model_config, build_clip, clip_from_config,
                                       save_clip_artifact)
 from weakclip_core.config import ClipConfig, ConfigError, build_dataclass
 from weakclip_core.config.clip import ClipArchConfig
@@ -277,8 +277,8 @@ def test_cam_infer_removes_a_killed_writers_leftovers_and_nothing_else(project: 
     temporary (this process's pid) nor any other file."""
     run_and_kill_mid_write(project, (
         "import numpy as np\n"
-        "from weakclip_core.atomic import atomic_path\n"
-        "from weakclip_core.cam_store import CamStoreWriter\n"
+        "from weakclip_core.artifacts.atomic import atomic_path\n"
+        "from weakclip_core.artifacts.cam_store import CamStoreWriter\n"
         "writer = CamStoreWriter('artifacts/cams/train.h5', 'tiny', ['background', 'apple'], {})\n"
         "writer.add('train_000', [1], np.zeros((1, 4, 4), np.float32))\n"
         "with atomic_path('metrics/cam.json') as t:\n"

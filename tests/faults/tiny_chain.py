@@ -284,7 +284,7 @@ def install_kill(event: str, after: int) -> None:
 
         register_optimizer_step_post_hook(lambda optimizer, args, kwargs: counter.tick())
     elif event == "cam":
-        from weakclip_core.cam_store import CamStoreWriter
+        from weakclip_core.artifacts.cam_store import CamStoreWriter
 
         original_add: Callable[..., None] = CamStoreWriter.add
 

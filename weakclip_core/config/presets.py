@@ -29,7 +29,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
-from weakclip_core.atomic import atomic_path
+from weakclip_core.artifacts.atomic import atomic_path
 from weakclip_core.config.params import Params, params_from_dict
 from weakclip_core.config.schema import ConfigError
 

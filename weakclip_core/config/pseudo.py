@@ -31,6 +31,6 @@ class PseudoConfig:
     absent_class_odds_ratio: float = bounded(0.0, low=0.0, high=1000.0)  # 0: off (the paper has none)
 
     def validate(self) -> None:
-        """The repair's ratio is 0 (off) or above 1 (``weakclip_core.absent_classes``: at 1 nothing flips)."""
+        """The repair's ratio is 0 (off) or above 1 (``weakclip_core.method.absent_classes``: at 1 nothing flips)."""
         if 0.0 < self.absent_class_odds_ratio <= 1.0:
             raise ConfigError(f"absent_class_odds_ratio: 0 (off) or > 1, got {self.absent_class_odds_ratio}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from weakclip_core.atomic import atomic_path, write_json
+from weakclip_core.artifacts.atomic import atomic_path, write_json
 
 IGNORE_INDEX = 255
 LABELS_FILE = "labels.json"

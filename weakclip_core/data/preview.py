@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from weakclip_core.atomic import atomic_path
+from weakclip_core.artifacts.atomic import atomic_path
 from weakclip_core.data.layout import PreparedDataset, voc_palette
 
 _PALETTE_RGB = np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)

@@ -15,11 +15,11 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from weakclip_core.cam_store import CamStoreError, CamStoreReader
+from weakclip_core.artifacts.cam_store import CamStoreError, CamStoreReader
 from weakclip_core.config.weakclip import SeedConfig
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.transforms import DenseAugmentation, sample_rng, to_tensor
-from weakclip_core.seeds import seeds_from_cams
+from weakclip_core.method.seeds import seeds_from_cams
 
 
 def build_seed_masks(store: CamStoreReader, dataset: PreparedDataset, image_ids: list[str],

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weakclip_core.config.cam import MCTformerArchConfig
-from weakclip_core.state_dict import unwrap_state_dict
+from weakclip_core.artifacts.state_dict import unwrap_state_dict
 
 
 class PretrainedWeightsError(ValueError):

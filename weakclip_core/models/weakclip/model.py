@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from weakclip_core.clip_model import dense_visual_features, joint_width, text_width, visual_width
+from weakclip_core.models.clip import dense_visual_features, joint_width, text_width, visual_width
 from weakclip_core.config.weakclip import WeakClipConfig
 from weakclip_core.models.weakclip.co_attention import CoAttention
 from weakclip_core.models.weakclip.decoder import TextGuidedDecoder

@@ -7,7 +7,7 @@ from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
-from weakclip_core.clip_model import encode_token_embeddings, text_width
+from weakclip_core.models.clip import encode_token_embeddings, text_width
 from weakclip_core.config.schema import ConfigError
 
 

@@ -31,10 +31,10 @@ from weakclip_core.config.clip import ClipPretrainConfig
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.transforms import sample_rng, to_tensor
-from weakclip_core.distributed import (DistributedContext, ShardedKeySampler, all_reduce_mean, gather_objects,
+from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, all_reduce_mean, gather_objects,
                                        gather_with_grad, per_process_batch_size, single_process_context, wrap_model)
-from weakclip_core.metrics import average_precision
-from weakclip_core.training import Checkpointer, set_lr, warmup_cosine_lr
+from weakclip_core.evaluation.metrics import average_precision
+from weakclip_core.training.checkpoint import Checkpointer, set_lr, warmup_cosine_lr
 
 PROMPT_TEMPLATE = "a photo of a {}"
 # open_clip clamps the learnable logit scale at 100 (log 100 = 4.6052) to keep the softmax stable.

@@ -14,7 +14,7 @@ from types import TracebackType
 import numpy as np
 
 from weakclip_core.config.weakclip import CrfConfig
-from weakclip_core.processes import die_with_parent
+from weakclip_core.runtime.processes import die_with_parent
 
 PROBABILITY_FLOOR = 1e-8
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weakclip_core.atomic import atomic_path, write_text
+from weakclip_core.artifacts.atomic import atomic_path, write_text
 
 CHECKPOINT_ROOT = Path("checkpoints")
 

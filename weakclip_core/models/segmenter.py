@@ -19,7 +19,7 @@ from torch import nn
 from weakclip_core.config.schema import build_dataclass, to_plain
 from weakclip_core.config.seg import SegConfig
 from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from weakclip_core.state_dict import unwrap_state_dict
+from weakclip_core.artifacts.state_dict import unwrap_state_dict
 
 SEGMENTER_MEAN = IMAGENET_MEAN
 SEGMENTER_STD = IMAGENET_STD

@@ -23,7 +23,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from weakclip_core.atomic import temporary_prefix
+from weakclip_core.artifacts.atomic import temporary_prefix
 
 
 class CamStoreError(ValueError):

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from weakclip_core.atomic import sha256_of_file
-from weakclip_core.clip_model import WEIGHTS_FILE, load_clip_artifact
+from weakclip_core.artifacts.atomic import sha256_of_file
+from weakclip_core.models.clip import WEIGHTS_FILE, load_clip_artifact
 from weakclip_core.config import WeakClipConfig, build_dataclass, to_plain
 from weakclip_core.models.weakclip.model import WeakCLIP
-from weakclip_core.training import save_final_model
+from weakclip_core.training.checkpoint import save_final_model
 
 
 def trainable_modules(model: WeakCLIP) -> nn.ModuleDict:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from weakclip_core.config.weakclip import WeakClipLossConfig
-from weakclip_core.crf import CrfPool
+from weakclip_core.method.crf import CrfPool
 
 IGNORE_INDEX = 255
 MIN_PROBABILITY = 1e-7  # added before renormalising P, so log P and Q/P stay finite

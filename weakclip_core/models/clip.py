@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, resize_pos_embed
 from torch import nn
 
-from weakclip_core.atomic import atomic_path, write_json
+from weakclip_core.artifacts.atomic import atomic_path, write_json
 from weakclip_core.config.clip import ClipArchConfig, ClipConfig
-from weakclip_core.state_dict import unwrap_state_dict
+from weakclip_core.artifacts.state_dict import unwrap_state_dict
 
 WEIGHTS_FILE = "weights.pt"
 MODEL_CONFIG_FILE = "model_config.json"

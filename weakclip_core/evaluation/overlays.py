@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from weakclip_core.atomic import atomic_path
+from weakclip_core.artifacts.atomic import atomic_path
 from weakclip_core.data.layout import voc_palette
 
 _PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)

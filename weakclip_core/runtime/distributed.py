@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from weakclip_core.config.params import RuntimeConfig
 from weakclip_core.config.schema import ConfigError
-from weakclip_core.device import resolve_device
+from weakclip_core.runtime.device import resolve_device
 
 ResultT = TypeVar("ResultT")
 KeyT = TypeVar("KeyT")

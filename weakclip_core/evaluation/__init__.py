@@ -1,0 +1,1 @@
+"""Scoring and pictures: confusion matrices, mIoU, AP, and the palette overlays every report draws."""

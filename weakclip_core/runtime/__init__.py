@@ -1,0 +1,1 @@
+"""Where code runs: device and thread selection, DDP building blocks, worker-process lifetime."""

@@ -1,4 +1,5 @@
 # Two commands do everything on a fresh machine: `make repro` and `make test`.
+# Neither writes a tracked file of its own; `make timing-table` publishes make repro's stage times (README).
 # The venv is rebuilt only when requirements.txt or pyproject.toml change (stamp file).
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-fast bench report results preset clean-venv
+.PHONY: setup repro timing-table chromium test test-fast bench report results preset clean-venv
 
 setup: $(STAMP)
 
@@ -27,13 +28,42 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Prints each stage's wall time; keeps the record in timings/ (git-ignored): no tracked file changes.
 repro: setup
 	$(BIN)/python -m bench.repro_timing
 
-test: setup
+# Copies the last full `make repro` on the synthetic default into README.md and bench/repro_timing.json.
+timing-table: setup
+	$(BIN)/python -m bench.repro_timing --write-readme
+
+# The browser tests (tests/test_flows_server.py: the Prefect UI; tests/test_report.py: the HTML report) drive
+# Debian's headless Chromium at /usr/bin/chromium. Installed here when missing and make runs as root;
+# otherwise make stops with the command to run.
+CHROMIUM := /usr/bin/chromium
+USER_ID ?= $(shell id -u)
+
+chromium:
+	@if [ -x "$(CHROMIUM)" ]; then exit 0; fi; \
+	if [ "$(USER_ID)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "make: $(CHROMIUM) is missing; installing Debian's chromium for the browser tests"; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "make: $(CHROMIUM) is missing and the browser tests need it (tests/test_flows_server.py," >&2; \
+	  echo "tests/test_report.py). Install it, then run make again:" >&2; \
+	  echo "    sudo apt-get update && sudo apt-get install -y chromium" >&2; \
+	  exit 1; \
+	else \
+	  echo "make: $(CHROMIUM) is missing and the browser tests need it (tests/test_flows_server.py," >&2; \
+	  echo "tests/test_report.py); this is not a Debian/Ubuntu system (no apt-get): install Chromium so that" >&2; \
+	  echo "$(CHROMIUM) runs it, then run make again" >&2; \
+	  exit 1; \
+	fi
+	@test -x "$(CHROMIUM)" || { echo "make: installing chromium did not provide $(CHROMIUM)" >&2; exit 1; }
+
+test: setup chromium
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup chromium
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup

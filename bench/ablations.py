@@ -137,8 +137,8 @@ def collect() -> Path:
         "threshold_chosen_with_gt": False,
         "rows": ablation_rows(baseline, by_name, cam["miou"]),
     })
-    # summary renders every metrics/ablations*.json but cannot declare optional files as deps (a fresh
-    # project has none): re-run that one stage so RESULTS.md and dvc.lock agree with the new table.
+    # The file is a declared dep of summary (dvc.yaml): re-run that one stage now so RESULTS.md and dvc.lock
+    # agree with the new table.
     dvc("repro", "--force", "--single-item", "summary")
     return OUTPUT
 

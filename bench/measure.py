@@ -24,12 +24,13 @@ import torch.nn.functional as F
 
 from weakclip_core.artifacts.cam_store import CamStoreWriter
 from weakclip_core.models.clip import clip_from_config, dense_visual_features, named_model_config
-from weakclip_core.config import CrfConfig, MCTformerArchConfig, WeakClipConfig
+from weakclip_core.config import CrfConfig, MCTformerArchConfig, WeakClipLossConfig
+from weakclip_core.config.weakclip import WeakClipArchConfig, paper_weakclip_arch
 from weakclip_core.method.crf import CrfPool
 from weakclip_core.method.inference import InferenceAugmentation
 from weakclip_core.method.losses import weakclip_losses
 from weakclip_core.models.mctformer import build_mctformer
-from weakclip_core.models.weakclip import WeakCLIP, WeakClipOutput, paper_weakclip_config
+from weakclip_core.models.weakclip import WeakCLIP, WeakClipOutput
 from weakclip_core.models.weakclip.matching import cosine_matching
 
 VOC_CLASS_COUNT = 21
@@ -41,7 +42,8 @@ class BenchSize:
 
     name: str
     clip_config: dict[str, Any]
-    weakclip: WeakClipConfig
+    weakclip: WeakClipArchConfig
+    weakclip_loss: WeakClipLossConfig
     input_size: int
     batch_size: int
     warmup_steps: int
@@ -63,7 +65,8 @@ def full_size() -> BenchSize:
     voc_pseudo_crf = CrfConfig(iterations=10, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=83.0,
                                bilateral_srgb=5.0, bilateral_compat=3.0)
     return BenchSize(
-        name="full", clip_config=named_model_config("ViT-B-16", image_size=512), weakclip=paper_weakclip_config(),
+        name="full", clip_config=named_model_config("ViT-B-16", image_size=512), weakclip=paper_weakclip_arch(),
+        weakclip_loss=WeakClipLossConfig(),
         input_size=512, batch_size=2, warmup_steps=1, timed_steps=3,
         mctformer=MCTformerArchConfig(image_size=224, patch_size=16, width=384, depth=12, heads=6, drop_path=0.1),
         n_classes=VOC_CLASS_COUNT, inference_image=(375, 500),
@@ -79,12 +82,12 @@ def quick_size() -> BenchSize:
                        "mlp_ratio": 4.0},
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     }
-    weakclip = replace(WeakClipConfig(), prompt_len=4, text_context_length=12, taps=[0, 1, 2, 3],
+    weakclip = replace(paper_weakclip_arch(), prompt_len=4, text_context_length=12, taps=(0, 1, 2, 3),
                        co_attention_width=32, co_attention_heads=2, co_attention_layers=1, neck_width=32,
                        head_width=32)
-    weakclip = replace(weakclip, loss=replace(weakclip.loss, loss_size=16, crf_workers=0))
     return BenchSize(
-        name="quick", clip_config=clip_config, weakclip=weakclip, input_size=64, batch_size=1, warmup_steps=1,
+        name="quick", clip_config=clip_config, weakclip=weakclip,
+        weakclip_loss=WeakClipLossConfig(loss_size=16, crf_workers=0), input_size=64, batch_size=1, warmup_steps=1,
         timed_steps=2, mctformer=MCTformerArchConfig(image_size=64, patch_size=16, width=64, depth=3, heads=2),
         n_classes=5, inference_image=(48, 64),
         inference=InferenceAugmentation(scales=(0.75, 1.0), flip=True, crop=64, stride=43), inference_images=4,
@@ -227,11 +230,11 @@ def measure_weakclip_training(size: BenchSize, device: torch.device, full_finetu
     forward = (lambda images: forward_with_clip_gradients(model, images)) if full_finetune else model
     model.train()
 
-    with CrfPool(size.weakclip.loss.crf, workers=0) as crf_pool:
+    with CrfPool(size.weakclip_loss.crf, workers=0) as crf_pool:
         def step() -> None:
             output = forward(batch["image"])
             losses = weakclip_losses(output.logits, output.matching, batch["seed_mask"], batch["raw_image"],
-                                     size.weakclip.loss, crf_pool)
+                                     size.weakclip_loss, crf_pool)
             optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
             optimizer.step()
@@ -396,7 +399,7 @@ def paper_parameter_counts(n_classes: int = VOC_CLASS_COUNT) -> dict[str, Any]:
     """Trainable / total parameters of the paper-size WeakCLIP (ViT-B/16 at 512), built on the meta device."""
     with torch.device("meta"):
         clip_model = clip_from_config(named_model_config("ViT-B-16", image_size=512))
-        model = WeakCLIP(clip_model, class_names(n_classes), paper_weakclip_config())
+        model = WeakCLIP(clip_model, class_names(n_classes), paper_weakclip_arch())
     trainable, total = count(model.trainable_parameters()), count(model.parameters())
     return {"n_classes": n_classes, "trainable": trainable, "total": total, "trainable_fraction": trainable / total}
 

@@ -1,21 +1,25 @@
 """Run ``dvc repro`` and time each stage from DVC's own output; what ``make repro`` calls.
 
-Why: issue #7 asks for the per-stage wall time of ``make repro`` on the 2-core
-CPU, in the README, measured rather than typed. DVC prints ``Running stage
-'<name>':`` when a stage starts; the time between two such lines (or the end
-of the run) is that stage's wall time. The result goes to
-``bench/repro_timing.json`` and, between the markers
-``<!-- repro-timing:start -->`` / ``<!-- repro-timing:end -->``, into
-README.md. Only a run in which every stage of ``dvc.yaml`` ran is recorded: a
-partial run (a changed param re-runs part of the chain) or one where everything
-was up to date leaves both files as they were, and so does a run on another dataset than the synthetic
-default (its table is printed instead).
+Why: issue #7 asks for the per-stage wall time of ``make repro`` on the 2-core CPU, in the README, measured
+rather than typed. DVC prints ``Running stage '<name>':`` when a stage starts; the time between two such
+lines (or the end of the run) is that stage's wall time.
 
-Usage: ``python -m bench.repro_timing [dvc repro arguments...]``.
+``make repro`` changes no tracked file of its own (issue #19 item 7): it prints the table and, when every
+stage of ``dvc.yaml`` ran, keeps the run's record in ``timings/repro_<dataset>.json`` (git-ignored, beside
+the stages' own ``timings/<stage>.json``). A partial run (a changed param re-runs part of the chain) or one
+where everything was up to date prints what ran and keeps the last full record.
+
+``make timing-table`` (``python -m bench.repro_timing --write-readme``) is the explicit step that publishes
+the last full run on the synthetic default: it copies ``timings/repro_synthetic.json`` to
+``bench/repro_timing.json`` and writes its table into README.md between ``<!-- repro-timing:start -->`` and
+``<!-- repro-timing:end -->``. A VOC or COCO run is recorded under its own name and never published there.
+
+Usage: ``python -m bench.repro_timing [dvc repro arguments...]`` or ``python -m bench.repro_timing --write-readme``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -31,11 +35,19 @@ from weakclip_core.artifacts.atomic import write_json, write_text
 from weakclip_core.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING_FILE = REPO / "bench" / "repro_timing.json"
+TIMINGS_DIR = REPO / "timings"  # git-ignored; the stages write timings/<stage>.json there too
+TIMING_FILE = REPO / "bench" / "repro_timing.json"  # committed; written only by --write-readme
 README = REPO / "README.md"
+PUBLISHED_DATASET = "synthetic"
 START_MARKER = "<!-- repro-timing:start -->"
 END_MARKER = "<!-- repro-timing:end -->"
 RUNNING_STAGE = re.compile(r"^Running stage '([^']+)'")
+WRITE_README = "--write-readme"
+
+
+def record_file(timings_dir: Path, dataset_name: str) -> Path:
+    """Where ``make repro`` keeps the last full run on ``dataset_name``: ``timings/repro_<dataset>.json``."""
+    return timings_dir / f"repro_{dataset_name}.json"
 
 
 def stage_durations(events: list[tuple[float, str]], finished_at: float) -> dict[str, float]:
@@ -76,8 +88,52 @@ def update_readme(readme: Path, block: str) -> bool:
     return True
 
 
+def record_run(record: dict[str, Any], missing: set[str], timings_dir: Path) -> Path | None:
+    """Print the run's table; keep a full run's record in ``timings/repro_<dataset>.json``.
+
+    Writes nothing that git tracks. Returns the record's path, or ``None`` for a partial run (its table is
+    printed, the last full record stays).
+    """
+    table = markdown_table(record)
+    if missing:
+        print(f"repro_timing: a partial run ({len(record['stages'])} stages ran; not {', '.join(sorted(missing))}); "
+              f"the last full-chain record is kept. This run's stage times:\n{table}")
+        return None
+    path = record_file(timings_dir, record["dataset"])
+    write_json(path, record)
+    print(f"repro_timing: {len(record['stages'])} stages, {record['total_s']:.0f} s -> "
+          f"{path.relative_to(timings_dir.parent) if path.is_relative_to(timings_dir.parent) else path}\n{table}")
+    if record["dataset"] == PUBLISHED_DATASET:
+        print("repro_timing: `make timing-table` copies this record into README.md and bench/repro_timing.json")
+    return path
+
+
+def write_readme(timings_dir: Path, timing_file: Path, readme: Path) -> int:
+    """``make timing-table``: publish the last full synthetic run; 1 with a message when there is none."""
+    source = record_file(timings_dir, PUBLISHED_DATASET)
+    if not source.is_file():
+        print(f"repro_timing: no full-chain record in {source}: run `make repro` (every stage must run, e.g. "
+              f"`.venv/bin/python -m bench.repro_timing -f`) on the {PUBLISHED_DATASET} default first",
+              file=sys.stderr)
+        return 1
+    record = json.loads(source.read_text(encoding="utf-8"))
+    if not update_readme(readme, markdown_table(record)):
+        print(f"repro_timing: {readme} has no {START_MARKER} ... {END_MARKER} block; nothing written",
+              file=sys.stderr)
+        return 1
+    write_json(timing_file, record)
+    print(f"repro_timing: the run of {record['measured_on']} ({record['total_s']:.0f} s) -> {readme.name}, "
+          f"{timing_file.relative_to(REPO) if timing_file.is_relative_to(REPO) else timing_file}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments == [WRITE_README]:
+        return write_readme(TIMINGS_DIR, TIMING_FILE, README)
+    if WRITE_README in arguments:
+        print(f"repro_timing: {WRITE_README} takes no other argument (it runs nothing)", file=sys.stderr)
+        return 2
     command = dvc_command("repro", *arguments)
     started = time.monotonic()
     events: list[tuple[float, str]] = []
@@ -93,39 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     finished = time.monotonic()
     if code != 0 or not events:
         return code
-    missing = all_stage_names(REPO) - {stage for _, stage in events}
-    if missing:
-        print(f"repro_timing: a partial run ({len(events)} stages ran; not {', '.join(sorted(missing))}): "
-              f"the README's full-chain timing is left as it was")
-        return 0
     record = {
         "measured_on": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, OMP_NUM_THREADS="
                    f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
         "command": "dvc repro " + " ".join(arguments),
+        "dataset": load_params(REPO / "params.yaml").dataset.name,
         "stages": stage_durations(events, finished),
         "total_s": round(finished - started, 1),
     }
-    record_run(record, load_params(REPO / "params.yaml").dataset.name, TIMING_FILE, README)
+    record_run(record, all_stage_names(REPO) - set(record["stages"]), TIMINGS_DIR)
     return 0
-
-
-def record_run(record: dict[str, Any], dataset_name: str, timing_file: Path, readme: Path) -> bool:
-    """Keep a full run's timing in ``timing_file`` and the README block, for the synthetic chain only.
-
-    The README's table describes ``make repro`` on the built-in synthetic dataset; a VOC or COCO run (same
-    command, other params) prints its table instead of overwriting that record. Returns whether it wrote.
-    """
-    table = markdown_table(record)
-    if dataset_name != "synthetic":
-        print(f"repro_timing: dataset {dataset_name!r}, not the synthetic default: {timing_file.name} and "
-              f"{readme.name} are left as they are. This run's stage times:\n{table}")
-        return False
-    write_json(timing_file, record)
-    if update_readme(readme, table):
-        print(f"repro_timing: {len(record['stages'])} stages, {record['total_s']:.0f} s -> {timing_file.name}, "
-              f"{readme.name}")
-    return True
 
 
 if __name__ == "__main__":

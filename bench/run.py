@@ -16,11 +16,13 @@ Each training measurement runs in its own child process (``--child``), so its
 peak memory is its own. ``--quick`` runs tiny models in well under a minute
 (tests/test_bench.py runs it); the default runs the paper's sizes.
 
-Stage wall times come from the stages themselves when they record one
-(``wall_s`` in their metrics file); otherwise the full run times
-``dvc repro -s <stage> --force`` and stores the result in
-``bench/stage_timings.json``; ``--quick`` only reads that file. The page says
-which source each number came from.
+Stage wall times come from the stages themselves: each run of a stage records
+its wall time in ``timings/<stage>.json`` (git-ignored, not a DVC output).
+For a stage without one, the full run times ``dvc repro -s <stage> --force``
+(which also writes the stage's record); ``--quick`` and ``--no-stage-timing``
+fall back to the last full-chain ``make repro`` record
+(``timings/repro_synthetic.json``, else the committed ``bench/repro_timing.json``).
+The page says which source each number came from.
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ from weakclip_core.artifacts.atomic import atomic_path, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = Path(__file__).resolve().parent / "BENCHMARKS.template.md"
-STAGE_TIMINGS_FILE = REPO / "bench" / "stage_timings.json"
-REPRO_TIMING_FILE = REPO / "bench" / "repro_timing.json"  # written by `make repro` (bench/repro_timing.py)
+TIMINGS_DIR = REPO / "timings"  # each stage's timings/<stage>.json (pipeline/_stage.py), git-ignored
+# The last full-chain `make repro` (bench/repro_timing.py): this machine's record, then the published one.
+REPRO_RECORDS = (TIMINGS_DIR / "repro_synthetic.json", REPO / "bench" / "repro_timing.json")
 RESULT_MARKER = "BENCH_RESULT "
 CHILDREN = ("weakclip", "weakclip_full_finetune", "mctformer", "inference_crf_store")
-WALL_TIME_KEYS = ("wall_s", "wall_seconds")
 
-# The paper's training-cost claim (METHOD.md §2): WeakCLIP vs the MCTformer refinement step (PSA on ResNet38).
+# The paper's training-cost claim (docs/METHOD.md §2): WeakCLIP vs the MCTformer refinement step (PSA on ResNet38).
 PAPER_CLAIM = {"weakclip_fps": 16.8, "weakclip_gib": 9.7, "mctformer_refinement_fps": 3.9,
                "mctformer_refinement_gib": 30.7, "speedup": 4.3, "memory_saving": 0.684}
 
@@ -93,27 +95,26 @@ def child_main(name: str, size_name: str, device_name: str) -> None:
 
 # --------------------------------------------------------------------------- stage timings
 
-def stages_and_metrics(root: Path) -> list[tuple[str, list[Path]]]:
-    """DVC's stages in dvc.yaml order (``foreach`` expanded) with their metrics files."""
+def stage_names(root: Path) -> list[str]:
+    """DVC's stages in dvc.yaml order (``foreach`` expanded: ``seg_train@gt``)."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        return [(stage.addressing, [root / str(out.def_path) for out in stage.outs if out.metric])
-                for stage in repo.index.stages]
+        return [stage.addressing for stage in repo.index.stages]
 
 
-def wall_time_from_metrics(paths: list[Path]) -> tuple[float, str] | None:
-    """A stage's own record of its wall time (``wall_s`` in one of its metrics files)."""
-    for path in paths:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        for key in WALL_TIME_KEYS:
-            value = data.get(key) if isinstance(data, dict) else None
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                return float(value), f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}:{key}"
-    return None
+def own_timing(timings_dir: Path, stage: str) -> tuple[float, str] | None:
+    """The stage's own record of its last run (``timings/<stage>.json``: ``wall_s``, ``finished_at``)."""
+    path = timings_dir / f"{stage}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    value = data.get("wall_s") if isinstance(data, dict) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        return None
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    return float(value), f"{shown}, finished {data.get('finished_at', 'undated')}"
 
 
 def time_stage_with_dvc(root: Path, stage: str) -> float:
@@ -128,40 +129,37 @@ def time_stage_with_dvc(root: Path, stage: str) -> float:
     return time.perf_counter() - started
 
 
-def collect_stage_timings(root: Path, measure_missing: bool, timings_file: Path,
-                          repro_timing_file: Path | None = None) -> dict[str, Any]:
+def collect_stage_timings(root: Path, measure_missing: bool, timings_dir: Path = TIMINGS_DIR,
+                          repro_records: tuple[Path, ...] = REPRO_RECORDS) -> dict[str, Any]:
     """``{"seconds": {stage: s}, "sources": {stage: where it came from}, "missing": [...]}``.
 
-    Order of preference: the stage's own ``wall_s``; in the full run, a fresh
-    ``dvc repro -s --force`` timing (saved to ``timings_file``); otherwise the
-    last such file; otherwise the last full-chain ``make repro`` record
-    (``repro_timing_file``, ``bench/repro_timing.json``).
+    Order of preference: the stage's own ``timings/<stage>.json``; in the full run, a fresh
+    ``dvc repro -s --force`` of the stage (its own record when it writes one, else the command's time);
+    otherwise the first of ``repro_records`` (the last full-chain ``make repro``) that holds the stage.
     """
-    saved_record = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    saved, saved_when = saved_record.get("seconds", {}), saved_record.get("measured")
     repro: dict[str, Any] = {}
-    if repro_timing_file is not None and repro_timing_file.is_file():
-        repro = json.loads(repro_timing_file.read_text())
+    repro_path: Path | None = None
+    for path in repro_records:
+        if path.is_file():
+            repro, repro_path = json.loads(path.read_text()), path
+            break
     seconds: dict[str, float] = {}
     sources: dict[str, str] = {}
     missing: list[str] = []
-    fresh: dict[str, float] = {}
-    for stage, metrics in stages_and_metrics(root):
-        own = wall_time_from_metrics(metrics)
+    for stage in stage_names(root):
+        own = own_timing(timings_dir, stage)
+        if own is None and measure_missing:
+            measured = time_stage_with_dvc(root, stage)
+            own = own_timing(timings_dir, stage) or (measured, "dvc repro -s --force (this run)")
         if own is not None:
-            seconds[stage], sources[stage] = own[0], f"stage metrics ({own[1]})"
-        elif measure_missing:
-            fresh[stage] = time_stage_with_dvc(root, stage)
-            seconds[stage], sources[stage] = fresh[stage], "dvc repro -s --force (this run)"
-        elif stage in saved:
-            seconds[stage], sources[stage] = float(saved[stage]), f"{timings_file.name} (measured {saved_when})"
+            seconds[stage], sources[stage] = own
         elif stage in repro.get("stages", {}):
+            assert repro_path is not None
+            shown = repro_path.relative_to(REPO) if repro_path.is_relative_to(REPO) else repro_path
             seconds[stage] = float(repro["stages"][stage])
-            sources[stage] = f"make repro ({repro_timing_file.name}, {repro.get('measured_on', 'undated')})"
+            sources[stage] = f"make repro ({shown}, {repro.get('measured_on', 'undated')})"
         else:
             missing.append(stage)
-    if fresh:
-        write_json(timings_file, {"measured": now(), "seconds": {**saved, **fresh}})
     return {"seconds": seconds, "sources": sources, "missing": missing, "total_s": sum(seconds.values())}
 
 
@@ -254,7 +252,7 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
     stage_rows = [_row("stage", "wall time (s)", "source"), _row("---", "---", "---")]
     stage_rows += [_row(f"`{stage}`", _number(seconds, 1), stages["sources"][stage])
                    for stage, seconds in stages["seconds"].items()]
-    stage_rows += [_row(f"`{stage}`", "not measured", "no wall_s in its metrics and no timings file; run "
+    stage_rows += [_row(f"`{stage}`", "not measured", "no timings/ record and no `make repro` record; run "
                                                        "`python -m bench.run` (full) after `make repro`")
                    for stage in stages["missing"]]
     environment = results["environment"]
@@ -301,7 +299,7 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
 
 # --------------------------------------------------------------------------- the suite
 
-def run_suite(quick: bool, device: str, measure_stage_timings: bool, timings_file: Path = STAGE_TIMINGS_FILE,
+def run_suite(quick: bool, device: str, measure_stage_timings: bool, timings_dir: Path = TIMINGS_DIR,
               progress=print) -> dict[str, Any]:
     """Every measurement of the module docstring; returns the results dict (what results.json holds)."""
     size = "quick" if quick else "full"
@@ -322,7 +320,7 @@ def run_suite(quick: bool, device: str, measure_stage_timings: bool, timings_fil
                               "trainable_fraction": training["weakclip"]["trainable_parameters"]
                               / training["weakclip"]["total_parameters"]},
     }
-    stage_timings = collect_stage_timings(REPO, measure_stage_timings, timings_file, REPRO_TIMING_FILE)
+    stage_timings = collect_stage_timings(REPO, measure_stage_timings, timings_dir)
     environment = training["weakclip"].pop("environment")
     for record in training.values():
         record.pop("environment", None)
@@ -364,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=None,
                         help="default: docs/BENCHMARKS.md (full) or bench/out/BENCHMARKS.quick.md (--quick)")
     parser.add_argument("--no-stage-timing", action="store_true",
-                        help="full run: do not time stages with `dvc repro -s --force` (read recorded times only)")
+                        help="full run: do not re-run stages without a timings/ record (read recorded times only)")
     parser.add_argument("--render-only", action="store_true",
                         help="measure nothing: rewrite the page from an existing results file (after a template edit)")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)

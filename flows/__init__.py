@@ -1,4 +1,4 @@
-"""Prefect flows that schedule the DVC stages (ARCHITECTURE.md, docs/ORCHESTRATION.md).
+"""Prefect flows that schedule the DVC stages (docs/ARCHITECTURE.md, docs/ORCHESTRATION.md).
 
 ``flows.dag`` reads the stage graph from DVC; ``flows.chain`` runs it (the
 ``chain`` flow, and the one-stage ``stage`` flow the work pools run);

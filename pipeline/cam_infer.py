@@ -3,7 +3,7 @@
 Runs the trained model at ``cam.infer.scales`` (with horizontal flip), writes
 the ``cam.infer.variant`` CAMs of every train image to ``artifacts/cams/train.h5``
 and, in the same pass, scores all four variants against the ground truth for
-every background threshold (METHOD.md §1) on ``dataset.score_split`` (default: the
+every background threshold (docs/METHOD.md §1) on ``dataset.score_split`` (default: the
 train split; VOC's ``train`` inside ``train_aug``). The best threshold is chosen with
 the GT, and the metrics file says so.
 """
@@ -24,13 +24,14 @@ from tqdm import tqdm
 from weakclip_core.artifacts.atomic import remove_stale_temporaries, write_json, write_text
 from weakclip_core.method.cam import CAM_VARIANTS, ThresholdSweep, multiscale_cams, threshold_values
 from weakclip_core.artifacts.cam_store import CamStoreWriter
-from weakclip_core.config import Params, load_params, to_plain
+from weakclip_core.config import Params, to_plain
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip_core.runtime.device import resolve_device, set_threads
 from weakclip_core.method.inference import normalise_images
 from weakclip_core.models.mctformer import load_trained_mctformer
-from weakclip_core.errors import require_input, run_stage_cli
+
+from pipeline._stage import StageSpec, require_input, run_stage, run_stage_cli
 
 STAGE = "cam_infer"
 
@@ -134,16 +135,19 @@ def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_prog
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    args = parser.parse_args(argv)
-    metrics = infer_cams(load_params(args.params))
+def summary_line(params: Params, args: argparse.Namespace, context: None) -> str:
+    metrics = infer_cams(params)
     summary = ", ".join(f"{variant} {values['miou']:.3f} @ {values['best_threshold']:.2f}"
                         for variant, values in metrics["variants"].items())
-    print(f"{STAGE}: {metrics['split']} mIoU ({metrics['variant']}) {metrics['miou']:.3f} "
-          f"@ t={metrics['best_threshold']:.2f} over {metrics['n_images']} images; {summary}")
+    return (f"{STAGE}: {metrics['split']} mIoU ({metrics['variant']}) {metrics['miou']:.3f} "
+            f"@ t={metrics['best_threshold']:.2f} over {metrics['n_images']} images; {summary}")
 
+
+SPEC = StageSpec(name=STAGE, module="pipeline.cam_infer", description=__doc__.splitlines()[0], run=summary_line)
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    return run_stage(SPEC, argv)
 
 if __name__ == "__main__":
     run_stage_cli(main, "cam_infer")

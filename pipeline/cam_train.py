@@ -1,4 +1,4 @@
-"""Stage ``cam_train``: train MCTformer-V2 on image-level labels (METHOD.md §1).
+"""Stage ``cam_train``: train MCTformer-V2 on image-level labels (docs/METHOD.md §1).
 
 Both outputs (class-token logits, GAP of the PatchCAMs) are trained with the
 multi-label soft-margin loss; AdamW with ``lr * batch_size / 512``, linear
@@ -14,7 +14,6 @@ per epoch) under ``dvclive/cam_train/``; clears its checkpoints when done.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,24 +21,26 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dvclive import Live
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from weakclip_core.artifacts.atomic import sha256_of_file
-from weakclip_core.config import Params, load_params, to_plain
+from weakclip_core.config import Params, to_plain
 from weakclip_core.data.classification import (ClassificationAugment, ClassificationDataset, EpochBatchSampler,
                                                steps_per_epoch)
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
-from weakclip_core.runtime.distributed import (DistributedContext, ShardedBatchSampler, all_reduce_mean, broadcast_from_main,
-                                       distributed_context, launch_stage, per_process_batch_size, run_on_main,
-                                       shard_loss_weight, single_process_context, wrap_model)
+from weakclip_core.runtime.distributed import (DistributedContext, ShardedBatchSampler, broadcast_from_main,
+                                               per_process_batch_size, run_on_main, shard_loss_weight,
+                                               single_process_context, wrap_model)
 from weakclip_core.evaluation.metrics import mean_average_precision
 from weakclip_core.models.mctformer import MCTformerV2, build_mctformer
-from weakclip_core.training.checkpoint import (CHECKPOINT_ROOT, Checkpointer, save_final_model, set_lr, trim_live_history,
-                                    warmup_cosine_lr)
-from weakclip_core.errors import run_stage_cli
+from weakclip_core.artifacts.model_file import save_final_model
+from weakclip_core.config.schema import ConfigError
+from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
+from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
+from weakclip_core.training.schedules import warmup_cosine_lr
+
+from pipeline._stage import LiveLog, StageSpec, params_key, run_stage, run_stage_cli
 
 STAGE = "cam_train"
 
@@ -104,7 +105,8 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
     device = context.device
     n_foreground = dataset.n_classes - 1
 
-    model = build_mctformer(arch, n_foreground).to(device)
+    with params_key("cam.arch"):
+        model = build_mctformer(arch, n_foreground).to(device)
     base_lr = train.lr * train.batch_size / 512
     optimizer = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=base_lr)
 
@@ -123,71 +125,51 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
                     "labels_sha256": sha256_of_file(dataset.root / LABELS_FILE)},
     }, root=paths.checkpoint_root)
     start_step, extra = checkpointer.resume(model, optimizer)
-    loss_sum, loss_batches = float(extra.get("epoch_loss_sum", 0.0)), int(extra.get("epoch_loss_batches", 0))
 
     batch_sampler = EpochBatchSampler(len(train_set), train.batch_size, seed, total_steps, start_step)
     if context.is_distributed:  # each rank takes its slice of the global batch one process would take
         per_process_batch_size(train.batch_size, context, "cam.train.batch_size")
         last_batch = len(train_set) - (epoch_steps - 1) * train.batch_size
         if last_batch < context.world_size:
-            raise ValueError(f"cam.train.batch_size: the last batch of an epoch holds {last_batch} image(s), "
-                             f"fewer than runtime.nproc = {context.world_size}; change the batch size")
+            raise ConfigError(f"cam.train.batch_size: the last batch of an epoch holds {last_batch} image(s), "
+                              f"fewer than runtime.nproc = {context.world_size}; change the batch size")
         batch_sampler = ShardedBatchSampler(batch_sampler, context)
     loader = DataLoader(train_set, num_workers=train.workers, batch_sampler=batch_sampler,
                         generator=torch.Generator().manual_seed(seed))
     val_loader = DataLoader(val_set, batch_size=max(train.batch_size, 32), num_workers=train.workers)
     trained_model = wrap_model(model, context)  # ``model`` itself alone; its DDP wrapper under torchrun
 
-    if start_step > 0 and context.is_main:  # rows of epochs that ended after the checkpoint are logged again
-        trim_live_history(paths.live_dir, start_step // epoch_steps)
-    live = (Live(str(paths.live_dir), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
-            if context.is_main else None)
+    live = LiveLog(paths.live_dir, start_step, lambda done: (done - 1) // epoch_steps) if context.is_main else None
     val_maps = (float(extra.get("val_map_class_token", 0.0)), float(extra.get("val_map_patch_cam", 0.0)))
-    progress = tqdm(total=total_steps, initial=start_step, desc=STAGE, unit="step",
-                    disable=not (show_progress and context.is_main))
-    steps_this_run = 0
-    for step, (images, labels) in enumerate(loader, start=start_step):
-        lr = warmup_cosine_lr(step, total_steps, base_lr, warmup_steps)
-        set_lr(optimizer, lr)
-        model.train()
-        images, labels = images.to(device), labels.to(device)
+
+    def compute_losses(step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, labels = batch[0].to(device), batch[1].to(device)
         output = trained_model(images)
         loss = (F.multilabel_soft_margin_loss(output.class_logits, labels)
                 + F.multilabel_soft_margin_loss(output.patch_logits, labels))
         if context.is_distributed:  # DDP's gradient average becomes the global batch's mean
             global_batch = min(train.batch_size, len(train_set) - (step % epoch_steps) * train.batch_size)
             loss = loss * shard_loss_weight(len(images), global_batch, context)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_value = all_reduce_mean(loss.detach(), context).item()
-        if not math.isfinite(loss_value):
-            raise RuntimeError(f"{STAGE}: loss became {loss_value} at step {step} (lower cam.train.lr?)")
-        loss_sum, loss_batches = loss_sum + loss_value, loss_batches + 1
-        done = step + 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-        epoch_end = done % epoch_steps == 0 or done == total_steps
-        if epoch_end and live is not None:
-            val_maps = evaluate_map(model, val_loader, device)
-            live.step = (done - 1) // epoch_steps
-            live.log_metric("train/loss", loss_sum / loss_batches)
-            live.log_metric("train/lr", lr)
-            live.log_metric("val/map_class_token", val_maps[0])
-            live.log_metric("val/map_patch_cam", val_maps[1])
-            live.next_step()
-        if epoch_end:
-            loss_sum, loss_batches = 0.0, 0
-        if (epoch_end or done % train.checkpoint_every == 0) and context.is_main:
-            checkpointer.save(model, optimizer, done, extra={
-                "epoch_loss_sum": loss_sum, "epoch_loss_batches": loss_batches,
-                "val_map_class_token": val_maps[0], "val_map_patch_cam": val_maps[1],
-                "data_order": {"seed": seed, "epoch": (done - 1) // epoch_steps, "steps_per_epoch": epoch_steps}})
-        steps_this_run += 1
-        if stop_after_steps is not None and steps_this_run >= stop_after_steps and done < total_steps:
-            progress.close()
-            return None
-    progress.close()
+        return {"loss": loss}
+
+    def end_of_epoch(window: WindowEnd) -> None:
+        nonlocal val_maps
+        val_maps = evaluate_map(model, val_loader, device)
+        assert live is not None
+        live.log_window(window.done, window.mean_losses, window.lr,
+                        {"val/map_class_token": val_maps[0], "val/map_patch_cam": val_maps[1]})
+
+    result = run_training_loop(
+        name=STAGE, lr_key="cam.train.lr",
+        plan=LoopPlan(total_steps=total_steps, window_steps=epoch_steps, checkpoint_every=train.checkpoint_every,
+                      lr_at=lambda step: warmup_cosine_lr(step, total_steps, base_lr, warmup_steps)),
+        batches=loader, start_step=start_step, model=model, optimizer=optimizer, compute_losses=compute_losses,
+        context=context, checkpointer=checkpointer, state=LoopState.from_dict(extra.get("loop")),
+        on_window_end=end_of_epoch,
+        checkpoint_extra=lambda: {"val_map_class_token": val_maps[0], "val_map_patch_cam": val_maps[1]},
+        stop_after_steps=stop_after_steps, show_progress=show_progress)
+    if not result.finished:
+        return None
 
     def write_outputs() -> tuple[float, float]:
         save_final_model(paths.model, model.cpu(), config={"arch": to_plain(arch), "n_classes": n_foreground},
@@ -203,24 +185,21 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
     return CamTrainResult(paths.model, total_steps, val_maps[0], val_maps[1])
 
 
+def run(params: Params, args: argparse.Namespace, context: DistributedContext) -> str | None:
+    result = train_cam_model(params, context=context)
+    assert result is not None
+    return (f"{STAGE}: {result.steps} steps, val mAP class-token {result.val_map_class_token:.3f}, "
+            f"PatchCAM {result.val_map_patch_cam:.3f} -> {result.model_path}")
+
+
+SPEC = StageSpec(name=STAGE, module="pipeline.cam_train", description=__doc__.splitlines()[0], run=run,
+                 global_batches=lambda params: {"cam.train.batch_size": params.cam.train.batch_size})
+
+
 def main(argv: list[str] | None = None) -> int | None:
     """Run the stage; with ``runtime.launcher: torchrun`` first relaunch it as ``runtime.nproc`` DDP workers."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    torchrun_code = launch_stage("pipeline.cam_train", params.runtime, argv,
-                                 {"cam.train.batch_size": params.cam.train.batch_size})
-    if torchrun_code is not None:
-        return torchrun_code
-    with distributed_context(params.runtime.device) as context:
-        result = train_cam_model(params, context=context)
-    assert result is not None
-    if context.is_main:
-        print(f"{STAGE}: {result.steps} steps, val mAP class-token {result.val_map_class_token:.3f}, "
-              f"PatchCAM {result.val_map_patch_cam:.3f} -> {result.model_path}")
-    return None
+    return run_stage(SPEC, argv)
 
 
 if __name__ == "__main__":
-    run_stage_cli(main, "cam_train")
+    run_stage_cli(main, STAGE)

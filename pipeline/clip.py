@@ -15,7 +15,6 @@ metrics show whether the knowledge WeakCLIP relies on is real.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,17 +22,18 @@ import numpy as np
 import open_clip
 import torch
 
-from weakclip_core.artifacts.atomic import atomic_dir, write_json
+from weakclip_core.artifacts.atomic import atomic_dir, sha256_of_file, write_json
 from weakclip_core.models.clip import build_clip, clip_from_config, clip_model_config, save_clip_artifact
 from weakclip_core.training.clip_pretrain import (PROMPT_TEMPLATE, CaptionPairs, pretrain_clip, resize_for_clip,
                                          zero_shot_report, zero_shot_scores)
-from weakclip_core.config import Params, load_params, to_plain
-from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.config import Params, to_plain
+from weakclip_core.data.layout import CAPTIONS_FILE, PreparedDataset
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
-from weakclip_core.runtime.distributed import (DistributedContext, broadcast_from_main, distributed_context, launch_stage,
-                                       run_on_main, single_process_context)
+from weakclip_core.runtime.distributed import (DistributedContext, broadcast_from_main, run_on_main,
+                                               single_process_context)
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
-from weakclip_core.errors import run_stage_cli
+
+from pipeline._stage import StageSpec, run_stage, run_stage_cli
 
 ARTIFACT_DIR = Path("artifacts/clip")
 METRICS_PATH = Path("metrics/clip.json")
@@ -61,16 +61,15 @@ def evaluate_zero_shot(model: torch.nn.Module, dataset: PreparedDataset, split: 
 
 
 def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = METRICS_PATH,
-        checkpoint_root: Path | None = None, stop_after_step: int | None = None,
+        checkpoint_root: Path | None = None, stop_after_steps: int | None = None,
         context: DistributedContext | None = None) -> dict | None:
     """Build/train/load the CLIP, write the artifact and the zero-shot metrics; returns the metrics.
 
-    ``stop_after_step`` (tests) stops pre-training after that many steps with a
-    checkpoint and writes nothing else; the next run resumes from it. Under DDP
+    ``stop_after_steps`` (tests) stops pre-training after that many steps as if killed and writes nothing
+    else; the next run resumes from the last checkpoint. Under DDP
     (``context`` from torchrun) the pre-training is data-parallel and rank 0
     alone evaluates and writes; every rank returns rank 0's metrics.
     """
-    started = time.perf_counter()
     cfg = params.clip
     set_threads(params.runtime.threads)
     context = context or single_process_context(resolve_device(params.runtime.device))
@@ -83,18 +82,19 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
         tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=cfg.arch.context_length)
         pairs = CaptionPairs(dataset, dataset.split(params.dataset.train_split), cfg.arch.image_size,
                              params.runtime.seed, cfg.pretrain.caption_dropout)
-        checkpoint_config = {"clip": to_plain(cfg), "dataset": to_plain(params.dataset),
-                             "seed": params.runtime.seed}
+        checkpoint_config = {"clip": to_plain(cfg), "seed": params.runtime.seed,  # what the pairs are made of:
+                             "dataset": {"prepared_dir": params.dataset.prepared_dir,
+                                         "train_split": params.dataset.train_split,
+                                         "captions_sha256": sha256_of_file(dataset.root / CAPTIONS_FILE)}}
         checkpointer = Checkpointer("clip", checkpoint_config, root=checkpoint_root or CHECKPOINT_ROOT)
         result = pretrain_clip(model, pairs, tokenizer, cfg.pretrain, device, checkpointer, params.runtime.seed,
-                               stop_after_step=stop_after_step, context=context)
+                               stop_after_steps=stop_after_steps, context=context)
         if not result.finished:
             return None
-        # No wall time in the artifact (it goes to the metrics only): a re-run with the same weights must
+        # No wall time here (the stage runner keeps it in timings/): a re-run with the same weights must
         # write the same bytes, or DVC would re-run every stage downstream of an unchanged CLIP.
         info["pretrain"] = {"steps": result.steps_done, "final_loss": result.final_loss,
                             "logit_scale": result.logit_scale, "pairs": len(pairs)}
-        pretrain_seconds = round(time.perf_counter() - started, 1)
     else:
         checkpointer = None
     if not context.is_main:  # rank 0 evaluates and writes; the others wait for its metrics
@@ -119,8 +119,7 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
         "random_init_map": reference["map"],
         "random_init_top1": reference["top1"],
         "per_class_ap": quality["per_class_ap"],
-        **({"pretrain": {**info["pretrain"], "train_s": pretrain_seconds}} if "pretrain" in info else {}),
-        "wall_s": round(time.perf_counter() - started, 1),
+        **({"pretrain": info["pretrain"]} if "pretrain" in info else {}),
     }
     with atomic_dir(artifact_dir) as temporary_dir:
         save_clip_artifact(temporary_dir, model.cpu(), cfg,
@@ -131,23 +130,23 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
     return broadcast_from_main(run_on_main(context, lambda: metrics), context)
 
 
+def summary_line(params: Params, args: argparse.Namespace, context: DistributedContext) -> str | None:
+    metrics = run(params, context=context)
+    if metrics is None:
+        return None
+    return (f"clip ({metrics['source']}): zero-shot mAP {metrics['zero_shot_map']:.3f} "
+            f"top-1 {metrics['zero_shot_top1']:.3f} on {metrics['split']} "
+            f"(random init: mAP {metrics['random_init_map']:.3f}, top-1 {metrics['random_init_top1']:.3f})")
+
+
+SPEC = StageSpec(name="clip", module="pipeline.clip", description=__doc__.splitlines()[0], run=summary_line,
+                 global_batches=lambda params: ({"clip.pretrain.batch_size": params.clip.pretrain.batch_size}
+                                                if params.clip.source == "pretrain" else {}))
+
+
 def main(argv: list[str] | None = None) -> int | None:
     """Run the stage; with ``runtime.launcher: torchrun`` the pre-training runs as ``runtime.nproc`` DDP workers."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    batches = {"clip.pretrain.batch_size": params.clip.pretrain.batch_size} if params.clip.source == "pretrain" else {}
-    torchrun_code = launch_stage("pipeline.clip", params.runtime, argv, batches) if batches else None
-    if torchrun_code is not None:
-        return torchrun_code
-    with distributed_context(params.runtime.device) as context:
-        metrics = run(params, context=context)
-    if metrics is not None and context.is_main:
-        print(f"clip ({metrics['source']}): zero-shot mAP {metrics['zero_shot_map']:.3f} "
-              f"top-1 {metrics['zero_shot_top1']:.3f} on {metrics['split']} "
-              f"(random init: mAP {metrics['random_init_map']:.3f}, top-1 {metrics['random_init_top1']:.3f}), "
-              f"{metrics['wall_s']} s")
+    return run_stage(SPEC, argv)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from weakclip_core.artifacts.atomic import atomic_dir, write_text
-from weakclip_core.config import Params, load_params
+from weakclip_core.config import Params
 from weakclip_core.data.coco import prepare_coco
 from weakclip_core.data.layout import CAPTIONS_FILE, DatasetError, PreparedDataset, write_labels, write_split
 from weakclip_core.data.preview import write_dataset_preview
 from weakclip_core.data.synthetic import class_names, generate_synthetic
 from weakclip_core.data.voc import prepare_voc
-from weakclip_core.errors import run_stage_cli
+
+from pipeline._stage import StageSpec, run_stage, run_stage_cli
 
 PREVIEW_PATH = Path("reports/dataset_preview.png")
 
@@ -90,19 +91,22 @@ def class_frequencies(prepared: PreparedDataset, split: str) -> Counter[str]:
     return Counter(prepared.class_names[c] for image_id in prepared.split(split) for c in prepared.labels[image_id])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    arguments = parser.parse_args(argv)
-    params = load_params(arguments.params)
-    summary = run(params, progress=not arguments.no_progress)
-    print(summary.describe())
+def summary_line(params: Params, args: argparse.Namespace, context: None) -> str:
+    summary = run(params, progress=not args.no_progress)
     frequencies = class_frequencies(PreparedDataset.open(summary.root), params.dataset.train_split)
-    print("images per class (" + params.dataset.train_split + "): "
-          + ", ".join(f"{name} {count}" for name, count in sorted(frequencies.items(), key=lambda kv: -kv[1])))
-    print(f"preview: {PREVIEW_PATH}")
+    return "\n".join([summary.describe(),
+                      "images per class (" + params.dataset.train_split + "): "
+                      + ", ".join(f"{name} {count}" for name, count in sorted(frequencies.items(), key=lambda kv: -kv[1])),
+                      f"preview: {PREVIEW_PATH}"])
 
+
+SPEC = StageSpec(name="prepare", module="pipeline.prepare", description=__doc__.splitlines()[0], run=summary_line,
+                 add_arguments=lambda parser: parser.add_argument("--no-progress", action="store_true",
+                                                                  help="hide progress bars"))
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    return run_stage(SPEC, argv)
 
 if __name__ == "__main__":
     run_stage_cli(main, "prepare")

@@ -1,4 +1,4 @@
-"""Stage ``pseudo_masks``: WeakCLIP pseudo masks of the train split, refined by dense CRF (METHOD.md §3).
+"""Stage ``pseudo_masks``: WeakCLIP pseudo masks of the train split, refined by dense CRF (docs/METHOD.md §3).
 
 1. Inference at ``pseudo.scales``, each with horizontal flip (sliding ``crop``/``stride`` windows; smaller
    images padded), softmax probabilities averaged at the image size and restricted to the image's labels
@@ -8,6 +8,8 @@
    a batch are submitted as soon as its probabilities exist, so the model's forward and the CRF overlap.
    A labelled class left with no pixel is boosted and the CRF run again (``pseudo.absent_class_odds_ratio``,
    ``weakclip_core.method.absent_classes``; 0 = off), so every mask agrees with its image's labels where it can.
+   That per-image computation is ``weakclip_core.method.refine.refine_probabilities``; this stage writes
+   what it returns.
 3. Masks are written (atomically) into a work folder outside DVC's outputs,
    ``checkpoints/pseudo_masks/<config hash>/`` (DVC deletes declared outputs before it re-runs a stage):
    ``masks/<id>.png`` after CRF and repair, ``raw/<id>.png`` the plain argmax, and an append-only manifest per
@@ -48,21 +50,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from weakclip_core.method.absent_classes import absent_classes, boost_absent_classes
 from weakclip_core.artifacts.atomic import atomic_dir, remove_stale_temporaries, sha256_of_file, write_json
-from weakclip_core.config import Params, load_params, to_plain
+from weakclip_core.config import Params, to_plain
 from weakclip_core.config.weakclip import CrfConfig
-from weakclip_core.method.crf import dense_crf
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset, read_mask, write_mask
 from weakclip_core.data.segmentation import ground_truth_dirs, refuse_ground_truth_dir
 from weakclip_core.runtime.device import resolve_device, set_threads
 from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_image_batch
+from weakclip_core.method.refine import refine_probabilities
 from weakclip_core.evaluation.metrics import ConfusionAccumulator, confusion_matrix, iou_report
 from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_overlay
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, config_hash
 from weakclip_core.artifacts.weakclip import load_weakclip_model
 from weakclip_core.runtime.processes import die_with_parent
-from weakclip_core.errors import require_input, run_stage_cli
+
+from pipeline._stage import StageSpec, require_input, run_stage, run_stage_cli
 
 STAGE = "pseudo_masks"
 PROVENANCE_FILE = "provenance.json"
@@ -194,7 +196,8 @@ def remove_killed_writers_temporaries(params: Params, paths: PseudoPaths, work_d
 
 @dataclass(frozen=True)
 class RefineJob:
-    """One image's CRF job: its probabilities over its ``classes`` only ((n, H, W), rows in ``classes`` order)."""
+    """One image's CRF job, pickled to a worker: its probabilities over its ``classes`` only ((n, H, W), rows in
+    ``classes`` order), the refinement settings, and where its two PNGs go."""
 
     image_id: str
     image: np.ndarray
@@ -205,36 +208,20 @@ class RefineJob:
     work_dir: Path
 
 
-def refined_mask(job: RefineJob, probabilities: np.ndarray) -> np.ndarray:
-    """(H, W) uint8 class ids: the argmax after the dense CRF (or of ``probabilities`` without one)."""
-    classes = np.asarray(job.classes, dtype=np.uint8)
-    if job.crf is None:
-        return classes[probabilities.argmax(axis=0)]
-    return classes[dense_crf(job.image, probabilities, job.crf).argmax(axis=0)]
-
-
 def refine_and_write(job: RefineJob) -> dict[str, Any]:
-    """Argmax before CRF (raw) and after CRF + absent-class repair (mask), both written atomically.
+    """Refine one image (``weakclip_core.method.refine``) and write its raw and final masks atomically.
 
-    Runs in a CRF worker process. Class ids map back through ``job.classes``, so a class outside the
-    image's labels + background can never be written. When a labelled class has no pixel after the CRF
-    and the repair is on, its probability is boosted (``weakclip_core.method.absent_classes``) and the CRF runs
-    again. Returns the manifest entry, with how many labelled classes were absent before and after.
+    Runs in a CRF worker process. Returns the manifest entry: both PNGs' checksums and how many labelled
+    classes had no pixel before and after the absent-class repair.
     """
-    classes = np.asarray(job.classes, dtype=np.uint8)
-    raw = classes[job.probabilities.argmax(axis=0)]
-    refined = refined_mask(job, job.probabilities)
-    absent_before = absent_classes(refined, job.classes)
-    if absent_before and job.absent_class_odds_ratio > 0:
-        refined = refined_mask(job, boost_absent_classes(job.probabilities, job.classes, absent_before,
-                                                         job.absent_class_odds_ratio))
+    refined = refine_probabilities(job.image, job.probabilities, job.classes, job.crf, job.absent_class_odds_ratio)
     raw_path = job.work_dir / "raw" / f"{job.image_id}.png"
     mask_path = job.work_dir / "masks" / f"{job.image_id}.png"
-    write_mask(raw_path, raw)
-    write_mask(mask_path, refined)
+    write_mask(raw_path, refined.raw)
+    write_mask(mask_path, refined.final)
     return {"id": job.image_id, "mask_sha256": sha256_of_file(mask_path), "raw_sha256": sha256_of_file(raw_path),
-            "absent_before_repair": len(absent_before),
-            "absent_after_repair": len(absent_classes(refined, job.classes))}
+            "absent_before_repair": len(refined.absent_before_repair),
+            "absent_after_repair": len(refined.absent_after_repair)}
 
 
 # --------------------------------------------------------------------------- inference over a shard
@@ -358,7 +345,7 @@ def check_gt_claim(metrics: dict[str, Any], upstream: dict[str, Any]) -> None:
                               f"WeakCLIP trained on were thresholded with GT ({SEEDS_GT_FLAG}=true upstream)")
 
 
-def assemble(params: Params, paths: PseudoPaths = PseudoPaths(), started: float | None = None) -> dict[str, Any]:
+def assemble(params: Params, paths: PseudoPaths = PseudoPaths()) -> dict[str, Any]:
     """Outputs from a complete work folder: the mask folder, ``metrics/pseudo.json``, ``reports/pseudo/``."""
     pseudo = params.pseudo
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
@@ -445,38 +432,42 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths(), started: float 
         "cam_variant": upstream["cam_variant"],
         "worst_images": {image_id: per_image_miou[image_id] for image_id in worst},
     }
-    if started is not None:
-        metrics["wall_s"] = round(time.perf_counter() - started, 1)
     check_gt_claim(metrics, upstream)
     write_json(paths.metrics, metrics)
     shutil.rmtree(work_dir, ignore_errors=True)
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    parser.add_argument("--shard", type=Shard.parse, default=Shard(),
-                        help="i/n: process only batches i, i+n, ... (run every shard, then --merge)")
-    parser.add_argument("--merge", action="store_true", help="assemble the outputs of finished shards")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
+def summary_line(params: Params, args: argparse.Namespace, context: None) -> str:
     started = time.perf_counter()
     if not args.merge:
         written = run_shard(params, args.shard)
-        print(f"{STAGE}: shard {args.shard.index}/{args.shard.count} wrote {written} masks "
-              f"in {time.perf_counter() - started:.1f} s")
+        lines = [f"{STAGE}: shard {args.shard.index}/{args.shard.count} wrote {written} masks "
+                 f"in {time.perf_counter() - started:.1f} s"]
         if args.shard.count > 1:
-            print(f"{STAGE}: when every shard is done, run `python -m pipeline.{STAGE} --merge`")
-            return
-    metrics = assemble(params, started=started)
-    before = metrics["miou_before_crf"]
-    print(f"{STAGE}: {metrics['split']} mIoU {metrics['miou']} (before CRF {before}) over "
-          f"{metrics['n_scored']} of {metrics['n_images']} images, {time.perf_counter() - started:.1f} s")
+            return "\n".join([*lines, f"{STAGE}: when every shard is done, run `python -m pipeline.{STAGE} --merge`"])
+    metrics = assemble(params)
     repair = metrics["absent_class_repair"]
-    print(f"{STAGE}: labelled classes with no pixel: {repair['absent_before_repair']} of {repair['labelled_pairs']} "
-          f"after CRF, {repair['absent_after_repair']} after the absent-class repair "
-          f"(pseudo.absent_class_odds_ratio {repair['odds_ratio']}; 0 = off)")
+    return "\n".join([
+        f"{STAGE}: {metrics['split']} mIoU {metrics['miou']} (before CRF {metrics['miou_before_crf']}) over "
+        f"{metrics['n_scored']} of {metrics['n_images']} images, {time.perf_counter() - started:.1f} s",
+        f"{STAGE}: labelled classes with no pixel: {repair['absent_before_repair']} of {repair['labelled_pairs']} "
+        f"after CRF, {repair['absent_after_repair']} after the absent-class repair "
+        f"(pseudo.absent_class_odds_ratio {repair['odds_ratio']}; 0 = off)"])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shard", type=Shard.parse, default=Shard(),
+                        help="i/n: process only batches i, i+n, ... (run every shard, then --merge)")
+    parser.add_argument("--merge", action="store_true", help="assemble the outputs of finished shards")
+
+
+SPEC = StageSpec(name=STAGE, module="pipeline.pseudo_masks", description=__doc__.splitlines()[0], run=summary_line,
+                 add_arguments=add_arguments)
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    return run_stage(SPEC, argv)
 
 
 if __name__ == "__main__":

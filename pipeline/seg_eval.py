@@ -1,4 +1,4 @@
-"""Stage ``seg_eval@{pseudo,gt}``: score the retrained segmenter on the val split (METHOD.md §4).
+"""Stage ``seg_eval@{pseudo,gt}``: score the retrained segmenter on the val split (docs/METHOD.md §4).
 
 Single-scale prediction at the image size (sliding ``crop`` windows of the training crop, smaller images
 padded), no label restriction (val labels are not given to a segmenter). Writes
@@ -18,14 +18,15 @@ import numpy as np
 from tqdm import tqdm
 
 from weakclip_core.artifacts.atomic import atomic_dir, write_json
-from weakclip_core.config import Params, load_params
+from weakclip_core.config import Params
 from weakclip_core.data.layout import DatasetError, PreparedDataset
 from weakclip_core.runtime.device import resolve_device, set_threads
 from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
 from weakclip_core.evaluation.metrics import ConfusionAccumulator, confusion_matrix, iou_report
 from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_confusion_matrix, save_overlay
 from weakclip_core.models.segmenter import load_segmenter
-from weakclip_core.errors import require_input, run_stage_cli
+
+from pipeline._stage import StageSpec, require_input, run_stage, run_stage_cli
 
 SOURCES: tuple[str, ...] = ("pseudo", "gt")
 EVAL_BATCH = 16
@@ -128,15 +129,20 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", choices=SOURCES, required=True, help="which trained segmenter to score")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    args = parser.parse_args(argv)
-    metrics = evaluate_segmenter(load_params(args.params), args.source)
-    print(f"seg_eval@{args.source}: {metrics['split']} mIoU {100 * metrics['miou']:.2f} "
-          f"over {metrics['n_images']} images -> {SegEvalPaths().metrics(args.source)}")
+def summary_line(params: Params, args: argparse.Namespace, context: None) -> str:
+    metrics = evaluate_segmenter(params, args.source)
+    return (f"seg_eval@{args.source}: {metrics['split']} mIoU {100 * metrics['miou']:.2f} "
+            f"over {metrics['n_images']} images -> {SegEvalPaths().metrics(args.source)}")
 
+
+SPEC = StageSpec(name="seg_eval", module="pipeline.seg_eval", description=__doc__.splitlines()[0], run=summary_line,
+                 add_arguments=lambda parser: parser.add_argument("--source", choices=SOURCES, required=True,
+                                                                  help="which trained segmenter to score"),
+                 label=lambda args: f"seg_eval@{args.source}")
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    return run_stage(SPEC, argv)
 
 if __name__ == "__main__":
     run_stage_cli(main, "seg_eval")

@@ -1,4 +1,4 @@
-"""Stage ``seg_train@{pseudo,gt}``: retrain a fully-supervised segmenter on pseudo masks or on GT (METHOD.md §4).
+"""Stage ``seg_train@{pseudo,gt}``: retrain a fully-supervised segmenter on pseudo masks or on GT (docs/METHOD.md §4).
 
 ``--source pseudo`` reads ``pseudo.output_dir`` (refused when it resolves to a GT folder); ``--source gt``
 reads the prepared ``SegmentationClass``: the same trainer gives the fully-supervised upper bound.
@@ -21,23 +21,25 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from dvclive import Live
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from weakclip_core.config import Params, load_params, to_plain
+from weakclip_core.config import Params, to_plain
 from weakclip_core.data.layout import IGNORE_INDEX, DatasetError, PreparedDataset, read_checked_mask, read_image_size
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.segmentation import MaskedImageDataset, ground_truth_dirs, refuse_ground_truth_dir
 from weakclip_core.data.transforms import DenseAugmentation
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
-from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, all_reduce_mean, all_reduce_sum,
-                                       distributed_context, launch_stage, per_process_batch_size,
-                                       run_on_main, single_process_context, wrap_model)
+from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, all_reduce_sum,
+                                               per_process_batch_size, run_on_main, single_process_context,
+                                               wrap_model)
 from weakclip_core.models.segmenter import SEGMENTER_MEAN, SEGMENTER_STD, build_segmenter, segmenter_record
-from weakclip_core.training.checkpoint import (CHECKPOINT_ROOT, Checkpointer, poly_lr, save_final_model, set_lr,
-                                    trim_live_history, warmup_cosine_lr)
-from weakclip_core.errors import require_input, run_stage_cli
+from weakclip_core.artifacts.model_file import save_final_model
+from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
+from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
+from weakclip_core.training.schedules import poly_lr, warmup_cosine_lr
+
+from pipeline._stage import LiveLog, StageSpec, params_key, require_input, run_stage, run_stage_cli
 
 Source = Literal["pseudo", "gt"]
 SOURCES: tuple[str, ...] = ("pseudo", "gt")
@@ -148,7 +150,8 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
                                    seed, SEGMENTER_MEAN, SEGMENTER_STD)
     check_training_masks(dataset, mask_dir, image_ids, show_progress)
     provenance = mask_provenance(mask_dir, source)
-    model = build_segmenter(seg, dataset.n_classes).to(device)
+    with params_key("seg.encoder_weights"):
+        model = build_segmenter(seg, dataset.n_classes).to(device)
     optimizer = make_optimizer(model, params)
     steps_per_epoch = len(train_set) // train.batch_size
     if steps_per_epoch == 0:
@@ -161,8 +164,6 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
         "dataset": {"prepared_dir": params.dataset.prepared_dir, "train_split": params.dataset.train_split},
         "masks_sha256": mask_fingerprint(mask_dir, image_ids)}, root=paths.checkpoint_root)
     start_step, extra = checkpointer.resume(model, optimizer)
-    loss_sum, loss_batches = float(extra.get("epoch_loss_sum", 0.0)), int(extra.get("epoch_loss_batches", 0))
-    last_loss = float(extra.get("last_loss", math.nan))
 
     sampler = StepSampler(len(train_set), train.batch_size, seed, total_steps, start_step)
     local_batch = per_process_batch_size(train.batch_size, context, "seg.train.batch_size")
@@ -172,53 +173,33 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
                         generator=torch.Generator().manual_seed(seed))  # the loader's own seed draw leaves
     # the global RNG (dropout, drop-path) untouched, so a resumed run continues its exact stream
     trained_model = wrap_model(model, context)  # ``model`` itself alone; DDP with cross-process BN under torchrun
-    if start_step > 0 and context.is_main:  # rows of epochs that ended after the checkpoint are logged again
-        trim_live_history(paths.live_dir(source), start_step // steps_per_epoch)
-    live = (Live(str(paths.live_dir(source)), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+    live = (LiveLog(paths.live_dir(source), start_step, lambda done: (done - 1) // steps_per_epoch)
             if context.is_main else None)
-    progress = tqdm(total=total_steps, initial=start_step, desc=f"seg_train@{source}", unit="step",
-                    disable=not (show_progress and context.is_main))
-    steps_this_run = 0
-    for step, (images, masks) in enumerate(loader, start=start_step):
-        lr = learning_rate(params, step, total_steps)
-        set_lr(optimizer, lr)
-        model.train()
-        logits = trained_model(images.to(device))
-        masks = masks.to(device)
+
+    def compute_losses(step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = trained_model(batch[0].to(device))
+        masks = batch[1].to(device)
         if context.is_distributed:  # sum over this shard / labelled pixels of the global batch, times W:
             # DDP's average over ranks is then the mean over the global batch's labelled pixels
             labelled = all_reduce_sum((masks != IGNORE_INDEX).sum().to(logits.dtype), context)
-            loss = (F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
-                    * (context.world_size / labelled))
-        else:
-            loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        last_loss = all_reduce_mean(loss.detach(), context).item()
-        if not math.isfinite(last_loss):
-            raise RuntimeError(f"seg_train@{source}: loss became {last_loss} at step {step} (lower seg.train.lr?)")
-        loss_sum, loss_batches = loss_sum + last_loss, loss_batches + 1
-        done = step + 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}")
-        epoch_end = done % steps_per_epoch == 0 or done == total_steps
-        if epoch_end and live is not None:
-            live.step = (done - 1) // steps_per_epoch
-            live.log_metric("train/loss", loss_sum / loss_batches)
-            live.log_metric("train/lr", lr)
-            live.next_step()
-        if epoch_end:
-            loss_sum, loss_batches = 0.0, 0
-        if (epoch_end or done % train.checkpoint_every == 0) and context.is_main:
-            checkpointer.save(model, optimizer, done, extra={"epoch_loss_sum": loss_sum,
-                                                              "epoch_loss_batches": loss_batches,
-                                                              "last_loss": last_loss})
-        steps_this_run += 1
-        if stop_after_steps is not None and steps_this_run >= stop_after_steps and done < total_steps:
-            progress.close()
-            return None
-    progress.close()
+            return {"loss": F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
+                    * (context.world_size / labelled)}
+        return {"loss": F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)}
+
+    def end_of_epoch(window: WindowEnd) -> None:
+        assert live is not None
+        live.log_window(window.done, window.mean_losses, window.lr)
+
+    result = run_training_loop(
+        name=f"seg_train@{source}", lr_key="seg.train.lr",
+        plan=LoopPlan(total_steps=total_steps, window_steps=steps_per_epoch, checkpoint_every=train.checkpoint_every,
+                      lr_at=lambda step: learning_rate(params, step, total_steps)),
+        batches=loader, start_step=start_step, model=model, optimizer=optimizer, compute_losses=compute_losses,
+        context=context, checkpointer=checkpointer, state=LoopState.from_dict(extra.get("loop")),
+        on_window_end=end_of_epoch, stop_after_steps=stop_after_steps, show_progress=show_progress)
+    if not result.finished:
+        return None
+    last_loss = result.last_losses.get("loss", math.nan)
 
     model_path = paths.model(source)
 
@@ -234,24 +215,23 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
     return SegTrainResult(model_path, total_steps, last_loss)
 
 
+def run(params: Params, args: argparse.Namespace, context: DistributedContext) -> str | None:
+    result = train_segmenter(params, args.source, context=context)
+    assert result is not None
+    return f"seg_train@{args.source}: {result.steps} steps, last loss {result.final_loss:.4f} -> {result.model_path}"
+
+
+SPEC = StageSpec(
+    name="seg_train", module="pipeline.seg_train", description=__doc__.splitlines()[0], run=run,
+    add_arguments=lambda parser: parser.add_argument("--source", choices=SOURCES, required=True,
+                                                     help="train on pseudo masks or on GT masks"),
+    global_batches=lambda params: {"seg.train.batch_size": params.seg.train.batch_size},
+    label=lambda args: f"seg_train@{args.source}")
+
+
 def main(argv: list[str] | None = None) -> int | None:
     """Run the stage; with ``runtime.launcher: torchrun`` first relaunch it as ``runtime.nproc`` DDP workers."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", choices=SOURCES, required=True, help="train on pseudo masks or on GT masks")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    torchrun_code = launch_stage("pipeline.seg_train", params.runtime, argv,
-                                 {"seg.train.batch_size": params.seg.train.batch_size})
-    if torchrun_code is not None:
-        return torchrun_code
-    with distributed_context(params.runtime.device) as context:
-        result = train_segmenter(params, args.source, context=context)
-    assert result is not None
-    if context.is_main:
-        print(f"seg_train@{args.source}: {result.steps} steps, last loss {result.final_loss:.4f} "
-              f"-> {result.model_path}")
-    return None
+    return run_stage(SPEC, argv)
 
 
 if __name__ == "__main__":

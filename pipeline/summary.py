@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from weakclip_core.artifacts.atomic import write_json, write_text
-from weakclip_core.config import Params, load_params
-from weakclip_core.errors import run_stage_cli
+from weakclip_core.config import Params
+
+from pipeline._stage import StageSpec, run_stage, run_stage_cli
 
 SUMMARY_KEYS = ("cam_miou", "weakclip_miou", "pseudo_miou", "seg_pseudo_miou", "seg_gt_miou", "wsss_fsss_ratio")
 GT_FLAG_KEYS = ("threshold_chosen_with_gt", "thresholds_chosen_with_gt")
@@ -257,13 +258,16 @@ def write_summary(params: Params, paths: SummaryPaths = SummaryPaths()) -> dict[
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    args = parser.parse_args(argv)
-    summary = write_summary(load_params(args.params))
-    print("summary: " + ", ".join(f"{key} {value:.4f}" for key, value in summary.items()))
+def summary_line(params: Params, args: argparse.Namespace, context: None) -> str:
+    summary = write_summary(params)
+    return "summary: " + ", ".join(f"{key} {value:.4f}" for key, value in summary.items())
 
+
+SPEC = StageSpec(name="summary", module="pipeline.summary", description=__doc__.splitlines()[0], run=summary_line)
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    return run_stage(SPEC, argv)
 
 if __name__ == "__main__":
     run_stage_cli(main, "summary", (SummaryError,))

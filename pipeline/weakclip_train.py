@@ -1,4 +1,4 @@
-"""Stage ``weakclip_train``: train WeakCLIP on CAM seeds with the frozen CLIP (METHOD.md §2).
+"""Stage ``weakclip_train``: train WeakCLIP on CAM seeds with the frozen CLIP (docs/METHOD.md §2).
 
 Reads the CLIP artifact (``artifacts/clip``), the CAM store of the train split
 (``artifacts/cams/train.h5``, checked against the dataset's classes and ids)
@@ -21,7 +21,6 @@ mIoU of the seeds it trained on.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,35 +28,36 @@ from typing import Any
 
 import numpy as np
 import torch
-from dvclive import Live
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from weakclip_core.artifacts.atomic import sha256_of_file, write_json
 from weakclip_core.artifacts.cam_store import CamStoreReader
 from weakclip_core.models.clip import load_clip_artifact
-from weakclip_core.config import Params, load_params, to_plain
+from weakclip_core.config import Params, to_plain
 from weakclip_core.method.crf import CrfPool
 from weakclip_core.data.layout import IGNORE_INDEX, LABELS_FILE, PreparedDataset
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
 from weakclip_core.data.transforms import DenseAugmentation
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
-from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, all_reduce_mean, broadcast_from_main,
-                                       distributed_context, launch_stage, per_process_batch_size, run_on_main,
-                                       single_process_context, wrap_model)
+from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, broadcast_from_main,
+                                               per_process_batch_size, run_on_main, single_process_context,
+                                               wrap_model)
 from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
 from weakclip_core.method.losses import weakclip_losses
 from weakclip_core.evaluation.metrics import ConfusionAccumulator
 from weakclip_core.models.weakclip.model import WeakCLIP
-from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer, set_lr, trim_live_history, warmup_cosine_lr
+from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
+from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
+from weakclip_core.training.schedules import warmup_cosine_lr
 from weakclip_core.artifacts.weakclip import clip_weights_sha256, save_weakclip_model, trainable_modules
-from weakclip_core.errors import require_input, run_stage_cli
+
+from pipeline._stage import LiveLog, StageSpec, params_key, require_input, run_stage, run_stage_cli
 
 STAGE = "weakclip_train"
 LOG_EVERY = 10
 EVAL_BATCH = 16
-LOSS_PARTS = ("loss", "seed_loss", "boundary_loss", "aux_loss")
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,6 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     (each rank loads it from the artifact); the losses are per-shard means that
     DDP averages; only rank 0 evaluates and writes.
     """
-    started = time.perf_counter()
     cfg, train = params.weakclip, params.weakclip.train
     seed = params.runtime.seed
     set_threads(params.runtime.threads)
@@ -136,7 +135,9 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     seeds = seed_quality(seed_masks, dataset, scored_ids)  # before training: a broken GT mask stops it here
 
     seed_everything(seed)
-    model = WeakCLIP(load_clip_artifact(require_input(paths.clip_dir, "clip")), dataset.class_names, cfg).to(device)
+    clip = load_clip_artifact(require_input(paths.clip_dir, "clip"))
+    with params_key("weakclip"):  # prompt and context lengths, taps: the model's terms, our keys
+        model = WeakCLIP(clip, dataset.class_names, cfg.arch()).to(device)
     learned = trainable_modules(model)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=train.lr, weight_decay=train.weight_decay)
     checkpointer = Checkpointer(STAGE, {
@@ -146,8 +147,6 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
                     "labels_sha256": sha256_of_file(dataset.root / LABELS_FILE)},
     }, root=paths.checkpoint_root)
     start_step, extra = checkpointer.resume(learned, optimizer)
-    window = {part: float(extra.get("window", {}).get(part, 0.0)) for part in LOSS_PARTS}
-    window_steps = int(extra.get("window_steps", 0))
 
     augmentation = DenseAugmentation(crop=train.crop, scale_min=train.scale_min, scale_max=train.scale_max)
     training_set = SeededTrainingSet(dataset, image_ids, seed_masks, augmentation, seed)
@@ -158,55 +157,36 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
                         else sampler,
                         generator=torch.Generator().manual_seed(seed))
     trained_model = wrap_model(model, context, frozen_prefixes=("clip.",))  # DDP over the learned parts only
-    if start_step > 0 and context.is_main:  # rows logged after the checkpoint are logged again below
-        trim_live_history(paths.live_dir, start_step + 1)
-    live = (Live(str(paths.live_dir), resume=start_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
-            if context.is_main else None)
-    progress = tqdm(total=train.iterations, initial=start_step, desc=STAGE, unit="step", disable=not show_progress)
-    steps_this_run = 0
+    live = LiveLog(paths.live_dir, start_step, lambda done: done) if context.is_main else None
     train_started = time.perf_counter()
     crf_workers = cfg.loss.crf_workers if cfg.loss.boundary_weight > 0 else 0  # no boundary loss: no CRF to run
     with CrfPool(cfg.loss.crf, crf_workers) as crf_pool:
-        for step, batch in enumerate(loader, start=start_step):
-            lr = warmup_cosine_lr(step, train.iterations, train.lr, train.warmup_iterations, train.min_lr)
-            set_lr(optimizer, lr)
-            model.train()
+
+        def compute_losses(step: int, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             output = trained_model(batch["image"].to(device))
             losses = weakclip_losses(output.logits, output.matching, batch["seed_mask"].to(device),
                                      batch["raw_image"].to(device), cfg.loss, crf_pool)
-            optimizer.zero_grad(set_to_none=True)
-            losses.total.backward()
-            optimizer.step()
-            values = losses.as_floats()
-            if context.is_distributed:  # the logged losses: means over the ranks' shards
-                means = all_reduce_mean(torch.tensor([values[part] for part in LOSS_PARTS], dtype=torch.float64,
-                                                     device=device), context)
-                values = dict(zip(LOSS_PARTS, means.tolist()))
-            if not math.isfinite(values["loss"]):
-                raise RuntimeError(f"{STAGE}: loss became {values['loss']} at step {step} "
-                                   f"(lower weakclip.train.lr?)")
-            for part in LOSS_PARTS:
-                window[part] += values[part]
-            window_steps += 1
-            done = step + 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{values['loss']:.3f}", seed=f"{values['seed_loss']:.3f}", lr=f"{lr:.1e}")
-            if (done % LOG_EVERY == 0 or done == train.iterations) and live is not None:
-                live.step = done
-                for part in LOSS_PARTS:
-                    live.log_metric(f"train/{part}", window[part] / window_steps)
-                live.log_metric("train/lr", lr)
-                live.next_step()
-            if done % LOG_EVERY == 0 or done == train.iterations:
-                window, window_steps = {part: 0.0 for part in LOSS_PARTS}, 0
-            if done % train.checkpoint_every == 0 and done < train.iterations and context.is_main:
-                checkpointer.save(learned, optimizer, done, extra={"window": window, "window_steps": window_steps})
-            steps_this_run += 1
-            if stop_after_steps is not None and steps_this_run >= stop_after_steps and done < train.iterations:
-                progress.close()
-                return None
-    progress.close()
-    train_seconds = time.perf_counter() - train_started
+            return {"loss": losses.total, "seed_loss": losses.seed, "boundary_loss": losses.boundary,
+                    "aux_loss": losses.aux}
+
+        def end_of_window(window: WindowEnd) -> None:
+            assert live is not None
+            live.log_window(window.done, window.mean_losses, window.lr)
+
+        result = run_training_loop(
+            name=STAGE, lr_key="weakclip.train.lr",
+            plan=LoopPlan(total_steps=train.iterations, window_steps=LOG_EVERY,
+                          checkpoint_every=train.checkpoint_every, checkpoint_at_window_end=False,
+                          checkpoint_final=False,
+                          lr_at=lambda step: warmup_cosine_lr(step, train.iterations, train.lr,
+                                                              train.warmup_iterations, train.min_lr)),
+            batches=loader, start_step=start_step, model=model, optimizer=optimizer,
+            compute_losses=compute_losses, context=context, checkpointer=checkpointer,
+            checkpointed_module=learned, state=LoopState.from_dict(extra.get("loop")),
+            on_window_end=end_of_window, stop_after_steps=stop_after_steps, show_progress=show_progress)
+    if not result.finished:
+        return None
+    seconds_per_step = (time.perf_counter() - train_started) / max(1, result.steps_this_run)
     if not context.is_main:  # rank 0 evaluates and writes; the others wait for its metrics
         return broadcast_from_main(run_on_main(context, dict), context)
 
@@ -225,39 +205,33 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
         "cam_variant": store.params.get("cam_infer", {}).get("variant"),
         **seeds,
         "steps": train.iterations,
-        "train_s_per_step": round(train_seconds / max(1, steps_this_run), 3),
-        "wall_s": round(time.perf_counter() - started, 1),
         **{key: report[key] for key in ("pixel_accuracy", "per_class", "precision", "recall")},
     }
     write_json(paths.metrics, metrics)
     assert live is not None
-    live.log_metric("train_miou", metrics["miou"], plot=False)
-    live.log_metric("seed_miou", metrics["seed_miou"], plot=False)
+    live.log_summary({"train_miou": metrics["miou"], "seed_miou": metrics["seed_miou"]})
     live.end()
     checkpointer.clear()
+    print(f"{STAGE}: {result.steps_this_run} steps this run at {seconds_per_step:.3f} s/step")
     return broadcast_from_main(run_on_main(context, lambda: metrics), context)
+
+
+def run(params: Params, args: argparse.Namespace, context: DistributedContext) -> str | None:
+    metrics = train_weakclip(params, context=context)
+    assert metrics is not None
+    return (f"{STAGE}: {metrics['split']} mIoU {metrics['miou']:.3f} over {metrics['n_images']} images "
+            f"(seeds {metrics['seed_mode']}: mIoU {metrics['seed_miou']:.3f} on {metrics['seed_coverage']:.0%} "
+            f"of the pixels), {metrics['steps']} steps")
+
+
+SPEC = StageSpec(name=STAGE, module="pipeline.weakclip_train", description=__doc__.splitlines()[0], run=run,
+                 global_batches=lambda params: {"weakclip.train.batch_size": params.weakclip.train.batch_size})
 
 
 def main(argv: list[str] | None = None) -> int | None:
     """Run the stage; with ``runtime.launcher: torchrun`` first relaunch it as ``runtime.nproc`` DDP workers."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    torchrun_code = launch_stage("pipeline.weakclip_train", params.runtime, argv,
-                                 {"weakclip.train.batch_size": params.weakclip.train.batch_size})
-    if torchrun_code is not None:
-        return torchrun_code
-    with distributed_context(params.runtime.device) as context:
-        metrics = train_weakclip(params, context=context)
-    assert metrics is not None
-    if not context.is_main:
-        return None
-    print(f"{STAGE}: {metrics['split']} mIoU {metrics['miou']:.3f} over {metrics['n_images']} images "
-          f"(seeds {metrics['seed_mode']}: mIoU {metrics['seed_miou']:.3f} on {metrics['seed_coverage']:.0%} "
-          f"of the pixels), {metrics['steps']} steps at {metrics['train_s_per_step']} s, {metrics['wall_s']} s")
-    return None
+    return run_stage(SPEC, argv)
 
 
 if __name__ == "__main__":
-    run_stage_cli(main, "weakclip_train")
+    run_stage_cli(main, STAGE)

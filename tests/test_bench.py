@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -13,7 +14,7 @@ import torch
 
 from bench.measure import (class_names, forward_with_clip_gradients, measure_cam_store, quick_size, smooth_cams,
                            training_batch)
-from bench.run import check_finite, collect_stage_timings, main, stages_and_metrics, wall_time_from_metrics
+from bench.run import check_finite, collect_stage_timings, main, own_timing, stage_names
 from weakclip_core.models.clip import clip_from_config
 from weakclip_core.models.weakclip import WeakCLIP
 
@@ -62,13 +63,13 @@ def test_quick_suite_writes_every_number(tmp_path: Path) -> None:
     assert training["weakclip_full_finetune"]["trainable_parameters"] == training["weakclip"]["total_parameters"]
     assert results["ratios"]["speed_vs_full_finetune"] == pytest.approx(
         training["weakclip"]["images_per_s"] / training["weakclip_full_finetune"]["images_per_s"])
-    # The paper-size model: METHOD.md's 21.24M trainable of 171.46M (K = 21).
+    # The paper-size model: docs/METHOD.md's 21.24M trainable of 171.46M (K = 21).
     paper = results["parameters"]["paper_size"]
     assert abs(paper["trainable"] / 1e6 - 21.24) < 0.1 and abs(paper["total"] / 1e6 - 171.46) < 0.2
     timings = results["stage_timings"]
     for stage, seconds in timings["seconds"].items():
         assert math.isfinite(seconds) and seconds > 0 and timings["sources"][stage]
-    assert set(timings["seconds"]) | set(timings["missing"]) == {stage for stage, _ in stages_and_metrics(REPO)}
+    assert set(timings["seconds"]) | set(timings["missing"]) == set(stage_names(REPO))
     page = doc_path.read_text()
     assert "$" not in page.replace("$ ", "")  # every template field was filled
     assert "WeakCLIP, CLIP unfrozen (full fine-tuning)" in page and "| 2 |" in page
@@ -126,45 +127,53 @@ def test_smooth_cams_are_valid_cams() -> None:
     assert cams.min() >= 0 and np.allclose(cams.reshape(3, -1).max(axis=1), 1.0)
 
 
-def test_stage_wall_time_read_from_metrics(tmp_path: Path) -> None:
-    without = tmp_path / "a.json"
-    without.write_text(json.dumps({"miou": 0.5}))
-    with_time = tmp_path / "b.json"
-    with_time.write_text(json.dumps({"miou": 0.5, "wall_s": 12.5}))
-    broken = tmp_path / "c.json"
-    broken.write_text("{")
-    assert wall_time_from_metrics([without, broken]) is None
-    seconds, source = wall_time_from_metrics([without, broken, with_time])
-    assert seconds == 12.5 and source.endswith("b.json:wall_s")
+def test_stage_wall_time_read_from_its_timings_record(tmp_path: Path) -> None:
+    """timings/<stage>.json as pipeline/_stage.py writes it; a missing, broken or zero record is no record."""
+    (tmp_path / "clip.json").write_text(json.dumps({"stage": "clip", "wall_s": 12.5,
+                                                    "finished_at": "2026-11-27T10:00:00+00:00"}))
+    (tmp_path / "prepare.json").write_text("{")
+    (tmp_path / "summary.json").write_text(json.dumps({"stage": "summary", "wall_s": 0}))
+    assert own_timing(tmp_path, "prepare") is None and own_timing(tmp_path, "summary") is None
+    assert own_timing(tmp_path, "cam_train") is None
+    seconds, source = own_timing(tmp_path, "clip")
+    assert seconds == 12.5 and source.endswith("clip.json, finished 2026-11-27T10:00:00+00:00")
 
 
-def test_stage_timings_fall_back_to_the_timings_file(tmp_path: Path) -> None:
-    stages = [stage for stage, _ in stages_and_metrics(REPO)]
-    timings_file = tmp_path / "stage_timings.json"
-    timings_file.write_text(json.dumps({"measured": "2026-01-01 00:00 UTC",
-                                        "seconds": {stage: 10.0 + index for index, stage in enumerate(stages)}}))
-    timings = collect_stage_timings(REPO, measure_missing=False, timings_file=timings_file)
-    assert timings["missing"] == [] and list(timings["seconds"]) == stages
+def test_stage_timings_prefer_the_stages_own_records(tmp_path: Path) -> None:
+    stages = stage_names(REPO)
+    timings_dir = tmp_path / "timings"
+    timings_dir.mkdir()
     for index, stage in enumerate(stages):
-        if timings["sources"][stage].startswith("stage_timings.json"):
-            assert timings["seconds"][stage] == 10.0 + index
-        else:
-            assert timings["sources"][stage].startswith("stage metrics")
+        (timings_dir / f"{stage}.json").write_text(json.dumps({"stage": stage, "wall_s": 10.0 + index}))
+    repro_file = tmp_path / "repro_timing.json"
+    repro_file.write_text(json.dumps({"measured_on": "2026-01-02", "stages": {stage: 3.0 for stage in stages}}))
+    timings = collect_stage_timings(REPO, measure_missing=False, timings_dir=timings_dir, repro_records=(repro_file,))
+    assert timings["missing"] == [] and list(timings["seconds"]) == stages
+    assert timings["seconds"] == {stage: 10.0 + index for index, stage in enumerate(stages)}
+    assert timings["sources"]["seg_train@gt"].endswith("seg_train@gt.json, finished undated")
     assert timings["total_s"] == pytest.approx(sum(timings["seconds"].values()))
 
 
 def test_stage_timings_fall_back_to_the_make_repro_record(tmp_path: Path) -> None:
-    """A stage with no wall_s and no stage_timings.json entry takes make repro's time, named as its source."""
-    stages = [stage for stage, _ in stages_and_metrics(REPO)]
-    repro_file = tmp_path / "repro_timing.json"
-    repro_file.write_text(json.dumps({"measured_on": "2026-01-02", "stages": {stage: 3.0 for stage in stages}}))
-    timings = collect_stage_timings(REPO, measure_missing=False, timings_file=tmp_path / "absent.json",
-                                    repro_timing_file=repro_file)
-    assert timings["missing"] == []
-    from_repro = [stage for stage in stages if timings["sources"][stage].startswith("make repro")]
-    assert "seg_train@gt" in from_repro  # seg_train writes no wall_s
+    """A stage with no timings/ record takes the first make repro record that has it, named as its source."""
+    stages = stage_names(REPO)
+    timings_dir = tmp_path / "timings"
+    timings_dir.mkdir()
+    (timings_dir / "clip.json").write_text(json.dumps({"stage": "clip", "wall_s": 100.0}))
+    local, published = tmp_path / "repro_synthetic.json", tmp_path / "repro_timing.json"
+    published.write_text(json.dumps({"measured_on": "2026-01-01", "stages": {stage: 9.0 for stage in stages}}))
+    timings = collect_stage_timings(REPO, measure_missing=False, timings_dir=timings_dir,
+                                    repro_records=(local, published))
+    assert timings["seconds"]["clip"] == 100.0 and timings["sources"]["seg_train@gt"] == \
+        "make repro (" + str(published) + ", 2026-01-01)"
+    local.write_text(json.dumps({"measured_on": "2026-01-02", "stages": {stage: 3.0 for stage in stages[1:]}}))
+    timings = collect_stage_timings(REPO, measure_missing=False, timings_dir=timings_dir,
+                                    repro_records=(local, published))
+    # The first record found is used alone: its stages take its times, a stage it lacks is missing.
+    from_repro = [stage for stage in stages if timings["sources"].get(stage, "").startswith("make repro")]
+    assert stages[0] == "prepare" and from_repro == [stage for stage in stages[1:] if stage != "clip"]
     assert all(timings["seconds"][stage] == 3.0 for stage in from_repro)
-    assert timings["sources"]["seg_train@gt"] == "make repro (repro_timing.json, 2026-01-02)"
+    assert timings["missing"] == ["prepare"]
 
 
 def test_check_finite_names_the_bad_number() -> None:
@@ -210,21 +219,60 @@ def test_repro_timing_durations_and_readme_block(tmp_path: Path) -> None:
     assert (tmp_path / "plain.md").read_text(encoding="utf-8") == "no markers\n"
 
 
-def test_repro_timing_records_only_the_synthetic_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A VOC/COCO run through make repro prints its table; the README's synthetic record stays as it was."""
-    from bench.repro_timing import END_MARKER, START_MARKER, record_run
+def test_make_repro_keeps_its_record_out_of_git_and_the_readme(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """make repro prints its table and writes only timings/repro_<dataset>.json; a partial run writes nothing."""
+    from bench.repro_timing import record_run
 
-    readme, timing_file = tmp_path / "README.md", tmp_path / "repro_timing.json"
-    original = f"intro\n{START_MARKER}\nsynthetic table\n{END_MARKER}\n"
-    readme.write_text(original, encoding="utf-8")
-    record = {"measured_on": "2026-11-26", "machine": "8 CPU cores", "command": "dvc repro",
+    timings_dir = tmp_path / "timings"
+    record = {"measured_on": "2026-11-26", "machine": "8 CPU cores", "command": "dvc repro", "dataset": "voc",
               "stages": {"prepare": 600.0}, "total_s": 600.0}
-    assert not record_run(record, "voc", timing_file, readme)
+    assert record_run(record, {"clip"}, timings_dir) is None and not timings_dir.exists()
+    assert "partial run" in capsys.readouterr().out
+    assert record_run(record, set(), timings_dir) == timings_dir / "repro_voc.json"
+    assert json.loads((timings_dir / "repro_voc.json").read_text())["total_s"] == 600.0
+    out = capsys.readouterr().out
+    assert "| `prepare` | 10.0 min (600 s) |" in out and "make timing-table" not in out
+    assert record_run({**record, "dataset": "synthetic"}, set(), timings_dir) == timings_dir / "repro_synthetic.json"
+    assert "make timing-table" in capsys.readouterr().out
+    assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == ["repro_synthetic.json",
+                                                                                  "repro_voc.json"]
+
+
+def test_timing_table_publishes_only_the_synthetic_record(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """make timing-table: the last full synthetic run -> README block + bench/repro_timing.json; else exit 1."""
+    from bench.repro_timing import END_MARKER, START_MARKER, write_readme
+
+    timings_dir, timing_file, readme = tmp_path / "timings", tmp_path / "repro_timing.json", tmp_path / "README.md"
+    original = f"intro\n{START_MARKER}\nold table\n{END_MARKER}\n"
+    readme.write_text(original, encoding="utf-8")
+    timings_dir.mkdir()
+    voc = {"measured_on": "2026-11-26", "machine": "8 CPU cores", "command": "dvc repro", "dataset": "voc",
+           "stages": {"prepare": 600.0}, "total_s": 600.0}
+    (timings_dir / "repro_voc.json").write_text(json.dumps(voc))
+    assert write_readme(timings_dir, timing_file, readme) == 1
+    assert "no full-chain record" in capsys.readouterr().err
     assert readme.read_text(encoding="utf-8") == original and not timing_file.exists()
-    assert "dataset 'voc'" in capsys.readouterr().out
-    assert record_run(record, "synthetic", timing_file, readme)
-    assert json.loads(timing_file.read_text())["total_s"] == 600.0
-    assert "| `prepare` | 10.0 min (600 s) |" in readme.read_text(encoding="utf-8")
+    synthetic = {**voc, "dataset": "synthetic", "stages": {"prepare": 9.0, "clip": 119.0}, "total_s": 128.0}
+    (timings_dir / "repro_synthetic.json").write_text(json.dumps(synthetic))
+    assert write_readme(timings_dir, timing_file, readme) == 0
+    assert json.loads(timing_file.read_text()) == synthetic
+    text = readme.read_text(encoding="utf-8")
+    assert "old table" not in text and "| `clip` | 2.0 min (119 s) |" in text and "all 2 stages ran" in text
+
+
+def test_make_repro_writes_only_git_ignored_files() -> None:
+    """What make repro's timer and the stages write for timing is ignored by git: `git status` stays clean."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for relative in ("timings/repro_synthetic.json", "timings/seg_train@gt.json", "timings/clip.json"):
+        completed = subprocess.run(["git", "check-ignore", "-q", relative], cwd=REPO)
+        assert completed.returncode == 0, f"{relative} is not git-ignored"
+    makefile = (REPO / "Makefile").read_text()
+    repro_recipe = makefile.split("\nrepro:", 1)[1].split("\n\n", 1)[0]
+    assert "bench.repro_timing" in repro_recipe and "--write-readme" not in repro_recipe
+    assert "bench.repro_timing --write-readme" in makefile.split("\ntiming-table:", 1)[1].split("\n\n", 1)[0]
 
 
 def test_gpu_section_lists_each_record(tmp_path: Path) -> None:

@@ -44,6 +44,8 @@ def test_params_yaml_lists_every_schema_key():
         ({"weakclip": {"prompt_len": True}}, "weakclip.prompt_len: expected int"),
         ({"weakclip": {"seeds": {"mode": "soft"}}}, "weakclip.seeds.mode: expected one of ['confident', 'dense']"),
         ({"weakclip": {"seeds": {"fg_threshold": 0.2, "bg_threshold": 0.3}}}, "weakclip.seeds.bg_threshold"),
+        ({"weakclip": {"taps": [3, 5, 7]}}, "weakclip.taps: expected 4 block indices"),
+        ({"weakclip": {"co_attention_heads": 3}}, "weakclip.co_attention_width: 256 is not divisible by"),
         ({"cam": {"infer": {"scales": [1.0, "big"]}}}, "cam.infer.scales[1]: expected float"),
         ({"cam": {"infer": {"flip": "yes"}}}, "cam.infer.flip: expected bool"),
         ({"dataset": {"synthetic": {"image_size": 8}}}, "dataset.synthetic.image_size: 8 is out of range"),

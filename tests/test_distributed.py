@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from weakclip_core.config.params import RuntimeConfig
+from pipeline._stage import stage_command
 from weakclip_core.runtime.distributed import (
     DistributedContext,
     init_distributed,
@@ -20,7 +21,6 @@ from weakclip_core.runtime.distributed import (
     per_process_batch_size,
     run_on_main,
     shutdown_distributed,
-    stage_command,
     unwrap_model,
     wrap_model,
 )
@@ -143,7 +143,8 @@ from pathlib import Path
 import torch
 
 from weakclip_core.config.params import RuntimeConfig
-from weakclip_core.runtime.distributed import all_reduce_mean, init_distributed, relaunch_under_torchrun, run_on_main, shutdown_distributed
+from pipeline._stage import relaunch_under_torchrun
+from weakclip_core.runtime.distributed import all_reduce_mean, init_distributed, run_on_main, shutdown_distributed
 
 
 def main() -> None:

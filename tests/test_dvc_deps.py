@@ -1,4 +1,5 @@
-"""dvc.yaml's code deps: every library module a stage's code imports is a dep of that stage.
+"""dvc.yaml's code deps: every library module (and shared ``pipeline/_*.py`` helper) a stage's code imports is a
+dep of that stage.
 
 DVC re-runs a stage only when one of its declared deps changes, so a module that shapes a stage's outputs
 (augmentation, sampling order, LR schedule, metrics, overlays) but is missing from ``deps`` lets an edit
@@ -26,6 +27,21 @@ PLUMBING = {
 }
 
 
+# Names of the shared stage helpers (pipeline/_*.py) that cannot change what a stage writes: importing
+# only these does not make the helper a dep. Any other name (pipeline._stage.LiveLog writes and trims the
+# dvclive logs, which are stage outputs) does.
+PLUMBING_NAMES = {
+    "pipeline._stage": {
+        "StageSpec": "the stage's command-line description",
+        "run_stage": "argument parsing, the torchrun relaunch, the summary line, timings/ (not a DVC output)",
+        "run_stage_cli": "one-line errors and exit codes",
+        "require_input": "the message naming the stage to run when an input is missing",
+        "MissingInputError": "that message's exception",
+        "launch_stage": "the torchrun relaunch (runtime.launcher, a declared param)",
+    },
+}
+
+
 def module_file(dotted: str) -> str:
     """``weakclip_core.data.layout`` → ``weakclip_core/data/layout.py`` (a package → its folder)."""
     relative = dotted.replace(".", "/")
@@ -36,17 +52,44 @@ def module_file(dotted: str) -> str:
     raise AssertionError(f"{dotted}: no such module under {REPO_ROOT}")
 
 
+def is_shared_helper(dotted: str) -> bool:
+    """``pipeline._stage``: a module of ``pipeline/`` that is not a stage (its name starts with ``_``)."""
+    parts = dotted.split(".")
+    return len(parts) == 2 and parts[0] == "pipeline" and parts[1].startswith("_")
+
+
 def imported_library_files(source: Path) -> set[str]:
-    """The ``weakclip_core`` modules (as repo paths) that ``source`` imports at any level of its code."""
+    """The ``weakclip_core`` modules and the shared ``pipeline/_*.py`` helpers (unless only their plumbing
+    names are imported) that ``source`` imports at any level of its code, as repo paths."""
     found = set()
     for node in ast.walk(ast.parse(source.read_text(), filename=str(source))):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
+            if is_shared_helper(node.module) and all(alias.name in PLUMBING_NAMES.get(node.module, {})
+                                                     for alias in node.names):
+                names = []
         elif isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         else:
             continue
-        found.update(module_file(name) for name in names if name.split(".")[0] == "weakclip_core")
+        found.update(module_file(name) for name in names
+                     if name.split(".")[0] == "weakclip_core" or is_shared_helper(name))
+    return found
+
+
+def imported_closure(source: Path) -> set[str]:
+    """Every library module (and shared helper) ``source`` reaches through imports, transitively: the stage's
+    training loop lives in ``weakclip_core/training/loop.py``, which the stage imports only through the
+    trainer it calls. Plumbing modules are not followed (they cannot change what a stage writes)."""
+    found: set[str] = set()
+    pending = [source]
+    while pending:
+        for path in imported_library_files(pending.pop()):
+            if path in found or covered(path, list(PLUMBING)):
+                continue
+            found.add(path)
+            target = REPO_ROOT / path
+            pending += sorted(target.rglob("*.py")) if target.is_dir() else [target]
     return found
 
 
@@ -84,9 +127,31 @@ def test_imports_are_read_from_the_source(tmp_path: Path) -> None:
                                               "weakclip_core/data", "weakclip_core/method/crf.py"}
 
 
+def test_shared_stage_helpers_count_unless_only_plumbing_is_imported(tmp_path: Path) -> None:
+    plumbing = tmp_path / "plumbing.py"
+    plumbing.write_text("from pipeline._stage import StageSpec, run_stage, run_stage_cli\n")
+    assert imported_library_files(plumbing) == set()
+    live = tmp_path / "live.py"
+    live.write_text("from pipeline._stage import LiveLog, StageSpec\n")
+    assert imported_library_files(live) == {"pipeline/_stage.py"}
+
+
 @pytest.mark.parametrize("stage, code, deps", stage_code_and_deps(), ids=lambda value: str(value)[:40])
 def test_every_imported_library_module_is_a_dep(stage: str, code: Path, deps: list[str]) -> None:
     assert covered(str(code.relative_to(REPO_ROOT)), deps), f"dvc.yaml: stage {stage} does not list its own code"
-    missing = sorted(path for path in imported_library_files(code)
+    missing = sorted(path for path in imported_closure(code)
                      if not covered(path, deps) and not covered(path, list(PLUMBING)))
-    assert not missing, f"dvc.yaml: stage {stage} imports {missing} but does not list them under deps"
+    assert not missing, f"dvc.yaml: stage {stage} imports {missing} (directly or through other modules) but does not list them under deps"
+
+
+def test_summary_lists_every_metrics_file_its_globs_find() -> None:
+    """``pipeline/summary.py`` renders every ``metrics/<pattern>`` file its ``glob`` calls find (the ablation
+    tables). DVC has no glob deps, so each such file in the repository must be listed under ``summary``'s
+    deps, or a new or changed table would leave docs/RESULTS.md "up to date" without it."""
+    source = REPO_ROOT / "pipeline" / "summary.py"
+    patterns = [node.args[0].value for node in ast.walk(ast.parse(source.read_text(), filename=str(source)))
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "glob"
+                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)]
+    deps = {name: deps for name, _, deps in stage_code_and_deps()}["summary"]
+    found = sorted(f"metrics/{path.name}" for pattern in patterns for path in (REPO_ROOT / "metrics").glob(pattern))
+    assert [path for path in found if path not in deps] == []

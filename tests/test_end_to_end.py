@@ -43,7 +43,7 @@ from tiny_chain import tiny_params, unreadable_final_files  # noqa: E402
 from weakclip_core.config import Params  # noqa: E402
 
 DVC = [sys.executable, "-m", "dvc"]
-COPIED = ("dvc.yaml", "pipeline", "weakclip_core")
+COPIED = ("dvc.yaml", "pipeline", "weakclip_core", "metrics/ablations_weakclip.json")  # the last: a summary dep
 REPRO_TIMEOUT_S = 1200
 SUMMARY_KEYS = {"cam_miou", "weakclip_miou", "pseudo_miou", "seg_pseudo_miou", "seg_gt_miou", "wsss_fsss_ratio"}
 # summary key -> (its stage's metrics file, the split that figure must be scored on)
@@ -208,6 +208,7 @@ def build_tiny_project(project: Path, message: str = "tiny end-to-end project") 
         if source.is_dir():
             shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, project / name)
     params = project_params((project / "dvc.yaml").read_text())
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

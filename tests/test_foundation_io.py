@@ -10,7 +10,8 @@ from PIL import Image
 from weakclip_core.artifacts.atomic import atomic_dir, atomic_path, write_json
 from weakclip_core.data.layout import (DatasetError, PreparedDataset, labels_from_mask, read_image, read_mask,
                                        read_split, voc_palette, write_image, write_labels, write_mask, write_split)
-from weakclip_core.training.checkpoint import Checkpointer, poly_lr, warmup_cosine_lr
+from weakclip_core.training.checkpoint import Checkpointer
+from weakclip_core.training.schedules import poly_lr, warmup_cosine_lr
 
 
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):

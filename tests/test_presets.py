@@ -1,17 +1,20 @@
-"""Paper presets: they apply over params.yaml, validate, carry METHOD.md's numbers and build the full-size models."""
+"""Paper presets: they apply over params.yaml, validate, carry docs/METHOD.md's numbers and build the full-size models."""
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from weakclip_core.models.clip import clip_from_config, named_model_config
 from weakclip_core.config import ConfigError, Params, load_params
+from weakclip_core.config import paper
 from weakclip_core.config.presets import apply_preset, deep_merge, main
+from weakclip_core.config.weakclip import WeakClipArchConfig, WeakClipConfig, paper_weakclip_arch, paper_weakclip_config
 from weakclip_core.data.voc import VOC_CLASS_NAMES
 from weakclip_core.models.mctformer import build_mctformer
 from weakclip_core.models.weakclip import WeakCLIP
@@ -44,7 +47,7 @@ def applied(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Params]:
 
 
 def test_presets_carry_the_papers_numbers(applied: dict[str, Params]) -> None:
-    """Every number below is copied by hand from METHOD.md, not from the presets."""
+    """Every number below is copied by hand from docs/METHOD.md, not from the presets."""
     for name, params in applied.items():
         assert params.dataset.name == name and params.dataset.source
         assert params.clip.source == "file" and params.clip.weights
@@ -89,6 +92,37 @@ def test_presets_carry_the_papers_numbers(applied: dict[str, Params]) -> None:
             voc_crf.bilateral_compat) == (3.0, 3.0, 83.0, 5.0, 3.0)
     assert (coco_crf.gaussian_sxy, coco_crf.gaussian_compat, coco_crf.bilateral_sxy, coco_crf.bilateral_srgb,
             coco_crf.bilateral_compat) == (1.0, 3.0, 67.0, 3.0, 4.0)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_yaml_spells_the_papers_architecture(name: str) -> None:
+    """configs/*.yaml repeat the paper's architecture for `make preset`; they must not drift from config/paper.py."""
+    written = yaml.safe_load(PRESETS[name].read_text())["weakclip"]
+    arch_keys = [item.name for item in fields(WeakClipArchConfig)]
+    assert {key: written.get(key) for key in arch_keys} == {**asdict(paper_weakclip_arch()), "taps": list(paper.TAPS)}
+
+
+def test_the_papers_architecture_has_one_source() -> None:
+    """config/paper.py's constants are WeakClipConfig's defaults, paper_weakclip_arch() and what
+    paper_weakclip_config() puts over any base (keeping the base's seeds, losses and training)."""
+    arch = paper_weakclip_arch()
+    assert {item.name: getattr(arch, item.name) for item in fields(arch)} == \
+        {item.name: getattr(paper, item.name.upper()) for item in fields(WeakClipArchConfig)}
+    assert WeakClipConfig().arch() == arch
+    base = load_params(REPO / "params.yaml").weakclip  # the synthetic default: narrower widths
+    assert base.arch() != arch
+    preset = paper_weakclip_config(base)
+    assert preset.arch() == arch and (preset.seeds, preset.loss, preset.train) == (base.seeds, base.loss, base.train)
+    # what the paper says, copied by hand from docs/METHOD.md §2 (not from config/paper.py)
+    assert (arch.prompt_len, arch.text_context_length, arch.temperature_init, arch.taps, arch.co_attention) == \
+        (8, 13, 0.1, (3, 5, 7, 11), True)
+    assert (arch.co_attention_width, arch.co_attention_heads, arch.co_attention_layers) == (256, 4, 3)
+    assert (arch.neck_width, arch.head_width, arch.dropout) == (256, 256, 0.1)  # head 256: its 4.14M (parity test)
+
+
+def test_applied_presets_give_the_papers_architecture(applied: dict[str, Params]) -> None:
+    for params in applied.values():
+        assert params.weakclip.arch() == paper_weakclip_arch()
 
 
 def test_apply_keeps_unnamed_keys_and_comments(params_copy: Path) -> None:
@@ -144,7 +178,7 @@ def weakclip_on_meta(params: Params, class_names: list[str]) -> WeakCLIP:
     with torch.device("meta"):
         clip_model = clip_from_config(named_model_config(params.clip.model_name,
                                                          image_size=params.weakclip.train.crop))
-        return WeakCLIP(clip_model, class_names, params.weakclip)
+        return WeakCLIP(clip_model, class_names, params.weakclip.arch())
 
 
 def test_preset_models_have_the_papers_parameter_counts(applied: dict[str, Params]) -> None:
@@ -153,7 +187,7 @@ def test_preset_models_have_the_papers_parameter_counts(applied: dict[str, Param
     coco = weakclip_on_meta(applied["coco"], coco_names)
     assert voc.num_classes == 21 and coco.num_classes == 81
     assert voc.clip.visual.positional_embedding.shape == (1 + 32 * 32, 768)  # ViT-B/16 at 512
-    # METHOD.md §2: 21.24M trainable / 171.46M total at K = 21 (paper table: 21.2M / 171.5M, 12.4 %).
+    # docs/METHOD.md §2: 21.24M trainable / 171.46M total at K = 21 (paper table: 21.2M / 171.5M, 12.4 %).
     voc_total, voc_trainable = count(voc.parameters()), count(voc.trainable_parameters())
     assert abs(voc_trainable / 1e6 - 21.24) < 0.005 * 21.24, voc_trainable
     assert abs(voc_total / 1e6 - 171.46) < 0.001 * 171.46, voc_total

@@ -17,15 +17,18 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.report import (ReportInputs, TrainedModels, colour_overlay, model_columns, training_curves,
-                             write_report)
+from pipeline.report import write_report
+from pipeline.report.figures import mask_overlay
+from pipeline.report.inputs import ReportInputs, training_curves
+from pipeline.report.overlay_grid import TrainedModels, legend, model_columns
 from weakclip_core.artifacts.cam_store import CamStoreWriter
 from weakclip_core.models.clip import build_clip, load_clip_artifact, save_clip_artifact
 from weakclip_core.config import ClipArchConfig, ClipConfig, SeedConfig, SegConfig, SegTrainConfig, WeakClipConfig
 from weakclip_core.data.layout import PreparedDataset, write_image, write_labels, write_mask, write_split
+from weakclip_core.evaluation.palette import blend
 from weakclip_core.models.weakclip import WeakCLIP
 from weakclip_core.models.segmenter import build_segmenter, segmenter_record
-from weakclip_core.training.checkpoint import save_final_model
+from weakclip_core.artifacts.model_file import save_final_model
 from weakclip_core.artifacts.weakclip import save_weakclip_model
 
 CLASS_NAMES = ["background", "cat", "dog"]
@@ -127,7 +130,7 @@ def save_tiny_models(root: Path) -> None:
     weakclip_cfg = replace(WeakClipConfig(), prompt_len=2, text_context_length=8, taps=[0, 1, 2, 3],
                            co_attention_width=16, co_attention_heads=2, co_attention_layers=1, neck_width=16,
                            head_width=16)
-    weakclip = WeakCLIP(load_clip_artifact(clip_dir), CLASS_NAMES, weakclip_cfg)
+    weakclip = WeakCLIP(load_clip_artifact(clip_dir), CLASS_NAMES, weakclip_cfg.arch())
     save_weakclip_model(root / "artifacts" / "weakclip" / "model.pt", weakclip, weakclip_cfg, clip_dir)
     seg_cfg = SegConfig(encoder="resnet18", train=SegTrainConfig(crop=64))
     save_final_model(root / "artifacts" / "seg" / "pseudo" / "model.pt", build_segmenter(seg_cfg, len(CLASS_NAMES)),
@@ -216,12 +219,30 @@ def test_model_columns_restrict_train_predictions_to_image_labels(built_report: 
 def test_colour_overlay_tints_only_labelled_pixels() -> None:
     image = np.full((2, 3, 3), 100, dtype=np.uint8)
     mask = np.array([[0, 1, 255], [0, 0, 2]], dtype=np.uint8)
-    blended = colour_overlay(image, mask, alpha=0.5)
+    blended = blend(image, mask, alpha=0.5)  # the report draws with the stages' blend
     # VOC palette: 1 = (128, 0, 0), 2 = (0, 128, 0), 255 = (224, 224, 192); background untouched.
     assert blended[0, 0].tolist() == [100, 100, 100]
     assert blended[0, 1].tolist() == [114, 50, 50]
     assert blended[1, 2].tolist() == [50, 114, 50]
     assert blended[0, 2].tolist() == [162, 162, 146]
+
+
+def test_mask_overlay_resizes_a_smaller_mask_to_the_image_nearest() -> None:
+    # A (2, 2) mask over a (4, 4) image: each mask pixel covers a 2x2 block, ids never mixed.
+    image = np.full((4, 4, 3), 100, dtype=np.uint8)
+    mask = np.array([[0, 1], [255, 0]], dtype=np.uint8)
+    expected_mask = np.repeat(np.repeat(mask, 2, axis=0), 2, axis=1)
+    np.testing.assert_array_equal(mask_overlay(image, mask), blend(image, expected_mask))
+    # alpha 0.55 and rounding: 0.45 * 100 + 0.55 * 128 = 115.4 -> 115, 0.45 * 100 = 45.
+    assert mask_overlay(image, mask)[0, 0].tolist() == [100, 100, 100]
+    assert mask_overlay(image, mask)[1, 3].tolist() == [115, 45, 45]
+
+
+def test_legend_shows_every_class_and_ignore_in_the_palette_colours() -> None:
+    html_text = legend(CLASS_NAMES)
+    assert "rgb(0,0,0)" in html_text and "0 background" in html_text
+    assert "rgb(128,0,0)" in html_text and "1 cat" in html_text and "rgb(0,128,0)" in html_text
+    assert "rgb(224,224,192)" in html_text and "255 ignore" in html_text
 
 
 def test_training_curves_read_dvclive_tsv(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from weakclip_core.config.seg import SegConfig, SegTrainConfig
 from weakclip_core.data.layout import DatasetError, PreparedDataset
 from weakclip_core.data.segmentation import GroundTruthMaskError
 from weakclip_core.models.segmenter import build_segmenter, segmenter_record
-from weakclip_core.training.checkpoint import save_final_model
+from weakclip_core.artifacts.model_file import save_final_model
 
 SEG = {"model": "segformer", "encoder": "mit_b0",
        "train": {"epochs": 2, "batch_size": 4, "crop": 64, "lr": 0.001, "checkpoint_every": 1}}

@@ -15,7 +15,7 @@ from weakclip_core.data.segmentation import (GroundTruthMaskError, MaskedImageDa
 from weakclip_core.data.transforms import DenseAugmentation
 from weakclip_core.models.segmenter import (SEGMENTER_MEAN, SEGMENTER_STD, SegmenterWeightsError, build_segmenter,
                                      load_encoder_weights, load_segmenter, segmenter_record)
-from weakclip_core.training.checkpoint import save_final_model
+from weakclip_core.artifacts.model_file import save_final_model
 
 
 @pytest.mark.parametrize("family, encoder", [("deeplabv3plus", "resnet18"), ("segformer", "mit_b0")])

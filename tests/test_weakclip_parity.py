@@ -7,14 +7,15 @@ import pytest
 import torch
 from open_clip.model import CLIP
 
-from weakclip_core.models.weakclip import WeakCLIP, paper_weakclip_config
+from weakclip_core.config.weakclip import paper_weakclip_arch
+from weakclip_core.models.weakclip import WeakCLIP
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor"]
 
-# METHOD.md §2: the paper's breakdown (millions)
-EXPECTED_PARTS = {"visual": 86.8, "text": 63.4, "adapter": 7.09, "prompts_and_temperatures": 0.00512,  # "5k" in METHOD.md: 8 x 512 + 2 x 512
+# docs/METHOD.md §2: the paper's breakdown (millions)
+EXPECTED_PARTS = {"visual": 86.8, "text": 63.4, "adapter": 7.09, "prompts_and_temperatures": 0.00512,  # "5k" in docs/METHOD.md: 8 x 512 + 2 x 512
                   "co_attention": 6.84, "neck": 3.17, "head": 4.14}
 
 
@@ -28,7 +29,7 @@ def paper_model() -> WeakCLIP:
     config = {**config, "vision_cfg": {**config["vision_cfg"], "image_size": 512}}
     with torch.device("meta"):
         clip_model = CLIP(**config)
-        model = WeakCLIP(clip_model, VOC_CLASSES, paper_weakclip_config())
+        model = WeakCLIP(clip_model, VOC_CLASSES, paper_weakclip_arch())
     return model
 
 
@@ -57,3 +58,11 @@ def test_totals_match_the_paper(paper_model: WeakCLIP) -> None:
     assert abs(trainable / 1e6 - 21.24) <= 0.01 * 21.24, trainable
     assert trainable == total - count(paper_model.clip.parameters())
     assert abs(trainable / total - 0.124) < 0.002  # the paper's 12.4 %
+
+
+def test_head_width_is_the_semantic_fpn_heads_conv_width(paper_model: WeakCLIP) -> None:
+    """``head_width`` 256 (config/paper.py) is the conv width of the semantic-FPN head, not an attention head's:
+    1 + 1 + 2 + 3 conv3x3-BN blocks of 256 → 256 channels and a 1x1 classifier to K = 21, counted by hand,
+    give docs/METHOD.md's 4.14M (width 128 would give 1.63M)."""
+    block = 256 * 256 * 9 + 2 * 256
+    assert count(paper_model.decoder.head.parameters()) == 7 * block + (256 * 21 + 21) == 4_137_749

@@ -12,7 +12,7 @@ import torch
 from weakclip_core.models.clip import build_clip
 from weakclip_core.config.clip import ClipArchConfig, ClipConfig
 from weakclip_core.config.schema import ConfigError
-from weakclip_core.config.weakclip import WeakClipConfig
+from weakclip_core.config.weakclip import WeakClipArchConfig, WeakClipConfig
 from weakclip_core.models.weakclip import WeakCLIP
 from weakclip_core.models.weakclip.co_attention import CoAttention, MultiHeadAttention
 from weakclip_core.models.weakclip.decoder import TextGuidedDecoder
@@ -22,9 +22,9 @@ from weakclip_core.models.weakclip.pyramid_adapter import PyramidAdapter
 
 TINY_ARCH = ClipArchConfig(embed_dim=32, image_size=64, patch_size=16, vision_width=32, vision_layers=4,
                            vision_head_width=16, text_width=24, text_layers=1, text_heads=2, context_length=16)
-TINY_WEAKCLIP = WeakClipConfig(prompt_len=2, text_context_length=6, taps=[0, 1, 2, 3], co_attention_width=16,
-                               co_attention_heads=2, co_attention_layers=2, neck_width=16, head_width=8,
-                               temperature_init=0.1, dropout=0.1)
+TINY_WEAKCLIP = WeakClipArchConfig(prompt_len=2, text_context_length=6, temperature_init=0.1, taps=(0, 1, 2, 3),
+                                   co_attention=True, co_attention_width=16, co_attention_heads=2,
+                                   co_attention_layers=2, neck_width=16, head_width=8, dropout=0.1)
 CLASS_NAMES = ["background", "cat", "dog"]
 
 
@@ -66,9 +66,9 @@ def test_prompt_layout_and_long_names() -> None:
         assert torch.equal(embeddings[row, 3], clip_model.token_embedding.weight[name_tokens[1]].detach())
     end_token = tokens.argmax(dim=1)  # the EOT id is the largest id
     assert torch.equal(learner.end_positions, end_token + 2)
-    with pytest.raises(ConfigError, match="needs .* tokens.*raise weakclip.text_context_length"):
+    with pytest.raises(ValueError, match="needs .* tokens.*raise the text context length"):
         PromptLearner(["background", "a very long class name indeed"], 2, 6, 24)
-    with pytest.raises(ConfigError, match="weakclip.text_context_length 3 leaves no room"):
+    with pytest.raises(ValueError, match="text context length 3 leaves no room"):
         PromptLearner(["background", "cat"], 2, 3, 24)
 
 
@@ -208,3 +208,28 @@ def test_trainable_state_dict_round_trip() -> None:
     assert torch.equal(target.prompt_learner.contexts, source.prompt_learner.contexts)
     with pytest.raises(KeyError, match="missing"):
         target.load_trainable_state_dict({})
+
+
+def test_weakclip_is_built_from_the_architecture_alone() -> None:
+    """The model gets ``WeakClipConfig.arch()``: the widths it reads, never seeds, losses or training."""
+    model = tiny_weakclip()
+    assert model.arch == TINY_WEAKCLIP
+    assert model.prompt_learner.contexts.shape == (2, 24)
+    assert len(model.co_attention.text_layers) == 2 and model.co_attention.text_layers[0].self_attention.heads == 2
+    assert model.decoder.neck.laterals[0].out_channels == 16
+    assert model.decoder.head.classifier.in_channels == 8  # head_width: the semantic-FPN head's conv width
+    assert model.taps == [0, 1, 2, 3]
+    with pytest.raises(TypeError, match=r"architecture alone \(WeakClipConfig.arch\(\)\)"):
+        WeakCLIP(tiny_clip(), CLASS_NAMES, WeakClipConfig())
+
+
+def test_arch_from_the_full_config_and_back() -> None:
+    defaults = WeakClipConfig()
+    full = defaults.with_arch(TINY_WEAKCLIP)
+    assert full.arch() == TINY_WEAKCLIP and full.taps == [0, 1, 2, 3]  # the config keeps its list type
+    assert (full.seeds, full.loss, full.train) == (defaults.seeds, defaults.loss, defaults.train)
+    assert full.with_arch(defaults.arch()) == defaults
+    with pytest.raises(ConfigError, match="taps: expected 4 block indices"):
+        replace(TINY_WEAKCLIP, taps=(0, 1, 2))
+    with pytest.raises(ConfigError, match="co_attention_width: 16 is not divisible by co_attention_heads 3"):
+        replace(TINY_WEAKCLIP, co_attention_heads=3)

@@ -87,7 +87,7 @@ def test_weakclip_train_writes_outputs_keeps_clip_frozen_and_resumes_exactly(tin
         assert torch.equal(value, reference[key]), key
     # ... and the learned parts did train: they differ from the initialisation the stage starts from.
     seed_everything(5)
-    fresh = WeakCLIP(load_clip_artifact(tiny_chain / "clip"), CLASS_NAMES, chain_params(tiny_chain).weakclip)
+    fresh = WeakCLIP(load_clip_artifact(tiny_chain / "clip"), CLASS_NAMES, chain_params(tiny_chain).weakclip.arch())
     fresh_state = fresh.trainable_state_dict()
     assert torch.equal(model.prompt_learner.name_tokens, fresh.prompt_learner.name_tokens)
     assert not torch.equal(first["model"]["prompt_learner.contexts"], fresh_state["prompt_learner.contexts"])

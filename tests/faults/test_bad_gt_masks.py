@@ -22,7 +22,7 @@ from test_bad_inputs import PARAMS, SIZE, build_project, private_copy, run_and_k
 from tiny_chain import is_temporary
 from tiny_voc import CLASS_NAMES
 from weakclip_core.data.layout import read_mask, write_mask
-from weakclip_core.errors import run_stage_cli
+from pipeline._stage import run_stage_cli
 
 K = len(CLASS_NAMES)  # 4: background + 3
 

@@ -35,7 +35,7 @@ from weakclip_core.config import ClipConfig, ConfigError, build_dataclass
 from weakclip_core.config.clip import ClipArchConfig
 from weakclip_core.data.layout import DatasetError, read_mask, write_mask
 from weakclip_core.data.segmentation import GroundTruthMaskError
-from weakclip_core.errors import run_stage_cli
+from pipeline._stage import run_stage_cli
 
 SIZE = 32
 CLIP_ARCH = {"embed_dim": 16, "image_size": 32, "patch_size": 8, "vision_width": 16, "vision_layers": 4,

@@ -90,11 +90,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "seg_train": ("artifacts/seg/pseudo", "dvclive/seg_train_pseudo"),
 }
 
-# JSON keys that hold wall-clock durations: the only bytes two identical runs may differ in, and only in
-# the metrics and dvclive files. Artifacts and data (DVC-cached outputs that later stages depend on) must
-# be byte-identical, or a re-run with the same result would still invalidate every stage downstream.
-TIMING_KEYS = frozenset({"wall_s", "train_s", "train_s_per_step"})
-TIMED_FOLDERS = ("metrics", "dvclive")
+
 
 
 def tiny_params(seed: int = 0, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -188,25 +184,12 @@ def output_files(project: Path, stage: str) -> dict[str, Path]:
     return files
 
 
-def comparable_content(path: Path, relative: str) -> Any:
-    """A file's bytes, except JSON under ``TIMED_FOLDERS``, whose wall-clock keys are dropped."""
-    if path.suffix == ".json" and relative.split("/", 1)[0] in TIMED_FOLDERS:
-        def strip(value: Any) -> Any:
-            if isinstance(value, dict):
-                return {k: strip(v) for k, v in value.items() if k not in TIMING_KEYS}
-            if isinstance(value, list):
-                return [strip(v) for v in value]
-            return value
-        return strip(json.loads(path.read_text()))
-    return path.read_bytes()
-
-
 def differing_files(first: Path, second: Path, stage: str) -> list[str]:
     """Relative paths whose content differs (or exists in one project only) for ``stage``'s outputs."""
     files_first, files_second = output_files(first, stage), output_files(second, stage)
     differing = sorted(set(files_first) ^ set(files_second))
     for relative in sorted(set(files_first) & set(files_second)):
-        if comparable_content(files_first[relative], relative) != comparable_content(files_second[relative], relative):
+        if files_first[relative].read_bytes() != files_second[relative].read_bytes():
             differing.append(relative)
     return differing
 

@@ -1,4 +1,4 @@
-"""The CAM store: per-image class activation maps in one HDF5 file (ARCHITECTURE.md, "CAM store").
+"""The CAM store: per-image class activation maps in one HDF5 file (docs/ARCHITECTURE.md, "CAM store").
 
 Layout: one group per image id; dataset ``cams`` float16 ``(n_present, H, W)``
 in [0, 1] at the image's size; group attribute ``classes`` = the present
@@ -14,6 +14,7 @@ pickled reader opens its own handle (h5py handles must not cross ``fork``).
 
 from __future__ import annotations
 
+from weakclip_core.errors import InputError
 import json
 import os
 import tempfile
@@ -26,7 +27,7 @@ import numpy as np
 from weakclip_core.artifacts.atomic import temporary_prefix
 
 
-class CamStoreError(ValueError):
+class CamStoreError(InputError):
     """The CAM store is missing, incomplete, or disagrees with the dataset; the message names the file."""
 
 

@@ -15,11 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from weakclip_core.errors import InputError
 from weakclip_core.artifacts.atomic import sha256_of_file
 from weakclip_core.models.clip import WEIGHTS_FILE, load_clip_artifact
 from weakclip_core.config import WeakClipConfig, build_dataclass, to_plain
 from weakclip_core.models.weakclip.model import WeakCLIP
-from weakclip_core.training.checkpoint import save_final_model
+from weakclip_core.artifacts.model_file import save_final_model
+
+
+class WeakClipArtifactError(InputError):
+    """A trained WeakCLIP file that does not fit its CLIP artifact (the CLIP changed since training)."""
 
 
 def trainable_modules(model: WeakCLIP) -> nn.ModuleDict:
@@ -60,11 +65,11 @@ def load_weakclip_model(path: str | Path, clip_dir: str | Path | None = None) ->
     clip_dir = Path(clip_dir if clip_dir is not None else saved["clip_artifact"])
     if not (clip_dir / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"{clip_dir / WEIGHTS_FILE} (the CLIP that {path} adapts) does not exist: "
-                                f"run `dvc repro clip` first")
+                                f"run the clip stage first")
     if clip_weights_sha256(clip_dir) != saved["clip_sha256"]:
-        raise ValueError(f"{path}: trained on a CLIP with sha256 {saved['clip_sha256'][:12]}..., but "
+        raise WeakClipArtifactError(f"{path}: trained on a CLIP with sha256 {saved['clip_sha256'][:12]}..., but "
                          f"{clip_dir / WEIGHTS_FILE} differs (re-run weakclip_train)")
     cfg = build_dataclass(WeakClipConfig, saved["config"], "weakclip")
-    model = WeakCLIP(load_clip_artifact(clip_dir), list(saved["class_names"]), cfg)
+    model = WeakCLIP(load_clip_artifact(clip_dir), list(saved["class_names"]), cfg.arch())
     model.load_trainable_state_dict(saved["model"])
     return model.eval()

@@ -9,7 +9,7 @@ from weakclip_core.config.weakclip import CrfConfig
 
 
 def _voc_pseudo_crf() -> CrfConfig:
-    """METHOD.md §3, VOC: Gaussian sxy 3 compat 3, bilateral sxy 83 srgb 5 compat 3."""
+    """docs/METHOD.md §3, VOC: Gaussian sxy 3 compat 3, bilateral sxy 83 srgb 5 compat 3."""
     return CrfConfig(iterations=10, gaussian_sxy=3.0, gaussian_compat=3.0,
                      bilateral_sxy=83.0, bilateral_srgb=5.0, bilateral_compat=3.0)
 

@@ -10,13 +10,14 @@ holds, and nested sections are nested dataclasses.
 
 from __future__ import annotations
 
+from weakclip_core.errors import InputError
 import dataclasses
 import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A params value is missing, unknown, of the wrong type or out of range."""
 
 

@@ -1,10 +1,17 @@
-"""The ``weakclip`` section: the WeakCLIP model, its seeds, losses and training schedule."""
+"""The ``weakclip`` section: the WeakCLIP model, its seeds, losses and training schedule.
+
+The model itself is built from ``WeakClipArchConfig`` (``WeakClipConfig.arch()``):
+the architecture fields only, so the network never sees seeds, losses or the
+training schedule. The architecture defaults are the paper's numbers, taken
+from ``weakclip_core.config.paper``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
+from weakclip_core.config import paper
 from weakclip_core.config.schema import ConfigError, bounded, listed
 
 
@@ -71,28 +78,78 @@ class WeakClipTrainConfig:
 
 
 @dataclass(frozen=True)
-class WeakClipConfig:
-    """Numbers of the paper at ViT-B/16: prompt_len 8, temperature_init 0.1, taps 3/5/7/11,
-    co-attention width 256 x 4 heads x 3 layers, neck/head width 256."""
+class WeakClipArchConfig:
+    """What WeakCLIP's construction and forward read, and nothing else.
 
-    prompt_len: int = bounded(8, low=1, high=64)
-    text_context_length: int = bounded(13, low=4)
-    temperature_init: float = bounded(0.1, low=0.0)
-    taps: list[int] = listed([3, 5, 7, 11], low=0)
-    co_attention: bool = True
-    co_attention_width: int = bounded(256, low=8)
-    co_attention_heads: int = bounded(4, low=1)
-    co_attention_layers: int = bounded(3, low=1)
-    neck_width: int = bounded(256, low=8)
-    head_width: int = bounded(128, low=8)
-    dropout: float = bounded(0.1, low=0.0, high=1.0)
-    seeds: SeedConfig = field(default_factory=SeedConfig)
-    loss: WeakClipLossConfig = field(default_factory=WeakClipLossConfig)
-    train: WeakClipTrainConfig = field(default_factory=WeakClipTrainConfig)
+    Prompts (``prompt_len`` contexts in a ``text_context_length`` sequence),
+    the ViT blocks tapped for the pyramid (``taps``, 4 of them), the
+    co-attention (on/off, width x heads x layers, α/β init
+    ``temperature_init``), the decoder's FPN neck and semantic-FPN head widths
+    (``head_width`` is the head's conv width, not an attention head's), and
+    the dropout of the co-attention and before the classifier. The field
+    names and order are those of ``WeakClipConfig``.
+    """
 
-    def validate(self) -> None:
+    prompt_len: int
+    text_context_length: int
+    temperature_init: float
+    taps: tuple[int, ...]
+    co_attention: bool
+    co_attention_width: int
+    co_attention_heads: int
+    co_attention_layers: int
+    neck_width: int
+    head_width: int
+    dropout: float
+
+    def __post_init__(self) -> None:
         if len(self.taps) != 4:
             raise ConfigError(f"taps: expected 4 block indices (1/4, 1/8, 1/16, 1/32), got {len(self.taps)}")
         if self.co_attention_width % self.co_attention_heads:
             raise ConfigError(f"co_attention_width: {self.co_attention_width} is not divisible by "
                               f"co_attention_heads {self.co_attention_heads}")
+
+
+@dataclass(frozen=True)
+class WeakClipConfig:
+    """The model's architecture (defaults: the paper's, from ``weakclip_core.config.paper``), then the
+    seeds, losses and training schedule. ``arch()`` is the part the model is built from."""
+
+    prompt_len: int = bounded(paper.PROMPT_LEN, low=1, high=64)
+    text_context_length: int = bounded(paper.TEXT_CONTEXT_LENGTH, low=4)
+    temperature_init: float = bounded(paper.TEMPERATURE_INIT, low=0.0)
+    taps: list[int] = listed(list(paper.TAPS), low=0)
+    co_attention: bool = paper.CO_ATTENTION
+    co_attention_width: int = bounded(paper.CO_ATTENTION_WIDTH, low=8)
+    co_attention_heads: int = bounded(paper.CO_ATTENTION_HEADS, low=1)
+    co_attention_layers: int = bounded(paper.CO_ATTENTION_LAYERS, low=1)
+    neck_width: int = bounded(paper.NECK_WIDTH, low=8)
+    head_width: int = bounded(paper.HEAD_WIDTH, low=8)
+    dropout: float = bounded(paper.DROPOUT, low=0.0, high=1.0)
+    seeds: SeedConfig = field(default_factory=SeedConfig)
+    loss: WeakClipLossConfig = field(default_factory=WeakClipLossConfig)
+    train: WeakClipTrainConfig = field(default_factory=WeakClipTrainConfig)
+
+    def arch(self) -> WeakClipArchConfig:
+        """The architecture fields alone: what ``WeakCLIP`` is built from."""
+        values = {item.name: getattr(self, item.name) for item in fields(WeakClipArchConfig)}
+        return WeakClipArchConfig(**{**values, "taps": tuple(self.taps)})
+
+    def with_arch(self, arch: WeakClipArchConfig) -> WeakClipConfig:
+        """This config with its architecture fields taken from ``arch``; seeds, losses and training kept."""
+        values = {item.name: getattr(arch, item.name) for item in fields(WeakClipArchConfig)}
+        return replace(self, **{**values, "taps": list(arch.taps)})
+
+    def validate(self) -> None:
+        self.arch()  # the architecture's own checks (4 taps, width divisible by heads)
+
+
+def paper_weakclip_arch() -> WeakClipArchConfig:
+    """The paper's full-size architecture at ViT-B/16 (21.24M trainable of 171.46M at K = 21)."""
+    return WeakClipConfig().arch()
+
+
+def paper_weakclip_config(base: WeakClipConfig | None = None) -> WeakClipConfig:
+    """``base`` (default: ``WeakClipConfig()``) with the paper's architecture; its seeds, losses and
+    training settings are kept."""
+    return (base or WeakClipConfig()).with_arch(paper_weakclip_arch())

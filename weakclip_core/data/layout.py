@@ -1,4 +1,4 @@
-"""The VOC-layout dataset contract shared by every stage (ARCHITECTURE.md, "Dataset").
+"""The VOC-layout dataset contract shared by every stage (docs/ARCHITECTURE.md, "Dataset").
 
 A prepared dataset folder holds::
 
@@ -14,6 +14,7 @@ never listed). Readers raise ``DatasetError`` naming the offending file.
 
 from __future__ import annotations
 
+from weakclip_core.errors import InputError
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ LABELS_FILE = "labels.json"
 CAPTIONS_FILE = "captions.txt"
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset file or folder is missing, unreadable or inconsistent; the message names it."""
 
 

@@ -12,14 +12,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from weakclip_core.artifacts.atomic import atomic_path
-from weakclip_core.data.layout import PreparedDataset, voc_palette
-
-_PALETTE_RGB = np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)
-
-
-def colour_mask(mask: np.ndarray) -> np.ndarray:
-    """(H, W) class indices -> (H, W, 3) uint8 RGB in the VOC palette (255 ignore = cream)."""
-    return _PALETTE_RGB[mask]
+from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.evaluation.palette import colourise
 
 
 def _fit(array: np.ndarray, tile: int, resample: Image.Resampling) -> Image.Image:
@@ -67,7 +61,7 @@ def write_dataset_preview(dataset: PreparedDataset, split: str, out_path: str | 
         top = title_height + (number // columns) * cell_height
         canvas.paste(_fit(dataset.image(image_id), tile, Image.Resampling.BILINEAR), (left, top))
         if dataset.has_mask(image_id):
-            canvas.paste(_fit(colour_mask(dataset.mask(image_id)), tile, Image.Resampling.NEAREST),
+            canvas.paste(_fit(colourise(dataset.mask(image_id)), tile, Image.Resampling.NEAREST),
                          (left + tile, top))
         names = ", ".join(dataset.class_names[c] for c in dataset.labels.get(image_id, []))
         text = f"{image_id}: {names or '(no labels)'}"

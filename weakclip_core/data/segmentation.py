@@ -8,6 +8,7 @@ need no shared state, and a run resumed mid-epoch sees exactly the samples of an
 
 from __future__ import annotations
 
+from weakclip_core.errors import InputError
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class MaskedImageDataset(Dataset):
 
 
 
-class GroundTruthMaskError(ValueError):
+class GroundTruthMaskError(InputError):
     """A pseudo-mask folder that is (or resolves to) a ground-truth folder: WSSS must never train on GT."""
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-IGNORE_INDEX = 255
+from weakclip_core.data.layout import IGNORE_INDEX
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from weakclip_core.data.layout import IGNORE_INDEX
 
 
 def confusion_matrix(ground_truth: np.ndarray, prediction: np.ndarray, n_classes: int) -> np.ndarray:

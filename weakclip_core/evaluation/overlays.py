@@ -1,7 +1,8 @@
 """Report images: an image beside its masks (GT, predictions) blended in VOC colours, and confusion matrices.
 
 Written atomically as PNGs under a stage's ``reports/`` folder. PIL draws the overlays (fast, no
-figure state); matplotlib (Agg backend) draws the confusion matrix.
+figure state) with the shared colours and blend of ``weakclip_core.evaluation.palette``; matplotlib (Agg
+backend) draws the confusion matrix.
 """
 
 from __future__ import annotations
@@ -13,23 +14,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from weakclip_core.artifacts.atomic import atomic_path
-from weakclip_core.data.layout import voc_palette
+from weakclip_core.evaluation.palette import blend
 
-_PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
 TITLE_HEIGHT = 14
-
-
-def colourise(mask: np.ndarray) -> np.ndarray:
-    """(H, W) class indices → (H, W, 3) uint8 VOC colours (255 = ignore in the VOC cream colour)."""
-    return _PALETTE[mask.astype(np.uint8)]
-
-
-def blend(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """The mask's colours over the image: background (0) leaves the image as it is, ignore is drawn."""
-    colours = colourise(mask).astype(np.float32)
-    painted = (mask != 0)[..., None]
-    mixed = (1 - alpha) * image.astype(np.float32) + alpha * colours
-    return np.where(painted, mixed, image.astype(np.float32)).round().astype(np.uint8)
 
 
 def overlay_panel(image: np.ndarray, masks: Sequence[tuple[str, np.ndarray]], caption: str = "",

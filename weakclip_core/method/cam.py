@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from weakclip_core.evaluation.metrics import ConfusionAccumulator, IGNORE_INDEX, IouReport
+from weakclip_core.data.layout import IGNORE_INDEX
+from weakclip_core.evaluation.metrics import ConfusionAccumulator, IouReport
 from weakclip_core.models.mctformer import MCTformerV2
 
 CAM_VARIANTS: tuple[str, ...] = ("class_token", "patch_cam", "fused", "fused_affinity")

@@ -5,7 +5,7 @@ stride: logits are resized bilinearly to the window), so WeakCLIP, the retrained
 fixed convolution all run through the same code. Per scale and flip the logits of overlapping windows
 are averaged, resized to the image, turned into probabilities with a softmax restricted to the allowed
 classes (the image's labels + background: every other class gets probability exactly 0 and is therefore
-never emitted), and the probabilities are averaged over scales and flips (METHOD.md §3).
+never emitted), and the probabilities are averaged over scales and flips (docs/METHOD.md §3).
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from weakclip_core.config.weakclip import WeakClipLossConfig
+from weakclip_core.data.layout import IGNORE_INDEX
 from weakclip_core.method.crf import CrfPool
 
-IGNORE_INDEX = 255
 MIN_PROBABILITY = 1e-7  # added before renormalising P, so log P and Q/P stay finite
 CRF_FLOOR = 1e-4  # Q is floored and renormalised, as in the reference
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from weakclip_core.config.weakclip import SeedConfig
-
-IGNORE_INDEX = 255
+from weakclip_core.data.layout import IGNORE_INDEX
 
 
 def _check_inputs(cams: np.ndarray, classes: list[int]) -> None:

@@ -18,8 +18,8 @@ same model in ``weakclip_train`` without touching open_clip's name registry.
 
 from __future__ import annotations
 
+from weakclip_core.errors import InputError
 import copy
-import hashlib
 import json
 import zipfile
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, resize_pos_embed
 from torch import nn
 
-from weakclip_core.artifacts.atomic import atomic_path, write_json
+from weakclip_core.artifacts.atomic import atomic_path, sha256_of_file, write_json
 from weakclip_core.config.clip import ClipArchConfig, ClipConfig
 from weakclip_core.artifacts.state_dict import unwrap_state_dict
 
@@ -42,7 +42,7 @@ INFO_FILE = "clip.json"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
-class ClipWeightsError(ValueError):
+class ClipWeightsError(InputError):
     """A CLIP weights file that is missing, a hub tag, not a checkpoint, or not of this architecture."""
 
 
@@ -133,15 +133,6 @@ def check_weights_path(weights: str | Path) -> Path:
     return path
 
 
-def sha256_of_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _is_torchscript_archive(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -226,7 +217,7 @@ def load_clip_artifact(directory: str | Path) -> CLIP:
     weights_path = directory / WEIGHTS_FILE
     for required in (config_path, weights_path):
         if not required.is_file():
-            raise FileNotFoundError(f"{required}: missing; run the 'clip' stage first (dvc repro clip)")
+            raise FileNotFoundError(f"{required}: missing; run the clip stage first")
     model_config = json.loads(config_path.read_text())
     model = clip_from_config(model_config)
     state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -295,7 +286,7 @@ def dense_visual_features(visual: nn.Module, images: torch.Tensor, taps: list[in
         raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
     blocks = visual.transformer.resblocks
     if any(tap < 0 or tap >= len(blocks) for tap in taps):
-        raise ValueError(f"weakclip.taps: {taps} outside the visual tower's {len(blocks)} blocks")
+        raise ValueError(f"taps {taps} outside the visual tower's {len(blocks)} blocks")
     grid_h, grid_w = height // patch, width // patch
     tokens = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, hw, width)
     class_token = visual.class_embedding.to(tokens.dtype).view(1, 1, -1).expand(batch, -1, -1)
@@ -339,7 +330,7 @@ def encode_token_embeddings(clip_model: CLIP, token_embeddings: torch.Tensor,
     """
     length = token_embeddings.shape[1]
     if length > clip_model.positional_embedding.shape[0]:
-        raise ValueError(f"weakclip.text_context_length: {length} exceeds the CLIP's text context "
+        raise ValueError(f"a text context of {length} tokens exceeds the CLIP's text context "
                          f"length {clip_model.positional_embedding.shape[0]}")
     hidden = token_embeddings + clip_model.positional_embedding[:length].to(token_embeddings.dtype)
     hidden = clip_model.transformer(hidden, attn_mask=causal_mask(length, hidden.device, hidden.dtype))

@@ -18,6 +18,7 @@ Two differences from a plain DeiT, following MCTformer-V2:
 
 from __future__ import annotations
 
+from weakclip_core.errors import InputError
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from weakclip_core.config.cam import MCTformerArchConfig
 from weakclip_core.artifacts.state_dict import unwrap_state_dict
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(InputError):
     """A weights file is missing, unreadable or does not fit the model; the message names the file."""
 
 
@@ -222,7 +223,7 @@ _IGNORED_DEIT_PREFIXES = ("head.", "head_dist.", "norm.", "fc_norm.", "dist_toke
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
-        raise PretrainedWeightsError(f"{path}: pretrained weights file not found (cam.arch.pretrained)")
+        raise PretrainedWeightsError(f"{path}: pretrained weights file not found")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -272,7 +273,7 @@ def load_deit_weights(model: MCTformerV2, path: str | Path) -> list[str]:
     missing = [key for key in target if key not in converted and not key.startswith("patch_head.")]
     if missing:
         raise PretrainedWeightsError(f"{path}: missing {len(missing)} backbone weight(s), e.g. {missing[0]!r} "
-                                     f"(is cam.arch depth/width the checkpoint's?)")
+                                     f"(are the model's depth and width the checkpoint's?)")
     model.load_state_dict(converted, strict=False)
     return ignored
 

@@ -9,6 +9,7 @@ with an ``encoder.`` or ``module.`` prefix); empty means random initialisation. 
 
 from __future__ import annotations
 
+from weakclip_core.errors import InputError
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ SEGMENTER_MEAN = IMAGENET_MEAN
 SEGMENTER_STD = IMAGENET_STD
 
 
-class SegmenterWeightsError(ValueError):
+class SegmenterWeightsError(InputError):
     """An encoder weights file or a saved segmenter that is missing or does not fit; names the file."""
 
 
@@ -37,7 +38,7 @@ def build_segmenter(cfg: SegConfig, n_classes: int, encoder_weights: bool = True
     elif cfg.model == "segformer":
         model = smp.Segformer(encoder_name=cfg.encoder, encoder_weights=None, classes=n_classes)
     else:  # the config schema only admits the two families
-        raise ValueError(f"seg.model: unknown model family {cfg.model!r}")
+        raise ValueError(f"unknown model family {cfg.model!r} (deeplabv3plus | segformer)")
     if encoder_weights and cfg.encoder_weights:
         load_encoder_weights(model, cfg.encoder_weights)
     return model
@@ -48,21 +49,21 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
     that is missing, unreadable or of another architecture raises ``SegmenterWeightsError``."""
     path = Path(path)
     if not path.is_file():
-        raise SegmenterWeightsError(f"seg.encoder_weights: {path} not found (ImageNet weights must be a local "
-                                    "file here; leave it empty for random initialisation)")
+        raise SegmenterWeightsError(f"{path} not found (ImageNet weights must be a local file here; "
+                                    "leave the setting empty for random initialisation)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise SegmenterWeightsError(f"seg.encoder_weights: {path} is not a torch state dict ({error})") from None
+        raise SegmenterWeightsError(f"{path} is not a torch state dict ({error})") from None
     unwrapped = unwrap_state_dict(state, extra_prefixes=("encoder.",))
     if unwrapped is None:
-        raise SegmenterWeightsError(f"seg.encoder_weights: {path} holds a {type(state).__name__}, not a state dict")
+        raise SegmenterWeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
     state = {key: value for key, value in unwrapped.items()
              if not key.startswith(("fc.", "head.", "classifier."))}
     try:
         model.encoder.load_state_dict(state)
     except RuntimeError as error:
-        raise SegmenterWeightsError(f"seg.encoder_weights: {path} does not fit the encoder: {str(error)[:500]}") from None
+        raise SegmenterWeightsError(f"{path} does not fit the encoder: {str(error)[:500]}") from None
 
 
 def segmenter_record(cfg: SegConfig, class_names: list[str]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 A training stage runs unchanged as one process (``runtime.launcher: none``) or
 as ``runtime.nproc`` DDP processes under ``torchrun`` (``runtime.launcher:
-torchrun``). Under torchrun every process reads ``RANK``, ``LOCAL_RANK``,
+torchrun``; the relaunch is the stage runner's, ``pipeline/_stage.py``). Under torchrun every process reads ``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` from its environment; the
 backend is NCCL on CUDA and Gloo on CPU. DDP averages gradients over the
 processes, so N processes with per-process batch ``B`` take the same step as
@@ -14,13 +14,9 @@ around.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -29,8 +25,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from weakclip_core.config.params import RuntimeConfig
-from weakclip_core.config.schema import ConfigError
 from weakclip_core.runtime.device import resolve_device
 
 ResultT = TypeVar("ResultT")
@@ -409,44 +403,6 @@ def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.T
     return reduced / context.world_size
 
 
-def stage_command(module: str, runtime: RuntimeConfig, args: Sequence[str] = ()) -> list[str]:
-    """The command that runs stage ``module`` (``pipeline.cam_train``) as ``runtime`` asks.
-
-    ``launcher: none`` → ``python -m <module> <args>``;
-    ``launcher: torchrun`` → ``torchrun --standalone --nproc_per_node <nproc> -m <module> <args>``.
-    """
-    if runtime.launcher == "none":
-        return [sys.executable, "-m", module, *args]
-    torchrun = Path(sys.executable).parent / "torchrun"
-    executable = str(torchrun) if torchrun.exists() else (shutil.which("torchrun") or "torchrun")
-    return [executable, "--standalone", "--nproc_per_node", str(runtime.nproc), "-m", module, *args]
-
-
-def check_global_batches(runtime: RuntimeConfig, batches: dict[str, int]) -> None:
-    """Before starting torchrun: every configured global batch (``{params key: size}``) divides by ``nproc``.
-
-    Raises ``ConfigError`` naming the batch key and ``runtime.nproc``, so the
-    user sees one line instead of ``nproc`` failing workers.
-    """
-    if runtime.launcher != "torchrun":
-        return
-    for key, size in batches.items():
-        if size % runtime.nproc != 0:
-            raise ConfigError(f"{key}: the global batch {size} does not divide over runtime.nproc = {runtime.nproc} "
-                              f"DDP processes; make {key} a multiple of {runtime.nproc} or change runtime.nproc")
-
-
-def launch_stage(module: str, runtime: RuntimeConfig, args: Sequence[str] | None,
-                 batches: dict[str, int]) -> int | None:
-    """A training stage's first step: check the batches, then relaunch under torchrun when asked.
-
-    ``args`` are the stage's command-line arguments (``None``: ``sys.argv[1:]``).
-    Returns ``None`` to carry on in this process, or the torchrun job's exit code.
-    """
-    check_global_batches(runtime, batches)
-    return relaunch_under_torchrun(module, runtime, sys.argv[1:] if args is None else args)
-
-
 @contextmanager
 def distributed_context(requested_device: str) -> Iterator[DistributedContext]:
     """:func:`init_distributed` for the ``with`` block, leaving the process group at its end."""
@@ -455,15 +411,3 @@ def distributed_context(requested_device: str) -> Iterator[DistributedContext]:
         yield context
     finally:
         shutdown_distributed(context)
-
-
-def relaunch_under_torchrun(module: str, runtime: RuntimeConfig, args: Sequence[str]) -> int | None:
-    """Re-run this stage under torchrun when asked and not already under it; returns its exit code.
-
-    A stage's ``main()`` calls this first: ``None`` means "carry on in this
-    process" (launcher none, or already a torchrun worker); an int means the
-    torchrun job ran and the stage should exit with that code.
-    """
-    if runtime.launcher != "torchrun" or "LOCAL_RANK" in os.environ:
-        return None
-    return subprocess.run(stage_command(module, runtime, args), check=False).returncode

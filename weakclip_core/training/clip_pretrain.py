@@ -25,16 +25,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from weakclip_core.config.clip import ClipPretrainConfig
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.transforms import sample_rng, to_tensor
-from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, all_reduce_mean, gather_objects,
-                                       gather_with_grad, per_process_batch_size, single_process_context, wrap_model)
+from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, gather_objects, gather_with_grad,
+                                               per_process_batch_size, single_process_context, wrap_model)
 from weakclip_core.evaluation.metrics import average_precision
-from weakclip_core.training.checkpoint import Checkpointer, set_lr, warmup_cosine_lr
+from weakclip_core.config.schema import ConfigError
+from weakclip_core.training.checkpoint import Checkpointer
+from weakclip_core.training.loop import LoopPlan, LoopState, run_training_loop
+from weakclip_core.training.schedules import warmup_cosine_lr
 
 PROMPT_TEMPLATE = "a photo of a {}"
 # open_clip clamps the learnable logit scale at 100 (log 100 = 4.6052) to keep the softmax stable.
@@ -200,65 +202,60 @@ class PretrainResult:
 
 
 def pretrain_clip(model: nn.Module, pairs: CaptionPairs, tokenizer: Tokenizer, config: ClipPretrainConfig,
-                  device: torch.device, checkpointer: Checkpointer, seed: int, stop_after_step: int | None = None,
-                  log: Callable[[int, dict[str, float]], None] | None = None,
-                  context: DistributedContext | None = None) -> PretrainResult:
+                  device: torch.device, checkpointer: Checkpointer, seed: int, stop_after_steps: int | None = None,
+                  context: DistributedContext | None = None, show_progress: bool = True) -> PretrainResult:
     """Train ``model`` contrastively on ``pairs`` for ``config.epochs`` epochs; resumable.
 
-    A checkpoint is written at the end of every epoch (and at ``stop_after_step``);
-    a run with the same config resumes from it and, being deterministic per step,
-    ends with the weights an uninterrupted run would have. ``stop_after_step``
-    stops early after that many steps in total (for tests of resumption).
+    A checkpoint is written at the end of every epoch; a run with the same config resumes from it and,
+    being deterministic per step, ends with the weights an uninterrupted run would have.
+    ``stop_after_steps`` stops this call after that many steps as if the process were killed (tests of
+    resumption).
 
     Under DDP (``context`` from torchrun; ``device`` is then the context's) each
     rank encodes its slice of every global batch (``clip.pretrain.batch_size``),
     the features and captions are gathered (with gradient) so every rank scores
-    the whole N×N logits of the global batch, and only rank 0 checkpoints and logs.
+    the whole N×N logits of the global batch, and only rank 0 checkpoints.
     """
     context = context or single_process_context(device)
     steps_per_epoch = len(pairs) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"clip.pretrain.batch_size: {config.batch_size} exceeds the {len(pairs)} training pairs")
+        raise ConfigError(f"clip.pretrain.batch_size: {config.batch_size} exceeds the {len(pairs)} training pairs")
     total_steps = steps_per_epoch * config.epochs
     model.to(device).train()
     optimizer = torch.optim.AdamW(_decay_groups(model), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.98), eps=1e-6)
-    start_step, _ = checkpointer.resume(model, optimizer)
-    end_step = total_steps if stop_after_step is None else min(total_steps, stop_after_step)
-    sampler = StepSampler(len(pairs), config.batch_size, seed, end_step, start_step)
+    start_step, extra = checkpointer.resume(model, optimizer)
+    sampler = StepSampler(len(pairs), config.batch_size, seed, total_steps, start_step)
     loader = DataLoader(pairs, batch_size=per_process_batch_size(config.batch_size, context, "clip.pretrain.batch_size"),
                         sampler=ShardedKeySampler(sampler, config.batch_size, context) if context.is_distributed
                         else sampler,
                         num_workers=config.workers, generator=torch.Generator().manual_seed(seed))
     pair_model = wrap_model(ContrastivePair(model), context)
-    loss_value = float("nan")
-    progress = tqdm(loader, total=end_step - start_step, initial=0, desc="clip pretrain", unit="step",
-                    dynamic_ncols=True, disable=not context.is_main)
-    step = start_step
-    for images, captions in progress:
-        lr = warmup_cosine_lr(step, total_steps, config.lr, config.warmup_steps)
-        set_lr(optimizer, lr)
+
+    def compute_losses(step: int, batch: tuple[torch.Tensor, Sequence[str]]) -> dict[str, torch.Tensor]:
+        images, captions = batch
         image_features, text_features, logit_scale = pair_model(images.to(device), tokenizer(captions).to(device))
         # One process: the batch itself. DDP: the global batch in rank order, as one process would hold it;
         # every rank computes the same loss, whose gradient reaches each rank's own rows (see gather_with_grad).
         all_captions = gather_objects(list(captions), context)
-        loss = clip_contrastive_loss(gather_with_grad(image_features, context),
-                                     gather_with_grad(text_features, context), logit_scale,
-                                     caption_groups(all_captions).to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        return {"loss": clip_contrastive_loss(gather_with_grad(image_features, context),
+                                              gather_with_grad(text_features, context), logit_scale,
+                                              caption_groups(all_captions).to(device))}
+
+    def clamp_logit_scale() -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
-        step += 1
-        loss_value = float(all_reduce_mean(loss.detach(), context))
-        progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-        if log is not None and context.is_main:
-            log(step, {"loss": loss_value, "lr": lr, "logit_scale": float(model.logit_scale.detach().exp())})
-        if (step % steps_per_epoch == 0 or step == end_step) and context.is_main:
-            checkpointer.save(model, optimizer, step)
-    progress.close()
-    return PretrainResult(steps_done=step, finished=step == total_steps, final_loss=loss_value,
+
+    result = run_training_loop(
+        name="clip pretrain", lr_key="clip.pretrain.lr",
+        plan=LoopPlan(total_steps=total_steps, window_steps=steps_per_epoch, checkpoint_every=total_steps,
+                      lr_at=lambda step: warmup_cosine_lr(step, total_steps, config.lr, config.warmup_steps)),
+        batches=loader, start_step=start_step, model=pair_model, optimizer=optimizer,
+        compute_losses=compute_losses, context=context, checkpointer=checkpointer, checkpointed_module=model,
+        state=LoopState.from_dict(extra.get("loop")), after_step=clamp_logit_scale,
+        stop_after_steps=stop_after_steps, show_progress=show_progress)
+    return PretrainResult(steps_done=start_step + result.steps_this_run, finished=result.finished,
+                          final_loss=result.last_losses.get("loss", float("nan")),
                           logit_scale=float(model.logit_scale.detach().exp()))
 
 

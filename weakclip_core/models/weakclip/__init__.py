@@ -1,5 +1,8 @@
-"""WeakCLIP (Zhu et al., IJCV 2024): one module per part of the paper, composed in ``model.py``."""
+"""WeakCLIP (Zhu et al., IJCV 2024): one module per part of the paper, composed in ``model.py``.
 
-from weakclip_core.models.weakclip.model import WeakCLIP, WeakClipOutput, paper_weakclip_config
+Built from a ``WeakClipArchConfig`` (``weakclip_core.config.weakclip``); the paper's is ``paper_weakclip_arch()``.
+"""
 
-__all__ = ["WeakCLIP", "WeakClipOutput", "paper_weakclip_config"]
+from weakclip_core.models.weakclip.model import WeakCLIP, WeakClipOutput
+
+__all__ = ["WeakCLIP", "WeakClipOutput"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
+from weakclip_core.config.weakclip import WeakClipArchConfig
 from weakclip_core.models.clip import dense_visual_features, joint_width, text_width, visual_width
-from weakclip_core.config.weakclip import WeakClipConfig
 from weakclip_core.models.weakclip.co_attention import CoAttention
 from weakclip_core.models.weakclip.decoder import TextGuidedDecoder
 from weakclip_core.models.weakclip.matching import cosine_matching
@@ -19,19 +19,6 @@ from weakclip_core.models.weakclip.prompt_learner import PromptLearner
 from weakclip_core.models.weakclip.pyramid_adapter import PyramidAdapter
 
 OUTPUT_STRIDE = 4
-
-
-def paper_weakclip_config(base: WeakClipConfig | None = None) -> WeakClipConfig:
-    """The paper's full-size model widths at ViT-B/16 (21.24M trainable of 171.46M at K = 21).
-
-    prompt_len 8, text context 13, taps 3/5/7/11, co-attention 256 x 4 heads x
-    3 layers, α/β init 0.1, FPN neck 256, semantic-FPN head 256, dropout 0.1.
-    Seeds, losses and training settings are kept from ``base``.
-    """
-    base = base or WeakClipConfig()
-    return replace(base, prompt_len=8, text_context_length=13, temperature_init=0.1, taps=[3, 5, 7, 11],
-                   co_attention=True, co_attention_width=256, co_attention_heads=4, co_attention_layers=3,
-                   neck_width=256, head_width=256, dropout=0.1)
 
 
 @dataclass
@@ -48,16 +35,20 @@ class WeakCLIP(nn.Module):
     ``class_names`` has ``background`` at index 0 (K names in all). Both CLIP
     encoders are frozen (``requires_grad`` off) and stay in eval mode under
     ``.train()``; only the prompts, adapter, co-attention (with α, β) and
-    decoder train.
+    decoder train. ``arch`` is the architecture alone (``WeakClipConfig.arch()``;
+    the paper's is ``paper_weakclip_arch()``).
     """
 
-    def __init__(self, clip_model: CLIP, class_names: list[str], cfg: WeakClipConfig) -> None:
+    def __init__(self, clip_model: CLIP, class_names: list[str], arch: WeakClipArchConfig) -> None:
         super().__init__()
+        if not isinstance(arch, WeakClipArchConfig):  # a whole WeakClipConfig has the same attribute names
+            raise TypeError(f"WeakCLIP takes the architecture alone (WeakClipConfig.arch()), got {type(arch).__name__}")
         if not class_names or class_names[0] != "background":
             raise ValueError(f"class_names must start with 'background', got {class_names[:3]}")
         self.class_names = list(class_names)
-        self.taps = list(cfg.taps)
-        self.use_co_attention = cfg.co_attention
+        self.arch = arch
+        self.taps = list(arch.taps)
+        self.use_co_attention = arch.co_attention
         self.clip = clip_model
         for parameter in self.clip.parameters():
             parameter.requires_grad_(False)
@@ -65,13 +56,13 @@ class WeakCLIP(nn.Module):
         num_classes = len(class_names)
         joint = joint_width(clip_model)
         vision = visual_width(clip_model.visual)
-        self.prompt_learner = PromptLearner(class_names, cfg.prompt_len, cfg.text_context_length,
+        self.prompt_learner = PromptLearner(class_names, arch.prompt_len, arch.text_context_length,
                                             text_width(clip_model))
         self.pyramid_adapter = PyramidAdapter(vision)
-        self.co_attention = (CoAttention(joint, cfg.co_attention_width, cfg.co_attention_heads,
-                                         cfg.co_attention_layers, cfg.temperature_init, cfg.dropout)
-                             if cfg.co_attention else None)
-        self.decoder = TextGuidedDecoder(vision, num_classes, cfg.neck_width, cfg.head_width, cfg.dropout)
+        self.co_attention = (CoAttention(joint, arch.co_attention_width, arch.co_attention_heads,
+                                         arch.co_attention_layers, arch.temperature_init, arch.dropout)
+                             if arch.co_attention else None)
+        self.decoder = TextGuidedDecoder(vision, num_classes, arch.neck_width, arch.head_width, arch.dropout)
 
     @property
     def num_classes(self) -> int:

@@ -8,14 +8,13 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
 from weakclip_core.models.clip import encode_token_embeddings, text_width
-from weakclip_core.config.schema import ConfigError
 
 
 def class_name_token_ids(class_names: list[str], name_length: int) -> tuple[list[list[int]], list[int]]:
     """``[SOT] name [EOT]`` token ids per class, zero-padded to ``name_length``, and each EOT index.
 
-    A name too long for ``name_length`` is a ``ConfigError`` that names it and the keys to change (silent
-    truncation would drop the end token and mix classes up); stages print it as one line.
+    A name too long for ``name_length`` is a ``ValueError`` that names it (silent truncation would drop the
+    end token and mix classes up); the stage adds the params key and prints it as one line.
     """
     tokenizer = SimpleTokenizer()
     start, end = tokenizer.encoder["<start_of_text>"], tokenizer.encoder["<end_of_text>"]
@@ -24,9 +23,9 @@ def class_name_token_ids(class_names: list[str], name_length: int) -> tuple[list
     for name in class_names:
         tokens = [start, *tokenizer.encode(name), end]
         if len(tokens) > name_length:
-            raise ConfigError(f"class name '{name}' needs {len(tokens)} tokens with start/end but "
-                             f"weakclip.text_context_length - weakclip.prompt_len leaves {name_length}; "
-                             f"raise weakclip.text_context_length")
+            raise ValueError(f"class name '{name}' needs {len(tokens)} tokens with start/end but the text "
+                             f"context length minus the prompt length leaves {name_length}; "
+                             f"raise the text context length")
         end_positions.append(len(tokens) - 1)
         rows.append(tokens + [0] * (name_length - len(tokens)))
     return rows, end_positions
@@ -45,8 +44,8 @@ class PromptLearner(nn.Module):
         super().__init__()
         name_length = text_context_length - prompt_len
         if name_length < 2:
-            raise ConfigError(f"weakclip.text_context_length {text_context_length} leaves no room for class "
-                             f"names after weakclip.prompt_len {prompt_len} contexts")
+            raise ValueError(f"text context length {text_context_length} leaves no room for class "
+                             f"names after {prompt_len} prompt contexts")
         rows, end_positions = class_name_token_ids(class_names, name_length)
         self.prompt_len = prompt_len
         self.register_buffer("name_tokens", torch.tensor(rows, dtype=torch.long), persistent=False)

@@ -1,0 +1,261 @@
+"""What every stage's command line shares: arguments, the torchrun relaunch, one-line errors, wall time, dvclive.
+
+A stage module keeps its own work (``train_cam_model``, ``run_shard`` ...) and ends with::
+
+    def main(argv=None):
+        return run_stage(STAGE_SPEC, argv)
+
+    if __name__ == "__main__":
+        run_stage_cli(main, STAGE)
+
+- :func:`run_stage` parses ``--params`` (and the stage's own arguments), loads the typed params, relaunches
+  a DDP-capable stage under ``torchrun`` when ``runtime.launcher`` asks for it, runs the work in its
+  process-group context, prints the work's summary line on rank 0 and records the stage's wall time in
+  ``timings/<stage>.json`` (not a DVC output: a re-run with identical results leaves ``dvc.lock`` as it was).
+- :func:`run_stage_cli` turns the library's :class:`~weakclip_core.errors.InputError` (and the stage's own
+  input errors) into ``<stage>: error: <message>`` and exit status 1; ``WEAKCLIP_TRACEBACK=1`` shows the
+  traceback instead. Any other exception is a bug and keeps its traceback.
+- :func:`require_input` names the stage to run when an upstream artifact is missing; :func:`params_key`
+  names the params key behind a model or file the library refused.
+- :class:`LiveLog` writes a trainer's window means to dvclive (and trims rows a resumed run logs again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from weakclip_core.artifacts.atomic import write_json, write_text
+from weakclip_core.config import Params, load_params
+from weakclip_core.config.params import RuntimeConfig
+from weakclip_core.config.schema import ConfigError
+from weakclip_core.errors import InputError
+
+TIMINGS_DIR = Path("timings")
+
+
+class MissingInputError(FileNotFoundError):
+    """An upstream artifact a stage reads does not exist; the message names it and the stage that makes it."""
+
+
+def require_input(path: str | Path, made_by_stage: str) -> Path:
+    """``path`` as a ``Path`` when it exists; else ``MissingInputError``: ``<path> does not exist: run
+    `dvc repro <made_by_stage>` first``. Stages call it where they open an upstream artifact, so a chain
+    run out of order says what to run instead of Python's bare ``No such file or directory``."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"{path} does not exist: run `dvc repro {made_by_stage}` first")
+    return path
+
+
+INPUT_ERRORS: tuple[type[BaseException], ...] = (InputError, FileNotFoundError, OSError)
+
+
+@contextmanager
+def params_key(key: str) -> Iterator[None]:
+    """The block builds something from params key ``key``: a ``ValueError`` it raises (the library's messages
+    speak of the model's terms, not of ``params.yaml``) becomes a one-line ``ConfigError`` naming the key."""
+    try:
+        yield
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}") from error
+
+
+def _close_progress_bars() -> None:
+    """Finish the progress bars the failed stage left open, so the error starts its own line."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def run_stage_cli(main: Callable[[], object], stage: str,
+                  extra_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Run ``main()``; input errors become ``<stage>: error: <message>`` on stderr and exit status 1."""
+    try:
+        result = main()
+    except INPUT_ERRORS + extra_errors as error:
+        if os.environ.get("WEAKCLIP_TRACEBACK"):
+            raise
+        _close_progress_bars()
+        print(f"{stage}: error: {error}", file=sys.stderr)
+        for note in getattr(error, "__notes__", []):
+            print(f"  {note}", file=sys.stderr)
+        raise SystemExit(1) from None
+    raise SystemExit(result if isinstance(result, int) else 0)
+
+
+# --------------------------------------------------------------------------- torchrun
+
+def stage_command(module: str, runtime: RuntimeConfig, args: Sequence[str] = ()) -> list[str]:
+    """The command that runs stage ``module`` (``pipeline.cam_train``) as ``runtime`` asks.
+
+    ``launcher: none`` → ``python -m <module> <args>``;
+    ``launcher: torchrun`` → ``torchrun --standalone --nproc_per_node <nproc> -m <module> <args>``.
+    """
+    if runtime.launcher == "none":
+        return [sys.executable, "-m", module, *args]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    executable = str(torchrun) if torchrun.exists() else (shutil.which("torchrun") or "torchrun")
+    return [executable, "--standalone", "--nproc_per_node", str(runtime.nproc), "-m", module, *args]
+
+
+def check_global_batches(runtime: RuntimeConfig, batches: Mapping[str, int]) -> None:
+    """Before starting torchrun: every configured global batch (``{params key: size}``) divides by ``nproc``.
+
+    Raises ``ConfigError`` naming the batch key and ``runtime.nproc``, so the
+    user sees one line instead of ``nproc`` failing workers.
+    """
+    if runtime.launcher != "torchrun":
+        return
+    for key, size in batches.items():
+        if size % runtime.nproc != 0:
+            raise ConfigError(f"{key}: the global batch {size} does not divide over runtime.nproc = {runtime.nproc} "
+                              f"DDP processes; make {key} a multiple of {runtime.nproc} or change runtime.nproc")
+
+
+def relaunch_under_torchrun(module: str, runtime: RuntimeConfig, args: Sequence[str]) -> int | None:
+    """Re-run this stage under torchrun when asked and not already under it; returns its exit code.
+
+    ``None`` means "carry on in this process" (launcher none, or already a torchrun worker); an int means
+    the torchrun job ran and the stage should exit with that code.
+    """
+    if runtime.launcher != "torchrun" or "LOCAL_RANK" in os.environ:
+        return None
+    return subprocess.run(stage_command(module, runtime, args), check=False).returncode
+
+
+def launch_stage(module: str, runtime: RuntimeConfig, args: Sequence[str] | None,
+                 batches: Mapping[str, int]) -> int | None:
+    """A DDP-capable stage's first step: check the batches, then relaunch under torchrun when asked.
+
+    ``args`` are the stage's command-line arguments (``None``: ``sys.argv[1:]``).
+    Returns ``None`` to carry on in this process, or the torchrun job's exit code.
+    """
+    check_global_batches(runtime, batches)
+    return relaunch_under_torchrun(module, runtime, sys.argv[1:] if args is None else args)
+
+
+# --------------------------------------------------------------------------- the entry point
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage's command line.
+
+    ``run(params, args, context)`` does the work and returns the one summary line to print (or ``None``).
+    ``context`` is the DDP context for stages with ``global_batches`` (the training stages: they may run
+    under torchrun), ``None`` for the others. ``global_batches(params)`` gives ``{params key: global batch}``
+    to check against ``runtime.nproc``; ``label(args)`` names the run in ``timings/`` (``seg_train@gt``).
+    """
+
+    name: str
+    module: str
+    description: str
+    run: Callable[[Params, argparse.Namespace, Any], str | None]
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    global_batches: Callable[[Params], Mapping[str, int]] | None = None
+    label: Callable[[argparse.Namespace], str] | None = None
+
+
+def parse_stage_arguments(spec: StageSpec, argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m {spec.module}", description=spec.description)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    if spec.add_arguments is not None:
+        spec.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def record_wall_time(label: str, seconds: float, timings_dir: Path = TIMINGS_DIR) -> None:
+    """``timings/<label>.json``: the stage's last wall time, kept out of DVC's metrics and of git."""
+    write_json(timings_dir / f"{label}.json", {
+        "stage": label, "wall_s": round(seconds, 1),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def run_stage(spec: StageSpec, argv: Sequence[str] | None = None) -> int | None:
+    """Parse, load params, (re)launch, run, print the summary on rank 0, record the wall time."""
+    started = time.perf_counter()
+    args = parse_stage_arguments(spec, argv)
+    params = load_params(args.params)
+    if spec.global_batches is None:
+        summary = spec.run(params, args, None)
+        is_main = True
+    else:
+        from weakclip_core.runtime.distributed import distributed_context  # noqa: PLC0415 (imports torch)
+
+        batches = spec.global_batches(params)  # none: nothing to split over processes, so no relaunch
+        torchrun_code = launch_stage(spec.module, params.runtime, argv, batches) if batches else None
+        if torchrun_code is not None:
+            return torchrun_code
+        with distributed_context(params.runtime.device) as context:
+            summary = spec.run(params, args, context)
+        is_main = context.is_main
+    if not is_main:
+        return None
+    if summary:
+        print(summary)
+    if "LOCAL_RANK" not in os.environ or os.environ.get("RANK", "0") == "0":
+        record_wall_time(spec.label(args) if spec.label else spec.name, time.perf_counter() - started)
+    return None
+
+
+# --------------------------------------------------------------------------- dvclive
+
+def trim_live_history(live_dir: str | Path, first_dropped_step: int) -> None:
+    """Drop dvclive plot rows at ``step >= first_dropped_step`` before a resumed run logs again.
+
+    A run killed after logging a row but before the checkpoint that covers it is resumed from the
+    earlier checkpoint and logs that row again; without trimming, the plot would hold it twice.
+    Each ``plots/metrics/**/*.tsv`` (first column ``step``) is rewritten atomically.
+    """
+    for table in sorted((Path(live_dir) / "plots" / "metrics").rglob("*.tsv")):
+        header, *rows = table.read_text().splitlines(keepends=True)
+        kept = [row for row in rows if row.strip() and int(float(row.split("\t", 1)[0])) < first_dropped_step]
+        if len(kept) != len(rows):
+            write_text(table, header + "".join(kept))
+
+
+class LiveLog:
+    """A trainer's dvclive folder: window means as ``train/<loss>`` and ``train/lr`` rows, then extra metrics.
+
+    ``step_of(done)`` is the dvclive step of a window that ends after ``done`` training steps (the epoch
+    index for trainers that log per epoch, the step count for the others). A run resumed after
+    ``resumed_at`` steps first drops the rows from the window holding its next step on, which it logs again.
+    """
+
+    def __init__(self, live_dir: str | Path, resumed_at: int, step_of: Callable[[int], int]) -> None:
+        from dvclive import Live  # noqa: PLC0415 (dvclive is slow to import; trainers only)
+
+        self.step_of = step_of
+        if resumed_at > 0:
+            trim_live_history(live_dir, step_of(resumed_at + 1))
+        self.live = Live(str(live_dir), resume=resumed_at > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+
+    def log_window(self, done: int, mean_losses: Mapping[str, float], lr: float,
+                   extra: Mapping[str, float] | None = None) -> None:
+        self.live.step = self.step_of(done)
+        for name, value in mean_losses.items():
+            self.live.log_metric(f"train/{name}", value)
+        self.live.log_metric("train/lr", lr)
+        for name, value in (extra or {}).items():
+            self.live.log_metric(name, value)
+        self.live.next_step()
+
+    def log_summary(self, metrics: Mapping[str, float]) -> None:
+        """Single values (not plotted) in the folder's ``metrics.json``."""
+        for name, value in metrics.items():
+            self.live.log_metric(name, value, plot=False)
+
+    def end(self) -> None:
+        self.live.end()
+

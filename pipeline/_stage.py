@@ -12,9 +12,21 @@ A stage module keeps its own work (``train_cam_model``, ``run_shard`` ...) and e
   a DDP-capable stage under ``torchrun`` when ``runtime.launcher`` asks for it, runs the work in its
   process-group context, prints the work's summary line on rank 0 and records the stage's wall time in
   ``timings/<stage>.json`` (not a DVC output: a re-run with identical results leaves ``dvc.lock`` as it was).
+- :func:`run_stage` holds the stage's *work lock* while it runs (``checkpoints/.locks/<label>.lock``, ``fcntl.flock``):
+  a second run of the same stage in the same workspace is refused in one line (``StageBusyError``: ``another
+  run of cam_train is in progress in this workspace (pid N)``) before it reads or writes anything, so two
+  direct runs never interleave their dvclive rows, checkpoints or work folders. ``pseudo_masks --shard i/n``
+  (n > 1) takes the stage's lock shared and its shard's lock exclusive: shards run at once, the same shard
+  twice does not, and an unsharded or ``--merge`` run waits for none of them (it is refused while any shard
+  runs). torchrun workers take no lock (the launching process holds it). The kernel drops a lock when its
+  process ends, however it ends (SIGKILL included), so a stale lock never blocks the next run. ``dvc repro``
+  runs stages one at a time and refuses a second ``dvc repro`` with its own lock.
 - :func:`run_stage_cli` turns the library's :class:`~weakclip_core.errors.InputError` (and the stage's own
   input errors) into ``<stage>: error: <message>`` and exit status 1; ``WEAKCLIP_TRACEBACK=1`` shows the
-  traceback instead. Any other exception is a bug and keeps its traceback.
+  traceback instead. Any other exception is a bug and keeps its traceback. SIGINT and SIGTERM raise
+  :class:`StageInterrupted` in the main thread, so every ``finally`` and atomic writer cleans up (temporaries
+  deleted, process pools shut down); the stage then prints ``<stage>: interrupted (SIGINT)`` and exits
+  130 (SIGINT) or 143 (SIGTERM), the shell's 128 + signal number, in every stage.
 - :func:`require_input` names the stage to run when an upstream artifact is missing; :func:`params_key`
   names the params key behind a model or file the library refused.
 - :class:`LiveLog` writes a trainer's window means to dvclive (and trims rows a resumed run logs again).
@@ -23,10 +35,15 @@ A stage module keeps its own work (``train_cam_model``, ``run_shard`` ...) and e
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
+import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -62,6 +79,73 @@ def require_input(path: str | Path, made_by_stage: str) -> Path:
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (InputError, FileNotFoundError, OSError)
 
+LOCK_DIR = Path("checkpoints") / ".locks"
+"""Where the stages' work locks live: under the workspace's git-ignored ``checkpoints/`` (the working
+directory is the workspace, as under ``dvc repro``). The files stay (holding the last exclusive holder's
+pid); only a held ``flock`` means anything."""
+
+
+class StageBusyError(InputError):
+    """Another run of the same stage holds its work lock in this workspace."""
+
+
+# --------------------------------------------------------------------------- interrupts
+
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the stage (a ``KeyboardInterrupt``, so code that cleans up after Ctrl-C also
+    cleans up after SIGTERM); ``run_stage_cli`` turns it into one line and exit status 128 + ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_interrupt_state: dict[str, Any] = {"signum": None, "pid": None}
+
+
+def _on_interrupt(signum: int, frame: object) -> None:
+    if os.getpid() != _interrupt_state["pid"]:
+        # A forked worker (data loader, pool) inherited this handler: its parent does the cleanup. SIGINT
+        # (Ctrl-C reaches the whole process group) is left to the parent; SIGTERM ends the worker as usual.
+        if signum == signal.SIGTERM:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        return
+    if _interrupt_state["signum"] is None:
+        _interrupt_state["signum"] = signum
+    raise StageInterrupted(signum)
+
+
+@contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM raise :class:`StageInterrupted` in the main thread; the
+    previous handlers come back afterwards (tests run stages in the pytest process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _interrupt_state.update(signum=None, pid=os.getpid())
+    previous = {signum: signal.signal(signum, _on_interrupt) for signum in INTERRUPT_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def received_interrupt() -> int | None:
+    """The signal that interrupted the running stage, or ``None``."""
+    return _interrupt_state["signum"]
+
+
+if multiprocessing.current_process().name != "MainProcess":
+    # A spawned pool worker (pseudo_masks' and weakclip_train's CRF pools) imports the stage module, hence
+    # this one: Ctrl-C reaches it too, but its parent shuts the pool down, so it ignores SIGINT instead of
+    # printing its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 
 @contextmanager
 def params_key(key: str) -> Iterator[None]:
@@ -79,12 +163,33 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def _is_rank_zero() -> bool:
+    return "LOCAL_RANK" not in os.environ or os.environ.get("RANK", "0") == "0"
+
+
 def run_stage_cli(main: Callable[[], object], stage: str,
                   extra_errors: tuple[type[BaseException], ...] = ()) -> None:
-    """Run ``main()``; input errors become ``<stage>: error: <message>`` on stderr and exit status 1."""
+    """Run ``main()``; input errors become ``<stage>: error: <message>`` on stderr and exit status 1;
+    SIGINT / SIGTERM become ``<stage>: interrupted (SIGINT)`` and exit status 130 / 143 (also when the
+    interrupt surfaced as another exception, e.g. a pool whose workers it stopped)."""
     try:
-        result = main()
-    except INPUT_ERRORS + extra_errors as error:
+        with interrupts_raise():
+            result = main()
+    except BaseException as error:  # noqa: BLE001 — sorted below; anything unexpected is re-raised
+        interrupted = received_interrupt()
+        if isinstance(error, StageInterrupted):
+            interrupted = error.signum
+        elif isinstance(error, KeyboardInterrupt):
+            interrupted = signal.SIGINT
+        if interrupted is not None and not isinstance(error, SystemExit):
+            if os.environ.get("WEAKCLIP_TRACEBACK"):
+                raise
+            _close_progress_bars()
+            if _is_rank_zero():
+                print(f"{stage}: interrupted ({signal.Signals(interrupted).name})", file=sys.stderr)
+            raise SystemExit(128 + int(interrupted)) from None
+        if not isinstance(error, INPUT_ERRORS + extra_errors):
+            raise
         if os.environ.get("WEAKCLIP_TRACEBACK"):
             raise
         _close_progress_bars()
@@ -132,7 +237,19 @@ def relaunch_under_torchrun(module: str, runtime: RuntimeConfig, args: Sequence[
     """
     if runtime.launcher != "torchrun" or "LOCAL_RANK" in os.environ:
         return None
-    return subprocess.run(stage_command(module, runtime, args), check=False).returncode
+    with subprocess.Popen(stage_command(module, runtime, args)) as job:
+        try:
+            return job.wait()
+        except StageInterrupted as interrupt:
+            # torchrun stops its workers on SIGINT / SIGTERM: pass the signal on and let it (a SIGKILL, which
+            # subprocess.run would send, would leave the workers running).
+            if job.poll() is None:
+                job.send_signal(interrupt.signum)
+            try:
+                job.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                job.kill()
+            raise
 
 
 def launch_stage(module: str, runtime: RuntimeConfig, args: Sequence[str] | None,
@@ -182,10 +299,89 @@ def record_wall_time(label: str, seconds: float, timings_dir: Path = TIMINGS_DIR
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
+def stage_locks(spec: StageSpec, args: argparse.Namespace) -> list[tuple[str, bool]]:
+    """The work locks a run takes, as ``(name, exclusive)``: the stage's label (``seg_train@gt``) exclusive;
+    a run of one shard of several (``--shard i/n``, n > 1, not ``--merge``) takes the label shared and
+    ``<label>.shard-i-of-n`` exclusive."""
+    label = spec.label(args) if spec.label else spec.name
+    shard = getattr(args, "shard", None)
+    count, index = getattr(shard, "count", 1), getattr(shard, "index", 0)
+    if count > 1 and not getattr(args, "merge", False):
+        return [(label, False), (f"{label}.shard-{index}-of-{count}", True)]
+    return [(label, True)]
+
+
+def _lock_holder(path: Path) -> str:
+    """``pid N`` from a lock file (its last exclusive holder wrote it), or ``''``."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return ""
+    return f"pid {text}" if text.isdigit() else ""
+
+
+def _busy_shards(lock_dir: Path, label: str) -> list[str]:
+    """The shard locks of ``label`` that some process holds (probed without waiting), as ``shard i/n (pid N)``."""
+    busy = []
+    for path in sorted(lock_dir.glob(f"{label}.shard-*.lock")):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            shard = path.name[len(label) + len(".shard-"):-len(".lock")].replace("-of-", "/")
+            holder = _lock_holder(path)
+            busy.append(f"shard {shard}" + (f" ({holder})" if holder else ""))
+        finally:
+            os.close(descriptor)
+    return busy
+
+
+@contextmanager
+def stage_lock(locks: Sequence[tuple[str, bool]], lock_dir: Path = LOCK_DIR) -> Iterator[None]:
+    """Hold ``locks`` (see :func:`stage_locks`) without waiting; a lock another process holds raises
+    :class:`StageBusyError` naming the run that holds it. Released when the block ends or the process dies."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    descriptors: list[int] = []
+    try:
+        for name, exclusive in locks:
+            path = lock_dir / f"{name}.lock"
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children
+            descriptors.append(descriptor)
+            try:
+                fcntl.flock(descriptor, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                base, _, shard = name.partition(".shard-")
+                shards = [] if shard else _busy_shards(lock_dir, base)
+                holder = ", ".join(shards) if shards else _lock_holder(path)
+                what = f"another run of {base}" + (f" --shard {shard.replace('-of-', '/')}" if shard else "")
+                raise StageBusyError(
+                    f"{what} is in progress in this workspace{f' ({holder})' if holder else ''}; wait for it to "
+                    f"finish or stop it (the lock is {path}; it is released when that process ends)") from None
+            if exclusive:
+                os.ftruncate(descriptor, 0)
+                os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        for descriptor in reversed(descriptors):
+            os.close(descriptor)
+
+
 def run_stage(spec: StageSpec, argv: Sequence[str] | None = None) -> int | None:
-    """Parse, load params, (re)launch, run, print the summary on rank 0, record the wall time."""
-    started = time.perf_counter()
+    """Parse, lock, load params, (re)launch, run, print the summary on rank 0, record the wall time.
+
+    The work lock (:func:`stage_lock`) is held from before the params are read until the run ends; torchrun
+    workers (``LOCAL_RANK`` set) run under their launcher's lock and take none."""
     args = parse_stage_arguments(spec, argv)
+    if "LOCAL_RANK" in os.environ:
+        return _run_stage_unlocked(spec, args, argv)
+    with stage_lock(stage_locks(spec, args)):
+        return _run_stage_unlocked(spec, args, argv)
+
+
+def _run_stage_unlocked(spec: StageSpec, args: argparse.Namespace, argv: Sequence[str] | None) -> int | None:
+    started = time.perf_counter()
     params = load_params(args.params)
     if spec.global_batches is None:
         summary = spec.run(params, args, None)

@@ -113,7 +113,7 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
     train_set = ClassificationDataset(
         dataset, params.dataset.train_split, arch.image_size, seed=seed,
         augment=ClassificationAugment(arch.image_size, train.crop_scale_min, train.randaugment_ops,
-                                      train.randaugment_magnitude))
+                                      train.randaugment_magnitude, train.auto_augment, train.reprob))
     val_set = ClassificationDataset(dataset, params.dataset.val_split, arch.image_size)
     epoch_steps = steps_per_epoch(len(train_set), train.batch_size)
     total_steps = train.epochs * epoch_steps
@@ -162,7 +162,7 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
     result = run_training_loop(
         name=STAGE, lr_key="cam.train.lr",
         plan=LoopPlan(total_steps=total_steps, window_steps=epoch_steps, checkpoint_every=train.checkpoint_every,
-                      lr_at=lambda step: warmup_cosine_lr(step, total_steps, base_lr, warmup_steps)),
+                      lr_at=lambda step: warmup_cosine_lr(step, total_steps, base_lr, warmup_steps, train.min_lr)),
         batches=loader, start_step=start_step, model=model, optimizer=optimizer, compute_losses=compute_losses,
         context=context, checkpointer=checkpointer, state=LoopState.from_dict(extra.get("loop")),
         on_window_end=end_of_epoch,

@@ -22,8 +22,9 @@ import numpy as np
 import open_clip
 import torch
 
-from weakclip_core.artifacts.atomic import atomic_dir, sha256_of_file, write_json
-from weakclip_core.models.clip import build_clip, clip_from_config, clip_model_config, save_clip_artifact
+from weakclip_core.artifacts.atomic import FolderContents, atomic_dir, check_output_dir, sha256_of_file, write_json
+from weakclip_core.models.clip import (INFO_FILE, MODEL_CONFIG_FILE, WEIGHTS_FILE, build_clip, clip_from_config,
+                                       clip_model_config, save_clip_artifact)
 from weakclip_core.training.clip_pretrain import (PROMPT_TEMPLATE, CaptionPairs, pretrain_clip, resize_for_clip,
                                          zero_shot_report, zero_shot_scores)
 from weakclip_core.config import Params, to_plain
@@ -38,6 +39,7 @@ from pipeline._stage import StageSpec, run_stage, run_stage_cli
 ARTIFACT_DIR = Path("artifacts/clip")
 METRICS_PATH = Path("metrics/clip.json")
 EVAL_BATCH = 32
+ARTIFACT_CONTENTS = FolderContents(files=(WEIGHTS_FILE, MODEL_CONFIG_FILE, INFO_FILE))  # all clip writes there
 
 
 def image_batches(dataset: PreparedDataset, image_ids: list[str], size: int,
@@ -75,6 +77,8 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
     context = context or single_process_context(resolve_device(params.runtime.device))
     device = context.device
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
+    check_output_dir(artifact_dir, ARTIFACT_CONTENTS, reads={"dataset.prepared_dir": params.dataset.prepared_dir,
+                                                             "clip.weights": cfg.weights or None})
     seed_everything(params.runtime.seed)
     model = build_clip(cfg)
     info: dict = {"source": cfg.source}
@@ -121,7 +125,7 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
         "per_class_ap": quality["per_class_ap"],
         **({"pretrain": info["pretrain"]} if "pretrain" in info else {}),
     }
-    with atomic_dir(artifact_dir) as temporary_dir:
+    with atomic_dir(artifact_dir, ARTIFACT_CONTENTS) as temporary_dir:
         save_clip_artifact(temporary_dir, model.cpu(), cfg,
                            info={"zero_shot_map": quality["map"], "zero_shot_top1": quality["top1"], **info})
     write_json(metrics_path, metrics)

@@ -3,8 +3,9 @@
 
 ``dataset.name`` picks the source: the built-in synthetic generator, a VOC 2012 tree or a
 COCO 2014 tree (``dataset.source``). The prepared folder is built in a temporary folder
-beside it and swapped in whole, so a failure (a ``DatasetError`` naming the bad file)
-leaves any earlier prepared folder untouched.
+beside it, checked (splits, labels, the preview drawn from it) and only then swapped in whole, so a
+failure (a ``DatasetError`` naming the bad file) leaves any earlier prepared folder untouched.
+Symlinked source images are followed: the prepared folder holds their targets' bytes, never a link.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from weakclip_core.artifacts.atomic import atomic_dir, write_text
+from weakclip_core.artifacts.atomic import FolderContents, atomic_dir, write_text
 from weakclip_core.config import Params
 from weakclip_core.data.coco import prepare_coco
 from weakclip_core.data.layout import CAPTIONS_FILE, DatasetError, PreparedDataset, write_labels, write_split
@@ -26,6 +27,10 @@ from weakclip_core.data.voc import prepare_voc
 from pipeline._stage import StageSpec, run_stage, run_stage_cli
 
 PREVIEW_PATH = Path("reports/dataset_preview.png")
+# All that prepare writes into ``dataset.prepared_dir``; atomic_dir refuses to replace a folder holding more.
+PREPARED_CONTENTS = FolderContents(files=("labels.json", "captions.txt"), folders=(
+    ("JPEGImages", FolderContents(files=("*.jpg",))), ("SegmentationClass", FolderContents(files=("*.png",))),
+    ("ImageSets", FolderContents(folders=(("Segmentation", FolderContents(files=("*.txt",))),)))))
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,9 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
     started = time.perf_counter()
     prepared_dir = Path(dataset.prepared_dir)
     splits = list(dict.fromkeys([dataset.train_split, dataset.val_split, dataset.scored_split]))
-    with atomic_dir(prepared_dir) as staging_dir:
+    with atomic_dir(prepared_dir, PREPARED_CONTENTS, key="dataset.prepared_dir",  # checked before any work
+                    reads={"dataset.source": dataset.source or None} if dataset.name != "synthetic" else None
+                    ) as staging_dir:
         if dataset.name == "synthetic":
             _build_synthetic(params, staging_dir, progress)
         elif dataset.name == "voc":
@@ -78,8 +85,10 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
         prepared = PreparedDataset.open(staging_dir)
         split_counts = {split: len(prepared.split(split)) for split in splits}
         prepared.scored_ids(dataset.train_split, dataset.scored_split)  # the score split lies inside train
+        # The preview reads every image it shows: drawn from the staging folder, before the swap, so a
+        # failure here too leaves the earlier prepared folder in place (docs/RELIABILITY.md, row 27).
+        write_dataset_preview(prepared, dataset.train_split, preview_path)
     prepared = PreparedDataset.open(prepared_dir)
-    write_dataset_preview(prepared, dataset.train_split, preview_path)
     total_bytes = sum(path.stat().st_size for path in prepared_dir.rglob("*") if path.is_file())
     return PrepareSummary(dataset=dataset.name, root=prepared_dir, split_counts=split_counts,
                           class_names=prepared.class_names, total_bytes=total_bytes,

@@ -1,8 +1,10 @@
 """Stage ``pseudo_masks``: WeakCLIP pseudo masks of the train split, refined by dense CRF (docs/METHOD.md §3).
 
-1. Inference at ``pseudo.scales``, each with horizontal flip (sliding ``crop``/``stride`` windows; smaller
-   images padded), softmax probabilities averaged at the image size and restricted to the image's labels
-   + background (``weakclip_core.method.inference``); ``batch_size`` images at a time, at most ``batch_size``
+1. Inference at ``pseudo.scales`` of the ``pseudo.img_scale`` base, each with horizontal flip (sliding
+   ``crop``/``stride`` windows; smaller images run as is, or padded with ``pad_small_windows``), softmax
+   probabilities averaged at the image size and restricted to the image's labels + background
+   (``softmax_classes: all``: over every class, the CRF then on the argmax's classes, as the reference)
+   (``weakclip_core.method.inference``); ``batch_size`` images at a time, at most ``batch_size``
    windows per model call.
 2. Dense CRF (``pseudo.crf``) on those classes only, in ``pseudo.workers`` spawned processes: the jobs of
    a batch are submitted as soon as its probabilities exist, so the model's forward and the CRF overlap.
@@ -27,7 +29,9 @@
    draws overlays of a fixed sample and the worst images into ``reports/pseudo/``; then the work folder
    is removed.
 
-Guards: an output folder that resolves to a GT folder stops the stage before any work; the GT-use flags
+Guards: an output folder that resolves to a GT folder, holds anything this stage does not write, or is or
+contains a folder the stage reads (the prepared dataset, the source, the model, the project) stops the stage
+before any work (``check_output_folders``); the GT-use flags
 of the upstream seeds are read from ``metrics/weakclip.json`` (a missing flag stops the stage rather
 than report "no GT used").
 """
@@ -50,7 +54,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from weakclip_core.artifacts.atomic import atomic_dir, remove_stale_temporaries, sha256_of_file, write_json
+from weakclip_core.artifacts.atomic import (FolderContents, atomic_dir, check_output_dir, remove_stale_temporaries,
+                                           sha256_of_file, write_json)
 from weakclip_core.config import Params, to_plain
 from weakclip_core.config.weakclip import CrfConfig
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset, read_mask, write_mask
@@ -62,6 +67,7 @@ from weakclip_core.evaluation.metrics import ConfusionAccumulator, confusion_mat
 from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_overlay
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, config_hash
 from weakclip_core.artifacts.weakclip import load_weakclip_model
+from weakclip_core.models.clip import WEIGHTS_FILE
 from weakclip_core.runtime.processes import die_with_parent
 
 from pipeline._stage import StageSpec, require_input, run_stage, run_stage_cli
@@ -71,6 +77,9 @@ PROVENANCE_FILE = "provenance.json"
 N_WORST = 8
 SEEDS_GT_FLAG = "thresholds_chosen_with_gt"
 MANIFEST_KEYS = {"id", "mask_sha256", "raw_sha256", "absent_before_repair", "absent_after_repair"}
+# All the stage writes into its two output folders (each replaced whole): anything else there is refused.
+MASK_FOLDER_CONTENTS = FolderContents(files=("*.png", PROVENANCE_FILE))
+REPORT_CONTENTS = FolderContents(files=("*.png",))
 
 
 class ProvenanceError(ValueError):
@@ -192,6 +201,16 @@ def remove_killed_writers_temporaries(params: Params, paths: PseudoPaths, work_d
         remove_stale_temporaries(output.parent, output.name)
 
 
+def check_output_folders(params: Params, paths: PseudoPaths) -> None:
+    """Before any work: ``OutputFolderError`` for an output folder whose replacement would delete something the
+    stage does not write (an input, the project, a foreign file; ``weakclip_core.artifacts.atomic``)."""
+    reads = {"dataset.prepared_dir": params.dataset.prepared_dir, "dataset.source": params.dataset.source or None,
+             "the WeakCLIP model": paths.model, "the CLIP artifact": paths.clip_dir,
+             "weakclip_train's metrics": paths.weakclip_metrics, "the work folder": paths.work_root}
+    check_output_dir(params.pseudo.output_dir, MASK_FOLDER_CONTENTS, key="pseudo.output_dir", reads=reads)
+    check_output_dir(paths.reports, REPORT_CONTENTS, reads=reads)
+
+
 # --------------------------------------------------------------------------- the CRF worker job
 
 @dataclass(frozen=True)
@@ -233,7 +252,9 @@ def id_batches(image_ids: list[str], batch_size: int) -> list[list[str]]:
 
 def load_dense_model(paths: PseudoPaths, device: torch.device) -> DenseModel:
     """The trained WeakCLIP as a ``(B, 3, h, w) → (B, K, h/4, w/4)`` logits callable on ``device``."""
-    model = load_weakclip_model(paths.model, paths.clip_dir).to(device).eval()
+    if paths.clip_dir is not None:
+        require_input(paths.clip_dir / WEIGHTS_FILE, "clip")
+    model = load_weakclip_model(require_input(paths.model, "weakclip_train"), paths.clip_dir).to(device).eval()
 
     def logits_of(images: torch.Tensor) -> torch.Tensor:
         return model(images).logits
@@ -252,6 +273,7 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
     refuse_ground_truth_dir(pseudo.output_dir, ground_truth_dirs(dataset.root, params.dataset.source or None),
                             "pseudo.output_dir")
+    check_output_folders(params, paths)
     config = work_config(params, dataset, require_input(paths.model, "weakclip_train"))
     work_dir = work_dir_of(paths, config)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +291,9 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
     device = resolve_device(params.runtime.device)
     model = load_dense_model(paths, device)
     views = InferenceAugmentation(scales=tuple(pseudo.scales), flip=pseudo.flip, crop=pseudo.crop,
-                                  stride=pseudo.stride)
+                                  stride=pseudo.stride, pad_to_crop=pseudo.pad_small_windows,
+                                  img_scale=(pseudo.img_scale[0], pseudo.img_scale[1]) if pseudo.img_scale else None)
+    all_classes = pseudo.softmax_classes == "all"  # the reference: softmax over every class, CRF on the argmax's
     crf = pseudo.crf if pseudo.use_crf else None
     executor = (ProcessPoolExecutor(max_workers=pseudo.workers, mp_context=multiprocessing.get_context("spawn"),
                                     initializer=die_with_parent)
@@ -290,13 +314,20 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
         for batch in pending_batches:
             images = [dataset.image(image_id) for image_id in batch]
             labels = [dataset.image_labels(image_id) for image_id in batch]
-            probabilities = predict_image_batch(model, images, labels, dataset.n_classes, views, device,
-                                                max_forward_batch=pseudo.batch_size)
+            probabilities = predict_image_batch(model, images, None if all_classes else labels, dataset.n_classes,
+                                                views, device, max_forward_batch=pseudo.batch_size)
             for image_id, image, classes, probability in zip(batch, images, labels, probabilities):
                 if image_id in done:
                     continue
-                allowed = (0, *sorted(classes))
-                job = RefineJob(image_id, image, np.ascontiguousarray(probability[list(allowed)]), allowed, crf,
+                if all_classes:  # the argmax's classes (background always first); the subset renormalised, which
+                    # shifts every class's unary at a pixel by the same constant, so the CRF is the reference's
+                    allowed = (0, *sorted({int(k) for k in np.unique(probability.argmax(axis=0))} - {0}))
+                    subset = probability[list(allowed)]
+                    subset = subset / subset.sum(axis=0, keepdims=True)
+                else:
+                    allowed = (0, *sorted(classes))
+                    subset = probability[list(allowed)]
+                job = RefineJob(image_id, image, np.ascontiguousarray(subset), allowed, crf,
                                 pseudo.absent_class_odds_ratio, work_dir)
                 if executor is None:
                     manifest.add(refine_and_write(job))
@@ -351,6 +382,7 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths()) -> dict[str, An
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
     refuse_ground_truth_dir(pseudo.output_dir, ground_truth_dirs(dataset.root, params.dataset.source or None),
                             "pseudo.output_dir")
+    check_output_folders(params, paths)
     upstream = upstream_seed_provenance(paths.weakclip_metrics)
     config = work_config(params, dataset, require_input(paths.model, "weakclip_train"))
     work_dir = work_dir_of(paths, config)
@@ -392,7 +424,7 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths()) -> dict[str, An
                   "gt_used": False, "threshold_chosen_with_gt": upstream["seeds_thresholds_chosen_with_gt"],
                   "seed_mode": upstream["seed_mode"], "cam_variant": upstream["cam_variant"],
                   "model_sha256": config["model_sha256"]}
-    with atomic_dir(pseudo.output_dir) as output_dir:
+    with atomic_dir(pseudo.output_dir, MASK_FOLDER_CONTENTS, key="pseudo.output_dir") as output_dir:
         for image_id in image_ids:
             shutil.copyfile(work_dir / "masks" / f"{image_id}.png", output_dir / f"{image_id}.png")
         write_json(output_dir / PROVENANCE_FILE, provenance)
@@ -401,7 +433,7 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths()) -> dict[str, An
     final_caption = "after CRF" if pseudo.use_crf else "argmax"
     if pseudo.absent_class_odds_ratio > 0:
         final_caption += " + repair"
-    with atomic_dir(paths.reports) as reports_dir:
+    with atomic_dir(paths.reports, REPORT_CONTENTS) as reports_dir:
         for prefix, chosen in (("sample", evenly_spaced(image_ids, pseudo.overlay_samples)), ("worst", worst)):
             for rank, image_id in enumerate(chosen):
                 masks = ([("GT", dataset.mask(image_id))] if dataset.has_mask(image_id) else [])
@@ -440,15 +472,17 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths()) -> dict[str, An
 
 def summary_line(params: Params, args: argparse.Namespace, context: None) -> str:
     started = time.perf_counter()
+    lines = []
     if not args.merge:
         written = run_shard(params, args.shard)
-        lines = [f"{STAGE}: shard {args.shard.index}/{args.shard.count} wrote {written} masks "
-                 f"in {time.perf_counter() - started:.1f} s"]
+        lines.append(f"{STAGE}: shard {args.shard.index}/{args.shard.count} wrote {written} masks "
+                     f"in {time.perf_counter() - started:.1f} s")
         if args.shard.count > 1:
             return "\n".join([*lines, f"{STAGE}: when every shard is done, run `python -m pipeline.{STAGE} --merge`"])
     metrics = assemble(params)
     repair = metrics["absent_class_repair"]
     return "\n".join([
+        *lines,
         f"{STAGE}: {metrics['split']} mIoU {metrics['miou']} (before CRF {metrics['miou_before_crf']}) over "
         f"{metrics['n_scored']} of {metrics['n_images']} images, {time.perf_counter() - started:.1f} s",
         f"{STAGE}: labelled classes with no pixel: {repair['absent_before_repair']} of {repair['labelled_pairs']} "

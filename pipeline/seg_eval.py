@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from weakclip_core.artifacts.atomic import atomic_dir, write_json
+from weakclip_core.artifacts.atomic import FolderContents, atomic_dir, check_output_dir, write_json
 from weakclip_core.config import Params
 from weakclip_core.data.layout import DatasetError, PreparedDataset
 from weakclip_core.runtime.device import resolve_device, set_threads
@@ -30,6 +30,7 @@ from pipeline._stage import StageSpec, require_input, run_stage, run_stage_cli
 
 SOURCES: tuple[str, ...] = ("pseudo", "gt")
 EVAL_BATCH = 16
+REPORT_CONTENTS = FolderContents(files=("*.png",))  # all seg_eval writes into reports/seg_<source>/
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
     """Predict the val split, write the metrics file and the report images; returns the metrics dict."""
     if source not in SOURCES:
         raise ValueError(f"--source: expected one of {list(SOURCES)}, got {source!r}")
+    check_output_dir(paths.reports(source), REPORT_CONTENTS,
+                     reads={"dataset.prepared_dir": params.dataset.prepared_dir, "the segmenter": paths.model(source)})
     set_threads(params.runtime.threads)
     device = resolve_device(params.runtime.device)
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
@@ -114,7 +117,7 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
         "gt_used_in_training": source == "gt" or bool(provenance.get("gt_used", False)),
         "cam_variant": provenance.get("cam_variant"),
     }
-    with atomic_dir(paths.reports(source)) as reports_dir:
+    with atomic_dir(paths.reports(source), REPORT_CONTENTS) as reports_dir:
         save_confusion_matrix(reports_dir / "confusion_matrix.png", accumulator.confusion, dataset.class_names,
                               title=f"seg@{source} on {split}: mIoU {100 * report.miou:.1f}")
         for image_id in sorted(kept):

@@ -39,7 +39,7 @@ from weakclip_core.method.crf import CrfPool
 from weakclip_core.data.layout import IGNORE_INDEX, LABELS_FILE, PreparedDataset
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
-from weakclip_core.data.transforms import DenseAugmentation
+from weakclip_core.data.transforms import MmsegAugmentation
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
 from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, broadcast_from_main,
                                                per_process_batch_size, run_on_main, single_process_context,
@@ -90,10 +90,13 @@ def seed_quality(seed_masks: dict[str, np.ndarray], dataset: PreparedDataset, im
 
 @torch.no_grad()
 def evaluate_on_split(model: WeakCLIP, dataset: PreparedDataset, image_ids: list[str], crop: int,
-                      device: torch.device, show_progress: bool = True) -> tuple[dict, int]:
-    """Single-scale, no-CRF prediction restricted to labels + background, scored vs GT; (report dict, n scored)."""
+                      device: torch.device, show_progress: bool = True,
+                      img_scale: tuple[int, int] | None = None) -> tuple[dict, int]:
+    """Single-scale (ratio 1 of ``img_scale``, or the image's size), no-CRF prediction restricted to labels
+    + background, scored vs GT; (report dict, n scored)."""
     model.eval()
-    tta = InferenceAugmentation(scales=(1.0,), flip=False, crop=crop, stride=max(1, 2 * crop // 3))
+    tta = InferenceAugmentation(scales=(1.0,), flip=False, crop=crop, stride=max(1, 2 * crop // 3),
+                                img_scale=img_scale)
     scored_ids = [image_id for image_id in image_ids if dataset.has_mask(image_id)]
     accumulator = ConfusionAccumulator(dataset.n_classes)
     for start in tqdm(range(0, len(scored_ids), EVAL_BATCH), desc=f"{STAGE} eval", unit="batch",
@@ -137,7 +140,8 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     seed_everything(seed)
     clip = load_clip_artifact(require_input(paths.clip_dir, "clip"))
     with params_key("weakclip"):  # prompt and context lengths, taps: the model's terms, our keys
-        model = WeakCLIP(clip, dataset.class_names, cfg.arch()).to(device)
+        model = WeakCLIP(clip, dataset.class_names, cfg.arch(), prompt_init_std=train.prompt_init_std,
+                         clip_drop_path_rate=train.clip_drop_path_rate).to(device)
     learned = trainable_modules(model)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=train.lr, weight_decay=train.weight_decay)
     checkpointer = Checkpointer(STAGE, {
@@ -148,9 +152,13 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     }, root=paths.checkpoint_root)
     start_step, extra = checkpointer.resume(learned, optimizer)
 
-    augmentation = DenseAugmentation(crop=train.crop, scale_min=train.scale_min, scale_max=train.scale_max)
+    img_scale = (train.img_scale[0], train.img_scale[1]) if train.img_scale else None
+    augmentation = MmsegAugmentation(crop=train.crop, ratio_min=train.scale_min, ratio_max=train.scale_max,
+                                     img_scale=img_scale, cat_max_ratio=train.cat_max_ratio,
+                                     hue_delta=train.hue_delta)
     training_set = SeededTrainingSet(dataset, image_ids, seed_masks, augmentation, seed)
-    sampler = StepSampler(len(training_set), train.batch_size, seed, train.iterations, start_step)
+    with params_key("weakclip.train.batch_size"):  # a batch larger than the training set: one line naming the key
+        sampler = StepSampler(len(training_set), train.batch_size, seed, train.iterations, start_step)
     loader = DataLoader(training_set, num_workers=train.workers,
                         batch_size=per_process_batch_size(train.batch_size, context, "weakclip.train.batch_size"),
                         sampler=ShardedKeySampler(sampler, train.batch_size, context) if context.is_distributed
@@ -192,7 +200,8 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
 
     save_weakclip_model(paths.model, model.cpu(), cfg, paths.clip_dir, dataset=dataset.name,
                         steps=train.iterations, seed=seed, seed_mode=cfg.seeds.mode)
-    report, n_scored = evaluate_on_split(model.to(device), dataset, scored_ids, train.crop, device, show_progress)
+    report, n_scored = evaluate_on_split(model.to(device), dataset, scored_ids, train.crop, device, show_progress,
+                                         img_scale)
     metrics = {
         "miou": report["miou"],
         "split": params.dataset.scored_split,

@@ -97,14 +97,14 @@ def test_killed_and_resumed_run_reaches_bit_identical_weights(dataset_root, whol
     assert train_cam_model(params, interrupted, stop_after_steps=5, show_progress=False) is None
     assert not interrupted.model.exists()
     # Checkpoints came at steps 2, 3 (epoch end) and 4; step 5's work is lost, as in a kill.
-    saved = [torch.load(path, weights_only=False) for path in interrupted.checkpoint_root.glob("cam_train/*/last.pt")]
+    saved = [torch.load(path, weights_only=True) for path in interrupted.checkpoint_root.glob("cam_train/*/last.pt")]
     assert len(saved) == 1 and saved[0]["step"] == 4
     torch.manual_seed(12345)  # a different global RNG at restart must not matter: the checkpoint restores it
     resumed = train_cam_model(params, interrupted, show_progress=False)
     assert resumed is not None
 
-    whole_weights = torch.load(whole_run.model_path, weights_only=False)["model"]
-    resumed_weights = torch.load(resumed.model_path, weights_only=False)["model"]
+    whole_weights = torch.load(whole_run.model_path, weights_only=True)["model"]
+    resumed_weights = torch.load(resumed.model_path, weights_only=True)["model"]
     assert whole_weights.keys() == resumed_weights.keys()
     for name in whole_weights:
         assert torch.equal(whole_weights[name], resumed_weights[name]), name
@@ -113,7 +113,7 @@ def test_killed_and_resumed_run_reaches_bit_identical_weights(dataset_root, whol
     # The comparison is sensitive: another seed (other data order, augmentations, drop path) differs.
     other = train_cam_model(replace(params, runtime=replace(params.runtime, seed=1)), paths_in(tmp_path / "other"),
                             show_progress=False)
-    other_weights = torch.load(other.model_path, weights_only=False)["model"]
+    other_weights = torch.load(other.model_path, weights_only=True)["model"]
     assert not torch.equal(other_weights["blocks.0.attn.qkv.weight"], whole_weights["blocks.0.attn.qkv.weight"])
 
     # dvclive wrote one row per epoch for loss, lr and val mAP, also across the resume.

@@ -56,12 +56,52 @@ def test_params_yaml_lists_every_schema_key():
         ({"pseudo": {"absent_class_odds_ratio": 0.5}}, "pseudo.absent_class_odds_ratio: 0 (off) or > 1, got 0.5"),
         ({"pseudo": {"absent_class_odds_ratio": 1}}, "pseudo.absent_class_odds_ratio: 0 (off) or > 1, got 1.0"),
         ({"pseudo": {"absent_class_odds_ratio": float("inf")}}, "pseudo.absent_class_odds_ratio: inf is out of range"),
+        # cross-field rules, checked when params load (issue #22, finding 8)
+        ({"cam": {"arch": {"image_size": 30, "patch_size": 8}}},
+         "cam.arch.image_size: 30 is not a multiple of patch_size 8"),
+        ({"cam": {"infer": {"threshold_start": 0.7, "threshold_stop": 0.3}}},
+         "cam.infer.threshold_start: 0.7 is above threshold_stop 0.3"),
+        ({"cam": {"infer": {"scales": []}}}, "cam.infer.scales: expected at least one item, got an empty list"),
+        ({"pseudo": {"scales": []}}, "pseudo.scales: expected at least one item, got an empty list"),
+        ({"pseudo": {"crop": 32, "stride": 48}}, "pseudo.stride: 48 is larger than crop 32"),
+        ({"weakclip": {"train": {"scale_min": 2.5, "scale_max": 2.0}}},
+         "weakclip.train.scale_min: 2.5 is above scale_max 2.0"),
+        ({"seg": {"train": {"scale_min": 2.5, "scale_max": 2.0}}}, "seg.train.scale_min: 2.5 is above scale_max 2.0"),
+        ({"weakclip": {"loss": {"ratio_min": 30.0, "ratio_max": 20.0}}},
+         "weakclip.loss.ratio_min: 30.0 is above ratio_max 20.0"),
+        # NaN fails every range check, bounded above, below, both, in a list
+        ({"cam": {"train": {"lr": float("nan")}}}, "cam.train.lr: nan is not a number, must be >= 0.0"),
+        ({"weakclip": {"seeds": {"fg_threshold": float("nan")}}},
+         "weakclip.seeds.fg_threshold: nan is not a number, must be >= 0.0 and <= 1.0"),
+        ({"weakclip": {"seeds": {"bg_threshold": float("nan")}}}, "weakclip.seeds.bg_threshold: nan is not a number"),
+        ({"cam": {"infer": {"scales": [1.0, float("nan")]}}}, "cam.infer.scales[1]: nan is not a number"),
+        ({"dataset": {"synthetic": {"part_fraction": float("nan")}}},
+         "dataset.synthetic.part_fraction: nan is not a number"),
     ],
 )
 def test_bad_values_name_their_key_path(data, message):
     with pytest.raises(ConfigError) as error:
         params_from_dict(data)
     assert message in str(error.value)
+
+
+def test_range_check_is_nan_aware_and_inclusive():
+    from weakclip_core.config.schema import check_range
+
+    for low, high in [(0.0, 1.0), (0.0, None), (None, 1.0), (None, None)]:
+        with pytest.raises(ConfigError, match=r"^x: nan is not a number"):
+            check_range(float("nan"), "x", low, high)
+    check_range(0.0, "x", 0.0, 1.0)
+    check_range(1.0, "x", 0.0, 1.0)
+    with pytest.raises(ConfigError, match=r"^x: 1\.5 is out of range, must be <= 1\.0$"):
+        check_range(1.5, "x", 0.0, 1.0)
+
+
+def test_equal_ends_of_a_cross_field_rule_are_accepted():
+    params = params_from_dict({"cam": {"infer": {"threshold_start": 0.3, "threshold_stop": 0.3}},
+                               "pseudo": {"crop": 32, "stride": 32},
+                               "weakclip": {"train": {"scale_min": 1.0, "scale_max": 1.0}}})
+    assert params.cam.infer.threshold_start == params.cam.infer.threshold_stop == 0.3
 
 
 def test_int_is_accepted_for_float_and_converted():
@@ -81,3 +121,9 @@ def test_load_params_names_the_file(tmp_path):
     wrong.write_text("weakclip:\n  prompt_len: eight\n")
     with pytest.raises(ConfigError, match=r"wrong.yaml: weakclip.prompt_len: expected int, got 'eight'"):
         load_params(wrong)
+
+
+def test_clip_image_size_must_be_a_multiple_of_its_patch_size() -> None:
+    with pytest.raises(ConfigError, match=r"^clip\.arch\.image_size: 100 is not a multiple of patch_size 16$"):
+        params_from_dict({"clip": {"arch": {"image_size": 100}}})
+    params_from_dict({"clip": {"arch": {"image_size": 96}}})  # 6 x 16

@@ -49,7 +49,7 @@ def _run(project: Path, args: list[str], site: Path | None = None) -> subprocess
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def _assert_same_weights(single: Path, ddp: Path, atol: float) -> None:

@@ -1,13 +1,17 @@
 """Atomic writes, the VOC layout readers/writers, and the shared training schedules/checkpoints."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from weakclip_core.artifacts.atomic import atomic_dir, atomic_path, write_json
+from weakclip_core.artifacts.atomic import (FolderContents, OutputFolderError, atomic_dir, atomic_path,
+                                           check_output_dir, write_json)
 from weakclip_core.data.layout import (DatasetError, PreparedDataset, labels_from_mask, read_image, read_mask,
                                        read_split, voc_palette, write_image, write_labels, write_mask, write_split)
 from weakclip_core.training.checkpoint import Checkpointer
@@ -133,3 +137,215 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
         os.umask(umask)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+# ------------------------------------------------------------------ folders replaced whole, links, stale temporaries
+
+MASKS = FolderContents(files=("*.png", "provenance.json"))
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_atomic_dir_refuses_a_folder_holding_what_the_stage_does_not_write(tmp_path):
+    """Issue #22 finding 1: the replacement would delete the foreign entry, so nothing is replaced."""
+    final = tmp_path / "data"
+    (final / "prepared" / "SegmentationClass").mkdir(parents=True)
+    (final / "prepared" / "SegmentationClass" / "a.png").write_bytes(b"gt")
+    (final / "x.png").write_bytes(b"old mask")
+    before = snapshot(tmp_path)
+    with pytest.raises(OutputFolderError) as caught:
+        with atomic_dir(final, MASKS, key="pseudo.output_dir") as folder:
+            (folder / "y.png").write_bytes(b"new")
+    assert str(caught.value) == (
+        f"pseudo.output_dir: {final} holds prepared/, which this stage does not write; the stage replaces this "
+        "folder whole when it finishes, which would delete it: move it away or choose an empty folder")
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    # nested descriptions: an unknown file two levels down is named by its path inside the folder
+    prepared = FolderContents(files=("labels.json",), folders=(("ImageSets", FolderContents(folders=(
+        ("Segmentation", FolderContents(files=("*.txt",))),))),))
+    (tmp_path / "p" / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (tmp_path / "p" / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
+    (tmp_path / "p" / "labels.json").write_text("{}")
+    assert check_output_dir(tmp_path / "p", prepared) == (tmp_path / "p").resolve()
+    (tmp_path / "p" / "ImageSets" / "Main").mkdir()
+    with pytest.raises(OutputFolderError, match=r"p holds ImageSets/Main/, which this stage does not write"):
+        check_output_dir(tmp_path / "p", prepared)
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(OutputFolderError, match=r"f is a file, not a folder"):
+        check_output_dir(tmp_path / "f")
+
+
+def test_atomic_dir_refuses_an_output_that_is_or_holds_an_input_or_the_project(tmp_path, monkeypatch):
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    reads = {"dataset.prepared_dir": "data/prepared"}
+    for output, message in (
+            ("data", "k: data contains data/prepared (dataset.prepared_dir), which this stage reads"),
+            ("data/prepared", "k: data/prepared is data/prepared (dataset.prepared_dir), which this stage reads"),
+            (".", f"k: . is {tmp_path.resolve()} (the project folder), which this stage reads"),
+            (str(tmp_path.parent), f"k: {tmp_path.parent} contains {tmp_path.resolve()} (the project folder)")):
+        with pytest.raises(OutputFolderError) as caught:
+            with atomic_dir(output, MASKS, key="k", reads=reads):
+                raise AssertionError("no work may start")
+        assert str(caught.value).startswith(message)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "dvc.yaml").write_text("stages: {}\n")
+    with pytest.raises(OutputFolderError, match="other holds dvc.yaml: it is a project folder"):
+        check_output_dir("other", FolderContents(files=("*",)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "other", "params.yaml"]
+
+
+def test_atomic_dir_writes_through_a_symlinked_folder(tmp_path):
+    """Issue #22 finding 4: the link stays, its target is replaced atomically, nothing is left behind."""
+    target = tmp_path / "elsewhere" / "masks"
+    target.mkdir(parents=True)
+    (target / "old.png").write_bytes(b"old")
+    (tmp_path / "elsewhere" / "keep.txt").write_text("keep me")
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "data" / "pseudo_masks"
+    link.symlink_to(target, target_is_directory=True)
+    for round_ in range(2):
+        with atomic_dir(link, MASKS, key="pseudo.output_dir") as folder:
+            (folder / f"new{round_}.png").write_bytes(b"new")
+        assert link.is_symlink() and link.resolve() == target.resolve()
+        assert sorted(p.name for p in target.iterdir()) == [f"new{round_}.png"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["pseudo_masks"]
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["keep.txt", "masks"]
+    # what the old code left (the link renamed to ``.pseudo_masks.old``, a real folder in its place) is repaired
+    link.unlink()
+    link.mkdir()
+    (tmp_path / "data" / ".pseudo_masks.old").symlink_to(target, target_is_directory=True)
+    with atomic_dir(link, MASKS) as folder:
+        (folder / "again.png").write_bytes(b"again")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["pseudo_masks"]
+    assert sorted(p.name for p in link.iterdir()) == ["again.png"]
+    assert sorted(p.name for p in target.iterdir()) == ["new1.png"]  # the stale target was not touched
+
+
+def test_atomic_writers_remove_a_killed_writers_temporaries_of_their_own_name_only(tmp_path):
+    """Issue #22 finding 7: every atomic writer (not only cam_infer and pseudo_masks) removes the temporaries
+    of its own final name whose writer is gone; a live writer's temporary and every other file stay."""
+    dead, live = dead_pid(), os.getppid()
+    stale_file = tmp_path / f".model.pt.{dead}.abcd1234.tmp"
+    stale_dir = tmp_path / f".reports.{dead}.abcd1234.tmp"
+    kept = [tmp_path / f".model.pt.{live}.abcd1234.tmp", tmp_path / f".other.pt.{dead}.abcd1234.tmp",
+            tmp_path / ".model.pt.notes", tmp_path / "model.pt.tmp"]
+    stale_file.write_bytes(b"x" * 1000)
+    stale_dir.mkdir()
+    (stale_dir / "half.png").write_bytes(b"half")
+    for path in kept:
+        path.write_text("keep me")
+    with atomic_path(tmp_path / "model.pt") as temporary:
+        temporary.write_bytes(b"model")
+    with atomic_dir(tmp_path / "reports") as folder:
+        (folder / "a.png").write_bytes(b"a")
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert all(path.read_text() == "keep me" for path in kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in kept), "model.pt", "reports"])
+
+
+def test_stale_temporaries_are_removed_in_a_big_folder_without_relisting_it_per_write(tmp_path, monkeypatch):
+    import weakclip_core.artifacts.atomic as atomic
+    for index in range(1200):
+        (tmp_path / f"{index:04d}.png").write_bytes(b"")
+    dead = dead_pid()
+    stale = [tmp_path / f".0007.png.{dead}.abcd1234.tmp.png", tmp_path / f".0900.png.{dead}.abcd1234.tmp.png"]
+    for path in stale:
+        path.write_bytes(b"half")
+    listings = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(atomic.os, "scandir", lambda folder: listings.append(folder) or real_scandir(folder))
+    for index in (7, 8, 900):
+        with atomic_path(tmp_path / f"{index:04d}.png", suffix=".png") as temporary:
+            temporary.write_bytes(b"new")
+    assert not any(path.exists() for path in stale)
+    assert len(listings) == 1  # one listing served the three writes
+
+
+def test_checkpoints_are_plain_data_and_resume_every_rng_exactly(tmp_path):
+    """A checkpoint loads with ``weights_only=True`` (no ndarray, no pickled object: issue #22, finding 2) and
+    resuming restores python's, numpy's and torch's RNG bit for bit."""
+    import random
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    random.gauss(0, 1), np.random.standard_normal()  # cached gaussians are part of the state too
+    checkpointer = Checkpointer("toy", {"lr": 0.1, "sizes": [1, 2]}, root=tmp_path)
+    checkpointer.save(model, optimizer, step=3)
+    expected = (random.random(), random.gauss(0, 1), np.random.random(3), np.random.standard_normal(), torch.rand(2))
+    saved = torch.load(checkpointer.path, map_location="cpu", weights_only=True)
+    assert saved["step"] == 3 and saved["config"] == {"lr": 0.1, "sizes": [1, 2]}
+
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)
+    assert checkpointer.resume(model, optimizer) == (3, {})
+    resumed = (random.random(), random.gauss(0, 1), np.random.random(3), np.random.standard_normal(), torch.rand(2))
+    assert resumed[:2] == expected[:2] and resumed[3] == expected[3]
+    assert np.array_equal(resumed[2], expected[2]) and torch.equal(resumed[4], expected[4])
+
+
+def test_a_checkpoint_holding_code_is_refused_naming_it(tmp_path):
+    """Whatever its config, a checkpoint that needs more than plain data to load is refused unread."""
+    from weakclip_core.artifacts.model_file import UnsafeTorchFileError
+    from weakclip_core.errors import InputError
+
+    class Planted:
+        def __reduce__(self):
+            return (exec, (f"open({str(tmp_path / 'ran')!r}, 'w')",))
+
+    checkpointer = Checkpointer("toy", {"lr": 0.1}, root=tmp_path)
+    checkpointer.path.parent.mkdir(parents=True)
+    with open(checkpointer.path, "wb") as stream:
+        torch.save({"config": {"another": "config"}, "x": Planted()}, stream)
+    with pytest.raises(UnsafeTorchFileError) as caught:
+        checkpointer.load()
+    assert isinstance(caught.value, InputError) and not (tmp_path / "ran").exists()
+    message = str(caught.value)
+    assert message.startswith(f"{checkpointer.path}: refused to load this training checkpoint: it holds more than "
+                              "plain tensors and data (Unsupported global: GLOBAL exec")
+    assert "tampered with or made by another version" in message and "\n" not in message
+    checkpointer.path.write_bytes(b"truncated")
+    with pytest.raises(UnsafeTorchFileError, match=r"last\.pt: not a readable torch training checkpoint"):
+        checkpointer.load()
+
+
+def test_final_model_files_keep_their_bytes_and_load_with_weights_only(tmp_path):
+    """``save_final_model`` writes what it wrote before (DVC compares the bytes), and it loads safely."""
+    import hashlib
+    import io
+
+    from weakclip_core.artifacts.model_file import load_torch_file, save_final_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    config, metadata = {"arch": {"width": 3, "scales": [1.0, 0.5]}, "n_classes": 2}, {"seed": 0, "val": 0.5}
+    save_final_model(tmp_path / "model.pt", model, config, **metadata)
+    stream = io.BytesIO()
+    torch.save({"model": model.state_dict(), "config": config, **metadata}, stream)
+    assert (tmp_path / "model.pt").read_bytes() == stream.getvalue()
+    saved = load_torch_file(tmp_path / "model.pt", "model file")
+    assert saved["config"] == config and saved["seed"] == 0 and torch.equal(saved["model"]["weight"], model.weight)
+    assert hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()  # untouched by the load
+
+
+def test_atomic_dir_removes_the_previous_output_a_kill_between_its_two_renames_left(tmp_path):
+    """A kill after ``final -> .final.old`` and before ``temporary -> final`` left only ``.final.old``; the next
+    successful write removes it (a failed one keeps it: it holds the last complete output)."""
+    old = tmp_path / ".reports.old"
+    old.mkdir()
+    (old / "a.png").write_bytes(b"previous")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "reports"):
+            raise RuntimeError("failed")
+    assert (old / "a.png").read_bytes() == b"previous"
+    with atomic_dir(tmp_path / "reports") as folder:
+        (folder / "b.png").write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]

@@ -52,15 +52,32 @@ def hand_seeds() -> np.ndarray:
     return seeds
 
 
+def numpy_reference_seeding(logits: np.ndarray, seeds: np.ndarray) -> float:
+    """hustvl/WeakCLIP dgcn_cal_seeding_loss on one-hot cues: per image sum / max(count, 1e-4) for bg and
+    for fg, each averaged over the batch, then added."""
+    probabilities = numpy_probabilities(logits.astype(np.float64))
+    terms = np.zeros((2, seeds.shape[0]))
+    for b in range(seeds.shape[0]):
+        for part, selected in enumerate((seeds[b] == 0, (seeds[b] > 0) & (seeds[b] != 255))):
+            ys, xs = np.nonzero(selected)
+            total = sum(-np.log(probabilities[b, seeds[b, y, x], y, x]) for y, x in zip(ys, xs))
+            terms[part, b] = total / max(len(ys), 1e-4)
+    return float(terms[0].mean() + terms[1].mean())
+
+
 def test_seeding_loss_against_numpy() -> None:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
     seeds = hand_seeds()
-    ours = seeding_loss(torch.from_numpy(logits), torch.from_numpy(seeds))
-    assert np.isclose(float(ours), numpy_seeding(logits, seeds), rtol=1e-5)
-    # hand-worked: uniform logits over 3 classes → every seed pixel costs log 3
-    uniform = seeding_loss(torch.zeros(2, 3, 4, 4), torch.from_numpy(seeds))
-    assert np.isclose(float(uniform), np.log(3), rtol=1e-5)
+    pooled = seeding_loss(torch.from_numpy(logits), torch.from_numpy(seeds), "pooled_mean")
+    assert np.isclose(float(pooled), numpy_seeding(logits, seeds), rtol=1e-5)
+    reference = seeding_loss(torch.from_numpy(logits), torch.from_numpy(seeds))  # per_image_sum, the default
+    assert np.isclose(float(reference), numpy_reference_seeding(logits, seeds), rtol=1e-5)
+    # hand-worked: uniform logits over 3 classes → every seed pixel costs log 3; both images have bg and fg
+    # seeds, so the reference's sum is 2 log 3 and the pooled mean log 3
+    uniform = torch.zeros(2, 3, 4, 4)
+    assert np.isclose(float(seeding_loss(uniform, torch.from_numpy(seeds), "pooled_mean")), np.log(3), rtol=1e-5)
+    assert np.isclose(float(seeding_loss(uniform, torch.from_numpy(seeds))), 2 * np.log(3), rtol=1e-5)
 
 
 @pytest.mark.parametrize("only", [0, 2])
@@ -71,14 +88,15 @@ def test_seeding_loss_with_one_class_only(only: int) -> None:
     seeds[0, 1:3, 1:3] = only
     probabilities = numpy_probabilities(logits.astype(np.float64))
     expected = -np.log(probabilities[0, only, 1:3, 1:3]).mean()  # that set's mean alone, not halved
-    ours = seeding_loss(torch.from_numpy(logits), torch.from_numpy(seeds))
-    assert np.isclose(float(ours), expected, rtol=1e-5)
+    for reduction in ("per_image_sum", "pooled_mean"):
+        ours = seeding_loss(torch.from_numpy(logits), torch.from_numpy(seeds), reduction)
+        assert np.isclose(float(ours), expected, rtol=1e-5)
 
 
 def test_all_ignore_gives_zero_and_zero_gradient() -> None:
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     seeds = torch.full((2, 4, 4), 255, dtype=torch.long)
-    seed = seeding_loss(logits, seeds)
+    seed = seeding_loss(logits, seeds) + seeding_loss(logits, seeds, "pooled_mean")
     matching = torch.randn(2, 3, 2, 2, requires_grad=True)
     aux = auxiliary_loss(matching, seeds, 0.07)
     (seed + aux).backward()
@@ -142,7 +160,7 @@ def test_total_with_inline_crf_against_numpy() -> None:
     q = np.maximum(np.array(crf.inference(crf_cfg.iterations)).reshape(1, 3, 8, 8), 1e-4)
     q = q / q.sum(axis=1, keepdims=True)
     expected_boundary = np.mean(np.sum(q * np.log(np.clip(q / p, 0.05, 20.0)), axis=1))
-    expected_seed = numpy_seeding(logits, seeds[:, ::4, ::4])
+    expected_seed = numpy_reference_seeding(logits, seeds[:, ::4, ::4])  # cfg's default: per_image_sum
     expected_aux = numpy_cross_entropy(matching / 0.07, seeds[:, ::16, ::16])
     with CrfPool(crf_cfg, workers=0) as pool:
         losses = weakclip_losses(torch.from_numpy(logits), torch.from_numpy(matching), torch.from_numpy(seeds),

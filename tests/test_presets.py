@@ -58,7 +58,9 @@ def test_presets_carry_the_papers_numbers(applied: dict[str, Params]) -> None:
         train = params.cam.train
         assert (train.batch_size, train.epochs, train.lr, train.weight_decay, train.warmup_epochs) == \
             (64, 60, 5e-4, 0.05, 5)
-        assert train.randaugment_ops > 0  # MCTformer trains with RandAugment
+        # MCTformer (main.py): timm RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, min lr 1e-5
+        assert (train.auto_augment, train.randaugment_ops, train.reprob, train.min_lr) == \
+            ("rand-m9-mstd0.5-inc1", 0, 0.25, 1e-5)
         assert (params.cam.infer.threshold_start, params.cam.infer.threshold_stop,
                 params.cam.infer.threshold_step, params.cam.infer.attention_layers) == (0.0, 0.59, 0.01, 3)
         weakclip = params.weakclip
@@ -74,9 +76,17 @@ def test_presets_carry_the_papers_numbers(applied: dict[str, Params]) -> None:
         assert (schedule.lr, schedule.weight_decay, schedule.warmup_iterations, schedule.min_lr, schedule.crop) == \
             (1e-4, 3e-5, 1500, 1e-6, 512)
         assert (schedule.scale_min, schedule.scale_max) == (0.5, 2.0)
+        # hustvl/WeakCLIP (issue #17): Resize(img_scale=(2048, 512)), RandomCrop(cat_max_ratio=0.75), mmseg's
+        # PhotoMetricDistortion hue_delta 18, trunc_normal_ contexts (std 1), backbone drop_path_rate 0.1,
+        # dgcn_cal_seeding_loss (loss_1 + loss_2 of per-image means)
+        assert (schedule.img_scale, schedule.cat_max_ratio, schedule.hue_delta) == ([2048, 512], 0.75, 18)
+        assert (schedule.prompt_init_std, schedule.clip_drop_path_rate) == (1.0, 0.1)
+        assert weakclip.loss.seed_loss_reduction == "per_image_sum"
         pseudo = params.pseudo
         assert pseudo.scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and pseudo.flip and pseudo.use_crf
         assert (pseudo.crop, pseudo.stride) == (512, 341)
+        # the reference's test pipeline: img_scale (2048, 512), small windows as is; softmax: the paper's (labels)
+        assert (pseudo.img_scale, pseudo.pad_small_windows, pseudo.softmax_classes) == ([2048, 512], False, "labels")
         seg = params.seg.train
         assert (params.seg.model, seg.optimizer, seg.momentum, seg.weight_decay, seg.schedule, seg.crop) == \
             ("deeplabv3plus", "sgd", 0.9, 5e-4, "poly", 448)

@@ -58,8 +58,8 @@ def test_seg_train_writes_the_model_and_resumes_to_identical_weights(tiny):
     assert (resumed_paths.checkpoint_root / "seg_train_pseudo").is_dir()
     train_segmenter(params, "pseudo", resumed_paths, show_progress=False)
     assert not (resumed_paths.checkpoint_root / "seg_train_pseudo").exists()
-    first = torch.load(straight.model_path, weights_only=False)
-    second = torch.load(resumed_paths.model("pseudo"), weights_only=False)
+    first = torch.load(straight.model_path, weights_only=True)
+    second = torch.load(resumed_paths.model("pseudo"), weights_only=True)
     for key, value in first["model"].items():
         assert torch.equal(value, second["model"][key]), key
     assert first["source"] == "pseudo" and first["config"]["class_names"] == CLASS_NAMES

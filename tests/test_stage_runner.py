@@ -83,15 +83,127 @@ def test_every_stage_main_is_the_shared_entry_point() -> None:
         main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
         body = [node for node in main.body if not isinstance(node, ast.Expr)]  # the docstring aside
         assert len(body) == 1 and "run_stage(" in ast.unparse(body[0]), f"{module}.main: {ast.unparse(main)}"
-        assert "ArgumentParser" not in ast.unparse(tree), module
+        parsers = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                   and ast.unparse(node.func).endswith("ArgumentParser")]
+        assert parsers == [], f"{module} builds its own argument parser"
 
 
 @pytest.mark.slow
 def test_a_model_the_params_cannot_build_is_one_line_naming_the_key(tmp_path: Path) -> None:
-    project = tiny_chain.write_project(tmp_path / "project", overrides={"cam": {"arch": {"image_size": 30}}})
+    project = tiny_chain.write_project(tmp_path / "project")
     tiny_chain.run_stage(project, "prepare")
+    # now refused when params load (every stage reading params would say it), before cam_train builds anything
+    tiny_chain.write_project(project, overrides={"cam": {"arch": {"image_size": 30}}})
     completed = tiny_chain.run_stage(project, "cam_train", check=False)
     assert completed.returncode == 1
     assert completed.stderr.strip().splitlines() == [
-        "cam_train: error: cam.arch: image_size 30 is not a multiple of patch_size 8"]
+        "cam_train: error: params.yaml: cam.arch.image_size: 30 is not a multiple of patch_size 8"]
     assert not (project / "artifacts" / "mctformer").exists()
+
+
+# --------------------------------------------------------------------------- work locks and interrupts
+
+import os  # noqa: E402
+import time  # noqa: E402
+
+def _spec(name: str, run, add_arguments=None) -> StageSpec:  # noqa: ANN001
+    return StageSpec(name=name, module=f"pipeline.{name}", description=name, run=run, add_arguments=add_arguments)
+
+
+def test_a_second_run_of_a_stage_is_refused_while_the_first_holds_the_lock(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock is an ``flock`` per open file: a run started inside another one meets it like another process."""
+    from pipeline._stage import StageBusyError  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    (tmp_path / "params.yaml").write_text("runtime:\n  seed: 3\n")
+    inner_errors: list[str] = []
+
+    def inner(params, args, context):  # noqa: ANN001
+        return "inner ran"
+
+    def outer(params, args, context):  # noqa: ANN001
+        with pytest.raises(StageBusyError) as caught:
+            run_stage(_spec("toy", inner), ["--params", "params.yaml"])
+        inner_errors.append(str(caught.value))
+        assert run_stage(_spec("other", inner), ["--params", "params.yaml"]) is None  # another stage: free
+        return None
+
+    run_stage(_spec("toy", outer), ["--params", "params.yaml"])
+    assert inner_errors == [f"another run of toy is in progress in this workspace (pid {os.getpid()}); wait for it "
+                            "to finish or stop it (the lock is checkpoints/.locks/toy.lock; it is released when "
+                            "that process ends)"]
+    assert run_stage(_spec("toy", inner), ["--params", "params.yaml"]) is None  # released after the run
+
+
+def test_shard_locks_let_shards_run_together_but_not_twice_nor_under_a_merge(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline._stage import StageBusyError, stage_lock, stage_locks  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+
+    class Shard:
+        def __init__(self, index: int, count: int) -> None:
+            self.index, self.count = index, count
+
+    def locks(index: int, count: int, merge: bool = False) -> list[tuple[str, bool]]:
+        import argparse  # noqa: PLC0415
+
+        return stage_locks(_spec("pm", None), argparse.Namespace(shard=Shard(index, count), merge=merge))
+
+    assert locks(0, 1) == [("pm", True)] and locks(1, 2, merge=True) == [("pm", True)]
+    assert locks(1, 2) == [("pm", False), ("pm.shard-1-of-2", True)]
+    with stage_lock(locks(0, 2)):
+        with stage_lock(locks(1, 2)):
+            pass  # another shard runs at once
+        with pytest.raises(StageBusyError, match=r"another run of pm --shard 0/2 is in progress"):
+            with stage_lock(locks(0, 2)):
+                pass
+        with pytest.raises(StageBusyError, match=rf"another run of pm is in progress in this workspace "
+                                                 rf"\(shard 0/2 \(pid {os.getpid()}\)\)"):
+            with stage_lock(locks(0, 1, merge=True)):
+                pass
+    with stage_lock(locks(0, 1, merge=True)):
+        with pytest.raises(StageBusyError, match=r"another run of pm is in progress"):
+            with stage_lock(locks(1, 2)):
+                pass
+
+
+def test_torchrun_workers_take_no_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the launching process holds the lock; its torchrun workers (LOCAL_RANK set) run under it."""
+    from pipeline._stage import stage_lock  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("runtime:\n  seed: 3\n")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with stage_lock([("toy", True)]):
+        assert run_stage(_spec("toy", lambda params, args, context: None), ["--params", "params.yaml"]) is None
+
+
+def test_interrupts_become_one_line_and_128_plus_the_signal(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """In-process: a signal to this process during ``main`` is one line and exit 128 + signum; the previous
+    handlers (pytest's) are back afterwards; a ``finally`` in the stage ran."""
+    import signal  # noqa: PLC0415
+
+    from pipeline._stage import run_stage_cli  # noqa: PLC0415
+
+    monkeypatch.delenv("WEAKCLIP_TRACEBACK", raising=False)
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    cleaned: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        def main() -> None:
+            try:
+                os.kill(os.getpid(), signum)
+                for _ in range(1000):
+                    time.sleep(0.01)  # the handler raises here
+            finally:
+                cleaned.append(signum)
+
+        with pytest.raises(SystemExit) as exited:
+            run_stage_cli(main, "toy")
+        assert exited.value.code == 128 + signum
+        assert capsys.readouterr().err == f"toy: interrupted ({signal.Signals(signum).name})\n"
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert cleaned == [signal.SIGINT, signal.SIGTERM]

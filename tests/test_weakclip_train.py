@@ -71,8 +71,8 @@ def test_weakclip_train_writes_outputs_keeps_clip_frozen_and_resumes_exactly(tin
         assert (paths.live_dir / "plots" / "metrics" / "train" / "seed_loss.tsv").is_file()
 
     # Same weights after kill + resume as without (CPU, deterministic data order and RNG state).
-    first = torch.load(chain_paths(tiny_chain, "straight").model, weights_only=False)
-    second = torch.load(resumed_paths.model, weights_only=False)
+    first = torch.load(chain_paths(tiny_chain, "straight").model, weights_only=True)
+    second = torch.load(resumed_paths.model, weights_only=True)
     assert first["model"].keys() == second["model"].keys()
     for key in first["model"]:
         assert torch.equal(first["model"][key], second["model"][key]), key
@@ -167,5 +167,5 @@ def test_missing_clip_weights_name_the_clip_stage(tmp_path: Path) -> None:
     """A WeakCLIP file whose CLIP artifact is gone says which file is missing and which stage makes it."""
     saved = tmp_path / "model.pt"
     torch.save({"clip_artifact": str(tmp_path / "clip"), "clip_sha256": "0" * 64}, saved)
-    with pytest.raises(FileNotFoundError, match=r"clip/weights\.pt .*does not exist: run `dvc repro clip` first"):
+    with pytest.raises(FileNotFoundError, match=r"clip/weights\.pt .*does not exist: run the clip stage first"):
         load_weakclip_model(saved)

@@ -52,7 +52,7 @@ PLANS = [
 def checkpoint_steps(project: Path) -> list[int]:
     import torch
 
-    return [int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+    return [int(torch.load(path, map_location="cpu", weights_only=True)["step"])
             for path in (project / "checkpoints").rglob("last.pt")]
 
 

@@ -214,7 +214,7 @@ def unreadable_final_files(folder: Path) -> list[str]:
         try:
             suffix = path.suffix
             if suffix == ".pt":
-                torch.load(path, map_location="cpu", weights_only=False)
+                torch.load(path, map_location="cpu", weights_only=True)
             elif suffix == ".json":
                 json.loads(path.read_text())
             elif suffix == ".jsonl":

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from weakclip_core.errors import InputError
@@ -20,7 +19,7 @@ from weakclip_core.artifacts.atomic import sha256_of_file
 from weakclip_core.models.clip import WEIGHTS_FILE, load_clip_artifact
 from weakclip_core.config import WeakClipConfig, build_dataclass, to_plain
 from weakclip_core.models.weakclip.model import WeakCLIP
-from weakclip_core.artifacts.model_file import save_final_model
+from weakclip_core.artifacts.model_file import load_torch_file, save_final_model
 
 
 class WeakClipArtifactError(InputError):
@@ -61,7 +60,7 @@ def load_weakclip_model(path: str | Path, clip_dir: str | Path | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: trained WeakCLIP not found (run the weakclip_train stage)")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_torch_file(path, "trained WeakCLIP")  # weights_only: a planted payload never runs
     clip_dir = Path(clip_dir if clip_dir is not None else saved["clip_artifact"])
     if not (clip_dir / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"{clip_dir / WEIGHTS_FILE} (the CLIP that {path} adapts) does not exist: "

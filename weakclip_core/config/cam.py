@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from weakclip_core.config.schema import ConfigError, bounded, listed
+from weakclip_core.config.schema import ConfigError, bounded, check_not_empty, check_order, listed
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,8 @@ class MCTformerArchConfig:
     pretrained: str = ""
 
     def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size: {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ConfigError(f"width: {self.width} is not divisible by heads {self.heads}")
 
@@ -40,6 +42,19 @@ class CamTrainConfig:
     crop_scale_min: float = bounded(0.5, low=0.01, high=1.0)
     randaugment_ops: int = bounded(2, low=0)
     randaugment_magnitude: int = bounded(9, low=0, high=30)
+    # MCTformer's timm recipe (main.py: --aa, --reprob, --min-lr): a timm rand_augment_transform config string
+    # ("rand-m9-mstd0.5-inc1"; "" = off), timm RandomErasing probability (pixel mode, one box), cosine floor
+    auto_augment: str = ""
+    reprob: float = bounded(0.0, low=0.0, high=1.0)
+    min_lr: float = bounded(0.0, low=0.0)
+
+    def validate(self) -> None:
+        if self.auto_augment and not self.auto_augment.startswith("rand"):
+            raise ConfigError(f"auto_augment: a timm RandAugment string such as 'rand-m9-mstd0.5-inc1', "
+                              f"or '' for off; got {self.auto_augment!r}")
+        if self.auto_augment and self.randaugment_ops > 0:
+            raise ConfigError("auto_augment: set either auto_augment (timm) or randaugment_ops (torchvision), "
+                              "not both")
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,10 @@ class CamInferConfig:
     threshold_stop: float = bounded(0.59, low=0.0, high=1.0)
     threshold_step: float = bounded(0.01, low=1e-4, high=1.0)
     batch_size: int = bounded(16, low=1)
+
+    def validate(self) -> None:
+        check_not_empty("scales", self.scales)
+        check_order("threshold_start", self.threshold_start, "threshold_stop", self.threshold_stop)
 
 
 @dataclass(frozen=True)

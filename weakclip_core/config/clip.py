@@ -23,6 +23,10 @@ class ClipArchConfig:
     text_heads: int = bounded(2, low=1)
     context_length: int = bounded(32, low=8)
 
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size: {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
 
 @dataclass(frozen=True)
 class ClipPretrainConfig:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from weakclip_core.config.schema import ConfigError, bounded, listed
+from weakclip_core.config.schema import ConfigError, bounded, check_not_empty, listed
 from weakclip_core.config.weakclip import CrfConfig
 
 
@@ -29,8 +30,23 @@ class PseudoConfig:
     crf: CrfConfig = field(default_factory=_voc_pseudo_crf)
     overlay_samples: int = bounded(8, low=0)
     absent_class_odds_ratio: float = bounded(0.0, low=0.0, high=1000.0)  # 0: off (the paper has none)
+    # mmseg MultiScaleFlipAug(img_scale, img_ratios=scales) + Resize(keep_ratio): the [long, short] base each scale
+    # multiplies ([2048, 512] in the reference); [] = the image's own size
+    img_scale: list[int] = listed([], low=1)
+    pad_small_windows: bool = False  # false: a scaled image smaller than crop runs as is (the reference's
+                                     # slide_inference); true: zero-padded (mean colour) to crop
+    # labels: softmax over the image's labels + background (the paper's text); all: over every class, the CRF then
+    # keeps the classes the argmax shows (the reference's aug_test + make_crf)
+    softmax_classes: Literal["labels", "all"] = "labels"
 
     def validate(self) -> None:
-        """The repair's ratio is 0 (off) or above 1 (``weakclip_core.method.absent_classes``: at 1 nothing flips)."""
+        """At least one scale; windows without gaps (``stride`` <= ``crop``); the repair's ratio is 0 (off) or
+        above 1 (``weakclip_core.method.absent_classes``: at 1 nothing flips)."""
+        check_not_empty("scales", self.scales)
+        if self.stride > self.crop:
+            raise ConfigError(f"stride: {self.stride} is larger than crop {self.crop} "
+                              f"(the sliding windows would leave gaps)")
+        if len(self.img_scale) not in (0, 2):
+            raise ConfigError(f"img_scale: expected [] or [long, short], got {self.img_scale}")
         if 0.0 < self.absent_class_odds_ratio <= 1.0:
             raise ConfigError(f"absent_class_odds_ratio: 0 (off) or > 1, got {self.absent_class_odds_ratio}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from weakclip_core.errors import InputError
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
@@ -104,18 +105,47 @@ def _check_value(value: Any, annotation: Any, path: str) -> Any:
     raise TypeError(f"{path}: unsupported annotation {annotation!r} in the params schema")
 
 
-def _check_bounds(value: Any, field: dataclasses.Field, path: str) -> None:
-    low, high = field.metadata.get("low"), field.metadata.get("high")
-    if low is None and high is None:
+def _bounds_text(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f">= {low} and <= {high}"
+    return f">= {low}" if low is not None else f"<= {high}" if high is not None else "a number"
+
+
+def check_range(value: Any, path: str, low: float | None = None, high: float | None = None) -> None:
+    """The one range check: ``ConfigError`` naming ``path`` unless ``low <= value <= high`` (either bound may
+    be ``None``). NaN fails it whatever the bounds (every comparison with NaN is false, so a plain
+    ``value < low`` would let it through); ``None`` and strings are not numbers and are left to the type check."""
+    if value is None or isinstance(value, (str, bool)):
         return
-    items = value if isinstance(value, (list, tuple)) else [value]
-    for item in items:
-        if item is None or isinstance(item, str):
-            continue
-        if low is not None and item < low:
-            raise ConfigError(f"{path}: {item!r} is out of range, must be >= {low}")
-        if high is not None and item > high:
-            raise ConfigError(f"{path}: {item!r} is out of range, must be <= {high}")
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{path}: nan is not a number, must be {_bounds_text(low, high)}")
+    if low is not None and not value >= low:
+        raise ConfigError(f"{path}: {value!r} is out of range, must be >= {low}")
+    if high is not None and not value <= high:
+        raise ConfigError(f"{path}: {value!r} is out of range, must be <= {high}")
+
+
+def check_order(lower_key: str, lower: float, upper_key: str, upper: float) -> None:
+    """A cross-field rule ``lower <= upper`` of one section (keys relative to it): ``ConfigError`` naming
+    ``lower_key`` otherwise, NaN included (``build_dataclass`` prefixes the section's path)."""
+    if not lower <= upper:
+        raise ConfigError(f"{lower_key}: {lower!r} is above {upper_key} {upper!r}")
+
+
+def check_not_empty(key: str, items: Any) -> None:
+    """A list that must hold at least one item (e.g. inference scales): ``ConfigError`` naming ``key``."""
+    if len(items) == 0:
+        raise ConfigError(f"{key}: expected at least one item, got an empty list")
+
+
+def _check_bounds(value: Any, field: dataclasses.Field, path: str) -> None:
+    """Every number of a field (or of its list) through ``check_range``, so NaN never passes, bounded or not."""
+    low, high = field.metadata.get("low"), field.metadata.get("high")
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_range(item, f"{path}[{index}]", low, high)
+        return
+    check_range(value, path, low, high)
 
 
 def build_dataclass(cls: type[T], data: dict[str, Any], path: str = "") -> T:

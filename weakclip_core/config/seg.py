@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from weakclip_core.config.schema import ConfigError, bounded
+from weakclip_core.config.schema import ConfigError, bounded, check_order
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,9 @@ class SegTrainConfig:
     scale_max: float = bounded(2.0, low=0.1)
     checkpoint_every: int = bounded(100, low=1)
     workers: int = bounded(0, low=0)
+
+    def validate(self) -> None:
+        check_order("scale_min", self.scale_min, "scale_max", self.scale_max)
 
 
 @dataclass(frozen=True)

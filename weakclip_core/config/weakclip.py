@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from weakclip_core.config import paper
-from weakclip_core.config.schema import ConfigError, bounded, listed
+from weakclip_core.config.schema import ConfigError, bounded, check_order, listed
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,7 @@ class SeedConfig:
     chosen_with_gt: bool = False
 
     def validate(self) -> None:
-        if self.bg_threshold > self.fg_threshold:
-            raise ConfigError(f"bg_threshold: {self.bg_threshold} is above fg_threshold {self.fg_threshold}")
+        check_order("bg_threshold", self.bg_threshold, "fg_threshold", self.fg_threshold)
 
 
 @dataclass(frozen=True)
@@ -54,10 +53,16 @@ class WeakClipLossConfig:
     aux_weight: float = bounded(0.4, low=0.0)
     aux_temperature: float = bounded(0.07, low=1e-4)
     loss_size: int = bounded(64, low=8)
+    # the reference (dgcn_cal_seeding_loss): per image, mean -log p over its background seeds plus mean -log p
+    # over its foreground seeds, averaged over the batch; "pooled_mean": the two means pooled over the batch, averaged
+    seed_loss_reduction: Literal["per_image_sum", "pooled_mean"] = "per_image_sum"
     ratio_min: float = bounded(0.05, low=0.0)
     ratio_max: float = bounded(20.0, low=1.0)
     crf_workers: int = bounded(2, low=0)
     crf: CrfConfig = field(default_factory=CrfConfig)
+
+    def validate(self) -> None:
+        check_order("ratio_min", self.ratio_min, "ratio_max", self.ratio_max)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,19 @@ class WeakClipTrainConfig:
     scale_max: float = bounded(2.0, low=0.1)
     checkpoint_every: int = bounded(100, low=1)
     workers: int = bounded(0, low=0)
+    # mmseg Resize(img_scale, ratio_range=(scale_min, scale_max), keep_ratio): [long, short] base the ratio
+    # multiplies ([2048, 512] in the reference); [] = the image's own size
+    img_scale: list[int] = listed([], low=1)
+    cat_max_ratio: float = bounded(0.75, low=0.01, high=1.0)  # mmseg RandomCrop; 1 = off
+    hue_delta: int = bounded(18, low=0, high=90)  # mmseg PhotoMetricDistortion, OpenCV hue units (2 degrees)
+    prompt_init_std: float = bounded(1.0, low=0.0)  # trunc_normal_ std of the context vectors (reference 1.0)
+    clip_drop_path_rate: float = bounded(0.1, low=0.0, high=0.9)  # stochastic depth on the frozen CLIP
+                                                                  # visual encoder while training
+
+    def validate(self) -> None:
+        check_order("scale_min", self.scale_min, "scale_max", self.scale_max)
+        if len(self.img_scale) not in (0, 2):
+            raise ConfigError(f"img_scale: expected [] or [long, short], got {self.img_scale}")
 
 
 @dataclass(frozen=True)

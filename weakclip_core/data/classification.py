@@ -1,8 +1,9 @@
 """Image + multi-hot label samples over one split of a ``PreparedDataset`` (MCTformer training).
 
 Training samples are keyed by ``(epoch, index)``: every random choice of the
-augmentation (random resized crop, flip, RandAugment) is drawn from torch's
-generator forked and seeded from (seed, epoch, index), so a sample is a pure
+augmentation (random resized crop, flip, RandAugment, random erasing) is drawn from torch's
+generator forked and seeded from (seed, epoch, index) (and Python's ``random`` and numpy's global
+generator, which timm's RandAugment and RandomErasing use, seeded alike and restored after), so a sample is a pure
 function of those three and of nothing that ran before. A resumed run
 therefore sees exactly the batches an uninterrupted one would.
 ``EpochBatchSampler`` makes the data order a function of (seed, epoch) too.
@@ -10,14 +11,18 @@ therefore sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
+from timm.data import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -34,22 +39,44 @@ class ClassificationAugment:
 
     ``crop_scale_min``: smallest crop area fraction (DeiT uses 0.08; multi-label
     images lose labelled objects under small crops, so ours is larger).
-    ``randaugment_ops`` = 0 turns RandAugment off.
+    ``randaugment_ops`` = 0 turns torchvision's RandAugment off. ``auto_augment``: a timm RandAugment
+    string (MCTformer's ``rand-m9-mstd0.5-inc1``, with timm's DeiT hparams: translate 0.45 of the size,
+    ImageNet-mean fill, bicubic); ``reprob``: timm ``RandomErasing`` after normalisation (pixel mode, one
+    box), as MCTformer's ``--reprob 0.25``.
     """
 
     image_size: int
     crop_scale_min: float = 0.5
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
+    auto_augment: str = ""
+    reprob: float = 0.0
 
-    def build(self) -> v2.Compose:
-        steps: list[v2.Transform] = [
+    def build(self) -> Callable[[Tensor], Tensor]:
+        """The uint8 (3, H, W) → uint8 (3, S, S) part, before normalisation."""
+        steps: list[Callable[[Tensor], Tensor]] = [
             v2.RandomResizedCrop(self.image_size, scale=(self.crop_scale_min, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
         ]
         if self.randaugment_ops > 0:
             steps.append(v2.RandAugment(num_ops=self.randaugment_ops, magnitude=self.randaugment_magnitude))
+        if self.auto_augment:
+            timm_randaugment = rand_augment_transform(self.auto_augment, {
+                "translate_const": int(self.image_size * 0.45),
+                "img_mean": tuple(min(255, round(255 * channel)) for channel in IMAGENET_MEAN),
+                "interpolation": Image.BICUBIC})
+
+            def on_pil(image: Tensor) -> Tensor:
+                return v2.functional.pil_to_tensor(timm_randaugment(v2.functional.to_pil_image(image)))
+
+            steps.append(on_pil)
         return v2.Compose(steps)
+
+    def build_erasing(self) -> Callable[[Tensor], Tensor] | None:
+        """The normalised (3, S, S) → (3, S, S) part (timm RandomErasing), or ``None`` when ``reprob`` is 0."""
+        if self.reprob <= 0:
+            return None
+        return RandomErasing(self.reprob, mode="pixel", max_count=1, device="cpu")
 
 
 class ClassificationDataset(Dataset):
@@ -70,6 +97,7 @@ class ClassificationDataset(Dataset):
         self.image_size = image_size
         self.seed = seed
         self.augment = augment.build() if augment is not None else None
+        self.erasing = augment.build_erasing() if augment is not None else None
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         for image_id in self.image_ids:
@@ -92,10 +120,21 @@ class ClassificationDataset(Dataset):
         image_id = self.image_ids[index]
         image = torch.from_numpy(self.dataset.image(image_id)).permute(2, 0, 1).contiguous()
         if self.augment is not None:
+            sample_seed = derived_seed(self.seed, epoch, index)
+            python_state, numpy_state = random.getstate(), np.random.get_state()
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derived_seed(self.seed, epoch, index))
-                image = self.augment(image)
-        elif image.shape[1:] != (self.image_size, self.image_size):
+                torch.manual_seed(sample_seed)
+                random.seed(sample_seed)
+                np.random.seed(sample_seed % 2**32)
+                try:
+                    normalised = self.normalise(self.augment(image))
+                    if self.erasing is not None:
+                        normalised = self.erasing(normalised)
+                finally:
+                    random.setstate(python_state)
+                    np.random.set_state(numpy_state)
+            return normalised, torch.from_numpy(self.dataset.label_vector(image_id))
+        if image.shape[1:] != (self.image_size, self.image_size):
             image = v2.functional.resize(image, [self.image_size, self.image_size], antialias=True)
         labels = torch.from_numpy(self.dataset.label_vector(image_id))
         return self.normalise(image), labels

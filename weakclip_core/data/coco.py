@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from weakclip_core.data.layout import DatasetError, IGNORE_INDEX, labels_from_mask, read_image, write_labels, \
-    write_mask, write_split
+from weakclip_core.data.layout import DatasetError, IGNORE_INDEX, check_image_id, labels_from_mask, read_image, \
+    write_labels, write_mask, write_split
 from weakclip_core.data.voc import link_or_copy
 
 COCO_SPLIT_FOLDERS = {"train": "train2014", "val": "val2014"}
@@ -118,7 +118,7 @@ def prepare_coco(source: str | Path, root: str | Path, splits: list[str],
 
         split_ids = []
         for image_info in tqdm(image_infos, desc=f"coco {split}", unit="img", disable=not progress):
-            image_path = image_folder / str(image_info["file_name"])
+            image_path = image_folder / check_image_id(str(image_info.get("file_name", "")), annotations_path)
             if not image_path.is_file():
                 raise DatasetError(f"{image_path}: image listed in {annotations_path.name} is absent")
             image = read_image(image_path)

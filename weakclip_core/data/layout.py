@@ -9,7 +9,9 @@ A prepared dataset folder holds::
     captions.txt                        (synthetic only) "<id>\t<caption>" per line
 
 ``labels`` holds foreground class indices 1..K-1 (background 0 is implicit and
-never listed). Readers raise ``DatasetError`` naming the offending file.
+never listed), as JSON integers. An image id is a plain file name (one path component:
+no ``/`` or ``\\``, not ``..``), checked wherever ids are read (``check_image_id``), so no
+path built from an id leaves its folder. Readers raise ``DatasetError`` naming the offending file.
 """
 
 from __future__ import annotations
@@ -132,6 +134,23 @@ def read_image(path: str | Path) -> np.ndarray:
         raise DatasetError(f"{path}: unreadable image ({error})") from None
 
 
+def is_plain_image_id(image_id: object) -> bool:
+    """Whether ``image_id`` can name files: a non-empty string of one path component (no ``/`` or ``\\``,
+    not ``.`` or ``..``, no NUL or line break), so ``JPEGImages/<id>.jpg`` and every output named after it stay
+    inside their folders."""
+    return (isinstance(image_id, str) and image_id not in ("", ".", "..")
+            and not any(character in image_id for character in "/\\\0\n\r"))
+
+
+def check_image_id(image_id: object, source: str | Path) -> str:
+    """``image_id`` if it is a plain file name (``is_plain_image_id``), else ``DatasetError`` naming ``source``
+    (the split list or labels file it was read from) and the id. Every reader of ids calls it."""
+    if not is_plain_image_id(image_id):
+        raise DatasetError(f"{source}: image id {image_id!r} is not a plain file name "
+                           f"(one path component: no '/', '\\', '..')")
+    return image_id  # type: ignore[return-value]
+
+
 def write_split(root: str | Path, split: str, image_ids: list[str]) -> None:
     with atomic_path(Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt") as temporary_path:
         temporary_path.write_text("".join(f"{image_id}\n" for image_id in image_ids))
@@ -141,7 +160,7 @@ def read_split(root: str | Path, split: str) -> list[str]:
     path = Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not path.is_file():
         raise DatasetError(f"{path}: split list not found")
-    image_ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    image_ids = [check_image_id(line.strip(), path) for line in path.read_text().splitlines() if line.strip()]
     if not image_ids:
         raise DatasetError(f"{path}: split {split!r} is empty")
     return image_ids
@@ -157,6 +176,51 @@ def write_labels(root: str | Path, dataset_name: str, class_names: list[str],
 def labels_from_mask(mask: np.ndarray) -> list[int]:
     """The foreground classes present in a mask (0 and 255 excluded), sorted."""
     return [int(c) for c in np.unique(mask) if c not in (0, IGNORE_INDEX)]
+
+
+def _json_text(value: object) -> str:
+    """A value as it is written in the JSON file (``true``, ``1.9``, ``"3"``), for messages."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def read_labels_data(data: object, labels_path: str | Path) -> tuple[list[str], dict[str, list[int]]]:
+    """``(class_names, labels)`` of a parsed ``labels.json``, checked: ``class_names`` a list of at least two
+    strings (background first), ``labels`` a mapping of plain image ids (``check_image_id``) to lists of int
+    class ids (a bool or a float such as ``1.9`` is refused, never rounded) in 1..K-1. ``DatasetError`` names
+    the file, the key and the image."""
+    if not isinstance(data, dict):
+        raise DatasetError(f"{labels_path}: malformed labels file (expected a JSON object, "
+                           f"got {_json_text(data)[:40]})")
+    for key in ("class_names", "labels"):
+        if key not in data:
+            raise DatasetError(f"{labels_path}: malformed labels file (no {key!r} key)")
+    class_names = data["class_names"]
+    if (not isinstance(class_names, list) or len(class_names) < 2
+            or not all(isinstance(name, str) for name in class_names)):
+        raise DatasetError(f"{labels_path}: 'class_names' must be a list of at least two class names (strings, "
+                           f"background first), got {_json_text(class_names)[:60]}")
+    raw_labels = data["labels"]
+    if not isinstance(raw_labels, dict):
+        raise DatasetError(f"{labels_path}: 'labels' must be a mapping of image id to a list of class ids, "
+                           f"got a {type(raw_labels).__name__}")
+    labels: dict[str, list[int]] = {}
+    for image_id, classes in raw_labels.items():
+        check_image_id(image_id, labels_path)
+        if not isinstance(classes, list):
+            raise DatasetError(f"{labels_path}: image {image_id} has labels {_json_text(classes)[:40]}, "
+                               f"expected a list of class ids")
+        for class_id in classes:
+            if isinstance(class_id, bool) or not isinstance(class_id, int):
+                raise DatasetError(f"{labels_path}: image {image_id} has class id {_json_text(class_id)}, "
+                                   f"not an integer")
+            if not 1 <= class_id < len(class_names):
+                raise DatasetError(f"{labels_path}: image {image_id} has class id {class_id} outside "
+                                   f"1..{len(class_names) - 1}")
+        labels[image_id] = list(classes)
+    return list(class_names), labels
 
 
 @dataclass(frozen=True)
@@ -183,17 +247,10 @@ class PreparedDataset:
             raise DatasetError(f"{labels_path}: labels file not found")
         try:
             data = json.loads(labels_path.read_text())
-            class_names = list(data["class_names"])
-            labels = {str(k): [int(c) for c in v] for k, v in data["labels"].items()}
-            name = str(data.get("dataset", root.name))
-        except (ValueError, KeyError, TypeError) as error:
+        except ValueError as error:
             raise DatasetError(f"{labels_path}: malformed labels file ({error})") from None
-        for image_id, classes in labels.items():
-            bad = [c for c in classes if not 1 <= c < len(class_names)]
-            if bad:
-                raise DatasetError(f"{labels_path}: image {image_id} has class id {bad[0]} outside "
-                                   f"1..{len(class_names) - 1}")
-        return cls(root=root, name=name, class_names=class_names, labels=labels)
+        class_names, labels = read_labels_data(data, labels_path)
+        return cls(root=root, name=str(data.get("dataset", root.name)), class_names=class_names, labels=labels)
 
     def split(self, split: str) -> list[str]:
         return read_split(self.root, split)
@@ -262,5 +319,5 @@ class PreparedDataset:
             if "\t" not in line:
                 raise DatasetError(f"{path}:{line_number}: expected '<id>\\t<caption>'")
             image_id, caption = line.split("\t", 1)
-            captions[image_id] = caption
+            captions[check_image_id(image_id, path)] = caption
         return captions

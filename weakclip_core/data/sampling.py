@@ -16,8 +16,15 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
+from weakclip_core.errors import InputError
+
 # Separates the data-order stream from the per-sample augmentation streams of the same seed.
 _ORDER_STREAM = 0x5EED
+
+
+class BatchSizeError(InputError):
+    """A batch size larger than the items to sample: not one full batch, so not one step. A stage names its
+    params key (``pipeline._stage.params_key``)."""
 
 
 def epoch_permutation(n_items: int, seed: int, epoch: int) -> np.ndarray:
@@ -30,7 +37,8 @@ class StepSampler(Sampler[tuple[int, int]]):
 
     def __init__(self, n_items: int, batch_size: int, seed: int, total_steps: int, start_step: int = 0) -> None:
         if n_items < batch_size:
-            raise ValueError(f"{n_items} items are fewer than one batch of {batch_size}")
+            raise BatchSizeError(f"{batch_size} is larger than the {n_items} training samples "
+                                 f"(a step needs one full batch)")
         self.n_items = n_items
         self.batch_size = batch_size
         self.seed = seed

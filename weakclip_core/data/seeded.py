@@ -3,9 +3,10 @@
 Seeds are made once, up front, from the CAM store (``build_seed_masks``): one
 (H, W) uint8 mask per image (0 background, k class, 255 ignore), at the image's
 size. A sample is keyed by ``(epoch, index)`` (see ``data.sampling.StepSampler``)
-and augmented by ``DenseAugmentation`` with a generator seeded from
-(seed, epoch, index), so a resumed run sees exactly the samples an
-uninterrupted one would, with any number of loader workers.
+and augmented (``MmsegAugmentation``, the reference's pipeline; or ``DenseAugmentation``) with a
+generator seeded from (seed, epoch, index), so a resumed run sees exactly the samples an
+uninterrupted one would, with any number of loader workers. A crop smaller than the crop size is
+padded after normalisation: image 0 (the mean colour), raw pixels the mean colour, seeds 255.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from weakclip_core.artifacts.cam_store import CamStoreError, CamStoreReader
 from weakclip_core.config.weakclip import SeedConfig
 from weakclip_core.data.layout import PreparedDataset
-from weakclip_core.data.transforms import DenseAugmentation, sample_rng, to_tensor
+from weakclip_core.data.transforms import DenseAugmentation, MmsegAugmentation, pad_normalised, sample_rng, to_tensor
 from weakclip_core.method.seeds import seeds_from_cams
 
 
@@ -53,7 +54,7 @@ class SeededTrainingSet(Dataset):
     """
 
     def __init__(self, dataset: PreparedDataset, image_ids: list[str], seed_masks: dict[str, np.ndarray],
-                 augmentation: DenseAugmentation, seed: int) -> None:
+                 augmentation: DenseAugmentation | MmsegAugmentation, seed: int) -> None:
         missing = [image_id for image_id in image_ids if image_id not in seed_masks]
         if missing:
             raise ValueError(f"{len(missing)} image(s) have no seed mask, e.g. {missing[0]}")
@@ -76,6 +77,8 @@ class SeededTrainingSet(Dataset):
                              f"its CAMs/seeds are {seed_mask.shape}")
         image, seed_mask = self.augmentation(image, seed_mask, sample_rng(self.seed, epoch, index))
         raw_image = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-        return {"image": to_tensor(image), "raw_image": raw_image,
-                "seed_mask": torch.from_numpy(seed_mask.astype(np.int64)),
+        normalised, raw_image, seeds = pad_normalised(to_tensor(image), raw_image,
+                                                      torch.from_numpy(seed_mask.astype(np.int64)),
+                                                      self.augmentation.crop)
+        return {"image": normalised, "raw_image": raw_image, "seed_mask": seeds,
                 "index": torch.tensor(index, dtype=torch.int64)}

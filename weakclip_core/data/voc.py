@@ -24,8 +24,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from weakclip_core.data.layout import (DatasetError, check_mask, labels_from_mask, read_image, read_mask,
-                                       write_labels, write_mask, write_split)
+from weakclip_core.data.layout import (DatasetError, check_image_id, check_mask, labels_from_mask, read_image,
+                                       read_mask, write_labels, write_mask, write_split)
 
 VOC_CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -34,13 +34,20 @@ VOC_CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle
 
 
 def link_or_copy(source_file: Path, destination: Path) -> None:
-    """Hard-link ``source_file`` to ``destination`` (same file system), else copy it."""
+    """Hard-link the file ``source_file`` names to ``destination`` (same file system), else copy it.
+
+    A symlink is followed to its target first: ``os.link`` would hard-link the symlink itself, which keeps
+    pointing outside the dataset (absolute) or dangles in the prepared folder (relative). A link whose
+    target is not a file raises ``DatasetError`` naming both."""
+    target = Path(os.path.realpath(source_file))
+    if not target.is_file():
+        raise DatasetError(f"{source_file}: a symlink to {target}, which is not a file")
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.unlink(missing_ok=True)
     try:
-        os.link(source_file, destination)
+        os.link(target, destination)
     except OSError:
-        shutil.copyfile(source_file, destination)
+        shutil.copyfile(target, destination)
 
 
 def find_split_list(source: Path, split: str) -> Path:
@@ -58,7 +65,7 @@ def read_split_list(path: Path) -> list[str]:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: unreadable split list ({error})") from None
-    image_ids = [Path(line.split()[0]).stem for line in lines if line.strip()]
+    image_ids = [check_image_id(Path(line.split()[0]).stem, path) for line in lines if line.strip()]
     if not image_ids:
         raise DatasetError(f"{path}: split is empty")
     return image_ids

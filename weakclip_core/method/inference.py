@@ -5,7 +5,14 @@ stride: logits are resized bilinearly to the window), so WeakCLIP, the retrained
 fixed convolution all run through the same code. Per scale and flip the logits of overlapping windows
 are averaged, resized to the image, turned into probabilities with a softmax restricted to the allowed
 classes (the image's labels + background: every other class gets probability exactly 0 and is therefore
-never emitted), and the probabilities are averaged over scales and flips (docs/METHOD.md §3).
+never emitted; or over all classes when none are given), and the probabilities are averaged over scales
+and flips (docs/METHOD.md §3).
+
+Scaling follows the reference's mmseg test pipeline when ``img_scale`` is set: scale s resizes the image,
+aspect kept, to fit (int(long·s), int(short·s)) of ``img_scale`` (``transforms.ratio_size``; (2048, 512)
+makes a VOC image's short side 512·s). Without it, s multiplies the image's own size. A scaled image
+smaller than the window runs as is (the reference's ``slide_inference``), or padded to the window with
+``pad_to_crop``.
 """
 
 from __future__ import annotations
@@ -17,23 +24,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakclip_core.data.transforms import CLIP_MEAN, CLIP_STD
+from weakclip_core.data.transforms import CLIP_MEAN, CLIP_STD, ratio_size
 
 DenseModel = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class InferenceAugmentation:
-    """Scales (relative to the image), flip, and the sliding window (``crop`` x ``crop``, step ``stride``).
+    """Scales, flip, and the sliding window (``crop`` x ``crop``, step ``stride``).
 
-    A scaled image smaller than ``crop`` on a side is zero-padded (in normalised units, i.e. the mean
-    colour) to ``crop`` on that side; a larger one is covered by windows that always include its far edge.
+    ``img_scale`` (long, short): the base each scale multiplies, aspect kept (mmseg's keep-ratio
+    ``Resize``); ``None``: round(s·H) x round(s·W) of the image itself. A scaled image smaller than
+    ``crop`` on a side is zero-padded (in normalised units, i.e. the mean colour) to ``crop`` on that side
+    when ``pad_to_crop``, else its window is that side's full length (run as is); a larger one is covered
+    by windows that always include its far edge.
     """
 
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     crop: int = 128
     stride: int = 85
+    img_scale: tuple[int, int] | None = None
+    pad_to_crop: bool = True
 
     def __post_init__(self) -> None:
         if not self.scales:
@@ -60,38 +72,44 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
 
 @torch.inference_mode()
 def sliding_window_logits(model: DenseModel, images: torch.Tensor, crop: int, stride: int,
-                          max_forward_batch: int = 64) -> torch.Tensor:
+                          max_forward_batch: int = 64, pad_to_crop: bool = True) -> torch.Tensor:
     """(B, 3, H, W) normalised → (B, K, H, W) logits, averaged over the windows covering each pixel.
 
-    Images smaller than ``crop`` on a side are zero-padded at the bottom/right first; the padding is
-    cropped off the result. The windows of all images are stacked and run through the model in chunks
+    Images smaller than ``crop`` on a side are zero-padded at the bottom/right first (``pad_to_crop``;
+    the padding is cropped off the result), or else the window shrinks to that side (mmseg's
+    ``slide_inference`` runs it as is). The windows of all images are stacked and run through the model in chunks
     of at most ``max_forward_batch`` (large batches amortise per-forward work such as WeakCLIP's text
-    encoder); each window's logits are resized (bilinear) from the model's output grid to ``crop`` x
-    ``crop`` before they are accumulated.
+    encoder); each window's logits are resized (bilinear) from the model's output grid to the window's
+    size before they are accumulated.
     """
     batch, _, height, width = images.shape
-    padded_height, padded_width = max(height, crop), max(width, crop)
+    if pad_to_crop:
+        padded_height, padded_width = max(height, crop), max(width, crop)
+        window_h, window_w = crop, crop
+    else:
+        padded_height, padded_width = height, width
+        window_h, window_w = min(crop, height), min(crop, width)
     if (padded_height, padded_width) != (height, width):
         images = F.pad(images, (0, padded_width - width, 0, padded_height - height), value=0.0)
-    positions = [(top, left) for top in window_starts(padded_height, crop, stride)
-                 for left in window_starts(padded_width, crop, stride)]
+    positions = [(top, left) for top in window_starts(padded_height, window_h, stride)
+                 for left in window_starts(padded_width, window_w, stride)]
     windows_per_forward = max(1, max_forward_batch // batch)
     logit_sum: torch.Tensor | None = None
     window_count = torch.zeros((1, 1, padded_height, padded_width), dtype=torch.float32, device=images.device)
     for first in range(0, len(positions), windows_per_forward):
         chunk = positions[first:first + windows_per_forward]
-        windows = torch.cat([images[:, :, top:top + crop, left:left + crop] for top, left in chunk])
+        windows = torch.cat([images[:, :, top:top + window_h, left:left + window_w] for top, left in chunk])
         logits = model(windows).float()
         if logits.ndim != 4 or logits.shape[0] != windows.shape[0]:
             raise ValueError(f"model output must be (B={windows.shape[0]}, K, h, w) logits, got {tuple(logits.shape)}")
-        if logits.shape[-2:] != (crop, crop):
-            logits = F.interpolate(logits, size=(crop, crop), mode="bilinear", align_corners=False)
+        if logits.shape[-2:] != (window_h, window_w):
+            logits = F.interpolate(logits, size=(window_h, window_w), mode="bilinear", align_corners=False)
         if logit_sum is None:
             logit_sum = torch.zeros((batch, logits.shape[1], padded_height, padded_width),
                                     dtype=torch.float32, device=images.device)
         for offset, (top, left) in enumerate(chunk):
-            logit_sum[:, :, top:top + crop, left:left + crop] += logits[offset * batch:(offset + 1) * batch]
-            window_count[:, :, top:top + crop, left:left + crop] += 1.0
+            logit_sum[:, :, top:top + window_h, left:left + window_w] += logits[offset * batch:(offset + 1) * batch]
+            window_count[:, :, top:top + window_h, left:left + window_w] += 1.0
     assert logit_sum is not None
     return (logit_sum / window_count)[:, :, :height, :width]
 
@@ -125,7 +143,8 @@ def predict_probabilities(model: DenseModel, images: torch.Tensor, tta: Inferenc
                           allowed: torch.Tensor | None = None, max_forward_batch: int = 64) -> torch.Tensor:
     """(B, 3, H, W) normalised images → (B, K, H, W) probabilities averaged over scales and flips.
 
-    For each scale s the batch is resized (bilinear) to round(s*H) x round(s*W), run through the
+    For each scale s the batch is resized (bilinear) to round(s*H) x round(s*W) (or, with
+    ``tta.img_scale``, to mmseg's keep-ratio size of s times that base), run through the
     sliding window (and again mirrored, when ``tta.flip``, with the logits mirrored back), the logits
     resized back to H x W and soft-maxed over the ``allowed`` (B, K) classes only. ``max_forward_batch``
     bounds the windows per model call (memory).
@@ -134,12 +153,13 @@ def predict_probabilities(model: DenseModel, images: torch.Tensor, tta: Inferenc
     probability_sum: torch.Tensor | None = None
     n_views = 0
     for scale in tta.scales:
-        scaled_size = (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
+        scaled_size = (ratio_size(height, width, scale, tta.img_scale) if tta.img_scale is not None
+                       else (max(1, int(round(height * scale))), max(1, int(round(width * scale)))))
         scaled = images if scaled_size == (height, width) else F.interpolate(
             images, size=scaled_size, mode="bilinear", align_corners=False)
         for flipped in ((False, True) if tta.flip else (False,)):
             view = scaled.flip(-1) if flipped else scaled
-            logits = sliding_window_logits(model, view, tta.crop, tta.stride, max_forward_batch)
+            logits = sliding_window_logits(model, view, tta.crop, tta.stride, max_forward_batch, tta.pad_to_crop)
             if flipped:
                 logits = logits.flip(-1)
             if scaled_size != (height, width):

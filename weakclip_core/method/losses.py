@@ -40,20 +40,34 @@ def smoothed_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return probabilities / probabilities.sum(dim=1, keepdim=True)
 
 
-def seeding_loss(logits: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def seeding_loss(logits: torch.Tensor, seeds: torch.Tensor, reduction: str = "per_image_sum") -> torch.Tensor:
     """Partial cross-entropy over seed pixels, balanced between background and foreground.
 
-    logits: (B, K, h, w); seeds: (B, h, w) with 0 = background, 1..K-1, 255 ignored.
-    loss = (mean -log p over bg seed pixels + mean -log p over fg seed pixels) / 2,
-    pooled over the batch; if one set is empty the other alone; no seeds → 0
-    (a graph-connected zero, so backward gives zero gradients, never NaN).
+    logits: (B, K, h, w); seeds: (B, h, w) with 0 = background, 1..K-1, 255 ignored; p = softmax + 1e-7.
+
+    ``per_image_sum`` (the reference's ``dgcn_cal_seeding_loss``; also the paper's sum of a background and a
+    foreground term): for each image, bg_i = mean -log p over its background seeds and fg_i = mean -log p over
+    its foreground seeds (0 when it has none); loss = mean_i bg_i + mean_i fg_i.
+    ``pooled_mean``: (mean -log p over the batch's bg seed pixels + mean over its fg seed pixels) / 2; if one
+    set is empty the other alone.
+    No seeds → 0 (a graph-connected zero, so backward gives zero gradients, never NaN).
     """
     log_probabilities = smoothed_probabilities(logits).log()
     valid = seeds != IGNORE_INDEX
     target = torch.where(valid, seeds, torch.zeros_like(seeds))
     picked = -log_probabilities.gather(1, target[:, None])[:, 0]  # (B, h, w)
+    selections = (valid & (seeds == 0), valid & (seeds > 0))
+    if reduction == "per_image_sum":
+        total = logits.sum() * 0.0
+        for selected in selections:
+            sums = torch.where(selected, picked, torch.zeros_like(picked)).sum(dim=(1, 2))
+            counts = selected.sum(dim=(1, 2)).to(picked.dtype)
+            total = total + torch.where(counts > 0, sums / counts.clamp_min(1.0), torch.zeros_like(sums)).mean()
+        return total
+    if reduction != "pooled_mean":
+        raise ValueError(f"seed loss reduction must be per_image_sum or pooled_mean, got {reduction!r}")
     parts = []
-    for selected in (valid & (seeds == 0), valid & (seeds > 0)):
+    for selected in selections:
         if selected.any():
             parts.append(picked[selected].mean())
     if not parts:
@@ -118,7 +132,7 @@ class WeakClipLosses:
 
 def weakclip_losses(logits: torch.Tensor, matching: torch.Tensor, seeds: torch.Tensor,
                     images_uint8: torch.Tensor, cfg: WeakClipLossConfig, crf_pool: CrfPool) -> WeakClipLosses:
-    """total = seed + boundary_weight · boundary + aux_weight · aux.
+    """total = seed + boundary_weight · boundary + aux_weight · aux (seed reduced as ``cfg.seed_loss_reduction``).
 
     logits: P, (B, K, H/4, W/4); matching: λ', (B, K, H/16, W/16); seeds:
     (B, H, W) long with 255 ignored; images_uint8: (B, 3, H, W) uint8 RGB of the
@@ -127,7 +141,7 @@ def weakclip_losses(logits: torch.Tensor, matching: torch.Tensor, seeds: torch.T
     """
     small_logits = resize_logits(logits.float(), cfg.loss_size)
     small_seeds = resize_seeds(seeds, (cfg.loss_size, cfg.loss_size))
-    seed = seeding_loss(small_logits, small_seeds)
+    seed = seeding_loss(small_logits, small_seeds, cfg.seed_loss_reduction)
     if cfg.boundary_weight > 0:
         boundary = boundary_loss(small_logits, crf_targets(small_logits, images_uint8, crf_pool),
                                  cfg.ratio_min, cfg.ratio_max)

@@ -35,6 +35,7 @@ from torch import nn
 from weakclip_core.artifacts.atomic import atomic_path, sha256_of_file, write_json
 from weakclip_core.config.clip import ClipArchConfig, ClipConfig
 from weakclip_core.artifacts.state_dict import unwrap_state_dict
+from weakclip_core.artifacts.model_file import load_torch_file, unpickling_reason
 
 WEIGHTS_FILE = "weights.pt"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -152,8 +153,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 — any reader failure means "not a checkpoint"
+        # One line: torch's weights-only refusal is a page long (unpickling_reason keeps its reason).
         raise ClipWeightsError(f"clip.weights: '{path}' is not a readable CLIP checkpoint "
-                               f"(.pt/.bin/.safetensors): {type(error).__name__}: {error}") from error
+                               f"(.pt/.bin/.safetensors): {type(error).__name__}: {unpickling_reason(error)}") from error
     state_dict = unwrap_state_dict(loaded)
     if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ClipWeightsError(f"clip.weights: '{path}' does not hold a state dict of tensors")
@@ -220,7 +222,7 @@ def load_clip_artifact(directory: str | Path) -> CLIP:
             raise FileNotFoundError(f"{required}: missing; run the clip stage first")
     model_config = json.loads(config_path.read_text())
     model = clip_from_config(model_config)
-    state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+    state_dict = load_torch_file(weights_path, "CLIP artifact's weights")  # one line if it holds more than tensors
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:

@@ -18,7 +18,6 @@ Two differences from a plain DeiT, following MCTformer-V2:
 
 from __future__ import annotations
 
-from weakclip_core.errors import InputError
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
 from weakclip_core.config.cam import MCTformerArchConfig
+from weakclip_core.errors import InputError
 from weakclip_core.artifacts.state_dict import unwrap_state_dict
+from weakclip_core.artifacts.model_file import load_torch_file
 
 
 class PretrainedWeightsError(InputError):
@@ -52,26 +54,12 @@ class MCTformerOutput:
     attentions: list[Tensor] | None = None
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop a residual branch per sample with probability ``drop_prob`` (training only)."""
-
-    def __init__(self, drop_prob: float) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, branch: Tensor) -> Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return branch
-        keep_prob = 1.0 - self.drop_prob
-        mask_shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
-        keep_mask = torch.empty(mask_shape, dtype=branch.dtype, device=branch.device).bernoulli_(keep_prob)
-        return branch * keep_mask / keep_prob
-
-
 class Attention(nn.Module):
     """Multi-head self-attention that can return its softmax weights (B, heads, N, N).
 
-    Without ``return_weights`` it uses the fused kernel (same maths, faster for training).
+    Why not timm's ``Attention``: the CAMs need the class-to-patch attention weights, which timm's (fused)
+    attention never materialises. Same parameters and keys (``qkv``, ``proj``) as DeiT, so DeiT weights
+    load. Without ``return_weights`` it uses the fused kernel (same maths, faster for training).
     """
 
     def __init__(self, width: int, heads: int) -> None:
@@ -97,17 +85,6 @@ class Attention(nn.Module):
         return self.proj(mixed.transpose(1, 2).reshape(batch, n_tokens, width)), weights
 
 
-class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(tokens)))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block (DeiT layout, LayerNorm eps 1e-6); returns tokens and attention weights."""
 
@@ -116,7 +93,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(width, eps=1e-6)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.mlp = Mlp(width, int(width * mlp_ratio))  # timm's DeiT MLP: fc1, GELU, fc2 (no dropout here)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, tokens: Tensor, return_weights: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -300,7 +277,7 @@ def load_trained_mctformer(path: str | Path, device: torch.device | str = "cpu")
     path = Path(path)
     if not path.is_file():
         raise PretrainedWeightsError(f"{path}: trained MCTformer not found (run the cam_train stage)")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_torch_file(path, "trained MCTformer")  # weights_only: a planted payload never runs
     try:
         arch = MCTformerArchConfig(**{**saved["config"]["arch"], "pretrained": ""})
         n_classes = int(saved["config"]["n_classes"])

@@ -21,6 +21,7 @@ from weakclip_core.config.schema import build_dataclass, to_plain
 from weakclip_core.config.seg import SegConfig
 from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip_core.artifacts.state_dict import unwrap_state_dict
+from weakclip_core.artifacts.model_file import load_torch_file
 
 SEGMENTER_MEAN = IMAGENET_MEAN
 SEGMENTER_STD = IMAGENET_STD
@@ -80,7 +81,7 @@ def load_segmenter(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise SegmenterWeightsError(f"{path}: trained segmenter not found (run the seg_train stage)")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_torch_file(path, "trained segmenter")  # weights_only: a planted payload never runs
     try:
         record = saved["config"]
         cfg = build_dataclass(SegConfig, record["seg"], "seg")

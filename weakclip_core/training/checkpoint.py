@@ -4,6 +4,11 @@
 folder outside the stage's DVC outputs (DVC deletes declared outputs before re-running a stage), keyed by
 a hash of the config so that a changed config never resumes a stale run. A stage that dies resumes from
 the last one.
+
+A checkpoint holds plain data only (tensors, numbers, strings, lists, tuples, dicts): the RNG states are
+converted on save (:func:`capture_rng_state`) and back on resume, and :meth:`Checkpointer.load` reads with
+``torch.load(weights_only=True)`` (``load_torch_file``), so a file planted in ``checkpoints/`` runs no code;
+it is refused with a one-line error naming it, before its config is even compared.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import numpy as np
 import torch
 
 from weakclip_core.artifacts.atomic import atomic_path
+from weakclip_core.artifacts.model_file import load_torch_file
 
 CHECKPOINT_ROOT = Path("checkpoints")
-CHECKPOINT_FORMAT = 2  # 2: the training loop's window state under extra["loop"]
+CHECKPOINT_FORMAT = 3  # 2: the training loop's window state under extra["loop"]; 3: plain-data RNG state
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -31,13 +37,23 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Python's, numpy's and torch's RNG states as plain data (``weights_only``-loadable: no ndarray)."""
+    python_version, python_internal, python_gauss = random.getstate()
+    numpy_kind, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state(legacy=True)
+    return {"python": {"version": int(python_version), "internal": [int(value) for value in python_internal],
+                       "gauss_next": python_gauss},
+            "numpy": {"kind": str(numpy_kind), "keys": torch.from_numpy(numpy_keys.astype(np.int64)),
+                      "pos": int(numpy_pos), "has_gauss": int(numpy_has_gauss), "cached_gaussian": float(numpy_gauss)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Undo :func:`capture_rng_state` exactly (the same draws follow)."""
+    python, numpy_state = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -72,11 +88,14 @@ class Checkpointer:
             torch.save(state, stream)  # a stream, not the path: torch names the archive after the file
 
     def load(self) -> dict[str, Any] | None:
-        """The last checkpoint of this config, or ``None`` when there is none."""
+        """The last checkpoint of this config, or ``None`` when there is none.
+
+        Read with ``weights_only=True``: a file holding anything but plain data raises
+        ``UnsafeTorchFileError`` naming it (its code never runs, whatever its config)."""
         if not self.path.is_file():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        if state.get("config") != self.config:
+        state = load_torch_file(self.path, "training checkpoint")
+        if not isinstance(state, dict) or state.get("config") != self.config:
             return None
         return state
 

@@ -11,7 +11,8 @@ from open_clip.model import CLIP
 from torch import nn
 
 from weakclip_core.config.weakclip import WeakClipArchConfig
-from weakclip_core.models.clip import dense_visual_features, joint_width, text_width, visual_width
+from weakclip_core.models.clip import (dense_visual_features, joint_width, text_width, visual_patch_size,
+                                       visual_width)
 from weakclip_core.models.weakclip.co_attention import CoAttention
 from weakclip_core.models.weakclip.decoder import TextGuidedDecoder
 from weakclip_core.models.weakclip.matching import cosine_matching
@@ -37,9 +38,16 @@ class WeakCLIP(nn.Module):
     ``.train()``; only the prompts, adapter, co-attention (with α, β) and
     decoder train. ``arch`` is the architecture alone (``WeakClipConfig.arch()``;
     the paper's is ``paper_weakclip_arch()``).
+
+    Training-only settings (``weakclip.train``): ``prompt_init_std``, the truncated-normal std of the
+    context vectors at construction; ``clip_drop_path_rate``, stochastic depth on the frozen visual
+    encoder's residual branches while this module is in training mode (block i of L drops with
+    rate·i/(L-1), as the reference's backbone, which mmseg keeps in train mode with drop_path_rate 0.1).
+    Neither changes a weight or an eval-mode output.
     """
 
-    def __init__(self, clip_model: CLIP, class_names: list[str], arch: WeakClipArchConfig) -> None:
+    def __init__(self, clip_model: CLIP, class_names: list[str], arch: WeakClipArchConfig,
+                 prompt_init_std: float = 0.02, clip_drop_path_rate: float = 0.0) -> None:
         super().__init__()
         if not isinstance(arch, WeakClipArchConfig):  # a whole WeakClipConfig has the same attribute names
             raise TypeError(f"WeakCLIP takes the architecture alone (WeakClipConfig.arch()), got {type(arch).__name__}")
@@ -57,7 +65,10 @@ class WeakCLIP(nn.Module):
         joint = joint_width(clip_model)
         vision = visual_width(clip_model.visual)
         self.prompt_learner = PromptLearner(class_names, arch.prompt_len, arch.text_context_length,
-                                            text_width(clip_model))
+                                            text_width(clip_model), prompt_init_std)
+        self.clip_drop_path_rate = clip_drop_path_rate
+        if clip_drop_path_rate > 0:
+            self._add_clip_drop_path(clip_drop_path_rate)
         self.pyramid_adapter = PyramidAdapter(vision)
         self.co_attention = (CoAttention(joint, arch.co_attention_width, arch.co_attention_heads,
                                          arch.co_attention_layers, arch.temperature_init, arch.dropout)
@@ -67,6 +78,28 @@ class WeakCLIP(nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def _add_clip_drop_path(self, rate: float) -> None:
+        """Forward hooks on each visual block's two residual-branch outputs (open_clip's ``ls_1``, ``ls_2``)
+        that drop the branch per sample with the block's rate while ``self.training`` (the weights stay as
+        they are; hooks, not modules, so the CLIP's state dict is unchanged)."""
+        blocks = list(self.clip.visual.transformer.resblocks)
+        batch_dim = 0 if getattr(self.clip.visual.transformer, "batch_first", True) else 1
+        rates = torch.linspace(0, rate, len(blocks)).tolist()
+
+        def make_hook(block_rate: float):
+            def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+                if not self.training or block_rate <= 0:
+                    return output
+                keep = 1.0 - block_rate
+                shape = [1] * output.ndim
+                shape[batch_dim] = output.shape[batch_dim]
+                return output * output.new_empty(shape).bernoulli_(keep) / keep
+            return hook
+
+        for block, block_rate in zip(blocks, rates):
+            for branch in (block.ls_1, block.ls_2):
+                branch.register_forward_hook(make_hook(block_rate))
 
     def train(self, mode: bool = True) -> "WeakCLIP":
         super().train(mode)
@@ -96,7 +129,13 @@ class WeakCLIP(nn.Module):
         return self.prompt_learner(self.clip)
 
     def forward(self, images: torch.Tensor) -> WeakClipOutput:
-        """images: (B, 3, H, W) CLIP-normalised, H and W multiples of 32 (so 1/32 exists)."""
+        """images: (B, 3, H, W) CLIP-normalised. A side that is not a multiple of the patch size loses its last
+        H mod patch rows / W mod patch columns, as the reference's strided patch convolution drops them (the
+        caller resizes the logits back to the window, as the reference's ``encode_decode`` does)."""
+        patch = visual_patch_size(self.clip.visual)
+        height, width = images.shape[2:]
+        if height % patch or width % patch:
+            images = images[:, :, :height - height % patch, :width - width % patch]
         with torch.no_grad():
             visual = dense_visual_features(self.clip.visual, images, self.taps)
         batch, joint, grid_h, grid_w = visual.patch_embeddings.shape

@@ -40,7 +40,8 @@ class PromptLearner(nn.Module):
     the class text embeddings t, (K, embed_dim).
     """
 
-    def __init__(self, class_names: list[str], prompt_len: int, text_context_length: int, token_width: int) -> None:
+    def __init__(self, class_names: list[str], prompt_len: int, text_context_length: int, token_width: int,
+                 init_std: float = 0.02) -> None:
         super().__init__()
         name_length = text_context_length - prompt_len
         if name_length < 2:
@@ -53,7 +54,9 @@ class PromptLearner(nn.Module):
         self.register_buffer("end_positions", torch.tensor(end_positions, dtype=torch.long) + prompt_len,
                              persistent=False)
         self.contexts = nn.Parameter(torch.empty(prompt_len, token_width))
-        nn.init.trunc_normal_(self.contexts, std=0.02)
+        # truncated normal at ±2 (absolute, torch's default bounds); the reference calls trunc_normal_ with its
+        # default std 1.0 (weakclip/weakclip.py), so there the cut is at ±2 std
+        nn.init.trunc_normal_(self.contexts, std=init_std)
 
     def token_embeddings(self, clip_model: CLIP) -> torch.Tensor:
         """(K, text_context_length, text_width): [SOT], contexts, name tokens, [EOT], padding."""
@@ -66,5 +69,5 @@ class PromptLearner(nn.Module):
 
     @classmethod
     def for_clip(cls, clip_model: CLIP, class_names: list[str], prompt_len: int,
-                 text_context_length: int) -> "PromptLearner":
-        return cls(class_names, prompt_len, text_context_length, text_width(clip_model))
+                 text_context_length: int, init_std: float = 0.02) -> "PromptLearner":
+        return cls(class_names, prompt_len, text_context_length, text_width(clip_model), init_std)

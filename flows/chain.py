@@ -10,34 +10,77 @@ descendants and the flow fails with a message that names it.
 
 ``dispatch="local"`` runs the stages inside this flow run; ``dispatch="pools"``
 sends each stage to the ``stage`` deployment of its work pool (GPU stages to the
-GPU pool, pinned to one GPU each by the deployment's job variables).
+GPU pool, pinned to one GPU each by the deployment's job variables). With pools,
+this flow is the *coordinator* (flows/machines.py): each stage run carries the
+clone's commit, params and dvc.lock; the worker (its own clone and DVC cache)
+returns the stage's lock entry, which is merged here; at the end the workspace
+is pulled complete and ``dvc status`` must be clean.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import os
+import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture, as_completed
+from prefect.states import Cancelled, Crashed
 
 from flows.dag import StageGraph, StageSpec, read_stage_graph
-from flows.resources import Placement, place_stages
-from flows.stage_run import execute_stage, read_stage_metrics
+from flows.dvc_cli import capture_command, dvc_command, run_command
+from flows.machines import (
+    Refused,
+    RunState,
+    apply_param_overrides,
+    capture_run_state,
+    carried_inputs,
+    chain_lock,
+    git,
+    merge_lock_entry,
+    run_stage_on_worker,
+    worker_clone,
+    write_files,
+)
+from flows.resources import (
+    GPU_POOL,
+    STAGE_FLOW_NAME,
+    Placement,
+    gpu_queue,
+    gpu_stage_deployment,
+    place_stages,
+)
+from flows.stage_run import execute_stage, publish_stage_metrics
 
 Dispatch = Literal["local", "pools"]
+RESULT_ARTIFACT_TYPE = "weakclip-stage-result"
+_LOCK_GUARD = threading.Lock()  # the coordinator's dvc.lock: one merge at a time
+LAST_LINES = 8
 
 
 class StageFailed(RuntimeError):
-    """Raised by the flow when stages failed; names them and the descendants that were not run."""
+    """Raised by the flow when stages failed; names them, their last error lines, and the stages not run."""
 
     def __init__(self, failed: dict[str, str], not_run: list[str]) -> None:
         self.failed = failed
         self.not_run = not_run
-        reasons = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
-        super().__init__(f"DVC stage(s) {sorted(failed)} failed ({reasons}); not run: {sorted(not_run)}")
+        details = "\n".join(f"--- {name}: {last_lines(reason)}" for name, reason in sorted(failed.items()))
+        super().__init__(f"DVC stage(s) {sorted(failed)} failed; not run: {sorted(not_run)}\n{details}")
+
+
+class StageRefused(RuntimeError):
+    """A stage run that retrying cannot fix (no worker polls its pool, the worker refused the run state)."""
+
+
+def last_lines(text: str, count: int = LAST_LINES) -> str:
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    return "\n".join(lines[-count:])
 
 
 @dataclass(frozen=True)
@@ -48,33 +91,153 @@ class ChainReport:
     metrics: dict[str, dict[str, dict[str, float]]]
 
 
+@dataclass(frozen=True)
+class PoolSettings:
+    """How the coordinator waits on a stage's flow run (seconds)."""
+
+    start_timeout_s: float = 300.0  # no worker took the run by then: is any worker polling its queue?
+    worker_lost_after_s: float = 120.0  # a started stage run silent (no log, no heartbeat) that long: its worker died
+    stage_timeout_s: float = 7 * 24 * 3600.0
+    heartbeat_s: float = 10.0
+    worker_repo_dir: str = "."  # "." : each worker's own clone ($WEAKCLIP_PROJECT or its working folder)
+
+
 @task(task_run_name="{stage.name}")
 def run_stage_here(stage: StageSpec, repo_dir: str, remote: str | None) -> dict[str, dict[str, float]]:
     """Run one stage in this flow run's process (its output goes to this task run's logs)."""
     return execute_stage(stage, Path(repo_dir), get_run_logger(), remote=remote)
 
 
+@task(task_run_name="{name}")
+def stage_not_run(name: str, reason: str) -> Any:
+    """A stage that was not run (an upstream stage failed): a task run in state ``NotRun`` in the flow run."""
+    get_run_logger().warning("stage %s not run: %s", name, reason)
+    return Cancelled(name="NotRun", message=f"not run: {reason}")
+
+
+def _utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _seconds_since(moment: _dt.datetime | None) -> float:
+    if moment is None:
+        return float("inf")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    return (_utcnow() - moment).total_seconds()
+
+
+def _last_sign_of_life(client: Any, flow_run: Any) -> _dt.datetime | None:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    moments = [flow_run.state.timestamp] if flow_run.state is not None else []
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])), limit=1, sort=LogSort.TIMESTAMP_DESC)
+    moments += [log.timestamp for log in logs]
+    return max(moments) if moments else None
+
+
+def wait_for_stage_run(stage_name: str, placement: Placement, flow_run_id: Any, settings: PoolSettings) -> Any:
+    """Poll the stage's flow run to its end (bounded); fail clearly if no worker takes it or its worker dies."""
+    from prefect import get_client
+
+    logger = get_run_logger()
+    started = time.monotonic()
+    last_note = started
+    with get_client(sync_client=True) as client:
+        while True:
+            flow_run = client.read_flow_run(flow_run_id)
+            state = flow_run.state
+            if state is not None and state.is_final():
+                return flow_run
+            elapsed = time.monotonic() - started
+            if elapsed > settings.stage_timeout_s:
+                client.set_flow_run_state(flow_run_id, Cancelled(message="stage timeout"), force=True)
+                raise TimeoutError(f"stage {stage_name!r} on pool {placement.pool} ran past {settings.stage_timeout_s:.0f} s")
+            if state is None or state.is_scheduled():
+                if elapsed > settings.start_timeout_s:
+                    queue = client.read_work_queue_by_name(placement.queue, work_pool_name=placement.pool)
+                    if _seconds_since(queue.last_polled) > settings.worker_lost_after_s:
+                        message = (
+                            f"stage {stage_name!r}: no worker picked it up within {settings.start_timeout_s:.0f} s: "
+                            f"no worker is polling pool {placement.pool!r} (queue {placement.queue!r}); start one: "
+                            f"prefect worker start --pool {placement.pool} --work-queue {placement.queue}"
+                        )
+                        client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+                        raise StageRefused(message)
+                    if time.monotonic() - last_note > 60:
+                        last_note = time.monotonic()
+                        logger.info("stage %s waits in queue %s of pool %s (busy)", stage_name, placement.queue, placement.pool)
+            else:
+                silent_s = _seconds_since(_last_sign_of_life(client, flow_run))
+                if silent_s > settings.worker_lost_after_s:
+                    message = (
+                        f"stage {stage_name!r}: its worker on pool {placement.pool!r} (queue {placement.queue!r}) "
+                        f"stopped reporting {silent_s:.0f} s ago (no log, no heartbeat): worker lost"
+                    )
+                    client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+                    raise RuntimeError(message)
+            time.sleep(1.0)
+
+
+def _stage_result(flow_run_id: Any) -> dict[str, Any]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=[RESULT_ARTIFACT_TYPE])
+            )
+        )
+    if not artifacts:
+        raise RuntimeError(f"stage flow run {flow_run_id} completed without its result (artifact {RESULT_ARTIFACT_TYPE})")
+    return artifacts[0].data
+
+
 @task(task_run_name="{stage.name} → {placement.deployment}")
 def run_stage_on_pool(
-    stage: StageSpec, placement: Placement, repo_dir: str, remote: str | None
+    stage: StageSpec,
+    placement: Placement,
+    graph: StageGraph,
+    coordinator_dir: str,
+    base_state: dict[str, Any],
+    remote: str | None,
+    settings: PoolSettings,
 ) -> dict[str, dict[str, float]]:
-    """Start the stage's deployment on its work pool, wait for it, fail if that flow run failed."""
+    """Send the stage, with the coordinator's run state, to its pool; merge the returned lock entry here."""
     from prefect.deployments import run_deployment
 
+    root = Path(coordinator_dir)
+    with _LOCK_GUARD:
+        lock_text = (root / "dvc.lock").read_text() if (root / "dvc.lock").is_file() else None
+    state = RunState(**{**base_state, "lock": lock_text, "files": carried_inputs(stage, graph, root)})
     flow_run = run_deployment(
         name=placement.deployment,
-        parameters={"repo_dir": repo_dir, "stage_name": stage.name, "remote": remote},
+        parameters={
+            "repo_dir": settings.worker_repo_dir,
+            "stage_name": stage.name,
+            "remote": remote,
+            "run_state": state.to_json(),
+            "heartbeat_s": settings.heartbeat_s,
+        },
+        timeout=0,
         poll_interval=1,
     )
-    if flow_run.state is None or not flow_run.state.is_completed():
-        state_name = flow_run.state.name if flow_run.state else "unknown"
-        raise RuntimeError(
-            f"stage {stage.name!r} on {placement.pool} ({placement.deployment}) ended {state_name}: "
-            f"{flow_run.state.message if flow_run.state else ''}"
-        )
-    return read_stage_metrics(stage, Path(repo_dir))
+    flow_run = wait_for_stage_run(stage.name, placement, flow_run.id, settings)
+    if not flow_run.state.is_completed():
+        message = flow_run.state.message or ""
+        # A refusal (dirty clone, unknown commit) or a run cancelled by hand: retrying would not help.
+        kind = StageRefused if "Refused:" in message or flow_run.state.is_cancelled() else RuntimeError
+        raise kind(f"stage {stage.name!r} on {placement.pool} ({placement.deployment}) ended {flow_run.state.name}: {message}")
+    result = _stage_result(flow_run.id)
+    write_files(root, result["files"])
+    merge_lock_entry(root, stage.name, result["entry"], _LOCK_GUARD)
+    return result["metrics"]
 
 
+def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
+    return "StageRefused" not in (state.message or "") and "Refused:" not in (state.message or "")
 def _miou_markdown(metrics_by_stage: dict[str, dict[str, dict[str, float]]]) -> str:
     """A markdown table of every mIoU-like metric (key ending in ``miou``) per stage."""
     lines = ["| stage | metric | value |", "|---|---|---|"]
@@ -90,17 +253,22 @@ def _miou_markdown(metrics_by_stage: dict[str, dict[str, dict[str, float]]]) -> 
 
 def _submit(
     stage: StageSpec,
+    graph: StageGraph,
     repo_dir: str,
     dispatch: Dispatch,
     placements: dict[str, Placement],
+    base_state: dict[str, Any] | None,
     remote: str | None,
     retries: int,
     retry_delay_s: float,
+    settings: PoolSettings,
 ) -> PrefectFuture:
     options = {"retries": retries, "retry_delay_seconds": retry_delay_s, "retry_jitter_factor": 0.5}
     if dispatch == "local":
         return run_stage_here.with_options(**options).submit(stage, repo_dir, remote)
-    return run_stage_on_pool.with_options(**options).submit(stage, placements[stage.name], repo_dir, remote)
+    return run_stage_on_pool.with_options(**options, retry_condition_fn=_retry_unless_refused).submit(
+        stage, placements[stage.name], graph, repo_dir, base_state, remote, settings
+    )
 
 
 def schedule_stages(
@@ -112,12 +280,15 @@ def schedule_stages(
     max_parallel: int,
     retries: int,
     retry_delay_s: float,
+    base_state: dict[str, Any] | None = None,
+    settings: PoolSettings | None = None,
 ) -> ChainReport:
     """Submit each stage once its upstream stages completed, at most ``max_parallel`` at a time.
 
-    A stage whose upstream failed (or was itself not run) is never submitted.
+    A stage whose upstream failed (or was itself not run) is never run: it gets a task run in state ``NotRun``.
     """
     logger = get_run_logger()
+    settings = settings or PoolSettings()
     by_name = graph.by_name()
     placements = place_stages(graph.names(), gpu_count)
     waiting = graph.names()
@@ -125,18 +296,23 @@ def schedule_stages(
     completed: list[str] = []
     failed: dict[str, str] = {}
     not_run: list[str] = []
+    not_run_futures: list[PrefectFuture] = []
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     while waiting or running:
         waiting_before = len(waiting)
         for name in list(waiting):
             upstream = by_name[name].upstream
-            if any(parent in failed or parent in not_run for parent in upstream):
+            blocked = [parent for parent in upstream if parent in failed or parent in not_run]
+            if blocked:
                 waiting.remove(name)
                 not_run.append(name)
-                logger.warning("stage %s not run: an upstream stage failed", name)
+                not_run_futures.append(stage_not_run.submit(name, f"upstream stage(s) {blocked} failed or were not run"))
             elif all(parent in completed for parent in upstream) and len(running) < max_parallel:
                 waiting.remove(name)
-                running[_submit(by_name[name], repo_dir, dispatch, placements, remote, retries, retry_delay_s)] = name
+                future = _submit(
+                    by_name[name], graph, repo_dir, dispatch, placements, base_state, remote, retries, retry_delay_s, settings
+                )
+                running[future] = name
         if not running:
             if waiting and len(waiting) == waiting_before:
                 raise RuntimeError(f"stages {waiting} wait on upstream stages that are not in the graph")
@@ -151,9 +327,65 @@ def schedule_stages(
         else:
             failed[name] = state.message or state.name
             logger.error("stage %s failed: %s", name, failed[name])
+    for future in not_run_futures:
+        future.wait()
     if failed:
         raise StageFailed(failed, not_run)
     return ChainReport(completed=tuple(completed), metrics=metrics)
+
+
+def deployed_gpu_count() -> int:
+    """How many GPUs the user deployed: the ``stage/stage-gpu-<i>`` deployments, i = 0, 1, ... in a row."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[STAGE_FLOW_NAME])))
+    names = {deployment.name for deployment in deployments}
+    count = 0
+    while gpu_stage_deployment(count) in names:
+        count += 1
+    return count
+
+
+def check_gpu_queues(gpu_count: int) -> None:
+    """Each GPU queue must hold at most one stage at a time (concurrency limit 1, set by ``python -m flows.deploy``)."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        for index in range(gpu_count):
+            try:
+                queue = client.read_work_queue_by_name(gpu_queue(index), work_pool_name=GPU_POOL)
+            except Exception as error:  # noqa: BLE001 - ObjectNotFound and friends
+                raise Refused(
+                    f"queue {gpu_queue(index)!r} of pool {GPU_POOL!r} is missing ({type(error).__name__}): "
+                    f"run python -m flows.deploy --gpus {gpu_count}"
+                ) from error
+            if queue.concurrency_limit != 1:
+                raise Refused(
+                    f"queue {gpu_queue(index)!r} of pool {GPU_POOL!r} has concurrency limit {queue.concurrency_limit} "
+                    f"(two stages could share GPU {index}): run python -m flows.deploy --gpus {gpu_count}"
+                )
+
+
+def finish_coordinator(root: Path, graph: StageGraph, remote: str | None, commit: bool, params: list[str], title: str) -> str:
+    """Pull every output of the chain's stages here, require a clean ``dvc status``, optionally commit the lock."""
+    logger = get_run_logger()
+    remote_args = ["--remote", remote] if remote else []
+    run_command(dvc_command("pull", "--force", *remote_args, *graph.names()), root, logger)
+    status = capture_command(dvc_command("status", "--json", *graph.names()), root).strip()
+    if status not in ("{}", ""):
+        raise RuntimeError(f"{root}: dvc status is not clean after the chain: {status[:2000]}")
+    if not commit:
+        return ""
+    paths = ["dvc.lock", *params, *[out for stage in graph.stages for out in stage.uncached if (root / out).exists()]]
+    git(["add", "--", *paths], root)
+    if not git(["status", "--porcelain", "--untracked-files=no"], root).strip():
+        return git(["rev-parse", "HEAD"], root).strip()
+    git(["commit", "--quiet", "-m", title], root)
+    sha = git(["rev-parse", "HEAD"], root).strip()
+    logger.info("committed dvc.lock as %s", sha[:12])
+    return sha
 
 
 @flow(name="chain", log_prints=True)
@@ -161,63 +393,180 @@ def chain(
     repo_dir: str = ".",
     targets: list[str] | None = None,
     dispatch: Dispatch = "local",
-    gpu_count: int = 0,
+    gpu_count: int | None = None,
     remote: str | None = None,
     max_parallel: int = 2,
     retries: int = 2,
     retry_delay_s: float = 2.0,
+    commit: bool = False,
+    start_timeout_s: float = 300.0,
+    worker_lost_after_s: float = 120.0,
+    worker_repo_dir: str = ".",
+    set_params: list[str] | None = None,
 ) -> ChainReport:
     """Run the DVC pipeline at ``repo_dir`` (or only what ``targets`` need) stage by stage.
 
-    ``remote``: a DVC remote name; each stage then pulls its upstream outputs
-    from it and pushes its own (for workers on several machines).
+    ``remote``: a DVC remote name (else DVC's default remote); with ``dispatch="pools"``
+    each stage runs on a worker's own clone against this clone's commit, params and
+    dvc.lock, and its lock entry is merged here. ``set_params``: ``dvc exp run -S``-style
+    ``[file:]key=value`` overrides written into this clone's params files first (they travel). ``gpu_count``: ``None`` = the GPUs
+    deployed (``stage/stage-gpu-<i>``). ``commit``: git-commit the resulting dvc.lock
+    (and params, cache: false outputs) here at the end (pools only).
     """
-    root = Path(repo_dir).resolve()
-    graph = read_stage_graph(root)
-    if targets:
-        graph = graph.select(targets)
-    get_run_logger().info("stages in order: %s", ", ".join(graph.names()))
-    # Pool workers get ``repo_dir`` as given: "." then means each worker's own clone (its working directory).
-    stage_repo_dir = str(root) if dispatch == "local" else repo_dir
-    report = schedule_stages(graph, stage_repo_dir, dispatch, gpu_count, remote, max_parallel, retries, retry_delay_s)
-    create_markdown_artifact(
-        markdown="# mIoU per stage\n\n" + _miou_markdown(report.metrics),
-        key="chain-miou",
-        description=f"mIoU of each stage of {root}",
-    )
+    root = (worker_clone(repo_dir) if repo_dir == "." else Path(repo_dir)).resolve()
+    logger = get_run_logger()
+    with chain_lock(root):
+        if set_params:
+            apply_param_overrides(root, set_params)
+            logger.info("params set here (uncommitted; they travel with every stage run): %s", ", ".join(set_params))
+        graph = read_stage_graph(root)
+        if targets:
+            graph = graph.select(targets)
+        logger.info("stages in order: %s", ", ".join(graph.names()))
+        base_state: dict[str, Any] | None = None
+        settings = PoolSettings(
+            start_timeout_s=start_timeout_s, worker_lost_after_s=worker_lost_after_s, worker_repo_dir=worker_repo_dir
+        )
+        if dispatch == "pools":
+            if gpu_count is None:
+                gpu_count = deployed_gpu_count()
+            check_gpu_queues(gpu_count)
+            run_state = capture_run_state(root, graph)
+            base_state = {k: v for k, v in run_state.to_json().items() if k not in ("lock", "files")}
+            logger.info("coordinator %s at commit %s, %d GPU queue(s)", root, run_state.commit[:12], gpu_count)
+        report = schedule_stages(
+            graph, str(root), dispatch, gpu_count or 0, remote, max_parallel, retries, retry_delay_s, base_state, settings
+        )
+        create_markdown_artifact(
+            markdown="# mIoU per stage\n\n" + _miou_markdown(report.metrics),
+            key="chain-miou",
+            description=f"mIoU of each stage of {root}",
+        )
+        if dispatch == "pools":
+            assert base_state is not None
+            finish_coordinator(
+                root, graph, remote, commit, sorted(base_state["params"]),
+                f"chain: dvc.lock of {', '.join(graph.names())} at {base_state['commit'][:12]}",
+            )
     return report
 
 
+def _heartbeat(logger: Any, stage_name: str, every_s: float, stop: threading.Event) -> None:
+    started = time.monotonic()
+    while not stop.wait(every_s):
+        logger.info("heartbeat: stage %s running for %.0f s", stage_name, time.monotonic() - started)
+
+
 @flow(name="stage", log_prints=True)
-def stage(repo_dir: str, stage_name: str, remote: str | None = None) -> dict[str, dict[str, float]]:
-    """Run one DVC stage (the flow a work pool's worker runs for ``chain(dispatch="pools")``)."""
-    root = Path(repo_dir).resolve()
-    spec = read_stage_graph(root).by_name().get(stage_name)
-    if spec is None:
-        raise KeyError(f"{root / 'dvc.yaml'}: no stage named {stage_name!r}")
-    return execute_stage(spec, root, get_run_logger(), remote=remote)
+def stage(
+    repo_dir: str = ".",
+    stage_name: str = "",
+    remote: str | None = None,
+    run_state: dict[str, Any] | None = None,
+    heartbeat_s: float = 10.0,
+) -> dict[str, dict[str, float]]:
+    """Run one DVC stage (the flow a work pool's worker runs for ``chain(dispatch="pools")``).
+
+    With ``run_state`` (what the chain sends): in this worker's own clone, at the coordinator's commit,
+    params and dvc.lock (flows/machines.py); the result goes back as an artifact. Without: in
+    ``repo_dir`` as it is.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+    from prefect.context import get_run_context
+
+    logger = get_run_logger()
+    root = worker_clone(repo_dir)
+    if run_state is None:
+        spec = read_stage_graph(root).by_name().get(stage_name)
+        if spec is None:
+            raise KeyError(f"{root / 'dvc.yaml'}: no stage named {stage_name!r}")
+        return execute_stage(spec, root, logger, remote=remote)
+    if repo_dir in ("", ".") and not os.environ.get("WEAKCLIP_PROJECT"):
+        raise Refused(
+            f"WEAKCLIP_PROJECT is not set for this worker: set it to the worker's own clone of the DVC project "
+            f"(the worker checks the coordinator's commit out there; not {root})"
+        )
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(logger, stage_name, heartbeat_s, stop), daemon=True)
+    beat.start()
+    try:
+        result = run_stage_on_worker(stage_name, RunState.from_json(run_state), root, remote, logger)
+    finally:
+        stop.set()
+    publish_stage_metrics(StageSpec(stage_name, "", (), (), (), ()), result["metrics"])
+    flow_run_id = get_run_context().flow_run.id
+    with get_client(sync_client=True) as client:
+        client.create_artifact(
+            ArtifactCreate(
+                type=RESULT_ARTIFACT_TYPE,
+                data=result,
+                description=f"dvc.lock entry and cache: false outputs of stage `{stage_name}` (read by the chain)",
+                flow_run_id=flow_run_id,
+            )
+        )
+    return result["metrics"]
 
 
-def main() -> None:
-    """``python -m flows.chain``: run the chain in this process (stages as local tasks)."""
+def _failure_text(state: Any) -> str:
+    message = state.message or state.name
+    match = re.search(r"DVC stage\(s\).*", message, re.S)
+    return match.group(0) if match else message
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.chain``: run the chain here (stages as local tasks, or ``--dispatch pools``), or start
+    the ``chain`` deployment (``--deployment chain/chain``) and wait; a failed run ends with the failed stage
+    and its last lines."""
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(description="Run the DVC pipeline as a Prefect flow, stage by stage.")
     parser.add_argument("--repo-dir", default=".", help="root of the DVC project (default: .)")
     parser.add_argument("--target", action="append", default=None, help="run only what this stage needs (repeatable)")
-    parser.add_argument("--remote", default=None, help="DVC remote: pull upstream outputs before, push outputs after each stage")
+    parser.add_argument("--remote", default=None, help="DVC remote the stages pull from and push to")
+    parser.add_argument("--dispatch", choices=["local", "pools"], default="local", help="local tasks, or the work pools")
+    parser.add_argument("--gpu-count", type=int, default=None, help="GPU queues to use (default: as deployed)")
+    parser.add_argument("--commit", action="store_true", help="git-commit the resulting dvc.lock (pools)")
     parser.add_argument("--max-parallel", type=int, default=2, help="stages running at once (default: 2)")
     parser.add_argument("--retries", type=int, default=2, help="retries of a failed stage (default: 2)")
-    args = parser.parse_args()
-    report = chain(
-        repo_dir=args.repo_dir,
-        targets=args.target,
-        remote=args.remote,
-        max_parallel=args.max_parallel,
-        retries=args.retries,
-    )
-    print(f"completed: {', '.join(report.completed)}")
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="s a stage may wait for a worker (pools)")
+    parser.add_argument("-S", "--set-param", action="append", default=None, metavar="[FILE:]KEY=VALUE",
+                        help="like dvc exp run -S: set a param in this clone first (it travels to the workers)")
+    parser.add_argument("--deployment", default=None, help="start this chain deployment (e.g. chain/chain) and wait")
+    args = parser.parse_args(argv)
+    if args.deployment:
+        from prefect.deployments import run_deployment
+
+        parameters: dict[str, Any] = {"max_parallel": args.max_parallel, "retries": args.retries, "commit": args.commit}
+        for key, value in (("remote", args.remote), ("targets", args.target), ("gpu_count", args.gpu_count),
+                           ("set_params", args.set_param)):
+            if value is not None:
+                parameters[key] = value
+        flow_run = run_deployment(args.deployment, parameters=parameters, poll_interval=2, as_subflow=False)
+        state = flow_run.state
+        print(f"flow run {flow_run.name!r} ({flow_run.id}) ended {state.name if state else 'unknown'}")
+    else:
+        state = chain(
+            repo_dir=args.repo_dir,
+            targets=args.target,
+            dispatch=args.dispatch,
+            gpu_count=args.gpu_count,
+            remote=args.remote,
+            max_parallel=args.max_parallel,
+            retries=args.retries,
+            commit=args.commit,
+            start_timeout_s=args.start_timeout,
+            set_params=args.set_param,
+            return_state=True,
+        )
+    if state is None or not state.is_completed():
+        print(f"chain failed: {_failure_text(state) if state else 'no state'}", file=sys.stderr)
+        return 1
+    if not args.deployment:
+        print(f"completed: {', '.join(state.result().completed)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

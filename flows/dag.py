@@ -28,6 +28,10 @@ class StageSpec:
     outs: tuple[str, ...]
     metrics: tuple[str, ...]
     upstream: tuple[str, ...]
+    # Outputs with ``cache: false`` (metrics, plots, dvclive): DVC never pushes or pulls them.
+    uncached: tuple[str, ...] = ()
+    # The params files the stage reads (``params.yaml`` unless dvc.yaml names others).
+    params_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,10 @@ def read_stage_graph(repo_dir: Path) -> StageGraph:
                     outs=tuple(_repo_relative(out.fs_path, root) for out in stage.outs),
                     metrics=tuple(_repo_relative(out.fs_path, root) for out in stage.outs if out.metric),
                     upstream=tuple(upstream),
+                    uncached=tuple(_repo_relative(out.fs_path, root) for out in stage.outs if not out.use_cache),
+                    params_files=tuple(
+                        sorted({_repo_relative(dep.fs_path, root) for dep in stage.deps if type(dep).__name__ == "ParamsDependency"})
+                    ),
                 )
             )
     return StageGraph(stages=tuple(specs))

@@ -39,13 +39,19 @@ def demo_stages() -> dict[str, dict[str, Any]]:
         },
         "cam_train": {
             "cmd": _one_liner(
-                "import os, pathlib; pathlib.Path('artifacts').mkdir(exist_ok=True); pathlib.Path('env').mkdir(exist_ok=True); "
+                "import json, os, pathlib; pathlib.Path('artifacts').mkdir(exist_ok=True); pathlib.Path('env').mkdir(exist_ok=True); "
                 "pathlib.Path('env/cam_train.txt').write_text(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')); "
                 "values = [int(v) for v in pathlib.Path('data/raw.txt').read_text().split()]; "
-                "pathlib.Path('artifacts/model.txt').write_text(str(sum(values)))"
+                "pathlib.Path('artifacts/model.txt').write_text(str(sum(values))); "
+                "live = pathlib.Path('dvclive/cam_train'); (live / 'plots/metrics').mkdir(parents=True, exist_ok=True); "
+                "(live / 'metrics.json').write_text(json.dumps({'loss': 1 / len(values), 'step': 1})); "
+                "(live / 'plots/metrics/loss.tsv').write_text('step\\tloss\\n0\\t1.0\\n1\\t' + str(1 / len(values)) + '\\n')"
             ),
             "deps": ["data/raw.txt"],
             "outs": ["artifacts/model.txt"],
+            # Like the real cam_train's dvclive logs: cache: false metrics and plots (DVC never pushes them).
+            "metrics": [{"dvclive/cam_train/metrics.json": {"cache": False}}],
+            "plots": [{"dvclive/cam_train/plots/metrics": {"cache": False, "x": "step"}}],
         },
         "eval_a": {
             "cmd": _one_liner(

@@ -8,6 +8,7 @@ by its own process id.
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -57,9 +58,12 @@ class LocalServer:
     process: subprocess.Popen
 
 
-def _healthy(api_url: str) -> bool:
+def _healthy(api_url: str, auth: str | None = None) -> bool:
+    request = urllib.request.Request(f"{api_url}/health")
+    if auth:  # a server started with PREFECT_SERVER_API_AUTH_STRING answers only with it
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2) as response:
             return response.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
@@ -87,7 +91,9 @@ def stop_process(process: subprocess.Popen, grace_s: float = 15.0) -> None:
 
 
 @contextmanager
-def local_prefect_server(home: Path, port: int | None = None, timeout_s: float = 180.0) -> Iterator[LocalServer]:
+def local_prefect_server(
+    home: Path, port: int | None = None, timeout_s: float = 180.0, health_auth: str | None = None
+) -> Iterator[LocalServer]:
     """``prefect server start --host 127.0.0.1 --port <port>`` with ``PREFECT_HOME=home``; waits until healthy.
 
     The server's output goes to ``home/server.log``. Raises with that log's tail if it does not come up.
@@ -108,7 +114,7 @@ def local_prefect_server(home: Path, port: int | None = None, timeout_s: float =
         )
     try:
         deadline = time.monotonic() + timeout_s
-        while not _healthy(api_url):
+        while not _healthy(api_url, health_auth):
             if process.poll() is not None or time.monotonic() > deadline:
                 tail = log_path.read_text()[-3000:]
                 raise RuntimeError(f"Prefect server on {api_url} did not become healthy; {log_path}:\n{tail}")
@@ -133,6 +139,10 @@ def process_worker(
     if work_queue:
         command += ["--work-queue", work_queue]
     log_path = server.home / f"worker-{pool}-{work_queue or 'all'}.log"
+    for number in range(2, 1000):  # several workers on one queue (several machines): one log each
+        if not log_path.exists():
+            break
+        log_path = server.home / f"worker-{pool}-{work_queue or 'all'}-{number}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command,

@@ -22,6 +22,10 @@ CPU_POOL = "weakclip-cpu"
 GPU_POOL = "weakclip-gpu"
 STAGE_FLOW_NAME = "stage"
 CPU_STAGE_DEPLOYMENT = "stage-cpu"
+# Queues: the chain (the coordinator) and the CPU stages poll different queues of the CPU pool, so a
+# coordinator's worker never runs stages in the coordinator's clone; one queue per GPU, limit 1 (flows.deploy).
+COORDINATOR_QUEUE = "coordinator"
+CPU_STAGE_QUEUE = "cpu"
 
 
 def needs_gpu(stage_name: str) -> bool:
@@ -34,6 +38,11 @@ def gpu_stage_deployment(gpu_index: int) -> str:
     return f"stage-gpu-{gpu_index}"
 
 
+def gpu_queue(gpu_index: int) -> str:
+    """The GPU pool's queue of GPU ``gpu_index`` (concurrency limit 1: one stage per GPU at a time)."""
+    return f"gpu-{gpu_index}"
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where one stage runs: ``deployment`` is ``<flow name>/<deployment name>``."""
@@ -41,6 +50,7 @@ class Placement:
     pool: str
     deployment: str
     gpu_index: int | None
+    queue: str = CPU_STAGE_QUEUE
 
 
 def place_stages(stage_names: list[str], gpu_count: int) -> dict[str, Placement]:
@@ -56,7 +66,9 @@ def place_stages(stage_names: list[str], gpu_count: int) -> dict[str, Placement]
         if needs_gpu(name) and gpu_count > 0:
             index = next_gpu % gpu_count
             next_gpu += 1
-            placements[name] = Placement(GPU_POOL, f"{STAGE_FLOW_NAME}/{gpu_stage_deployment(index)}", index)
+            placements[name] = Placement(
+                GPU_POOL, f"{STAGE_FLOW_NAME}/{gpu_stage_deployment(index)}", index, gpu_queue(index)
+            )
         else:
             placements[name] = Placement(CPU_POOL, f"{STAGE_FLOW_NAME}/{CPU_STAGE_DEPLOYMENT}", None)
     return placements

@@ -143,7 +143,9 @@ def test_chain_leaves_the_same_lock_as_dvc_repro(prefect_api: str, tmp_path: Pat
     run(["git", "clone", "--quiet", str(project), str(reference)], tmp_path)
     run([*DVC, "repro"], reference)
     assert lock_hashes(project) == lock_hashes(reference)
-    assert lock_hashes(project)["cam_train"] == {"artifacts/model.txt": lock_hashes(reference)["cam_train"]["artifacts/model.txt"]}
+    assert set(lock_hashes(project)["cam_train"]) == {
+        "artifacts/model.txt", "dvclive/cam_train/metrics.json", "dvclive/cam_train/plots/metrics"
+    }
     # DVC, not the flow, decides staleness: a second run re-runs nothing.
     assert "Running stage" not in run([*DVC, "repro"], project)
 
@@ -180,9 +182,22 @@ def test_failed_stage_is_retried_then_stops_its_descendants(prefect_api: str, tm
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     by_name = {run_.name: run_ for run_ in task_runs}
-    assert "after_broken" not in by_name
+    # The stage not run is in the flow run, in a state of its own (not only a log line).
+    assert by_name["after_broken"].state.name == "NotRun" and by_name["after_broken"].state.is_cancelled()
+    assert "upstream stage(s) ['broken'] failed" in by_name["after_broken"].state.message
     assert by_name["broken"].state.is_failed() and by_name["broken"].run_count == 3
     assert by_name["independent"].state.is_completed()
+
+    # The CLI's end of a failed run names the failed stage and its last error lines.
+    again = write_demo_project(tmp_path / "failing-cli", stages=failing)
+    cli = subprocess.run(
+        [sys.executable, "-m", "flows.chain", "--repo-dir", str(again), "--retries", "0"],
+        env=dict(tool_env(), PREFECT_API_URL=prefect_api), capture_output=True, text=True, timeout=300,
+    )
+    assert cli.returncode == 1
+    last = cli.stderr[cli.stderr.rindex("chain failed:"):]
+    assert last.startswith("chain failed: DVC stage(s) ['broken'] failed; not run: ['after_broken']"), cli.stderr[-3000:]
+    assert "--- broken:" in last and "exited with 3" in last, last
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
 """The chain on a real local Prefect server: work pools, process workers, prefect.yaml, the UI in Chromium.
 
-One server (127.0.0.1, free port, Prefect home in tmp) for the module; the two
-pools are created with the CLI, the deployments come from the repository's
-``prefect.yaml`` (``prefect deploy --all``), and real ``prefect worker``
-processes run them: the CPU pool's worker and one GPU-pool worker on queue
-``gpu-0``. The chain runs with ``dispatch="pools"`` on the tiny demo project.
+One server (127.0.0.1, free port, Prefect home in tmp) for the module; pools,
+queues and deployments come from the project's deploy step (``python -m
+flows.deploy --gpus 1``, from the repository's ``prefect.yaml``), and real
+``prefect worker`` processes run them: the CPU pool's worker and one GPU-pool
+worker on queue ``gpu-0``, each in its own clone of the demo project; the chain
+deployment runs in a third clone (the coordinator). tests/test_multi_machine.py
+checks the many-machine guarantees in depth.
 """
 
 from __future__ import annotations
@@ -37,16 +39,16 @@ CHROMIUM = Path("/usr/bin/chromium")
 DVC = [sys.executable, "-m", "dvc"]
 
 
-def prefect_cli(server: LocalServer, *args: str) -> str:
+def prefect_python(server: LocalServer, *args: str) -> str:
     completed = subprocess.run(
-        [sys.executable, "-m", "prefect", *args],
+        [sys.executable, *args],
         cwd=REPO_ROOT,
         env=prefect_environment(server.home, server.api_url),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
-    assert completed.returncode == 0, f"prefect {' '.join(args)} failed:\n{completed.stdout}\n{completed.stderr}"
+    assert completed.returncode == 0, f"python {' '.join(args)} failed:\n{completed.stdout}\n{completed.stderr}"
     return completed.stdout
 
 
@@ -55,40 +57,57 @@ def lock_hashes(repo: Path) -> dict[str, dict[str, str]]:
     return {stage: {out["path"]: out["md5"] for out in entry.get("outs", [])} for stage, entry in lock["stages"].items()}
 
 
+@dataclass(frozen=True)
+class PoolRun:
+    flow_run_id: str
+    flow_run_name: str
+    project: Path  # the coordinator's clone
+    gpu_clone: Path  # the GPU worker's clone
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+def clones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo project (DVC remote: a folder) and three clones: the coordinator's and one per worker."""
+    root = tmp_path_factory.mktemp("pools")
+    origin = write_demo_project(root / "origin", remote_dir=root / "dvc-remote")
+    found = {}
+    for name in ("coordinator", "cpu_worker", "gpu_worker"):
+        subprocess.run(["git", "clone", "--quiet", str(origin), str(root / name)], check=True, capture_output=True)
+        found[name] = root / name
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, clones: dict[str, Path]) -> Iterator[LocalServer]:
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
     home = tmp_path_factory.mktemp("prefect_server_home")
     with local_prefect_server(home) as running:
-        prefect_cli(running, "work-pool", "create", CPU_POOL, "--type", "process")
-        prefect_cli(running, "work-pool", "create", GPU_POOL, "--type", "process")
-        prefect_cli(running, "--no-prompt", "deploy", "--all")  # the repository's prefect.yaml
-        worker_env = {"WEAKCLIP_REPO": str(REPO_ROOT)}
+        # The project's deploy step: pools, queues (gpu-0 with concurrency limit 1), prefect.yaml's deployments.
+        prefect_python(running, "-m", "flows.deploy", "--gpus", "1")
+
+        def env(clone: Path) -> dict[str, str]:
+            return {"WEAKCLIP_REPO": str(REPO_ROOT), "WEAKCLIP_PROJECT": str(clone)}
+
         with (
-            process_worker(running, CPU_POOL, extra_env=worker_env),
-            process_worker(running, GPU_POOL, work_queue="gpu-0", extra_env=worker_env),
+            # No --work-queue: this worker runs the chain (queue coordinator, in the coordinator's clone given
+            # as repo_dir) and the CPU stages (queue cpu, in its own clone).
+            process_worker(running, CPU_POOL, extra_env=env(clones["cpu_worker"])),
+            process_worker(running, GPU_POOL, work_queue="gpu-0", extra_env=env(clones["gpu_worker"])),
             temporary_settings({PREFECT_API_URL: running.api_url, PREFECT_SERVER_ANALYTICS_ENABLED: False}),
         ):
             yield running
             drain_prefect_clients()
 
 
-@dataclass(frozen=True)
-class PoolRun:
-    flow_run_id: str
-    flow_run_name: str
-    project: Path
-
-
 @pytest.fixture(scope="module")
-def pool_run(server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> PoolRun:
+def pool_run(server: LocalServer, clones: dict[str, Path]) -> PoolRun:
     from prefect.deployments import run_deployment
 
-    project = write_demo_project(tmp_path_factory.mktemp("pools") / "demo")
+    project = clones["coordinator"]
     flow_run = run_deployment(
         "chain/chain",
-        parameters={"repo_dir": str(project), "dispatch": "pools", "gpu_count": 1},
+        parameters={"repo_dir": str(project), "dispatch": "pools", "gpu_count": 1, "start_timeout_s": 120},
         timeout=400,
         poll_interval=1,
         as_subflow=False,
@@ -96,7 +115,7 @@ def pool_run(server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> P
     assert flow_run.state is not None and flow_run.state.is_completed(), (
         f"chain ended {flow_run.state}; worker logs in {server.home}"
     )
-    return PoolRun(flow_run_id=str(flow_run.id), flow_run_name=flow_run.name, project=project)
+    return PoolRun(flow_run_id=str(flow_run.id), flow_run_name=flow_run.name, project=project, gpu_clone=clones["gpu_worker"])
 
 
 @pytest.mark.slow
@@ -108,7 +127,8 @@ def test_pool_run_leaves_the_same_lock_as_dvc_repro(pool_run: PoolRun, tmp_path:
     assert lock_hashes(pool_run.project) == lock_hashes(reference)
     assert set(lock_hashes(pool_run.project)) == set(demo_stages())
     # cam_train is a GPU stage: it ran on the GPU pool's queue gpu-0, pinned by the deployment's job variables.
-    assert (pool_run.project / "env" / "cam_train.txt").read_text() == "0"
+    assert (pool_run.gpu_clone / "env" / "cam_train.txt").read_text() == "0"
+    assert not (pool_run.project / "env").exists()  # the coordinator's clone ran no stage
 
 
 @pytest.mark.slow

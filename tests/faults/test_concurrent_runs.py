@@ -159,13 +159,6 @@ def refused_line(stage: str, holder: str, lock: str) -> str:
             f"stop it (the lock is {lock}; it is released when that process ends)")
 
 
-@pytest.fixture(scope="module")
-def model_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_planted_code import build_model_project  # noqa: PLC0415 (a test module: import when used)
-
-    return build_model_project(tmp_path_factory.mktemp("concurrent"))
-
-
 @pytest.fixture
 def project(model_project: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "project"
@@ -188,7 +181,7 @@ def test_second_cam_train_is_refused_and_the_first_finishes_undisturbed(project:
     assert second.returncode == 1, second.stderr
     assert "Traceback" not in second.stderr
     assert error_lines(second.stderr) == [refused_line(
-        "cam_train", f"cam_train", "checkpoints/.locks/cam_train.lock").replace(
+        "cam_train", "cam_train", "checkpoints/.locks/cam_train.lock").replace(
         "in this workspace;", f"in this workspace (pid {first.pid});")]
     assert first.resume_and_wait() == 0, first.stderr
     assert files_under(project, *outputs) == files_under(model_project, *outputs)  # rows once each, same model

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from test_bad_inputs import snapshot
-from test_concurrent_runs import PausedRun, error_lines, model_project, project, run_stage_process  # noqa: F401
+from test_concurrent_runs import PausedRun, error_lines, project, run_stage_process  # noqa: F401
 from tiny_chain import is_temporary
 
 

@@ -78,14 +78,10 @@ def build_model_project(folder: Path) -> Path:
     return project
 
 
-@pytest.fixture(scope="module")
-def finished_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_model_project(tmp_path_factory.mktemp("planted"))
-
-
 @pytest.fixture
-def project(finished_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    return private_copy(finished_project, tmp_path, monkeypatch)
+def project(model_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the session's ``model_project`` (tests/faults/conftest.py), made the working folder."""
+    return private_copy(model_project, tmp_path, monkeypatch)
 
 
 def refused_in_one_line(project: Path, stage_main, stage: str, planted: Path, capsys: pytest.CaptureFixture,
@@ -151,9 +147,9 @@ def test_poisoned_clip_weights_are_one_line_in_weakclip_train(project: Path, cap
     refused_in_one_line(project, weakclip_train.main, "weakclip_train", planted, capsys)
 
 
-def test_unplanted_final_model_files_load_with_weights_only(finished_project: Path) -> None:
+def test_unplanted_final_model_files_load_with_weights_only(model_project: Path) -> None:
     """The files the stages write are plain data: the safe loader reads them as they are."""
     for relative in ("artifacts/mctformer/model.pt", "artifacts/weakclip/model.pt", "artifacts/seg/gt/model.pt",
                      "artifacts/clip/weights.pt"):
-        saved = torch.load(finished_project / relative, map_location="cpu", weights_only=True)
+        saved = torch.load(model_project / relative, map_location="cpu", weights_only=True)
         assert isinstance(saved, dict) and saved

@@ -35,8 +35,6 @@ A stage module keeps its own work (``train_cam_model``, ``run_shard`` ...) and e
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import multiprocessing
 import os
 import shutil
@@ -60,6 +58,8 @@ from weakclip_core.config.params import RuntimeConfig
 from weakclip_core.config.schema import ConfigError
 from weakclip_core.errors import InputError
 
+from pipeline._locks import stage_lock
+
 TIMINGS_DIR = Path("timings")
 
 
@@ -78,16 +78,6 @@ def require_input(path: str | Path, made_by_stage: str) -> Path:
 
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (InputError, FileNotFoundError, OSError)
-
-LOCK_DIR = Path("checkpoints") / ".locks"
-"""Where the stages' work locks live: under the workspace's git-ignored ``checkpoints/`` (the working
-directory is the workspace, as under ``dvc repro``). The files stay (holding the last exclusive holder's
-pid); only a held ``flock`` means anything."""
-
-
-class StageBusyError(InputError):
-    """Another run of the same stage holds its work lock in this workspace."""
-
 
 # --------------------------------------------------------------------------- interrupts
 
@@ -272,7 +262,8 @@ class StageSpec:
     ``run(params, args, context)`` does the work and returns the one summary line to print (or ``None``).
     ``context`` is the DDP context for stages with ``global_batches`` (the training stages: they may run
     under torchrun), ``None`` for the others. ``global_batches(params)`` gives ``{params key: global batch}``
-    to check against ``runtime.nproc``; ``label(args)`` names the run in ``timings/`` (``seg_train@gt``).
+    to check against ``runtime.nproc``; ``label(args)`` names the run in ``timings/`` and its work lock
+    (``seg_train@gt``); ``locks(args)`` replaces that one exclusive lock (``pipeline/_locks.py``: shards).
     """
 
     name: str
@@ -282,6 +273,7 @@ class StageSpec:
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     global_batches: Callable[[Params], Mapping[str, int]] | None = None
     label: Callable[[argparse.Namespace], str] | None = None
+    locks: Callable[[argparse.Namespace], list[tuple[str, bool]]] | None = None
 
 
 def parse_stage_arguments(spec: StageSpec, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -299,75 +291,6 @@ def record_wall_time(label: str, seconds: float, timings_dir: Path = TIMINGS_DIR
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
-def stage_locks(spec: StageSpec, args: argparse.Namespace) -> list[tuple[str, bool]]:
-    """The work locks a run takes, as ``(name, exclusive)``: the stage's label (``seg_train@gt``) exclusive;
-    a run of one shard of several (``--shard i/n``, n > 1, not ``--merge``) takes the label shared and
-    ``<label>.shard-i-of-n`` exclusive."""
-    label = spec.label(args) if spec.label else spec.name
-    shard = getattr(args, "shard", None)
-    count, index = getattr(shard, "count", 1), getattr(shard, "index", 0)
-    if count > 1 and not getattr(args, "merge", False):
-        return [(label, False), (f"{label}.shard-{index}-of-{count}", True)]
-    return [(label, True)]
-
-
-def _lock_holder(path: Path) -> str:
-    """``pid N`` from a lock file (its last exclusive holder wrote it), or ``''``."""
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return ""
-    return f"pid {text}" if text.isdigit() else ""
-
-
-def _busy_shards(lock_dir: Path, label: str) -> list[str]:
-    """The shard locks of ``label`` that some process holds (probed without waiting), as ``shard i/n (pid N)``."""
-    busy = []
-    for path in sorted(lock_dir.glob(f"{label}.shard-*.lock")):
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            shard = path.name[len(label) + len(".shard-"):-len(".lock")].replace("-of-", "/")
-            holder = _lock_holder(path)
-            busy.append(f"shard {shard}" + (f" ({holder})" if holder else ""))
-        finally:
-            os.close(descriptor)
-    return busy
-
-
-@contextmanager
-def stage_lock(locks: Sequence[tuple[str, bool]], lock_dir: Path = LOCK_DIR) -> Iterator[None]:
-    """Hold ``locks`` (see :func:`stage_locks`) without waiting; a lock another process holds raises
-    :class:`StageBusyError` naming the run that holds it. Released when the block ends or the process dies."""
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    descriptors: list[int] = []
-    try:
-        for name, exclusive in locks:
-            path = lock_dir / f"{name}.lock"
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children
-            descriptors.append(descriptor)
-            try:
-                fcntl.flock(descriptor, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-            except OSError as error:
-                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                base, _, shard = name.partition(".shard-")
-                shards = [] if shard else _busy_shards(lock_dir, base)
-                holder = ", ".join(shards) if shards else _lock_holder(path)
-                what = f"another run of {base}" + (f" --shard {shard.replace('-of-', '/')}" if shard else "")
-                raise StageBusyError(
-                    f"{what} is in progress in this workspace{f' ({holder})' if holder else ''}; wait for it to "
-                    f"finish or stop it (the lock is {path}; it is released when that process ends)") from None
-            if exclusive:
-                os.ftruncate(descriptor, 0)
-                os.pwrite(descriptor, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        for descriptor in reversed(descriptors):
-            os.close(descriptor)
-
-
 def run_stage(spec: StageSpec, argv: Sequence[str] | None = None) -> int | None:
     """Parse, lock, load params, (re)launch, run, print the summary on rank 0, record the wall time.
 
@@ -376,7 +299,8 @@ def run_stage(spec: StageSpec, argv: Sequence[str] | None = None) -> int | None:
     args = parse_stage_arguments(spec, argv)
     if "LOCAL_RANK" in os.environ:
         return _run_stage_unlocked(spec, args, argv)
-    with stage_lock(stage_locks(spec, args)):
+    label = spec.label(args) if spec.label else spec.name
+    with stage_lock(spec.locks(args) if spec.locks else [(label, True)]):
         return _run_stage_unlocked(spec, args, argv)
 
 
@@ -419,6 +343,25 @@ def trim_live_history(live_dir: str | Path, first_dropped_step: int) -> None:
         kept = [row for row in rows if row.strip() and int(float(row.split("\t", 1)[0])) < first_dropped_step]
         if len(kept) != len(rows):
             write_text(table, header + "".join(kept))
+
+
+def record_not_trained(model_path: Path, live_dir: Path, reason: str) -> Path:
+    """A training stage with nothing to train (``seg_train@gt`` without GT, ``cam_train`` when the CAMs are
+    imported): no model, but ``<model folder>/not_trained.json`` and a dvclive ``metrics.json`` saying why
+    (``{"trained": false, "not_trained": reason}``) and an empty plots folder, so every output dvc.yaml
+    declares exists and nothing pretends to be a model. Removes a model an earlier run left there."""
+    from weakclip_core.artifacts.model_file import NOT_TRAINED_FILE  # here: model_file imports torch
+
+    model_path.unlink(missing_ok=True)
+    record = {"trained": False, "not_trained": reason}
+    not_trained = model_path.parent / NOT_TRAINED_FILE
+    write_json(not_trained, record)
+    write_json(live_dir / "metrics.json", record)
+    plots = live_dir / "plots" / "metrics"
+    if plots.is_dir():
+        shutil.rmtree(plots)
+    plots.mkdir(parents=True)
+    return not_trained
 
 
 class LiveLog:

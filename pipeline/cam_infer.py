@@ -5,7 +5,10 @@ the ``cam.infer.variant`` CAMs of every train image to ``artifacts/cams/train.h5
 and, in the same pass, scores all four variants against the ground truth for
 every background threshold (docs/METHOD.md §1) on ``dataset.score_split`` (default: the
 train split; VOC's ``train`` inside ``train_aug``). The best threshold is chosen with
-the GT, and the metrics file says so.
+the GT, and the metrics file says so. With no GT mask on that split (label-only data) the CAMs are still
+written and ``metrics/cam.json`` holds ``miou: null`` and ``not_scored: "not scored: no GT"``.
+``cam.source: npy_folder`` imports MCTformer's CAM dumps instead of running a model (same store, same curve);
+``none`` writes an empty store (seeds from ``weakclip.seeds.mask_folder``).
 """
 
 from __future__ import annotations
@@ -25,15 +28,19 @@ from weakclip_core.artifacts.atomic import remove_stale_temporaries, write_json,
 from weakclip_core.method.cam import CAM_VARIANTS, ThresholdSweep, multiscale_cams, threshold_values
 from weakclip_core.artifacts.cam_store import CamStoreWriter
 from weakclip_core.config import Params, to_plain
-from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.data.imports import read_mctformer_cam
+from weakclip_core.data.layout import PreparedDataset, read_image_size
 from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT
 from weakclip_core.runtime.device import resolve_device, set_threads
 from weakclip_core.method.inference import normalise_images
 from weakclip_core.models.mctformer import load_trained_mctformer
+from weakclip_core.models.reference_checkpoints import ReferenceCheckpointError, load_reference_mctformer
 
 from pipeline._stage import StageSpec, require_input, run_stage, run_stage_cli
 
 STAGE = "cam_infer"
+IMPORTED_VARIANT = "imported"  # metrics/cam.json's variant when the CAMs come from cam.npy_folder
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,48 @@ def curve_csv(thresholds: np.ndarray, selected: str, curves: dict[str, list[floa
     return stream.getvalue()
 
 
+def import_cams(params: Params, paths: CamInferPaths, dataset: PreparedDataset, show_progress: bool) -> dict[str, Any]:
+    """``cam.source: npy_folder``: MCTformer's CAM dumps into the CAM store, scored over the same threshold curve
+    (column ``imported``); ``none``: an empty, complete store that says so. Every dump is checked (keys = the
+    image's labels, maps at the image's size) before the store is renamed into place."""
+    infer, source = params.cam.infer, params.cam.source
+    split, score_split = params.dataset.train_split, params.dataset.scored_split
+    image_ids = dataset.split(split) if source == "npy_folder" else []
+    scored_ids = set(dataset.scored_ids(split, score_split))
+    thresholds = threshold_values(infer.threshold_start, infer.threshold_stop, infer.threshold_step)
+    sweep = ThresholdSweep(dataset.n_classes, thresholds)
+    folder = Path(params.cam.npy_folder)
+    record = {"source": source, "split": split, **({"npy_folder": str(folder)} if source == "npy_folder" else {})}
+    n_scored = 0
+    with CamStoreWriter(paths.store, dataset.name, dataset.class_names, record) as writer:
+        for image_id in tqdm(image_ids, desc=f"{STAGE} import", unit="img", disable=not show_progress):
+            classes = dataset.image_labels(image_id)
+            image_shape = read_image_size(dataset.image_path(image_id))
+            cams = read_mctformer_cam(folder / f"{image_id}.npy", classes, image_shape)
+            writer.add(image_id, classes, cams)
+            if image_id in scored_ids and dataset.has_mask(image_id):
+                sweep.add(dataset.checked_mask(image_id, image_shape), cams, classes)
+                n_scored += 1
+    common = {"split": score_split, "predicted_split": split, "variant": IMPORTED_VARIANT, "source": source,
+              "n_images": n_scored, "variants": None}
+    if n_scored == 0:
+        reason = NOT_SCORED_NO_GT if source == "npy_folder" else "not scored: no CAMs (cam.source: none)"
+        metrics = {"miou": None, "not_scored": reason, "best_threshold": None, "per_class": None,
+                   "threshold_chosen_with_gt": False, **common}
+        write_json(paths.metrics, metrics)
+        write_text(paths.curve, "threshold,miou\n")
+        return metrics
+    best_threshold, report = sweep.best()
+    metrics = {"miou": report.miou, "best_threshold": best_threshold,
+               "per_class": dict(zip(dataset.class_names, report.per_class)), "threshold_chosen_with_gt": True,
+               **common}
+    write_json(paths.metrics, metrics)
+    curve = sweep.curve()
+    write_text(paths.curve, "threshold,miou\n" + "".join(f"{threshold:.4f},{curve[index]:.6f}\n"
+                                                         for index, threshold in enumerate(thresholds)))
+    return metrics
+
+
 def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_progress: bool = True) -> dict[str, Any]:
     """Write the CAM store, the metrics and the threshold curve; returns the metrics dict."""
     infer = params.cam.infer
@@ -78,7 +127,18 @@ def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_prog
     for output in (paths.store, paths.metrics, paths.curve):  # a killed earlier run's temporaries
         remove_stale_temporaries(output.parent, output.name)
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
-    model, saved = load_trained_mctformer(require_input(paths.model, "cam_train"), device)
+    if params.cam.source in ("npy_folder", "none"):
+        return import_cams(params, paths, dataset, show_progress)
+    if params.cam.source == "checkpoint":  # a released MCTformer-V2 checkpoint (the reference's key layout)
+        model = load_reference_mctformer(params.cam.checkpoint, heads=params.cam.arch.heads).to(device)
+        if model.n_classes != dataset.n_classes - 1:
+            raise ReferenceCheckpointError(f"{params.cam.checkpoint}: an MCTformer-V2 of {model.n_classes} classes, "
+                                           f"the dataset {dataset.root} has {dataset.n_classes - 1}")
+        saved = {"config": {"arch": {"checkpoint": params.cam.checkpoint, "image_size": model.train_grid
+                                     * model.patch_size, "patch_size": model.patch_size, "depth": len(model.blocks)}},
+                 "class_names": dataset.class_names, "steps": None}
+    else:
+        model, saved = load_trained_mctformer(require_input(paths.model, "cam_train"), device)
     if saved.get("class_names", dataset.class_names) != dataset.class_names:
         raise ValueError(f"{paths.model}: trained for classes {saved['class_names']}, the dataset "
                          f"{dataset.root} has {dataset.class_names} (re-run cam_train)")
@@ -110,8 +170,14 @@ def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_prog
                     n_scored += 1
             progress.update(len(batch))
         progress.close()
-    if n_scored == 0:
-        raise ValueError(f"{dataset.root}: no ground-truth masks for split {score_split!r}; cannot score the CAMs")
+    if n_scored == 0:  # label-only data: the CAMs are written, the figures say why there are none
+        metrics = {"miou": None, "not_scored": NOT_SCORED_NO_GT, "best_threshold": None, "per_class": None,
+                   "split": score_split, "predicted_split": split, "variant": infer.variant,
+                   "threshold_chosen_with_gt": False, "n_images": 0, "scales": list(infer.scales),
+                   "flip": infer.flip, "variants": None}
+        write_json(paths.metrics, metrics)
+        write_text(paths.curve, curve_csv(np.zeros(0), infer.variant, {}))
+        return metrics
 
     curves = {variant: sweeps[variant].curve() for variant in CAM_VARIANTS}
     best = {variant: sweeps[variant].best() for variant in CAM_VARIANTS}
@@ -137,6 +203,11 @@ def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_prog
 
 def summary_line(params: Params, args: argparse.Namespace, context: None) -> str:
     metrics = infer_cams(params)
+    if metrics["miou"] is None:
+        return f"{STAGE}: CAMs of split {metrics['predicted_split']} written; {metrics['not_scored']}"
+    if metrics["variants"] is None:
+        return (f"{STAGE}: imported CAMs, {metrics['split']} mIoU {metrics['miou']:.3f} "
+                f"@ t={metrics['best_threshold']:.2f} over {metrics['n_images']} images")
     summary = ", ".join(f"{variant} {values['miou']:.3f} @ {values['best_threshold']:.2f}"
                         for variant, values in metrics["variants"].items())
     return (f"{STAGE}: {metrics['split']} mIoU ({metrics['variant']}) {metrics['miou']:.3f} "

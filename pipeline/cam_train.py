@@ -8,12 +8,14 @@ from the last checkpoint and, because data order and augmentation are pure
 functions of (seed, epoch, index), reaches bit-identical weights on CPU.
 
 Writes ``artifacts/mctformer/model.pt`` and dvclive logs (loss, lr, val mAP
-per epoch) under ``dvclive/cam_train/``; clears its checkpoints when done.
+per epoch) under ``dvclive/cam_train/``; clears its checkpoints when done. With ``cam.source`` other than
+``train`` (imported CAMs) it trains nothing and writes ``artifacts/mctformer/not_trained.json`` saying why.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +36,13 @@ from weakclip_core.runtime.distributed import (DistributedContext, ShardedBatchS
                                                single_process_context, wrap_model)
 from weakclip_core.evaluation.metrics import mean_average_precision
 from weakclip_core.models.mctformer import MCTformerV2, build_mctformer
-from weakclip_core.artifacts.model_file import save_final_model
+from weakclip_core.artifacts.model_file import NOT_TRAINED_FILE, save_final_model
 from weakclip_core.config.schema import ConfigError
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
 from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
 from weakclip_core.training.schedules import warmup_cosine_lr
 
-from pipeline._stage import LiveLog, StageSpec, params_key, run_stage, run_stage_cli
+from pipeline._stage import LiveLog, StageSpec, params_key, record_not_trained, run_stage, run_stage_cli
 
 STAGE = "cam_train"
 
@@ -97,6 +99,12 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
     (``cam.train.batch_size``), and only rank 0 evaluates and writes.
     """
     arch, train = params.cam.arch, params.cam.train
+    if params.cam.source != "train":  # the CAMs are imported (or not used): nothing to train, say so
+        reason = (f"not trained: cam.source is {params.cam.source!r}"
+                  + {"npy_folder": " (cam_infer imports the CAMs from cam.npy_folder)",
+                     "checkpoint": " (cam_infer runs the released checkpoint cam.checkpoint)"}.get(params.cam.source, ""))
+        record_not_trained(paths.model, paths.live_dir, reason)
+        return CamTrainResult(paths.model.parent / NOT_TRAINED_FILE, 0, math.nan, math.nan)
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
     seed = params.runtime.seed
     set_threads(params.runtime.threads)
@@ -188,6 +196,8 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
 def run(params: Params, args: argparse.Namespace, context: DistributedContext) -> str | None:
     result = train_cam_model(params, context=context)
     assert result is not None
+    if result.steps == 0:
+        return f"{STAGE}: not trained (cam.source: {params.cam.source}) -> {result.model_path}"
     return (f"{STAGE}: {result.steps} steps, val mAP class-token {result.val_map_class_token:.3f}, "
             f"PatchCAM {result.val_map_patch_cam:.3f} -> {result.model_path}")
 

@@ -28,6 +28,7 @@ from weakclip_core.models.clip import (INFO_FILE, MODEL_CONFIG_FILE, WEIGHTS_FIL
 from weakclip_core.training.clip_pretrain import (PROMPT_TEMPLATE, CaptionPairs, pretrain_clip, resize_for_clip,
                                          zero_shot_report, zero_shot_scores)
 from weakclip_core.config import Params, to_plain
+from weakclip_core.config.schema import given_path
 from weakclip_core.data.layout import CAPTIONS_FILE, PreparedDataset
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
 from weakclip_core.runtime.distributed import (DistributedContext, broadcast_from_main, run_on_main,
@@ -78,7 +79,7 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
     device = context.device
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
     check_output_dir(artifact_dir, ARTIFACT_CONTENTS, reads={"dataset.prepared_dir": params.dataset.prepared_dir,
-                                                             "clip.weights": cfg.weights or None})
+                                                             "clip.weights": given_path(cfg.weights)})
     seed_everything(params.runtime.seed)
     model = build_clip(cfg)
     info: dict = {"source": cfg.source}

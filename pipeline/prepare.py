@@ -1,8 +1,10 @@
 """Stage ``prepare``: materialise the dataset in VOC layout (dvc.yaml: outs ``${dataset.prepared_dir}``,
 ``reports/dataset_preview.png``).
 
-``dataset.name`` picks the source: the built-in synthetic generator, a VOC 2012 tree or a
-COCO 2014 tree (``dataset.source``). The prepared folder is built in a temporary folder
+``dataset.name`` picks the source: the built-in synthetic generator, a VOC 2012 tree (labels from its masks
+or from MCTformer's ``cls_labels.npy``), a COCO 2014 tree, or your own label-only folder (``custom``; README
+"Your own data") (``dataset.source``). The prepared ``SegmentationClass/`` always exists, empty when no
+image has a GT mask. The prepared folder is built in a temporary folder
 beside it, checked (splits, labels, the preview drawn from it) and only then swapped in whole, so a
 failure (a ``DatasetError`` naming the bad file) leaves any earlier prepared folder untouched.
 Symlinked source images are followed: the prepared folder holds their targets' bytes, never a link.
@@ -18,11 +20,13 @@ from pathlib import Path
 
 from weakclip_core.artifacts.atomic import FolderContents, atomic_dir, write_text
 from weakclip_core.config import Params
+from weakclip_core.config.schema import given_path
 from weakclip_core.data.coco import prepare_coco
+from weakclip_core.data.labels_only import prepare_custom, read_cls_labels_npy
 from weakclip_core.data.layout import CAPTIONS_FILE, DatasetError, PreparedDataset, write_labels, write_split
 from weakclip_core.data.preview import write_dataset_preview
 from weakclip_core.data.synthetic import class_names, generate_synthetic
-from weakclip_core.data.voc import prepare_voc
+from weakclip_core.data.voc import VOC_CLASS_NAMES, prepare_voc
 
 from pipeline._stage import StageSpec, run_stage, run_stage_cli
 
@@ -72,16 +76,23 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
     prepared_dir = Path(dataset.prepared_dir)
     splits = list(dict.fromkeys([dataset.train_split, dataset.val_split, dataset.scored_split]))
     with atomic_dir(prepared_dir, PREPARED_CONTENTS, key="dataset.prepared_dir",  # checked before any work
-                    reads={"dataset.source": dataset.source or None} if dataset.name != "synthetic" else None
+                    reads={"dataset.source": given_path(dataset.source)} if dataset.name != "synthetic" else None
                     ) as staging_dir:
         if dataset.name == "synthetic":
             _build_synthetic(params, staging_dir, progress)
         elif dataset.name == "voc":
+            labels_file = given_path(dataset.voc_cls_labels)
+            cls_labels = read_cls_labels_npy(labels_file, len(VOC_CLASS_NAMES) - 1) if labels_file else None
             prepare_voc(dataset.source, staging_dir, splits, dataset.voc_mask_dir,
-                        drop_unlabelled_from=(dataset.train_split, dataset.scored_split), progress=progress)
+                        drop_unlabelled_from=(dataset.train_split, dataset.scored_split), progress=progress,
+                        image_labels=cls_labels, image_labels_file=labels_file)
+        elif dataset.name == "custom":
+            prepare_custom(dataset.source, staging_dir, splits,
+                           drop_unlabelled_from=(dataset.train_split, dataset.scored_split), progress=progress)
         else:
             prepare_coco(dataset.source, staging_dir, splits, drop_unlabelled_from=(dataset.train_split,),
-                         progress=progress)
+                         progress=progress, masks_dir=given_path(dataset.coco_masks),
+                         mask_encoding=dataset.coco_mask_encoding)
         prepared = PreparedDataset.open(staging_dir)
         split_counts = {split: len(prepared.split(split)) for split in splits}
         prepared.scored_ids(dataset.train_split, dataset.scored_split)  # the score split lies inside train

@@ -57,19 +57,21 @@ from tqdm import tqdm
 from weakclip_core.artifacts.atomic import (FolderContents, atomic_dir, check_output_dir, remove_stale_temporaries,
                                            sha256_of_file, write_json)
 from weakclip_core.config import Params, to_plain
+from weakclip_core.config.schema import given_path
 from weakclip_core.config.weakclip import CrfConfig
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset, read_mask, write_mask
 from weakclip_core.data.segmentation import ground_truth_dirs, refuse_ground_truth_dir
 from weakclip_core.runtime.device import resolve_device, set_threads
 from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_image_batch
 from weakclip_core.method.refine import refine_probabilities
-from weakclip_core.evaluation.metrics import ConfusionAccumulator, confusion_matrix, iou_report
+from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, iou_report
 from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_overlay
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, config_hash
 from weakclip_core.artifacts.weakclip import load_weakclip_model
 from weakclip_core.models.clip import WEIGHTS_FILE
 from weakclip_core.runtime.processes import die_with_parent
 
+from pipeline._locks import shard_locks
 from pipeline._stage import StageSpec, require_input, run_stage, run_stage_cli
 
 STAGE = "pseudo_masks"
@@ -204,7 +206,7 @@ def remove_killed_writers_temporaries(params: Params, paths: PseudoPaths, work_d
 def check_output_folders(params: Params, paths: PseudoPaths) -> None:
     """Before any work: ``OutputFolderError`` for an output folder whose replacement would delete something the
     stage does not write (an input, the project, a foreign file; ``weakclip_core.artifacts.atomic``)."""
-    reads = {"dataset.prepared_dir": params.dataset.prepared_dir, "dataset.source": params.dataset.source or None,
+    reads = {"dataset.prepared_dir": params.dataset.prepared_dir, "dataset.source": given_path(params.dataset.source),
              "the WeakCLIP model": paths.model, "the CLIP artifact": paths.clip_dir,
              "weakclip_train's metrics": paths.weakclip_metrics, "the work folder": paths.work_root}
     check_output_dir(params.pseudo.output_dir, MASK_FOLDER_CONTENTS, key="pseudo.output_dir", reads=reads)
@@ -271,7 +273,7 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
     """
     pseudo = params.pseudo
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
-    refuse_ground_truth_dir(pseudo.output_dir, ground_truth_dirs(dataset.root, params.dataset.source or None),
+    refuse_ground_truth_dir(pseudo.output_dir, ground_truth_dirs(dataset.root, given_path(params.dataset.source)),
                             "pseudo.output_dir")
     check_output_folders(params, paths)
     config = work_config(params, dataset, require_input(paths.model, "weakclip_train"))
@@ -380,7 +382,7 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths()) -> dict[str, An
     """Outputs from a complete work folder: the mask folder, ``metrics/pseudo.json``, ``reports/pseudo/``."""
     pseudo = params.pseudo
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
-    refuse_ground_truth_dir(pseudo.output_dir, ground_truth_dirs(dataset.root, params.dataset.source or None),
+    refuse_ground_truth_dir(pseudo.output_dir, ground_truth_dirs(dataset.root, given_path(params.dataset.source)),
                             "pseudo.output_dir")
     check_output_folders(params, paths)
     upstream = upstream_seed_provenance(paths.weakclip_metrics)
@@ -464,6 +466,9 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths()) -> dict[str, An
         "cam_variant": upstream["cam_variant"],
         "worst_images": {image_id: per_image_miou[image_id] for image_id in worst},
     }
+    if not n_scored:  # label-only data: the masks are written; the figures say why there are none
+        metrics.update({key: None for key in ("pixel_accuracy", "per_class", "precision", "recall")},
+                       not_scored=NOT_SCORED_NO_GT)
     check_gt_claim(metrics, upstream)
     write_json(paths.metrics, metrics)
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -497,7 +502,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 SPEC = StageSpec(name=STAGE, module="pipeline.pseudo_masks", description=__doc__.splitlines()[0], run=summary_line,
-                 add_arguments=add_arguments)
+                 add_arguments=add_arguments,
+                 locks=lambda args: shard_locks(STAGE, args.shard.index, args.shard.count, args.merge))
 
 
 def main(argv: list[str] | None = None) -> int | None:

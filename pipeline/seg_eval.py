@@ -4,12 +4,15 @@ Single-scale prediction at the image size (sliding ``crop`` windows of the train
 padded), no label restriction (val labels are not given to a segmenter). Writes
 ``metrics/seg_<source>.json`` (mIoU, per-class IoU, precision, recall, pixel accuracy, split, GT-use
 flags carried from the masks' provenance) and ``reports/seg_<source>/``: a confusion-matrix image,
-overlays of a fixed sample of val images and of the worst images by per-image mIoU.
+overlays of a fixed sample of val images and of the worst images by per-image mIoU. Label-only data: only
+the val images with a GT mask are scored; with none (or, for ``gt``, no GT-trained model: ``seg_train@gt``'s
+``not_trained.json``) the metrics hold ``miou: null`` and ``not_scored`` says why, the reports folder is empty.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,9 @@ from weakclip_core.config import Params
 from weakclip_core.data.layout import DatasetError, PreparedDataset
 from weakclip_core.runtime.device import resolve_device, set_threads
 from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
-from weakclip_core.evaluation.metrics import ConfusionAccumulator, confusion_matrix, iou_report
+from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, iou_report
 from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_confusion_matrix, save_overlay
+from weakclip_core.artifacts.model_file import NOT_TRAINED_FILE
 from weakclip_core.models.segmenter import load_segmenter
 
 from pipeline._stage import StageSpec, require_input, run_stage, run_stage_cli
@@ -61,6 +65,20 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
     set_threads(params.runtime.threads)
     device = resolve_device(params.runtime.device)
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
+    split = params.dataset.val_split
+    image_ids = dataset.split(split)
+    not_trained = paths.model(source).parent / NOT_TRAINED_FILE
+    scored_ids = [image_id for image_id in image_ids if dataset.has_mask(image_id)]
+    if (not paths.model(source).is_file() and not_trained.is_file()) or not scored_ids:
+        # label-only data: no GT-trained model, or no val GT to score against; the figure says why
+        reason = (json.loads(not_trained.read_text()).get("not_trained", NOT_SCORED_NO_GT)
+                  if not paths.model(source).is_file() and not_trained.is_file() else NOT_SCORED_NO_GT)
+        metrics = {"miou": None, "not_scored": reason, "split": split, "n_images": 0, "source": source,
+                   "threshold_chosen_with_gt": False, "gt_used_in_training": source == "gt"}
+        with atomic_dir(paths.reports(source), REPORT_CONTENTS):
+            pass
+        write_json(paths.metrics(source), metrics)
+        return metrics
     model, saved = load_segmenter(require_input(paths.model(source), f"seg_train@{source}"))
     record = saved["config"]
     if list(record["class_names"]) != dataset.class_names:
@@ -69,12 +87,8 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
     model = model.to(device)
     crop = int(record["seg"]["train"]["crop"])
     views = InferenceAugmentation(scales=(1.0,), flip=False, crop=crop, stride=max(1, (2 * crop) // 3))
-    split = params.dataset.val_split
-    image_ids = [image_id for image_id in dataset.split(split)]
-    without_gt = [image_id for image_id in image_ids if not dataset.has_mask(image_id)]
-    if without_gt:
-        raise DatasetError(f"{dataset.mask_path(without_gt[0])}: split {split!r} needs GT masks to be scored "
-                           f"({len(without_gt)} missing)")
+    n_without_gt = len(image_ids) - len(scored_ids)
+    image_ids = scored_ids  # partial GT (label-only data): the val images that have a GT mask are scored
 
     accumulator = ConfusionAccumulator(dataset.n_classes)
     per_image_miou: dict[str, float] = {}
@@ -108,6 +122,7 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
     metrics: dict[str, Any] = {
         "split": split,
         "n_images": len(image_ids),
+        **({"n_images_without_gt": n_without_gt} if n_without_gt else {}),
         "source": source,
         "trained_on": "ground-truth masks (fully-supervised upper bound)" if source == "gt" else "pseudo masks",
         "model": record["seg"]["model"],
@@ -134,6 +149,8 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
 
 def summary_line(params: Params, args: argparse.Namespace, context: None) -> str:
     metrics = evaluate_segmenter(params, args.source)
+    if metrics["miou"] is None:
+        return f"seg_eval@{args.source}: {metrics['split']}: {metrics['not_scored']} -> {SegEvalPaths().metrics(args.source)}"
     return (f"seg_eval@{args.source}: {metrics['split']} mIoU {100 * metrics['miou']:.2f} "
             f"over {metrics['n_images']} images -> {SegEvalPaths().metrics(args.source)}")
 

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from weakclip_core.config import Params, to_plain
+from weakclip_core.config.schema import given_path
 from weakclip_core.data.layout import IGNORE_INDEX, DatasetError, PreparedDataset, read_checked_mask, read_image_size
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.segmentation import MaskedImageDataset, ground_truth_dirs, refuse_ground_truth_dir
@@ -33,13 +34,15 @@ from weakclip_core.runtime.device import resolve_device, seed_everything, set_th
 from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, all_reduce_sum,
                                                per_process_batch_size, run_on_main, single_process_context,
                                                wrap_model)
-from weakclip_core.models.segmenter import SEGMENTER_MEAN, SEGMENTER_STD, build_segmenter, segmenter_record
+from weakclip_core.models.segmenter import (SEGMENTER_MEAN, SEGMENTER_STD, build_segmenter,
+                                            parameter_groups, segmenter_record)
 from weakclip_core.artifacts.model_file import save_final_model
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
 from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
 from weakclip_core.training.schedules import poly_lr, warmup_cosine_lr
 
-from pipeline._stage import LiveLog, StageSpec, params_key, require_input, run_stage, run_stage_cli
+from pipeline._stage import (LiveLog, StageSpec, params_key, record_not_trained, require_input, run_stage,
+                             run_stage_cli)
 
 Source = Literal["pseudo", "gt"]
 SOURCES: tuple[str, ...] = ("pseudo", "gt")
@@ -74,7 +77,7 @@ def mask_dir_of(params: Params, source: str) -> Path:
     if source == "gt":
         return dataset.root / "SegmentationClass"
     if source == "pseudo":
-        gt_dirs = ground_truth_dirs(dataset.root, params.dataset.source or None)
+        gt_dirs = ground_truth_dirs(dataset.root, given_path(params.dataset.source))
         refuse_ground_truth_dir(params.pseudo.output_dir, gt_dirs, "pseudo.output_dir")
         return require_input(params.pseudo.output_dir, "pseudo_masks")
     raise ValueError(f"--source: expected one of {list(SOURCES)}, got {source!r}")
@@ -111,10 +114,10 @@ def mask_provenance(mask_dir: Path, source: str) -> dict[str, Any]:
 
 def make_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimizer:
     train = params.seg.train
+    groups = parameter_groups(model, train.head_lr_mult)  # head at lr * head_lr_mult (DeepLabV2: 10)
     if train.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                               weight_decay=train.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
 
 
 def learning_rate(params: Params, step: int, total_steps: int) -> float:
@@ -122,6 +125,13 @@ def learning_rate(params: Params, step: int, total_steps: int) -> float:
     if train.schedule == "poly":
         return poly_lr(step, total_steps, train.lr)
     return warmup_cosine_lr(step, total_steps, train.lr, warmup_steps=0)
+
+
+def write_not_trained(model_path: Path, live_dir: Path, split: str) -> SegTrainResult:
+    """``seg_train@gt`` on a train split without any GT mask: no model, a record saying why
+    (``<model folder>/not_trained.json``, which ``seg_eval@gt`` reads) and a dvclive summary saying the same."""
+    return SegTrainResult(record_not_trained(model_path, live_dir,
+                                             f"not trained: no GT (split {split!r} has no GT mask)"), 0, math.nan)
 
 
 def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrainPaths(),
@@ -139,6 +149,10 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
     mask_dir = mask_dir_of(params, source)
     image_ids = dataset.split(params.dataset.train_split)
+    if source == "gt":  # label-only data: the upper bound trains on the images that have a GT mask, if any
+        image_ids = [image_id for image_id in image_ids if dataset.has_mask(image_id)]
+        if not image_ids:
+            return write_not_trained(paths.model(source), paths.live_dir(source), params.dataset.train_split)
     seed = params.runtime.seed
     set_threads(params.runtime.threads)
     seed_everything(seed)
@@ -218,6 +232,8 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
 def run(params: Params, args: argparse.Namespace, context: DistributedContext) -> str | None:
     result = train_segmenter(params, args.source, context=context)
     assert result is not None
+    if result.steps == 0:
+        return f"seg_train@{args.source}: not trained, {params.dataset.train_split!r} has no GT mask -> {result.model_path}"
     return f"seg_train@{args.source}: {result.steps} steps, last loss {result.final_loss:.4f} -> {result.model_path}"
 
 

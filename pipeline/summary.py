@@ -105,7 +105,11 @@ def load_figures(paths: SummaryPaths, splits: dict[str, str]) -> dict[str, dict[
     for figure in FIGURES:
         path = paths.metrics_root / f"{figure.stem}.json"
         data = read_metrics(path)
-        fraction(data.get("miou"), f"{path}: key 'miou'")
+        if data.get("miou") is None:  # label-only data: the stage says why it has no figure
+            if not isinstance(data.get("not_scored"), str):
+                raise SummaryError(f"{path}: key 'miou' is null and no 'not_scored' reason is given")
+        else:
+            fraction(data.get("miou"), f"{path}: key 'miou'")
         split = data.get("split")
         if not isinstance(split, str):
             raise SummaryError(f"{path}: key 'split' is missing (every figure must state its split)")
@@ -116,11 +120,15 @@ def load_figures(paths: SummaryPaths, splits: dict[str, str]) -> dict[str, dict[
     return loaded
 
 
-def summary_of(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
-    values = {figure.key: float(figures[figure.key]["miou"]) for figure in FIGURES}
-    if values["seg_gt_miou"] <= 0.0:
+def summary_of(figures: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """The headline; a figure a stage could not score (no GT) is ``None``, and so is a ratio built on one."""
+    values: dict[str, float | None] = {
+        figure.key: None if figures[figure.key]["miou"] is None else float(figures[figure.key]["miou"])
+        for figure in FIGURES}
+    if values["seg_gt_miou"] is not None and values["seg_gt_miou"] <= 0.0:
         raise SummaryError("seg_gt.json: miou is 0, the WSSS/FSSS ratio is undefined")
-    values["wsss_fsss_ratio"] = values["seg_pseudo_miou"] / values["seg_gt_miou"]
+    values["wsss_fsss_ratio"] = (None if values["seg_pseudo_miou"] is None or values["seg_gt_miou"] is None
+                                 else values["seg_pseudo_miou"] / values["seg_gt_miou"])
     return {key: values[key] for key in SUMMARY_KEYS}
 
 
@@ -133,6 +141,8 @@ def yes_no(flag: bool | None) -> str:
 
 
 def figure_note(figure: Figure, data: dict[str, Any]) -> str:
+    if data.get("miou") is None:
+        return str(data["not_scored"])
     if figure.stem == "cam":
         return (f"variant {data.get('variant', '?')}, best background threshold "
                 f"{data.get('best_threshold', '?')} (picked on GT: an upper bound for the seeds)")
@@ -208,8 +218,10 @@ def results_markdown(figures: dict[str, dict[str, Any]], summary: dict[str, floa
         data = figures[figure.key]
         rows.append([figure.label, f"`{figure.stem}.json`", str(data["split"]), str(data.get("n_images", "?")),
                      percent(data["miou"]), yes_no(gt_flag(data)), figure_note(figure, data)])
+    ratio = summary["wsss_fsss_ratio"]
     rows.append(["WSSS / FSSS ratio (seg@pseudo ÷ seg@GT)", "`summary.json`",
-                 str(figures["seg_pseudo_miou"]["split"]), "", f"{summary['wsss_fsss_ratio']:.3f}", "", ""])
+                 str(figures["seg_pseudo_miou"]["split"]), "", "—" if ratio is None else f"{ratio:.3f}", "",
+                 "not scored: no GT" if ratio is None else ""])
     parts.append(markdown_table(["stage", "file", "split", "images", "mIoU", "threshold chosen with GT", "notes"],
                                 rows))
     pseudo_flag = gt_flag(figures["pseudo_miou"])
@@ -246,7 +258,7 @@ def results_markdown(figures: dict[str, dict[str, Any]], summary: dict[str, floa
     return "\n\n".join(parts) + "\n"
 
 
-def write_summary(params: Params, paths: SummaryPaths = SummaryPaths()) -> dict[str, float]:
+def write_summary(params: Params, paths: SummaryPaths = SummaryPaths()) -> dict[str, float | None]:
     """Check every metrics file, then write ``summary.json`` and ``RESULTS.md``; returns the summary."""
     splits = {"train": params.dataset.scored_split, "val": params.dataset.val_split}  # train figures: the scored split
     figures = load_figures(paths, splits)
@@ -260,7 +272,8 @@ def write_summary(params: Params, paths: SummaryPaths = SummaryPaths()) -> dict[
 
 def summary_line(params: Params, args: argparse.Namespace, context: None) -> str:
     summary = write_summary(params)
-    return "summary: " + ", ".join(f"{key} {value:.4f}" for key, value in summary.items())
+    return "summary: " + ", ".join(f"{key} {'not scored: no GT' if value is None else f'{value:.4f}'}"
+                                   for key, value in summary.items())
 
 
 SPEC = StageSpec(name="summary", module="pipeline.summary", description=__doc__.splitlines()[0], run=summary_line)

@@ -3,7 +3,8 @@
 Reads the CLIP artifact (``artifacts/clip``), the CAM store of the train split
 (``artifacts/cams/train.h5``, checked against the dataset's classes and ids)
 and the prepared train split. Seeds are made from the CAMs (``weakclip.seeds``:
-confident thresholds, or dense argmax for the ablation). Only the prompts,
+confident thresholds, or dense argmax for the ablation), or, with ``weakclip.seeds.source: mask_folder``,
+are the imported pseudo-mask PNGs (the CAM store is then not read). Only the prompts,
 pyramid adapter, co-attention and decoder train: AdamW, linear warm-up then
 cosine to ``min_lr``, the paper's augmentations scaled to ``train.crop``; loss
 = seed + boundary (KL to the dense CRF of P, CRF in a process pool started
@@ -21,6 +22,7 @@ mIoU of the seeds it trained on.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +38,9 @@ from weakclip_core.artifacts.cam_store import CamStoreReader
 from weakclip_core.models.clip import load_clip_artifact
 from weakclip_core.config import Params, to_plain
 from weakclip_core.method.crf import CrfPool
-from weakclip_core.data.layout import IGNORE_INDEX, LABELS_FILE, PreparedDataset
+from weakclip_core.data.layout import IGNORE_INDEX, LABELS_FILE, PreparedDataset, read_image_size
 from weakclip_core.data.sampling import StepSampler
+from weakclip_core.data.imports import read_pseudo_mask
 from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
 from weakclip_core.data.transforms import MmsegAugmentation
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
@@ -46,7 +49,7 @@ from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySam
                                                wrap_model)
 from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
 from weakclip_core.method.losses import weakclip_losses
-from weakclip_core.evaluation.metrics import ConfusionAccumulator
+from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator
 from weakclip_core.models.weakclip.model import WeakCLIP
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
 from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
@@ -72,10 +75,29 @@ class WeakClipTrainPaths:
     checkpoint_root: Path = CHECKPOINT_ROOT
 
 
+def imported_seed_masks(folder: Path, dataset: PreparedDataset, image_ids: list[str],
+                        show_progress: bool) -> dict[str, np.ndarray]:
+    """``weakclip.seeds.source: mask_folder``: each train image's pseudo mask, checked before the first step
+    (a missing one or one of the wrong size stops the stage naming the file)."""
+    return {image_id: read_pseudo_mask(folder / f"{image_id}.png", read_image_size(dataset.image_path(image_id)),
+                                       dataset.n_classes, dataset.image_labels(image_id))
+            for image_id in tqdm(image_ids, desc=f"{STAGE} masks", unit="mask", disable=not show_progress)}
+
+
+def masks_fingerprint(folder: Path, image_ids: list[str]) -> str:
+    """SHA-256 over the ids and bytes of the imported masks: new masks never resume a stale run."""
+    digest = hashlib.sha256()
+    for image_id in image_ids:
+        digest.update(image_id.encode() + b"\0" + (folder / f"{image_id}.png").read_bytes())
+    return digest.hexdigest()
+
+
 def seed_quality(seed_masks: dict[str, np.ndarray], dataset: PreparedDataset, image_ids: list[str]) -> dict:
     """mIoU of the seeds vs GT on the pixels the seeds label, and the share of GT pixels they label."""
     accumulator = ConfusionAccumulator(dataset.n_classes)
     labelled = scored = 0
+    if not any(dataset.has_mask(image_id) for image_id in image_ids):
+        return {"seed_miou": None, "seed_coverage": None}  # label-only data: nothing to score against
     for image_id in image_ids:
         if not dataset.has_mask(image_id):
             continue
@@ -132,9 +154,16 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
     image_ids = dataset.split(params.dataset.train_split)
     scored_ids = dataset.scored_ids(params.dataset.train_split, params.dataset.scored_split)
-    store = CamStoreReader(require_input(paths.cam_store, "cam_infer"))
-    seed_masks = build_seed_masks(store, dataset, image_ids, cfg.seeds, progress=show_progress)
-    store.close()
+    if cfg.seeds.source == "mask_folder":  # imported pseudo masks: the seeds as they are (the reference's input)
+        seed_masks = imported_seed_masks(Path(cfg.seeds.mask_folder), dataset, image_ids, show_progress)
+        seeds_key = {"masks_sha256": masks_fingerprint(Path(cfg.seeds.mask_folder), image_ids)}
+        cam_variant = None
+    else:
+        store = CamStoreReader(require_input(paths.cam_store, "cam_infer"))
+        seed_masks = build_seed_masks(store, dataset, image_ids, cfg.seeds, progress=show_progress)
+        store.close()
+        seeds_key = {"cams_sha256": sha256_of_file(paths.cam_store)}
+        cam_variant = store.params.get("cam_infer", {}).get("variant")
     seeds = seed_quality(seed_masks, dataset, scored_ids)  # before training: a broken GT mask stops it here
 
     seed_everything(seed)
@@ -146,7 +175,7 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=train.lr, weight_decay=train.weight_decay)
     checkpointer = Checkpointer(STAGE, {
         "weakclip": to_plain(cfg), "seed": seed, "clip_sha256": clip_weights_sha256(paths.clip_dir),
-        "cams_sha256": sha256_of_file(paths.cam_store),
+        **seeds_key,
         "dataset": {"prepared_dir": params.dataset.prepared_dir, "train_split": params.dataset.train_split,
                     "labels_sha256": sha256_of_file(dataset.root / LABELS_FILE)},
     }, root=paths.checkpoint_root)
@@ -202,8 +231,11 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
                         steps=train.iterations, seed=seed, seed_mode=cfg.seeds.mode)
     report, n_scored = evaluate_on_split(model.to(device), dataset, scored_ids, train.crop, device, show_progress,
                                          img_scale)
+    if n_scored == 0:  # label-only data: trained all the same; the figures say why there are none
+        report = {"miou": None, **{key: None for key in ("pixel_accuracy", "per_class", "precision", "recall")}}
     metrics = {
         "miou": report["miou"],
+        **({"not_scored": NOT_SCORED_NO_GT} if n_scored == 0 else {}),
         "split": params.dataset.scored_split,
         "n_images": n_scored,
         "inference": "single scale, no CRF, restricted to image labels + background",
@@ -211,14 +243,16 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
         "fg_threshold": cfg.seeds.fg_threshold,
         "bg_threshold": cfg.seeds.bg_threshold,
         "thresholds_chosen_with_gt": cfg.seeds.chosen_with_gt,
-        "cam_variant": store.params.get("cam_infer", {}).get("variant"),
+        "cam_variant": cam_variant,
+        **({"seeds_source": "mask_folder"} if cfg.seeds.source == "mask_folder" else {}),  # CAM seeds: as before
         **seeds,
         "steps": train.iterations,
         **{key: report[key] for key in ("pixel_accuracy", "per_class", "precision", "recall")},
     }
     write_json(paths.metrics, metrics)
     assert live is not None
-    live.log_summary({"train_miou": metrics["miou"], "seed_miou": metrics["seed_miou"]})
+    live.log_summary({name: value for name, value in (("train_miou", metrics["miou"]),
+                                                      ("seed_miou", metrics["seed_miou"])) if value is not None})
     live.end()
     checkpointer.clear()
     print(f"{STAGE}: {result.steps_this_run} steps this run at {seconds_per_step:.3f} s/step")
@@ -228,6 +262,8 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
 def run(params: Params, args: argparse.Namespace, context: DistributedContext) -> str | None:
     metrics = train_weakclip(params, context=context)
     assert metrics is not None
+    if metrics["miou"] is None:
+        return f"{STAGE}: trained {metrics['steps']} steps; {metrics['split']}: {metrics['not_scored']}"
     return (f"{STAGE}: {metrics['split']} mIoU {metrics['miou']:.3f} over {metrics['n_images']} images "
             f"(seeds {metrics['seed_mode']}: mIoU {metrics['seed_miou']:.3f} on {metrics['seed_coverage']:.0%} "
             f"of the pixels), {metrics['steps']} steps")

@@ -24,6 +24,7 @@ PLUMBING = {
     "weakclip_core/artifacts/atomic.py": "how a file is written (temporary name, rename), not what it holds",
     "weakclip_core/errors.py": "error messages and exit codes",
     "weakclip_core/runtime/processes.py": "worker process lifetime",
+    "pipeline/_locks.py": "work locks: whether a run may start, not what it writes",
 }
 
 

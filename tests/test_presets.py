@@ -89,7 +89,9 @@ def test_presets_carry_the_papers_numbers(applied: dict[str, Params]) -> None:
         assert (pseudo.img_scale, pseudo.pad_small_windows, pseudo.softmax_classes) == ([2048, 512], False, "labels")
         seg = params.seg.train
         assert (params.seg.model, seg.optimizer, seg.momentum, seg.weight_decay, seg.schedule, seg.crop) == \
-            ("deeplabv3plus", "sgd", 0.9, 5e-4, "poly", 448)
+            ("deeplabv2", "sgd", 0.9, 5e-4, "poly", 448)
+        # issue #18: the WSSS tables' DeepLabV2 retraining, ImageNet ResNet-101, 10x lr on the ASPP head
+        assert (params.seg.encoder, seg.head_lr_mult) == ("resnet101", 10.0)
         assert params.runtime.launcher == "torchrun"
     voc, coco = applied["voc"], applied["coco"]
     assert (voc.weakclip.train.iterations, voc.weakclip.train.batch_size, voc.runtime.nproc) == (20000, 16, 2)

@@ -113,7 +113,7 @@ def _spec(name: str, run, add_arguments=None) -> StageSpec:  # noqa: ANN001
 def test_a_second_run_of_a_stage_is_refused_while_the_first_holds_the_lock(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The lock is an ``flock`` per open file: a run started inside another one meets it like another process."""
-    from pipeline._stage import StageBusyError  # noqa: PLC0415
+    from pipeline._locks import StageBusyError  # noqa: PLC0415
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
@@ -139,18 +139,12 @@ def test_a_second_run_of_a_stage_is_refused_while_the_first_holds_the_lock(tmp_p
 
 def test_shard_locks_let_shards_run_together_but_not_twice_nor_under_a_merge(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline._stage import StageBusyError, stage_lock, stage_locks  # noqa: PLC0415
+    from pipeline._locks import StageBusyError, shard_locks, stage_lock  # noqa: PLC0415
 
     monkeypatch.chdir(tmp_path)
 
-    class Shard:
-        def __init__(self, index: int, count: int) -> None:
-            self.index, self.count = index, count
-
     def locks(index: int, count: int, merge: bool = False) -> list[tuple[str, bool]]:
-        import argparse  # noqa: PLC0415
-
-        return stage_locks(_spec("pm", None), argparse.Namespace(shard=Shard(index, count), merge=merge))
+        return shard_locks("pm", index, count, merge)
 
     assert locks(0, 1) == [("pm", True)] and locks(1, 2, merge=True) == [("pm", True)]
     assert locks(1, 2) == [("pm", False), ("pm.shard-1-of-2", True)]
@@ -172,7 +166,7 @@ def test_shard_locks_let_shards_run_together_but_not_twice_nor_under_a_merge(tmp
 
 def test_torchrun_workers_take_no_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the launching process holds the lock; its torchrun workers (LOCAL_RANK set) run under it."""
-    from pipeline._stage import stage_lock  # noqa: PLC0415
+    from pipeline._locks import stage_lock  # noqa: PLC0415
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("runtime:\n  seed: 3\n")

@@ -81,7 +81,8 @@ def test_a_missing_metrics_file_is_named(tmp_path, stem):
 
 @pytest.mark.parametrize("stem, change, message", [
     ("pseudo", {"miou": 64.0}, "outside \\[0, 1\\]"),
-    ("seg_gt", {"miou": None}, "expected a number"),
+    ("seg_gt", {"miou": None}, "key 'miou' is null and no 'not_scored' reason is given"),
+    ("seg_gt", {"miou": "0.5"}, "expected a number"),
     ("weakclip", {"split": "val"}, "must be on the train split"),
     ("seg_pseudo", {"split": None}, "'split' is missing"),
     ("seg_gt", {"miou": 0.0}, "ratio is undefined"),
@@ -100,3 +101,17 @@ def test_a_malformed_ablation_file_is_named(tmp_path):
     (paths.metrics_root / "ablations_x.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(SummaryError, match="ablations_x.json: an ablation file needs"):
         write_summary(PARAMS, paths)
+
+
+def test_figures_without_gt_say_not_scored(tmp_path):
+    """Issue #18: label-only data. A stage without GT writes ``miou: null`` and its reason; the summary keeps the
+    other figures, leaves the missing ones (and a ratio built on one) null and says why in RESULTS.md."""
+    no_gt = {"miou": None, "not_scored": "not scored: no GT"}
+    changed = {**HAND_MADE, "cam": {**HAND_MADE["cam"], **no_gt},
+               "seg_gt": {**HAND_MADE["seg_gt"], "miou": None, "not_scored": "not trained: no GT"}}
+    paths = write_metrics(tmp_path, changed)
+    summary = write_summary(PARAMS, paths)
+    assert summary["cam_miou"] is None and summary["seg_gt_miou"] is None and summary["wsss_fsss_ratio"] is None
+    assert summary["pseudo_miou"] == HAND_MADE["pseudo"]["miou"]
+    results = paths.results.read_text()
+    assert "not scored: no GT" in results and "not trained: no GT" in results

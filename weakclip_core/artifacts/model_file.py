@@ -20,6 +20,10 @@ import torch
 from weakclip_core.artifacts.atomic import atomic_path
 from weakclip_core.errors import InputError
 
+NOT_TRAINED_FILE = "not_trained.json"
+"""What a training stage writes in its model folder instead of ``model.pt`` when it has nothing to train
+(``seg_train@gt`` without GT, ``cam_train`` with imported CAMs): ``{"trained": false, "not_trained": why}``."""
+
 
 class UnsafeTorchFileError(InputError):
     """A ``.pt`` file that ``torch.load(weights_only=True)`` refuses: it holds more than plain data."""

@@ -47,7 +47,11 @@ def clip_weights_sha256(clip_dir: str | Path) -> str:
 def save_weakclip_model(path: str | Path, model: WeakCLIP, cfg: WeakClipConfig, clip_dir: str | Path,
                         **metadata: Any) -> None:
     """Write the final model file atomically (see the module docstring for its contents)."""
-    save_final_model(path, trainable_modules(model), config=to_plain(cfg), class_names=model.class_names,
+    config = to_plain(cfg)
+    if cfg.seeds.source == "cams":  # the import keys (issue #18) only when used: a CAM-seeded run's file stays
+        for key in ("source", "mask_folder"):  # byte for byte what it was before them
+            config["seeds"].pop(key)
+    save_final_model(path, trainable_modules(model), config=config, class_names=model.class_names,
                      clip_artifact=str(clip_dir), clip_sha256=clip_weights_sha256(clip_dir), **metadata)
 
 

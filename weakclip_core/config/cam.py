@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from weakclip_core.config.schema import ConfigError, bounded, check_not_empty, check_order, listed
+from weakclip_core.config.schema import NONE_PATH, ConfigError, bounded, check_not_empty, check_order, given_path, listed
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,27 @@ class CamInferConfig:
 
 @dataclass(frozen=True)
 class CamConfig:
+    """``source``: where the CAM seeds come from. ``train`` (default): ``cam_train`` trains MCTformer-V2 and
+    ``cam_infer`` runs it. ``npy_folder``: ``cam_train`` trains nothing (it records why) and ``cam_infer``
+    imports ``npy_folder``, one MCTformer CAM dump per train image (``<id>.npy``: a pickled dict 0-based
+    foreground class index -> (H, W) map in [0, 1], as the reference's ``--cam-npy-dir``), into the same CAM
+    store and threshold curve. ``none``: neither runs (for ``weakclip.seeds.source: mask_folder``); the CAM
+    store is written empty and says so. ``checkpoint``: ``cam_infer`` runs a released MCTformer-V2 checkpoint
+    (the reference's layout, ``weakclip_core/models/reference_checkpoints.py``; ``arch.heads`` gives its head
+    count) instead of a model trained here. ``npy_folder`` and ``checkpoint`` are dvc.yaml deps;
+    ``imports/none`` = not given."""
+
+    source: Literal["train", "checkpoint", "npy_folder", "none"] = "train"
+    npy_folder: str = NONE_PATH
+    checkpoint: str = NONE_PATH
     arch: MCTformerArchConfig = field(default_factory=MCTformerArchConfig)
     train: CamTrainConfig = field(default_factory=CamTrainConfig)
     infer: CamInferConfig = field(default_factory=CamInferConfig)
+
+    def validate(self) -> None:
+        if self.source == "checkpoint" and given_path(self.checkpoint) is None:
+            raise ConfigError("checkpoint: required when source is 'checkpoint' (a released MCTformer-V2 "
+                              f"checkpoint file), got {self.checkpoint!r}")
+        if self.source == "npy_folder" and given_path(self.npy_folder) is None:
+            raise ConfigError("npy_folder: required when source is 'npy_folder' (the folder of MCTformer CAM "
+                              f"<id>.npy dumps), got {self.npy_folder!r}")

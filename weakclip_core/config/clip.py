@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from weakclip_core.config.schema import ConfigError, bounded
+from weakclip_core.config.schema import NONE_PATH, ConfigError, bounded, given_path
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,10 @@ class ClipConfig:
 
     source: Literal["file", "pretrain", "random"] = "pretrain"
     model_name: str = "ViT-B-16"
-    weights: str = ""
+    weights: str = NONE_PATH  # a dvc.yaml dep of the clip stage; imports/none = not given
     arch: ClipArchConfig = field(default_factory=ClipArchConfig)
     pretrain: ClipPretrainConfig = field(default_factory=ClipPretrainConfig)
 
     def validate(self) -> None:
-        if self.source == "file" and not self.weights:
+        if self.source == "file" and given_path(self.weights) is None:
             raise ConfigError("weights: required when source is 'file' (a local .pt/.bin/.safetensors path)")

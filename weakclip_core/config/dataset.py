@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from weakclip_core.config.schema import ConfigError, bounded
+from weakclip_core.config.schema import NONE_PATH, ConfigError, bounded, given_path
 
 
 @dataclass(frozen=True)
@@ -46,20 +46,32 @@ class DatasetConfig:
     ``source`` is the VOC 2012 root (the folder holding JPEGImages/) or the COCO
     2014 root (holding annotations/ and train2014/, val2014/); ignored for synthetic.
     ``prepared_dir`` is where ``prepare`` writes the VOC-layout copy every stage reads.
+    ``name: custom`` reads your own label-only data from ``source`` (README "Your own data"): ``images/``,
+    ``classes.txt``, ``labels.csv`` or ``labels.json`` (image id -> class names), ``splits/<split>.txt`` and an
+    optional ``masks/`` of GT masks. ``voc_cls_labels``: a VOC run takes its image-level labels from
+    MCTformer's ``cls_labels.npy`` (a pickled dict id -> 20 floats) instead of deriving them from the GT
+    masks, which then become optional (images without one are simply not scored). ``coco_masks``: a folder of
+    pre-rendered COCO masks (``<id>.png`` or hustvl's ``000000000009.png``) used instead of rendering the
+    annotations, in ``coco_mask_encoding``: ``contiguous`` (0..80, hustvl ``parse_coco.py``'s
+    ``class_labels``) or ``category_id`` (raw COCO ids 1..90, the reference's 91-class masks).
     ``score_split`` is the split whose GT scores the train-split stages (cam_infer, weakclip_train,
     pseudo_masks): they still run over all of ``train_split`` but report mIoU on this subset of it
     (VOC: ``train``, the 1,464 images of the paper's seed / pseudo-mask figures, inside ``train_aug``).
-    Empty means ``train_split``.
+    Empty means ``train_split``. The path params (``source``, ``voc_cls_labels``, ``coco_masks``) are dvc.yaml
+    deps of ``prepare``; ``imports/none`` (or ``""`` outside DVC) means "not given".
     """
 
-    name: Literal["synthetic", "voc", "coco"] = "synthetic"
+    name: Literal["synthetic", "voc", "coco", "custom"] = "synthetic"
     seed: int = bounded(0, low=0)
-    source: str = ""
+    source: str = NONE_PATH
     prepared_dir: str = "data/prepared/synthetic"
     train_split: str = "train"
     val_split: str = "val"
     score_split: str = ""
     voc_mask_dir: Literal["SegmentationClass", "SegmentationClassAug"] = "SegmentationClass"
+    voc_cls_labels: str = NONE_PATH
+    coco_masks: str = NONE_PATH
+    coco_mask_encoding: Literal["contiguous", "category_id"] = "contiguous"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     @property
@@ -68,5 +80,9 @@ class DatasetConfig:
         return self.score_split or self.train_split
 
     def validate(self) -> None:
-        if self.name != "synthetic" and not self.source:
+        if self.name != "synthetic" and given_path(self.source) is None:
             raise ConfigError(f"source: required when name is {self.name!r} (path to the {self.name.upper()} tree)")
+        if given_path(self.coco_masks) and self.name != "coco":
+            raise ConfigError(f"coco_masks: only read when name is 'coco', got name {self.name!r}")
+        if given_path(self.voc_cls_labels) and self.name != "voc":
+            raise ConfigError(f"voc_cls_labels: only read when name is 'voc', got name {self.name!r}")

@@ -24,6 +24,16 @@ class ConfigError(InputError):
 
 T = TypeVar("T")
 
+NONE_PATH = "imports/none"
+"""The placeholder a path param holds when it names nothing: a committed folder (``imports/none/NONE.md``),
+so a ``dvc.yaml`` dep interpolated from the param always exists (DVC refuses a missing dep) and pointing the
+param at a real file or folder changes the dep. ``""`` means the same where a param is not a dep."""
+
+
+def given_path(value: str) -> str | None:
+    """``value`` unless it is empty or the placeholder ``NONE_PATH`` (then ``None``)."""
+    return None if value in ("", NONE_PATH) or value.rstrip("/") == NONE_PATH else value
+
 
 def bounded(default: Any, *, low: float | None = None, high: float | None = None) -> Any:
     """A dataclass field whose numeric value (or every item of a list) lies in [low, high]."""

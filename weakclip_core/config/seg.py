@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from weakclip_core.config.schema import ConfigError, bounded, check_order
+from weakclip_core.config.schema import NONE_PATH, ConfigError, bounded, check_order
 
 
 @dataclass(frozen=True)
 class SegTrainConfig:
-    """``optimizer: sgd`` + ``schedule: poly`` is the paper's DeepLab recipe; AdamW is the small default."""
+    """``optimizer: sgd`` + ``schedule: poly`` is the paper's DeepLab recipe; AdamW is the small default.
+    ``head_lr_mult``: the lr of everything but the encoder (decoder + head) is ``lr * head_lr_mult``
+    (DeepLabV2 in WSSS papers: 10); 1 = one lr for all."""
 
     epochs: int = bounded(6, low=1)
     batch_size: int = bounded(16, low=1)
@@ -19,6 +21,7 @@ class SegTrainConfig:
     momentum: float = bounded(0.9, low=0.0, high=1.0)
     weight_decay: float = bounded(1e-4, low=0.0)
     schedule: Literal["poly", "cosine"] = "poly"
+    head_lr_mult: float = bounded(1.0, low=0.0)
     crop: int = bounded(128, low=32)
     scale_min: float = bounded(0.5, low=0.1)
     scale_max: float = bounded(2.0, low=0.1)
@@ -31,14 +34,17 @@ class SegTrainConfig:
 
 @dataclass(frozen=True)
 class SegConfig:
-    """DeepLabV3+ (ResNet encoders) or SegFormer (MiT-B0..B5) from segmentation-models-pytorch."""
+    """DeepLabV3+ (ResNet encoders) or SegFormer (MiT-B0..B5) from segmentation-models-pytorch, or DeepLabV2
+    (torchvision ResNet-50/101 at output stride 8 + ASPP 6/12/18/24; ``weakclip_core/models/deeplabv2.py``)."""
 
-    model: Literal["deeplabv3plus", "segformer"] = "deeplabv3plus"
+    model: Literal["deeplabv3plus", "segformer", "deeplabv2"] = "deeplabv3plus"
     encoder: str = "resnet18"
-    encoder_weights: str = ""
+    encoder_weights: str = NONE_PATH  # a dvc.yaml dep of seg_train; imports/none = random init
     train: SegTrainConfig = field(default_factory=SegTrainConfig)
 
     def validate(self) -> None:
+        if self.model == "deeplabv2" and self.encoder not in ("resnet50", "resnet101"):
+            raise ConfigError(f"encoder: deeplabv2 needs resnet101 (or resnet50), got {self.encoder!r}")
         if self.model == "segformer" and not self.encoder.startswith("mit_b"):
             raise ConfigError(f"encoder: segformer needs an MiT encoder (mit_b0..mit_b5), got {self.encoder!r}")
         if self.model == "segformer" and self.train.crop % 32:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from weakclip_core.config import paper
-from weakclip_core.config.schema import ConfigError, bounded, check_order, listed
+from weakclip_core.config.schema import NONE_PATH, ConfigError, bounded, check_order, given_path, listed
 
 
 @dataclass(frozen=True)
@@ -34,15 +34,23 @@ class SeedConfig:
     ``chosen_with_gt``: set true when the thresholds were picked by looking at
     ground truth (e.g. cam.json's best threshold or a seed-mIoU sweep); the
     stage copies it into ``metrics/weakclip.json`` as ``thresholds_chosen_with_gt``.
+    ``source: mask_folder`` trains on ``mask_folder``'s pseudo-mask PNGs instead (``<id>.png`` per train image,
+    class indices, 255 unlabelled: e.g. the MCTformer masks the reference trains WeakCLIP on); the thresholds
+    are then unused. ``mask_folder`` is a dvc.yaml dep; ``imports/none`` = not given.
     """
 
     mode: Literal["confident", "dense"] = "confident"
     fg_threshold: float = bounded(0.4, low=0.0, high=1.0)
     bg_threshold: float = bounded(0.15, low=0.0, high=1.0)
     chosen_with_gt: bool = False
+    source: Literal["cams", "mask_folder"] = "cams"
+    mask_folder: str = NONE_PATH
 
     def validate(self) -> None:
         check_order("bg_threshold", self.bg_threshold, "fg_threshold", self.fg_threshold)
+        if self.source == "mask_folder" and given_path(self.mask_folder) is None:
+            raise ConfigError("mask_folder: required when source is 'mask_folder' (a folder of pseudo-mask "
+                              f"PNGs, <id>.png per train image), got {self.mask_folder!r}")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """MS COCO 2014 into the prepared VOC layout, with semantic masks decoded by pycocotools.
 
 ``source`` holds ``annotations/instances_{train,val}2014.json`` and the image folders
-``train2014/``, ``val2014/``; split ``train`` reads the first pair, ``val`` the second.
+``train2014/``, ``val2014/`` (or ``images/train2014/``, ``images/val2014/``: hustvl/WeakCLIP's ``COCO14``
+layout); split ``train`` reads the first pair, ``val`` the second. ``dataset.coco_masks`` takes the masks
+from a folder of pre-rendered PNGs instead, in the encoding ``dataset.coco_mask_encoding`` states.
 Image ids are the file stems (``COCO_train2014_000000000009``).
 
 Class mapping: COCO's 80 category ids (1..90 with gaps) sorted ascending become the
@@ -25,8 +27,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from weakclip_core.data.layout import DatasetError, IGNORE_INDEX, check_image_id, labels_from_mask, read_image, \
-    write_labels, write_mask, write_split
+from weakclip_core.data.layout import DatasetError, IGNORE_INDEX, check_image_id, check_mask, labels_from_mask, \
+    read_image, read_mask, write_labels, write_mask, write_split
 from weakclip_core.data.voc import link_or_copy
 
 COCO_SPLIT_FOLDERS = {"train": "train2014", "val": "val2014"}
@@ -79,12 +81,55 @@ def semantic_mask(coco: Any, image_info: dict[str, Any], class_of_category: dict
     return mask
 
 
+def image_folder_of(source: Path, folder_name: str) -> Path:
+    """``<source>/train2014`` (the COCO zips' layout), else ``<source>/images/train2014`` (hustvl/WeakCLIP's
+    ``data/COCO14`` layout, its download script unzipping into ``images/``)."""
+    for candidate in (source / folder_name, source / "images" / folder_name):
+        if candidate.is_dir():
+            return candidate
+    raise DatasetError(f"{source / folder_name}: COCO image folder not found (also looked for "
+                       f"{source / 'images' / folder_name})")
+
+
+def pre_rendered_mask(masks_dir: Path, image_id: str, encoding: str, class_of_category: dict[int, int],
+                      image_shape: tuple[int, int]) -> np.ndarray:
+    """The mask of ``image_id`` from a folder of pre-rendered PNGs, as contiguous classes 0..80 / 255.
+
+    The file is ``<id>.png`` or, as hustvl/WeakCLIP's ``parse_coco.py`` names them, the 12-digit number
+    after the last ``_`` (``000000000009.png``). ``encoding``: ``contiguous`` (0 background, 1..80 in
+    category-id order: ``parse_coco.py``'s ``voc_format/class_labels``), or ``category_id`` (the raw COCO
+    ids 1..90 with gaps: the 91-class masks the reference's ``COCODataset`` trains on)."""
+    candidates = [masks_dir / f"{image_id}.png", masks_dir / f"{image_id.split('_')[-1]}.png"]
+    path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None:
+        raise DatasetError(f"{candidates[0]}: mask not found in dataset.coco_masks (also looked for {candidates[1].name})")
+    mask = read_mask(path)
+    if mask.shape != tuple(image_shape):
+        raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                           f"{image_shape[1]}x{image_shape[0]} (width x height)")
+    if encoding == "contiguous":
+        check_mask(mask, path, image_shape, len(class_of_category) + 1)
+        return mask
+    lookup = np.full(256, -1, dtype=np.int16)
+    lookup[0], lookup[IGNORE_INDEX] = 0, IGNORE_INDEX
+    for category_id, class_index in class_of_category.items():
+        lookup[category_id] = class_index
+    mapped = lookup[mask]
+    if (mapped < 0).any():
+        bad = int(mask[mapped < 0][0])
+        raise DatasetError(f"{path}: value {bad} is not a COCO category id (dataset.coco_mask_encoding: "
+                           f"category_id expects 0, the category ids or 255)")
+    return mapped.astype(np.uint8)
+
+
 def prepare_coco(source: str | Path, root: str | Path, splits: list[str],
-                 drop_unlabelled_from: tuple[str, ...] = (), progress: bool = True) -> dict[str, list[str]]:
+                 drop_unlabelled_from: tuple[str, ...] = (), progress: bool = True,
+                 masks_dir: str | Path | None = None, mask_encoding: str = "contiguous") -> dict[str, list[str]]:
     """Write the COCO 2014 tree at ``source`` into the prepared folder ``root``; returns split -> image ids.
 
     ``splits`` are ``train`` and/or ``val``. Images with no foreground class are left out of
-    the splits in ``drop_unlabelled_from``.
+    the splits in ``drop_unlabelled_from``. ``masks_dir``: take each image's mask from this folder of
+    pre-rendered PNGs in ``mask_encoding`` (``pre_rendered_mask``) instead of rendering the annotations.
     """
     source, root = Path(source), Path(root)
     if not source.is_dir():
@@ -98,10 +143,8 @@ def prepare_coco(source: str | Path, root: str | Path, splits: list[str],
             raise DatasetError(f"{source}: COCO split {split!r} unknown (dataset.train_split/val_split must be "
                                f"one of {sorted(COCO_SPLIT_FOLDERS)})")
         folder_name = COCO_SPLIT_FOLDERS[split]
-        image_folder = source / folder_name
+        image_folder = image_folder_of(source, folder_name)
         annotations_path = source / "annotations" / f"instances_{folder_name}.json"
-        if not image_folder.is_dir():
-            raise DatasetError(f"{image_folder}: COCO image folder not found")
         coco = _load_annotations(annotations_path)
         split_category_ids, split_names = category_mapping(list(coco.dataset.get("categories", [])),
                                                            annotations_path)
@@ -126,8 +169,9 @@ def prepare_coco(source: str | Path, root: str | Path, splits: list[str],
             if image.shape[:2] != expected:
                 raise DatasetError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but "
                                    f"{annotations_path.name} says {expected[1]}x{expected[0]} (width x height)")
-            mask = semantic_mask(coco, image_info, class_of_category, annotations_path)
             image_id = image_path.stem
+            mask = (pre_rendered_mask(Path(masks_dir), image_id, mask_encoding, class_of_category, expected)
+                    if masks_dir else semantic_mask(coco, image_info, class_of_category, annotations_path))
             link_or_copy(image_path, root / "JPEGImages" / f"{image_id}.jpg")
             write_mask(root / "SegmentationClass" / f"{image_id}.png", mask)
             labels[image_id] = labels_from_mask(mask)

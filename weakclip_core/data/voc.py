@@ -13,7 +13,9 @@ A list line is either an image id (``2007_000032``) or the DeepLab pair form
 token's file stem is the id. Every image is decoded once to prove it is readable;
 images are hard-linked into the prepared folder when it is on the same file system
 (else copied; a hard link shares the source file, so leave the source read-only),
-masks are re-written as palette PNGs, and image-level labels are derived from the masks.
+masks are re-written as palette PNGs, and image-level labels are derived from the masks, or, with
+``dataset.voc_cls_labels``, read from MCTformer's ``cls_labels.npy`` (``labels_only.py``); then an image
+without a GT mask is kept (it is simply not scored).
 """
 
 from __future__ import annotations
@@ -72,16 +74,23 @@ def read_split_list(path: Path) -> list[str]:
 
 
 def prepare_voc(source: str | Path, root: str | Path, splits: list[str], mask_dir: str = "SegmentationClass",
-                drop_unlabelled_from: tuple[str, ...] = (), progress: bool = True) -> dict[str, list[str]]:
+                drop_unlabelled_from: tuple[str, ...] = (), progress: bool = True,
+                image_labels: dict[str, list[int]] | None = None,
+                image_labels_file: str | Path | None = None) -> dict[str, list[str]]:
     """Write the VOC tree at ``source`` into the prepared folder ``root``; returns split -> image ids.
 
     Images without any foreground class are left out of the splits in ``drop_unlabelled_from``
     (the training split: its classifier needs at least one label per image).
+    ``image_labels`` (read from ``image_labels_file``, MCTformer's ``cls_labels.npy``): the image-level
+    labels; every listed image needs an entry, and a GT mask becomes optional (copied when present).
     """
     source, root = Path(source), Path(root)
-    for folder in (source, source / "JPEGImages", source / mask_dir):
+    required = (source, source / "JPEGImages") if image_labels is not None else (
+        source, source / "JPEGImages", source / mask_dir)
+    for folder in required:
         if not folder.is_dir():
             raise DatasetError(f"{folder}: VOC folder not found (dataset.source / dataset.voc_mask_dir)")
+    (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
     ids_by_split = {split: read_split_list(find_split_list(source, split)) for split in splits}
 
     labels: dict[str, list[int]] = {}
@@ -92,12 +101,17 @@ def prepare_voc(source: str | Path, root: str | Path, splits: list[str], mask_di
         if not image_path.is_file():
             listed_in = [split for split, ids in ids_by_split.items() if image_id in ids]
             raise DatasetError(f"{image_path}: image listed in split {listed_in[0]!r} is absent")
+        if image_labels is not None and image_id not in image_labels:
+            listed_in = [split for split, ids in ids_by_split.items() if image_id in ids]
+            raise DatasetError(f"{image_labels_file}: no labels for image {image_id} (listed in split "
+                               f"{listed_in[0]!r})")
         image = read_image(image_path)
-        mask = read_mask(mask_path)
-        check_mask(mask, mask_path, image.shape[:2], len(VOC_CLASS_NAMES))
         link_or_copy(image_path, root / "JPEGImages" / f"{image_id}.jpg")
-        write_mask(root / "SegmentationClass" / f"{image_id}.png", mask)
-        labels[image_id] = labels_from_mask(mask)
+        if image_labels is None or mask_path.is_file():
+            mask = read_mask(mask_path)
+            check_mask(mask, mask_path, image.shape[:2], len(VOC_CLASS_NAMES))
+            write_mask(root / "SegmentationClass" / f"{image_id}.png", mask)
+        labels[image_id] = labels_from_mask(mask) if image_labels is None else list(image_labels[image_id])
 
     kept_by_split = {}
     for split, ids in ids_by_split.items():

@@ -57,6 +57,10 @@ def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> list[float | 
     return [float(n / d) if d > 0 else None for n, d in zip(numerator, denominator)]
 
 
+NOT_SCORED_NO_GT = "not scored: no GT"
+"""The ``not_scored`` note of a metrics file whose split has no GT mask (label-only data): ``miou`` is null."""
+
+
 def iou_report(confusion: np.ndarray) -> IouReport:
     """IoU_k = TP / (TP + FP + FN) from a (K, K) confusion matrix; mean over defined classes."""
     confusion = confusion.astype(np.float64)

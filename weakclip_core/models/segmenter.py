@@ -1,4 +1,5 @@
-"""The fully-supervised segmenter retrained on pseudo masks (or GT): smp DeepLabV3+ or SegFormer.
+"""The fully-supervised segmenter retrained on pseudo masks (or GT): smp DeepLabV3+ or SegFormer, or
+DeepLabV2 (``deeplabv2.py``: torchvision ResNet-101 at output stride 8 + ASPP, the WSSS tables' retraining).
 
 DeepLabV3+ takes ResNet encoders (``resnet18``/``resnet50``/``tu-…``), SegFormer the MiT encoders
 (``mit_b0``..``mit_b5``). ImageNet encoder weights cannot be downloaded here: ``seg.encoder_weights``
@@ -17,8 +18,9 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from weakclip_core.config.schema import build_dataclass, to_plain
+from weakclip_core.config.schema import build_dataclass, given_path, to_plain
 from weakclip_core.config.seg import SegConfig
+from weakclip_core.models.deeplabv2 import DeepLabV2
 from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip_core.artifacts.state_dict import unwrap_state_dict
 from weakclip_core.artifacts.model_file import load_torch_file
@@ -38,9 +40,11 @@ def build_segmenter(cfg: SegConfig, n_classes: int, encoder_weights: bool = True
         model: nn.Module = smp.DeepLabV3Plus(encoder_name=cfg.encoder, encoder_weights=None, classes=n_classes)
     elif cfg.model == "segformer":
         model = smp.Segformer(encoder_name=cfg.encoder, encoder_weights=None, classes=n_classes)
-    else:  # the config schema only admits the two families
-        raise ValueError(f"unknown model family {cfg.model!r} (deeplabv3plus | segformer)")
-    if encoder_weights and cfg.encoder_weights:
+    elif cfg.model == "deeplabv2":
+        model = DeepLabV2(n_classes, cfg.encoder)
+    else:  # the config schema only admits these families
+        raise ValueError(f"unknown model family {cfg.model!r} (deeplabv3plus | segformer | deeplabv2)")
+    if encoder_weights and given_path(cfg.encoder_weights):
         load_encoder_weights(model, cfg.encoder_weights)
     return model
 
@@ -67,9 +71,24 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
         raise SegmenterWeightsError(f"{path} does not fit the encoder: {str(error)[:500]}") from None
 
 
+def parameter_groups(model: nn.Module, head_lr_mult: float) -> list[dict[str, Any]] | Any:
+    """The optimizer's parameters: one group when ``head_lr_mult`` is 1, else the encoder at lr and
+    everything else (decoder, ASPP / segmentation head) at ``lr * head_lr_mult`` (``lr_scale``, which
+    ``training.schedules.set_lr`` applies)."""
+    if head_lr_mult == 1.0:
+        return model.parameters()
+    encoder_ids = {id(parameter) for parameter in model.encoder.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) in encoder_ids], "lr_scale": 1.0},
+            {"params": [p for p in model.parameters() if id(p) not in encoder_ids], "lr_scale": head_lr_mult}]
+
+
 def segmenter_record(cfg: SegConfig, class_names: list[str]) -> dict[str, Any]:
     """What ``artifacts/seg/<source>/model.pt`` stores besides the weights, to rebuild the model."""
-    return {"seg": to_plain(cfg), "class_names": list(class_names),
+    seg = to_plain(cfg)
+    seg["encoder_weights"] = given_path(cfg.encoder_weights) or ""  # "none" recorded as before the placeholder
+    if cfg.train.head_lr_mult == 1.0:  # recorded only when used: a default run's file stays byte for byte as before
+        seg["train"].pop("head_lr_mult")
+    return {"seg": seg, "class_names": list(class_names),
             "mean": list(SEGMENTER_MEAN), "std": list(SEGMENTER_STD)}
 
 

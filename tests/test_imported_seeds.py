@@ -1,0 +1,149 @@
+"""Issue #18, item 2 (+ item 6 for seeds): CAMs imported from MCTformer's ``--cam-npy-dir`` dump and pseudo masks
+imported from a PNG folder, on fixture trees written here in the reference's formats."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_voc import CLASS_NAMES, _blurred_cam, write_tiny_voc  # noqa: E402
+
+from pipeline.cam_infer import CamInferPaths, infer_cams  # noqa: E402
+from pipeline.weakclip_train import imported_seed_masks  # noqa: E402
+from weakclip_core.artifacts.cam_store import CamStoreReader  # noqa: E402
+from weakclip_core.config import params_from_dict  # noqa: E402
+from weakclip_core.config.schema import ConfigError  # noqa: E402
+from weakclip_core.data.imports import ImportedSeedError  # noqa: E402
+from weakclip_core.data.layout import PreparedDataset, write_mask  # noqa: E402
+
+
+def write_mctformer_dump(dataset: PreparedDataset, folder: Path) -> dict[str, dict[int, np.ndarray]]:
+    """One ``<id>.npy`` per train image as the reference's engine.py writes it: ``np.save`` of a dict
+    0-based foreground class index -> (H, W) float32 map, min-max normalised, labelled classes only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dumps = {}
+    for image_id in dataset.split("train"):
+        gt = dataset.mask(image_id)
+        cam_dict = {}
+        for class_index in dataset.labels[image_id]:
+            cam = _blurred_cam(gt == class_index).astype(np.float32)
+            cam_dict[class_index - 1] = (cam - cam.min()) / (cam.max() - cam.min() + 1e-8)
+        np.save(folder / f"{image_id}.npy", cam_dict)
+        dumps[image_id] = cam_dict
+    return dumps
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> tuple[Path, PreparedDataset]:
+    root = tmp_path / "data"
+    write_tiny_voc(root, n_train=6, n_val=2, size=32)
+    return tmp_path, PreparedDataset.open(root)
+
+
+def _params(tmp_path: Path, folder: Path) -> object:
+    return params_from_dict({"runtime": {"device": "cpu"},
+                             "dataset": {"prepared_dir": str(tmp_path / "data")},
+                             "cam": {"source": "npy_folder", "npy_folder": str(folder),
+                                     "infer": {"threshold_start": 0.0, "threshold_stop": 0.5,
+                                               "threshold_step": 0.1}}})
+
+
+def _paths(tmp_path: Path) -> CamInferPaths:
+    return CamInferPaths(model=tmp_path / "absent_model.pt", store=tmp_path / "cams" / "train.h5",
+                         metrics=tmp_path / "metrics" / "cam.json", curve=tmp_path / "plots" / "curve.csv")
+
+
+def test_an_mctformer_dump_goes_into_the_cam_store_and_threshold_curve(tiny) -> None:
+    tmp_path, dataset = tiny
+    dumps = write_mctformer_dump(dataset, tmp_path / "cam_npy")
+    paths = _paths(tmp_path)
+    metrics = infer_cams(_params(tmp_path, tmp_path / "cam_npy"), paths, show_progress=False)  # no model needed
+    store = CamStoreReader(paths.store)
+    for image_id, cam_dict in dumps.items():
+        classes, cams = store.read(image_id)
+        assert classes == [key + 1 for key in sorted(cam_dict)]
+        np.testing.assert_allclose(cams, np.stack([cam_dict[key] for key in sorted(cam_dict)]), atol=1e-3)
+    assert metrics["variant"] == "imported" and metrics["source"] == "npy_folder"
+    assert metrics["n_images"] == 6 and metrics["threshold_chosen_with_gt"] is True and metrics["miou"] > 0.5
+    with paths.curve.open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["threshold"] for row in rows] == ["0.0000", "0.1000", "0.2000", "0.3000", "0.4000", "0.5000"]
+    assert max(float(row["miou"]) for row in rows) == pytest.approx(metrics["miou"], abs=1e-6)
+
+
+def _wrong_shape(folder: Path, image_id: str, dump: dict) -> str:
+    key = next(iter(dump))
+    np.save(folder / f"{image_id}.npy", {**dump, key: np.zeros((5, 7), dtype=np.float32)})
+    return f"class {key} map is (5, 7), the image is (32, 32) (H, W)"
+
+
+def _wrong_keys(folder: Path, image_id: str, dump: dict) -> str:
+    extra = next(c for c in range(len(CLASS_NAMES) - 1) if c not in dump)
+    np.save(folder / f"{image_id}.npy", {**dump, extra: np.zeros((32, 32), dtype=np.float32)})
+    return "but the image's labels are the 0-based classes"
+
+
+def _an_array_not_a_dict(folder: Path, image_id: str, dump: dict) -> str:
+    np.save(folder / f"{image_id}.npy", np.zeros((3, 32, 32), dtype=np.float32))
+    return "expected MCTformer's CAM dump"
+
+
+def _missing(folder: Path, image_id: str, dump: dict) -> str:
+    (folder / f"{image_id}.npy").unlink()
+    return "CAM dump not found"
+
+
+@pytest.mark.parametrize("breaker", [_wrong_shape, _wrong_keys, _an_array_not_a_dict, _missing])
+def test_a_bad_cam_dump_is_one_line_naming_the_file_and_writes_nothing(tiny, breaker) -> None:
+    tmp_path, dataset = tiny
+    dumps = write_mctformer_dump(dataset, tmp_path / "cam_npy")
+    image_id = dataset.split("train")[3]
+    words = breaker(tmp_path / "cam_npy", image_id, dumps[image_id])
+    paths = _paths(tmp_path)
+    with pytest.raises(ImportedSeedError) as caught:
+        infer_cams(_params(tmp_path, tmp_path / "cam_npy"), paths, show_progress=False)
+    message = str(caught.value)
+    assert message.startswith(str(tmp_path / "cam_npy" / f"{image_id}.npy")) and words in message
+    assert "\n" not in message
+    assert not paths.store.exists() and not paths.metrics.exists()
+    assert [p.name for p in paths.store.parent.iterdir()] == []  # no temporary left either
+
+
+def test_npy_folder_needs_a_folder() -> None:
+    with pytest.raises(ConfigError, match="cam.npy_folder: required when source is 'npy_folder'"):
+        params_from_dict({"cam": {"source": "npy_folder"}})
+    with pytest.raises(ConfigError, match="weakclip.seeds.mask_folder: required"):
+        params_from_dict({"weakclip": {"seeds": {"source": "mask_folder"}}})
+
+
+def test_imported_pseudo_masks_are_the_seeds(tiny) -> None:
+    tmp_path, dataset = tiny
+    folder = tmp_path / "pseudo"
+    image_ids = dataset.split("train")
+    for image_id in image_ids:
+        mask = dataset.mask(image_id).copy()
+        mask[0, 0] = 255
+        write_mask(folder / f"{image_id}.png", mask)
+    seeds = imported_seed_masks(folder, dataset, image_ids, show_progress=False)
+    for image_id in image_ids:
+        assert seeds[image_id][0, 0] == 255
+        np.testing.assert_array_equal(seeds[image_id][1:], dataset.mask(image_id)[1:])
+
+
+def test_a_pseudo_mask_of_the_wrong_size_names_the_file(tiny) -> None:
+    tmp_path, dataset = tiny
+    folder = tmp_path / "pseudo"
+    image_ids = dataset.split("train")
+    for image_id in image_ids:
+        write_mask(folder / f"{image_id}.png", dataset.mask(image_id))
+    write_mask(folder / f"{image_ids[2]}.png", np.zeros((16, 20), dtype=np.uint8))
+    with pytest.raises(ImportedSeedError) as caught:
+        imported_seed_masks(folder, dataset, image_ids, show_progress=False)
+    assert str(caught.value) == (f"{folder / (image_ids[2] + '.png')}: mask is 20x16 but its image is 32x32 "
+                                 "(width x height)")

@@ -1,0 +1,273 @@
+"""Issue #18, item 1 (+ item 6 for labels): label-only datasets on fixture trees written here, one in each
+real format: VOC with MCTformer's ``cls_labels.npy`` (a pickled dict id -> 20 float32, as the file in
+xulianuwa/MCTformer ``voc12/cls_labels.npy``) and the plain custom layout with ``labels.csv`` /
+``labels.json``; GT masks present for some images only, or none."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.prepare import run
+from weakclip_core.config import params_from_dict
+from weakclip_core.data.labels_only import prepare_custom, read_cls_labels_npy
+from weakclip_core.data.layout import DatasetError, PreparedDataset, voc_palette
+from weakclip_core.data.voc import VOC_CLASS_NAMES, prepare_voc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _jpeg(path: Path, seed: int, size: tuple[int, int] = (12, 16)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+
+
+def _palette_png(path: Path, mask: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image.putpalette(voc_palette())
+    image.save(path, format="PNG")
+
+
+def _cls_labels_npy(path: Path, labels: dict[str, list[int]]) -> Path:
+    """MCTformer's format: ``np.save`` of a dict id -> float32 multi-hot over the 20 foreground classes."""
+    data = {}
+    for image_id, classes in labels.items():
+        vector = np.zeros(20, dtype=np.float32)
+        vector[[c - 1 for c in classes]] = 1.0
+        data[image_id] = vector
+    np.save(path, data)
+    return path
+
+
+VOC_LABELS = {"2007_000001": [12, 15], "2007_000002": [1], "2007_000003": [7], "2008_000004": [3, 20]}
+
+
+def _voc_label_only_tree(root: Path) -> Path:
+    """JPEGs of four images, a GT mask for one of them only (the other three are label-only)."""
+    for number, image_id in enumerate(VOC_LABELS):
+        _jpeg(root / "JPEGImages" / f"{image_id}.jpg", number)
+    mask = np.zeros((12, 16), dtype=np.uint8)
+    mask[2:6, 3:9] = 7
+    _palette_png(root / "SegmentationClass" / "2007_000003.png", mask)
+    lists = root / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    (lists / "train.txt").write_text("2007_000001\n2007_000002\n2008_000004\n")
+    (lists / "val.txt").write_text("2007_000003\n")
+    return root
+
+
+def test_the_reference_cls_labels_format_reads_as_class_indices(tmp_path: Path) -> None:
+    path = _cls_labels_npy(tmp_path / "cls_labels.npy", VOC_LABELS)
+    loaded = np.load(path, allow_pickle=True)
+    assert loaded.shape == () and loaded.dtype == object  # the reference's 0-d object array
+    assert read_cls_labels_npy(path, 20) == VOC_LABELS
+
+
+def test_voc_with_cls_labels_keeps_images_without_gt(tmp_path: Path) -> None:
+    source = _voc_label_only_tree(tmp_path / "VOC2012")
+    labels_file = _cls_labels_npy(tmp_path / "cls_labels.npy", {**VOC_LABELS, "2011_999999": [5]})  # extra: ignored
+    prepared_dir = tmp_path / "prepared"
+    params = params_from_dict({"dataset": {"name": "voc", "source": str(source), "prepared_dir": str(prepared_dir),
+                                           "voc_cls_labels": str(labels_file)}})
+    run(params, preview_path=tmp_path / "preview.png", progress=False)
+    dataset = PreparedDataset.open(prepared_dir)
+    assert dataset.class_names == VOC_CLASS_NAMES
+    assert dataset.labels == VOC_LABELS
+    assert dataset.split("train") == ["2007_000001", "2007_000002", "2008_000004"]
+    assert [image_id for image_id in VOC_LABELS if dataset.has_mask(image_id)] == ["2007_000003"]
+    assert (prepared_dir / "SegmentationClass").is_dir()
+
+
+@pytest.mark.parametrize("vector, words", [(np.ones(21, dtype=np.float32), "shape (21,)"),
+                                            (np.full(20, 0.5, dtype=np.float32), "0 or 1")])
+def test_a_cls_labels_entry_of_the_wrong_shape_names_the_file_and_image(tmp_path: Path, vector, words) -> None:
+    path = tmp_path / "cls_labels.npy"
+    np.save(path, {"2007_000001": np.zeros(20, dtype=np.float32), "2007_000002": vector})
+    with pytest.raises(DatasetError) as caught:
+        read_cls_labels_npy(path, 20)
+    assert str(path) in str(caught.value) and "2007_000002" in str(caught.value) and words in str(caught.value)
+
+
+def test_a_listed_voc_image_without_cls_labels_names_the_labels_file(tmp_path: Path) -> None:
+    source = _voc_label_only_tree(tmp_path / "VOC2012")
+    labels = dict(VOC_LABELS)
+    del labels["2008_000004"]
+    labels_file = _cls_labels_npy(tmp_path / "cls_labels.npy", labels)
+    with pytest.raises(DatasetError) as caught:
+        prepare_voc(source, tmp_path / "prepared", ["train", "val"], progress=False,
+                    image_labels=read_cls_labels_npy(labels_file, 20), image_labels_file=labels_file)
+    assert str(caught.value) == f"{labels_file}: no labels for image 2008_000004 (listed in split 'train')"
+
+
+# ------------------------------------------------------------------------------------------------ custom
+
+CUSTOM_CLASSES = ["kiwi", "lime", "plum"]
+CUSTOM_LABELS = {"a1": ["kiwi"], "a2": ["lime", "plum"], "a3": ["plum"], "b1": ["kiwi", "lime"], "b2": []}
+
+
+def write_custom_tree(root: Path, labels: dict[str, list[str]] = CUSTOM_LABELS, fmt: str = "csv",
+                      masks: dict[str, np.ndarray] | None = None, train: tuple[str, ...] = ("a1", "a2", "a3"),
+                      val: tuple[str, ...] = ("b1", "b2"), size: tuple[int, int] = (12, 16)) -> Path:
+    """The plain layout of README "Your own data"; ``a2`` is a PNG image, the others JPEGs."""
+    for number, image_id in enumerate(labels):
+        if image_id == "a2":
+            (root / "images").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((*size, 3), 90, dtype=np.uint8)).save(root / "images" / "a2.png")
+        else:
+            _jpeg(root / "images" / f"{image_id}.jpg", number, size)
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in CUSTOM_CLASSES))
+    if fmt == "csv":
+        (root / "labels.csv").write_text("image_id,classes\n" + "".join(
+            f"{image_id},{';'.join(names)}\n" for image_id, names in labels.items()))
+    else:
+        (root / "labels.json").write_text(json.dumps(labels))
+    (root / "splits").mkdir(exist_ok=True)
+    (root / "splits" / "train.txt").write_text("".join(f"{i}\n" for i in train))
+    (root / "splits" / "val.txt").write_text("".join(f"{i}\n" for i in val))
+    for image_id, mask in (masks or {}).items():
+        _palette_png(root / "masks" / f"{image_id}.png", mask)
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_custom_layout_in_both_label_formats(tmp_path: Path, fmt: str) -> None:
+    mask = np.zeros((12, 16), dtype=np.uint8)
+    mask[1:5, 2:9] = 1
+    source = write_custom_tree(tmp_path / "mine", fmt=fmt, masks={"b1": mask})
+    prepared = tmp_path / "prepared"
+    splits = prepare_custom(source, prepared, ["train", "val"], drop_unlabelled_from=("train",), progress=False)
+    assert splits == {"train": ["a1", "a2", "a3"], "val": ["b1", "b2"]}
+    dataset = PreparedDataset.open(prepared)
+    assert dataset.class_names == ["background", *CUSTOM_CLASSES]
+    assert dataset.labels == {"a1": [1], "a2": [2, 3], "a3": [3], "b1": [1, 2], "b2": []}
+    assert dataset.image("a2").shape == (12, 16, 3)  # the PNG image became a JPEG of the same size
+    assert [i for i in dataset.labels if dataset.has_mask(i)] == ["b1"]
+    np.testing.assert_array_equal(dataset.mask("b1"), mask)
+
+
+def test_custom_without_any_mask_prepares_through_the_stage(tmp_path: Path) -> None:
+    source = write_custom_tree(tmp_path / "mine")
+    prepared_dir = tmp_path / "prepared"
+    params = params_from_dict({"dataset": {"name": "custom", "source": str(source),
+                                           "prepared_dir": str(prepared_dir)}})
+    run(params, preview_path=tmp_path / "preview.png", progress=False)
+    assert (prepared_dir / "SegmentationClass").is_dir()
+    assert list((prepared_dir / "SegmentationClass").iterdir()) == []
+
+
+def _unknown_class(root: Path) -> tuple[Path, str]:
+    write_custom_tree(root, labels={**CUSTOM_LABELS, "a3": ["plum", "pear"]})
+    return root / "labels.csv", "labels.csv:4: image a3 has unknown class 'pear' (classes.txt lists: kiwi, lime, plum)"
+
+
+def _unknown_class_json(root: Path) -> tuple[Path, str]:
+    write_custom_tree(root, labels={**CUSTOM_LABELS, "a3": ["Plum"]}, fmt="json")
+    return root / "labels.json", "labels.json: image a3 has unknown class 'Plum'"
+
+
+def _image_without_labels(root: Path) -> tuple[Path, str]:
+    labels = dict(CUSTOM_LABELS)
+    del labels["a2"]
+    write_custom_tree(root, labels=labels)
+    _jpeg(root / "images" / "a2.jpg", 9)
+    return root / "labels.csv", "labels.csv: no labels for image a2 (listed in"
+
+
+def _image_absent(root: Path) -> tuple[Path, str]:
+    write_custom_tree(root)
+    (root / "images" / "a3.jpg").unlink()
+    return root / "images" / "a3.jpg", "image listed in"
+
+
+def _mask_of_wrong_size(root: Path) -> tuple[Path, str]:
+    write_custom_tree(root, masks={"a1": np.zeros((10, 10), dtype=np.uint8)})
+    return root / "masks" / "a1.png", "mask is 10x10 but its image is 16x12"
+
+
+def _two_label_files(root: Path) -> tuple[Path, str]:
+    write_custom_tree(root)
+    (root / "labels.json").write_text("{}")
+    return root / "labels.csv", "both of labels.csv and labels.json found"
+
+
+@pytest.mark.parametrize("breaker", [_unknown_class, _unknown_class_json, _image_without_labels, _image_absent,
+                                     _mask_of_wrong_size, _two_label_files])
+def test_a_bad_custom_input_is_one_line_naming_the_file(tmp_path: Path, breaker) -> None:
+    bad_path, words = breaker(tmp_path / "mine")
+    prepared_dir = tmp_path / "prepared"
+    params = params_from_dict({"dataset": {"name": "custom", "source": str(tmp_path / "mine"),
+                                           "prepared_dir": str(prepared_dir)}})
+    with pytest.raises(DatasetError) as caught:
+        run(params, preview_path=tmp_path / "preview.png", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and str(bad_path) in message and words.split(": ", 1)[-1] in message, message
+    assert not prepared_dir.exists()  # nothing written under the final name
+
+
+# ------------------------------------------------------------------------------------------------ COCO
+
+
+def _hustvl_layout(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """The COCO fixture of test_real_datasets moved into hustvl/WeakCLIP's ``COCO14/images/<split>2014``."""
+    from test_real_datasets import _coco_tree
+
+    source, expected = _coco_tree(tmp_path / "COCO14")
+    (source / "images").mkdir()
+    for folder in ("train2014", "val2014"):
+        (source / folder).rename(source / "images" / folder)
+    return source, expected
+
+
+def test_coco_in_the_hustvl_layout(tmp_path: Path) -> None:
+    from weakclip_core.data.coco import prepare_coco
+
+    source, expected = _hustvl_layout(tmp_path)
+    prepare_coco(source, tmp_path / "prepared", ["train", "val"], progress=False)
+    dataset = PreparedDataset.open(tmp_path / "prepared")
+    for image_id, mask in expected.items():
+        np.testing.assert_array_equal(dataset.mask(image_id), mask)
+
+
+CATEGORY_OF_CLASS = {1: 1, 2: 3, 3: 18}  # the fixture's categories: person 1, car 3, dog 18
+
+
+@pytest.mark.parametrize("encoding", ["contiguous", "category_id"])
+def test_coco_pre_rendered_masks_in_either_encoding(tmp_path: Path, encoding: str) -> None:
+    from weakclip_core.data.coco import prepare_coco
+
+    source, expected = _hustvl_layout(tmp_path)
+    masks_dir = tmp_path / "class_labels"
+    for image_id, mask in expected.items():
+        rendered = mask.copy()
+        if encoding == "category_id":  # the raw COCO ids, as the reference's 91-class masks
+            for class_index, category_id in CATEGORY_OF_CLASS.items():
+                rendered[mask == class_index] = category_id
+        _palette_png(masks_dir / f"{image_id.split('_')[-1]}.png", rendered)  # parse_coco.py's file names
+    params = params_from_dict({"dataset": {"name": "coco", "source": str(source), "prepared_dir": str(tmp_path / "p"),
+                                           "coco_masks": str(masks_dir), "coco_mask_encoding": encoding}})
+    run(params, preview_path=tmp_path / "preview.png", progress=False)
+    dataset = PreparedDataset.open(tmp_path / "p")
+    for image_id, mask in expected.items():
+        np.testing.assert_array_equal(dataset.mask(image_id), mask)
+        assert dataset.labels[image_id] == sorted(set(np.unique(mask).tolist()) - {0, 255})
+
+
+def test_a_pre_rendered_mask_in_the_wrong_encoding_names_the_file(tmp_path: Path) -> None:
+    from weakclip_core.data.coco import prepare_coco
+
+    source, expected = _hustvl_layout(tmp_path)
+    masks_dir = tmp_path / "masks"
+    for image_id, mask in expected.items():
+        _palette_png(masks_dir / f"{image_id}.png", mask)  # contiguous 1..3, read as category ids: 2 is no id
+    with pytest.raises(DatasetError) as caught:
+        prepare_coco(source, tmp_path / "prepared", ["train", "val"], progress=False, masks_dir=masks_dir,
+                     mask_encoding="category_id")
+    assert str(caught.value).startswith(f"{masks_dir / 'COCO_train2014_000000000001.png'}: value 2 is not a COCO "
+                                        "category id")

@@ -1,0 +1,73 @@
+"""Seeds made elsewhere: MCTformer CAM dumps (``cam.source: npy_folder``) and pseudo-mask PNGs
+(``weakclip.seeds.source: mask_folder``), read and checked image by image.
+
+**CAM dump** (xulianuwa/MCTformer ``engine.py``, ``--cam-npy-dir``): one ``<id>.npy`` per image, written by
+``np.save`` of a dict ``{foreground class index (0-based, class c = key + 1): (H, W) float map}`` holding the
+image's labelled classes only, each map min-max normalised to [0, 1] at the image's size. Read with
+``np.load(..., allow_pickle=True).item()``.
+
+**Pseudo masks**: one ``<id>.png`` per train image, palette or greyscale, class indices 0..K-1 (0 background),
+255 unlabelled, at the image's size (the reference trains WeakCLIP on such masks, e.g. MCTformer's
+``SegmentationClassAugPseudoMaskMCT``).
+
+A file that is missing, unreadable, of the wrong shape or with the wrong keys raises ``ImportedSeedError``
+naming it; nothing is written under a final name before every file has been read.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from weakclip_core.data.layout import IGNORE_INDEX, DatasetError, check_mask, read_mask
+
+
+class ImportedSeedError(DatasetError):
+    """An imported CAM dump or pseudo mask is missing or does not fit its image; the message names the file."""
+
+
+def read_mctformer_cam(path: Path, classes: list[int], image_shape: tuple[int, int]) -> np.ndarray:
+    """The ``(len(classes), H, W)`` float32 CAMs in [0, 1] of one dump, in the order of ``classes`` (the image's
+    foreground labels, 1-based). The dump's keys must be exactly the labels' 0-based indices."""
+    if not path.is_file():
+        raise ImportedSeedError(f"{path}: CAM dump not found (cam.npy_folder needs <id>.npy for every train image)")
+    try:
+        loaded = np.load(path, allow_pickle=True)
+        data = loaded.item() if isinstance(loaded, np.ndarray) and loaded.shape == () else loaded
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as error:
+        raise ImportedSeedError(f"{path}: unreadable CAM dump ({error})") from None
+    if not isinstance(data, dict):
+        raise ImportedSeedError(f"{path}: expected MCTformer's CAM dump (a dict 0-based class index -> (H, W) "
+                                f"map), got {type(data).__name__} of shape {getattr(data, 'shape', '?')}")
+    keys = sorted(int(key) if isinstance(key, (int, np.integer)) else key for key in data)
+    expected = [c - 1 for c in classes]
+    if keys != expected:
+        raise ImportedSeedError(f"{path}: keys {keys} but the image's labels are the 0-based classes {expected}")
+    maps = []
+    for class_index in classes:
+        cam = np.asarray(data[class_index - 1], dtype=np.float32)
+        if cam.shape != tuple(image_shape):
+            raise ImportedSeedError(f"{path}: class {class_index - 1} map is {cam.shape}, the image is "
+                                    f"{tuple(image_shape)} (H, W)")
+        if not np.isfinite(cam).all():
+            raise ImportedSeedError(f"{path}: class {class_index - 1} map holds NaN or infinity")
+        maps.append(np.clip(cam, 0.0, 1.0))
+    return np.stack(maps) if maps else np.zeros((0, *image_shape), dtype=np.float32)
+
+
+def read_pseudo_mask(path: Path, image_shape: tuple[int, int], n_classes: int, classes: list[int]) -> np.ndarray:
+    """One imported pseudo mask, checked for size and class range; pixels of a class the image is not
+    labelled with become 255 (unlabelled), as the seeds never name an absent class."""
+    if not path.is_file():
+        raise ImportedSeedError(f"{path}: pseudo mask not found (weakclip.seeds.mask_folder needs <id>.png for "
+                                "every train image)")
+    mask = read_mask(path)
+    try:
+        check_mask(mask, path, image_shape, n_classes)
+    except DatasetError as error:
+        raise ImportedSeedError(str(error)) from None
+    allowed = np.zeros(256, dtype=bool)
+    allowed[[0, IGNORE_INDEX, *classes]] = True
+    return np.where(allowed[mask], mask, IGNORE_INDEX).astype(np.uint8)

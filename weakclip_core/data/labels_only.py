@@ -1,0 +1,198 @@
+"""Label-only datasets: image-level labels without a GT mask per image (README "Your own data").
+
+Two sources:
+
+- **VOC + MCTformer's ``cls_labels.npy``** (``dataset.voc_cls_labels``): a NumPy file holding a pickled
+  0-d object array whose ``.item()`` is a dict ``image id -> float vector of 20``, a multi-hot over VOC's
+  foreground classes in index order (entry ``c - 1`` for class ``c``; background is not in it).
+  ``read_cls_labels_npy`` reads and checks it; ``voc.prepare_voc`` uses it.
+- **Your own folder** (``dataset.name: custom``; ``prepare_custom``)::
+
+      <source>/images/<id>.jpg|.jpeg|.png    the images
+      <source>/classes.txt                   foreground class names, one a line, in class-index order (1..K-1)
+      <source>/labels.csv | labels.json      image id -> class names (exactly one of the two)
+      <source>/splits/<split>.txt            image ids, one a line (train_split and val_split at least)
+      <source>/masks/<id>.png                optional GT masks: palette or greyscale PNG of class indices
+                                             (0 background, i = line i of classes.txt, 255 ignore)
+
+  ``labels.csv``: one row per image, ``<id>,<name>;<name>...`` (an optional header ``image_id,classes``;
+  an empty second column = no foreground class). ``labels.json``: ``{"<id>": ["<name>", ...], ...}``.
+
+Every image listed in a split needs a labels entry; a class name not in the class list, an id that is not a
+plain file name or a malformed row stops ``prepare`` with ``DatasetError`` naming the file (and line).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from weakclip_core.data.layout import (DatasetError, check_image_id, check_mask, read_image, read_mask,
+                                       write_image, write_labels, write_mask, write_split)
+from weakclip_core.data.voc import link_or_copy
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+CLASS_LIST = "classes.txt"
+LABEL_FILES = ("labels.csv", "labels.json")
+
+
+def read_cls_labels_npy(path: str | Path, n_foreground: int) -> dict[str, list[int]]:
+    """MCTformer's ``cls_labels.npy`` as ``id -> sorted class indices (1..n_foreground)``; ``DatasetError``
+    names the file (and the image) when it is not a dict of ``n_foreground``-long 0/1 vectors."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: cls_labels file not found (dataset.voc_cls_labels)")
+    try:
+        loaded = np.load(path, allow_pickle=True)
+        data = loaded.item() if isinstance(loaded, np.ndarray) and loaded.shape == () else loaded
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as error:
+        raise DatasetError(f"{path}: unreadable cls_labels file ({error})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a pickled dict image id -> {n_foreground} floats "
+                           f"(MCTformer's cls_labels.npy), got {type(data).__name__}")
+    labels: dict[str, list[int]] = {}
+    for image_id, vector in data.items():
+        check_image_id(image_id, path)
+        values = np.asarray(vector)
+        if values.shape != (n_foreground,) or not np.isin(values, (0, 1)).all():
+            raise DatasetError(f"{path}: image {image_id} has labels of shape {values.shape} "
+                               f"{values.tolist()[:4]}..., expected {n_foreground} values of 0 or 1")
+        labels[image_id] = [int(index) + 1 for index in np.flatnonzero(values)]
+    return labels
+
+
+def read_class_list(path: Path) -> list[str]:
+    """``["background", *names]`` from ``classes.txt`` (a leading ``background`` line is accepted)."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: class list not found (one foreground class name a line)")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if names and names[0] == "background":
+        names = names[1:]
+    if not names:
+        raise DatasetError(f"{path}: class list is empty")
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated or "background" in names:
+        raise DatasetError(f"{path}: class {(duplicated or ['background'])[0]!r} is listed twice")
+    return ["background", *names]
+
+
+def _class_indices(names: list[str], class_names: list[str], where: str, image_id: str) -> list[int]:
+    indices = []
+    for name in names:
+        if name not in class_names[1:]:
+            raise DatasetError(f"{where}: image {image_id} has unknown class {name!r} (classes.txt lists: "
+                               f"{', '.join(class_names[1:11])}{' ...' if len(class_names) > 11 else ''})")
+        indices.append(class_names.index(name))
+    return sorted(set(indices))
+
+
+def read_labels_file(path: Path, class_names: list[str]) -> dict[str, list[int]]:
+    """``labels.csv`` or ``labels.json`` (module docstring) as ``id -> class indices``, checked."""
+    labels: dict[str, list[int]] = {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: unreadable labels file ({error})") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise DatasetError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise DatasetError(f"{path}: expected a JSON object image id -> list of class names")
+        for image_id, names in data.items():
+            check_image_id(image_id, path)
+            if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+                raise DatasetError(f"{path}: image {image_id}: expected a list of class names, got "
+                                   f"{json.dumps(names)[:40]}")
+            labels[image_id] = _class_indices(names, class_names, str(path), image_id)
+        return labels
+    for line_number, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or not "".join(row).strip():
+            continue
+        if line_number == 1 and [cell.strip() for cell in row] == ["image_id", "classes"]:
+            continue
+        if len(row) != 2:
+            raise DatasetError(f"{path}:{line_number}: expected 2 columns '<id>,<name>;<name>', got {len(row)}")
+        image_id = check_image_id(row[0].strip(), f"{path}:{line_number}")
+        if image_id in labels:
+            raise DatasetError(f"{path}:{line_number}: image {image_id} is listed twice")
+        names = [name.strip() for name in row[1].split(";") if name.strip()]
+        labels[image_id] = _class_indices(names, class_names, f"{path}:{line_number}", image_id)
+    return labels
+
+
+def _labels_file(source: Path) -> Path:
+    present = [source / name for name in LABEL_FILES if (source / name).is_file()]
+    if len(present) != 1:
+        raise DatasetError(f"{source / LABEL_FILES[0]}: {'both' if present else 'neither'} of "
+                           f"{' and '.join(LABEL_FILES)} found; give exactly one labels file")
+    return present[0]
+
+
+def _image_file(images: Path, image_id: str, listed_in: Path) -> Path:
+    for suffix in IMAGE_SUFFIXES:
+        candidate = images / f"{image_id}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise DatasetError(f"{images / (image_id + IMAGE_SUFFIXES[0])}: image listed in {listed_in} is absent "
+                       f"(looked for {', '.join(IMAGE_SUFFIXES)})")
+
+
+def prepare_custom(source: str | Path, root: str | Path, splits: list[str],
+                   drop_unlabelled_from: tuple[str, ...] = (), progress: bool = True) -> dict[str, list[str]]:
+    """Write the custom dataset at ``source`` into the prepared folder ``root``; returns split -> ids.
+
+    Images whose labels list no class are left out of the splits in ``drop_unlabelled_from`` (as VOC's)."""
+    source, root = Path(source), Path(root)
+    images = source / "images"
+    if not images.is_dir():
+        raise DatasetError(f"{images}: images folder not found (dataset.source; README 'Your own data')")
+    class_names = read_class_list(source / CLASS_LIST)
+    labels_path = _labels_file(source)
+    all_labels = read_labels_file(labels_path, class_names)
+    ids_by_split: dict[str, list[str]] = {}
+    for split in splits:
+        split_path = source / "splits" / f"{split}.txt"
+        if not split_path.is_file():
+            raise DatasetError(f"{split_path}: split list for {split!r} not found")
+        ids = [check_image_id(line.strip(), split_path) for line in split_path.read_text().splitlines()
+               if line.strip()]
+        if not ids:
+            raise DatasetError(f"{split_path}: split is empty")
+        for image_id in ids:
+            if image_id not in all_labels:
+                raise DatasetError(f"{labels_path}: no labels for image {image_id} (listed in {split_path})")
+        ids_by_split[split] = ids
+    masks = source / "masks"
+    (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+    labels: dict[str, list[int]] = {}
+    all_ids = list(dict.fromkeys(image_id for ids in ids_by_split.values() for image_id in ids))
+    for image_id in tqdm(all_ids, desc="custom", unit="img", disable=not progress):
+        split = next(split for split, ids in ids_by_split.items() if image_id in ids)
+        image_path = _image_file(images, image_id, source / "splits" / f"{split}.txt")
+        image = read_image(image_path)
+        if image_path.suffix.lower() in (".jpg", ".jpeg"):
+            link_or_copy(image_path, root / "JPEGImages" / f"{image_id}.jpg")
+        else:
+            write_image(root / "JPEGImages" / f"{image_id}.jpg", image)
+        mask_path = masks / f"{image_id}.png"
+        if mask_path.is_file():
+            mask = read_mask(mask_path)
+            check_mask(mask, mask_path, image.shape[:2], len(class_names))
+            write_mask(root / "SegmentationClass" / f"{image_id}.png", mask)
+        labels[image_id] = all_labels[image_id]
+    kept_by_split = {}
+    for split, ids in ids_by_split.items():
+        kept = [i for i in ids if labels[i]] if split in drop_unlabelled_from else ids
+        if not kept:
+            raise DatasetError(f"{source / 'splits' / f'{split}.txt'}: no image of split {split!r} has a class label")
+        write_split(root, split, kept)
+        kept_by_split[split] = kept
+    write_labels(root, "custom", class_names, labels)
+    return kept_by_split

@@ -271,3 +271,29 @@ def test_a_pre_rendered_mask_in_the_wrong_encoding_names_the_file(tmp_path: Path
                      mask_encoding="category_id")
     assert str(caught.value).startswith(f"{masks_dir / 'COCO_train2014_000000000001.png'}: value 2 is not a COCO "
                                         "category id")
+
+
+def test_a_pickled_npy_that_asks_for_more_than_numbers_is_refused_without_running_it(tmp_path: Path) -> None:
+    """MCTformer's files are pickles (``np.save`` of a dict): a tampered one must not run code when read."""
+    import pickle  # noqa: PLC0415
+
+    from weakclip_core.artifacts.safe_npy import RefusedPickleError, load_pickled_npy  # noqa: PLC0415
+
+    marker = tmp_path / "planted"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204 (pickle's protocol)
+            return (Path.touch, (marker,))
+
+    poisoned = tmp_path / "cls_labels.npy"
+    np.save(poisoned, np.array({"2007_000032": Payload()}, dtype=object), allow_pickle=True)
+    with pytest.raises(RefusedPickleError, match="pathlib"):
+        load_pickled_npy(poisoned)
+    assert not marker.exists()
+    plain = tmp_path / "plain.npy"
+    np.save(plain, {"2007_000032": np.array([1.0, 0.0], dtype=np.float32), "x": np.float32(2.5)}, allow_pickle=True)
+    loaded = load_pickled_npy(plain)
+    assert list(loaded) == ["2007_000032", "x"] and loaded["2007_000032"].tolist() == [1.0, 0.0]
+    assert float(loaded["x"]) == 2.5
+    np.save(tmp_path / "numbers.npy", np.arange(6).reshape(2, 3))
+    assert load_pickled_npy(tmp_path / "numbers.npy").tolist() == [[0, 1, 2], [3, 4, 5]]

@@ -3,8 +3,9 @@
 
 **CAM dump** (xulianuwa/MCTformer ``engine.py``, ``--cam-npy-dir``): one ``<id>.npy`` per image, written by
 ``np.save`` of a dict ``{foreground class index (0-based, class c = key + 1): (H, W) float map}`` holding the
-image's labelled classes only, each map min-max normalised to [0, 1] at the image's size. Read with
-``np.load(..., allow_pickle=True).item()``.
+image's labelled classes only, each map min-max normalised to [0, 1] at the image's size. Read by
+``weakclip_core.artifacts.safe_npy.load_pickled_npy``: the pickle inside may name numpy's array reconstruction
+and nothing else, so a tampered dump cannot run code.
 
 **Pseudo masks**: one ``<id>.png`` per train image, palette or greyscale, class indices 0..K-1 (0 background),
 255 unlabelled, at the image's size (the reference trains WeakCLIP on such masks, e.g. MCTformer's
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from weakclip_core.artifacts.safe_npy import load_pickled_npy
 from weakclip_core.data.layout import IGNORE_INDEX, DatasetError, check_mask, read_mask
 
 
@@ -34,9 +36,8 @@ def read_mctformer_cam(path: Path, classes: list[int], image_shape: tuple[int, i
     if not path.is_file():
         raise ImportedSeedError(f"{path}: CAM dump not found (cam.npy_folder needs <id>.npy for every train image)")
     try:
-        loaded = np.load(path, allow_pickle=True)
-        data = loaded.item() if isinstance(loaded, np.ndarray) and loaded.shape == () else loaded
-    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as error:
+        data = load_pickled_npy(path)
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as error:  # a refused pickle included
         raise ImportedSeedError(f"{path}: unreadable CAM dump ({error})") from None
     if not isinstance(data, dict):
         raise ImportedSeedError(f"{path}: expected MCTformer's CAM dump (a dict 0-based class index -> (H, W) "

@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from weakclip_core.artifacts.safe_npy import load_pickled_npy
 from weakclip_core.data.layout import (DatasetError, check_image_id, check_mask, read_image, read_mask,
-                                       write_image, write_labels, write_mask, write_split)
+                                       write_image, write_labelled_splits, write_labels, write_mask)
 from weakclip_core.data.voc import link_or_copy
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -48,9 +49,8 @@ def read_cls_labels_npy(path: str | Path, n_foreground: int) -> dict[str, list[i
     if not path.is_file():
         raise DatasetError(f"{path}: cls_labels file not found (dataset.voc_cls_labels)")
     try:
-        loaded = np.load(path, allow_pickle=True)
-        data = loaded.item() if isinstance(loaded, np.ndarray) and loaded.shape == () else loaded
-    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as error:
+        data = load_pickled_npy(path)
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as error:  # a refused pickle included
         raise DatasetError(f"{path}: unreadable cls_labels file ({error})") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a pickled dict image id -> {n_foreground} floats "
@@ -187,12 +187,7 @@ def prepare_custom(source: str | Path, root: str | Path, splits: list[str],
             check_mask(mask, mask_path, image.shape[:2], len(class_names))
             write_mask(root / "SegmentationClass" / f"{image_id}.png", mask)
         labels[image_id] = all_labels[image_id]
-    kept_by_split = {}
-    for split, ids in ids_by_split.items():
-        kept = [i for i in ids if labels[i]] if split in drop_unlabelled_from else ids
-        if not kept:
-            raise DatasetError(f"{source / 'splits' / f'{split}.txt'}: no image of split {split!r} has a class label")
-        write_split(root, split, kept)
-        kept_by_split[split] = kept
+    kept_by_split = write_labelled_splits(root, ids_by_split, labels, drop_unlabelled_from,
+                                          lambda split: source / "splits" / f"{split}.txt")
     write_labels(root, "custom", class_names, labels)
     return kept_by_split

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from weakclip_core.errors import InputError
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,21 @@ def check_image_id(image_id: object, source: str | Path) -> str:
 def write_split(root: str | Path, split: str, image_ids: list[str]) -> None:
     with atomic_path(Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt") as temporary_path:
         temporary_path.write_text("".join(f"{image_id}\n" for image_id in image_ids))
+
+
+def write_labelled_splits(root: str | Path, ids_by_split: dict[str, list[str]], labels: dict[str, list[int]],
+                          drop_unlabelled_from: tuple[str, ...], split_source: Callable[[str], Path]) -> dict[str, list[str]]:
+    """Write each split list, leaving out of the splits in ``drop_unlabelled_from`` the images with no class
+    label (a WSSS training image needs one); returns the kept ids per split. A split left empty is a
+    ``DatasetError`` naming the list it came from (``split_source(split)``)."""
+    kept_by_split = {}
+    for split, ids in ids_by_split.items():
+        kept = [i for i in ids if labels[i]] if split in drop_unlabelled_from else ids
+        if not kept:
+            raise DatasetError(f"{split_source(split)}: no image of split {split!r} has a class label")
+        write_split(root, split, kept)
+        kept_by_split[split] = kept
+    return kept_by_split
 
 
 def read_split(root: str | Path, split: str) -> list[str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from weakclip_core.data.layout import (DatasetError, check_image_id, check_mask, labels_from_mask, read_image,
-                                       read_mask, write_labels, write_mask, write_split)
+                                       read_mask, write_labelled_splits, write_labels, write_mask)
 
 VOC_CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -113,12 +113,7 @@ def prepare_voc(source: str | Path, root: str | Path, splits: list[str], mask_di
             write_mask(root / "SegmentationClass" / f"{image_id}.png", mask)
         labels[image_id] = labels_from_mask(mask) if image_labels is None else list(image_labels[image_id])
 
-    kept_by_split = {}
-    for split, ids in ids_by_split.items():
-        kept = [i for i in ids if labels[i]] if split in drop_unlabelled_from else ids
-        if not kept:
-            raise DatasetError(f"{find_split_list(source, split)}: no image of split {split!r} has a labelled class")
-        write_split(root, split, kept)
-        kept_by_split[split] = kept
+    kept_by_split = write_labelled_splits(root, ids_by_split, labels, drop_unlabelled_from,
+                                          lambda split: find_split_list(source, split))
     write_labels(root, "voc", VOC_CLASS_NAMES, labels)
     return kept_by_split

@@ -141,7 +141,7 @@ def test_cam_infer_runs_a_released_checkpoint_instead_of_a_trained_model(tmp_pat
 import math  # noqa: E402
 
 from weakclip_core.config.weakclip import WeakClipArchConfig, paper_weakclip_arch  # noqa: E402
-from weakclip_core.models.reference_checkpoints import (ReferenceClipDims, load_reference_weakclip,  # noqa: E402
+from weakclip_core.models.reference_weakclip import (ReferenceClipDims, load_reference_weakclip,  # noqa: E402
                                                         reference_weakclip_layout)
 
 WC_NAMES = ["background", "cat", "dog"]

@@ -80,11 +80,15 @@ openssh-server:
 	fi
 	@test -x "$(SSHD)" || { echo "make: installing openssh-server did not provide $(SSHD)" >&2; exit 1; }
 
+# Two pytest-xdist workers: most tests wait on stage subprocesses, servers and one-thread tiny stages, so two
+# share the two cores well; the tests that share a trained tiny project stay on one worker (tests/conftest.py).
+PYTEST_WORKERS ?= 2
+
 test: setup chromium openssh-server
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 test-fast: setup chromium
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
 
 bench: setup
 	$(BIN)/python -m bench.run

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from weakclip_core.errors import InputError
+
 # What ``np.save`` of a dict of arrays and numbers refers to (numpy 1.x wrote ``numpy.core``, 2.x ``numpy._core``).
 ALLOWED_GLOBALS = frozenset({
     (module, name)
@@ -23,8 +25,8 @@ ALLOWED_GLOBALS = frozenset({
 } | {("numpy", "ndarray"), ("numpy", "dtype")})
 
 
-class RefusedPickleError(pickle.UnpicklingError):
-    """The pickle asked for a name outside ``ALLOWED_GLOBALS``."""
+class RefusedPickleError(InputError, pickle.UnpicklingError):
+    """The pickle asked for a name outside ``ALLOWED_GLOBALS`` (an input error; still an ``UnpicklingError``)."""
 
 
 class _NumbersOnlyUnpickler(pickle.Unpickler):

@@ -92,7 +92,7 @@ def test_label_only_chain_ends_with_pseudo_masks_and_a_trained_segmenter(label_o
             present = set(np.unique(np.array(mask)).tolist()) - {0, 255}
             class_names = ["background", *(project.parent / "my_dataset" / "classes.txt").read_text().split()]
             assert {class_names[c] for c in present} <= set(named[image_id])  # only labelled classes
-    saved = torch.load(project / "artifacts" / "seg" / "pseudo" / "model.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(project / "artifacts" / "seg" / "pseudo" / "model.pt", map_location="cpu", weights_only=True)
     assert saved["steps"] > 0 and saved["model"]
     assert not (project / "artifacts" / "seg" / "gt" / "model.pt").exists()
     assert "not trained: no GT" in (project / "artifacts" / "seg" / "gt" / "not_trained.json").read_text()

@@ -45,7 +45,7 @@ class Payload:
 
 def plant(path: Path, marker: Path, replace_config: dict | None = None) -> None:
     """Add the payload to the dict saved in ``path`` (optionally with another ``config``); it stays a file
-    that ``torch.load(weights_only=False)`` reads as before, running the payload."""
+    that an unrestricted ``torch.load`` (weights_only off) reads as before, running the payload."""
     saved = torch.load(path, map_location="cpu", weights_only=True)  # the writers' files are plain data
     saved["note"] = Payload(marker)
     if replace_config is not None:

@@ -2,7 +2,7 @@
 
 MCTformer writes these files with ``np.save(path, some_dict)``: a 0-d object array, i.e. a pickle, and
 ``np.load(..., allow_pickle=True)`` would run whatever a tampered file asks for (the same risk as
-``torch.load(weights_only=False)``). Here the pickle is read by an unpickler that knows only the few numpy
+an unrestricted ``torch.load``). Here the pickle is read by an unpickler that knows only the few numpy
 names an array of numbers needs; anything else is refused.
 """
 

@@ -91,17 +91,24 @@ def mctformer_v2_from_reference(state: dict[str, Any], path: Path) -> tuple[dict
     return ours, arch
 
 
+def read_reference_state(path: Path, what: str) -> dict[str, Any]:
+    """The state dict of a released checkpoint (``what``: e.g. ``MCTformer-V2 checkpoint``), read safely
+    (``load_torch_file``) and unwrapped; ``ReferenceCheckpointError`` naming the file when it is missing or holds
+    no state dict."""
+    if not path.is_file():
+        raise ReferenceCheckpointError(f"{path}: {what} not found")
+    checkpoint = load_torch_file(path, what)
+    state = unwrap_state_dict(checkpoint)
+    if state is None:
+        raise ReferenceCheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict")
+    return state
+
+
 def load_reference_mctformer(path: str | Path, heads: int = 6) -> MCTformerV2:
     """Our ``MCTformerV2`` (eval mode, CPU) holding a released MCTformer-V2 checkpoint, loaded strictly.
     ``heads`` is not in the state dict's shapes (DeiT-S: 6); everything else is read from them."""
     path = Path(path)
-    if not path.is_file():
-        raise ReferenceCheckpointError(f"{path}: MCTformer-V2 checkpoint not found")
-    checkpoint = load_torch_file(path, "MCTformer-V2 checkpoint")
-    state = unwrap_state_dict(checkpoint)
-    if state is None:
-        raise ReferenceCheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict")
-    ours, arch = mctformer_v2_from_reference(state, path)
+    ours, arch = mctformer_v2_from_reference(read_reference_state(path, "MCTformer-V2 checkpoint"), path)
     if arch["width"] % heads:
         raise _shape_error(path, f"width {arch['width']} does not divide into {heads} heads")
     model = MCTformerV2(arch["n_classes"], image_size=arch["image_size"], patch_size=arch["patch_size"],

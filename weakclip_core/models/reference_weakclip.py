@@ -36,10 +36,8 @@ from typing import Any
 
 import torch
 
-from weakclip_core.artifacts.model_file import load_torch_file
-from weakclip_core.artifacts.state_dict import unwrap_state_dict
 from weakclip_core.config.weakclip import WeakClipArchConfig
-from weakclip_core.models.reference_checkpoints import ReferenceCheckpointError
+from weakclip_core.models.reference_checkpoints import ReferenceCheckpointError, read_reference_state
 from weakclip_core.models.weakclip.model import WeakCLIP
 
 
@@ -330,12 +328,7 @@ def load_reference_weakclip(path: str | Path, class_names: list[str], arch: Weak
 
     path = Path(path)
     arch = arch or paper_weakclip_arch()
-    if not path.is_file():
-        raise ReferenceCheckpointError(f"{path}: WeakCLIP checkpoint not found")
-    checkpoint = load_torch_file(path, "WeakCLIP checkpoint")
-    state = unwrap_state_dict(checkpoint)
-    if state is None:
-        raise ReferenceCheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict")
+    state = read_reference_state(path, "WeakCLIP checkpoint")
     ours, clip = weakclip_state_from_reference(state, path, arch, len(class_names))
     clip_model = clip_from_config(reference_open_clip_config(clip, arch.text_context_length, vision_head_width,
                                                              text_heads))

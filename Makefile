@@ -85,10 +85,10 @@ openssh-server:
 PYTEST_WORKERS ?= 2
 
 test: setup chromium openssh-server
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope
 
 test-fast: setup chromium
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope -m "not slow"
 
 bench: setup
 	$(BIN)/python -m bench.run

@@ -17,14 +17,52 @@ import torch  # noqa: E402
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
-# Session fixtures that build a trained tiny project once (tests/faults/conftest.py): every test that uses one
-# runs on the same worker, so the project is built once, not once per worker.
-_SHARED_PROJECTS = ("reference_project", "model_project")
+# Session fixtures that build a trained tiny project once (here and in tests/faults/conftest.py), and the test
+# modules that use each: under xdist (make test) such modules form one scheduling group, run by one worker, so
+# the project is built once, not once per worker. Every other module is its own group, so its module fixtures are
+# built once too. pytest_collection_modifyitems checks that this table names every module that uses a project.
+SHARED_PROJECT_MODULES: dict[str, tuple[str, ...]] = {
+    "tiny_chain_project": ("tests/test_end_to_end.py", "tests/test_multi_machine.py"),
+    "reference_project": ("tests/faults/test_determinism.py", "tests/faults/test_kills.py"),
+    "model_project": ("tests/faults/test_concurrent_runs.py", "tests/faults/test_interrupts.py",
+                      "tests/faults/test_planted_code.py"),
+}
+_GROUP_OF_MODULE = {module: project for project, modules in SHARED_PROJECT_MODULES.items() for module in modules}
+
+
+@pytest.fixture(scope="session")
+def tiny_chain_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    """(project, its params, the output of its one ``dvc repro``): the repository's dvc.yaml and code on the tiny
+    params, run once in one folder. The end-to-end tests check it; the multi-machine tests clone its commit and
+    compare their coordinator's lock with its lock. Nobody writes into it (tests that change it work on a copy)."""
+    from test_end_to_end import DVC, REPRO_TIMEOUT_S, build_tiny_project, run  # noqa: PLC0415 (its helpers)
+
+    project = tmp_path_factory.mktemp("e2e") / "project"
+    params = build_tiny_project(project)
+    output = run([*DVC, "repro"], project, timeout=REPRO_TIMEOUT_S)
+    return project, params, output
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """xdist groups (``--dist loadgroup``): a test that uses a shared session project goes with that
-    project's other users; every other test goes with its module, whose module fixtures are then built once."""
+    """A test that uses a shared session project must be in a module the table above groups with that project's
+    other users, or the project would be built on every worker that runs one of them."""
     for item in items:
-        shared = [name for name in _SHARED_PROJECTS if name in getattr(item, "fixturenames", ())]
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::", 1)[0]))
+        module = item.nodeid.split("::", 1)[0]
+        for project in SHARED_PROJECT_MODULES:
+            if project in getattr(item, "fixturenames", ()) and _GROUP_OF_MODULE.get(module) != project:
+                raise pytest.UsageError(f"{item.nodeid} uses the session fixture {project!r}: add {module} to "
+                                        f"SHARED_PROJECT_MODULES[{project!r}] in tests/conftest.py")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``--dist loadscope`` with the groups above: whole modules (or module groups) go to one worker and run in
+    a row. (xdist's own ``loadgroup`` renames node ids, which pytest 9.2 no longer lets it do: its groups were
+    silently ignored, and module fixtures were rebuilt whenever another module's test ran in between.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return _GROUP_OF_MODULE.get(module, module)
+
+    return ModuleGroupScheduling(config, log)

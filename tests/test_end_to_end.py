@@ -4,8 +4,8 @@ The project is a tmp folder holding copies of ``dvc.yaml``, ``pipeline/`` and
 ``weakclip_core/`` and a ``params.yaml`` from ``tests/faults/tiny_chain.py``
 (32-px synthetic images, 12 train / 4 val, 3 classes, models of a few thousand
 weights), made a git + DVC repository. ``dvc repro`` runs the whole chain once
-per module (about a minute); the tests then check it against references the
-chain does not produce itself:
+per session (about a minute; ``tiny_chain_project`` in tests/conftest.py); the
+tests then check it against references the chain does not produce itself:
 
 - ``dvc.yaml`` (read here as YAML, interpolations resolved by hand) for which
   paths every stage must have written, and ``dvc.lock`` for which it says it did;
@@ -220,13 +220,11 @@ def build_tiny_project(project: Path, message: str = "tiny end-to-end project") 
     return params
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
-    """(project folder, its params, the first ``dvc repro``'s output) after one full ``dvc repro``."""
-    project = tmp_path_factory.mktemp("e2e") / "project"
-    params = build_tiny_project(project)
-    output = run([*DVC, "repro"], project, timeout=REPRO_TIMEOUT_S)
-    return project, params, output
+@pytest.fixture
+def chain(tiny_chain_project: tuple[Path, dict[str, Any], str]) -> tuple[Path, dict[str, Any], str]:
+    """(project folder, its params, the first ``dvc repro``'s output) after one full ``dvc repro``: the
+    session's ``tiny_chain_project`` (tests/conftest.py), which the multi-machine tests also compare with."""
+    return tiny_chain_project
 
 
 # --------------------------------------------------------------------------- tests

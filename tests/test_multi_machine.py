@@ -8,10 +8,14 @@ real OpenSSH server on 127.0.0.1 (Debian's openssh-server, a key made here). Wor
 real ``prefect worker`` processes on the pools and queues that ``python -m flows.deploy``
 created; the coordinator is the ``chain`` flow called in this process.
 
-The project is the demo (flows/demo.py: five stages, ``cam_train`` on the GPU pool, its
-dvclive folder and the eval metrics ``cache: false``, ``summary`` depending on them).
-References: a plain ``dvc repro`` of the same project in one folder, ``dvc status``,
-``dvc pull`` in the fresh clone, the metrics files on disk.
+Two projects. The tiny chain (the repository's own dvc.yaml, code and the tiny params of
+tests/test_end_to_end.py: eleven stages, five on the GPU pool) runs over the shared-path
+remote and over the SSH remote; its reference is the session's one-folder ``dvc repro`` of
+the same project (``tiny_chain_project``, tests/conftest.py), which the end-to-end tests
+check too. The demo (flows/demo.py: five stages whose commands take no time) serves the
+faults: a second chain after a committed code change, a worker killed mid-stage, one stage
+per GPU, no worker polling, auth. References: a plain ``dvc repro`` of the same project in
+one folder, ``dvc status``, ``dvc pull`` in the fresh clone, the metrics files on disk.
 """
 
 from __future__ import annotations
@@ -233,6 +237,61 @@ def check_multi_machine_run(server: LocalServer, tmp_path: Path, origin: Path, r
             assert from_api == on_disk, stage_name
 
 
+def tiny_origin(reference: Path, target: Path) -> Path:
+    """The repository the machines clone: the tiny project's commit (dvc.yaml, code, tiny params; no outputs),
+    taken from the one-folder reference project, which keeps its own outputs and lock untouched."""
+    return clone(reference, target)
+
+
+def check_tiny_chain_run(server: LocalServer, tmp_path: Path, origin: Path, remote: str, reference: Path) -> None:
+    """The tiny chain split over the CPU and GPU workers' clones, the coordinator in a third clone: its lock outs
+    equal the one-folder ``dvc repro``'s (``reference``), ``dvc status`` is clean there and in a fresh fourth
+    clone that pulls everything, and each stage's metrics artifact in the API equals its metrics file."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
+                                                FlowRunFilterParentFlowRunId)
+
+    from flows.chain import chain
+    from flows.dag import read_stage_graph
+    from flows.resources import needs_gpu
+    from flows.stage_run import artifact_key, flatten_metrics
+
+    clones = {name: clone(origin, tmp_path / name) for name in ("coordinator", "cpu_worker", "gpu_worker")}
+    coordinator = clones["coordinator"]
+    with workers(server, clones["cpu_worker"], clones["gpu_worker"]):
+        state = chain(repo_dir=str(coordinator), dispatch="pools", remote=remote, commit=True, retry_delay_s=0.5,
+                      start_timeout_s=300, worker_lost_after_s=300, return_state=True)
+    assert state.is_completed(), state.message
+    graph = read_stage_graph(coordinator)
+    assert set(lock_outs(coordinator)) == {stage.name for stage in graph.stages}
+    assert lock_outs(coordinator) == lock_outs(reference)
+    assert dvc_status_clean(coordinator)
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], coordinator).strip() == ""
+    with get_client(sync_client=True) as client:
+        stage_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+        # Split over both machines: every GPU stage ran on the GPU pool (the GPU worker's clone), the rest on the CPU one.
+        pools = {run_.parameters["stage_name"]: run_.work_pool_name for run_ in stage_runs}
+        assert pools == {stage.name: GPU_POOL if needs_gpu(stage.name) else CPU_POOL for stage in graph.stages}
+        # Each stage's metrics artifact in the API equals its metrics file.
+        for stage in graph.stages:
+            for path in stage.metrics:
+                if not path.endswith(".json"):
+                    continue
+                artifacts = client.read_artifacts(
+                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(stage.name, "metrics")])))
+                latest = max(artifacts, key=lambda artifact: artifact.created)
+                rows = json.loads(latest.data) if isinstance(latest.data, str) else latest.data
+                from_api = {row["metric"]: row["value"] for row in rows if row["file"] == path}
+                on_disk = {name: round(value, 6)
+                           for name, value in flatten_metrics(json.loads((coordinator / path).read_text())).items()}
+                assert from_api == on_disk, (stage.name, path)
+    fresh = clone(coordinator, tmp_path / "fresh")
+    run([*DVC, "pull"], fresh)
+    assert dvc_status_clean(fresh)
+    assert lock_outs(fresh) == lock_outs(reference)
+
+
 # --------------------------------------------------------------------------- fast: refusals without a server
 
 
@@ -301,30 +360,6 @@ def test_chain_over_two_machines_with_a_shared_path_remote(server: LocalServer, 
     assert json.loads((coordinator / "metrics" / "eval_a.json").read_text())["miou"] == pytest.approx(0.8 * 66 / 100)
     assert dvc_status_clean(coordinator)
     assert run(["git", "status", "--porcelain", "--untracked-files=no"], coordinator).strip() == ""
-
-
-@pytest.mark.slow
-def test_chain_over_two_machines_with_an_ssh_remote_then_the_remote_down(server: LocalServer, tmp_path: Path) -> None:
-    from flows.chain import chain
-
-    with ssh_server(tmp_path / "sshd") as ssh:
-        origin = write_demo_project(tmp_path / "origin")
-        add_ssh_remote(origin, ssh, tmp_path / "ssh-remote")
-        check_multi_machine_run(server, tmp_path, origin, remote="ssh", params_text="scale: 0.3\n")
-        assert any(path.is_file() for path in (tmp_path / "ssh-remote").rglob("*")), "nothing was pushed over SSH"
-        coordinator = tmp_path / "coordinator"
-        run(["git", "push", "--quiet", "origin", "HEAD:refs/heads/chain-result"], coordinator)  # where workers fetch
-        lock_before = (coordinator / "dvc.lock").read_text()
-        (coordinator / "params.yaml").write_text("scale: 0.4\n")
-        stop_process(ssh["process"])  # type: ignore[arg-type]
-        with workers(server, tmp_path / "cpu_worker", tmp_path / "gpu_worker"):
-            state = chain(
-                repo_dir=str(coordinator), dispatch="pools", remote="ssh", retries=0,
-                start_timeout_s=120, worker_lost_after_s=120, return_state=True,
-            )
-    assert state.is_failed()
-    assert "DVC remote 'ssh' (ssh://127.0.0.1" in state.message, state.message
-    assert (coordinator / "dvc.lock").read_text() == lock_before
 
 
 def slow_once_stages(marker: Path) -> dict[str, dict]:
@@ -475,38 +510,43 @@ def test_a_client_without_the_auth_string_is_refused(tmp_path: Path, monkeypatch
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("WEAKCLIP_MM_REAL_CHAIN") != "1",
-    reason="the real 11-stage tiny chain over two workers takes ~4 min on 2 cores (222 s measured); WEAKCLIP_MM_REAL_CHAIN=1 runs it",
-)
-def test_real_tiny_chain_over_two_machines(server: LocalServer, tmp_path: Path) -> None:
-    """The project's own dvc.yaml and code (tests/test_end_to_end.py's tiny project) split over two workers."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+def test_tiny_chain_over_two_machines_with_a_shared_path_remote(
+    server: LocalServer, tiny_chain_project: tuple[Path, dict, str], tmp_path: Path
+) -> None:
+    """The project's own dvc.yaml and code on the tiny params, split over two workers, the remote a folder."""
+    reference = tiny_chain_project[0]
+    origin = tiny_origin(reference, tmp_path / "origin")
+    run([*DVC, "remote", "add", "--default", "shared", str(tmp_path / "nfs-remote")], origin)
+    run(["git", "commit", "--quiet", "-am", "DVC remote: a shared folder"], origin)
+    check_tiny_chain_run(server, tmp_path, origin, "shared", reference)
 
+
+@pytest.mark.slow
+def test_tiny_chain_over_two_machines_with_an_ssh_remote_then_the_remote_down(
+    server: LocalServer, tiny_chain_project: tuple[Path, dict, str], tmp_path: Path
+) -> None:
+    """The same over DVC's SSH remote against a real OpenSSH server; then the server stops: the next chain fails
+    naming the remote and the coordinator's lock is unchanged."""
     from flows.chain import chain
 
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from test_end_to_end import build_tiny_project  # noqa: PLC0415
-
-    origin = tmp_path / "origin"
-    build_tiny_project(origin, "tiny project for the multi-machine test")
-    run([*DVC, "remote", "add", "--default", "shared", str(tmp_path / "nfs-remote")], origin)
-    run(["git", "add", ".dvc/config"], origin)
-    run(["git", "commit", "--quiet", "-m", "DVC remote"], origin)
-    clones = machines(tmp_path, origin)
-    run([*DVC, "repro"], clones["reference"], timeout=1200)
-    with workers(server, clones["cpu_worker"], clones["gpu_worker"]):
-        state = chain(repo_dir=str(clones["coordinator"]), dispatch="pools", commit=True, retry_delay_s=0.5,
-                      start_timeout_s=300, worker_lost_after_s=300, return_state=True)
-    assert state.is_completed(), state.message
-    coordinator = clones["coordinator"]
-    assert lock_outs(coordinator) == lock_outs(clones["reference"])
-    assert dvc_status_clean(coordinator)
-    with get_client(sync_client=True) as client:
-        stage_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
-    assert {r.work_pool_name for r in stage_runs} == {CPU_POOL, GPU_POOL}
-    fresh = clone(coordinator, tmp_path / "fresh")
-    run([*DVC, "pull"], fresh)
-    assert dvc_status_clean(fresh)
+    reference = tiny_chain_project[0]
+    with ssh_server(tmp_path / "sshd") as ssh:
+        origin = tiny_origin(reference, tmp_path / "origin")
+        add_ssh_remote(origin, ssh, tmp_path / "ssh-remote")
+        check_tiny_chain_run(server, tmp_path, origin, "ssh", reference)
+        assert any(path.is_file() for path in (tmp_path / "ssh-remote").rglob("*")), "nothing was pushed over SSH"
+        coordinator = tmp_path / "coordinator"
+        run(["git", "push", "--quiet", "origin", "HEAD:refs/heads/chain-result"], coordinator)  # where workers fetch
+        lock_before = (coordinator / "dvc.lock").read_text()
+        params = yaml.safe_load((coordinator / "params.yaml").read_text())
+        params["weakclip"]["train"]["iterations"] += 1  # weakclip_train and everything after it must re-run
+        (coordinator / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        stop_process(ssh["process"])  # type: ignore[arg-type]
+        with workers(server, tmp_path / "cpu_worker", tmp_path / "gpu_worker"):
+            state = chain(
+                repo_dir=str(coordinator), dispatch="pools", remote="ssh", retries=0,
+                start_timeout_s=120, worker_lost_after_s=300, return_state=True,
+            )
+    assert state.is_failed()
+    assert "DVC remote 'ssh' (ssh://127.0.0.1" in state.message, state.message
+    assert (coordinator / "dvc.lock").read_text() == lock_before

@@ -1,24 +1,28 @@
-"""The WeakCLIP ablations of issue #5 as DVC experiments, and their table for docs/RESULTS.md.
+"""The WeakCLIP ablations as DVC experiments over several seeds, and their mean ± std table for docs/RESULTS.md.
 
-Why DVC experiments: each ablation is one ``dvc exp run -S key=value
-weakclip_train`` on top of the committed baseline, so DVC re-runs only what
-the override touches (``weakclip_train``; ``clip`` too for the random-CLIP
-row), keeps every variant's params and metrics, and ``dvc exp show`` compares
-them with the baseline in one table.
+Why DVC experiments: each run is one ``dvc exp run -S key=value weakclip_train`` on top of the committed
+baseline, so DVC re-runs only what the override touches (``weakclip_train``; ``clip`` too for the random-CLIP
+row), keeps every run's params and metrics, and ``dvc exp show`` compares them in one table.
 
-    python -m bench.ablations run [--jobs 2]   # queue every ablation, run the queue, wait
-    python -m bench.ablations collect          # dvc exp show --json -> metrics/ablations_weakclip.json
+Why seeds: one run per variant cannot rank variants that differ by less than a run's own noise (another seed
+moves WeakCLIP mIoU by a point or more). Every variant, the baseline included, runs once per seed offset
+(``weakclip.train.seed_offset`` 1..N: WeakCLIP's own init, batch order, augmentation and dropout; the CLIP and
+the CAM seeds stay the committed ones), all in the same queue with the same thread count, and the table shows
+mean ± sample std over the seeds. Seed offset 0 is the committed run itself, made outside the queue (the
+chain's thread count), so it is not one of the table's samples.
 
-``collect`` writes the rows in the format ``pipeline/summary.py`` renders
-(``metrics/ablations*.json``) and re-runs the ``summary`` stage, with the committed baseline first and each
-row's gain over the CAM seeds (``metrics/cam.json``: the seeds are the same
-for every row, since no ablation touches the CAM stages).
+    python -m bench.ablations run [--seeds 3] [--jobs 2] [--only NAME ...]  # queue, run, wait, then collect
+    python -m bench.ablations collect                                       # dvc exp show -> the table
+
+``collect`` writes ``metrics/ablations_weakclip.json`` in the format ``pipeline/summary.py`` renders and re-runs
+the ``summary`` stage. Experiment names are ``<variant>-s<seed offset>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import time
@@ -38,13 +42,15 @@ TARGET = "weakclip_train"
 
 @dataclass(frozen=True)
 class Ablation:
-    """One experiment: its ``dvc exp`` name, the row label, and the ``-S`` overrides."""
+    """One variant: its ``dvc exp`` name stem, the row label, and the ``-S`` overrides."""
 
     name: str
     setting: str
     overrides: tuple[str, ...]
 
 
+BASELINE = Ablation("abl-baseline", "default (N = 8, temperature init 0.1, no boundary loss, co-attention, "
+                    "confident seeds, pretrained CLIP)", ())
 ABLATIONS: tuple[Ablation, ...] = (
     Ablation("abl-prompt-2", "N = 2 learnable contexts", ("weakclip.prompt_len=2",)),
     Ablation("abl-prompt-4", "N = 4 learnable contexts", ("weakclip.prompt_len=4",)),
@@ -58,8 +64,20 @@ ABLATIONS: tuple[Ablation, ...] = (
     Ablation("abl-dense-seeds", "dense argmax seeds instead of confident", ("weakclip.seeds.mode=dense",)),
     Ablation("abl-random-clip", "randomly initialised CLIP", ("clip.source=random",)),
 )
-"""The grid of issue #5 beside the synthetic default (N = 8, temperature init 0.1, co-attention, confident seeds,
-the pretrained CLIP, and the boundary loss off: params.yaml says why); each row changes one thing."""
+"""The grid beside the synthetic default (N = 8, temperature init 0.1, co-attention, confident seeds, the
+pretrained CLIP, and the boundary loss off: params.yaml says why); each row changes one thing."""
+VARIANTS = (BASELINE, *ABLATIONS)
+SEED_KEY = "weakclip.train.seed_offset"
+
+
+def experiment_name(variant: Ablation, seed_offset: int) -> str:
+    return f"{variant.name}-s{seed_offset}"
+
+
+def parse_experiment_name(name: str) -> tuple[str, int] | None:
+    """``("abl-boundary", 2)`` for ``abl-boundary-s2``; None for a name this module did not give."""
+    match = re.fullmatch(r"(.+)-s(\d+)", name)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 def dvc(*arguments: str) -> str:
@@ -68,15 +86,22 @@ def dvc(*arguments: str) -> str:
     return capture_command(dvc_command(*arguments), REPO)
 
 
-def queue_and_run(jobs: int, poll_s: float = 15.0) -> None:
-    """Queue every ablation, start ``jobs`` workers, and wait until the queue has drained."""
-    for ablation in ABLATIONS:
-        arguments = [argument for override in ablation.overrides for argument in ("-S", override)]
-        dvc("exp", "run", "--queue", "--name", ablation.name, *arguments, TARGET)
-        print(f"queued {ablation.name}: {' '.join(ablation.overrides)}", flush=True)
+def queue_and_run(variants: tuple[Ablation, ...], seed_offsets: tuple[int, ...], jobs: int,
+                  poll_s: float = 15.0) -> None:
+    """Queue every variant at every seed offset, start ``jobs`` workers (one thread each when ``jobs`` > 1, so
+    the runs do not fight over the cores), and wait until the queue has drained."""
+    for variant in variants:
+        for seed_offset in seed_offsets:
+            overrides = (*variant.overrides, f"{SEED_KEY}={seed_offset}")
+            arguments = [argument for override in overrides for argument in ("-S", override)]
+            dvc("exp", "run", "--queue", "--name", experiment_name(variant, seed_offset), *arguments, TARGET)
+            print(f"queued {experiment_name(variant, seed_offset)}: {' '.join(overrides)}", flush=True)
+    environment = tool_environment()
+    if jobs > 1:
+        environment.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     # The workers outlive `dvc queue start` and inherit its output: hand them /dev/null, or a captured
     # pipe stays open (and this call blocks) until the queue has drained.
-    subprocess.run(dvc_command("queue", "start", "--jobs", str(jobs)), cwd=REPO, env=tool_environment(),
+    subprocess.run(dvc_command("queue", "start", "--jobs", str(jobs)), cwd=REPO, env=environment,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     while True:
         status = dvc("queue", "status")
@@ -103,17 +128,41 @@ def experiment_metrics(exp_show: list[dict[str, Any]]) -> dict[str, dict[str, An
     return found
 
 
-def ablation_rows(baseline: dict[str, Any], by_name: dict[str, dict[str, Any]], cam_miou: float) -> list[dict[str, Any]]:
-    """The table: the baseline, then each ablation that ran, with its gain over the CAM seeds."""
-    rows = [{"setting": "default (N = 8, temperature init 0.1, no boundary loss, co-attention, confident seeds, "
-                        "pretrained CLIP)", "experiment": "baseline (committed)",
-             "weakclip_miou": baseline["miou"], "gain over seeds (points)": round(100 * (baseline["miou"] - cam_miou), 1)}]
-    for ablation in ABLATIONS:
-        metrics = by_name.get(ablation.name)
-        if metrics is None:
+def mean_and_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); no std from a single value."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+
+
+def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float) -> list[dict[str, Any]]:
+    """One row per variant that ran at least one seed: mean ± std of WeakCLIP mIoU over its seeds, the seeds'
+    values, the difference from the baseline's mean, and the mean gain over the CAM seeds."""
+    by_variant: dict[str, dict[int, float]] = {}
+    for name, metrics in by_name.items():
+        parsed = parse_experiment_name(name)
+        if parsed is not None and isinstance(metrics.get("miou"), (int, float)):
+            by_variant.setdefault(parsed[0], {})[parsed[1]] = float(metrics["miou"])
+    baseline = by_variant.get(BASELINE.name)
+    baseline_mean = mean_and_std(list(baseline.values()))[0] if baseline else None
+    rows = []
+    for variant in VARIANTS:
+        seeds = by_variant.get(variant.name)
+        if not seeds:
             continue
-        rows.append({"setting": ablation.setting, "experiment": ablation.name, "weakclip_miou": metrics["miou"],
-                     "gain over seeds (points)": round(100 * (metrics["miou"] - cam_miou), 1)})
+        values = [seeds[offset] for offset in sorted(seeds)]
+        mean, std = mean_and_std(values)
+        rows.append({
+            "setting": variant.setting,
+            "experiments": f"{variant.name}-s{{{','.join(str(offset) for offset in sorted(seeds))}}}",
+            "seeds": len(values),
+            "weakclip_miou (mean)": mean,
+            "± std (points)": None if std is None else round(100 * std, 1),
+            "per seed (points)": " / ".join(f"{100 * value:.1f}" for value in values),
+            "vs baseline (points)": None if baseline_mean is None else round(100 * (mean - baseline_mean), 1),
+            "gain over CAM seeds (points)": round(100 * (mean - cam_miou), 1),
+        })
     return rows
 
 
@@ -121,21 +170,25 @@ def collect() -> Path:
     """Write ``metrics/ablations_weakclip.json`` from ``dvc exp show --json`` and the committed metrics."""
     # --all-commits: the queue's experiments hang off the commit that was HEAD when each was queued.
     by_name = experiment_metrics(json.loads(dvc("exp", "show", "--json", "--all-commits")))
-    missing = [ablation.name for ablation in ABLATIONS if ablation.name not in by_name]
-    if len(missing) == len(ABLATIONS):
+    rows = ablation_rows(by_name, json.loads(CAM_METRICS.read_text(encoding="utf-8"))["miou"])
+    if not rows:
         raise RuntimeError("no ablation experiment found in `dvc exp show`; run `python -m bench.ablations run`")
-    baseline = json.loads((REPO / WEAKCLIP_METRICS).read_text(encoding="utf-8"))
+    committed = json.loads((REPO / WEAKCLIP_METRICS).read_text(encoding="utf-8"))
     cam = json.loads(CAM_METRICS.read_text(encoding="utf-8"))
+    not_run = [variant.name for variant in VARIANTS if variant.setting not in {row["setting"] for row in rows}]
     write_json(OUTPUT, {
-        "title": "WeakCLIP ablations (DVC experiments)",
-        "description": ("Each row is `dvc exp run -S <override> weakclip_train` on the committed baseline "
-                        "(`python -m bench.ablations run`); WeakCLIP train-split mIoU, single scale, no CRF, "
-                        f"against the same CAM seeds (cam mIoU {100 * cam['miou']:.1f}). Experiments ran two at a "
-                        "time at one thread each, the baseline at two threads: thread count alone moves a "
-                        "figure by about a point." + (f" Not run: {', '.join(missing)}." if missing else "")),
-        "split": baseline.get("split", "train"),
+        "title": "WeakCLIP ablations (DVC experiments, mean ± std over seeds)",
+        "description": (
+            f"Each row is `dvc exp run -S <override> -S {SEED_KEY}=<s> weakclip_train` on the committed baseline, "
+            "once per seed offset s (`python -m bench.ablations run --seeds N`): WeakCLIP's own init, batch order, "
+            "augmentation and dropout change; the CLIP and the CAM seeds are the committed ones "
+            f"(cam mIoU {100 * cam['miou']:.1f}). WeakCLIP train-split mIoU, single scale, no CRF; mean ± sample "
+            "std over the seeds; every row, the baseline included, ran in the same queue at one thread per run. "
+            f"The committed run (seed offset 0, the chain's own threads) scored {100 * committed['miou']:.1f}."
+            + (f" Not run: {', '.join(not_run)}." if not_run else "")),
+        "split": committed.get("split", "train"),
         "threshold_chosen_with_gt": False,
-        "rows": ablation_rows(baseline, by_name, cam["miou"]),
+        "rows": rows,
     })
     # The file is a declared dep of summary (dvc.yaml): re-run that one stage now so RESULTS.md and dvc.lock
     # agree with the new table.
@@ -146,10 +199,16 @@ def collect() -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["run", "collect"])
+    parser.add_argument("--seeds", type=int, default=3, help="seed offsets 1..N per variant (default 3)")
     parser.add_argument("--jobs", type=int, default=2, help="experiments run at the same time (dvc queue start -j)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", choices=[variant.name for variant in VARIANTS],
+                        help="run these variants only (default: the baseline and every ablation)")
     arguments = parser.parse_args(argv)
     if arguments.command == "run":
-        queue_and_run(arguments.jobs)
+        if arguments.seeds < 1:
+            parser.error("--seeds: at least 1")
+        variants = tuple(v for v in VARIANTS if not arguments.only or v.name in arguments.only)
+        queue_and_run(variants, tuple(range(1, arguments.seeds + 1)), arguments.jobs)
     print(f"ablations: {collect()}")
 
 

@@ -11,6 +11,10 @@ the speed of a full-size WeakCLIP training step.
     times WeakCLIP training steps (ViT-B/16 at 512, K = 21, random CLIP weights, batch 8, fp32: no AMP)
     and prints images/s and the peak ``torch.cuda.max_memory_allocated``. ``--size quick`` is the tiny
     model, for a dry run on CPU.
+``python -m bench.gpu_check step-profile --device cuda --size full``
+    one full-size training step split by part (``bench.step_profile``: CLIP forward, heads, CRF target,
+    backward, optimizer), CLIP frozen and unfrozen, fp32 and bf16 autocast, with the frozen / full ratio's
+    limit; ``torch.cuda.synchronize`` around every part.
 ``python -m bench.gpu_check summary --stages stages.json --speed speed.json``
     prints the closing block of the log: each stage's wall time with launcher none and torchrun nproc 1
     side by side, and the WeakCLIP speed. Both commands above write these JSON files (``--results``),
@@ -123,6 +127,25 @@ def weakclip_speed(device_name: str, size_name: str, batch_size: int, timed_step
                              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
 
 
+def step_profile(device_name: str, size_name: str, results: Path | None = None) -> None:
+    """``bench.step_profile`` at the paper size (``full``) or the tiny model (``quick``), fp32 and bf16; prints
+    each run's parts and the ratio summaries; with ``results``, writes the record there."""
+    from bench.step_profile import paper_profile_size, profile_size, quick_profile_size
+
+    device = torch.device(device_name)
+    size = paper_profile_size() if size_name == "full" else quick_profile_size()
+    record = profile_size(size, device, progress=lambda line: print(line, flush=True))
+    for key, run in record["runs"].items():
+        parts = ", ".join(f"{part} {seconds:.3f}" for part, seconds in run["parts_s"].items())
+        print(f"step_profile {key}: {run['step_s']:.3f} s/step ({parts})", flush=True)
+    for key, summary in record["ratios"].items():
+        print(f"step_profile ratio {key}: measured {summary['measured_ratio']:.2f}, limit {summary['limit']:.2f}, "
+              f"fraction {summary['fraction_of_limit']:.3f}", flush=True)
+    if results is not None:
+        write_json(results, {**record, "device": str(device), "size": size_name,
+                             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
+
+
 def print_summary(stages_path: Path, speed_path: Path) -> None:
     """The log's closing block, read from the JSON files the two measuring commands wrote (either may be
     absent or partial when its command failed or ran out of time: the block says so)."""
@@ -165,7 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     speed.add_argument("--size", choices=("full", "quick"), default="full")
     speed.add_argument("--batch-size", type=int, default=8)
     speed.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")
-    for command in (stages, speed):
+    profile = commands.add_parser("step-profile", help="one full-size training step split by part, fp32 and bf16")
+    profile.add_argument("--device", choices=("cuda", "cpu"), required=True)
+    profile.add_argument("--size", choices=("full", "quick"), default="full")
+    for command in (stages, speed, profile):
         command.add_argument("--results", type=Path, help="JSON file to write the measurements to")
     summary = commands.add_parser("summary", help="print the closing summary from the two JSON files")
     summary.add_argument("--stages", type=Path, required=True)
@@ -175,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         run_stages(args.device, args.work, args.results)
     elif args.command == "weakclip-speed":
         weakclip_speed(args.device, args.size, args.batch_size, args.steps, args.results)
+    elif args.command == "step-profile":
+        step_profile(args.device, args.size, args.results)
     else:
         print_summary(args.stages, args.speed)
 

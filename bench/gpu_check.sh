@@ -5,7 +5,9 @@
 #      wall time of each, outputs checked;
 #   2. full-size WeakCLIP training steps (ViT-B/16 at 512, K = 21, random CLIP weights, batch 8, AMP off,
 #      CRF boundary loss on): images/s and peak torch.cuda.max_memory_allocated;
-#   3. a summary block: stage wall times, launcher none vs torchrun nproc 1, and the WeakCLIP speed.
+#   3. one full-size training step split by part (bench/step_profile.py), CLIP frozen and unfrozen, fp32 and
+#      bf16 autocast, with the frozen / full ratio's limit ($OUT/gpu_check_step_profile.json);
+#   4. a summary block: stage wall times, launcher none vs torchrun nproc 1, and the WeakCLIP speed.
 # Everything printed also goes to $OUT/gpu_check.log when $OUT is set, with the measurements as
 # $OUT/gpu_check_stages.json and $OUT/gpu_check_speed.json.
 #
@@ -28,9 +30,11 @@ case "${1:-}" in
   "") ;;
   *) echo "usage: $0 [--cpu-dry-run]" >&2; exit 2 ;;
 esac
-# Seconds each part may take; the defaults fit a 420 s device call with the wheel install and CUDA start-up.
+# Seconds each part may take; the defaults (240 + 120 + 60 s) fit a 480 s device call with the wheel install and
+# CUDA start-up.
 stages_timeout="${GPU_CHECK_STAGES_TIMEOUT:-240}"
 speed_timeout="${GPU_CHECK_SPEED_TIMEOUT:-120}"
+profile_timeout="${GPU_CHECK_PROFILE_TIMEOUT:-60}"
 
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT"
@@ -107,6 +111,7 @@ trap 'rm -rf "$work"' EXIT
 results="${OUT:-$work}"
 stages_json="$results/gpu_check_stages.json"
 speed_json="$results/gpu_check_speed.json"
+profile_json="$results/gpu_check_step_profile.json"
 failed=()
 
 echo "===== 1. training stages on the tiny chain (launcher none vs torchrun nproc 1), limit $stages_timeout s"
@@ -123,9 +128,16 @@ timeout "$speed_timeout" "$python" -m bench.gpu_check weakclip-speed --device "$
 speed_s=$((SECONDS - started))
 echo "weakclip speed: $speed_s s"
 
+echo "===== 3. one training step split by part, frozen / unfrozen, fp32 / bf16 (size $speed_size), limit $profile_timeout s"
+started=$SECONDS
+timeout "$profile_timeout" "$python" -m bench.gpu_check step-profile --device "$device" --size "$speed_size" \
+  --results "$profile_json" || failed+=("step-profile (exit $?)")
+profile_s=$((SECONDS - started))
+echo "step profile: $profile_s s"
+
 echo "===== summary (device=$device)"
 "$python" -m bench.gpu_check summary --stages "$stages_json" --speed "$speed_json" || failed+=("summary")
-echo "part wall times: stages $stages_s s, weakclip speed $speed_s s, whole check $SECONDS s"
+echo "part wall times: stages $stages_s s, weakclip speed $speed_s s, step profile $profile_s s, whole check $SECONDS s"
 if (( ${#failed[@]} )); then
   echo "===== gpu_check: FAILED: ${failed[*]} (exit 124 = ran out of its limit)"
   exit 1

@@ -10,7 +10,9 @@ on a GPU machine measures CUDA time and ``torch.cuda.max_memory_allocated``):
 - pseudo-mask inference images/s (multi-scale + flip, sliding window);
 - dense CRF images/s with 1 and 2 worker processes;
 - CAM store bytes per image vs raw float32;
-- per-stage wall time of ``make repro``.
+- per-stage wall time of ``make repro``;
+- one WeakCLIP training step split by part (``bench.step_profile``), CLIP frozen and unfrozen, fp32 and
+  bf16, at the paper size and at ``params.yaml``'s synthetic default, with the frozen / full ratio's limit.
 
 Each training measurement runs in its own child process (``--child``), so its
 peak memory is its own. ``--quick`` runs tiny models in well under a minute
@@ -47,7 +49,7 @@ TIMINGS_DIR = REPO / "timings"  # each stage's timings/<stage>.json (pipeline/_s
 # The last full-chain `make repro` (bench/repro_timing.py): this machine's record, then the published one.
 REPRO_RECORDS = (TIMINGS_DIR / "repro_synthetic.json", REPO / "bench" / "repro_timing.json")
 RESULT_MARKER = "BENCH_RESULT "
-CHILDREN = ("weakclip", "weakclip_full_finetune", "mctformer", "inference_crf_store")
+CHILDREN = ("weakclip", "weakclip_full_finetune", "mctformer", "inference_crf_store", "step_profile")
 
 # The paper's training-cost claim (docs/METHOD.md §2): WeakCLIP vs the MCTformer refinement step (PSA on ResNet38).
 PAPER_CLAIM = {"weakclip_fps": 16.8, "weakclip_gib": 9.7, "mctformer_refinement_fps": 3.9,
@@ -87,6 +89,11 @@ def child_main(name: str, size_name: str, device_name: str) -> None:
                           "project": measure.measure_existing_cam_store(REPO / "artifacts" / "cams" / "train.h5")},
             "paper_size_parameters": measure.paper_parameter_counts(),
         }
+    elif name == "step_profile":
+        from bench.step_profile import profile_sizes
+
+        result = {"sizes": profile_sizes(size_name, device, REPO / "params.yaml",
+                                         progress=lambda line: print(line, file=sys.stderr, flush=True))}
     else:
         raise ValueError(f"unknown bench child {name!r} (one of {', '.join(CHILDREN)})")
     result["environment"] = measure.environment(device)
@@ -213,6 +220,63 @@ def gpu_section(speed_files: list[Path]) -> str:
     return "\n".join(rows)
 
 
+STEP_PARTS = (("clip_forward", "CLIP forward"), ("text_forward", "text forward"), ("heads_forward", "heads forward"),
+              ("crf_target", "CRF target"), ("losses", "losses"), ("backward", "backward"),
+              ("optimizer", "optimizer"), ("other", "other"))
+"""``bench.step_profile``'s parts, in step order, with their column names."""
+
+
+def step_profile_fields(profile: dict[str, Any] | None) -> dict[str, str]:
+    """The step profile's three tables (parts, the ratio's limit, fp32 vs bf16); a results file written
+    before the profile existed renders a line saying so (``--render-only`` of an old file)."""
+    if not profile:
+        missing = "Not in this results file: run `python -m bench.run` (or `--step-profile-only`)."
+        return {"step_profile_table": missing, "step_limit_table": missing, "step_precision_table": missing,
+                "step_optimizer_table": missing, "step_profile_setup": "not measured"}
+    parts_rows = [_row("size", "CLIP", "precision", "step (s)", *(label for _, label in STEP_PARTS),
+                       "CPU s / step"), _row(*["---"] * (4 + len(STEP_PARTS) + 1))]
+    limit_rows = [_row("size", "precision", "clock", "frozen step (s)", "ideal frozen step (s)", "full step (s)",
+                       "measured ratio", "limit", "fraction of limit"), _row(*["---"] * 9)]
+    precision_rows = [_row("size", "CLIP", "fp32 s / step", "bf16 s / step", "bf16 speed-up", "fp32 CPU s",
+                           "bf16 CPU s", "bf16 CPU speed-up"), _row(*["---"] * 8)]
+    optimizer_rows = [_row("size", "parameters", "per-tensor loop (s)", "fused (s)", "speed-up", "per-tensor CPU s",
+                           "fused CPU s", "CPU speed-up"), _row(*["---"] * 8)]
+    for record in profile["sizes"].values():
+        runs = record["runs"]
+        for key, run in runs.items():
+            mode, precision = key.split("_", 1)
+            parts_rows.append(_row(record["label"], mode, precision, _number(run["step_s"], 3),
+                                   *(_number(run["parts_s"][part], 3) for part, _ in STEP_PARTS),
+                                   _number(run["cpu_step_s"], 3)))
+        for key, summary in record["ratios"].items():
+            precision, _, clock = key.partition("_")
+            limit_rows.append(_row(record["label"], precision, "CPU" if clock else "wall",
+                                   _number(summary["frozen_step_s"], 3), _number(summary["ideal_frozen_step_s"], 3),
+                                   _number(summary["full_step_s"], 3), _number(summary["measured_ratio"], 2),
+                                   _number(summary["limit"], 2), _number(summary["fraction_of_limit"], 3)))
+        for mode in ("frozen", "full"):
+            fp32, bf16 = runs.get(f"{mode}_fp32"), runs.get(f"{mode}_bf16")
+            if fp32 is None or bf16 is None:
+                continue
+            precision_rows.append(_row(record["label"], mode, _number(fp32["step_s"], 3), _number(bf16["step_s"], 3),
+                                       f"{fp32['step_s'] / bf16['step_s']:.2f}x", _number(fp32["cpu_step_s"], 3),
+                                       _number(bf16["cpu_step_s"], 3),
+                                       f"{fp32['cpu_step_s'] / bf16['cpu_step_s']:.2f}x"))
+        for mode, cut in record.get("optimizer_cut", {}).items():
+            before, after = cut["per_tensor"], cut["fused"]
+            optimizer_rows.append(_row(record["label"], "learned parts (frozen CLIP)" if mode == "frozen" else "all",
+                                       _number(before["s"], 3), _number(after["s"], 3),
+                                       f"{before['s'] / after['s']:.2f}x", _number(before["cpu_s"], 3),
+                                       _number(after["cpu_s"], 3), f"{before['cpu_s'] / after['cpu_s']:.2f}x"))
+    environment = profile["environment"]
+    setup = (f"measured {profile['created']} on {environment.get('gpu', environment['device'])}, "
+             f"torch threads: {environment['threads']}, load average (1 min) before / after "
+             f"{profile['load_average']['before']:.1f} / {profile['load_average']['after']:.1f}")
+    return {"step_profile_table": "\n".join(parts_rows), "step_limit_table": "\n".join(limit_rows),
+            "step_precision_table": "\n".join(precision_rows), "step_optimizer_table": "\n".join(optimizer_rows),
+            "step_profile_setup": setup}
+
+
 def render_markdown(results: dict[str, Any], results_path: str = "bench/results.json",
                     template: Path = TEMPLATE) -> str:
     """``docs/BENCHMARKS.md``: the hand-written template with this run's tables filled in."""
@@ -293,11 +357,20 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
         "stage_table": "\n".join(stage_rows),
         "stage_total": _number(stages["total_s"], 1),
         "gpu_table": gpu_section(GPU_SPEED_FILES),
+        **step_profile_fields(results.get("step_profile")),
     }
     return string.Template(template.read_text()).substitute(fields)
 
 
 # --------------------------------------------------------------------------- the suite
+
+def measure_step_profile(size: str, device: str) -> dict[str, Any]:
+    """The ``step_profile`` child's record, with when it ran and the load around it (it can be re-measured
+    alone, ``--step-profile-only``, so it carries its own)."""
+    load_before = os.getloadavg()[0]
+    record = run_child("step_profile", size, device)
+    return {**record, "created": now(), "load_average": {"before": load_before, "after": os.getloadavg()[0]}}
+
 
 def run_suite(quick: bool, device: str, measure_stage_timings: bool, timings_dir: Path = TIMINGS_DIR,
               progress=print) -> dict[str, Any]:
@@ -312,6 +385,8 @@ def run_suite(quick: bool, device: str, measure_stage_timings: bool, timings_dir
     progress(f"bench: pseudo-mask inference, dense CRF (1 and 2 workers), CAM store ({size}) ...")
     rest = run_child("inference_crf_store", size, device)
     inference, crf, cam_store = rest["pseudo_inference"], rest["crf"], rest["cam_store"]
+    progress(f"bench: one training step split by part, frozen / unfrozen, fp32 / bf16 ({size}) ...")
+    step_profile = measure_step_profile(size, device)
     progress("bench: stage timings ...")
     parameters = {
         "paper_size": rest["paper_size_parameters"],
@@ -335,6 +410,7 @@ def run_suite(quick: bool, device: str, measure_stage_timings: bool, timings_dir
         "crf": crf,
         "cam_store": cam_store,
         "stage_timings": stage_timings,
+        "step_profile": step_profile,
         "paper_claim": PAPER_CLAIM,
         "wall_s": time.perf_counter() - started,
         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
@@ -365,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="full run: do not re-run stages without a timings/ record (read recorded times only)")
     parser.add_argument("--render-only", action="store_true",
                         help="measure nothing: rewrite the page from an existing results file (after a template edit)")
+    parser.add_argument("--step-profile-only", action="store_true",
+                        help="measure only the step profile (bench.step_profile) into the existing results file, "
+                             "then rewrite the page")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=["quick", "full"], default="full", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -377,6 +456,13 @@ def main(argv: list[str] | None = None) -> int:
                              else REPO / "docs" / "BENCHMARKS.md")).resolve()
     if args.render_only:
         results = json.loads(results_path.read_text())
+    elif args.step_profile_only:
+        results = json.loads(results_path.read_text())
+        if results["mode"] != ("quick" if args.quick else "full"):
+            parser.error(f"{results_path} holds a {results['mode']} run: measure the same size into it")
+        results["step_profile"] = measure_step_profile(results["mode"], args.device)
+        check_finite(results)
+        write_json(results_path, results)
     else:
         results = run_suite(args.quick, args.device, measure_stage_timings=not args.quick and not args.no_stage_timing)
         check_finite(results)

@@ -2,14 +2,18 @@
 
 ``clip.source``:
 - ``pretrain`` (synthetic default): a small open_clip (``clip.arch``) trained
-  contrastively on the train split's images and captions;
+  contrastively on the synthetic generator's own "web" of captioned images, disjoint from the
+  WSSS splits (``clip.pretrain.corpus: web``), or on the train split's captions (``train_split``);
 - ``file``: a local weights file (e.g. OpenAI ViT-B/16), recorded with its sha256;
 - ``random``: a randomly initialised CLIP (the "no CLIP knowledge" ablation).
 
 Whatever the source, the stage then measures the CLIP's zero-shot knowledge on
 the val split ("a photo of a {class}" prompt scores vs image labels: mAP and
 top-1) beside a randomly initialised CLIP of the same architecture, so the
-metrics show whether the knowledge WeakCLIP relies on is real.
+metrics show whether the knowledge WeakCLIP relies on is real. The dense probe
+(``weakclip_core.evaluation.dense_probe``, MaskCLIP-style, no threshold) measures
+the same per patch: mIoU of the patch-to-prompt argmax on the train split's
+scored images against their GT masks, for both CLIPs.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+from torch.utils.data import Dataset
 
 from weakclip_core.artifacts.atomic import FolderContents, atomic_dir, check_output_dir, sha256_of_file, write_json
 from weakclip_core.models.clip import (INFO_FILE, MODEL_CONFIG_FILE, WEIGHTS_FILE, build_clip, clip_from_config,
@@ -28,12 +33,16 @@ from weakclip_core.models.clip import (INFO_FILE, MODEL_CONFIG_FILE, WEIGHTS_FIL
 from weakclip_core.training.clip_pretrain import (PROMPT_TEMPLATE, CaptionPairs, pretrain_clip, resize_for_clip,
                                          zero_shot_report, zero_shot_scores)
 from weakclip_core.config import Params, to_plain
-from weakclip_core.config.schema import given_path
+from weakclip_core.config.schema import ConfigError, given_path
 from weakclip_core.data.layout import CAPTIONS_FILE, PreparedDataset
+from weakclip_core.evaluation.dense_probe import PROBE_RULE, DenseProbeResult, dense_probe
+from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT
+from weakclip_core.data.synthetic import class_names as synthetic_class_names
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
 from weakclip_core.runtime.distributed import (DistributedContext, broadcast_from_main, run_on_main,
                                                single_process_context)
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
+from weakclip_core.training.web_corpus import WebCaptionStream, web_generator_config
 
 from pipeline._stage import StageSpec, run_stage, run_stage_cli
 
@@ -63,6 +72,39 @@ def evaluate_zero_shot(model: torch.nn.Module, dataset: PreparedDataset, split: 
     return {**zero_shot_report(scores.numpy(), labels, class_names), "n_images": len(image_ids)}
 
 
+def pretraining_pairs(params: Params, dataset: PreparedDataset) -> tuple[Dataset, dict]:
+    """The pre-training pairs ``clip.pretrain.corpus`` names, and what identifies them (for the checkpoint).
+
+    ``web``: the synthetic generator's own stream (never a WSSS image); it needs ``dataset.name: synthetic``.
+    ``train_split``: the prepared train split's images and captions.
+    """
+    cfg = params.clip
+    if cfg.pretrain.corpus == "web":
+        if params.dataset.name != "synthetic":
+            raise ConfigError(f"clip.pretrain.corpus: 'web' streams the synthetic generator's images, but dataset.name "
+                              f"is {params.dataset.name!r}; use clip.source: file (your CLIP weights) or "
+                              "clip.pretrain.corpus: train_split (the prepared train split's captions)")
+        generator = web_generator_config(params.dataset.synthetic, cfg.pretrain.web_max_objects)
+        if synthetic_class_names(generator.n_classes) != list(dataset.class_names):
+            raise ConfigError(f"clip.pretrain.corpus: the web stream's classes ({generator.n_classes} from "
+                              f"dataset.synthetic.n_classes) are not those of {dataset.root} "
+                              f"({len(dataset.class_names) - 1}); re-run prepare with these params")
+        stream = WebCaptionStream(generator, params.dataset.seed, cfg.pretrain.web_images, cfg.arch.image_size,
+                                  cfg.pretrain.caption_dropout)
+        return stream, {"web": {"generator": to_plain(generator), "dataset_seed": params.dataset.seed}}
+    pairs = CaptionPairs(dataset, dataset.split(params.dataset.train_split), cfg.arch.image_size,
+                         params.runtime.seed, cfg.pretrain.caption_dropout)
+    return pairs, {"prepared_dir": params.dataset.prepared_dir, "train_split": params.dataset.train_split,
+                   "captions_sha256": sha256_of_file(dataset.root / CAPTIONS_FILE)}
+
+
+def evaluate_dense_probe(model: torch.nn.Module, dataset: PreparedDataset, image_ids: list[str],
+                         device: torch.device) -> DenseProbeResult:
+    """The MaskCLIP-style dense probe of ``model`` on ``image_ids`` against their GT masks (no threshold)."""
+    tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=int(model.context_length))
+    return dense_probe(model, tokenizer, dataset, image_ids, device, batch_size=EVAL_BATCH)
+
+
 def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = METRICS_PATH,
         checkpoint_root: Path | None = None, stop_after_steps: int | None = None,
         context: DistributedContext | None = None) -> dict | None:
@@ -85,12 +127,9 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
     info: dict = {"source": cfg.source}
     if cfg.source == "pretrain":
         tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=cfg.arch.context_length)
-        pairs = CaptionPairs(dataset, dataset.split(params.dataset.train_split), cfg.arch.image_size,
-                             params.runtime.seed, cfg.pretrain.caption_dropout)
-        checkpoint_config = {"clip": to_plain(cfg), "seed": params.runtime.seed,  # what the pairs are made of:
-                             "dataset": {"prepared_dir": params.dataset.prepared_dir,
-                                         "train_split": params.dataset.train_split,
-                                         "captions_sha256": sha256_of_file(dataset.root / CAPTIONS_FILE)}}
+        pairs, corpus_identity = pretraining_pairs(params, dataset)
+        checkpoint_config = {"clip": to_plain(cfg), "seed": params.runtime.seed,  # what the pairs are made of
+                             "corpus": corpus_identity}
         checkpointer = Checkpointer("clip", checkpoint_config, root=checkpoint_root or CHECKPOINT_ROOT)
         result = pretrain_clip(model, pairs, tokenizer, cfg.pretrain, device, checkpointer, params.runtime.seed,
                                stop_after_steps=stop_after_steps, context=context)
@@ -99,7 +138,8 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
         # No wall time here (the stage runner keeps it in timings/): a re-run with the same weights must
         # write the same bytes, or DVC would re-run every stage downstream of an unchanged CLIP.
         info["pretrain"] = {"steps": result.steps_done, "final_loss": result.final_loss,
-                            "logit_scale": result.logit_scale, "pairs": len(pairs)}
+                            "logit_scale": result.logit_scale, "corpus": cfg.pretrain.corpus,
+                            "images_per_epoch": len(pairs), "images_seen": result.steps_done * cfg.pretrain.batch_size}
     else:
         checkpointer = None
     if not context.is_main:  # rank 0 evaluates and writes; the others wait for its metrics
@@ -114,6 +154,10 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
     split = params.dataset.val_split
     quality = evaluate_zero_shot(model, dataset, split, device)
     reference = evaluate_zero_shot(random_model, dataset, split, device)
+    probe_split = params.dataset.scored_split  # the train split's scored images, as every train-split figure
+    probe_ids = dataset.scored_ids(params.dataset.train_split, probe_split)
+    probe = evaluate_dense_probe(model, dataset, probe_ids, device)
+    reference_probe = evaluate_dense_probe(random_model, dataset, probe_ids, device)
     metrics = {
         "source": cfg.source,
         "split": split,
@@ -124,6 +168,13 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
         "random_init_map": reference["map"],
         "random_init_top1": reference["top1"],
         "per_class_ap": quality["per_class_ap"],
+        "dense_probe_split": probe_split,
+        "dense_probe_n_images": probe.n_images,
+        "dense_probe_rule": PROBE_RULE,
+        "dense_probe_threshold_chosen_with_gt": False,
+        "dense_probe_miou": None if probe.report is None else probe.report.miou,
+        "random_init_dense_probe_miou": None if reference_probe.report is None else reference_probe.report.miou,
+        **({"dense_probe_not_scored": NOT_SCORED_NO_GT} if probe.report is None else {}),
         **({"pretrain": info["pretrain"]} if "pretrain" in info else {}),
     }
     with atomic_dir(artifact_dir, ARTIFACT_CONTENTS) as temporary_dir:
@@ -141,7 +192,13 @@ def summary_line(params: Params, args: argparse.Namespace, context: DistributedC
         return None
     return (f"clip ({metrics['source']}): zero-shot mAP {metrics['zero_shot_map']:.3f} "
             f"top-1 {metrics['zero_shot_top1']:.3f} on {metrics['split']} "
-            f"(random init: mAP {metrics['random_init_map']:.3f}, top-1 {metrics['random_init_top1']:.3f})")
+            f"(random init: mAP {metrics['random_init_map']:.3f}, top-1 {metrics['random_init_top1']:.3f}); "
+            f"dense probe mIoU {probe_text(metrics['dense_probe_miou'])} on {metrics['dense_probe_split']} "
+            f"(random init {probe_text(metrics['random_init_dense_probe_miou'])})")
+
+
+def probe_text(miou: float | None) -> str:
+    return "not scored: no GT" if miou is None else f"{miou:.3f}"
 
 
 SPEC = StageSpec(name="clip", module="pipeline.clip", description=__doc__.splitlines()[0], run=summary_line,

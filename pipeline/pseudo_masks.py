@@ -61,7 +61,7 @@ from weakclip_core.config.schema import given_path
 from weakclip_core.config.weakclip import CrfConfig
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset, read_mask, write_mask
 from weakclip_core.data.segmentation import ground_truth_dirs, refuse_ground_truth_dir
-from weakclip_core.runtime.device import resolve_device, set_threads
+from weakclip_core.runtime.device import autocast, resolve_device, set_threads
 from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_image_batch
 from weakclip_core.method.refine import refine_probabilities
 from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, iou_report
@@ -126,11 +126,15 @@ class Shard:
 # --------------------------------------------------------------------------- work folder and manifest
 
 def work_config(params: Params, dataset: PreparedDataset, model_path: Path) -> dict[str, Any]:
-    """Everything that changes a mask's bytes (not where outputs go, nor how many CRF workers run)."""
+    """Everything that changes a mask's bytes (not where outputs go, nor how many CRF workers run).
+
+    ``runtime.precision`` is in it only when not fp32, so an fp32 run's work folder keeps its name."""
     pseudo = to_plain(params.pseudo)
     for key in ("output_dir", "workers", "overlay_samples"):
         pseudo.pop(key)
+    precision = params.runtime.precision
     return {"pseudo": pseudo, "model_sha256": sha256_of_file(model_path),
+            **({"precision": precision} if precision != "fp32" else {}),
             "dataset": {"root": str(dataset.root.resolve()), "split": params.dataset.train_split,
                         "labels_sha256": sha256_of_file(dataset.root / LABELS_FILE)}}
 
@@ -252,14 +256,17 @@ def id_batches(image_ids: list[str], batch_size: int) -> list[list[str]]:
     return [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
 
 
-def load_dense_model(paths: PseudoPaths, device: torch.device) -> DenseModel:
-    """The trained WeakCLIP as a ``(B, 3, h, w) → (B, K, h/4, w/4)`` logits callable on ``device``."""
+def load_dense_model(paths: PseudoPaths, device: torch.device, precision: str = "fp32") -> DenseModel:
+    """The trained WeakCLIP as a ``(B, 3, h, w) → (B, K, h/4, w/4)`` logits callable on ``device``, its
+    forward at ``precision`` (``runtime.precision``; fp32: no autocast), the logits float32 either way."""
     if paths.clip_dir is not None:
         require_input(paths.clip_dir / WEIGHTS_FILE, "clip")
     model = load_weakclip_model(require_input(paths.model, "weakclip_train"), paths.clip_dir).to(device).eval()
 
     def logits_of(images: torch.Tensor) -> torch.Tensor:
-        return model(images).logits
+        with autocast(device, precision):
+            logits = model(images).logits
+        return logits.float()
 
     return logits_of
 
@@ -291,7 +298,7 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
     set_threads(params.runtime.threads)
     torch.manual_seed(params.runtime.seed)
     device = resolve_device(params.runtime.device)
-    model = load_dense_model(paths, device)
+    model = load_dense_model(paths, device, params.runtime.precision)
     views = InferenceAugmentation(scales=tuple(pseudo.scales), flip=pseudo.flip, crop=pseudo.crop,
                                   stride=pseudo.stride, pad_to_crop=pseudo.pad_small_windows,
                                   img_scale=(pseudo.img_scale[0], pseudo.img_scale[1]) if pseudo.img_scale else None)

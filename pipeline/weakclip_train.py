@@ -43,7 +43,7 @@ from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.imports import read_pseudo_mask
 from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
 from weakclip_core.data.transforms import MmsegAugmentation
-from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
+from weakclip_core.runtime.device import autocast, resolve_device, seed_everything, set_threads
 from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, broadcast_from_main,
                                                per_process_batch_size, run_on_main, single_process_context,
                                                wrap_model)
@@ -110,12 +110,20 @@ def seed_quality(seed_masks: dict[str, np.ndarray], dataset: PreparedDataset, im
     return {"seed_miou": accumulator.report().miou, "seed_coverage": labelled / scored if scored else 0.0}
 
 
+def precise_logits(model: WeakCLIP, images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """``model(images).logits`` at ``runtime.precision``, as float32: fp32 is the plain call (no autocast)."""
+    with autocast(device, precision):
+        logits = model(images).logits
+    return logits.float()
+
+
 @torch.no_grad()
 def evaluate_on_split(model: WeakCLIP, dataset: PreparedDataset, image_ids: list[str], crop: int,
                       device: torch.device, show_progress: bool = True,
-                      img_scale: tuple[int, int] | None = None) -> tuple[dict, int]:
+                      img_scale: tuple[int, int] | None = None, precision: str = "fp32") -> tuple[dict, int]:
     """Single-scale (ratio 1 of ``img_scale``, or the image's size), no-CRF prediction restricted to labels
-    + background, scored vs GT; (report dict, n scored)."""
+    + background, scored vs GT; (report dict, n scored). ``precision`` (``runtime.precision``): the forward's
+    autocast; the logits come back as float32 either way (numpy has no bfloat16)."""
     model.eval()
     tta = InferenceAugmentation(scales=(1.0,), flip=False, crop=crop, stride=max(1, 2 * crop // 3),
                                 img_scale=img_scale)
@@ -124,7 +132,7 @@ def evaluate_on_split(model: WeakCLIP, dataset: PreparedDataset, image_ids: list
     for start in tqdm(range(0, len(scored_ids), EVAL_BATCH), desc=f"{STAGE} eval", unit="batch",
                       disable=not show_progress):
         batch_ids = scored_ids[start:start + EVAL_BATCH]
-        probabilities = predict_image_batch(lambda images: model(images).logits,
+        probabilities = predict_image_batch(lambda images: precise_logits(model, images, device, precision),
                                             [dataset.image(image_id) for image_id in batch_ids],
                                             [dataset.image_labels(image_id) for image_id in batch_ids],
                                             dataset.n_classes, tta, device)
@@ -146,7 +154,7 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     DDP averages; only rank 0 evaluates and writes.
     """
     cfg, train = params.weakclip, params.weakclip.train
-    seed = params.runtime.seed
+    seed = params.runtime.seed + train.seed_offset  # the offset: this stage's own noise (bench.ablations --seeds)
     set_threads(params.runtime.threads)
     context = context or single_process_context(resolve_device(params.runtime.device))
     device = context.device
@@ -172,10 +180,15 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
         model = WeakCLIP(clip, dataset.class_names, cfg.arch(), prompt_init_std=train.prompt_init_std,
                          clip_drop_path_rate=train.clip_drop_path_rate).to(device)
     learned = trainable_modules(model)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    # fused: one kernel for the whole update, ~3x faster than the per-tensor loop on CPU at the same results to
+    # float rounding (docs/BENCHMARKS.md, "Where a training step's time goes"; tests/test_step_profile.py)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=train.lr, weight_decay=train.weight_decay,
+                                  fused=True)
     checkpointer = Checkpointer(STAGE, {
         "weakclip": to_plain(cfg), "seed": seed, "clip_sha256": clip_weights_sha256(paths.clip_dir),
         **seeds_key,
+        # a bf16 run never resumes an fp32 one (or back); absent at fp32, so fp32 checkpoints keep their key
+        **({"precision": params.runtime.precision} if params.runtime.precision != "fp32" else {}),
         "dataset": {"prepared_dir": params.dataset.prepared_dir, "train_split": params.dataset.train_split,
                     "labels_sha256": sha256_of_file(dataset.root / LABELS_FILE)},
     }, root=paths.checkpoint_root)
@@ -220,7 +233,8 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
             batches=loader, start_step=start_step, model=model, optimizer=optimizer,
             compute_losses=compute_losses, context=context, checkpointer=checkpointer,
             checkpointed_module=learned, state=LoopState.from_dict(extra.get("loop")),
-            on_window_end=end_of_window, stop_after_steps=stop_after_steps, show_progress=show_progress)
+            on_window_end=end_of_window, stop_after_steps=stop_after_steps, show_progress=show_progress,
+            precision=params.runtime.precision)
     if not result.finished:
         return None
     seconds_per_step = (time.perf_counter() - train_started) / max(1, result.steps_this_run)
@@ -230,7 +244,7 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     save_weakclip_model(paths.model, model.cpu(), cfg, paths.clip_dir, dataset=dataset.name,
                         steps=train.iterations, seed=seed, seed_mode=cfg.seeds.mode)
     report, n_scored = evaluate_on_split(model.to(device), dataset, scored_ids, train.crop, device, show_progress,
-                                         img_scale)
+                                         img_scale, params.runtime.precision)
     if n_scored == 0:  # label-only data: trained all the same; the figures say why there are none
         report = {"miou": None, **{key: None for key in ("pixel_accuracy", "per_class", "precision", "recall")}}
     metrics = {

@@ -290,23 +290,32 @@ def test_gpu_section_lists_each_record(tmp_path: Path) -> None:
 
 def test_ablation_rows_from_exp_show_json() -> None:
     """`dvc exp show --json` shape (baseline → experiments → revs → data.metrics.<file>.data); a queued
-    experiment has no metrics yet and is left out; gains are in points over the CAM seeds."""
+    experiment has no metrics yet and is left out; each variant's seeds give mean ± sample std, the difference
+    from the baseline's mean, and the mean gain over the CAM seeds, all in points (worked by hand below)."""
     from bench.ablations import ablation_rows, experiment_metrics
 
     def revision(name: str, miou: float | None) -> dict:
         metrics = {"metrics/weakclip.json": {"data": {"miou": miou, "split": "train"}}} if miou is not None else {}
         return {"rev": "f" * 40, "name": name, "data": {"metrics": metrics}, "error": None, "experiments": None}
 
+    runs = {"abl-baseline-s1": 0.60, "abl-baseline-s2": 0.62, "abl-baseline-s3": 0.64,
+            "abl-prompt-2-s1": 0.50, "abl-prompt-2-s2": 0.56, "abl-temp-1-s1": None, "not-ours": 0.9}
     exp_show = [{"rev": "workspace", "name": None, "experiments": None},
                 {"rev": "a" * 40, "name": "main", "experiments": [
-                    {"name": "abl-prompt-2", "revs": [revision("abl-prompt-2", 0.52)]},
-                    {"name": "abl-temp-1", "revs": [revision("abl-temp-1", None)]}]}]
+                    {"name": name, "revs": [revision(name, miou)]} for name, miou in runs.items()]}]
     found = experiment_metrics(exp_show)
-    assert found == {"abl-prompt-2": {"miou": 0.52, "split": "train"}}
-    rows = ablation_rows({"miou": 0.567}, found, cam_miou=0.406)
-    assert [row["experiment"] for row in rows] == ["baseline (committed)", "abl-prompt-2"]
-    assert rows[0]["gain over seeds (points)"] == 16.1 and rows[1]["gain over seeds (points)"] == 11.4
-    assert rows[1]["setting"] == "N = 2 learnable contexts"
+    assert "abl-temp-1-s1" not in found and found["abl-prompt-2-s2"] == {"miou": 0.56, "split": "train"}
+    rows = ablation_rows(found, cam_miou=0.40)
+    assert [row["experiments"] for row in rows] == ["abl-baseline-s{1,2,3}", "abl-prompt-2-s{1,2}"]
+    baseline, prompt = rows
+    # Baseline: mean 0.62; sample std sqrt((0.02² + 0 + 0.02²) / 2) = 0.02 -> 2.0 points.
+    assert baseline["weakclip_miou (mean)"] == pytest.approx(0.62) and baseline["± std (points)"] == 2.0
+    assert baseline["seeds"] == 3 and baseline["per seed (points)"] == "60.0 / 62.0 / 64.0"
+    assert baseline["vs baseline (points)"] == 0.0 and baseline["gain over CAM seeds (points)"] == 22.0
+    # N = 2: mean 0.53; std sqrt((0.03² + 0.03²) / 1) = 0.0424 -> 4.2 points; 9 points under the baseline.
+    assert prompt["weakclip_miou (mean)"] == pytest.approx(0.53) and prompt["± std (points)"] == 4.2
+    assert prompt["vs baseline (points)"] == -9.0 and prompt["gain over CAM seeds (points)"] == 13.0
+    assert prompt["setting"] == "N = 2 learnable contexts"
 
 
 def test_repro_timing_knows_every_stage_of_the_project() -> None:

@@ -134,12 +134,13 @@ def test_step_sampler_is_resumable_and_never_repeats_within_a_batch():
     assert full[:3] != list(StepSampler(10, 3, seed=8, total_steps=1))
 
 
-def tiny_params(root: Path, source: str = "pretrain") -> dict:
+def tiny_params(root: Path, source: str = "pretrain", corpus: str = "train_split") -> dict:
     return {
         "runtime": {"device": "cpu", "seed": 3},
-        "dataset": {"name": "synthetic", "prepared_dir": str(root)},
+        "dataset": {"name": "synthetic", "prepared_dir": str(root), "synthetic": {"image_size": 64}},
         "clip": {"source": source, "arch": dict(TINY_CLIP_ARCH),
-                 "pretrain": {"epochs": 2, "batch_size": 8, "lr": 0.001, "warmup_steps": 2}},
+                 "pretrain": {"epochs": 2, "batch_size": 8, "lr": 0.001, "warmup_steps": 2, "corpus": corpus,
+                              "web_images": 16}},
     }
 
 
@@ -171,7 +172,8 @@ def test_clip_stage_pretrains_writes_outputs_and_resumes_to_the_same_weights(tmp
         assert torch.equal(value, other), key
     assert metrics["pretrain"]["steps"] == 2 * (24 // 8)
     assert metrics["split"] == "val" and metrics["n_images"] == 8
-    for key in ("zero_shot_map", "zero_shot_top1", "random_init_map", "random_init_top1"):
+    for key in ("zero_shot_map", "zero_shot_top1", "random_init_map", "random_init_top1", "dense_probe_miou",
+                "random_init_dense_probe_miou"):
         assert 0.0 <= metrics[key] <= 1.0
     assert straight_model.visual.conv1.out_channels == TINY_CLIP_ARCH["vision_width"]
 

@@ -108,7 +108,7 @@ def test_seg_train_two_processes_match_one(prepared: Path, tmp_path: Path) -> No
 def test_clip_pretraining_gathers_the_global_batch(prepared: Path, tmp_path: Path) -> None:
     """3 contrastive steps at global batch 4: each rank encodes 2 pairs, the features are gathered with
     gradient, so the 4×4 logits (and the loss) are one process's. ~20 s on this machine."""
-    overrides = {**NO_DROP_PATH, "clip": {"source": "pretrain", "pretrain": {"epochs": 1, "batch_size": 4}}}
+    overrides = {**NO_DROP_PATH, "clip": {"source": "pretrain", "pretrain": {"epochs": 1, "batch_size": 4, "corpus": "train_split"}}}
     single, ddp = _train_both(prepared, tmp_path, ["-m", "pipeline.clip"], overrides)
     weights = "artifacts/clip/weights.pt"
     reference = torch.load(single / weights, map_location="cpu")

@@ -30,8 +30,12 @@ class ClipArchConfig:
 
 @dataclass(frozen=True)
 class ClipPretrainConfig:
-    """Contrastive pre-training of the small CLIP on the synthetic images and captions.
+    """Contrastive pre-training of the small CLIP on generated images and captions.
 
+    ``corpus``: ``web`` (default) streams the synthetic generator's own "web" of captioned images, disjoint
+    from the WSSS splits (``weakclip_core/training/web_corpus.py``): ``web_images`` new images per epoch, one to
+    ``web_max_objects`` objects each. ``train_split`` trains on the prepared train split's images and captions
+    (the earlier default: too little data for the CLIP to learn its classes, docs/METHOD_NOTES.md).
     ``caption_dropout``: probability of dropping each clause of a caption (at
     least one is kept), so object phrases align with the image on their own.
     """
@@ -43,6 +47,9 @@ class ClipPretrainConfig:
     warmup_steps: int = bounded(50, low=0)
     caption_dropout: float = bounded(0.5, low=0.0, high=1.0)
     workers: int = bounded(0, low=0)
+    corpus: Literal["web", "train_split"] = "web"
+    web_images: int = bounded(6400, low=2)
+    web_max_objects: int = bounded(4, low=1, high=8)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ from typing import Literal
 
 from weakclip_core.config.schema import NONE_PATH, ConfigError, bounded, given_path
 
+SYNTHETIC_WEB_SPLIT = "web"
+"""The synthetic generator's split name of the small CLIP's pre-training stream (``clip.pretrain.corpus: web``):
+no WSSS split may take it, so no web image is a train or val image."""
+
 
 @dataclass(frozen=True)
 class SyntheticConfig:
@@ -86,3 +90,9 @@ class DatasetConfig:
             raise ConfigError(f"coco_masks: only read when name is 'coco', got name {self.name!r}")
         if given_path(self.voc_cls_labels) and self.name != "voc":
             raise ConfigError(f"voc_cls_labels: only read when name is 'voc', got name {self.name!r}")
+        if self.name == "synthetic":
+            for key, split in (("train_split", self.train_split), ("val_split", self.val_split)):
+                if split == SYNTHETIC_WEB_SPLIT:
+                    raise ConfigError(f"{key}: {split!r} is the synthetic generator's CLIP pre-training stream "
+                                      "(clip.pretrain.corpus: web), which must stay apart from the WSSS splits; "
+                                      "name the split otherwise")

@@ -22,7 +22,10 @@ class RuntimeConfig:
     """Where and how stages compute. ``device: auto`` picks CUDA when present, else CPU.
 
     ``launcher: torchrun`` runs the training stages as ``nproc`` DDP processes
-    (nccl on GPU, gloo on CPU).
+    (nccl on GPU, gloo on CPU). ``precision: bf16`` runs WeakCLIP's training forward and losses
+    (``weakclip_train``) and its inference (``weakclip_train``'s evaluation, ``pseudo_masks``) under
+    ``torch.autocast`` with bfloat16; ``fp32`` (default) runs without any autocast context, the code path as
+    it was before the key existed. The other stages always run fp32.
     """
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -30,6 +33,7 @@ class RuntimeConfig:
     threads: int = bounded(0, low=0)
     launcher: Literal["none", "torchrun"] = "none"
     nproc: int = bounded(1, low=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,9 @@ class WeakClipTrainConfig:
     prompt_init_std: float = bounded(1.0, low=0.0)  # trunc_normal_ std of the context vectors (reference 1.0)
     clip_drop_path_rate: float = bounded(0.1, low=0.0, high=0.9)  # stochastic depth on the frozen CLIP
                                                                   # visual encoder while training
+    # added to runtime.seed for this stage only (init of the trainable parts, batch order, augmentation,
+    # dropout): varies WeakCLIP's own training noise with the CLIP and the CAM seeds fixed (bench.ablations --seeds)
+    seed_offset: int = bounded(0, low=0)
 
     def validate(self) -> None:
         check_order("scale_min", self.scale_min, "scale_max", self.scale_max)

@@ -274,6 +274,21 @@ def interpolated_positional_embedding(visual: nn.Module, grid_h: int, grid_w: in
     return torch.cat([class_position, grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)], dim=0)
 
 
+def visual_input_tokens(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(B, 1 + grid_h * grid_w, width) tokens that enter the first block (class token first, after ``ln_pre``),
+    and the patch grid (grid_h, grid_w); images (B, 3, H, W) of any size that is a multiple of the patch size."""
+    patch = visual_patch_size(visual)
+    batch, _, height, width = images.shape
+    if height % patch or width % patch:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
+    grid_h, grid_w = height // patch, width // patch
+    tokens = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, hw, width)
+    class_token = visual.class_embedding.to(tokens.dtype).view(1, 1, -1).expand(batch, -1, -1)
+    tokens = torch.cat([class_token, tokens], dim=1)
+    tokens = tokens + interpolated_positional_embedding(visual, grid_h, grid_w).to(tokens.dtype)
+    return visual.ln_pre(tokens), grid_h, grid_w
+
+
 def dense_visual_features(visual: nn.Module, images: torch.Tensor, taps: list[int]) -> DenseVisualFeatures:
     """Run open_clip's ``VisionTransformer`` at any input size (multiple of the patch size).
 
@@ -282,19 +297,16 @@ def dense_visual_features(visual: nn.Module, images: torch.Tensor, taps: list[in
     ``taps`` (0-based) give intermediate patch tokens; the last block's
     tokens go through ``ln_post`` and ``proj`` into the joint space.
     """
-    patch = visual_patch_size(visual)
-    batch, _, height, width = images.shape
-    if height % patch or width % patch:
-        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
     blocks = visual.transformer.resblocks
     if any(tap < 0 or tap >= len(blocks) for tap in taps):
         raise ValueError(f"taps {taps} outside the visual tower's {len(blocks)} blocks")
-    grid_h, grid_w = height // patch, width // patch
-    tokens = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, hw, width)
-    class_token = visual.class_embedding.to(tokens.dtype).view(1, 1, -1).expand(batch, -1, -1)
-    tokens = torch.cat([class_token, tokens], dim=1)
-    tokens = tokens + interpolated_positional_embedding(visual, grid_h, grid_w).to(tokens.dtype)
-    tokens = visual.ln_pre(tokens)
+    batch = images.shape[0]
+    tokens, grid_h, grid_w = visual_input_tokens(visual, images)
+    # Under bf16 autocast the patch convolution returns bf16 tokens; blocks fed those refuse nn.MultiheadAttention's
+    # fused path (query and weight dtypes differ), and its fallback runs a bf16 linear on a transposed view that
+    # is ~100x slower on CPU (44 s instead of 1.4 s for the ViT-B/16 at 512, batch 2: docs/BENCHMARKS.md). The
+    # blocks take tokens in their weights' dtype; without autocast this is a no-op (fp32 stays bit-identical).
+    tokens = tokens.to(visual.conv1.weight.dtype)
     batch_first = getattr(visual.transformer, "batch_first", True)
     if not batch_first:
         tokens = tokens.transpose(0, 1)

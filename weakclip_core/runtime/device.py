@@ -1,12 +1,15 @@
-"""Device choice and seeding, explicit and passed around (no global state kept here)."""
+"""Device choice, numeric precision and seeding, explicit and passed around (no global state kept here)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
 import numpy as np
 import torch
+
+from weakclip_core.errors import InputError
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -33,3 +36,26 @@ def set_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+PRECISIONS = ("fp32", "bf16")
+"""``runtime.precision``'s values (weakclip_core/config/params.py validates the key)."""
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The context a forward pass runs in at ``runtime.precision``.
+
+    ``fp32``: a null context, not ``torch.autocast(enabled=False)``, so the fp32 path is exactly the code that
+    ran before the key existed (bit-identical results). ``bf16``: ``torch.autocast`` on the device's type with
+    bfloat16 (matmuls and convolutions in bf16, reductions and losses as autocast decides); its fp32 range
+    needs no loss scaling, unlike fp16, which is why fp16 is not offered. A fresh context per call: enter it
+    once. A GPU without bfloat16 (before Ampere) is refused naming the key, not deep inside torch.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise InputError(f"runtime.precision: bf16 needs a GPU with bfloat16 support, and "
+                             f"{torch.cuda.get_device_name(device)} has none; use fp32")
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise InputError(f"runtime.precision must be one of {list(PRECISIONS)}, got {precision!r}")

@@ -201,7 +201,7 @@ class PretrainResult:
     logit_scale: float
 
 
-def pretrain_clip(model: nn.Module, pairs: CaptionPairs, tokenizer: Tokenizer, config: ClipPretrainConfig,
+def pretrain_clip(model: nn.Module, pairs: Dataset, tokenizer: Tokenizer, config: ClipPretrainConfig,
                   device: torch.device, checkpointer: Checkpointer, seed: int, stop_after_steps: int | None = None,
                   context: DistributedContext | None = None, show_progress: bool = True) -> PretrainResult:
     """Train ``model`` contrastively on ``pairs`` for ``config.epochs`` epochs; resumable.

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from weakclip_core.errors import InputError
+from weakclip_core.runtime.device import autocast
 from weakclip_core.runtime.distributed import DistributedContext, all_reduce_mean
 from weakclip_core.training.checkpoint import Checkpointer
 from weakclip_core.training.schedules import set_lr
@@ -145,6 +146,7 @@ def run_training_loop(
     after_step: Callable[[], None] | None = None,
     stop_after_steps: int | None = None,
     show_progress: bool = True,
+    precision: str = "fp32",
 ) -> LoopResult:
     """Run steps ``start_step .. plan.total_steps - 1`` over ``batches`` (one batch per step, in order).
 
@@ -154,7 +156,9 @@ def run_training_loop(
     learned parts). ``state`` is the window resumed from a checkpoint's ``"loop"`` entry. ``stop_after_steps``
     ends this call after that many steps as if the process were killed (only the periodic checkpoints are
     written; the next call resumes). Raises :class:`NonFiniteLossError` naming ``lr_key`` when the loss
-    stops being finite.
+    stops being finite. ``precision`` (``runtime.precision``): ``bf16`` runs ``compute_losses`` (forward and
+    losses) under ``torch.autocast``; backward and the optimizer step stay outside it, as autocast intends
+    (gradients come back in each parameter's own dtype, fp32). ``fp32`` adds no context at all.
     """
     state = state or LoopState()
     saved_module = checkpointed_module if checkpointed_module is not None else model
@@ -166,7 +170,8 @@ def run_training_loop(
             lr = plan.lr_at(step)
             set_lr(optimizer, lr)
             model.train()
-            losses = compute_losses(step, batch)
+            with autocast(context.device, precision):
+                losses = compute_losses(step, batch)
             optimizer.zero_grad(set_to_none=True)
             losses[TOTAL_LOSS].backward()
             optimizer.step()

@@ -1,0 +1,138 @@
+"""A MaskCLIP-style dense probe: how well the frozen CLIP's patches align with the class prompts, as mIoU.
+
+The zero-shot check of the ``clip`` stage scores whole images; WeakCLIP relies on something else, that
+each *patch* lands near its class's text in the joint space. This probe measures that directly and
+without training anything (Zhou et al., "Extract Free Dense Labels from CLIP", ECCV 2022):
+
+1. **Patch embeddings by the value path** (:func:`value_path_embeddings`). The tokens that enter the
+   visual tower's last block go through that block's ``ln_1``, the value slice of the attention's
+   ``in_proj`` (``v = x W_v + b_v``) and its ``out_proj``, then ``ln_post`` and ``proj``. The query-key
+   attention of the last block is skipped: it mixes every patch with the class token's global view, and
+   its output is what the plain last-layer patch tokens carry. The value path is the paper's
+   reformulation of the value embedding and the last linear layer as two 1x1 convolutions. (MaskCLIP's
+   released ViT code also adds the block's residual and MLP to this path; the probe keeps the bare value
+   path the paper describes: fewer parts, and each is a weight the test checks by hand.)
+2. **Class text embeddings**: ``"a photo of a {name}"`` (the zero-shot check's ``PROMPT_TEMPLATE``) for
+   every class of the dataset, the background included: ``class_names[0]`` is ``"background"`` by the
+   layout contract, so background is its own prompt, ``"a photo of a background"``.
+3. **Label map** (:func:`probe_label_map`): the cosine of each patch to each prompt, bilinearly upsampled
+   to the GT mask's size, argmax over the image's labelled classes plus background. Restricting to the
+   image-level labels is what WSSS probes do (the labels are known at train time); background wins
+   where its prompt scores best. No threshold exists, so nothing is tuned on GT.
+
+The mIoU is that of :mod:`weakclip_core.evaluation.metrics` (255 ignored, undefined classes left out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.evaluation.metrics import ConfusionAccumulator, IouReport
+from weakclip_core.models.clip import visual_input_tokens
+from weakclip_core.training.clip_pretrain import PROMPT_TEMPLATE, resize_for_clip
+
+PROBE_RULE = ("MaskCLIP value path of the last block -> ln_post -> proj; cosine to 'a photo of a {class}' "
+              "(background: 'a photo of a background'), bilinear to the mask, argmax over the image's labels "
+              "+ background; no threshold")
+"""The one-line description of the probe recorded beside its figures in ``metrics/clip.json``."""
+
+Tokenizer = Callable[[Sequence[str]], torch.Tensor]
+
+
+def value_path_embeddings(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, embed_dim, grid_h, grid_w) joint-space patch embeddings of (B, 3, H, W) CLIP-normalised images.
+
+    The last block's value path (module docstring): ``proj(ln_post(out_proj(W_v ln_1(x) + b_v)))`` for
+    each patch token ``x`` entering that block; the class token and the query-key attention play no part.
+    Works for open_clip's ``VisionTransformer`` whose blocks hold an ``nn.MultiheadAttention`` with a
+    packed ``in_proj_weight`` (every OpenAI / open_clip ViT CLIP); anything else is a ``ValueError``.
+    """
+    blocks = visual.transformer.resblocks
+    last = blocks[-1]
+    attention = getattr(last, "attn", None)
+    if not isinstance(attention, nn.MultiheadAttention) or attention.in_proj_weight is None:
+        raise ValueError("the dense probe needs the visual tower's last block to hold an nn.MultiheadAttention "
+                         "with a packed in_proj_weight (open_clip's ResidualAttentionBlock)")
+    tokens, grid_h, grid_w = visual_input_tokens(visual, images)
+    batch_first = getattr(visual.transformer, "batch_first", True)
+    if not batch_first:
+        tokens = tokens.transpose(0, 1)
+    for block in blocks[:-1]:
+        tokens = block(tokens)
+    if not batch_first:
+        tokens = tokens.transpose(0, 1)
+    width = attention.embed_dim
+    # nn.MultiheadAttention packs [W_q; W_k; W_v] into in_proj_weight (3 * width, width), biases alike.
+    value_weight = attention.in_proj_weight[2 * width:]
+    value_bias = None if attention.in_proj_bias is None else attention.in_proj_bias[2 * width:]
+    values = F.linear(last.ln_1(tokens[:, 1:]), value_weight, value_bias)
+    # ls_1 (LayerScale) scales the attention branch's output; identity in every CLIP without layer scale.
+    projected = visual.ln_post(last.ls_1(attention.out_proj(values)))
+    if visual.proj is not None:
+        projected = projected @ visual.proj
+    return projected.transpose(1, 2).reshape(images.shape[0], -1, grid_h, grid_w)
+
+
+@torch.no_grad()
+def class_text_embeddings(model: nn.Module, tokenizer: Tokenizer, class_names: Sequence[str],
+                          device: torch.device) -> torch.Tensor:
+    """(K, embed_dim) L2-normalised embeddings of ``PROMPT_TEMPLATE`` for every class, background (0) included."""
+    prompts = tokenizer([PROMPT_TEMPLATE.format(name) for name in class_names]).to(device)
+    return F.normalize(model.encode_text(prompts).float(), dim=-1)
+
+
+def probe_label_map(patch_embeddings: torch.Tensor, text_embeddings: torch.Tensor, image_labels: Sequence[int],
+                    shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) int64 class indices of one image from its (D, grid_h, grid_w) patch embeddings.
+
+    ``text_embeddings`` (K, D) are L2-normalised, row k = class k. Each patch's cosine to background (0)
+    and to each class in ``image_labels`` is bilinearly upsampled (``align_corners=False``) to ``shape``;
+    each pixel takes the best of those candidates (ties: the lower class index).
+    """
+    candidates = [0] + sorted(int(label) for label in set(image_labels) if label != 0)
+    patches = F.normalize(patch_embeddings.float(), dim=0)
+    cosines = torch.einsum("dhw,kd->khw", patches, text_embeddings[candidates].float())
+    upsampled = F.interpolate(cosines[None], size=shape, mode="bilinear", align_corners=False)[0]
+    # numpy's argmax: torch's over the leading dim of a (K, H, W) tensor is an order of magnitude slower on CPU.
+    return np.asarray(candidates, dtype=np.int64)[upsampled.cpu().numpy().argmax(axis=0)]
+
+
+@dataclass(frozen=True)
+class DenseProbeResult:
+    """The probe's IoU report over the scored images (``None`` when none has a GT mask) and their count."""
+
+    report: IouReport | None
+    n_images: int
+
+
+@torch.no_grad()
+def dense_probe(model: nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset, image_ids: Sequence[str],
+                device: torch.device, batch_size: int = 32) -> DenseProbeResult:
+    """Score the probe of ``model`` (an open_clip ``CLIP``) on the images of ``image_ids`` that have a GT mask.
+
+    Each image is resized to the CLIP's own input size (as the zero-shot check does), the label map is
+    made at the mask's size (:func:`probe_label_map`) and compared with the mask, 255 ignored.
+    """
+    model.to(device).eval()
+    size = int(model.visual.image_size[0])
+    text_embeddings = class_text_embeddings(model, tokenizer, dataset.class_names, device)
+    scored = [image_id for image_id in image_ids if dataset.has_mask(image_id)]
+    confusion = ConfusionAccumulator(dataset.n_classes)
+    for start in range(0, len(scored), batch_size):
+        batch_ids = scored[start:start + batch_size]
+        images = [dataset.image(image_id) for image_id in batch_ids]
+        inputs = torch.stack([resize_for_clip(image, size) for image in images]).to(device)
+        embeddings = value_path_embeddings(model.visual, inputs)
+        for image_id, image, patch_embeddings in zip(batch_ids, images, embeddings):
+            mask = dataset.checked_mask(image_id, image.shape[:2])
+            prediction = probe_label_map(patch_embeddings, text_embeddings, dataset.image_labels(image_id),
+                                         mask.shape)
+            confusion.add(mask, prediction)
+    return DenseProbeResult(report=confusion.report() if scored else None, n_images=len(scored))

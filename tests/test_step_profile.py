@@ -81,8 +81,9 @@ def test_parts_add_up_to_the_step() -> None:
     parts = record["parts_s"]
     assert set(parts) == {*PARTS, "other"}
     assert sum(parts.values()) == pytest.approx(record["step_s"], rel=1e-9)
-    # "other" is the step's wall time outside every part: Python between them, never negative, small.
-    assert 0 <= parts["other"] < 0.2 * record["step_s"], parts
+    # "other" is the step's wall time outside every part: never negative (how small it is depends on the machine's
+    # load, which a test must not assert: the benchmark reports it).
+    assert parts["other"] >= 0, parts
     # The parts of one real step, not medians of each part taken over different steps.
     assert min(abs(seconds - record["step_s"]) for seconds in record["step_seconds"]) < 1e-3
     assert sum(record["cpu_parts_s"].values()) == pytest.approx(record["cpu_step_s"], rel=1e-9)

@@ -100,6 +100,22 @@ def test_weakclip_train_writes_outputs_keeps_clip_frozen_and_resumes_exactly(tin
     assert straight["seed_miou"] > 0.8  # blurred-GT CAMs give near-perfect confident seeds
 
 
+def test_seed_offset_moves_only_this_stages_seed(tiny_chain):
+    """weakclip.train.seed_offset adds to runtime.seed for this stage: (seed 5, offset 2) trains the same weights
+    as (seed 7, offset 0), and other weights than (seed 5, offset 0): the ablations' seeds vary WeakCLIP alone."""
+    def trained(seed: int, offset: int, run: str) -> dict:
+        weakclip = {**TINY_WEAKCLIP, "train": {**TINY_WEAKCLIP["train"], "iterations": 2, "seed_offset": offset}}
+        params = params_from_dict({"runtime": {"device": "cpu", "seed": seed},
+                                   "dataset": {"name": "synthetic", "prepared_dir": str(tiny_chain / "data")},
+                                   "weakclip": weakclip})
+        train_weakclip(params, chain_paths(tiny_chain, run), show_progress=False)
+        return torch.load(chain_paths(tiny_chain, run).model, weights_only=True)["model"]
+
+    offset, shifted, plain = trained(5, 2, "offset"), trained(7, 0, "shifted"), trained(5, 0, "plain")
+    assert all(torch.equal(offset[key], shifted[key]) for key in offset)
+    assert not all(torch.equal(offset[key], plain[key]) for key in offset)
+
+
 def test_training_set_samples_are_deterministic_and_aligned(tiny_chain):
     dataset = PreparedDataset.open(tiny_chain / "data")
     image_ids = dataset.split("train")

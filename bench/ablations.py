@@ -160,7 +160,7 @@ def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float) -> list[d
             "weakclip_miou (mean)": mean,
             "± std (points)": None if std is None else round(100 * std, 1),
             "per seed (points)": " / ".join(f"{100 * value:.1f}" for value in values),
-            "vs baseline (points)": None if baseline_mean is None else round(100 * (mean - baseline_mean), 1),
+            "vs baseline (points)": None if baseline_mean is None else round(100 * (mean - baseline_mean), 1) + 0.0,
             "gain over CAM seeds (points)": round(100 * (mean - cam_miou), 1),
         })
     return rows

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from weakclip_core.artifacts.cam_store import CamStoreWriter
-from weakclip_core.models.clip import clip_from_config, dense_visual_features, named_model_config
+from weakclip_core.models.clip import DenseVisualFeatures, clip_from_config, dense_visual_features, named_model_config
 from weakclip_core.config import CrfConfig, MCTformerArchConfig, WeakClipLossConfig
 from weakclip_core.config.weakclip import WeakClipArchConfig, paper_weakclip_arch
 from weakclip_core.method.crf import CrfPool
@@ -191,9 +191,15 @@ def forward_with_clip_gradients(model: WeakCLIP, images: torch.Tensor) -> WeakCl
     baseline needs the same graph with that removed. tests/test_bench.py checks
     this equals ``model(images)`` (to float rounding), so the two cannot drift apart.
     """
-    visual = dense_visual_features(model.clip.visual, images, model.taps)
+    return weakclip_heads(model, dense_visual_features(model.clip.visual, images, model.taps), model.text_embeddings())
+
+
+def weakclip_heads(model: WeakCLIP, visual: DenseVisualFeatures, text_embeddings: torch.Tensor) -> WeakClipOutput:
+    """The part of ``WeakCLIP.forward`` after its two encoders (co-attention, matching, pyramid adapter, decoder),
+    the same operations in the same order, for the benchmarks that run the encoders themselves: with gradients
+    (``forward_with_clip_gradients``) or timed part by part (bench/step_profile.py)."""
     batch, joint, grid_h, grid_w = visual.patch_embeddings.shape
-    text = model.text_embeddings().unsqueeze(0).expand(batch, -1, -1)
+    text = text_embeddings.unsqueeze(0).expand(batch, -1, -1)
     patches = visual.patch_embeddings.flatten(2).transpose(1, 2)
     if model.co_attention is not None:
         updated = model.co_attention(text, torch.cat([visual.global_embedding.unsqueeze(1), patches], dim=1))

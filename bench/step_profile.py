@@ -57,7 +57,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.measure import BenchSize, class_names, full_size, quick_size, synchronise, training_batch
+from bench.measure import (BenchSize, class_names, full_size, quick_size, synchronise, training_batch,
+                           weakclip_heads)
 from weakclip_core.config import Params
 from weakclip_core.config.params import load_params
 from weakclip_core.method.crf import CrfPool
@@ -65,7 +66,6 @@ from weakclip_core.method.losses import (WeakClipLosses, auxiliary_loss, boundar
                                          resize_seeds, seeding_loss)
 from weakclip_core.models.clip import arch_model_config, clip_from_config, dense_visual_features
 from weakclip_core.models.weakclip import WeakCLIP
-from weakclip_core.models.weakclip.matching import cosine_matching
 from weakclip_core.runtime.device import autocast
 
 PARTS = ("clip_forward", "text_forward", "heads_forward", "crf_target", "losses", "backward", "optimizer")
@@ -151,14 +151,8 @@ def profiled_step(model: WeakCLIP, optimizer: torch.optim.Optimizer, batch: Mapp
     with clock.part("text_forward"), autocast(device, precision):
         text_embeddings = model.text_embeddings()
     with clock.part("heads_forward"), autocast(device, precision):
-        batch_size, joint, grid_h, grid_w = visual.patch_embeddings.shape
-        text = text_embeddings.unsqueeze(0).expand(batch_size, -1, -1)
-        patches = visual.patch_embeddings.flatten(2).transpose(1, 2)
-        if model.co_attention is not None:
-            updated = model.co_attention(text, torch.cat([visual.global_embedding.unsqueeze(1), patches], dim=1))
-            text, patches = updated.text, updated.visual[:, 1:]
-        matching = cosine_matching(text, patches.transpose(1, 2).reshape(batch_size, joint, grid_h, grid_w))
-        logits = model.decoder(model.pyramid_adapter(visual.taps), matching)
+        output = weakclip_heads(model, visual, text_embeddings)
+        logits, matching = output.logits, output.matching
     with clock.part("losses"), autocast(device, precision):
         small_logits = resize_logits(logits.float(), cfg.loss_size)
         small_seeds = resize_seeds(batch["seed_mask"], (cfg.loss_size, cfg.loss_size))

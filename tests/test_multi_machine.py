@@ -186,10 +186,8 @@ def machines(tmp_path: Path, origin: Path) -> dict[str, Path]:
 def check_multi_machine_run(server: LocalServer, tmp_path: Path, origin: Path, remote: str, params_text: str) -> None:
     """The chain split over two workers' clones: the coordinator's lock equals a one-folder dvc repro's."""
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.chain import chain
-    from flows.stage_run import artifact_key, flatten_metrics
 
     clones = machines(tmp_path, origin)
     for name in ("coordinator", "reference"):
@@ -229,12 +227,27 @@ def check_multi_machine_run(server: LocalServer, tmp_path: Path, origin: Path, r
     }
     with get_client(sync_client=True) as client:
         for stage_name, path in stage_metrics.items():
-            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(stage_name, "metrics")])))
-            latest = max(artifacts, key=lambda artifact: artifact.created)
-            rows = json.loads(latest.data) if isinstance(latest.data, str) else latest.data
-            from_api = {row["metric"]: row["value"] for row in rows if row["file"] == path}
-            on_disk = {name: round(value, 6) for name, value in flatten_metrics(json.loads((coordinator / path).read_text())).items()}
-            assert from_api == on_disk, stage_name
+            assert metrics_artifact(client, stage_name, path) == metrics_file(coordinator / path), stage_name
+
+
+def metrics_artifact(client: object, stage_name: str, path: str) -> dict[str, float]:
+    """``{metric: value}`` of ``path`` in the stage's latest metrics artifact in the Prefect API."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.stage_run import artifact_key
+
+    artifacts = client.read_artifacts(  # type: ignore[attr-defined]
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(stage_name, "metrics")])))
+    latest = max(artifacts, key=lambda artifact: artifact.created)
+    rows = json.loads(latest.data) if isinstance(latest.data, str) else latest.data
+    return {row["metric"]: row["value"] for row in rows if row["file"] == path}
+
+
+def metrics_file(path: Path) -> dict[str, float]:
+    """The metrics file, flattened and rounded as the artifact shows it."""
+    from flows.stage_run import flatten_metrics
+
+    return {name: round(value, 6) for name, value in flatten_metrics(json.loads(path.read_text())).items()}
 
 
 def tiny_origin(reference: Path, target: Path) -> Path:
@@ -248,13 +261,11 @@ def check_tiny_chain_run(server: LocalServer, tmp_path: Path, origin: Path, remo
     equal the one-folder ``dvc repro``'s (``reference``), ``dvc status`` is clean there and in a fresh fourth
     clone that pulls everything, and each stage's metrics artifact in the API equals its metrics file."""
     from prefect import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
-                                                FlowRunFilterParentFlowRunId)
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
     from flows.chain import chain
     from flows.dag import read_stage_graph
     from flows.resources import needs_gpu
-    from flows.stage_run import artifact_key, flatten_metrics
 
     clones = {name: clone(origin, tmp_path / name) for name in ("coordinator", "cpu_worker", "gpu_worker")}
     coordinator = clones["coordinator"]
@@ -278,14 +289,7 @@ def check_tiny_chain_run(server: LocalServer, tmp_path: Path, origin: Path, remo
             for path in stage.metrics:
                 if not path.endswith(".json"):
                     continue
-                artifacts = client.read_artifacts(
-                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(stage.name, "metrics")])))
-                latest = max(artifacts, key=lambda artifact: artifact.created)
-                rows = json.loads(latest.data) if isinstance(latest.data, str) else latest.data
-                from_api = {row["metric"]: row["value"] for row in rows if row["file"] == path}
-                on_disk = {name: round(value, 6)
-                           for name, value in flatten_metrics(json.loads((coordinator / path).read_text())).items()}
-                assert from_api == on_disk, (stage.name, path)
+                assert metrics_artifact(client, stage.name, path) == metrics_file(coordinator / path), (stage.name, path)
     fresh = clone(coordinator, tmp_path / "fresh")
     run([*DVC, "pull"], fresh)
     assert dvc_status_clean(fresh)

@@ -90,7 +90,7 @@ def pretraining_pairs(params: Params, dataset: PreparedDataset) -> tuple[Dataset
                               f"dataset.synthetic.n_classes) are not those of {dataset.root} "
                               f"({len(dataset.class_names) - 1}); re-run prepare with these params")
         stream = WebCaptionStream(generator, params.dataset.seed, cfg.pretrain.web_images, cfg.arch.image_size,
-                                  cfg.pretrain.caption_dropout)
+                                  cfg.pretrain.caption_dropout, cfg.pretrain.attribute_dropout)
         return stream, {"web": {"generator": to_plain(generator), "dataset_seed": params.dataset.seed}}
     pairs = CaptionPairs(dataset, dataset.split(params.dataset.train_split), cfg.arch.image_size,
                          params.runtime.seed, cfg.pretrain.caption_dropout)

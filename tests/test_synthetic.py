@@ -215,3 +215,63 @@ def test_body_tint_moves_the_whole_object_to_its_class_colour() -> None:
                 styles = np.array([style.colour for style in BODY_STYLES], dtype=np.float64)
                 body_distance = float(np.median(np.min(np.linalg.norm(pixels[:, None] - styles[None], axis=2), axis=1)))
                 assert body_distance < 30.0 < median_distance, (index, body_distance, median_distance)
+
+
+_ANCHOR_COLOURS = {"red": (255, 0, 0), "green": (0, 180, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+                   "magenta": (255, 0, 255), "cyan": (0, 255, 255), "orange": (255, 140, 0),
+                   "purple": (128, 0, 128), "white": (255, 255, 255), "black": (0, 0, 0)}
+"""Textbook RGB of the part colours' names, for naming a measured colour independently of the generator."""
+
+
+def _single_object_colours(part_colours: str, count: int) -> list[tuple[int, str, str]]:
+    """(class, nearest anchor name of the object's median pixel, caption) for ``count`` one-object images whose
+    whole object takes its part colour (body_tint 1, no jitter)."""
+    config = SyntheticConfig(image_size=96, n_classes=10, min_objects=1, max_objects=1, body_tint=1.0,
+                             body_colour_jitter=0.0, distractors=0, companion_prob=0.0, part_colours=part_colours)
+    names, anchors = list(_ANCHOR_COLOURS), np.array(list(_ANCHOR_COLOURS.values()), dtype=np.float64)
+    measured = []
+    for index in range(count):
+        sample = render_sample(config, 11, "train", index)
+        (class_index,) = sample.classes
+        median = np.median(sample.image[sample.mask == class_index].astype(np.float64), axis=0)
+        measured.append((class_index, names[int(np.argmin(np.linalg.norm(anchors - median, axis=1)))],
+                         sample.caption))
+    return measured
+
+
+def test_random_part_colours_say_nothing_about_the_class() -> None:
+    """part_colours random, measured on the pixels: every class shows many colours and every colour is worn by
+    several classes, so only the part's shape and position and the body outline tell a class; per_class keeps one
+    colour per class. Each caption names the colour the object shows."""
+    random_colours = _single_object_colours("random", 200)
+    colours_of_class: dict[int, set[str]] = {}
+    classes_of_colour: dict[str, set[int]] = {}
+    for class_index, colour, caption in random_colours:
+        colours_of_class.setdefault(class_index, set()).add(colour)
+        classes_of_colour.setdefault(colour, set()).add(class_index)
+        assert re.search(rf"\b{colour}-(headed|tailed|marked)\b", caption), (colour, caption)
+    assert len(colours_of_class) == 10
+    assert min(len(colours) for colours in colours_of_class.values()) >= 4, colours_of_class
+    assert len(classes_of_colour) == 10
+    assert min(len(classes) for classes in classes_of_colour.values()) >= 4, classes_of_colour
+    per_class: dict[int, set[str]] = {}
+    for class_index, colour, _ in _single_object_colours("per_class", 60):
+        per_class.setdefault(class_index, set()).add(colour)
+    assert all(len(colours) == 1 for colours in per_class.values()), per_class
+    assert len(set().union(*per_class.values())) == len(per_class)
+
+
+def test_random_part_colours_keep_every_class_its_own_part_shape_and_position() -> None:
+    """Without colour, (part shape, part position) must tell the classes apart: distinct for up to the limit the
+    config enforces, not beyond it, and a larger n_classes is refused naming the key."""
+    from weakclip_core.config.dataset import RANDOM_PART_COLOURS_MAX_CLASSES
+    from weakclip_core.config.schema import ConfigError
+
+    def distinct_parts(n_classes: int) -> int:
+        return len({(design.part_shape, design.part_position) for design in class_designs(n_classes)})
+
+    assert distinct_parts(RANDOM_PART_COLOURS_MAX_CLASSES) == RANDOM_PART_COLOURS_MAX_CLASSES
+    assert distinct_parts(RANDOM_PART_COLOURS_MAX_CLASSES + 1) < RANDOM_PART_COLOURS_MAX_CLASSES + 1
+    with pytest.raises(ConfigError, match="n_classes"):
+        params_from_dict({"dataset": {"synthetic": {"n_classes": 11, "part_colours": "random"}}})
+    params_from_dict({"dataset": {"synthetic": {"n_classes": 11, "part_colours": "per_class"}}})

@@ -3,6 +3,7 @@ captions that name what is there, and the clip stage trained on it."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from weakclip_core.config.dataset import SyntheticConfig
 from weakclip_core.config.schema import ConfigError
 from weakclip_core.data.layout import CAPTIONS_FILE, write_labels, write_split
 from weakclip_core.data.synthetic import CLASS_WORDS, class_names, generate_synthetic, render_sample
-from weakclip_core.training.web_corpus import WebCaptionStream, web_generator_config
+from weakclip_core.training.web_corpus import WebCaptionStream, drop_attributes, web_generator_config
 
 SMALL = SyntheticConfig(image_size=64, n_train=6, n_val=4, n_classes=4, min_objects=1, max_objects=2, workers=1)
 
@@ -49,6 +50,30 @@ def test_the_web_has_more_compositions_and_its_captions_name_every_object() -> N
         present = {CLASS_WORDS[c - 1] for c in np.unique(sample.mask) if c not in (0, 255)}
         named = {word for word in CLASS_WORDS[:SMALL.n_classes] if re.search(rf"\b{word}s?\b", sample.caption)}
         assert named == present, sample.caption
+
+
+def test_attribute_dropout_leaves_bare_class_names_and_keeps_every_object() -> None:
+    """Hand-worked captions: a stripped phrase keeps its count and class word (article re-chosen), the
+    background clause and the class words are never lost, and the rate of bare phrases follows the knob."""
+    rng = np.random.default_rng(0)
+    assert drop_attributes("an orange-marked grey heron and two red/blue-tailed kites on a wavy blue background",
+                           1.0, rng) == "a heron and two kites and a wavy blue background"
+    assert drop_attributes("a red-headed tan otter", 1.0, rng) == "an otter"
+    assert drop_attributes("a red-headed tan otter", 0.0, rng) == "a red-headed tan otter"
+    generator = web_generator_config(dataclasses.replace(SMALL, part_colours="random"), max_objects=4)
+    stream = WebCaptionStream(generator, seed=0, images_per_epoch=200, image_size=32, caption_dropout=0.0,
+                              attribute_dropout=0.5)
+    phrases = bare = 0
+    for index in range(200):
+        caption = stream[(0, index)][1]
+        sample = render_sample(generator, 0, "web", index)
+        named = {word for word in CLASS_WORDS[:SMALL.n_classes] if re.search(rf"\b{word}s?\b", caption)}
+        assert named == set(CLASS_WORDS[c - 1] for c in sample.classes), caption
+        for clause in caption.split(" and "):
+            if not clause.endswith("background"):
+                phrases += 1
+                bare += len(clause.split()) == 2
+    assert 0.4 < bare / phrases < 0.6, (bare, phrases)
 
 
 def test_a_web_split_name_and_the_web_corpus_off_synthetic_are_refused() -> None:

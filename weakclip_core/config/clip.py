@@ -38,6 +38,9 @@ class ClipPretrainConfig:
     (the earlier default: too little data for the CLIP to learn its classes, docs/METHOD_NOTES.md).
     ``caption_dropout``: probability of dropping each clause of a caption (at
     least one is kept), so object phrases align with the image on their own.
+    ``attribute_dropout`` (web only): probability that an object phrase loses its attributes ("a red-headed grey
+    heron" -> "a heron"), as most alt-text names things bare; a bare name can only be matched by what the class
+    looks like, not by colour words.
     """
 
     epochs: int = bounded(20, low=1)
@@ -46,6 +49,7 @@ class ClipPretrainConfig:
     weight_decay: float = bounded(0.1, low=0.0)
     warmup_steps: int = bounded(50, low=0)
     caption_dropout: float = bounded(0.5, low=0.0, high=1.0)
+    attribute_dropout: float = bounded(0.0, low=0.0, high=1.0)
     workers: int = bounded(0, low=0)
     corpus: Literal["web", "train_split"] = "web"
     web_images: int = bounded(6400, low=2)

@@ -11,6 +11,10 @@ SYNTHETIC_WEB_SPLIT = "web"
 """The synthetic generator's split name of the small CLIP's pre-training stream (``clip.pretrain.corpus: web``):
 no WSSS split may take it, so no web image is a train or val image."""
 
+RANDOM_PART_COLOURS_MAX_CLASSES = 10
+"""With ``part_colours: random`` only the part's shape and position tell a class apart: the generator's designs
+give that many distinct (shape, position) pairs (tests/test_synthetic.py counts them)."""
+
 
 @dataclass(frozen=True)
 class SyntheticConfig:
@@ -31,6 +35,7 @@ class SyntheticConfig:
     part_fraction: float = bounded(0.3, low=0.05, high=1.0)
     body_colour_jitter: float = bounded(0.08, low=0.0, high=1.0)
     body_tint: float = bounded(0.0, low=0.0, high=1.0)
+    part_colours: Literal["per_class", "random"] = "per_class"  # random: colour says nothing about the class
     context_prob: float = bounded(0.8, low=0.0, high=1.0)
     companion_prob: float = bounded(0.5, low=0.0, high=1.0)
     distractors: int = bounded(3, low=0, high=20)
@@ -41,6 +46,10 @@ class SyntheticConfig:
     def validate(self) -> None:
         if self.min_objects > self.max_objects:
             raise ConfigError(f"min_objects: {self.min_objects} is greater than max_objects {self.max_objects}")
+        if self.part_colours == "random" and self.n_classes > RANDOM_PART_COLOURS_MAX_CLASSES:
+            raise ConfigError(f"n_classes: {self.n_classes} classes cannot be told apart with part_colours: random "
+                              f"(part shape and position give {RANDOM_PART_COLOURS_MAX_CLASSES}); use per_class "
+                              f"or at most {RANDOM_PART_COLOURS_MAX_CLASSES} classes")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,11 @@ Why it is hard for weak supervision (each knob lives in ``dataset.synthetic``):
   a colour-aware CRF can grow a part seed over the body (0 keeps the body
   class-neutral: only the part decides the class, and no CRF can cross the
   part/body colour edge).
+- **Part colours** (``part_colours``): ``per_class`` (default) paints each class's part, and with body tint its
+  body, in the class's own colour, so colour alone tells the class; ``random`` paints each object in a palette
+  colour drawn at random, so only the part's shape and position and the body's outline do. A random CLIP then no
+  longer suffices for WeakCLIP, but the small CLIP no longer learns its classes in the default's pre-training
+  budget either (docs/METHOD_NOTES.md, "The synthetic benchmark and its CLIP").
 - **Context**: each class has a preferred background texture (used with probability
   ``context_prob`` when its colours keep clear of the image's objects) and a companion
   class (added with ``companion_prob``), so CAMs leak onto backgrounds and co-occurring
@@ -337,6 +342,7 @@ class _Object:
     part: np.ndarray        # (S, S) bool, the class-deciding part
     body_colour: np.ndarray  # (3,) float
     part_colour: np.ndarray  # (3,) float
+    part_colour_name: str
     axis_angle: float
 
 
@@ -409,13 +415,17 @@ def _make_object(rng: np.random.Generator, config: SyntheticConfig, design: Clas
         part_centre = (centre[0] + offset * math.cos(angle), centre[1] + offset * math.sin(angle))
     part = _polygon_mask(_part_outline(design.part_shape, part_centre, part_radius, angle), size)
     jitter = rng.uniform(-1.0, 1.0, size=3) * config.body_colour_jitter * 255.0
+    if config.part_colours == "random":  # any palette colour: only shape, position and outline tell the class
+        base_name, base_colour = _PART_COLOURS[int(rng.integers(len(_PART_COLOURS)))]
+    else:
+        base_name, base_colour = design.part_colour_name, design.part_colour
     tinted = ((1.0 - config.body_tint) * np.asarray(style.colour, dtype=np.float64)
-              + config.body_tint * np.asarray(design.part_colour, dtype=np.float64))
+              + config.body_tint * np.asarray(base_colour, dtype=np.float64))
     body_colour = np.clip(tinted + jitter, 0, 255)
-    part_colour = np.clip(np.asarray(design.part_colour, dtype=np.float64) + rng.uniform(-8, 8, size=3), 0, 255)
+    part_colour = np.clip(np.asarray(base_colour, dtype=np.float64) + rng.uniform(-8, 8, size=3), 0, 255)
     placed.append((centre[0], centre[1], reach))
     return _Object(class_index=design.index, style=style_index, body=body, part=part,
-                   body_colour=body_colour, part_colour=part_colour, axis_angle=angle)
+                   body_colour=body_colour, part_colour=part_colour, part_colour_name=base_name, axis_angle=angle)
 
 
 def _instance_map(objects: list[_Object], size: int) -> np.ndarray:
@@ -465,7 +475,9 @@ def _caption(objects: list[_Object], designs: tuple[ClassDesign, ...], backgroun
     for class_index in order:
         design = designs[class_index - 1]
         members = [obj for obj in objects if obj.class_index == class_index]
-        adjective = f"{design.part_colour_name}-{_PART_ADJECTIVE[design.part_position]}"
+        colours = list(dict.fromkeys(obj.part_colour_name for obj in members))  # one per class unless random
+        colour_words = "/".join(colours)  # "red/blue-headed" (no " and ": that separates clauses)
+        adjective = f"{colour_words}-{_PART_ADJECTIVE[design.part_position]}"
         body_names = list(dict.fromkeys(BODY_STYLES[obj.style].colour_name for obj in members))
         body_word = f" {body_names[0]}" if len(body_names) == 1 else ""
         if len(members) == 1:

@@ -11,11 +11,13 @@ the CAM seeds stay the committed ones), all in the same queue with the same thre
 mean ± sample std over the seeds. Seed offset 0 is the committed run itself, made outside the queue (the
 chain's thread count), so it is not one of the table's samples.
 
-    python -m bench.ablations run [--seeds 3] [--jobs 2] [--only NAME ...]  # queue, run, wait, then collect
-    python -m bench.ablations collect                                       # dvc exp show -> the table
+    python -m bench.ablations run [--table weakclip|boundary] [--seeds 3] [--jobs 2] [--only NAME ...]
+    python -m bench.ablations collect [--table weakclip|boundary]           # dvc exp show -> the table
 
-``collect`` writes ``metrics/ablations_weakclip.json`` in the format ``pipeline/summary.py`` renders and re-runs
-the ``summary`` stage. Experiment names are ``<variant>-s<seed offset>``.
+``run`` queues, runs, waits, then collects. ``collect`` writes the table's file (``metrics/ablations_weakclip.json``:
+the grid; ``metrics/ablations_boundary.json``: the boundary-loss study, issue #20 item 4) in the format
+``pipeline/summary.py`` renders, and re-runs the ``summary`` stage. Experiment names are
+``<variant>-s<seed offset>``; both tables share the baseline's experiments.
 """
 
 from __future__ import annotations
@@ -67,6 +69,33 @@ ABLATIONS: tuple[Ablation, ...] = (
 """The grid beside the synthetic default (N = 8, temperature init 0.1, co-attention, confident seeds, the
 pretrained CLIP, and the boundary loss off: params.yaml says why); each row changes one thing."""
 VARIANTS = (BASELINE, *ABLATIONS)
+BOUNDARY_STUDY: tuple[Ablation, ...] = (
+    BASELINE,
+    next(variant for variant in ABLATIONS if variant.name == "abl-boundary"),
+    Ablation("abl-boundary-w0.3", "boundary loss at weight 0.3", ("weakclip.loss.boundary_weight=0.3",)),
+    Ablation("abl-boundary-size128", "boundary loss (weight 1), losses at 128 px (loss_size 128: the whole crop)",
+             ("weakclip.loss.boundary_weight=1.0", "weakclip.loss.loss_size=128")),
+    Ablation("abl-boundary-local", "boundary loss (weight 1), bilateral kernel sxy 20 (the default's 80 spans the "
+             "whole 64-px loss map)", ("weakclip.loss.boundary_weight=1.0", "weakclip.loss.crf.bilateral_sxy=20.0")),
+)
+"""Issue #20 item 4: why the boundary loss costs points here: its weight, the loss map's size, the CRF kernel."""
+
+
+@dataclass(frozen=True)
+class AblationTable:
+    """One table of docs/RESULTS.md: its variants (the baseline first), its metrics file and its title."""
+
+    name: str
+    variants: tuple[Ablation, ...]
+    output: Path
+    title: str
+
+
+TABLES = (
+    AblationTable("weakclip", VARIANTS, OUTPUT, "WeakCLIP ablations (DVC experiments, mean ± std over seeds)"),
+    AblationTable("boundary", BOUNDARY_STUDY, REPO / "metrics" / "ablations_boundary.json",
+                  "Boundary loss: weight, loss size, CRF kernel (DVC experiments, mean ± std over seeds)"),
+)
 SEED_KEY = "weakclip.train.seed_offset"
 
 
@@ -88,14 +117,19 @@ def dvc(*arguments: str) -> str:
 
 def queue_and_run(variants: tuple[Ablation, ...], seed_offsets: tuple[int, ...], jobs: int,
                   poll_s: float = 15.0) -> None:
-    """Queue every variant at every seed offset, start ``jobs`` workers (one thread each when ``jobs`` > 1, so
-    the runs do not fight over the cores), and wait until the queue has drained."""
+    """Queue every variant at every seed offset, then run the queue with ``jobs`` workers until it drains."""
     for variant in variants:
         for seed_offset in seed_offsets:
             overrides = (*variant.overrides, f"{SEED_KEY}={seed_offset}")
             arguments = [argument for override in overrides for argument in ("-S", override)]
             dvc("exp", "run", "--queue", "--name", experiment_name(variant, seed_offset), *arguments, TARGET)
             print(f"queued {experiment_name(variant, seed_offset)}: {' '.join(overrides)}", flush=True)
+    wait_for_queue(jobs, poll_s)
+
+
+def wait_for_queue(jobs: int, poll_s: float) -> None:
+    """Start ``jobs`` queue workers (one thread each when ``jobs`` > 1, so the runs do not fight over the
+    cores) and wait until the queue has drained; a failed experiment raises, naming it."""
     environment = tool_environment()
     if jobs > 1:
         environment.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -115,14 +149,15 @@ def queue_and_run(variants: tuple[Ablation, ...], seed_offsets: tuple[int, ...],
         raise RuntimeError("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(failed))
 
 
-def experiment_metrics(exp_show: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{experiment name: metrics/weakclip.json data}`` from ``dvc exp show --json`` (newest rev wins)."""
+def experiment_metrics(exp_show: list[dict[str, Any]],
+                       metrics_file: str = WEAKCLIP_METRICS) -> dict[str, dict[str, Any]]:
+    """``{experiment name: data of metrics_file}`` from ``dvc exp show --json`` (newest rev wins)."""
     found: dict[str, dict[str, Any]] = {}
     for baseline in exp_show:
         for experiment in baseline.get("experiments") or []:
             name = experiment.get("name")
             for revision in experiment.get("revs") or []:
-                metrics = ((revision.get("data") or {}).get("metrics") or {}).get(WEAKCLIP_METRICS) or {}
+                metrics = ((revision.get("data") or {}).get("metrics") or {}).get(metrics_file) or {}
                 if name and name not in found and isinstance(metrics.get("data"), dict):
                     found[name] = metrics["data"]
     return found
@@ -136,7 +171,8 @@ def mean_and_std(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
 
 
-def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float) -> list[dict[str, Any]]:
+def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float,
+                  variants: tuple[Ablation, ...] = VARIANTS) -> list[dict[str, Any]]:
     """One row per variant that ran at least one seed: mean ± std of WeakCLIP mIoU over its seeds, the seeds'
     values, the difference from the baseline's mean, and the mean gain over the CAM seeds."""
     by_variant: dict[str, dict[int, float]] = {}
@@ -147,7 +183,7 @@ def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float) -> list[d
     baseline = by_variant.get(BASELINE.name)
     baseline_mean = mean_and_std(list(baseline.values()))[0] if baseline else None
     rows = []
-    for variant in VARIANTS:
+    for variant in variants:
         seeds = by_variant.get(variant.name)
         if not seeds:
             continue
@@ -166,18 +202,18 @@ def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float) -> list[d
     return rows
 
 
-def collect() -> Path:
-    """Write ``metrics/ablations_weakclip.json`` from ``dvc exp show --json`` and the committed metrics."""
+def collect(table: AblationTable = TABLES[0]) -> Path:
+    """Write ``table``'s metrics file from ``dvc exp show --json`` and the committed metrics."""
     # --all-commits: the queue's experiments hang off the commit that was HEAD when each was queued.
     by_name = experiment_metrics(json.loads(dvc("exp", "show", "--json", "--all-commits")))
-    rows = ablation_rows(by_name, json.loads(CAM_METRICS.read_text(encoding="utf-8"))["miou"])
+    rows = ablation_rows(by_name, json.loads(CAM_METRICS.read_text(encoding="utf-8"))["miou"], table.variants)
     if not rows:
         raise RuntimeError("no ablation experiment found in `dvc exp show`; run `python -m bench.ablations run`")
     committed = json.loads((REPO / WEAKCLIP_METRICS).read_text(encoding="utf-8"))
     cam = json.loads(CAM_METRICS.read_text(encoding="utf-8"))
-    not_run = [variant.name for variant in VARIANTS if variant.setting not in {row["setting"] for row in rows}]
-    write_json(OUTPUT, {
-        "title": "WeakCLIP ablations (DVC experiments, mean ± std over seeds)",
+    not_run = [variant.name for variant in table.variants if variant.setting not in {row["setting"] for row in rows}]
+    write_json(table.output, {
+        "title": table.title,
         "description": (
             f"Each row is `dvc exp run -S <override> -S {SEED_KEY}=<s> weakclip_train` on the committed baseline, "
             "once per seed offset s (`python -m bench.ablations run --seeds N`): WeakCLIP's own init, batch order, "
@@ -193,7 +229,7 @@ def collect() -> Path:
     # The file is a declared dep of summary (dvc.yaml): re-run that one stage now so RESULTS.md and dvc.lock
     # agree with the new table.
     dvc("repro", "--force", "--single-item", "summary")
-    return OUTPUT
+    return table.output
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,15 +237,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["run", "collect"])
     parser.add_argument("--seeds", type=int, default=3, help="seed offsets 1..N per variant (default 3)")
     parser.add_argument("--jobs", type=int, default=2, help="experiments run at the same time (dvc queue start -j)")
-    parser.add_argument("--only", nargs="+", metavar="NAME", choices=[variant.name for variant in VARIANTS],
-                        help="run these variants only (default: the baseline and every ablation)")
+    parser.add_argument("--table", choices=[table.name for table in TABLES], default=TABLES[0].name,
+                        help="weakclip: the ablation grid (metrics/ablations_weakclip.json); boundary: the boundary "
+                             "loss study (metrics/ablations_boundary.json)")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        choices=sorted({variant.name for table in TABLES for variant in table.variants}),
+                        help="run these variants of the table only (default: all of them, the baseline included)")
     arguments = parser.parse_args(argv)
+    table = next(table for table in TABLES if table.name == arguments.table)
     if arguments.command == "run":
         if arguments.seeds < 1:
             parser.error("--seeds: at least 1")
-        variants = tuple(v for v in VARIANTS if not arguments.only or v.name in arguments.only)
+        variants = tuple(v for v in table.variants if not arguments.only or v.name in arguments.only)
+        if not variants:
+            parser.error(f"--only: none of {arguments.only} is in the {table.name} table")
         queue_and_run(variants, tuple(range(1, arguments.seeds + 1)), arguments.jobs)
-    print(f"ablations: {collect()}")
+    print(f"ablations: {collect(table)}")
 
 
 if __name__ == "__main__":

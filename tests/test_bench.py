@@ -316,6 +316,9 @@ def test_ablation_rows_from_exp_show_json() -> None:
     assert prompt["weakclip_miou (mean)"] == pytest.approx(0.53) and prompt["± std (points)"] == 4.2
     assert prompt["vs baseline (points)"] == -9.0 and prompt["gain over CAM seeds (points)"] == 13.0
     assert prompt["setting"] == "N = 2 learnable contexts"
+    # The boundary study's table holds its own variants only (the baseline's experiments are shared).
+    from bench.ablations import BOUNDARY_STUDY
+    assert [row["experiments"] for row in ablation_rows(found, 0.40, BOUNDARY_STUDY)] == ["abl-baseline-s{1,2,3}"]
 
 
 def test_repro_timing_knows_every_stage_of_the_project() -> None:
@@ -324,3 +327,39 @@ def test_repro_timing_knows_every_stage_of_the_project() -> None:
 
     assert all_stage_names(REPO) == {"prepare", "clip", "cam_train", "cam_infer", "weakclip_train", "pseudo_masks",
                                      "seg_train@pseudo", "seg_train@gt", "seg_eval@pseudo", "seg_eval@gt", "summary"}
+
+
+def test_chain_seed_spread_from_exp_show_json(tmp_path: Path) -> None:
+    """Seed 0 is the committed summary, seeds 1..N the `chain-seed<s>` experiments' metrics/summary.json; each
+    figure gets per-seed values, mean ± sample std and range (worked by hand below), and the summary stage
+    renders the file after the headline."""
+    from bench.ablations import experiment_metrics
+    from bench.chain_seeds import spread_rows
+    from pipeline.summary import ablation_section
+
+    def summary(cam: float, seg_pseudo: float, ratio: float) -> dict:
+        return {"cam_miou": cam, "weakclip_miou": 0.7, "pseudo_miou": 0.8, "seg_pseudo_miou": seg_pseudo,
+                "seg_gt_miou": 0.8, "wsss_fsss_ratio": ratio}
+
+    exp_show = [{"rev": "a" * 40, "name": "main", "experiments": [
+        {"name": name, "revs": [{"rev": "f" * 40, "name": name,
+                                 "data": {"metrics": {"metrics/summary.json": {"data": data}}}}]}
+        for name, data in (("chain-seed1", summary(0.30, 0.76, 0.95)), ("chain-seed2", summary(0.36, 0.80, 1.0)),
+                           ("abl-baseline-s1", summary(0.9, 0.9, 0.9)))]}]
+    found = experiment_metrics(exp_show, "metrics/summary.json")
+    rows = {row["figure"]: row for row in spread_rows(summary(0.33, 0.78, 0.975), found)}
+    cam = rows["CAM seeds (MCTformer-V2)"]
+    # 33, 30, 36 points: mean 33, sample std sqrt((0 + 9 + 9) / 2) = 3.0, range 30 - 36.
+    assert (cam["per seed"], cam["mean"], cam["± std"], cam["range"]) == ("33.0 / 30.0 / 36.0", 33.0, 3.0,
+                                                                          "30.0 – 36.0")
+    assert cam["threshold_chosen_with_gt"] is True and cam["seeds"] == 3
+    ratio = rows["WSSS / FSSS ratio"]
+    # 0.975, 0.95, 1.0: mean 0.975, std sqrt((0 + 0.025² + 0.025²) / 2) = 0.025.
+    assert (ratio["per seed"], ratio["mean"], ratio["± std"]) == ("0.975 / 0.950 / 1.000", 0.975, 0.025)
+    assert rows["Segmenter trained on pseudo masks (WSSS)"]["split"] == "val"
+    assert rows["WeakCLIP prediction"]["± std"] == 0.0
+    path = tmp_path / "chain_seeds.json"
+    path.write_text(json.dumps({"title": "Headline over training seeds", "rows": list(rows.values())}),
+                    encoding="utf-8")
+    assert "| CAM seeds (MCTformer-V2) | train | 3 | 33.0 / 30.0 / 36.0 | 33.0 | 3.0 | 30.0 – 36.0 | yes |" \
+        in ablation_section(path)

@@ -137,3 +137,17 @@ def test_the_clip_section_shows_the_dense_probe_beside_the_random_init(tmp_path)
     paths = write_metrics(tmp_path / "none", HAND_MADE)
     write_summary(PARAMS, paths)
     assert "Frozen CLIP" not in paths.results.read_text()
+
+
+def test_the_headline_over_seeds_follows_the_headline_when_present(tmp_path):
+    paths = write_metrics(tmp_path, HAND_MADE)
+    write_summary(PARAMS, paths)
+    assert "## Headline over seeds" not in paths.results.read_text()
+    (paths.metrics_root / "chain_seeds.json").write_text(json.dumps({
+        "title": "Headline over training seeds", "description": "Seed 0 is the committed run.",
+        "rows": [{"figure": "WSSS / FSSS ratio", "split": "val", "seeds": 3, "per seed": "0.950 / 0.900 / 1.000",
+                  "mean": 0.95, "± std": 0.05, "threshold_chosen_with_gt": False}]}))
+    write_summary(PARAMS, paths)
+    results = paths.results.read_text()
+    assert results.index("## Headline\n") < results.index("## Headline over seeds") < results.index("## Per-class")
+    assert "| WSSS / FSSS ratio | val | 3 | 0.950 / 0.900 / 1.000 | 0.95 | 0.05 | no |" in results

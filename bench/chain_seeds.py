@@ -1,0 +1,125 @@
+"""The headline as a spread: the whole chain re-run at other training seeds, as DVC experiments.
+
+Why: one run of the chain is one draw. Another CPU's float kernels, or another thread count, change the CLIP's
+weights in the last bits, and training amplifies that into points of mIoU (issue #20 measured a fresh clone on
+another 2-core machine 4-5 points off on cam and weakclip). A user checking a run against ours needs the spread
+a run falls within, not one number. Each experiment here is ``dvc exp run -S runtime.seed=<s>``: every training
+stage (CLIP pre-training, MCTformer, WeakCLIP, both segmenters) draws its init, batch order, augmentation and
+dropout from another seed; the dataset (``dataset.seed``) stays the same. Seed 0 is the committed run (the
+workspace's ``metrics/summary.json``); seeds 1..N run one at a time at the chain's own thread count, so they
+are the same kind of run as ``make repro``.
+
+    python -m bench.chain_seeds run [--seeds 2]   # queue seeds 1..N, run them one by one, wait, collect
+    python -m bench.chain_seeds collect           # dvc exp show -> metrics/chain_seeds.json -> RESULTS.md
+
+``collect`` writes ``metrics/chain_seeds.json`` (rendered by ``pipeline/summary.py`` under "Headline over
+seeds") and re-runs the ``summary`` stage. Experiment names are ``chain-seed<s>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from bench.ablations import dvc, experiment_metrics, mean_and_std, wait_for_queue
+from weakclip_core.artifacts.atomic import write_json
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUT = REPO / "metrics" / "chain_seeds.json"
+SUMMARY_METRICS = "metrics/summary.json"
+SEED_KEY = "runtime.seed"
+
+HEADLINE = (("cam_miou", "CAM seeds (MCTformer-V2)", "train", True),
+            ("weakclip_miou", "WeakCLIP prediction", "train", False),
+            ("pseudo_miou", "Pseudo masks (WeakCLIP + CRF)", "train", False),
+            ("seg_pseudo_miou", "Segmenter trained on pseudo masks (WSSS)", "val", False),
+            ("seg_gt_miou", "Segmenter trained on GT masks (FSSS upper bound)", "val", False),
+            ("wsss_fsss_ratio", "WSSS / FSSS ratio", "val", False))
+"""(summary key, label, split, whether a threshold behind it was chosen with GT): the summary's six figures."""
+
+
+def experiment_name(seed: int) -> str:
+    return f"chain-seed{seed}"
+
+
+def parse_seed(name: str) -> int | None:
+    """``3`` for ``chain-seed3``; None for a name this module did not give."""
+    match = re.fullmatch(r"chain-seed(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def queue_and_run(seeds: tuple[int, ...], poll_s: float = 30.0) -> None:
+    """Queue the whole chain at each seed and run the queue with one worker at the chain's own threads."""
+    for seed in seeds:
+        dvc("exp", "run", "--queue", "--name", experiment_name(seed), "-S", f"{SEED_KEY}={seed}")
+        print(f"queued {experiment_name(seed)}: {SEED_KEY}={seed}", flush=True)
+    wait_for_queue(jobs=1, poll_s=poll_s)
+
+
+def spread_rows(committed: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per headline figure: its value at seed 0 (``committed``) and at every experiment seed, mean ±
+    sample std, and the range (points for mIoU, the ratio as is)."""
+    by_seed = {0: committed}
+    for name, summary in by_name.items():
+        seed = parse_seed(name)
+        if seed is not None and seed > 0:
+            by_seed[seed] = summary
+    seeds = sorted(by_seed)
+    rows = []
+    for key, label, split, chosen_with_gt in HEADLINE:
+        values = [float(by_seed[seed][key]) for seed in seeds if isinstance(by_seed[seed].get(key), (int, float))]
+        if not values:
+            continue
+        scale, digits = (1.0, 3) if key == "wsss_fsss_ratio" else (100.0, 1)
+        mean, std = mean_and_std(values)
+        rows.append({
+            "figure": label,
+            "split": split,
+            "seeds": len(values),
+            "per seed": " / ".join(f"{scale * value:.{digits}f}" for value in values),
+            "mean": round(scale * mean, digits),
+            "± std": None if std is None else round(scale * std, digits),
+            "range": f"{scale * min(values):.{digits}f} – {scale * max(values):.{digits}f}",
+            "threshold_chosen_with_gt": chosen_with_gt,
+        })
+    return rows
+
+
+def collect() -> Path:
+    """Write ``metrics/chain_seeds.json`` from ``dvc exp show --json`` and the committed summary."""
+    by_name = experiment_metrics(json.loads(dvc("exp", "show", "--json", "--all-commits")), SUMMARY_METRICS)
+    seeds = sorted(seed for seed in map(parse_seed, by_name) if seed)
+    if not seeds:
+        raise RuntimeError("no chain-seed experiment found in `dvc exp show`; run `python -m bench.chain_seeds run`")
+    committed = json.loads((REPO / SUMMARY_METRICS).read_text(encoding="utf-8"))
+    write_json(OUTPUT, {
+        "title": "Headline over training seeds (DVC experiments)",
+        "description": (
+            f"Seed 0 is the committed run; seeds {', '.join(map(str, seeds))} are `dvc exp run -S {SEED_KEY}=<s>` "
+            "of the whole chain on the same data, one at a time at the chain's own threads "
+            "(`python -m bench.chain_seeds run`). Every training stage draws from the seed. mIoU in points, the "
+            "ratio as is; mean ± sample std; a run of `make repro` on another machine is one more draw from this "
+            "spread. Only the CAM row's threshold was chosen with GT."),
+        "rows": spread_rows(committed, by_name),
+    })
+    dvc("repro", "--force", "--single-item", "summary")  # the file is a dep of summary: RESULTS.md follows it
+    return OUTPUT
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["run", "collect"])
+    parser.add_argument("--seeds", type=int, default=2, help="seeds 1..N besides the committed seed 0 (default 2)")
+    arguments = parser.parse_args(argv)
+    if arguments.command == "run":
+        if arguments.seeds < 1:
+            parser.error("--seeds: at least 1")
+        queue_and_run(tuple(range(1, arguments.seeds + 1)))
+    print(f"chain seeds: {collect()}")
+
+
+if __name__ == "__main__":
+    main()

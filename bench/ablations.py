@@ -219,7 +219,8 @@ def collect(table: AblationTable = TABLES[0]) -> Path:
             "once per seed offset s (`python -m bench.ablations run --seeds N`): WeakCLIP's own init, batch order, "
             "augmentation and dropout change; the CLIP and the CAM seeds are the committed ones "
             f"(cam mIoU {100 * cam['miou']:.1f}). WeakCLIP train-split mIoU, single scale, no CRF; mean ± sample "
-            "std over the seeds; every row, the baseline included, ran in the same queue at one thread per run. "
+            "std over the seeds; every row ran in a queue of two at one thread per run (a row not run here: see the "
+            "other tables, same committed inputs). "
             f"The committed run (seed offset 0, the chain's own threads) scored {100 * committed['miou']:.1f}."
             + (f" Not run: {', '.join(not_run)}." if not_run else "")),
         "split": committed.get("split", "train"),

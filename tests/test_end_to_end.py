@@ -43,8 +43,10 @@ from tiny_chain import tiny_params, unreadable_final_files  # noqa: E402
 from weakclip_core.config import Params  # noqa: E402
 
 DVC = [sys.executable, "-m", "dvc"]
-# metrics/ablations_weakclip.json: a summary dep; imports/none: the placeholder path params' deps point at
-COPIED = ("dvc.yaml", "pipeline", "weakclip_core", "metrics/ablations_weakclip.json", "imports/none")
+# metrics/ablations_*.json: the committed tables, deps of summary; imports/none: the placeholder path params'
+# deps point at
+COPIED = ("dvc.yaml", "pipeline", "weakclip_core", "imports/none",
+          *sorted(str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "metrics").glob("ablations_*.json")))
 REPRO_TIMEOUT_S = 1200
 SUMMARY_KEYS = {"cam_miou", "weakclip_miou", "pseudo_miou", "seg_pseudo_miou", "seg_gt_miou", "wsss_fsss_ratio"}
 # summary key -> (its stage's metrics file, the split that figure must be scored on)

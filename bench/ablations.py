@@ -206,11 +206,11 @@ def collect(table: AblationTable = TABLES[0]) -> Path:
     """Write ``table``'s metrics file from ``dvc exp show --json`` and the committed metrics."""
     # --all-commits: the queue's experiments hang off the commit that was HEAD when each was queued.
     by_name = experiment_metrics(json.loads(dvc("exp", "show", "--json", "--all-commits")))
-    rows = ablation_rows(by_name, json.loads(CAM_METRICS.read_text(encoding="utf-8"))["miou"], table.variants)
+    cam = json.loads(CAM_METRICS.read_text(encoding="utf-8"))
+    rows = ablation_rows(by_name, cam["miou"], table.variants)
     if not rows:
         raise RuntimeError("no ablation experiment found in `dvc exp show`; run `python -m bench.ablations run`")
     committed = json.loads((REPO / WEAKCLIP_METRICS).read_text(encoding="utf-8"))
-    cam = json.loads(CAM_METRICS.read_text(encoding="utf-8"))
     not_run = [variant.name for variant in table.variants if variant.setting not in {row["setting"] for row in rows}]
     write_json(table.output, {
         "title": table.title,

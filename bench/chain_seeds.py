@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ablations import dvc, experiment_metrics, mean_and_std, wait_for_queue
+from pipeline.summary import FIGURES, gt_flag, read_metrics
 from weakclip_core.artifacts.atomic import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,13 +33,8 @@ OUTPUT = REPO / "metrics" / "chain_seeds.json"
 SUMMARY_METRICS = "metrics/summary.json"
 SEED_KEY = "runtime.seed"
 
-HEADLINE = (("cam_miou", "CAM seeds (MCTformer-V2)", "train", True),
-            ("weakclip_miou", "WeakCLIP prediction", "train", False),
-            ("pseudo_miou", "Pseudo masks (WeakCLIP + CRF)", "train", False),
-            ("seg_pseudo_miou", "Segmenter trained on pseudo masks (WSSS)", "val", False),
-            ("seg_gt_miou", "Segmenter trained on GT masks (FSSS upper bound)", "val", False),
-            ("wsss_fsss_ratio", "WSSS / FSSS ratio", "val", False))
-"""(summary key, label, split, whether a threshold behind it was chosen with GT): the summary's six figures."""
+RATIO_KEY, RATIO_LABEL = "wsss_fsss_ratio", "WSSS / FSSS ratio"
+"""The summary's sixth figure, seg@pseudo ÷ seg@GT: scored on seg_pseudo's split, with its GT flag."""
 
 
 def experiment_name(seed: int) -> str:
@@ -59,9 +55,11 @@ def queue_and_run(seeds: tuple[int, ...], poll_s: float = 30.0) -> None:
     wait_for_queue(jobs=1, poll_s=poll_s)
 
 
-def spread_rows(committed: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per headline figure: its value at seed 0 (``committed``) and at every experiment seed, mean ±
-    sample std, and the range (points for mIoU, the ratio as is)."""
+def spread_rows(committed: dict[str, Any], by_name: dict[str, dict[str, Any]],
+                gt_flags: dict[str, bool | None]) -> list[dict[str, Any]]:
+    """One row per headline figure (the summary's ``FIGURES``, then the ratio): its value at seed 0
+    (``committed``) and at every experiment seed, mean ± sample std, and the range (points for mIoU, the ratio
+    as is). ``gt_flags``: summary key -> whether a threshold behind that figure was chosen with GT."""
     by_seed = {0: committed}
     for name, summary in by_name.items():
         seed = parse_seed(name)
@@ -69,11 +67,15 @@ def spread_rows(committed: dict[str, Any], by_name: dict[str, dict[str, Any]]) -
             by_seed[seed] = summary
     seeds = sorted(by_seed)
     rows = []
-    for key, label, split, chosen_with_gt in HEADLINE:
+    headline = [(figure.key, figure.label, figure.split_role) for figure in FIGURES]
+    seg_pseudo = next(figure for figure in FIGURES if figure.key == "seg_pseudo_miou")
+    headline.append((RATIO_KEY, RATIO_LABEL, seg_pseudo.split_role))
+    flags = {**gt_flags, RATIO_KEY: gt_flags.get(seg_pseudo.key)}
+    for key, label, split in headline:
         values = [float(by_seed[seed][key]) for seed in seeds if isinstance(by_seed[seed].get(key), (int, float))]
         if not values:
             continue
-        scale, digits = (1.0, 3) if key == "wsss_fsss_ratio" else (100.0, 1)
+        scale, digits = (1.0, 3) if key == RATIO_KEY else (100.0, 1)
         mean, std = mean_and_std(values)
         rows.append({
             "figure": label,
@@ -83,9 +85,20 @@ def spread_rows(committed: dict[str, Any], by_name: dict[str, dict[str, Any]]) -
             "mean": round(scale * mean, digits),
             "± std": None if std is None else round(scale * std, digits),
             "range": f"{scale * min(values):.{digits}f} – {scale * max(values):.{digits}f}",
-            "threshold_chosen_with_gt": chosen_with_gt,
+            "threshold_chosen_with_gt": flags.get(key),
         })
     return rows
+
+
+def spread_description(seeds: list[int], rows: list[dict[str, Any]]) -> str:
+    """What the table is: which runs, how they ran, and which rows rest on a GT-chosen threshold."""
+    with_gt = [row["figure"] for row in rows if row["threshold_chosen_with_gt"]]
+    return (f"Seed 0 is the committed run; seeds {', '.join(map(str, seeds))} are `dvc exp run -S {SEED_KEY}=<s>` "
+            "of the whole chain on the same data, one at a time at the chain's own threads "
+            "(`python -m bench.chain_seeds run`). Every training stage draws from the seed. mIoU in points, the "
+            "ratio as is; mean ± sample std; a run of `make repro` on another machine is one more draw from this "
+            "spread. "
+            + (f"Threshold chosen with GT: {', '.join(with_gt)} only." if with_gt else "No threshold chosen with GT."))
 
 
 def collect() -> Path:
@@ -95,17 +108,14 @@ def collect() -> Path:
     if not seeds:
         raise RuntimeError("no chain-seed experiment found in `dvc exp show`; run `python -m bench.chain_seeds run`")
     committed = json.loads((REPO / SUMMARY_METRICS).read_text(encoding="utf-8"))
-    write_json(OUTPUT, {
-        "title": "Headline over training seeds (DVC experiments)",
-        "description": (
-            f"Seed 0 is the committed run; seeds {', '.join(map(str, seeds))} are `dvc exp run -S {SEED_KEY}=<s>` "
-            "of the whole chain on the same data, one at a time at the chain's own threads "
-            "(`python -m bench.chain_seeds run`). Every training stage draws from the seed. mIoU in points, the "
-            "ratio as is; mean ± sample std; a run of `make repro` on another machine is one more draw from this "
-            "spread. Only the CAM row's threshold was chosen with GT."),
-        "rows": spread_rows(committed, by_name),
-    })
-    dvc("repro", "--force", "--single-item", "summary")  # the file is a dep of summary: RESULTS.md follows it
+    # The committed metrics files' own flags (the summary's rule), not a copy of which stage picks a threshold.
+    gt_flags = {figure.key: gt_flag(read_metrics(REPO / "metrics" / f"{figure.stem}.json")) for figure in FIGURES}
+    rows = spread_rows(committed, by_name, gt_flags)
+    write_json(OUTPUT, {"title": "Headline over training seeds (DVC experiments)",
+                        "description": spread_description(seeds, rows), "rows": rows})
+    # Not a dvc.yaml dep of summary (its own experiments run summary before the file exists): re-run summary here
+    # so RESULTS.md shows the new spread.
+    dvc("repro", "--force", "--single-item", "summary")
     return OUTPUT
 
 

@@ -347,7 +347,9 @@ def test_chain_seed_spread_from_exp_show_json(tmp_path: Path) -> None:
         for name, data in (("chain-seed1", summary(0.30, 0.76, 0.95)), ("chain-seed2", summary(0.36, 0.80, 1.0)),
                            ("abl-baseline-s1", summary(0.9, 0.9, 0.9)))]}]
     found = experiment_metrics(exp_show, "metrics/summary.json")
-    rows = {row["figure"]: row for row in spread_rows(summary(0.33, 0.78, 0.975), found)}
+    flags = {"cam_miou": True, "weakclip_miou": False, "pseudo_miou": False, "seg_pseudo_miou": False,
+             "seg_gt_miou": False}
+    rows = {row["figure"]: row for row in spread_rows(summary(0.33, 0.78, 0.975), found, flags)}
     cam = rows["CAM seeds (MCTformer-V2)"]
     # 33, 30, 36 points: mean 33, sample std sqrt((0 + 9 + 9) / 2) = 3.0, range 30 - 36.
     assert (cam["per seed"], cam["mean"], cam["± std"], cam["range"]) == ("33.0 / 30.0 / 36.0", 33.0, 3.0,
@@ -358,6 +360,7 @@ def test_chain_seed_spread_from_exp_show_json(tmp_path: Path) -> None:
     assert (ratio["per seed"], ratio["mean"], ratio["± std"]) == ("0.975 / 0.950 / 1.000", 0.975, 0.025)
     assert rows["Segmenter trained on pseudo masks (WSSS)"]["split"] == "val"
     assert rows["WeakCLIP prediction"]["± std"] == 0.0
+    assert ratio["threshold_chosen_with_gt"] is False  # the ratio takes seg_pseudo's flag
     path = tmp_path / "chain_seeds.json"
     path.write_text(json.dumps({"title": "Headline over training seeds", "rows": list(rows.values())}),
                     encoding="utf-8")

@@ -35,7 +35,7 @@ from weakclip_core.training.clip_pretrain import (PROMPT_TEMPLATE, CaptionPairs,
 from weakclip_core.config import Params, to_plain
 from weakclip_core.config.schema import ConfigError, given_path
 from weakclip_core.data.layout import CAPTIONS_FILE, PreparedDataset
-from weakclip_core.evaluation.dense_probe import PROBE_RULE, DenseProbeResult, dense_probe
+from weakclip_core.evaluation.dense_probe import PROBE_RULE, DenseProbeResult, Tokenizer, dense_probe
 from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT
 from weakclip_core.data.synthetic import class_names as synthetic_class_names
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
@@ -60,11 +60,10 @@ def image_batches(dataset: PreparedDataset, image_ids: list[str], size: int,
                            for image_id in image_ids[start:start + batch_size]])
 
 
-def evaluate_zero_shot(model: torch.nn.Module, dataset: PreparedDataset, split: str,
+def evaluate_zero_shot(model: torch.nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset, split: str,
                        device: torch.device) -> dict:
     """Prompt-score mAP / top-1 of ``model`` on ``split`` against the image-level labels."""
     image_ids = dataset.split(split)
-    tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=int(model.context_length))
     size = int(model.visual.image_size[0])
     class_names = dataset.class_names[1:]
     scores = zero_shot_scores(model, tokenizer, image_batches(dataset, image_ids, size), class_names, device)
@@ -98,10 +97,9 @@ def pretraining_pairs(params: Params, dataset: PreparedDataset) -> tuple[Dataset
                    "captions_sha256": sha256_of_file(dataset.root / CAPTIONS_FILE)}
 
 
-def evaluate_dense_probe(model: torch.nn.Module, dataset: PreparedDataset, image_ids: list[str],
-                         device: torch.device) -> DenseProbeResult:
+def evaluate_dense_probe(model: torch.nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset,
+                         image_ids: list[str], device: torch.device) -> DenseProbeResult:
     """The MaskCLIP-style dense probe of ``model`` on ``image_ids`` against their GT masks (no threshold)."""
-    tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=int(model.context_length))
     return dense_probe(model, tokenizer, dataset, image_ids, device, batch_size=EVAL_BATCH)
 
 
@@ -124,9 +122,11 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
                                                              "clip.weights": given_path(cfg.weights)})
     seed_everything(params.runtime.seed)
     model = build_clip(cfg)
+    # One tokenizer for pre-training and every evaluation: OpenAI's BPE at the model's own context length
+    # (the small arch's 32, a ViT-B/16 file's 77); the random reference below has the same length.
+    tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=int(model.context_length))
     info: dict = {"source": cfg.source}
     if cfg.source == "pretrain":
-        tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=cfg.arch.context_length)
         pairs, corpus_identity = pretraining_pairs(params, dataset)
         checkpoint_config = {"clip": to_plain(cfg), "seed": params.runtime.seed,  # what the pairs are made of
                              "corpus": corpus_identity}
@@ -152,12 +152,12 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
     torch.manual_seed(params.runtime.seed + 1)
     random_model = clip_from_config(clip_model_config(cfg, model)).eval()
     split = params.dataset.val_split
-    quality = evaluate_zero_shot(model, dataset, split, device)
-    reference = evaluate_zero_shot(random_model, dataset, split, device)
+    quality = evaluate_zero_shot(model, tokenizer, dataset, split, device)
+    reference = evaluate_zero_shot(random_model, tokenizer, dataset, split, device)
     probe_split = params.dataset.scored_split  # the train split's scored images, as every train-split figure
     probe_ids = dataset.scored_ids(params.dataset.train_split, probe_split)
-    probe = evaluate_dense_probe(model, dataset, probe_ids, device)
-    reference_probe = evaluate_dense_probe(random_model, dataset, probe_ids, device)
+    probe = evaluate_dense_probe(model, tokenizer, dataset, probe_ids, device)
+    reference_probe = evaluate_dense_probe(random_model, tokenizer, dataset, probe_ids, device)
     metrics = {
         "source": cfg.source,
         "split": split,

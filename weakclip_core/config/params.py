@@ -17,6 +17,10 @@ from weakclip_core.config.seg import SegConfig
 from weakclip_core.config.weakclip import WeakClipConfig
 
 
+Precision = Literal["fp32", "bf16"]
+"""``runtime.precision``'s values: validated here, and the one list ``runtime.device.autocast`` checks against."""
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how stages compute. ``device: auto`` picks CUDA when present, else CPU.
@@ -33,7 +37,7 @@ class RuntimeConfig:
     threads: int = bounded(0, low=0)
     launcher: Literal["none", "torchrun"] = "none"
     nproc: int = bounded(1, low=1)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from typing import get_args
 
 import numpy as np
 import torch
 
+from weakclip_core.config.params import Precision
 from weakclip_core.errors import InputError
 
 
@@ -38,8 +40,8 @@ def set_threads(threads: int) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
-PRECISIONS = ("fp32", "bf16")
-"""``runtime.precision``'s values (weakclip_core/config/params.py validates the key)."""
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+"""``runtime.precision``'s values, read from the config's ``Precision`` type (one list, not two)."""
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -17,7 +17,9 @@ chain's thread count), so it is not one of the table's samples.
 ``run`` queues, runs, waits, then collects. ``collect`` writes the table's file (``metrics/ablations_weakclip.json``:
 the grid; ``metrics/ablations_boundary.json``: the boundary-loss study, issue #20 item 4) in the format
 ``pipeline/summary.py`` renders, and re-runs the ``summary`` stage. Experiment names are
-``<variant>-s<seed offset>``; both tables share the baseline's experiments.
+``<variant>-s<seed offset>``; both tables share the baseline's experiments. A queue that re-ran part of a table
+(``--only``, with the baseline) keeps the committed rows of the variants it did not run when its baseline
+reproduced the committed baseline seed for seed (``carry_previous_rows``); the table names the carried rows.
 """
 
 from __future__ import annotations
@@ -202,6 +204,32 @@ def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float,
     return rows
 
 
+def carry_previous_rows(rows: list[dict[str, Any]], previous_rows: list[dict[str, Any]],
+                        variants: tuple[Ablation, ...] = VARIANTS) -> tuple[list[dict[str, Any]], list[str]]:
+    """``rows`` plus the rows of an earlier queue (``previous_rows``, the committed table) whose variants did
+    not run this time, in the table's order; and the carried variants' names.
+
+    Why: a queue may re-run part of a table (``--only``), and this workspace's ``dvc exp show`` holds only its
+    own experiments. An earlier row is comparable only if the baseline reproduced seed for seed (one thread per
+    run is deterministic on one machine), so rows are carried only when both baselines show the same per-seed
+    values; otherwise none is, and the table says which variants did not run.
+    """
+    def baseline_seeds(table_rows: list[dict[str, Any]]) -> str | None:
+        return next((row["per seed (points)"] for row in table_rows if row["setting"] == BASELINE.setting), None)
+
+    current = baseline_seeds(rows)
+    if current is None or current != baseline_seeds(previous_rows):
+        return rows, []
+    ran = {row["setting"] for row in rows}
+    by_setting = {row["setting"]: row for row in rows}
+    carried = [variant for variant in variants
+               if variant.setting not in ran and any(row["setting"] == variant.setting for row in previous_rows)]
+    by_setting.update({row["setting"]: row for row in previous_rows
+                       if row["setting"] in {variant.setting for variant in carried}})
+    ordered = [by_setting[variant.setting] for variant in variants if variant.setting in by_setting]
+    return ordered, [variant.name for variant in carried]
+
+
 def collect(table: AblationTable = TABLES[0]) -> Path:
     """Write ``table``'s metrics file from ``dvc exp show --json`` and the committed metrics."""
     # --all-commits: the queue's experiments hang off the commit that was HEAD when each was queued.
@@ -211,6 +239,8 @@ def collect(table: AblationTable = TABLES[0]) -> Path:
     if not rows:
         raise RuntimeError("no ablation experiment found in `dvc exp show`; run `python -m bench.ablations run`")
     committed = json.loads((REPO / WEAKCLIP_METRICS).read_text(encoding="utf-8"))
+    previous = json.loads(table.output.read_text(encoding="utf-8"))["rows"] if table.output.is_file() else []
+    rows, carried = carry_previous_rows(rows, previous, table.variants)
     not_run = [variant.name for variant in table.variants if variant.setting not in {row["setting"] for row in rows}]
     write_json(table.output, {
         "title": table.title,
@@ -222,6 +252,8 @@ def collect(table: AblationTable = TABLES[0]) -> Path:
             "std over the seeds; every row ran in a queue of two at one thread per run (a row not run here: see the "
             "other tables, same committed inputs). "
             f"The committed run (seed offset 0, the chain's own threads) scored {100 * committed['miou']:.1f}."
+            + (f" Carried from the previous queue, whose baseline this queue reproduced seed for seed: "
+               f"{', '.join(carried)}." if carried else "")
             + (f" Not run: {', '.join(not_run)}." if not_run else "")),
         "split": committed.get("split", "train"),
         "threshold_chosen_with_gt": False,

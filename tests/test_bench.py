@@ -321,6 +321,31 @@ def test_ablation_rows_from_exp_show_json() -> None:
     assert [row["experiments"] for row in ablation_rows(found, 0.40, BOUNDARY_STUDY)] == ["abl-baseline-s{1,2,3}"]
 
 
+def test_previous_rows_are_carried_only_when_the_baseline_reproduced() -> None:
+    """A partial re-run keeps the committed table's other rows only if its baseline's per-seed values equal
+    the committed baseline's (hand-made rows: a re-run baseline, N = 2 re-run, and the committed boundary row)."""
+    from bench.ablations import BASELINE, VARIANTS, carry_previous_rows
+
+    def row(name: str, per_seed: str) -> dict:
+        variant = next(variant for variant in VARIANTS if variant.name == name)
+        return {"setting": variant.setting, "experiments": f"{name}-s{{1,2,3}}", "per seed (points)": per_seed}
+
+    new = [row("abl-baseline", "75.7 / 77.0 / 75.8"), row("abl-prompt-2", "70.0 / 71.0 / 72.0")]
+    previous = [row("abl-baseline", "75.7 / 77.0 / 75.8"), row("abl-prompt-2", "60.0 / 60.0 / 60.0"),
+                row("abl-boundary", "73.8 / 75.6 / 73.0")]
+    merged, carried = carry_previous_rows(new, previous)
+    # the table's order (baseline, prompt-2, ..., boundary); the re-run prompt-2 wins over the committed one
+    assert [entry["experiments"] for entry in merged] == ["abl-baseline-s{1,2,3}", "abl-prompt-2-s{1,2,3}",
+                                                          "abl-boundary-s{1,2,3}"]
+    assert merged[1]["per seed (points)"] == "70.0 / 71.0 / 72.0" and carried == ["abl-boundary"]
+    # a baseline that moved by one tenth on one seed: nothing is carried
+    moved = [row("abl-baseline", "75.7 / 77.1 / 75.8"), *new[1:]]
+    assert carry_previous_rows(moved, previous) == (moved, [])
+    # no baseline in this queue: nothing to compare, nothing carried
+    assert carry_previous_rows(new[1:], previous) == (new[1:], [])
+    assert BASELINE.setting == merged[0]["setting"]
+
+
 def test_repro_timing_knows_every_stage_of_the_project() -> None:
     """A full-chain timing needs the whole stage list: the project's dvc.yaml, foreach expanded, by hand."""
     from bench.repro_timing import REPO, all_stage_names

@@ -214,19 +214,14 @@ def carry_previous_rows(rows: list[dict[str, Any]], previous_rows: list[dict[str
     run is deterministic on one machine), so rows are carried only when both baselines show the same per-seed
     values; otherwise none is, and the table says which variants did not run.
     """
-    def baseline_seeds(table_rows: list[dict[str, Any]]) -> str | None:
-        return next((row["per seed (points)"] for row in table_rows if row["setting"] == BASELINE.setting), None)
-
-    current = baseline_seeds(rows)
-    if current is None or current != baseline_seeds(previous_rows):
+    current = {row["setting"]: row for row in rows}
+    previous = {row["setting"]: row for row in previous_rows}
+    baselines = [table.get(BASELINE.setting, {}).get("per seed (points)") for table in (current, previous)]
+    if baselines[0] is None or baselines[0] != baselines[1]:
         return rows, []
-    ran = {row["setting"] for row in rows}
-    by_setting = {row["setting"]: row for row in rows}
-    carried = [variant for variant in variants
-               if variant.setting not in ran and any(row["setting"] == variant.setting for row in previous_rows)]
-    by_setting.update({row["setting"]: row for row in previous_rows
-                       if row["setting"] in {variant.setting for variant in carried}})
-    ordered = [by_setting[variant.setting] for variant in variants if variant.setting in by_setting]
+    carried = [variant for variant in variants if variant.setting not in current and variant.setting in previous]
+    merged = {**current, **{variant.setting: previous[variant.setting] for variant in carried}}
+    ordered = [merged[variant.setting] for variant in variants if variant.setting in merged]
     return ordered, [variant.name for variant in carried]
 
 

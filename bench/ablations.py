@@ -129,9 +129,39 @@ def queue_and_run(variants: tuple[Ablation, ...], seed_offsets: tuple[int, ...],
     wait_for_queue(jobs, poll_s)
 
 
-def wait_for_queue(jobs: int, poll_s: float) -> None:
-    """Start ``jobs`` queue workers (one thread each when ``jobs`` > 1, so the runs do not fight over the
-    cores) and wait until the queue has drained; a failed experiment raises, naming it."""
+@dataclass(frozen=True)
+class QueueState:
+    """What ``dvc queue status`` says: tasks by status and how many workers are alive."""
+
+    running: int
+    queued: int
+    failed: list[str]
+    workers: int
+
+    @property
+    def drained(self) -> bool:
+        return self.running == 0 and self.queued == 0
+
+    @property
+    def stalled(self) -> bool:
+        """Tasks wait but no worker is left to run them (DVC's celery workers sometimes exit after a task)."""
+        return self.queued > 0 and self.running == 0 and self.workers == 0
+
+
+def parse_queue_status(status: str) -> QueueState:
+    """``dvc queue status`` text → ``QueueState`` (task lines end in their status; the last line counts workers)."""
+    lines = status.splitlines()
+
+    def ending_in(word: str) -> list[str]:
+        return [line for line in lines if re.search(rf"\s{word}\s*$", line)]
+
+    workers = re.search(r"Worker status:\s*(\d+) active,\s*(\d+) idle", status)
+    return QueueState(running=len(ending_in("Running")), queued=len(ending_in("Queued")), failed=ending_in("Failed"),
+                      workers=int(workers.group(1)) + int(workers.group(2)) if workers else 0)
+
+
+def start_workers(jobs: int) -> None:
+    """``dvc queue start --jobs jobs`` (one thread each when ``jobs`` > 1, so the runs do not fight over the cores)."""
     environment = tool_environment()
     if jobs > 1:
         environment.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -139,14 +169,28 @@ def wait_for_queue(jobs: int, poll_s: float) -> None:
     # pipe stays open (and this call blocks) until the queue has drained.
     subprocess.run(dvc_command("queue", "start", "--jobs", str(jobs)), cwd=REPO, env=environment,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+
+
+def wait_for_queue(jobs: int, poll_s: float, stalled_polls_before_restart: int = 2) -> None:
+    """Start ``jobs`` queue workers and wait until the queue has drained; a failed experiment raises, naming it.
+
+    Workers that exit with tasks still queued (seen with DVC's celery queue on long queues) are started again
+    once the queue has looked stalled for ``stalled_polls_before_restart`` polls in a row, so an overnight
+    queue does not sit idle."""
+    start_workers(jobs)
+    stalled_polls = 0
     while True:
-        status = dvc("queue", "status")
-        busy = [line for line in status.splitlines() if re.search(r"\s(Running|Queued)\s*$", line)]
-        if not busy:
+        state = parse_queue_status(dvc("queue", "status"))
+        if state.drained:
             break
-        print(f"{len(busy)} experiments queued or running", flush=True)
+        stalled_polls = stalled_polls + 1 if state.stalled else 0
+        if stalled_polls >= stalled_polls_before_restart:
+            print(f"{state.queued} experiments queued and no worker left: starting {jobs} again", flush=True)
+            start_workers(jobs)
+            stalled_polls = 0
+        print(f"{state.running + state.queued} experiments queued or running", flush=True)
         time.sleep(poll_s)
-    failed = [line for line in dvc("queue", "status").splitlines() if re.search(r"\sFailed\s*$", line)]
+    failed = parse_queue_status(dvc("queue", "status")).failed
     if failed:
         raise RuntimeError("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(failed))
 

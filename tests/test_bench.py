@@ -321,6 +321,51 @@ def test_ablation_rows_from_exp_show_json() -> None:
     assert [row["experiments"] for row in ablation_rows(found, 0.40, BOUNDARY_STUDY)] == ["abl-baseline-s{1,2,3}"]
 
 
+_QUEUE_STATUS = """Task     Name                Created    Status
+6e1a2b3  abl-baseline-s1     05:31 AM   Success
+7f2c3d4  abl-prompt-2-s1     05:31 AM   {second}
+8a3d4e5  abl-prompt-2-s2     05:31 AM   Queued
+9b4e5f6  abl-temp-1-s1       05:31 AM   Failed
+
+Worker status: {active} active, {idle} idle
+"""
+
+
+def test_queue_status_parsed_and_a_stalled_queue_detected() -> None:
+    """`dvc queue status`'s table (one task per line, status last) and its worker line: a queue with tasks
+    waiting and no worker alive is stalled; one with an idle worker or a running task is not."""
+    from bench.ablations import parse_queue_status
+
+    state = parse_queue_status(_QUEUE_STATUS.format(second="Running", active=1, idle=1))
+    assert (state.running, state.queued, state.workers) == (1, 1, 2) and not state.stalled and not state.drained
+    assert state.failed == ["9b4e5f6  abl-temp-1-s1       05:31 AM   Failed"]
+    stalled = parse_queue_status(_QUEUE_STATUS.format(second="Queued", active=0, idle=0))
+    assert (stalled.running, stalled.queued, stalled.workers) == (0, 2, 0) and stalled.stalled
+    assert not parse_queue_status(_QUEUE_STATUS.format(second="Queued", active=0, idle=1)).stalled
+    assert parse_queue_status("No experiment tasks in the queue.\n\nWorker status: 0 active, 0 idle\n").drained
+
+
+def test_wait_for_queue_restarts_workers_that_left_a_stalled_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers are started once, then again after two stalled polls in a row (not after one), and the wait
+    ends when the queue drains; the failed task left in the table is raised by name."""
+    from bench import ablations
+
+    statuses = iter([_QUEUE_STATUS.format(second="Running", active=1, idle=0),
+                     _QUEUE_STATUS.format(second="Queued", active=0, idle=0),   # stalled 1
+                     _QUEUE_STATUS.format(second="Running", active=1, idle=0),  # a worker came back: reset
+                     _QUEUE_STATUS.format(second="Queued", active=0, idle=0),   # stalled 1
+                     _QUEUE_STATUS.format(second="Queued", active=0, idle=0),   # stalled 2: restart
+                     _QUEUE_STATUS.format(second="Running", active=1, idle=0)]
+                    + ["abc1234  abl-temp-1-s1  05:31 AM   Failed\n\nWorker status: 0 active, 1 idle\n"] * 2)
+    starts: list[int] = []
+    monkeypatch.setattr(ablations, "start_workers", starts.append)
+    monkeypatch.setattr(ablations, "dvc", lambda *arguments: next(statuses))
+    monkeypatch.setattr(ablations.time, "sleep", lambda seconds: None)
+    with pytest.raises(RuntimeError, match="abl-temp-1-s1"):
+        ablations.wait_for_queue(jobs=2, poll_s=0.0)
+    assert starts == [2, 2]
+
+
 def test_previous_rows_are_carried_only_when_the_baseline_reproduced() -> None:
     """A partial re-run keeps the committed table's other rows only if its baseline's per-seed values equal
     the committed baseline's (hand-made rows: a re-run baseline, N = 2 re-run, and the committed boundary row)."""

@@ -190,9 +190,8 @@ def wait_for_queue(jobs: int, poll_s: float, stalled_polls_before_restart: int =
             stalled_polls = 0
         print(f"{state.running + state.queued} experiments queued or running", flush=True)
         time.sleep(poll_s)
-    failed = parse_queue_status(dvc("queue", "status")).failed
-    if failed:
-        raise RuntimeError("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(failed))
+    if state.failed:  # the drained queue's own status lists its failed tasks: no second `dvc queue status`
+        raise RuntimeError("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(state.failed))
 
 
 def experiment_metrics(exp_show: list[dict[str, Any]],

@@ -355,8 +355,8 @@ def test_wait_for_queue_restarts_workers_that_left_a_stalled_queue(monkeypatch: 
                      _QUEUE_STATUS.format(second="Running", active=1, idle=0),  # a worker came back: reset
                      _QUEUE_STATUS.format(second="Queued", active=0, idle=0),   # stalled 1
                      _QUEUE_STATUS.format(second="Queued", active=0, idle=0),   # stalled 2: restart
-                     _QUEUE_STATUS.format(second="Running", active=1, idle=0)]
-                    + ["abc1234  abl-temp-1-s1  05:31 AM   Failed\n\nWorker status: 0 active, 1 idle\n"] * 2)
+                     _QUEUE_STATUS.format(second="Running", active=1, idle=0),
+                     "abc1234  abl-temp-1-s1  05:31 AM   Failed\n\nWorker status: 0 active, 1 idle\n"])
     starts: list[int] = []
     monkeypatch.setattr(ablations, "start_workers", starts.append)
     monkeypatch.setattr(ablations, "dvc", lambda *arguments: next(statuses))

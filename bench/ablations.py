@@ -11,15 +11,17 @@ the CAM seeds stay the committed ones), all in the same queue with the same thre
 mean ± sample std over the seeds. Seed offset 0 is the committed run itself, made outside the queue (the
 chain's thread count), so it is not one of the table's samples.
 
-    python -m bench.ablations run [--table weakclip|boundary] [--seeds 3] [--jobs 2] [--only NAME ...]
-    python -m bench.ablations collect [--table weakclip|boundary]           # dvc exp show -> the table
+    python -m bench.ablations run [--table weakclip|boundary|ceiling] [--seeds 3] [--jobs 2] [--only NAME ...]
+    python -m bench.ablations collect [--table weakclip|boundary|ceiling]   # dvc exp show -> the table
 
 ``run`` queues, runs, waits, then collects. ``collect`` writes the table's file (``metrics/ablations_weakclip.json``:
-the grid; ``metrics/ablations_boundary.json``: the boundary-loss study, issue #20 item 4) in the format
+the grid; ``metrics/ablations_boundary.json``: the boundary-loss study, issue #20 item 4;
+``metrics/ablations_ceiling.json``: each frozen CLIP's ceiling, WeakCLIP trained on the GT masks) in the format
 ``pipeline/summary.py`` renders, and re-runs the ``summary`` stage. Experiment names are
-``<variant>-s<seed offset>``; both tables share the baseline's experiments. A queue that re-ran part of a table
-(``--only``, with the baseline) keeps the committed rows of the variants it did not run when its baseline
-reproduced the committed baseline seed for seed (``carry_previous_rows``); the table names the carried rows.
+``<variant>-s<seed offset>``; the tables share the experiments of the variants they both list. A queue that
+re-ran part of a table (``--only``, with the baseline) keeps the committed rows of the variants it did not run
+when its baseline reproduced the committed baseline seed for seed (``carry_previous_rows``); the table names the
+carried rows.
 """
 
 from __future__ import annotations
@@ -81,6 +83,19 @@ BOUNDARY_STUDY: tuple[Ablation, ...] = (
              "whole 64-px loss map)", ("weakclip.loss.boundary_weight=1.0", "weakclip.loss.crf.bilateral_sxy=20.0")),
 )
 """Issue #20 item 4: why the boundary loss costs points here: its weight, the loss map's size, the CRF kernel."""
+GT_MASK_FOLDER = "data/prepared/synthetic/SegmentationClass"
+"""The synthetic default's prepared GT masks (``dataset.prepared_dir`` + the layout's mask folder)."""
+GT_MASKS = ("weakclip.seeds.source=mask_folder", f"weakclip.seeds.mask_folder={GT_MASK_FOLDER}")
+CEILING_STUDY: tuple[Ablation, ...] = (
+    BASELINE,
+    next(variant for variant in ABLATIONS if variant.name == "abl-random-clip"),
+    Ablation("abl-gt-masks", "trained on the GT masks instead of CAM seeds (an upper bound that uses GT, not a "
+             "WSSS result)", GT_MASKS),
+    Ablation("abl-gt-masks-random-clip", "trained on the GT masks, randomly initialised CLIP (upper bound, uses GT)",
+             (*GT_MASKS, "clip.source=random")),
+)
+"""Why a random CLIP does as well: how far each frozen CLIP takes WeakCLIP with perfect labels (its ceiling),
+against how far it gets from the CAM seeds. The rows trained on GT masks are not WSSS results."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,9 @@ TABLES = (
     AblationTable("weakclip", VARIANTS, OUTPUT, "WeakCLIP ablations (DVC experiments, mean ± std over seeds)"),
     AblationTable("boundary", BOUNDARY_STUDY, REPO / "metrics" / "ablations_boundary.json",
                   "Boundary loss: weight, loss size, CRF kernel (DVC experiments, mean ± std over seeds)"),
+    AblationTable("ceiling", CEILING_STUDY, REPO / "metrics" / "ablations_ceiling.json",
+                  "Frozen CLIP: CAM seeds against GT masks, pretrained against random (DVC experiments, mean ± std "
+                  "over seeds)"),
 )
 SEED_KEY = "weakclip.train.seed_offset"
 
@@ -287,8 +305,8 @@ def collect(table: AblationTable = TABLES[0]) -> Path:
             "once per seed offset s (`python -m bench.ablations run --seeds N`): WeakCLIP's own init, batch order, "
             "augmentation and dropout change; the CLIP and the CAM seeds are the committed ones "
             f"(cam mIoU {100 * cam['miou']:.1f}). WeakCLIP train-split mIoU, single scale, no CRF; mean ± sample "
-            "std over the seeds; every row ran in a queue of two at one thread per run (a row not run here: see the "
-            "other tables, same committed inputs). "
+            "std over the seeds; every row ran in a queue of two at one thread per run, and the tables share the "
+            "experiments of the variants they both list (the baseline's among them). "
             f"The committed run (seed offset 0, the chain's own threads) scored {100 * committed['miou']:.1f}."
             + (f" Carried from the previous queue, whose baseline this queue reproduced seed for seed: "
                f"{', '.join(carried)}." if carried else "")
@@ -310,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="experiments run at the same time (dvc queue start -j)")
     parser.add_argument("--table", choices=[table.name for table in TABLES], default=TABLES[0].name,
                         help="weakclip: the ablation grid (metrics/ablations_weakclip.json); boundary: the boundary "
-                             "loss study (metrics/ablations_boundary.json)")
+                             "loss study (metrics/ablations_boundary.json); ceiling: CAM seeds against GT masks, "
+                             "pretrained against random CLIP (metrics/ablations_ceiling.json)")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         choices=sorted({variant.name for table in TABLES for variant in table.variants}),
                         help="run these variants of the table only (default: all of them, the baseline included)")

@@ -436,3 +436,33 @@ def test_chain_seed_spread_from_exp_show_json(tmp_path: Path) -> None:
                     encoding="utf-8")
     assert "| CAM seeds (MCTformer-V2) | train | 3 | 33.0 / 30.0 / 36.0 | 33.0 | 3.0 | 30.0 – 36.0 | yes |" \
         in ablation_section(path)
+
+
+def test_every_ablation_override_names_a_valid_params_key() -> None:
+    """Each table's `-S key=value` overrides, applied to the committed params.yaml as `dvc exp run -S` applies
+    them (the value parsed as YAML), give params the validator accepts: a misspelt key or a wrong type in a
+    variant fails here, not an hour into a queue. Each override also changes the value it names (no row repeats
+    the baseline by accident)."""
+    import copy
+
+    import yaml
+
+    from bench.ablations import TABLES
+    from weakclip_core.config.params import params_from_dict
+
+    committed = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params_from_dict(committed)
+    for table in TABLES:
+        for variant in table.variants:
+            data = copy.deepcopy(committed)
+            for override in variant.overrides:
+                key, value = override.split("=", 1)
+                *parents, leaf = key.split(".")
+                node = data
+                for part in parents:
+                    assert isinstance(node.get(part), dict), f"{variant.name}: {key} is not a params.yaml key"
+                    node = node[part]
+                assert leaf in node, f"{variant.name}: {key} is not a params.yaml key"
+                assert node[leaf] != yaml.safe_load(value), f"{variant.name}: {override} is the committed value"
+                node[leaf] = yaml.safe_load(value)
+            params_from_dict(data)

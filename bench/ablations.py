@@ -83,9 +83,7 @@ BOUNDARY_STUDY: tuple[Ablation, ...] = (
              "whole 64-px loss map)", ("weakclip.loss.boundary_weight=1.0", "weakclip.loss.crf.bilateral_sxy=20.0")),
 )
 """Issue #20 item 4: why the boundary loss costs points here: its weight, the loss map's size, the CRF kernel."""
-GT_MASK_FOLDER = "data/prepared/synthetic/SegmentationClass"
-"""The synthetic default's prepared GT masks (``dataset.prepared_dir`` + the layout's mask folder)."""
-GT_MASKS = ("weakclip.seeds.source=mask_folder", f"weakclip.seeds.mask_folder={GT_MASK_FOLDER}")
+GT_MASKS = ("weakclip.seeds.source=gt",)
 CEILING_STUDY: tuple[Ablation, ...] = (
     BASELINE,
     next(variant for variant in ABLATIONS if variant.name == "abl-random-clip"),

@@ -375,7 +375,8 @@ def upstream_seed_provenance(weakclip_metrics: Path) -> dict[str, Any]:
         raise ProvenanceError(f"{weakclip_metrics}: key {SEEDS_GT_FLAG!r} (true/false) is missing; cannot "
                               "establish whether GT chose the seed thresholds")
     return {"seeds_thresholds_chosen_with_gt": data[SEEDS_GT_FLAG], "seed_mode": data.get("seed_mode"),
-            "cam_variant": data.get("cam_variant")}
+            "cam_variant": data.get("cam_variant"),
+            "gt_used": data.get("gt_used") is True}  # WeakCLIP trained on GT masks (weakclip.seeds.source: gt)
 
 
 def check_gt_claim(metrics: dict[str, Any], upstream: dict[str, Any]) -> None:
@@ -430,7 +431,7 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths()) -> dict[str, An
     final_report = after_report  # the written masks (without CRF and repair they equal the raw ones)
 
     provenance = {"made_by": f"pipeline.{STAGE}", "split": split, "n_images": len(image_ids),
-                  "gt_used": False, "threshold_chosen_with_gt": upstream["seeds_thresholds_chosen_with_gt"],
+                  "gt_used": upstream["gt_used"], "threshold_chosen_with_gt": upstream["seeds_thresholds_chosen_with_gt"],
                   "seed_mode": upstream["seed_mode"], "cam_variant": upstream["cam_variant"],
                   "model_sha256": config["model_sha256"]}
     with atomic_dir(pseudo.output_dir, MASK_FOLDER_CONTENTS, key="pseudo.output_dir") as output_dir:
@@ -472,6 +473,7 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths()) -> dict[str, An
         "seed_mode": upstream["seed_mode"],
         "cam_variant": upstream["cam_variant"],
         "worst_images": {image_id: per_image_miou[image_id] for image_id in worst},
+        **({"gt_used_in_training": True} if upstream["gt_used"] else {}),
     }
     if not n_scored:  # label-only data: the masks are written; the figures say why there are none
         metrics.update({key: None for key in ("pixel_accuracy", "per_class", "precision", "recall")},

@@ -151,8 +151,10 @@ def figure_note(figure: Figure, data: dict[str, Any]) -> str:
     if figure.stem == "cam":
         return (f"variant {data.get('variant', '?')}, best background threshold "
                 f"{data.get('best_threshold', '?')} (picked on GT: an upper bound for the seeds)")
+    on_gt = "; trained on GT masks (an upper bound, not WSSS)"
     if figure.stem == "weakclip":
-        return f"{data.get('inference', 'single scale')}; seeds {data.get('seed_mode', '?')}"
+        seeds = "GT masks (an upper bound, not WSSS)" if data.get("gt_used") else data.get("seed_mode", "?")
+        return f"{data.get('inference', 'single scale')}; seeds {seeds}"
     if figure.stem == "pseudo":
         repair = data.get("absent_class_repair") or {}
         repaired = bool(repair.get("odds_ratio"))
@@ -165,7 +167,8 @@ def figure_note(figure: Figure, data: dict[str, Any]) -> str:
             counts = (f"; labelled classes with no pixel: {repair.get('absent_before_repair', '?')} of "
                       f"{repair.get('labelled_pairs', '?')} after CRF, {after_repair}")
         return (f"before CRF {percent(data.get('miou_before_crf'))}{final};"
-                f" scales {data.get('scales', '?')}, flip {data.get('flip', '?')}{counts}")
+                f" scales {data.get('scales', '?')}, flip {data.get('flip', '?')}{counts}"
+                f"{on_gt if data.get('gt_used_in_training') else ''}")
     trained_on_gt = "; trained on GT masks" if data.get("gt_used_in_training") else ""
     return f"{data.get('model', '?')} / {data.get('encoder', '?')}{trained_on_gt}"
 

@@ -4,7 +4,8 @@ Reads the CLIP artifact (``artifacts/clip``), the CAM store of the train split
 (``artifacts/cams/train.h5``, checked against the dataset's classes and ids)
 and the prepared train split. Seeds are made from the CAMs (``weakclip.seeds``:
 confident thresholds, or dense argmax for the ablation), or, with ``weakclip.seeds.source: mask_folder``,
-are the imported pseudo-mask PNGs (the CAM store is then not read). Only the prompts,
+are the imported pseudo-mask PNGs (the CAM store is then not read; a GT folder is refused), or, with ``gt``, the
+prepared GT masks (an upper bound, flagged ``gt_used`` in the metrics). Only the prompts,
 pyramid adapter, co-attention and decoder train: AdamW, linear warm-up then
 cosine to ``min_lr``, the paper's augmentations scaled to ``train.crop``; loss
 = seed + boundary (KL to the dense CRF of P, CRF in a process pool started
@@ -37,11 +38,13 @@ from weakclip_core.artifacts.atomic import sha256_of_file, write_json
 from weakclip_core.artifacts.cam_store import CamStoreReader
 from weakclip_core.models.clip import load_clip_artifact
 from weakclip_core.config import Params, to_plain
+from weakclip_core.config.schema import ConfigError, given_path
 from weakclip_core.method.crf import CrfPool
 from weakclip_core.data.layout import IGNORE_INDEX, LABELS_FILE, PreparedDataset, read_image_size
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.imports import read_pseudo_mask
 from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
+from weakclip_core.data.segmentation import ground_truth_dirs, refuse_ground_truth_dir
 from weakclip_core.data.transforms import MmsegAugmentation
 from weakclip_core.runtime.device import autocast, resolve_device, seed_everything, set_threads
 from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, broadcast_from_main,
@@ -82,6 +85,25 @@ def imported_seed_masks(folder: Path, dataset: PreparedDataset, image_ids: list[
     return {image_id: read_pseudo_mask(folder / f"{image_id}.png", read_image_size(dataset.image_path(image_id)),
                                        dataset.n_classes, dataset.image_labels(image_id))
             for image_id in tqdm(image_ids, desc=f"{STAGE} masks", unit="mask", disable=not show_progress)}
+
+
+def seed_mask_folder(params: Params, dataset: PreparedDataset, image_ids: list[str]) -> Path:
+    """The folder of seed masks ``weakclip.seeds.source`` names.
+
+    ``mask_folder``: the imported folder, refused when it is (or lies in) a GT mask folder, so a mistyped path
+    never trains "weakly supervised" WeakCLIP on GT. ``gt``: the prepared GT masks, chosen on purpose (an upper
+    bound); every train image needs one.
+    """
+    seeds = params.weakclip.seeds
+    gt_dirs = ground_truth_dirs(dataset.root, given_path(params.dataset.source))
+    if seeds.source == "mask_folder":
+        refuse_ground_truth_dir(seeds.mask_folder, gt_dirs, "weakclip.seeds.mask_folder")
+        return Path(seeds.mask_folder)
+    without_gt = [image_id for image_id in image_ids if not dataset.has_mask(image_id)]
+    if without_gt:
+        raise ConfigError(f"weakclip.seeds.source: 'gt' trains on the GT masks, but {len(without_gt)} of the "
+                          f"{len(image_ids)} train images have none (first: {without_gt[0]})")
+    return gt_dirs[0]
 
 
 def masks_fingerprint(folder: Path, image_ids: list[str]) -> str:
@@ -162,9 +184,10 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
     image_ids = dataset.split(params.dataset.train_split)
     scored_ids = dataset.scored_ids(params.dataset.train_split, params.dataset.scored_split)
-    if cfg.seeds.source == "mask_folder":  # imported pseudo masks: the seeds as they are (the reference's input)
-        seed_masks = imported_seed_masks(Path(cfg.seeds.mask_folder), dataset, image_ids, show_progress)
-        seeds_key = {"masks_sha256": masks_fingerprint(Path(cfg.seeds.mask_folder), image_ids)}
+    if cfg.seeds.source in ("mask_folder", "gt"):  # a folder of masks: the seeds as they are (the reference's input)
+        mask_folder = seed_mask_folder(params, dataset, image_ids)
+        seed_masks = imported_seed_masks(mask_folder, dataset, image_ids, show_progress)
+        seeds_key = {"masks_sha256": masks_fingerprint(mask_folder, image_ids)}
         cam_variant = None
     else:
         store = CamStoreReader(require_input(paths.cam_store, "cam_infer"))
@@ -258,7 +281,8 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
         "bg_threshold": cfg.seeds.bg_threshold,
         "thresholds_chosen_with_gt": cfg.seeds.chosen_with_gt,
         "cam_variant": cam_variant,
-        **({"seeds_source": "mask_folder"} if cfg.seeds.source == "mask_folder" else {}),  # CAM seeds: as before
+        **({"seeds_source": cfg.seeds.source} if cfg.seeds.source != "cams" else {}),  # CAM seeds: as before
+        **({"gt_used": True} if cfg.seeds.source == "gt" else {}),  # the flag pseudo_masks carries downstream
         **seeds,
         "steps": train.iterations,
         **{key: report[key] for key in ("pixel_accuracy", "per_class", "precision", "recall")},

@@ -1,6 +1,7 @@
 """pseudo_masks end to end on a tiny dataset + a tiny WeakCLIP written here: shards merge byte for byte,
 a SIGKILLed run resumes without losing or duplicating an image, labels restrict the classes, guards."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -163,6 +164,21 @@ def test_without_crf_the_metrics_score_the_repaired_masks_that_were_written(chai
     assert metrics["miou"] == pytest.approx(numpy_miou(pairs, 4), abs=1e-12)
 
 
+def test_masks_of_a_weakclip_trained_on_gt_say_so_in_provenance_and_metrics(chain, straight_run):
+    """A WeakCLIP trained on GT masks (``gt_used`` in its metrics) makes pseudo masks whose provenance says
+    ``gt_used``, which seg_train and seg_eval carry to the retrained segmenter; CAM-seeded ones say the opposite."""
+    on_gt = json.loads((chain / "metrics" / "weakclip.json").read_text()) | {"seeds_source": "gt", "gt_used": True}
+    (chain / "metrics" / "weakclip_on_gt.json").write_text(json.dumps(on_gt))
+    params = params_from_dict(params_dict(chain, "on_gt_masks", use_crf=False))
+    paths = dataclasses.replace(paths_of(chain, "on_gt"), weakclip_metrics=chain / "metrics" / "weakclip_on_gt.json")
+    run_shard(params, paths=paths, show_progress=False)
+    metrics = assemble(params, paths)
+    assert metrics["gt_used_in_training"] is True
+    assert json.loads((chain / "on_gt_masks" / "provenance.json").read_text())["gt_used"] is True
+    assert "gt_used_in_training" not in straight_run
+    assert json.loads((chain / "straight_masks" / "provenance.json").read_text())["gt_used"] is False
+
+
 @pytest.mark.slow
 def test_shards_merged_equal_the_unsharded_run_byte_for_byte(chain, straight_run):
     params = params_from_dict(params_dict(chain, "sharded_masks", workers=1))
@@ -283,9 +299,13 @@ def test_unknown_or_gt_thresholded_upstream_is_never_reported_as_no_gt(tmp_path)
         upstream_seed_provenance(tmp_path / "weakclip.json")
     (tmp_path / "weakclip.json").write_text(json.dumps({"thresholds_chosen_with_gt": True}))
     upstream = upstream_seed_provenance(tmp_path / "weakclip.json")
+    assert upstream["gt_used"] is False  # CAM seeds: no GT mask trained WeakCLIP
     with pytest.raises(ProvenanceError, match="thresholded with GT"):
         check_gt_claim({"threshold_chosen_with_gt": False}, upstream)
     check_gt_claim({"threshold_chosen_with_gt": True}, upstream)
+    # WeakCLIP trained on the GT masks (weakclip.seeds.source: gt): the pseudo masks carry the flag on.
+    (tmp_path / "weakclip.json").write_text(json.dumps({"thresholds_chosen_with_gt": False, "gt_used": True}))
+    assert upstream_seed_provenance(tmp_path / "weakclip.json")["gt_used"] is True
 
 
 def test_shard_argument():

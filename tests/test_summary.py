@@ -71,6 +71,21 @@ def test_the_pseudo_row_names_the_absent_class_repair_and_its_counts(tmp_path, o
     assert note in paths.results.read_text()
 
 
+def test_a_chain_whose_weakclip_trained_on_gt_says_so_on_every_row_it_reaches(tmp_path):
+    """weakclip.seeds.source: gt (an upper bound) flags weakclip.json; pseudo_masks and seg_eval carry the flag:
+    RESULTS.md then names GT on the WeakCLIP, pseudo-mask and segmenter rows, never "seeds confident"."""
+    files = {**HAND_MADE,
+             "weakclip": {**HAND_MADE["weakclip"], "seed_mode": "confident", "seeds_source": "gt", "gt_used": True},
+             "pseudo": {**HAND_MADE["pseudo"], "gt_used_in_training": True},
+             "seg_pseudo": {**HAND_MADE["seg_pseudo"], "gt_used_in_training": True}}
+    paths = write_metrics(tmp_path, files)
+    write_summary(PARAMS, paths)
+    results = paths.results.read_text()
+    assert "seeds GT masks (an upper bound, not WSSS)" in results and "seeds confident" not in results
+    assert "flip ?; trained on GT masks (an upper bound, not WSSS)" in results
+    assert "deeplabv3plus / resnet18; trained on GT masks" in results
+
+
 @pytest.mark.parametrize("stem", list(HAND_MADE))
 def test_a_missing_metrics_file_is_named(tmp_path, stem):
     paths = write_metrics(tmp_path, {k: v for k, v in HAND_MADE.items() if k != stem})

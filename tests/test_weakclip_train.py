@@ -12,8 +12,10 @@ from tiny_voc import CLASS_NAMES, TINY_CLIP_ARCH, write_tiny_voc
 from weakclip_core.artifacts.cam_store import CamStoreError, CamStoreReader, CamStoreWriter
 from weakclip_core.models.clip import build_clip, load_clip_artifact, save_clip_artifact
 from weakclip_core.config import ClipConfig, build_dataclass, params_from_dict
+from weakclip_core.config.schema import ConfigError
 from weakclip_core.config.weakclip import SeedConfig
 from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.data.segmentation import GroundTruthMaskError
 from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
 from weakclip_core.data.transforms import DenseAugmentation
 from weakclip_core.runtime.device import seed_everything
@@ -185,3 +187,46 @@ def test_missing_clip_weights_name_the_clip_stage(tmp_path: Path) -> None:
     torch.save({"clip_artifact": str(tmp_path / "clip"), "clip_sha256": "0" * 64}, saved)
     with pytest.raises(FileNotFoundError, match=r"clip/weights\.pt .*does not exist: run the clip stage first"):
         load_weakclip_model(saved)
+
+
+def test_gt_seeds_are_the_prepared_masks_and_the_metrics_say_gt_was_used(tiny_chain):
+    """``weakclip.seeds.source: gt`` (the upper bound of the ceiling ablation) trains on the prepared GT masks:
+    the seeds then score mIoU 1 on every GT pixel (the known answer), and the metrics carry ``gt_used``."""
+    weakclip = {**TINY_WEAKCLIP, "seeds": {"source": "gt"}, "train": {**TINY_WEAKCLIP["train"], "iterations": 2}}
+    params = params_from_dict({"runtime": {"device": "cpu", "seed": 5},
+                               "dataset": {"name": "synthetic", "prepared_dir": str(tiny_chain / "data")},
+                               "weakclip": weakclip})
+    paths = chain_paths(tiny_chain, "gt_seeds")
+    metrics = train_weakclip(params, paths, show_progress=False)
+    assert metrics["seeds_source"] == "gt" and metrics["gt_used"] is True and metrics["cam_variant"] is None
+    assert metrics["seed_miou"] == 1.0 and metrics["seed_coverage"] == 1.0
+
+
+def test_a_mask_folder_that_is_the_gt_folder_is_refused_before_training(tiny_chain):
+    """Imported seeds that resolve to the prepared GT masks would make a "weakly supervised" WeakCLIP train on
+    GT: the stage stops naming the key and both folders, and writes nothing."""
+    for folder in (tiny_chain / "data" / "SegmentationClass", tiny_chain / "data" / "." / "SegmentationClass"):
+        weakclip = {**TINY_WEAKCLIP, "seeds": {"source": "mask_folder", "mask_folder": str(folder)}}
+        params = params_from_dict({"runtime": {"device": "cpu"},
+                                   "dataset": {"name": "synthetic", "prepared_dir": str(tiny_chain / "data")},
+                                   "weakclip": weakclip})
+        paths = chain_paths(tiny_chain, "refused_gt")
+        with pytest.raises(GroundTruthMaskError, match="weakclip.seeds.mask_folder: .*ground-truth mask folder"):
+            train_weakclip(params, paths, show_progress=False)
+        assert not paths.model.exists() and not paths.metrics.exists()
+
+
+def test_gt_seeds_need_a_gt_mask_for_every_train_image(tiny_chain, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_chain / "data", tmp_path / "data")
+    image_id = PreparedDataset.open(tmp_path / "data").split("train")[2]
+    (tmp_path / "data" / "SegmentationClass" / f"{image_id}.png").unlink()
+    weakclip = {**TINY_WEAKCLIP, "seeds": {"source": "gt"}}
+    params = params_from_dict({"runtime": {"device": "cpu"},
+                               "dataset": {"name": "synthetic", "prepared_dir": str(tmp_path / "data")},
+                               "weakclip": weakclip})
+    paths = chain_paths(tmp_path, "no_gt")
+    with pytest.raises(ConfigError, match=f"weakclip.seeds.source: 'gt' .* 1 of the 12 train images .*{image_id}"):
+        train_weakclip(params, paths, show_progress=False)
+    assert not paths.model.exists() and not paths.metrics.exists()

@@ -36,14 +36,17 @@ class SeedConfig:
     stage copies it into ``metrics/weakclip.json`` as ``thresholds_chosen_with_gt``.
     ``source: mask_folder`` trains on ``mask_folder``'s pseudo-mask PNGs instead (``<id>.png`` per train image,
     class indices, 255 unlabelled: e.g. the MCTformer masks the reference trains WeakCLIP on); the thresholds
-    are then unused. ``mask_folder`` is a dvc.yaml dep; ``imports/none`` = not given.
+    are then unused. ``mask_folder`` is a dvc.yaml dep; ``imports/none`` = not given; a folder of GT masks is
+    refused (weak supervision never trains on GT by accident). ``source: gt`` trains on the prepared GT masks on
+    purpose: an upper bound that uses GT (how far a frozen CLIP can take WeakCLIP), never a WSSS result; the
+    metrics and every figure downstream say so.
     """
 
     mode: Literal["confident", "dense"] = "confident"
     fg_threshold: float = bounded(0.4, low=0.0, high=1.0)
     bg_threshold: float = bounded(0.15, low=0.0, high=1.0)
     chosen_with_gt: bool = False
-    source: Literal["cams", "mask_folder"] = "cams"
+    source: Literal["cams", "mask_folder", "gt"] = "cams"
     mask_folder: str = NONE_PATH
 
     def validate(self) -> None:

@@ -35,7 +35,8 @@ from weakclip_core.training.clip_pretrain import (PROMPT_TEMPLATE, CaptionPairs,
 from weakclip_core.config import Params, to_plain
 from weakclip_core.config.schema import ConfigError, given_path
 from weakclip_core.data.layout import CAPTIONS_FILE, PreparedDataset
-from weakclip_core.evaluation.dense_probe import PROBE_RULE, DenseProbeResult, Tokenizer, dense_probe
+from weakclip_core.evaluation.dense_probe import (LAST_LAYER_PROBE_RULE, PROBE_RULE, DenseProbeResult, ProbeTokens,
+                                                  Tokenizer, dense_probe)
 from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT
 from weakclip_core.data.synthetic import class_names as synthetic_class_names
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
@@ -98,9 +99,11 @@ def pretraining_pairs(params: Params, dataset: PreparedDataset) -> tuple[Dataset
 
 
 def evaluate_dense_probe(model: torch.nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset,
-                         image_ids: list[str], device: torch.device) -> DenseProbeResult:
-    """The MaskCLIP-style dense probe of ``model`` on ``image_ids`` against their GT masks (no threshold)."""
-    return dense_probe(model, tokenizer, dataset, image_ids, device, batch_size=EVAL_BATCH)
+                         image_ids: list[str], device: torch.device,
+                         tokens: ProbeTokens = "value_path") -> DenseProbeResult:
+    """The MaskCLIP-style dense probe of ``model`` on ``image_ids`` against their GT masks (no threshold), at
+    the value path (MaskCLIP's reading) or at the last layer's tokens (WeakCLIP's)."""
+    return dense_probe(model, tokenizer, dataset, image_ids, device, batch_size=EVAL_BATCH, tokens=tokens)
 
 
 def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = METRICS_PATH,
@@ -158,6 +161,8 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
     probe_ids = dataset.scored_ids(params.dataset.train_split, probe_split)
     probe = evaluate_dense_probe(model, tokenizer, dataset, probe_ids, device)
     reference_probe = evaluate_dense_probe(random_model, tokenizer, dataset, probe_ids, device)
+    last_layer = evaluate_dense_probe(model, tokenizer, dataset, probe_ids, device, "last_layer")
+    reference_last_layer = evaluate_dense_probe(random_model, tokenizer, dataset, probe_ids, device, "last_layer")
     metrics = {
         "source": cfg.source,
         "split": split,
@@ -174,6 +179,10 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
         "dense_probe_threshold_chosen_with_gt": False,
         "dense_probe_miou": None if probe.report is None else probe.report.miou,
         "random_init_dense_probe_miou": None if reference_probe.report is None else reference_probe.report.miou,
+        "last_layer_probe_rule": LAST_LAYER_PROBE_RULE,
+        "last_layer_probe_miou": None if last_layer.report is None else last_layer.report.miou,
+        "random_init_last_layer_probe_miou": (None if reference_last_layer.report is None
+                                              else reference_last_layer.report.miou),
         **({"dense_probe_not_scored": NOT_SCORED_NO_GT} if probe.report is None else {}),
         **({"pretrain": info["pretrain"]} if "pretrain" in info else {}),
     }

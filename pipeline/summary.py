@@ -227,6 +227,9 @@ def clip_section(data: dict[str, Any], path: Path) -> str:
     rows = [["Dense probe mIoU (MaskCLIP-style)", shown("dense_probe_miou"), shown("random_init_dense_probe_miou"),
              str(data.get("dense_probe_split", "—")), str(data.get("dense_probe_n_images", "—")),
              yes_no(probe_flag if isinstance(probe_flag, bool) else None)],
+            ["Dense probe mIoU at WeakCLIP's tokens (last layer)", shown("last_layer_probe_miou"),
+             shown("random_init_last_layer_probe_miou"), str(data.get("dense_probe_split", "—")),
+             str(data.get("dense_probe_n_images", "—")), yes_no(probe_flag if isinstance(probe_flag, bool) else None)],
             ["Zero-shot mAP (image level)", shown("zero_shot_map"), shown("random_init_map"),
              str(data.get("split", "—")), str(data.get("n_images", "—")), "no threshold"]]
     parts = ["## Frozen CLIP (`clip.json`)",
@@ -236,7 +239,9 @@ def clip_section(data: dict[str, Any], path: Path) -> str:
                                 rows))
     if data.get("dense_probe_rule"):
         parts.append(f"Dense probe: {data['dense_probe_rule']}"
-                     + (f" ({data['dense_probe_not_scored']})" if data.get("dense_probe_not_scored") else "") + ".")
+                     + (f" ({data['dense_probe_not_scored']})" if data.get("dense_probe_not_scored") else "") + "."
+                     + (f" At WeakCLIP's tokens: {data['last_layer_probe_rule']}." if data.get("last_layer_probe_rule")
+                        else ""))
     return "\n\n".join(parts)
 
 

@@ -17,7 +17,8 @@ from tiny_voc import TINY_CLIP_ARCH, write_tiny_voc
 from weakclip_core.config import params_from_dict
 from weakclip_core.config.clip import ClipArchConfig, ClipConfig
 from weakclip_core.data.layout import PreparedDataset, write_image, write_labels, write_mask, write_split
-from weakclip_core.evaluation.dense_probe import PROBE_RULE, dense_probe, probe_label_map, value_path_embeddings
+from weakclip_core.evaluation.dense_probe import (LAST_LAYER_PROBE_RULE, PROBE_RULE, dense_probe,
+                                                  last_layer_patch_embeddings, probe_label_map, value_path_embeddings)
 from weakclip_core.models.clip import build_clip, dense_visual_features
 
 TINY_ARCH = ClipArchConfig(**TINY_CLIP_ARCH)
@@ -59,6 +60,27 @@ def test_value_path_of_one_patch_matches_the_blocks_raw_weights():
     # The value path is not the plain last-layer patch tokens (which went through the query-key attention).
     plain = dense_visual_features(visual, images, []).patch_embeddings
     assert not torch.allclose(plain[image, :, row, col], embeddings[image, :, row, col], atol=1e-3)
+
+
+def test_last_layer_reading_is_open_clips_own_output_tokens_projected():
+    """The probe's second reading, WeakCLIP's tokens, against open_clip's own forward (``output_tokens``: the
+    patch tokens after ``ln_post``), projected by hand in float64."""
+    torch.manual_seed(1)
+    model = build_clip(ClipConfig(source="random", arch=TINY_ARCH)).eval()
+    visual = model.visual
+    images = torch.randn(2, 3, 64, 64)
+    visual.output_tokens = True
+    try:
+        with torch.no_grad():
+            _, tokens = visual(images)
+            embeddings = last_layer_patch_embeddings(visual, images)
+    finally:
+        visual.output_tokens = False
+    grid = 64 // TINY_ARCH.patch_size
+    expected = tokens.double().numpy() @ visual.proj.detach().double().numpy()  # (B, grid * grid, D)
+    assert embeddings.shape == (2, TINY_ARCH.embed_dim, grid, grid)
+    np.testing.assert_allclose(embeddings.flatten(2).transpose(1, 2).double().numpy(), expected,
+                               rtol=1e-4, atol=1e-5)
 
 
 def numpy_bilinear(scores: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -138,6 +160,13 @@ def test_probe_label_maps_and_miou_on_known_patch_embeddings(tmp_path: Path, mon
     assert result.n_images == 2
     assert result.report.per_class == [pytest.approx(15 / 19), pytest.approx(12 / 16), pytest.approx(1.0), None]
     assert result.report.miou == pytest.approx((15 / 19 + 12 / 16 + 1.0) / 3)
+    # The last-layer reading runs the same label maps on other embeddings: given the same ones, the same report.
+    monkeypatch.setattr(dense_probe_module, "last_layer_patch_embeddings",
+                        lambda visual, images: torch.stack([left, mixed]))
+    monkeypatch.setattr(dense_probe_module, "value_path_embeddings", lambda visual, images: 1 / 0)
+    last_layer = dense_probe(PromptClip(texts, 32), tokenizer, dataset, dataset.split("train"), torch.device("cpu"),
+                             tokens="last_layer")
+    assert last_layer.report.per_class == result.report.per_class
 
 
 def test_images_without_a_gt_mask_are_not_scored(tmp_path: Path):
@@ -159,6 +188,8 @@ def test_clip_stage_writes_the_dense_probe_of_both_clips(tmp_path: Path):
     assert json.loads((tmp_path / "clip.json").read_text()) == metrics
     assert metrics["dense_probe_split"] == "train" and metrics["dense_probe_n_images"] == 8
     assert metrics["dense_probe_rule"] == PROBE_RULE and metrics["dense_probe_threshold_chosen_with_gt"] is False
-    for key in ("dense_probe_miou", "random_init_dense_probe_miou"):
+    assert metrics["last_layer_probe_rule"] == LAST_LAYER_PROBE_RULE
+    for key in ("dense_probe_miou", "random_init_dense_probe_miou", "last_layer_probe_miou",
+                "random_init_last_layer_probe_miou"):
         assert 0.0 <= metrics[key] <= 1.0
     assert "dense_probe_not_scored" not in metrics

@@ -136,16 +136,19 @@ def test_the_clip_section_shows_the_dense_probe_beside_the_random_init(tmp_path)
     clip = {"source": "pretrain", "split": "val", "n_images": 200, "zero_shot_map": 0.369, "random_init_map": 0.182,
             "dense_probe_split": "train", "dense_probe_n_images": 800, "dense_probe_rule": "value path; no threshold",
             "dense_probe_threshold_chosen_with_gt": False, "dense_probe_miou": 0.254,
-            "random_init_dense_probe_miou": 0.071}
+            "random_init_dense_probe_miou": 0.071, "last_layer_probe_rule": "last-layer tokens",
+            "last_layer_probe_miou": 0.319, "random_init_last_layer_probe_miou": 0.105}
     paths = write_metrics(tmp_path, {**HAND_MADE, "clip": clip})
     write_summary(PARAMS, paths)
     results = paths.results.read_text()
     assert "## Frozen CLIP (`clip.json`)" in results and "Source **pretrain**" in results
     assert "| Dense probe mIoU (MaskCLIP-style) | 25.4 | 7.1 | train | 800 | no |" in results
     assert "| Zero-shot mAP (image level) | 36.9 | 18.2 | val | 200 | no threshold |" in results
-    assert "Dense probe: value path; no threshold." in results
+    assert "| Dense probe mIoU at WeakCLIP's tokens (last layer) | 31.9 | 10.5 | train | 800 | no |" in results
+    assert "Dense probe: value path; no threshold. At WeakCLIP's tokens: last-layer tokens." in results
     # A clip.json from before the probe: its figures show as —; without clip.json there is no section.
-    old = {key: value for key, value in clip.items() if not key.startswith(("dense_probe", "random_init_dense"))}
+    old = {key: value for key, value in clip.items()
+           if not key.startswith(("dense_probe", "random_init_dense", "last_layer", "random_init_last"))}
     paths = write_metrics(tmp_path / "old", {**HAND_MADE, "clip": old})
     write_summary(PARAMS, paths)
     assert "| Dense probe mIoU (MaskCLIP-style) | — | — | — | — | unknown |" in paths.results.read_text()

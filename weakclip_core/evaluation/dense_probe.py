@@ -21,12 +21,18 @@ without training anything (Zhou et al., "Extract Free Dense Labels from CLIP", E
    where its prompt scores best. No threshold exists, so nothing is tuned on GT.
 
 The mIoU is that of :mod:`weakclip_core.evaluation.metrics` (255 ignored, undefined classes left out).
+
+A second reading (``tokens="last_layer"``, :func:`last_layer_patch_embeddings`) takes the plain last-layer
+patch tokens through ``ln_post`` and ``proj`` instead: the tokens WeakCLIP's matching reads
+(``dense_visual_features``). MaskCLIP's point is that on a real CLIP these align worse than the value path;
+on a CLIP trained here they are what a dense objective would train, so both are recorded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,13 +41,16 @@ from torch import nn
 
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.evaluation.metrics import ConfusionAccumulator, IouReport
-from weakclip_core.models.clip import visual_input_tokens
+from weakclip_core.models.clip import dense_visual_features, visual_input_tokens
 from weakclip_core.training.clip_pretrain import PROMPT_TEMPLATE, resize_for_clip
 
 PROBE_RULE = ("MaskCLIP value path of the last block -> ln_post -> proj; cosine to 'a photo of a {class}' "
               "(background: 'a photo of a background'), bilinear to the mask, argmax over the image's labels "
               "+ background; no threshold")
 """The one-line description of the probe recorded beside its figures in ``metrics/clip.json``."""
+LAST_LAYER_PROBE_RULE = ("the last block's output patch tokens -> ln_post -> proj (the tokens WeakCLIP's matching "
+                         "reads); otherwise as the value-path probe")
+ProbeTokens = Literal["value_path", "last_layer"]
 
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 
@@ -81,6 +90,12 @@ def value_path_embeddings(visual: nn.Module, images: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
+def last_layer_patch_embeddings(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, embed_dim, grid_h, grid_w): the last block's output patch tokens through ``ln_post`` and ``proj``,
+    every block's query-key attention kept: what WeakCLIP's matching compares with the class texts."""
+    return dense_visual_features(visual, images, []).patch_embeddings
+
+
 def class_text_embeddings(model: nn.Module, tokenizer: Tokenizer, class_names: Sequence[str],
                           device: torch.device) -> torch.Tensor:
     """(K, embed_dim) L2-normalised embeddings of ``PROMPT_TEMPLATE`` for every class, background (0) included."""
@@ -114,8 +129,9 @@ class DenseProbeResult:
 
 @torch.no_grad()
 def dense_probe(model: nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset, image_ids: Sequence[str],
-                device: torch.device, batch_size: int = 32) -> DenseProbeResult:
-    """Score the probe of ``model`` (an open_clip ``CLIP``) on the images of ``image_ids`` that have a GT mask.
+                device: torch.device, batch_size: int = 32, tokens: ProbeTokens = "value_path") -> DenseProbeResult:
+    """Score the probe of ``model`` (an open_clip ``CLIP``) on the images of ``image_ids`` that have a GT mask,
+    reading the patches by ``tokens`` (the value path, or the last layer's tokens: module docstring).
 
     Each image is resized to the CLIP's own input size (as the zero-shot check does), the label map is
     made at the mask's size (:func:`probe_label_map`) and compared with the mask, 255 ignored.
@@ -129,7 +145,8 @@ def dense_probe(model: nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset
         batch_ids = scored[start:start + batch_size]
         images = [dataset.image(image_id) for image_id in batch_ids]
         inputs = torch.stack([resize_for_clip(image, size) for image in images]).to(device)
-        embeddings = value_path_embeddings(model.visual, inputs)
+        embeddings = (value_path_embeddings(model.visual, inputs) if tokens == "value_path"
+                      else last_layer_patch_embeddings(model.visual, inputs))
         for image_id, image, patch_embeddings in zip(batch_ids, images, embeddings):
             mask = dataset.checked_mask(image_id, image.shape[:2])
             prediction = probe_label_map(patch_embeddings, text_embeddings, dataset.image_labels(image_id),

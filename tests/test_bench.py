@@ -466,3 +466,16 @@ def test_every_ablation_override_names_a_valid_params_key() -> None:
                 assert node[leaf] != yaml.safe_load(value), f"{variant.name}: {override} is the committed value"
                 node[leaf] = yaml.safe_load(value)
             params_from_dict(data)
+
+
+def test_every_ablation_table_is_a_dep_of_the_summary() -> None:
+    """The summary renders every metrics/ablations*.json, so each must be a dep of its stage (dvc.yaml, read as
+    YAML): otherwise `bench.ablations collect` of that table would leave RESULTS.md and dvc.lock stale."""
+    import yaml
+
+    from bench.ablations import TABLES
+
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["summary"]["deps"]
+    tables = {table.output.relative_to(REPO).as_posix() for table in TABLES}
+    committed = {path.relative_to(REPO).as_posix() for path in (REPO / "metrics").glob("ablations*.json")}
+    assert tables <= set(deps) and committed <= set(deps)

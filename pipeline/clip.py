@@ -36,7 +36,7 @@ from weakclip_core.config import Params, to_plain
 from weakclip_core.config.schema import ConfigError, given_path
 from weakclip_core.data.layout import CAPTIONS_FILE, PreparedDataset
 from weakclip_core.evaluation.dense_probe import (LAST_LAYER_PROBE_RULE, PROBE_RULE, DenseProbeResult, ProbeTokens,
-                                                  Tokenizer, dense_probe)
+                                                  Tokenizer, dense_probes)
 from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT
 from weakclip_core.data.synthetic import class_names as synthetic_class_names
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
@@ -98,12 +98,12 @@ def pretraining_pairs(params: Params, dataset: PreparedDataset) -> tuple[Dataset
                    "captions_sha256": sha256_of_file(dataset.root / CAPTIONS_FILE)}
 
 
-def evaluate_dense_probe(model: torch.nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset,
-                         image_ids: list[str], device: torch.device,
-                         tokens: ProbeTokens = "value_path") -> DenseProbeResult:
+def evaluate_dense_probes(model: torch.nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset,
+                          image_ids: list[str], device: torch.device) -> dict[ProbeTokens, DenseProbeResult]:
     """The MaskCLIP-style dense probe of ``model`` on ``image_ids`` against their GT masks (no threshold), at
-    the value path (MaskCLIP's reading) or at the last layer's tokens (WeakCLIP's)."""
-    return dense_probe(model, tokenizer, dataset, image_ids, device, batch_size=EVAL_BATCH, tokens=tokens)
+    the value path (MaskCLIP's reading) and at the last layer's tokens (WeakCLIP's), in one pass."""
+    return dense_probes(model, tokenizer, dataset, image_ids, device, ("value_path", "last_layer"),
+                        batch_size=EVAL_BATCH)
 
 
 def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = METRICS_PATH,
@@ -159,10 +159,10 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
     reference = evaluate_zero_shot(random_model, tokenizer, dataset, split, device)
     probe_split = params.dataset.scored_split  # the train split's scored images, as every train-split figure
     probe_ids = dataset.scored_ids(params.dataset.train_split, probe_split)
-    probe = evaluate_dense_probe(model, tokenizer, dataset, probe_ids, device)
-    reference_probe = evaluate_dense_probe(random_model, tokenizer, dataset, probe_ids, device)
-    last_layer = evaluate_dense_probe(model, tokenizer, dataset, probe_ids, device, "last_layer")
-    reference_last_layer = evaluate_dense_probe(random_model, tokenizer, dataset, probe_ids, device, "last_layer")
+    probes = evaluate_dense_probes(model, tokenizer, dataset, probe_ids, device)
+    reference_probes = evaluate_dense_probes(random_model, tokenizer, dataset, probe_ids, device)
+    probe, last_layer = probes["value_path"], probes["last_layer"]
+    reference_probe, reference_last_layer = reference_probes["value_path"], reference_probes["last_layer"]
     metrics = {
         "source": cfg.source,
         "split": split,

@@ -89,13 +89,13 @@ def value_path_embeddings(visual: nn.Module, images: torch.Tensor) -> torch.Tens
     return projected.transpose(1, 2).reshape(images.shape[0], -1, grid_h, grid_w)
 
 
-@torch.no_grad()
 def last_layer_patch_embeddings(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, embed_dim, grid_h, grid_w): the last block's output patch tokens through ``ln_post`` and ``proj``,
     every block's query-key attention kept: what WeakCLIP's matching compares with the class texts."""
     return dense_visual_features(visual, images, []).patch_embeddings
 
 
+@torch.no_grad()
 def class_text_embeddings(model: nn.Module, tokenizer: Tokenizer, class_names: Sequence[str],
                           device: torch.device) -> torch.Tensor:
     """(K, embed_dim) L2-normalised embeddings of ``PROMPT_TEMPLATE`` for every class, background (0) included."""
@@ -128,10 +128,12 @@ class DenseProbeResult:
 
 
 @torch.no_grad()
-def dense_probe(model: nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset, image_ids: Sequence[str],
-                device: torch.device, batch_size: int = 32, tokens: ProbeTokens = "value_path") -> DenseProbeResult:
+def dense_probes(model: nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset, image_ids: Sequence[str],
+                 device: torch.device, readings: Sequence[ProbeTokens],
+                 batch_size: int = 32) -> dict[ProbeTokens, DenseProbeResult]:
     """Score the probe of ``model`` (an open_clip ``CLIP``) on the images of ``image_ids`` that have a GT mask,
-    reading the patches by ``tokens`` (the value path, or the last layer's tokens: module docstring).
+    once per reading of the patches in ``readings`` (the value path, the last layer's tokens: module docstring),
+    in one pass over the images and masks.
 
     Each image is resized to the CLIP's own input size (as the zero-shot check does), the label map is
     made at the mask's size (:func:`probe_label_map`) and compared with the mask, 255 ignored.
@@ -140,16 +142,24 @@ def dense_probe(model: nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset
     size = int(model.visual.image_size[0])
     text_embeddings = class_text_embeddings(model, tokenizer, dataset.class_names, device)
     scored = [image_id for image_id in image_ids if dataset.has_mask(image_id)]
-    confusion = ConfusionAccumulator(dataset.n_classes)
+    confusions = {reading: ConfusionAccumulator(dataset.n_classes) for reading in readings}
     for start in range(0, len(scored), batch_size):
         batch_ids = scored[start:start + batch_size]
         images = [dataset.image(image_id) for image_id in batch_ids]
+        masks = [dataset.checked_mask(image_id, image.shape[:2]) for image_id, image in zip(batch_ids, images)]
         inputs = torch.stack([resize_for_clip(image, size) for image in images]).to(device)
-        embeddings = (value_path_embeddings(model.visual, inputs) if tokens == "value_path"
-                      else last_layer_patch_embeddings(model.visual, inputs))
-        for image_id, image, patch_embeddings in zip(batch_ids, images, embeddings):
-            mask = dataset.checked_mask(image_id, image.shape[:2])
-            prediction = probe_label_map(patch_embeddings, text_embeddings, dataset.image_labels(image_id),
-                                         mask.shape)
-            confusion.add(mask, prediction)
-    return DenseProbeResult(report=confusion.report() if scored else None, n_images=len(scored))
+        for reading, confusion in confusions.items():
+            embeddings = (value_path_embeddings(model.visual, inputs) if reading == "value_path"
+                          else last_layer_patch_embeddings(model.visual, inputs))
+            for image_id, mask, patch_embeddings in zip(batch_ids, masks, embeddings):
+                prediction = probe_label_map(patch_embeddings, text_embeddings, dataset.image_labels(image_id),
+                                             mask.shape)
+                confusion.add(mask, prediction)
+    return {reading: DenseProbeResult(report=confusion.report() if scored else None, n_images=len(scored))
+            for reading, confusion in confusions.items()}
+
+
+def dense_probe(model: nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset, image_ids: Sequence[str],
+                device: torch.device, batch_size: int = 32, tokens: ProbeTokens = "value_path") -> DenseProbeResult:
+    """:func:`dense_probes` with the one reading ``tokens``."""
+    return dense_probes(model, tokenizer, dataset, image_ids, device, (tokens,), batch_size)[tokens]

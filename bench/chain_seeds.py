@@ -96,8 +96,8 @@ def spread_description(seeds: list[int], rows: list[dict[str, Any]]) -> str:
     return (f"Seed 0 is the committed run; seeds {', '.join(map(str, seeds))} are `dvc exp run -S {SEED_KEY}=<s>` "
             "of the whole chain on the same data, one at a time at the chain's own threads "
             "(`python -m bench.chain_seeds run`). Every training stage draws from the seed. mIoU in points, the "
-            "ratio as is; mean ± sample std; a run of `make repro` on another machine is one more draw from this "
-            "spread. "
+            "ratio as is; mean ± sample std. A run of `make repro` on another machine is one more draw, which a few "
+            "seeds' range does not bound: the next table shows where such runs landed. "
             + (f"Threshold chosen with GT: {', '.join(with_gt)} only." if with_gt else "No threshold chosen with GT."))
 
 

@@ -169,3 +169,12 @@ def test_the_headline_over_seeds_follows_the_headline_when_present(tmp_path):
     results = paths.results.read_text()
     assert results.index("## Headline\n") < results.index("## Headline over seeds") < results.index("## Per-class")
     assert "| WSSS / FSSS ratio | val | 3 | 0.950 / 0.900 / 1.000 | 0.95 | 0.05 | no |" in results
+    (paths.metrics_root / "machine_runs.json").write_text(json.dumps({
+        "title": "The committed chain on other machines", "runs": [],
+        "rows": [{"figure": "WSSS / FSSS ratio", "split": "val", "committed run": "0.950",
+                  "training seeds (3 runs)": "0.900 – 1.000", "AMD": "0.936 (inside)"}]}))
+    write_summary(PARAMS, paths)
+    results = paths.results.read_text()
+    assert (results.index("## Headline over seeds") < results.index("### Headline over training seeds")
+            < results.index("### The committed chain on other machines") < results.index("## Per-class"))
+    assert "| WSSS / FSSS ratio | val | 0.950 | 0.900 – 1.000 | 0.936 (inside) |" in results

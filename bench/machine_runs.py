@@ -1,0 +1,185 @@
+"""The committed chain re-run on other machines, beside the spread over training seeds.
+
+Why: the committed figures come from one machine. Another CPU's float kernels round differently in the last
+bits and training amplifies that, so a user's ``make repro`` lands somewhere else; the headline over seeds
+(``bench.chain_seeds``) says where a run *should* land. This module records where one *did*: a clone that ran
+the committed code and params on another machine is compared with the committed ``dvc.lock`` (every code and
+input dep and every param must match, else the run is refused as another configuration), and its six headline
+figures go into ``metrics/machine_runs.json`` beside the committed run and the seeds' range, each marked
+inside or outside that range. ``pipeline/summary.py`` renders the file after the headline over seeds.
+
+    python -m bench.machine_runs add CLONE --label "AMD EPYC, 2 cores, 2026-12-02"
+
+``CLONE`` is the other machine's checkout after its ``make repro`` (its ``dvc.lock`` and
+``metrics/summary.json``); ``--label`` names the machine (a run with the same label is replaced). Like
+``chain_seeds.json`` the file is no dvc.yaml dep: ``add`` re-runs the ``summary`` stage itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.ablations import dvc
+from pipeline.summary import FIGURES
+from weakclip_core.artifacts.atomic import write_json
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUT = REPO / "metrics" / "machine_runs.json"
+CHAIN_SEEDS = REPO / "metrics" / "chain_seeds.json"
+SUMMARY_METRICS = Path("metrics") / "summary.json"
+LOCK_FILE = "dvc.lock"
+RATIO_KEY, RATIO_LABEL = "wsss_fsss_ratio", "WSSS / FSSS ratio"
+
+
+class MachineRunError(ValueError):
+    """A run that cannot be compared: another configuration, or a file missing or malformed (named)."""
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise MachineRunError(f"{path}: cannot read ({error})") from error
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+        raise MachineRunError(f"{path}: not a dvc.lock (no 'stages' mapping)")
+    return data
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise MachineRunError(f"{path}: cannot read ({error})") from error
+    if not isinstance(data, dict):
+        raise MachineRunError(f"{path}: not a JSON object")
+    return data
+
+
+def dep_hash(dep: dict[str, Any]) -> str | None:
+    return dep.get("md5") or dep.get("etag") or dep.get("checksum")
+
+
+def configuration_differences(committed: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """What differs between two ``dvc.lock`` files in what a run is *given*: the stages, their commands, their
+    params, and every dep that no stage writes (code, imported inputs). Deps that are another stage's output
+    (the files passed along the chain) are the run's own results and may differ."""
+    produced = {out["path"] for lock in (committed, other) for stage in lock["stages"].values()
+                for out in stage.get("outs", [])}
+
+    def is_produced(path: str) -> bool:
+        return any(path == out or path.startswith(out.rstrip("/") + "/") for out in produced)
+
+    differences = []
+    stages = sorted(set(committed["stages"]) | set(other["stages"]))
+    for name in stages:
+        mine, theirs = committed["stages"].get(name), other["stages"].get(name)
+        if mine is None or theirs is None:
+            differences.append(f"stage {name}: only in the {'other run' if mine is None else 'committed'} dvc.lock")
+            continue
+        if mine.get("cmd") != theirs.get("cmd"):
+            differences.append(f"stage {name}: command {theirs.get('cmd')!r}, committed {mine.get('cmd')!r}")
+        if mine.get("params") != theirs.get("params"):
+            differences.append(f"stage {name}: params differ")
+        inputs = [{dep["path"]: dep_hash(dep) for dep in stage.get("deps", []) if not is_produced(dep["path"])}
+                  for stage in (mine, theirs)]
+        for path in sorted(set(inputs[0]) | set(inputs[1])):
+            if inputs[0].get(path) != inputs[1].get(path):
+                differences.append(f"stage {name}: dep {path} differs")
+    return differences
+
+
+def seed_values(row: dict[str, Any], path: Path) -> list[float]:
+    """The per-seed values of one ``chain_seeds.json`` row (its ``per seed`` cell, ``"45.6 / 42.0 / 38.1"``)."""
+    cell = row.get("per seed")
+    if not isinstance(cell, str) or not re.fullmatch(r"\s*-?\d+(\.\d+)?(\s*/\s*-?\d+(\.\d+)?)*\s*", cell):
+        raise MachineRunError(f"{path}: row {row.get('figure')!r} has no 'per seed' values like '45.6 / 42.0'")
+    return [float(value) for value in cell.split("/")]
+
+
+def comparison_rows(committed: dict[str, Any], chain_seeds: dict[str, Any], runs: list[dict[str, Any]],
+                    chain_seeds_path: Path = CHAIN_SEEDS) -> list[dict[str, Any]]:
+    """One row per headline figure: the committed value, the seeds' range, and each machine run's value marked
+    inside or outside that range (compared at the table's rounding: points to 0.1, the ratio to 0.001)."""
+    seeds_by_figure = {row.get("figure"): row for row in chain_seeds.get("rows", [])}
+    seg_pseudo = next(figure for figure in FIGURES if figure.key == "seg_pseudo_miou")
+    headline = [(figure.key, figure.label, figure.split_role) for figure in FIGURES]
+    headline.append((RATIO_KEY, RATIO_LABEL, seg_pseudo.split_role))
+    rows = []
+    for key, label, split in headline:
+        scale, digits = (1.0, 3) if key == RATIO_KEY else (100.0, 1)
+        if not isinstance(committed.get(key), (int, float)):
+            continue
+        row: dict[str, Any] = {"figure": label, "split": split,
+                               "committed run": f"{scale * committed[key]:.{digits}f}"}
+        seeds_row = seeds_by_figure.get(label)
+        low = high = None
+        if seeds_row is not None:
+            values = seed_values(seeds_row, chain_seeds_path)
+            low, high = min(values), max(values)
+            row[f"training seeds ({len(values)} runs)"] = f"{low:.{digits}f} – {high:.{digits}f}"
+        for run in runs:
+            value = run["summary"].get(key)
+            if not isinstance(value, (int, float)):
+                row[run["label"]] = None
+                continue
+            shown = round(scale * value, digits)
+            where = ("" if low is None or high is None else
+                     " (inside)" if low <= shown <= high else
+                     f" (outside: {'below' if shown < low else 'above'} the seeds' range)")
+            row[run["label"]] = f"{shown:.{digits}f}{where}"
+        rows.append(row)
+    return rows
+
+
+def description(runs: list[dict[str, Any]]) -> str:
+    return ("The committed code and params (every code and input dep and param of `dvc.lock` identical) re-run by "
+            "a fresh clone's `make repro` on another machine (`python -m bench.machine_runs add`), beside the "
+            "committed run and the range over training seeds (\"Headline over seeds\"). mIoU in points, the ratio "
+            f"as is; {len(runs)} other machine run(s). A value outside the seeds' range means the seed spread "
+            "understates how far a run on another CPU can land. The CAM row's threshold is chosen with GT, as "
+            "in the headline; no other figure's is.")
+
+
+def add_run(clone: Path, label: str, repo: Path = REPO) -> Path:
+    """Check ``clone`` ran the committed configuration, then add (or replace) its figures under ``label``."""
+    differences = configuration_differences(read_yaml(repo / LOCK_FILE), read_yaml(clone / LOCK_FILE))
+    if differences:
+        shown = "\n  ".join(differences[:10])
+        raise MachineRunError(f"{clone / LOCK_FILE}: not the committed configuration ({len(differences)} "
+                              f"difference(s)):\n  {shown}")
+    summary = read_json(clone / SUMMARY_METRICS)
+    output = repo / OUTPUT.relative_to(REPO)
+    chain_seeds_path = repo / CHAIN_SEEDS.relative_to(REPO)
+    runs = [run for run in (read_json(output).get("runs", []) if output.is_file() else []) if run["label"] != label]
+    runs.append({"label": label, "summary": {key: summary.get(key) for key in
+                                             [figure.key for figure in FIGURES] + [RATIO_KEY]}})
+    chain_seeds = read_json(chain_seeds_path) if chain_seeds_path.is_file() else {}
+    committed = read_json(repo / SUMMARY_METRICS)
+    write_json(output, {"title": "The committed chain on other machines", "description": description(runs),
+                        "runs": runs, "rows": comparison_rows(committed, chain_seeds, runs, chain_seeds_path)})
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["add"])
+    parser.add_argument("clone", type=Path, help="the other machine's checkout, after its make repro")
+    parser.add_argument("--label", required=True, help="names the machine, e.g. 'AMD EPYC, 2 cores, 2026-12-02'")
+    arguments = parser.parse_args(argv)
+    try:
+        path = add_run(arguments.clone, arguments.label)
+    except MachineRunError as error:
+        raise SystemExit(f"bench.machine_runs: {error}") from None
+    # Not a dvc.yaml dep of summary (like chain_seeds.json): re-run summary so RESULTS.md shows the runs.
+    dvc("repro", "--force", "--single-item", "summary")
+    print(f"machine runs: {path}")
+
+
+if __name__ == "__main__":
+    main()

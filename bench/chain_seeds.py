@@ -35,6 +35,19 @@ SEED_KEY = "runtime.seed"
 
 RATIO_KEY, RATIO_LABEL = "wsss_fsss_ratio", "WSSS / FSSS ratio"
 """The summary's sixth figure, seg@pseudo ÷ seg@GT: scored on seg_pseudo's split, with its GT flag."""
+SEG_PSEUDO = next(figure for figure in FIGURES if figure.key == "seg_pseudo_miou")
+
+
+def headline_figures() -> list[tuple[str, str, str]]:
+    """``(summary key, label, split role)`` of the six headline figures: the summary's ``FIGURES``, then the
+    ratio on seg_pseudo's split. The tables over seeds and over machines both list them in this order."""
+    return ([(figure.key, figure.label, figure.split_role) for figure in FIGURES]
+            + [(RATIO_KEY, RATIO_LABEL, SEG_PSEUDO.split_role)])
+
+
+def display_scale(key: str) -> tuple[float, int]:
+    """How a headline figure is shown: mIoU in points to one decimal, the ratio as is to three."""
+    return (1.0, 3) if key == RATIO_KEY else (100.0, 1)
 
 
 def experiment_name(seed: int) -> str:
@@ -67,15 +80,12 @@ def spread_rows(committed: dict[str, Any], by_name: dict[str, dict[str, Any]],
             by_seed[seed] = summary
     seeds = sorted(by_seed)
     rows = []
-    headline = [(figure.key, figure.label, figure.split_role) for figure in FIGURES]
-    seg_pseudo = next(figure for figure in FIGURES if figure.key == "seg_pseudo_miou")
-    headline.append((RATIO_KEY, RATIO_LABEL, seg_pseudo.split_role))
-    flags = {**gt_flags, RATIO_KEY: gt_flags.get(seg_pseudo.key)}
-    for key, label, split in headline:
+    flags = {**gt_flags, RATIO_KEY: gt_flags.get(SEG_PSEUDO.key)}
+    for key, label, split in headline_figures():
         values = [float(by_seed[seed][key]) for seed in seeds if isinstance(by_seed[seed].get(key), (int, float))]
         if not values:
             continue
-        scale, digits = (1.0, 3) if key == RATIO_KEY else (100.0, 1)
+        scale, digits = display_scale(key)
         mean, std = mean_and_std(values)
         rows.append({
             "figure": label,

@@ -26,15 +26,14 @@ from typing import Any
 import yaml
 
 from bench.ablations import dvc
-from pipeline.summary import FIGURES
+from bench.chain_seeds import display_scale, headline_figures
 from weakclip_core.artifacts.atomic import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-OUTPUT = REPO / "metrics" / "machine_runs.json"
-CHAIN_SEEDS = REPO / "metrics" / "chain_seeds.json"
+OUTPUT = Path("metrics") / "machine_runs.json"
+CHAIN_SEEDS = Path("metrics") / "chain_seeds.json"
 SUMMARY_METRICS = Path("metrics") / "summary.json"
 LOCK_FILE = "dvc.lock"
-RATIO_KEY, RATIO_LABEL = "wsss_fsss_ratio", "WSSS / FSSS ratio"
 
 
 class MachineRunError(ValueError):
@@ -103,16 +102,13 @@ def seed_values(row: dict[str, Any], path: Path) -> list[float]:
 
 
 def comparison_rows(committed: dict[str, Any], chain_seeds: dict[str, Any], runs: list[dict[str, Any]],
-                    chain_seeds_path: Path = CHAIN_SEEDS) -> list[dict[str, Any]]:
+                    chain_seeds_path: Path = REPO / CHAIN_SEEDS) -> list[dict[str, Any]]:
     """One row per headline figure: the committed value, the seeds' range, and each machine run's value marked
     inside or outside that range (compared at the table's rounding: points to 0.1, the ratio to 0.001)."""
     seeds_by_figure = {row.get("figure"): row for row in chain_seeds.get("rows", [])}
-    seg_pseudo = next(figure for figure in FIGURES if figure.key == "seg_pseudo_miou")
-    headline = [(figure.key, figure.label, figure.split_role) for figure in FIGURES]
-    headline.append((RATIO_KEY, RATIO_LABEL, seg_pseudo.split_role))
     rows = []
-    for key, label, split in headline:
-        scale, digits = (1.0, 3) if key == RATIO_KEY else (100.0, 1)
+    for key, label, split in headline_figures():
+        scale, digits = display_scale(key)
         if not isinstance(committed.get(key), (int, float)):
             continue
         row: dict[str, Any] = {"figure": label, "split": split,
@@ -154,11 +150,9 @@ def add_run(clone: Path, label: str, repo: Path = REPO) -> Path:
         raise MachineRunError(f"{clone / LOCK_FILE}: not the committed configuration ({len(differences)} "
                               f"difference(s)):\n  {shown}")
     summary = read_json(clone / SUMMARY_METRICS)
-    output = repo / OUTPUT.relative_to(REPO)
-    chain_seeds_path = repo / CHAIN_SEEDS.relative_to(REPO)
+    output, chain_seeds_path = repo / OUTPUT, repo / CHAIN_SEEDS
     runs = [run for run in (read_json(output).get("runs", []) if output.is_file() else []) if run["label"] != label]
-    runs.append({"label": label, "summary": {key: summary.get(key) for key in
-                                             [figure.key for figure in FIGURES] + [RATIO_KEY]}})
+    runs.append({"label": label, "summary": {key: summary.get(key) for key, _, _ in headline_figures()}})
     chain_seeds = read_json(chain_seeds_path) if chain_seeds_path.is_file() else {}
     committed = read_json(repo / SUMMARY_METRICS)
     write_json(output, {"title": "The committed chain on other machines", "description": description(runs),

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
+
+from scipy import stats
 
 from bench.ablations import dvc, experiment_metrics, mean_and_std, wait_for_queue
 from pipeline.summary import FIGURES, gt_flag, read_metrics
@@ -36,6 +39,7 @@ SEED_KEY = "runtime.seed"
 RATIO_KEY, RATIO_LABEL = "wsss_fsss_ratio", "WSSS / FSSS ratio"
 """The summary's sixth figure, seg@pseudo ÷ seg@GT: scored on seg_pseudo's split, with its GT flag."""
 SEG_PSEUDO = next(figure for figure in FIGURES if figure.key == "seg_pseudo_miou")
+PREDICTION_LEVEL = 0.95
 
 
 def headline_figures() -> list[tuple[str, str, str]]:
@@ -48,6 +52,20 @@ def headline_figures() -> list[tuple[str, str, str]]:
 def display_scale(key: str) -> tuple[float, int]:
     """How a headline figure is shown: mIoU in points to one decimal, the ratio as is to three."""
     return (1.0, 3) if key == RATIO_KEY else (100.0, 1)
+
+
+def prediction_interval(values: list[float], level: float = PREDICTION_LEVEL) -> tuple[float, float]:
+    """Where one more run lands with probability ``level``, if runs are draws from one normal distribution:
+    mean ± t(n − 1) · s · √(1 + 1/n), with s the sample std and t Student's quantile at (1 + level) / 2.
+
+    Why: a few seeds' range is not where the next run lands (three draws span on average half of the
+    distribution they come from); another seed, or another CPU's rounding, is one more draw."""
+    if len(values) < 2:
+        raise ValueError(f"a prediction interval needs at least 2 seeds, got {len(values)}")
+    mean, std = mean_and_std(values)
+    assert std is not None
+    half = float(stats.t.ppf((1 + level) / 2, len(values) - 1)) * std * math.sqrt(1 + 1 / len(values))
+    return mean - half, mean + half
 
 
 def experiment_name(seed: int) -> str:
@@ -95,6 +113,9 @@ def spread_rows(committed: dict[str, Any], by_name: dict[str, dict[str, Any]],
             "mean": round(scale * mean, digits),
             "± std": None if std is None else round(scale * std, digits),
             "range": f"{scale * min(values):.{digits}f} – {scale * max(values):.{digits}f}",
+            f"{PREDICTION_LEVEL:.0%} prediction interval": (
+                None if len(values) < 2 else
+                " – ".join(f"{scale * bound:.{digits}f}" for bound in prediction_interval(values))),
             "threshold_chosen_with_gt": flags.get(key),
         })
     return rows
@@ -107,7 +128,8 @@ def spread_description(seeds: list[int], rows: list[dict[str, Any]]) -> str:
             "of the whole chain on the same data, one at a time at the chain's own threads "
             "(`python -m bench.chain_seeds run`). Every training stage draws from the seed. mIoU in points, the "
             "ratio as is; mean ± sample std. A run of `make repro` on another machine is one more draw, which a few "
-            "seeds' range does not bound: the next table shows where such runs landed. "
+            "seeds' range does not bound; the 95 % prediction interval, mean ± t(n−1) · std · √(1 + 1/n), does "
+            "with 95 % probability if runs are normal draws. The next table shows where such runs landed. "
             + (f"Threshold chosen with GT: {', '.join(with_gt)} only." if with_gt else "No threshold chosen with GT."))
 
 

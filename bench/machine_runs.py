@@ -5,10 +5,17 @@ bits and training amplifies that, so a user's ``make repro`` lands somewhere els
 (``bench.chain_seeds``) says where a run *should* land. This module records where one *did*: a clone that ran
 the committed code and params on another machine is compared with the committed ``dvc.lock`` (every code and
 input dep and every param must match, else the run is refused as another configuration), and its six headline
-figures go into ``metrics/machine_runs.json`` beside the committed run and the seeds' range, each marked
-inside or outside that range. ``pipeline/summary.py`` renders the file after the headline over seeds.
+figures go into ``metrics/machine_runs.json`` beside the committed run, the seeds' range and the seeds' 95 %
+prediction interval, each marked inside or outside both. ``pipeline/summary.py`` renders the file after the
+headline over seeds.
+
+A few seeds' range is not where one more run lands: three draws span, on average, only half of the
+distribution they come from. The prediction interval (Student's t, from the seeds' mean and sample std) is the
+spread that one more run, from another seed or another CPU, falls within with 95 % probability if runs are
+normal draws; it is wide because three seeds pin down little, and more seeds narrow it.
 
     python -m bench.machine_runs add CLONE --label "AMD EPYC, 2 cores, 2026-12-02"
+    python -m bench.machine_runs render    # re-derive the table from the stored runs and chain_seeds.json
 
 ``CLONE`` is the other machine's checkout after its ``make repro`` (its ``dvc.lock`` and
 ``metrics/summary.json``); ``--label`` names the machine (a run with the same label is replaced). Like
@@ -26,7 +33,7 @@ from typing import Any
 import yaml
 
 from bench.ablations import dvc
-from bench.chain_seeds import display_scale, headline_figures
+from bench.chain_seeds import PREDICTION_LEVEL, display_scale, headline_figures, prediction_interval
 from weakclip_core.artifacts.atomic import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,10 +108,23 @@ def seed_values(row: dict[str, Any], path: Path) -> list[float]:
     return [float(value) for value in cell.split("/")]
 
 
+def placement(shown: float, seeds_range: tuple[float, float], interval: tuple[float, float]) -> str:
+    """Where a run's (rounded) value sits against the seeds' range and their prediction interval (also rounded)."""
+    def side(low: float, high: float) -> str | None:
+        return None if low <= shown <= high else "below" if shown < low else "above"
+    in_range, in_interval = side(*seeds_range), side(*interval)
+    if in_range is None:
+        return "inside the seeds' range"
+    if in_interval is None:
+        return f"inside the prediction interval, {in_range} the seeds' range"
+    return f"outside: {in_interval} the prediction interval"
+
+
 def comparison_rows(committed: dict[str, Any], chain_seeds: dict[str, Any], runs: list[dict[str, Any]],
                     chain_seeds_path: Path = REPO / CHAIN_SEEDS) -> list[dict[str, Any]]:
-    """One row per headline figure: the committed value, the seeds' range, and each machine run's value marked
-    inside or outside that range (compared at the table's rounding: points to 0.1, the ratio to 0.001)."""
+    """One row per headline figure: the committed value, the seeds' range and 95 % prediction interval, and each
+    machine run's value placed against both (compared at the table's rounding: points to 0.1, the ratio to
+    0.001)."""
     seeds_by_figure = {row.get("figure"): row for row in chain_seeds.get("rows", [])}
     rows = []
     for key, label, split in headline_figures():
@@ -114,20 +134,23 @@ def comparison_rows(committed: dict[str, Any], chain_seeds: dict[str, Any], runs
         row: dict[str, Any] = {"figure": label, "split": split,
                                "committed run": f"{scale * committed[key]:.{digits}f}"}
         seeds_row = seeds_by_figure.get(label)
-        low = high = None
+        bounds: tuple[tuple[float, float], tuple[float, float]] | None = None
         if seeds_row is not None:
             values = seed_values(seeds_row, chain_seeds_path)
-            low, high = min(values), max(values)
-            row[f"training seeds ({len(values)} runs)"] = f"{low:.{digits}f} – {high:.{digits}f}"
+            try:
+                low, high = (round(bound, digits) for bound in prediction_interval(values))
+            except ValueError as error:
+                raise MachineRunError(f"{chain_seeds_path}: row {label!r}: {error}") from None
+            bounds = (min(values), max(values)), (low, high)
+            row[f"training seeds ({len(values)} runs)"] = f"{min(values):.{digits}f} – {max(values):.{digits}f}"
+            row[f"{PREDICTION_LEVEL:.0%} prediction interval"] = f"{low:.{digits}f} – {high:.{digits}f}"
         for run in runs:
             value = run["summary"].get(key)
             if not isinstance(value, (int, float)):
                 row[run["label"]] = None
                 continue
             shown = round(scale * value, digits)
-            where = ("" if low is None or high is None else
-                     " (inside)" if low <= shown <= high else
-                     f" (outside: {'below' if shown < low else 'above'} the seeds' range)")
+            where = "" if bounds is None else f" ({placement(shown, *bounds)})"
             row[run["label"]] = f"{shown:.{digits}f}{where}"
         rows.append(row)
     return rows
@@ -136,10 +159,14 @@ def comparison_rows(committed: dict[str, Any], chain_seeds: dict[str, Any], runs
 def description(runs: list[dict[str, Any]]) -> str:
     return ("The committed code and params (every code and input dep and param of `dvc.lock` identical) re-run by "
             "a fresh clone's `make repro` on another machine (`python -m bench.machine_runs add`), beside the "
-            "committed run and the range over training seeds (\"Headline over seeds\"). mIoU in points, the ratio "
-            f"as is; {len(runs)} other machine run(s). A value outside the seeds' range means the seed spread "
-            "understates how far a run on another CPU can land. The CAM row's threshold is chosen with GT, as "
-            "in the headline; no other figure's is.")
+            "committed run and the training seeds (\"Headline over seeds\"): their range, and their 95 % "
+            "prediction interval, mean ± t(n−1) · std · √(1 + 1/n), the spread one more run falls within with 95 % "
+            "probability if runs are normal draws (wide: three seeds pin down little; more seeds narrow it). The "
+            "interval, not the seeds' range, is the spread to expect from a run elsewhere. mIoU in points, the ratio as is; "
+            f"{len(runs)} other machine run(s). A run outside the seeds' range but inside the interval is "
+            "an ordinary draw that three seeds did not happen to span; one outside the interval would mean "
+            "another CPU moves the chain more than another seed does. The CAM row's threshold is chosen with GT, "
+            "as in the headline; no other figure's is.")
 
 
 def add_run(clone: Path, label: str, repo: Path = REPO) -> Path:
@@ -150,9 +177,25 @@ def add_run(clone: Path, label: str, repo: Path = REPO) -> Path:
         raise MachineRunError(f"{clone / LOCK_FILE}: not the committed configuration ({len(differences)} "
                               f"difference(s)):\n  {shown}")
     summary = read_json(clone / SUMMARY_METRICS)
-    output, chain_seeds_path = repo / OUTPUT, repo / CHAIN_SEEDS
+    output = repo / OUTPUT
     runs = [run for run in (read_json(output).get("runs", []) if output.is_file() else []) if run["label"] != label]
     runs.append({"label": label, "summary": {key: summary.get(key) for key, _, _ in headline_figures()}})
+    return write_table(runs, repo)
+
+
+def render(repo: Path = REPO) -> Path:
+    """Re-derive the table from the runs already stored (after a new ``chain_seeds.json``, or new code)."""
+    output = repo / OUTPUT
+    if not output.is_file():
+        raise MachineRunError(f"{output}: no machine runs recorded yet (python -m bench.machine_runs add CLONE)")
+    runs = read_json(output).get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise MachineRunError(f"{output}: no 'runs' list")
+    return write_table(runs, repo)
+
+
+def write_table(runs: list[dict[str, Any]], repo: Path) -> Path:
+    output, chain_seeds_path = repo / OUTPUT, repo / CHAIN_SEEDS
     chain_seeds = read_json(chain_seeds_path) if chain_seeds_path.is_file() else {}
     committed = read_json(repo / SUMMARY_METRICS)
     write_json(output, {"title": "The committed chain on other machines", "description": description(runs),
@@ -162,12 +205,14 @@ def add_run(clone: Path, label: str, repo: Path = REPO) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["add"])
-    parser.add_argument("clone", type=Path, help="the other machine's checkout, after its make repro")
-    parser.add_argument("--label", required=True, help="names the machine, e.g. 'AMD EPYC, 2 cores, 2026-12-02'")
+    parser.add_argument("command", choices=["add", "render"])
+    parser.add_argument("clone", type=Path, nargs="?", help="add: the other machine's checkout, after its make repro")
+    parser.add_argument("--label", help="add: names the machine, e.g. 'AMD EPYC, 2 cores, 2026-12-02'")
     arguments = parser.parse_args(argv)
+    if arguments.command == "add" and (arguments.clone is None or not arguments.label):
+        parser.error("add: give the CLONE and --label")
     try:
-        path = add_run(arguments.clone, arguments.label)
+        path = add_run(arguments.clone, arguments.label) if arguments.command == "add" else render()
     except MachineRunError as error:
         raise SystemExit(f"bench.machine_runs: {error}") from None
     # Not a dvc.yaml dep of summary (like chain_seeds.json): re-run summary so RESULTS.md shows the runs.

@@ -425,6 +425,8 @@ def test_chain_seed_spread_from_exp_show_json(tmp_path: Path) -> None:
     assert (cam["per seed"], cam["mean"], cam["± std"], cam["range"]) == ("33.0 / 30.0 / 36.0", 33.0, 3.0,
                                                                           "30.0 – 36.0")
     assert cam["threshold_chosen_with_gt"] is True and cam["seeds"] == 3
+    # One more run's 95 % interval: 33 ± t(0.975, 2) * 3.0 * sqrt(1 + 1/3) = 33 ± 4.303 * 3.4641 = 33 ± 14.91.
+    assert cam["95% prediction interval"] == "18.1 – 47.9"
     ratio = rows["WSSS / FSSS ratio"]
     # 0.975, 0.95, 1.0: mean 0.975, std sqrt((0 + 0.025² + 0.025²) / 2) = 0.025.
     assert (ratio["per seed"], ratio["mean"], ratio["± std"]) == ("0.975 / 0.950 / 1.000", 0.975, 0.025)
@@ -434,8 +436,8 @@ def test_chain_seed_spread_from_exp_show_json(tmp_path: Path) -> None:
     path = tmp_path / "chain_seeds.json"
     path.write_text(json.dumps({"title": "Headline over training seeds", "rows": list(rows.values())}),
                     encoding="utf-8")
-    assert "| CAM seeds (MCTformer-V2) | train | 3 | 33.0 / 30.0 / 36.0 | 33.0 | 3.0 | 30.0 – 36.0 | yes |" \
-        in ablation_section(path)
+    assert ("| CAM seeds (MCTformer-V2) | train | 3 | 33.0 / 30.0 / 36.0 | 33.0 | 3.0 | 30.0 – 36.0 | "
+            "18.1 – 47.9 | yes |") in ablation_section(path)
 
 
 def test_every_ablation_override_names_a_valid_params_key() -> None:

@@ -1,5 +1,6 @@
 """``bench.machine_runs``: a run of the committed chain on another machine, checked to be the committed
-configuration and compared with the seeds' range (worked by hand), then rendered by the summary stage."""
+configuration and compared with the seeds' range and 95 % prediction interval (worked by hand with textbook
+Student's t quantiles), then rendered by the summary stage."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.machine_runs import MachineRunError, add_run, comparison_rows, configuration_differences
+from bench.chain_seeds import prediction_interval
+from bench.machine_runs import MachineRunError, add_run, comparison_rows, configuration_differences, render
 
 # Two stages as dvc.lock writes them: `train` reads code and an input folder and writes a model that `score`
 # reads; `score` writes the summary.
@@ -49,21 +51,49 @@ def test_only_what_a_run_is_given_must_match() -> None:
         "stage train: dep code/train.py differs"]
 
 
-def test_each_figure_is_marked_inside_or_outside_the_seeds_range() -> None:
+def test_the_prediction_interval_matches_a_hand_computation_with_textbook_t() -> None:
+    # n = 3: mean 41.9, s = sqrt((3.7² + 0.1² + 3.8²) / 2) = 3.7510; t(0.975, 2) = 4.303 (textbook table);
+    # half-width 4.303 * 3.7510 * sqrt(1 + 1/3) = 18.64.
+    low, high = prediction_interval([45.6, 42.0, 38.1])
+    assert low == pytest.approx(41.9 - 18.636, abs=0.01) and high == pytest.approx(41.9 + 18.636, abs=0.01)
+    # n = 2: mean 1, s = sqrt(2), t(0.975, 1) = 12.706; half-width 12.706 * 1.41421 * sqrt(1.5) = 22.008.
+    assert prediction_interval([0.0, 2.0]) == pytest.approx((1 - 22.008, 1 + 22.008), abs=0.005)
+    # A 90 % interval: t(0.95, 2) = 2.920, half-width 2.920 * 3.7510 * 1.1547 = 12.65.
+    assert prediction_interval([45.6, 42.0, 38.1], level=0.90)[1] == pytest.approx(41.9 + 12.647, abs=0.01)
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        prediction_interval([41.9])
+    one_seed = {"rows": [{"figure": "CAM seeds (MCTformer-V2)", "per seed": "41.9"}]}
+    with pytest.raises(MachineRunError, match=r"chain_seeds.json: row 'CAM seeds \(MCTformer-V2\)': .*at least 2"):
+        comparison_rows(COMMITTED, one_seed, [{"label": "B", "summary": OTHER}])
+
+
+def test_each_figure_is_placed_against_the_seeds_range_and_prediction_interval() -> None:
     rows = {row["figure"]: row for row in comparison_rows(COMMITTED, SEEDS, [{"label": "AMD", "summary": OTHER}])}
     cam = rows["CAM seeds (MCTformer-V2)"]
-    # 28.3 points against the seeds' 38.1 - 45.6: below.
+    # 28.3 points: below the seeds' 38.1 - 45.6, inside their interval 23.3 - 60.5 (hand computation above).
     assert cam == {"figure": "CAM seeds (MCTformer-V2)", "split": "train", "committed run": "45.6",
-                   "training seeds (3 runs)": "38.1 – 45.6", "AMD": "28.3 (outside: below the seeds' range)"}
-    # 78.8 within 76.8 - 84.1; the ratio 0.936 below 0.942 (compared at three decimals).
-    assert rows["Segmenter trained on pseudo masks (WSSS)"]["AMD"] == "78.8 (inside)"
-    assert rows["WSSS / FSSS ratio"]["AMD"] == "0.936 (outside: below the seeds' range)"
-    assert rows["WSSS / FSSS ratio"]["committed run"] == "1.022"
+                   "training seeds (3 runs)": "38.1 – 45.6", "95% prediction interval": "23.3 – 60.5",
+                   "AMD": "28.3 (inside the prediction interval, below the seeds' range)"}
+    # 82.2 / 76.8 / 84.1: mean 81.03, s 3.787, half-width 4.303 * 3.787 * 1.1547 = 18.82 -> 62.2 - 99.8.
+    seg = rows["Segmenter trained on pseudo masks (WSSS)"]
+    assert seg["95% prediction interval"] == "62.2 – 99.8" and seg["AMD"] == "78.8 (inside the seeds' range)"
+    # The ratio, at three decimals: 1.023 / 0.942 / 0.978, mean 0.981, s 0.04058, half-width 0.2016.
+    ratio = rows["WSSS / FSSS ratio"]
+    assert ratio["95% prediction interval"] == "0.779 – 1.183"
+    assert ratio["AMD"] == "0.936 (inside the prediction interval, below the seeds' range)"
+    assert ratio["committed run"] == "1.022"
     # A figure the seeds table lacks shows the value without a verdict.
     assert rows["WeakCLIP prediction"]["AMD"] == "72.0" and "training seeds (3 runs)" not in rows["WeakCLIP prediction"]
-    # A value on the range's edge is inside.
-    edge = dict(OTHER, cam_miou=0.381)
-    assert comparison_rows(COMMITTED, SEEDS, [{"label": "B", "summary": edge}])[0]["B"] == "38.1 (inside)"
+    # Tight seeds 50.0 / 50.2 / 49.8: s = 0.2, half-width 4.303 * 0.2 * 1.1547 = 0.994 -> 49.0 - 51.0.
+    tight = {"rows": [{"figure": "CAM seeds (MCTformer-V2)", "per seed": "50.0 / 50.2 / 49.8"}]}
+
+    def placed(cam_miou: float) -> str:
+        return comparison_rows(COMMITTED, tight, [{"label": "B", "summary": dict(OTHER, cam_miou=cam_miou)}])[0]["B"]
+
+    assert placed(0.489) == "48.9 (outside: below the prediction interval)"
+    assert placed(0.490) == "49.0 (inside the prediction interval, below the seeds' range)"  # the interval's edge
+    assert placed(0.498) == "49.8 (inside the seeds' range)"                                 # the range's edge
+    assert placed(0.511) == "51.1 (outside: above the prediction interval)"
 
 
 def write_repo(root: Path, lock: dict, summary: dict) -> Path:
@@ -89,8 +119,15 @@ def test_add_checks_the_configuration_then_writes_a_table_the_summary_renders(tm
     assert [run["label"] for run in data["runs"]] == ["AMD EPYC", "Intel"]
     assert data["runs"][0]["summary"] == OTHER
     rendered = ablation_section(output)
-    assert ("| CAM seeds (MCTformer-V2) | train | 45.6 | 38.1 – 45.6 | 28.3 (outside: below the seeds' range) | "
-            "28.3 (outside: below the seeds' range) |") in rendered
+    placed = "28.3 (inside the prediction interval, below the seeds' range)"
+    assert f"| CAM seeds (MCTformer-V2) | train | 45.6 | 38.1 – 45.6 | 23.3 – 60.5 | {placed} | {placed} |" in rendered
+    # render re-derives the same table from the stored runs (after a new chain_seeds.json, the new spread).
+    before = output.read_text(encoding="utf-8")
+    assert render(repo) == output and output.read_text(encoding="utf-8") == before
+    (repo / "metrics" / "chain_seeds.json").write_text(json.dumps(
+        {"rows": [{"figure": "CAM seeds (MCTformer-V2)", "per seed": "30.0 / 28.0"}]}), encoding="utf-8")
+    render(repo)
+    assert json.loads(output.read_text(encoding="utf-8"))["rows"][0]["AMD EPYC"] == "28.3 (inside the seeds' range)"
 
     other_lock["stages"]["score"]["deps"][1]["md5"] = "edited"
     (clone / "dvc.lock").write_text(yaml.safe_dump(other_lock), encoding="utf-8")
@@ -100,3 +137,9 @@ def test_add_checks_the_configuration_then_writes_a_table_the_summary_renders(tm
     (clone / "dvc.lock").write_text(yaml.safe_dump(LOCK), encoding="utf-8")
     with pytest.raises(MachineRunError, match=r"clone/metrics/summary.json: cannot read"):
         add_run(clone, "no summary", repo=repo)
+
+
+def test_render_without_recorded_runs_names_the_file(tmp_path: Path) -> None:
+    repo = write_repo(tmp_path / "repo", LOCK, COMMITTED)
+    with pytest.raises(MachineRunError, match=r"repo/metrics/machine_runs.json: no machine runs recorded yet"):
+        render(repo)

@@ -54,9 +54,16 @@ def display_scale(key: str) -> tuple[float, int]:
     return (1.0, 3) if key == RATIO_KEY else (100.0, 1)
 
 
-def prediction_interval(values: list[float], level: float = PREDICTION_LEVEL) -> tuple[float, float]:
+def value_limits(key: str) -> tuple[float, float]:
+    """The values a headline figure can take, as stored: an mIoU in [0, 1], the ratio of two mIoUs in [0, inf)."""
+    return (0.0, math.inf) if key == RATIO_KEY else (0.0, 1.0)
+
+
+def prediction_interval(values: list[float], level: float = PREDICTION_LEVEL,
+                        limits: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float]:
     """Where one more run lands with probability ``level``, if runs are draws from one normal distribution:
-    mean ± t(n − 1) · s · √(1 + 1/n), with s the sample std and t Student's quantile at (1 + level) / 2.
+    mean ± t(n − 1) · s · √(1 + 1/n), with s the sample std and t Student's quantile at (1 + level) / 2, cut to
+    ``limits``, the values the figure can take (an mIoU above 100 % is no place a run can land).
 
     Why: a few seeds' range is not where the next run lands (three draws span on average half of the
     distribution they come from); another seed, or another CPU's rounding, is one more draw."""
@@ -65,7 +72,7 @@ def prediction_interval(values: list[float], level: float = PREDICTION_LEVEL) ->
     mean, std = mean_and_std(values)
     assert std is not None
     half = float(stats.t.ppf((1 + level) / 2, len(values) - 1)) * std * math.sqrt(1 + 1 / len(values))
-    return mean - half, mean + half
+    return max(mean - half, limits[0]), min(mean + half, limits[1])
 
 
 def experiment_name(seed: int) -> str:
@@ -115,7 +122,8 @@ def spread_rows(committed: dict[str, Any], by_name: dict[str, dict[str, Any]],
             "range": f"{scale * min(values):.{digits}f} – {scale * max(values):.{digits}f}",
             f"{PREDICTION_LEVEL:.0%} prediction interval": (
                 None if len(values) < 2 else
-                " – ".join(f"{scale * bound:.{digits}f}" for bound in prediction_interval(values))),
+                " – ".join(f"{scale * bound:.{digits}f}"
+                           for bound in prediction_interval(values, limits=value_limits(key)))),
             "threshold_chosen_with_gt": flags.get(key),
         })
     return rows

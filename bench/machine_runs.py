@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from bench.ablations import dvc
-from bench.chain_seeds import PREDICTION_LEVEL, display_scale, headline_figures, prediction_interval
+from bench.chain_seeds import PREDICTION_LEVEL, display_scale, headline_figures, prediction_interval, value_limits
 from weakclip_core.artifacts.atomic import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +138,9 @@ def comparison_rows(committed: dict[str, Any], chain_seeds: dict[str, Any], runs
         if seeds_row is not None:
             values = seed_values(seeds_row, chain_seeds_path)
             try:
-                low, high = (round(bound, digits) for bound in prediction_interval(values))
+                lowest, highest = value_limits(key)  # as stored; the seeds' values here are shown values
+                interval = prediction_interval(values, limits=(scale * lowest, scale * highest))
+                low, high = (round(bound, digits) for bound in interval)
             except ValueError as error:
                 raise MachineRunError(f"{chain_seeds_path}: row {label!r}: {error}") from None
             bounds = (min(values), max(values)), (low, high)

@@ -427,6 +427,8 @@ def test_chain_seed_spread_from_exp_show_json(tmp_path: Path) -> None:
     assert cam["threshold_chosen_with_gt"] is True and cam["seeds"] == 3
     # One more run's 95 % interval: 33 ± t(0.975, 2) * 3.0 * sqrt(1 + 1/3) = 33 ± 4.303 * 3.4641 = 33 ± 14.91.
     assert cam["95% prediction interval"] == "18.1 – 47.9"
+    # 78, 76, 80 (seg@pseudo): 78 ± 4.303 * 2 * 1.1547 = 78 ± 9.94, within [0, 100]; cut only past the limits.
+    assert rows["Segmenter trained on pseudo masks (WSSS)"]["95% prediction interval"] == "68.1 – 87.9"
     ratio = rows["WSSS / FSSS ratio"]
     # 0.975, 0.95, 1.0: mean 0.975, std sqrt((0 + 0.025² + 0.025²) / 2) = 0.025.
     assert (ratio["per seed"], ratio["mean"], ratio["± std"]) == ("0.975 / 0.950 / 1.000", 0.975, 0.025)

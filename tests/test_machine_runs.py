@@ -60,6 +60,9 @@ def test_the_prediction_interval_matches_a_hand_computation_with_textbook_t() ->
     assert prediction_interval([0.0, 2.0]) == pytest.approx((1 - 22.008, 1 + 22.008), abs=0.005)
     # A 90 % interval: t(0.95, 2) = 2.920, half-width 2.920 * 3.7510 * 1.1547 = 12.65.
     assert prediction_interval([45.6, 42.0, 38.1], level=0.90)[1] == pytest.approx(41.9 + 12.647, abs=0.01)
+    # Cut to the values a figure can take: 94.4 / 88.2 / 94.4 gives 92.33 ± 17.79, above 100 points.
+    assert prediction_interval([94.4, 88.2, 94.4], limits=(0.0, 100.0))[1] == 100.0
+    assert prediction_interval([94.4, 88.2, 94.4])[1] == pytest.approx(92.333 + 17.785, abs=0.01)
     with pytest.raises(ValueError, match="at least 2 seeds"):
         prediction_interval([41.9])
     one_seed = {"rows": [{"figure": "CAM seeds (MCTformer-V2)", "per seed": "41.9"}]}
@@ -94,6 +97,12 @@ def test_each_figure_is_placed_against_the_seeds_range_and_prediction_interval()
     assert placed(0.490) == "49.0 (inside the prediction interval, below the seeds' range)"  # the interval's edge
     assert placed(0.498) == "49.8 (inside the seeds' range)"                                 # the range's edge
     assert placed(0.511) == "51.1 (outside: above the prediction interval)"
+    # An interval that would pass 100 points stops there (mIoU), the ratio's only at 0.
+    high = {"rows": [{"figure": "Pseudo masks (WeakCLIP + CRF)", "per seed": "94.4 / 88.2 / 94.4"},
+                     {"figure": "WSSS / FSSS ratio", "per seed": "0.050 / 0.900 / 0.500"}]}
+    cut = {row["figure"]: row for row in comparison_rows(COMMITTED, high, [])}
+    assert cut["Pseudo masks (WeakCLIP + CRF)"]["95% prediction interval"] == "74.5 – 100.0"
+    assert cut["WSSS / FSSS ratio"]["95% prediction interval"].startswith("0.000 – ")
 
 
 def write_repo(root: Path, lock: dict, summary: dict) -> Path:

@@ -93,21 +93,30 @@ def queue_and_run(seeds: tuple[int, ...], poll_s: float = 30.0) -> None:
     wait_for_queue(jobs=1, poll_s=poll_s)
 
 
-def spread_rows(committed: dict[str, Any], by_name: dict[str, dict[str, Any]],
-                gt_flags: dict[str, bool | None]) -> list[dict[str, Any]]:
-    """One row per headline figure (the summary's ``FIGURES``, then the ratio): its value at seed 0
-    (``committed``) and at every experiment seed, mean ± sample std, and the range (points for mIoU, the ratio
-    as is). ``gt_flags``: summary key -> whether a threshold behind that figure was chosen with GT."""
+def values_by_figure(committed: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
+    """Each headline figure's stored values (mIoU as a fraction), seed 0 (``committed``) first, then the
+    ``chain-seed<s>`` experiments by seed; figures no run reports are left out."""
     by_seed = {0: committed}
     for name, summary in by_name.items():
         seed = parse_seed(name)
         if seed is not None and seed > 0:
             by_seed[seed] = summary
     seeds = sorted(by_seed)
+    found = {key: [float(by_seed[seed][key]) for seed in seeds if isinstance(by_seed[seed].get(key), (int, float))]
+             for key, _, _ in headline_figures()}
+    return {key: values for key, values in found.items() if values}
+
+
+def spread_rows(committed: dict[str, Any], by_name: dict[str, dict[str, Any]],
+                gt_flags: dict[str, bool | None]) -> list[dict[str, Any]]:
+    """One row per headline figure (the summary's ``FIGURES``, then the ratio): its value at seed 0
+    (``committed``) and at every experiment seed, mean ± sample std, and the range (points for mIoU, the ratio
+    as is). ``gt_flags``: summary key -> whether a threshold behind that figure was chosen with GT."""
+    values_of = values_by_figure(committed, by_name)
     rows = []
     flags = {**gt_flags, RATIO_KEY: gt_flags.get(SEG_PSEUDO.key)}
     for key, label, split in headline_figures():
-        values = [float(by_seed[seed][key]) for seed in seeds if isinstance(by_seed[seed].get(key), (int, float))]
+        values = values_of.get(key)
         if not values:
             continue
         scale, digits = display_scale(key)
@@ -151,8 +160,11 @@ def collect() -> Path:
     # The committed metrics files' own flags (the summary's rule), not a copy of which stage picks a threshold.
     gt_flags = {figure.key: gt_flag(read_metrics(REPO / "metrics" / f"{figure.stem}.json")) for figure in FIGURES}
     rows = spread_rows(committed, by_name, gt_flags)
+    # "values": the unrounded per-seed figures by summary key, so bench.machine_runs computes the same interval
+    # as the rows show (not one from the rounded "per seed" cells); the summary renders only "rows".
     write_json(OUTPUT, {"title": "Headline over training seeds (DVC experiments)",
-                        "description": spread_description(seeds, rows), "rows": rows})
+                        "description": spread_description(seeds, rows), "rows": rows,
+                        "values": values_by_figure(committed, by_name)})
     # Not a dvc.yaml dep of summary (its own experiments run summary before the file exists): re-run summary here
     # so RESULTS.md shows the new spread.
     dvc("repro", "--force", "--single-item", "summary")

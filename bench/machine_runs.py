@@ -134,17 +134,21 @@ def comparison_rows(committed: dict[str, Any], chain_seeds: dict[str, Any], runs
         row: dict[str, Any] = {"figure": label, "split": split,
                                "committed run": f"{scale * committed[key]:.{digits}f}"}
         seeds_row = seeds_by_figure.get(label)
+        stored = chain_seeds.get("values", {}).get(key)
         bounds: tuple[tuple[float, float], tuple[float, float]] | None = None
-        if seeds_row is not None:
-            values = seed_values(seeds_row, chain_seeds_path)
+        if stored or seeds_row is not None:
+            # The unrounded values chain_seeds stores (so the interval matches its table's), else, in a file
+            # written before it stored them, the row's shown values (then the limits are in shown units too).
+            values, factor = (stored, scale) if stored else (seed_values(seeds_row, chain_seeds_path), 1.0)
+            lowest, highest = value_limits(key)
             try:
-                lowest, highest = value_limits(key)  # as stored; the seeds' values here are shown values
-                interval = prediction_interval(values, limits=(scale * lowest, scale * highest))
-                low, high = (round(bound, digits) for bound in interval)
+                interval = prediction_interval(values, limits=(lowest * scale / factor, highest * scale / factor))
             except ValueError as error:
                 raise MachineRunError(f"{chain_seeds_path}: row {label!r}: {error}") from None
-            bounds = (min(values), max(values)), (low, high)
-            row[f"training seeds ({len(values)} runs)"] = f"{min(values):.{digits}f} – {max(values):.{digits}f}"
+            low, high = (round(factor * bound, digits) for bound in interval)
+            least, most = (round(factor * value, digits) for value in (min(values), max(values)))
+            bounds = (least, most), (low, high)
+            row[f"training seeds ({len(values)} runs)"] = f"{least:.{digits}f} – {most:.{digits}f}"
             row[f"{PREDICTION_LEVEL:.0%} prediction interval"] = f"{low:.{digits}f} – {high:.{digits}f}"
         for run in runs:
             value = run["summary"].get(key)

@@ -435,6 +435,10 @@ def test_chain_seed_spread_from_exp_show_json(tmp_path: Path) -> None:
     assert rows["Segmenter trained on pseudo masks (WSSS)"]["split"] == "val"
     assert rows["WeakCLIP prediction"]["± std"] == 0.0
     assert ratio["threshold_chosen_with_gt"] is False  # the ratio takes seg_pseudo's flag
+    # What collect stores beside the rows: the unrounded values by key, seed 0 first (the other experiment ignored).
+    from bench.chain_seeds import values_by_figure
+    stored = values_by_figure(summary(0.33, 0.78, 0.975), found)
+    assert stored["cam_miou"] == [0.33, 0.30, 0.36] and stored["wsss_fsss_ratio"] == [0.975, 0.95, 1.0]
     path = tmp_path / "chain_seeds.json"
     path.write_text(json.dumps({"title": "Headline over training seeds", "rows": list(rows.values())}),
                     encoding="utf-8")

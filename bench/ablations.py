@@ -210,18 +210,25 @@ def wait_for_queue(jobs: int, poll_s: float, stalled_polls_before_restart: int =
         raise RuntimeError("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(state.failed))
 
 
-def experiment_metrics(exp_show: list[dict[str, Any]],
-                       metrics_file: str = WEAKCLIP_METRICS) -> dict[str, dict[str, Any]]:
-    """``{experiment name: data of metrics_file}`` from ``dvc exp show --json`` (newest rev wins)."""
-    found: dict[str, dict[str, Any]] = {}
+def experiment_runs(exp_show: list[dict[str, Any]],
+                    metrics_file: str = WEAKCLIP_METRICS) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{experiment name: (its commit, data of metrics_file)}`` from ``dvc exp show --json`` (newest rev
+    that has the metrics wins; a queued or failed task has none)."""
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
     for baseline in exp_show:
         for experiment in baseline.get("experiments") or []:
             name = experiment.get("name")
             for revision in experiment.get("revs") or []:
                 metrics = ((revision.get("data") or {}).get("metrics") or {}).get(metrics_file) or {}
                 if name and name not in found and isinstance(metrics.get("data"), dict):
-                    found[name] = metrics["data"]
+                    found[name] = (str(revision.get("rev")), metrics["data"])
     return found
+
+
+def experiment_metrics(exp_show: list[dict[str, Any]],
+                       metrics_file: str = WEAKCLIP_METRICS) -> dict[str, dict[str, Any]]:
+    """``{experiment name: data of metrics_file}`` from ``dvc exp show --json`` (newest rev wins)."""
+    return {name: metrics for name, (_, metrics) in experiment_runs(exp_show, metrics_file).items()}
 
 
 def mean_and_std(values: list[float]) -> tuple[float, float | None]:
@@ -232,34 +239,71 @@ def mean_and_std(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
 
 
-def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float,
-                  variants: tuple[Ablation, ...] = VARIANTS) -> list[dict[str, Any]]:
-    """One row per variant that ran at least one seed: mean ± std of WeakCLIP mIoU over its seeds, the seeds'
-    values, the difference from the baseline's mean, and the mean gain over the CAM seeds."""
+VAL_MIOU = "val_miou"
+"""Key of the held-out figure (``bench.heldout``: val split, all classes, the reference's evaluation) that
+``collect --heldout`` adds to each experiment's metrics; ``VAL_LABELLED_MIOU`` the same images restricted to
+their labels + background."""
+VAL_LABELLED_MIOU = "val_labelled_miou"
+
+
+def values_by_variant(by_name: dict[str, dict[str, Any]], key: str) -> dict[str, dict[int, float]]:
+    """``{variant name: {seed offset: metrics[key]}}`` over the experiments this module named."""
     by_variant: dict[str, dict[int, float]] = {}
     for name, metrics in by_name.items():
         parsed = parse_experiment_name(name)
-        if parsed is not None and isinstance(metrics.get("miou"), (int, float)):
-            by_variant.setdefault(parsed[0], {})[parsed[1]] = float(metrics["miou"])
-    baseline = by_variant.get(BASELINE.name)
-    baseline_mean = mean_and_std(list(baseline.values()))[0] if baseline else None
+        if parsed is not None and isinstance(metrics.get(key), (int, float)):
+            by_variant.setdefault(parsed[0], {})[parsed[1]] = float(metrics[key])
+    return by_variant
+
+
+def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float,
+                  variants: tuple[Ablation, ...] = VARIANTS) -> list[dict[str, Any]]:
+    """One row per variant that ran at least one seed: mean ± std of WeakCLIP mIoU over its seeds, the seeds'
+    values, the difference from the baseline's mean, and the mean gain over the CAM seeds; where the
+    experiments were scored on the held-out val split (``VAL_MIOU``), the same for that figure beside."""
+    train = values_by_variant(by_name, "miou")
+    val = values_by_variant(by_name, VAL_MIOU)
+    val_labelled = values_by_variant(by_name, VAL_LABELLED_MIOU)
+
+    def baseline_mean(series: dict[str, dict[int, float]]) -> float | None:
+        seeds = series.get(BASELINE.name)
+        return mean_and_std(list(seeds.values()))[0] if seeds else None
+
+    def per_seed(seeds: dict[int, float]) -> str:
+        return " / ".join(f"{100 * seeds[offset]:.1f}" for offset in sorted(seeds))
+
     rows = []
     for variant in variants:
-        seeds = by_variant.get(variant.name)
+        seeds = train.get(variant.name)
         if not seeds:
             continue
         values = [seeds[offset] for offset in sorted(seeds)]
         mean, std = mean_and_std(values)
-        rows.append({
+        reference = baseline_mean(train)
+        row: dict[str, Any] = {
             "setting": variant.setting,
             "experiments": f"{variant.name}-s{{{','.join(str(offset) for offset in sorted(seeds))}}}",
             "seeds": len(values),
             "weakclip_miou (mean)": mean,
             "± std (points)": None if std is None else round(100 * std, 1),
-            "per seed (points)": " / ".join(f"{100 * value:.1f}" for value in values),
-            "vs baseline (points)": None if baseline_mean is None else round(100 * (mean - baseline_mean), 1) + 0.0,
+            "per seed (points)": per_seed(seeds),
+            "vs baseline (points)": None if reference is None else round(100 * (mean - reference), 1) + 0.0,
             "gain over CAM seeds (points)": round(100 * (mean - cam_miou), 1),
-        })
+        }
+        val_seeds = val.get(variant.name)
+        if val_seeds:
+            val_mean, val_std = mean_and_std(list(val_seeds.values()))
+            val_reference = baseline_mean(val)
+            labelled = val_labelled.get(variant.name)
+            row.update({
+                "val_miou, all classes (mean)": val_mean,
+                "val ± std (points)": None if val_std is None else round(100 * val_std, 1),
+                "val per seed (points)": per_seed(val_seeds),
+                "val vs baseline (points)": (None if val_reference is None
+                                             else round(100 * (val_mean - val_reference), 1) + 0.0),
+                "val_miou, labels given (mean)": mean_and_std(list(labelled.values()))[0] if labelled else None,
+            })
+        rows.append(row)
     return rows
 
 
@@ -284,10 +328,30 @@ def carry_previous_rows(rows: list[dict[str, Any]], previous_rows: list[dict[str
     return ordered, [variant.name for variant in carried]
 
 
-def collect(table: AblationTable = TABLES[0]) -> Path:
-    """Write ``table``'s metrics file from ``dvc exp show --json`` and the committed metrics."""
+def add_heldout_scores(runs: dict[str, tuple[str, dict[str, Any]]],
+                       variants: tuple[Ablation, ...]) -> dict[str, dict[str, Any]]:
+    """Each of ``variants``' experiments' metrics with its held-out val scores added (``bench.heldout``,
+    about 20 s an experiment on 2 cores): ``VAL_MIOU`` over all classes, ``VAL_LABELLED_MIOU`` with the labels."""
+    from bench.heldout import score_revision  # torch and the model code: only when asked for
+
+    names = {variant.name for variant in variants}
+    scored: dict[str, dict[str, Any]] = {}
+    for name, (rev, metrics) in sorted(runs.items()):
+        parsed = parse_experiment_name(name)
+        if parsed is None or parsed[0] not in names:
+            continue
+        scores = score_revision(REPO, rev)
+        print(f"{name}: val mIoU {scores.unrestricted_miou}, with the labels {scores.labelled_miou}", flush=True)
+        scored[name] = {**metrics, VAL_MIOU: scores.unrestricted_miou, VAL_LABELLED_MIOU: scores.labelled_miou}
+    return scored
+
+
+def collect(table: AblationTable = TABLES[0], heldout: bool = False) -> Path:
+    """Write ``table``'s metrics file from ``dvc exp show --json`` and the committed metrics; ``heldout``: also
+    score each experiment's model on the val split (``bench.heldout``), from this repository's DVC cache."""
     # --all-commits: the queue's experiments hang off the commit that was HEAD when each was queued.
-    by_name = experiment_metrics(json.loads(dvc("exp", "show", "--json", "--all-commits")))
+    runs = experiment_runs(json.loads(dvc("exp", "show", "--json", "--all-commits")))
+    by_name = add_heldout_scores(runs, table.variants) if heldout else {name: m for name, (_, m) in runs.items()}
     cam = json.loads(CAM_METRICS.read_text(encoding="utf-8"))
     rows = ablation_rows(by_name, cam["miou"], table.variants)
     if not rows:
@@ -306,6 +370,9 @@ def collect(table: AblationTable = TABLES[0]) -> Path:
             "std over the seeds; every row ran in a queue of two at one thread per run, and the tables share the "
             "experiments of the variants they both list (the baseline's among them). "
             f"The committed run (seed offset 0, the chain's own threads) scored {100 * committed['miou']:.1f}."
+            + (" The val columns score the same models on the held-out val split as the reference's evaluation "
+               "hook does (`python -m bench.heldout`): all classes, single scale, no CRF, no threshold; 'labels "
+               "given' restricts each val image to its labels + background." if heldout else "")
             + (f" Carried from the previous queue, whose baseline this queue reproduced seed for seed: "
                f"{', '.join(carried)}." if carried else "")
             + (f" Not run: {', '.join(not_run)}." if not_run else "")),
@@ -331,6 +398,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         choices=sorted({variant.name for table in TABLES for variant in table.variants}),
                         help="run these variants of the table only (default: all of them, the baseline included)")
+    parser.add_argument("--heldout", action="store_true",
+                        help="also score every experiment's WeakCLIP on the held-out val split over all classes, "
+                             "the reference's evaluation (bench.heldout; about 20 s an experiment)")
     arguments = parser.parse_args(argv)
     table = next(table for table in TABLES if table.name == arguments.table)
     if arguments.command == "run":
@@ -340,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         if not variants:
             parser.error(f"--only: none of {arguments.only} is in the {table.name} table")
         queue_and_run(variants, tuple(range(1, arguments.seeds + 1)), arguments.jobs)
-    print(f"ablations: {collect(table)}")
+    print(f"ablations: {collect(table, arguments.heldout)}")
 
 
 if __name__ == "__main__":

@@ -321,6 +321,37 @@ def test_ablation_rows_from_exp_show_json() -> None:
     assert [row["experiments"] for row in ablation_rows(found, 0.40, BOUNDARY_STUDY)] == ["abl-baseline-s{1,2,3}"]
 
 
+def test_ablation_rows_with_heldout_val_scores() -> None:
+    """``collect --heldout`` adds each experiment's val scores (bench.heldout); the rows then carry the val
+    mean ± std, per seed, the difference from the baseline's val mean and the labels-given mean beside the train
+    figures (worked by hand below); a variant without val scores keeps the train columns only."""
+    from bench.ablations import VAL_LABELLED_MIOU, VAL_MIOU, ablation_rows, experiment_runs
+
+    revision = {"rev": "c" * 40, "name": "abl-baseline-s1", "error": None, "experiments": None,
+                "data": {"metrics": {"metrics/weakclip.json": {"data": {"miou": 0.7}}}}}
+    exp_show = [{"rev": "a" * 40, "name": "main", "experiments": [{"name": "abl-baseline-s1", "revs": [revision]}]}]
+    assert experiment_runs(exp_show) == {"abl-baseline-s1": ("c" * 40, {"miou": 0.7})}
+
+    def scored(train: float, val: float, labelled: float) -> dict:
+        return {"miou": train, VAL_MIOU: val, VAL_LABELLED_MIOU: labelled}
+
+    by_name = {"abl-baseline-s1": scored(0.72, 0.63, 0.74), "abl-baseline-s2": scored(0.71, 0.61, 0.72),
+               "abl-baseline-s3": scored(0.73, 0.62, 0.73),
+               "abl-random-clip-s1": scored(0.72, 0.60, 0.74), "abl-random-clip-s2": scored(0.70, 0.58, 0.72),
+               "abl-prompt-2-s1": {"miou": 0.70}}
+    baseline, prompt, random_clip = ablation_rows(by_name, cam_miou=0.30)
+    # Baseline val: mean 0.62, sample std sqrt((0.01² + 0.01² + 0) / 2) = 0.01 -> 1.0 point; labels given 0.73.
+    assert baseline["val_miou, all classes (mean)"] == pytest.approx(0.62) and baseline["val ± std (points)"] == 1.0
+    assert baseline["val per seed (points)"] == "63.0 / 61.0 / 62.0" and baseline["val vs baseline (points)"] == 0.0
+    assert baseline["val_miou, labels given (mean)"] == pytest.approx(0.73)
+    # Random CLIP val: mean 0.59, std sqrt(2 · 0.01² / 1) = 0.0141 -> 1.4; 3 points under the baseline's val,
+    # while its train mean 0.71 is 1 point under the baseline's 0.72.
+    assert random_clip["val_miou, all classes (mean)"] == pytest.approx(0.59)
+    assert random_clip["val ± std (points)"] == 1.4 and random_clip["val vs baseline (points)"] == -3.0
+    assert random_clip["vs baseline (points)"] == -1.0
+    assert "val_miou, all classes (mean)" not in prompt and prompt["weakclip_miou (mean)"] == pytest.approx(0.70)
+
+
 _QUEUE_STATUS = """Task     Name                Created    Status
 6e1a2b3  abl-baseline-s1     05:31 AM   Success
 7f2c3d4  abl-prompt-2-s1     05:31 AM   {second}

@@ -297,6 +297,24 @@ def test_summary_keys_and_values_from_the_metrics_files(chain: tuple[Path, dict[
 
 
 @pytest.mark.slow
+def test_heldout_scorer_reads_the_chains_model_as_the_stage_scored_it(
+        chain: tuple[Path, dict[str, Any], str]) -> None:
+    """bench.heldout loads the trained WeakCLIP and its CLIP through DVC and runs its own scoring loop: on the
+    train split with the labels given it must reproduce the figure weakclip_train wrote for the same model, and
+    over all classes on val (no label help) it is a fraction of its own."""
+    from bench.heldout import score_revision
+
+    project, _, _ = chain
+    stage_figure = read_json(project / "metrics/weakclip.json")
+    on_train = score_revision(project, None, split="train")
+    assert on_train.labelled_miou == pytest.approx(stage_figure["miou"], abs=1e-3)
+    assert on_train.n_images == stage_figure["n_images"]
+    on_val = score_revision(project, None)
+    assert on_val.split == "val" and on_val.n_images > 0
+    assert on_val.unrestricted_miou is not None and 0.0 <= on_val.unrestricted_miou <= 1.0
+
+
+@pytest.mark.slow
 def test_pseudo_masks_and_cam_store_match_the_dataset(chain: tuple[Path, dict[str, Any], str]) -> None:
     project, params, _ = chain
     dataset_root = project / params["dataset"]["prepared_dir"]

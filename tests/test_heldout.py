@@ -1,0 +1,103 @@
+"""bench.heldout: WeakCLIP scored on the held-out val split, over all classes (the reference's evaluation hook)
+and restricted to each image's labels, checked against mIoU worked out independently with numpy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from bench.heldout import HeldOutScores, resolve_revision, score_revision, score_split, split_miou
+from test_end_to_end import numpy_miou  # the VOC mIoU by hand
+from tiny_voc import CLASS_NAMES, write_tiny_voc
+from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.method.inference import InferenceAugmentation
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CAT = CLASS_NAMES.index("cat")
+TTA = InferenceAugmentation(scales=(1.0,), flip=False, crop=64, stride=42, img_scale=None)
+
+
+def always_cat(images: torch.Tensor) -> torch.Tensor:
+    """Logits at a quarter of the input that favour 'cat' everywhere and tie every other class at 0."""
+    logits = torch.zeros(images.shape[0], len(CLASS_NAMES), images.shape[2] // 4, images.shape[3] // 4)
+    logits[:, CAT] = 1.0
+    return logits
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> PreparedDataset:
+    write_tiny_voc(tmp_path / "tiny", n_train=4, n_val=10)
+    return PreparedDataset.open(tmp_path / "tiny")
+
+
+def test_all_classes_against_labels_given_worked_by_hand(tiny_dataset: PreparedDataset) -> None:
+    """A model that always says 'cat': over all classes every pixel is cat; with the labels given, an image
+    without a cat falls back to background (the first of its allowed classes at equal logits)."""
+    val = tiny_dataset.split("val")
+    holds_cat = [CAT in tiny_dataset.image_labels(image_id) for image_id in val]
+    assert any(holds_cat) and not all(holds_cat), "the tiny val split should mix images with and without a cat"
+    masks = [tiny_dataset.mask(image_id) for image_id in val]
+    everywhere_cat = numpy_miou([(mask, np.full_like(mask, CAT)) for mask in masks], len(CLASS_NAMES))
+    labelled = numpy_miou([(mask, np.full_like(mask, CAT if cat else 0)) for mask, cat in zip(masks, holds_cat)],
+                          len(CLASS_NAMES))
+    assert labelled != pytest.approx(everywhere_cat)
+
+    scores = score_split(always_cat, tiny_dataset, "val", TTA)
+    assert scores == HeldOutScores(split="val", unrestricted_miou=pytest.approx(everywhere_cat),
+                                   labelled_miou=pytest.approx(labelled), n_images=10)
+
+
+def test_images_without_a_mask_are_not_scored(tiny_dataset: PreparedDataset) -> None:
+    val = tiny_dataset.split("val")
+    for image_id in val[5:]:
+        (tiny_dataset.root / "SegmentationClass" / f"{image_id}.png").unlink()
+    masks = [tiny_dataset.mask(image_id) for image_id in val[:5]]
+    expected = numpy_miou([(mask, np.full_like(mask, CAT)) for mask in masks], len(CLASS_NAMES))
+    assert split_miou(always_cat, tiny_dataset, val, TTA, restrict_to_labels=False) == pytest.approx(expected)
+    assert split_miou(always_cat, tiny_dataset, val[5:], TTA, restrict_to_labels=False) is None
+
+
+def git(repo: Path, *arguments: str) -> str:
+    return subprocess.run(["git", *arguments], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_an_experiment_name_resolves_to_its_commit(tmp_path: Path) -> None:
+    git(tmp_path, "init", "-q")
+    (tmp_path / "a.txt").write_text("a\n")
+    git(tmp_path, "add", "a.txt")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    git(tmp_path, "update-ref", "refs/exps/ab/cdef/abl-baseline-s1", head)
+    assert resolve_revision(tmp_path, "abl-baseline-s1") == head
+    assert resolve_revision(tmp_path, "HEAD") == head
+    with pytest.raises(ValueError, match="'abl-random-clip-s1' is neither a git revision nor one DVC experiment"):
+        resolve_revision(tmp_path, "abl-random-clip-s1")
+
+
+def test_a_revision_trained_on_other_data_is_refused(tmp_path: Path) -> None:
+    """The images come from the workspace: scoring a model against a dataset it was not trained beside would be
+    a wrong number, so a revision whose prepare output differs from the workspace's is refused, both named."""
+    git(tmp_path, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True,
+                   env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    prepared = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["dataset"]["prepared_dir"]
+
+    def write_lock(md5: str) -> None:
+        lock = {"schema": "2.0", "stages": {"prepare": {"cmd": "python -m pipeline.prepare",
+                                                        "outs": [{"path": prepared, "md5": md5}]}}}
+        (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+
+    write_lock("a" * 32 + ".dir")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "trained")
+    write_lock("b" * 32 + ".dir")
+    with pytest.raises(ValueError, match=f"HEAD: trained on {prepared} a{{32}}.dir, the workspace holds b{{32}}.dir"):
+        score_revision(tmp_path, "HEAD")

@@ -272,6 +272,7 @@ def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float,
     def per_seed(seeds: dict[int, float]) -> str:
         return " / ".join(f"{100 * seeds[offset]:.1f}" for offset in sorted(seeds))
 
+    reference, val_reference = baseline_mean(train), baseline_mean(val)
     rows = []
     for variant in variants:
         seeds = train.get(variant.name)
@@ -279,7 +280,6 @@ def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float,
             continue
         values = [seeds[offset] for offset in sorted(seeds)]
         mean, std = mean_and_std(values)
-        reference = baseline_mean(train)
         row: dict[str, Any] = {
             "setting": variant.setting,
             "experiments": f"{variant.name}-s{{{','.join(str(offset) for offset in sorted(seeds))}}}",
@@ -293,7 +293,6 @@ def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float,
         val_seeds = val.get(variant.name)
         if val_seeds:
             val_mean, val_std = mean_and_std(list(val_seeds.values()))
-            val_reference = baseline_mean(val)
             labelled = val_labelled.get(variant.name)
             row.update({
                 "val_miou, all classes (mean)": val_mean,

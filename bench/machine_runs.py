@@ -41,6 +41,8 @@ OUTPUT = Path("metrics") / "machine_runs.json"
 CHAIN_SEEDS = Path("metrics") / "chain_seeds.json"
 SUMMARY_METRICS = Path("metrics") / "summary.json"
 LOCK_FILE = "dvc.lock"
+# Every file under it is a result (a stage's metrics or a bench table), never something a run is given.
+RESULTS_FOLDER = "metrics/"
 
 
 class MachineRunError(ValueError):
@@ -74,12 +76,16 @@ def dep_hash(dep: dict[str, Any]) -> str | None:
 def configuration_differences(committed: dict[str, Any], other: dict[str, Any]) -> list[str]:
     """What differs between two ``dvc.lock`` files in what a run is *given*: the stages, their commands, their
     params, and every dep that no stage writes (code, imported inputs). Deps that are another stage's output
-    (the files passed along the chain) are the run's own results and may differ."""
+    (the files passed along the chain) are the run's own results and may differ; so may the bench tables under
+    ``metrics/`` that the ``summary`` stage renders (``metrics/ablations_*.json``, written by ``bench.ablations``
+    from other runs): they are results too, and a table refreshed after a run must not make that run another
+    configuration."""
     produced = {out["path"] for lock in (committed, other) for stage in lock["stages"].values()
                 for out in stage.get("outs", [])}
 
-    def is_produced(path: str) -> bool:
-        return any(path == out or path.startswith(out.rstrip("/") + "/") for out in produced)
+    def is_result(path: str) -> bool:
+        return path.startswith(RESULTS_FOLDER) or any(
+            path == out or path.startswith(out.rstrip("/") + "/") for out in produced)
 
     differences = []
     stages = sorted(set(committed["stages"]) | set(other["stages"]))
@@ -92,7 +98,7 @@ def configuration_differences(committed: dict[str, Any], other: dict[str, Any]) 
             differences.append(f"stage {name}: command {theirs.get('cmd')!r}, committed {mine.get('cmd')!r}")
         if mine.get("params") != theirs.get("params"):
             differences.append(f"stage {name}: params differ")
-        inputs = [{dep["path"]: dep_hash(dep) for dep in stage.get("deps", []) if not is_produced(dep["path"])}
+        inputs = [{dep["path"]: dep_hash(dep) for dep in stage.get("deps", []) if not is_result(dep["path"])}
                   for stage in (mine, theirs)]
         for path in sorted(set(inputs[0]) | set(inputs[1])):
             if inputs[0].get(path) != inputs[1].get(path):

@@ -14,7 +14,7 @@ import yaml
 from bench.chain_seeds import prediction_interval
 from bench.machine_runs import MachineRunError, add_run, comparison_rows, configuration_differences, render
 
-# Two stages as dvc.lock writes them: `train` reads code and an input folder and writes a model that `score`
+# Three stages as dvc.lock writes them: `train` reads code and an input folder and writes a model that `score`
 # reads; `score` writes the summary.
 LOCK = {"schema": "2.0", "stages": {
     "train": {"cmd": "python -m train",
@@ -25,7 +25,13 @@ LOCK = {"schema": "2.0", "stages": {
     "score": {"cmd": "python -m score",
               "deps": [{"path": "models/train/model.pt", "hash": "md5", "md5": "bbbb"},
                        {"path": "code/score.py", "hash": "md5", "md5": "5c0e"}],
-              "outs": [{"path": "metrics/summary.json", "hash": "md5", "md5": "cccc"}]}}}
+              "outs": [{"path": "metrics/summary.json", "hash": "md5", "md5": "cccc"}]},
+    # Renders the summary with a bench table no stage writes (bench.ablations collect refreshes it later).
+    "report": {"cmd": "python -m report",
+               "deps": [{"path": "metrics/summary.json", "hash": "md5", "md5": "cccc"},
+                        {"path": "metrics/ablations_grid.json", "hash": "md5", "md5": "dddd"},
+                        {"path": "code/report.py", "hash": "md5", "md5": "4e90"}],
+               "outs": [{"path": "docs/RESULTS.md", "hash": "md5", "md5": "eeee"}]}}}
 
 COMMITTED = {"cam_miou": 0.456, "weakclip_miou": 0.778, "pseudo_miou": 0.930, "seg_pseudo_miou": 0.822,
              "seg_gt_miou": 0.804, "wsss_fsss_ratio": 1.0224}
@@ -42,7 +48,11 @@ def test_only_what_a_run_is_given_must_match() -> None:
     other["stages"]["train"]["outs"][0]["md5"] = "9999.dir"       # its own results: allowed to differ
     other["stages"]["score"]["deps"][0]["md5"] = "8888"           # a file passed along the chain: allowed
     other["stages"]["score"]["outs"][0]["md5"] = "7777"
+    other["stages"]["report"]["deps"][1]["md5"] = "6666"          # a bench table refreshed since: a result
     assert configuration_differences(LOCK, other) == []
+    other["stages"]["report"]["deps"][2]["md5"] = "0ther"         # the report's code: given
+    assert configuration_differences(LOCK, other) == ["stage report: dep code/report.py differs"]
+    other["stages"]["report"]["deps"][2]["md5"] = "4e90"
     other["stages"]["train"]["deps"][0]["md5"] = "0ther"          # other code
     other["stages"]["train"]["params"]["params.yaml"]["train"]["lr"] = 0.2
     del other["stages"]["score"]

@@ -11,7 +11,8 @@ the CAM seeds stay the committed ones), all in the same queue with the same thre
 mean ± sample std over the seeds. Seed offset 0 is the committed run itself, made outside the queue (the
 chain's thread count), so it is not one of the table's samples.
 
-    python -m bench.ablations run [--table weakclip|boundary|ceiling] [--seeds 3] [--jobs 2] [--only NAME ...]
+    python -m bench.ablations run [--table weakclip|boundary|ceiling] [--seeds 3] [--from-seed 1] [--jobs 2]
+                                  [--only NAME ...]
     python -m bench.ablations collect [--table weakclip|boundary|ceiling]   # dvc exp show -> the table
 
 ``run`` queues, runs, waits, then collects. ``collect`` writes the table's file (``metrics/ablations_weakclip.json``:
@@ -389,6 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["run", "collect"])
     parser.add_argument("--seeds", type=int, default=3, help="seed offsets 1..N per variant (default 3)")
+    parser.add_argument("--from-seed", type=int, default=1, metavar="K",
+                        help="run seed offsets K..N only: adds seeds to a table already run for 1..K-1 "
+                             "(collect counts every seed it finds; default 1)")
     parser.add_argument("--jobs", type=int, default=2, help="experiments run at the same time (dvc queue start -j)")
     parser.add_argument("--table", choices=[table.name for table in TABLES], default=TABLES[0].name,
                         help="weakclip: the ablation grid (metrics/ablations_weakclip.json); boundary: the boundary "
@@ -405,10 +409,12 @@ def main(argv: list[str] | None = None) -> None:
     if arguments.command == "run":
         if arguments.seeds < 1:
             parser.error("--seeds: at least 1")
+        if not 1 <= arguments.from_seed <= arguments.seeds:
+            parser.error(f"--from-seed: between 1 and --seeds ({arguments.seeds})")
         variants = tuple(v for v in table.variants if not arguments.only or v.name in arguments.only)
         if not variants:
             parser.error(f"--only: none of {arguments.only} is in the {table.name} table")
-        queue_and_run(variants, tuple(range(1, arguments.seeds + 1)), arguments.jobs)
+        queue_and_run(variants, tuple(range(arguments.from_seed, arguments.seeds + 1)), arguments.jobs)
     print(f"ablations: {collect(table, arguments.heldout)}")
 
 

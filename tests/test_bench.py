@@ -397,6 +397,24 @@ def test_wait_for_queue_restarts_workers_that_left_a_stalled_queue(monkeypatch: 
     assert starts == [2, 2]
 
 
+def test_from_seed_adds_seeds_to_a_table_already_run(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`--seeds 6 --from-seed 4` queues the named variants at seed offsets 4, 5, 6 only (1..3 already ran);
+    the default still queues 1..N; a first seed past --seeds is refused, naming the option."""
+    from bench import ablations
+
+    queued: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
+    monkeypatch.setattr(ablations, "queue_and_run", lambda variants, offsets, jobs: queued.append(
+        (tuple(variant.name for variant in variants), offsets)))
+    monkeypatch.setattr(ablations, "collect", lambda table, heldout: Path("table.json"))
+    ablations.main(["run", "--only", "abl-baseline", "abl-no-coattention", "--seeds", "6", "--from-seed", "4"])
+    ablations.main(["run", "--only", "abl-baseline", "--seeds", "2"])
+    assert queued == [(("abl-baseline", "abl-no-coattention"), (4, 5, 6)), (("abl-baseline",), (1, 2))]
+    with pytest.raises(SystemExit):
+        ablations.main(["run", "--seeds", "3", "--from-seed", "4"])
+    assert "--from-seed: between 1 and --seeds (3)" in capsys.readouterr().err
+
+
 def test_previous_rows_are_carried_only_when_the_baseline_reproduced() -> None:
     """A partial re-run keeps the committed table's other rows only if its baseline's per-seed values equal
     the committed baseline's (hand-made rows: a re-run baseline, N = 2 re-run, and the committed boundary row)."""

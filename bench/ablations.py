@@ -136,14 +136,18 @@ def dvc(*arguments: str) -> str:
 
 def queue_and_run(variants: tuple[Ablation, ...], seed_offsets: tuple[int, ...], jobs: int,
                   poll_s: float = 15.0) -> None:
-    """Queue every variant at every seed offset, then run the queue with ``jobs`` workers until it drains."""
+    """Queue every variant at every seed offset, then run the queue with ``jobs`` workers until it drains.
+
+    Tasks that had failed before this call stay in ``dvc queue status`` (an interrupted earlier queue, say): they
+    are not this queue's failures, so only tasks that failed after it was queued raise."""
+    earlier_failures = failed_task_ids()
     for variant in variants:
         for seed_offset in seed_offsets:
             overrides = (*variant.overrides, f"{SEED_KEY}={seed_offset}")
             arguments = [argument for override in overrides for argument in ("-S", override)]
             dvc("exp", "run", "--queue", "--name", experiment_name(variant, seed_offset), *arguments, TARGET)
             print(f"queued {experiment_name(variant, seed_offset)}: {' '.join(overrides)}", flush=True)
-    wait_for_queue(jobs, poll_s)
+    wait_for_queue(jobs, poll_s, earlier_failures)
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,17 @@ def parse_queue_status(status: str) -> QueueState:
                       workers=int(workers.group(1)) + int(workers.group(2)) if workers else 0)
 
 
+def task_id(status_line: str) -> str:
+    """The task id that starts a ``dvc queue status`` task line (names repeat when a failed run is re-queued)."""
+    return status_line.split()[0]
+
+
+def failed_task_ids() -> set[str]:
+    """Ids of the tasks ``dvc queue status`` lists as failed now: taken before queueing, so that ``wait_for_queue``
+    raises for this queue's failures only."""
+    return {task_id(line) for line in parse_queue_status(dvc("queue", "status")).failed}
+
+
 def start_workers(jobs: int) -> None:
     """``dvc queue start --jobs jobs`` (one thread each when ``jobs`` > 1, so the runs do not fight over the cores)."""
     environment = tool_environment()
@@ -188,8 +203,10 @@ def start_workers(jobs: int) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 
 
-def wait_for_queue(jobs: int, poll_s: float, stalled_polls_before_restart: int = 2) -> None:
-    """Start ``jobs`` queue workers and wait until the queue has drained; a failed experiment raises, naming it.
+def wait_for_queue(jobs: int, poll_s: float, earlier_failures: frozenset[str] | set[str] = frozenset(),
+                   stalled_polls_before_restart: int = 2) -> None:
+    """Start ``jobs`` queue workers and wait until the queue has drained; a failed experiment raises, naming it,
+    unless its task id is one of ``earlier_failures`` (tasks that had failed before this queue was filled).
 
     Workers that exit with tasks still queued (seen with DVC's celery queue on long queues) are started again
     once the queue has looked stalled for ``stalled_polls_before_restart`` polls in a row, so an overnight
@@ -207,19 +224,27 @@ def wait_for_queue(jobs: int, poll_s: float, stalled_polls_before_restart: int =
             stalled_polls = 0
         print(f"{state.running + state.queued} experiments queued or running", flush=True)
         time.sleep(poll_s)
-    if state.failed:  # the drained queue's own status lists its failed tasks: no second `dvc queue status`
-        raise RuntimeError("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(state.failed))
+    # The drained queue's own status lists its failed tasks: no second `dvc queue status`.
+    failed = [line for line in state.failed if task_id(line) not in earlier_failures]
+    if failed:
+        raise RuntimeError("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(failed))
 
 
 def experiment_runs(exp_show: list[dict[str, Any]],
                     metrics_file: str = WEAKCLIP_METRICS) -> dict[str, tuple[str, dict[str, Any]]]:
     """``{experiment name: (its commit, data of metrics_file)}`` from ``dvc exp show --json`` (newest rev
-    that has the metrics wins; a queued or failed task has none)."""
+    that has the metrics wins; a queued task has none).
+
+    A failed run is listed too, with an ``error`` and the metrics of the commit it started from (the
+    baseline's, not its own): it is left out, or a variant whose runs failed would count the baseline's figure
+    once per failed seed."""
     found: dict[str, tuple[str, dict[str, Any]]] = {}
     for baseline in exp_show:
         for experiment in baseline.get("experiments") or []:
             name = experiment.get("name")
             for revision in experiment.get("revs") or []:
+                if revision.get("error"):
+                    continue
                 metrics = ((revision.get("data") or {}).get("metrics") or {}).get(metrics_file) or {}
                 if name and name not in found and isinstance(metrics.get("data"), dict):
                     found[name] = (str(revision.get("rev")), metrics["data"])

@@ -27,7 +27,7 @@ from typing import Any
 
 from scipy import stats
 
-from bench.ablations import dvc, experiment_metrics, mean_and_std, wait_for_queue
+from bench.ablations import dvc, experiment_metrics, failed_task_ids, mean_and_std, wait_for_queue
 from pipeline.summary import FIGURES, gt_flag, read_metrics
 from weakclip_core.artifacts.atomic import write_json
 
@@ -86,11 +86,13 @@ def parse_seed(name: str) -> int | None:
 
 
 def queue_and_run(seeds: tuple[int, ...], poll_s: float = 30.0) -> None:
-    """Queue the whole chain at each seed and run the queue with one worker at the chain's own threads."""
+    """Queue the whole chain at each seed and run the queue with one worker at the chain's own threads (tasks
+    that had failed before are not this queue's failures)."""
+    earlier_failures = failed_task_ids()
     for seed in seeds:
         dvc("exp", "run", "--queue", "--name", experiment_name(seed), "-S", f"{SEED_KEY}={seed}")
         print(f"queued {experiment_name(seed)}: {SEED_KEY}={seed}", flush=True)
-    wait_for_queue(jobs=1, poll_s=poll_s)
+    wait_for_queue(jobs=1, poll_s=poll_s, earlier_failures=earlier_failures)
 
 
 def values_by_figure(committed: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> dict[str, list[float]]:

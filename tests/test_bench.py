@@ -331,6 +331,10 @@ def test_ablation_rows_with_heldout_val_scores() -> None:
                 "data": {"metrics": {"metrics/weakclip.json": {"data": {"miou": 0.7}}}}}
     exp_show = [{"rev": "a" * 40, "name": "main", "experiments": [{"name": "abl-baseline-s1", "revs": [revision]}]}]
     assert experiment_runs(exp_show) == {"abl-baseline-s1": ("c" * 40, {"miou": 0.7})}
+    # A failed run is listed with an error and the metrics of the commit it started from: not a result.
+    failed = {**revision, "rev": "d" * 40, "name": "abl-gt-masks-s1", "error": {"msg": "Experiment run failed"}}
+    exp_show[0]["experiments"].append({"name": "abl-gt-masks-s1", "revs": [failed]})
+    assert experiment_runs(exp_show) == {"abl-baseline-s1": ("c" * 40, {"miou": 0.7})}
 
     def scored(train: float, val: float, labelled: float) -> dict:
         return {"miou": train, VAL_MIOU: val, VAL_LABELLED_MIOU: labelled}
@@ -395,6 +399,29 @@ def test_wait_for_queue_restarts_workers_that_left_a_stalled_queue(monkeypatch: 
     with pytest.raises(RuntimeError, match="abl-temp-1-s1"):
         ablations.wait_for_queue(jobs=2, poll_s=0.0)
     assert starts == [2, 2]
+
+
+def test_only_this_queues_failures_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task that had failed before the queue was filled (an interrupted earlier queue, same name re-queued)
+    stays in `dvc queue status` but does not fail this queue; a task of this queue that fails does, by name."""
+    from bench import ablations
+
+    before = ("9b4e5f6  abl-gt-masks-s1  02:59 AM   Failed\n\nWorker status: 0 active, 0 idle\n")
+    after = ("9b4e5f6  abl-gt-masks-s1  02:59 AM   Failed\n1c2d3e4  abl-gt-masks-s1  06:40 AM   Success\n"
+             "{last}\n\nWorker status: 0 active, 1 idle\n")
+    monkeypatch.setattr(ablations, "start_workers", lambda jobs: None)
+    for last, raises in (("2d3e4f5  abl-gt-masks-s2  06:40 AM   Success", False),
+                         ("2d3e4f5  abl-gt-masks-s2  06:40 AM   Failed", True)):
+        statuses = iter([before, after.format(last=last)])
+        monkeypatch.setattr(ablations, "dvc", lambda *arguments, statuses=statuses: (
+            next(statuses) if arguments[:2] == ("queue", "status") else ""))
+        variant = next(v for v in ablations.CEILING_STUDY if v.name == "abl-gt-masks")
+        if raises:
+            with pytest.raises(RuntimeError, match="abl-gt-masks-s2") as error:
+                ablations.queue_and_run((variant,), (1, 2), jobs=2, poll_s=0.0)
+            assert "9b4e5f6" not in str(error.value)
+        else:
+            ablations.queue_and_run((variant,), (1, 2), jobs=2, poll_s=0.0)
 
 
 def test_from_seed_adds_seeds_to_a_table_already_run(monkeypatch: pytest.MonkeyPatch,

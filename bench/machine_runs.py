@@ -25,7 +25,6 @@ normal draws; it is wide because three seeds pin down little, and more seeds nar
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import yaml
 
 from bench.ablations import dvc
 from bench.chain_seeds import PREDICTION_LEVEL, display_scale, headline_figures, prediction_interval, value_limits
+from pipeline.summary import SummaryError, read_metrics
 from weakclip_core.artifacts.atomic import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,13 +60,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """``pipeline.summary.read_metrics`` (one reader of the metrics JSON files), its error as this module's."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise MachineRunError(f"{path}: cannot read ({error})") from error
-    if not isinstance(data, dict):
-        raise MachineRunError(f"{path}: not a JSON object")
-    return data
+        return read_metrics(path)
+    except SummaryError as error:
+        raise MachineRunError(str(error)) from None
 
 
 def dep_hash(dep: dict[str, Any]) -> str | None:

@@ -160,7 +160,7 @@ def test_add_checks_the_configuration_then_writes_a_table_the_summary_renders(tm
         add_run(clone, "edited", repo=repo)
     (clone / "metrics" / "summary.json").unlink()
     (clone / "dvc.lock").write_text(yaml.safe_dump(LOCK), encoding="utf-8")
-    with pytest.raises(MachineRunError, match=r"clone/metrics/summary.json: cannot read"):
+    with pytest.raises(MachineRunError, match=r"clone/metrics/summary.json: metrics file missing"):
         add_run(clone, "no summary", repo=repo)
 
 

@@ -16,6 +16,7 @@ reference's val figure, ``labelled`` the same images restricted to their labels 
 
     python -m bench.heldout score                       # the workspace's model
     python -m bench.heldout score --rev abl-baseline-s1 --rev abl-random-clip-s1
+    python -m bench.heldout score --rev abl-baseline-s1 --map matching   # the text matching map alone
 
 ``bench.ablations collect --heldout`` adds these figures to the ablation tables.
 """
@@ -102,11 +103,22 @@ def prepared_out_hash(lock: dict, prepared_dir: str) -> str | None:
     return next((out.get("md5") for out in outs if out.get("path") == prepared_dir), None)
 
 
-def score_revision(repo: Path, rev: str | None, split: str | None = None) -> HeldOutScores:
-    """Score the WeakCLIP trained at ``rev`` (None: the workspace) on ``split`` (None: ``dataset.val_split``).
+SCORED_MAPS = ("logits", "matching")
+"""What ``score_revision`` scores: ``logits``, the model's output P (the figure of the tables); ``matching``, the
+text-to-patch cosine map λ' that co-attention refines and the decoder reads beside the pyramid (its argmax at
+1/16 of the input, bilinearly resized like the logits): how much of the segmentation the text matching alone
+carries."""
+
+
+def score_revision(repo: Path, rev: str | None, split: str | None = None,
+                   scored_map: str = "logits") -> HeldOutScores:
+    """Score the WeakCLIP trained at ``rev`` (None: the workspace) on ``split`` (None: ``dataset.val_split``);
+    ``scored_map``: one of ``SCORED_MAPS``.
 
     The model and CLIP come from the DVC cache at ``rev``; the images from the workspace's prepared dataset,
     which must be the one ``rev`` trained on (the two dvc.lock hashes of the prepare stage's output agree)."""
+    if scored_map not in SCORED_MAPS:
+        raise ValueError(f"scored_map: expected one of {', '.join(SCORED_MAPS)}, got {scored_map!r}")
     # DVC is imported here: the scoring functions above are used by the tests without a repository.
     from dvc.api import DVCFileSystem
 
@@ -136,7 +148,8 @@ def score_revision(repo: Path, rev: str | None, split: str | None = None) -> Hel
 
         @torch.no_grad()
         def logits(images: torch.Tensor) -> torch.Tensor:
-            return model(images).logits.float()
+            output = model(images)
+            return (output.matching if scored_map == "matching" else output.logits).float()
 
         return score_split(logits, dataset, split or params.dataset.val_split, tta)
 
@@ -148,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--rev", action="append", default=[],
                        help="git revision or DVC experiment name (repeatable; none: the workspace)")
     score.add_argument("--split", default=None, help="split to score (default: dataset.val_split)")
+    score.add_argument("--map", choices=SCORED_MAPS, default="logits", dest="scored_map",
+                       help="logits: the model's output (default); matching: the text-to-patch cosine map alone")
     args = parser.parse_args(argv)
     for rev in args.rev or [None]:
-        scores = score_revision(REPO, rev, args.split)
+        scores = score_revision(REPO, rev, args.split, args.scored_map)
         shown = {key: (f"{100 * value:.1f}" if isinstance(value, float) else value)
                  for key, value in asdict(scores).items()}
         print(f"{rev or 'workspace'}: {shown}", flush=True)

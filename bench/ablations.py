@@ -285,20 +285,27 @@ def values_by_variant(by_name: dict[str, dict[str, Any]], key: str) -> dict[str,
 def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float,
                   variants: tuple[Ablation, ...] = VARIANTS) -> list[dict[str, Any]]:
     """One row per variant that ran at least one seed: mean ± std of WeakCLIP mIoU over its seeds, the seeds'
-    values, the difference from the baseline's mean, and the mean gain over the CAM seeds; where the
-    experiments were scored on the held-out val split (``VAL_MIOU``), the same for that figure beside."""
+    values, the difference from the baseline, and the mean gain over the CAM seeds; where the experiments were
+    scored on the held-out val split (``VAL_MIOU``), the same for that figure beside.
+
+    The difference from the baseline is paired: the mean, over the seed offsets both ran, of variant minus
+    baseline at the same offset. A seed offset moves every variant alike (its WeakCLIP init and batch order are
+    the same), so pairing removes that shared noise, and a variant run at fewer seeds than the baseline (the
+    baseline extended with ``--from-seed``) is compared with the baseline's runs at its own seeds only."""
     train = values_by_variant(by_name, "miou")
     val = values_by_variant(by_name, VAL_MIOU)
     val_labelled = values_by_variant(by_name, VAL_LABELLED_MIOU)
 
-    def baseline_mean(series: dict[str, dict[int, float]]) -> float | None:
-        seeds = series.get(BASELINE.name)
-        return mean_and_std(list(seeds.values()))[0] if seeds else None
+    def paired_difference(seeds: dict[int, float], baseline: dict[int, float] | None) -> float | None:
+        shared = sorted(set(seeds) & set(baseline or {}))
+        if not shared or baseline is None:
+            return None
+        return round(100 * sum(seeds[offset] - baseline[offset] for offset in shared) / len(shared), 1) + 0.0
 
     def per_seed(seeds: dict[int, float]) -> str:
         return " / ".join(f"{100 * seeds[offset]:.1f}" for offset in sorted(seeds))
 
-    reference, val_reference = baseline_mean(train), baseline_mean(val)
+    reference, val_reference = train.get(BASELINE.name), val.get(BASELINE.name)
     rows = []
     for variant in variants:
         seeds = train.get(variant.name)
@@ -313,7 +320,7 @@ def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float,
             "weakclip_miou (mean)": mean,
             "± std (points)": None if std is None else round(100 * std, 1),
             "per seed (points)": per_seed(seeds),
-            "vs baseline (points)": None if reference is None else round(100 * (mean - reference), 1) + 0.0,
+            "vs baseline (points)": paired_difference(seeds, reference),
             "gain over CAM seeds (points)": round(100 * (mean - cam_miou), 1),
         }
         val_seeds = val.get(variant.name)
@@ -324,8 +331,7 @@ def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float,
                 "val_miou, all classes (mean)": val_mean,
                 "val ± std (points)": None if val_std is None else round(100 * val_std, 1),
                 "val per seed (points)": per_seed(val_seeds),
-                "val vs baseline (points)": (None if val_reference is None
-                                             else round(100 * (val_mean - val_reference), 1) + 0.0),
+                "val vs baseline (points)": paired_difference(val_seeds, val_reference),
                 "val_miou, labels given (mean)": mean_and_std(list(labelled.values()))[0] if labelled else None,
             })
         rows.append(row)
@@ -392,7 +398,8 @@ def collect(table: AblationTable = TABLES[0], heldout: bool = False) -> Path:
             "once per seed offset s (`python -m bench.ablations run --seeds N`): WeakCLIP's own init, batch order, "
             "augmentation and dropout change; the CLIP and the CAM seeds are the committed ones "
             f"(cam mIoU {100 * cam['miou']:.1f}). WeakCLIP train-split mIoU, single scale, no CRF; mean ± sample "
-            "std over the seeds; every row ran in a queue of two at one thread per run, and the tables share the "
+            "std over the seeds; 'vs baseline' is the mean of the seed-for-seed differences from the baseline over "
+            "the seed offsets both ran; every row ran in a queue of two at one thread per run, and the tables share the "
             "experiments of the variants they both list (the baseline's among them). "
             f"The committed run (seed offset 0, the chain's own threads) scored {100 * committed['miou']:.1f}."
             + (" The val columns score the same models on the held-out val split as the reference's evaluation "

@@ -38,6 +38,7 @@ from weakclip_core.config.params import params_from_dict
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.evaluation.metrics import ConfusionAccumulator
 from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
+from weakclip_core.models.weakclip.model import WeakClipOutput
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_FILE = "artifacts/weakclip/model.pt"
@@ -110,6 +111,17 @@ text-to-patch cosine map λ' that co-attention refines and the decoder reads bes
 carries."""
 
 
+def check_scored_map(scored_map: str) -> None:
+    if scored_map not in SCORED_MAPS:
+        raise ValueError(f"scored_map: expected one of {', '.join(SCORED_MAPS)}, got {scored_map!r}")
+
+
+def selected_map(output: WeakClipOutput, scored_map: str) -> torch.Tensor:
+    """The map of ``output`` that ``scored_map`` names (``SCORED_MAPS``), as float32 for scoring."""
+    check_scored_map(scored_map)
+    return (output.matching if scored_map == "matching" else output.logits).float()
+
+
 def score_revision(repo: Path, rev: str | None, split: str | None = None,
                    scored_map: str = "logits") -> HeldOutScores:
     """Score the WeakCLIP trained at ``rev`` (None: the workspace) on ``split`` (None: ``dataset.val_split``);
@@ -117,8 +129,7 @@ def score_revision(repo: Path, rev: str | None, split: str | None = None,
 
     The model and CLIP come from the DVC cache at ``rev``; the images from the workspace's prepared dataset,
     which must be the one ``rev`` trained on (the two dvc.lock hashes of the prepare stage's output agree)."""
-    if scored_map not in SCORED_MAPS:
-        raise ValueError(f"scored_map: expected one of {', '.join(SCORED_MAPS)}, got {scored_map!r}")
+    check_scored_map(scored_map)  # before any DVC work
     # DVC is imported here: the scoring functions above are used by the tests without a repository.
     from dvc.api import DVCFileSystem
 
@@ -148,8 +159,7 @@ def score_revision(repo: Path, rev: str | None, split: str | None = None,
 
         @torch.no_grad()
         def logits(images: torch.Tensor) -> torch.Tensor:
-            output = model(images)
-            return (output.matching if scored_map == "matching" else output.logits).float()
+            return selected_map(model(images), scored_map)
 
         return score_split(logits, dataset, split or params.dataset.val_split, tta)
 

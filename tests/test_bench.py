@@ -290,8 +290,9 @@ def test_gpu_section_lists_each_record(tmp_path: Path) -> None:
 
 def test_ablation_rows_from_exp_show_json() -> None:
     """`dvc exp show --json` shape (baseline → experiments → revs → data.metrics.<file>.data); a queued
-    experiment has no metrics yet and is left out; each variant's seeds give mean ± sample std, the difference
-    from the baseline's mean, and the mean gain over the CAM seeds, all in points (worked by hand below)."""
+    experiment has no metrics yet and is left out; each variant's seeds give mean ± sample std, the paired
+    difference from the baseline (seed for seed over the offsets both ran; none shared: no difference), and the
+    mean gain over the CAM seeds, all in points (worked by hand below)."""
     from bench.ablations import ablation_rows, experiment_metrics
 
     def revision(name: str, miou: float | None) -> dict:
@@ -318,6 +319,9 @@ def test_ablation_rows_from_exp_show_json() -> None:
     assert prompt["weakclip_miou (mean)"] == pytest.approx(0.53) and prompt["± std (points)"] == 4.2
     assert prompt["vs baseline (points)"] == -8.0 and prompt["gain over CAM seeds (points)"] == 13.0
     assert prompt["setting"] == "N = 2 learnable contexts"
+    # A variant whose seed offsets the baseline never ran has no paired difference.
+    unpaired = ablation_rows({**found, "abl-prompt-4-s7": {"miou": 0.7}}, cam_miou=0.40)
+    assert next(row for row in unpaired if row["experiments"] == "abl-prompt-4-s{7}")["vs baseline (points)"] is None
     # The boundary study's table holds its own variants only (the baseline's experiments are shared).
     from bench.ablations import BOUNDARY_STUDY
     assert [row["experiments"] for row in ablation_rows(found, 0.40, BOUNDARY_STUDY)] == ["abl-baseline-s{1,2,3}"]
@@ -325,7 +329,7 @@ def test_ablation_rows_from_exp_show_json() -> None:
 
 def test_ablation_rows_with_heldout_val_scores() -> None:
     """``collect --heldout`` adds each experiment's val scores (bench.heldout); the rows then carry the val
-    mean ± std, per seed, the difference from the baseline's val mean and the labels-given mean beside the train
+    mean ± std, per seed, the paired difference from the baseline's val and the labels-given mean beside the train
     figures (worked by hand below); a variant without val scores keeps the train columns only."""
     from bench.ablations import VAL_LABELLED_MIOU, VAL_MIOU, ablation_rows, experiment_runs
 
@@ -405,26 +409,30 @@ def test_wait_for_queue_restarts_workers_that_left_a_stalled_queue(monkeypatch: 
 
 
 def test_only_this_queues_failures_raise(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A task that had failed before the queue was filled (an interrupted earlier queue, same name re-queued)
-    stays in `dvc queue status` but does not fail this queue; a task of this queue that fails does, by name."""
+    """A task that had failed before the queue was filled (an interrupted earlier queue) stays in `dvc queue
+    status` but does not fail this queue; a task of this queue that fails does, told apart by its task id, so the
+    re-queued task of a name that had failed before still raises when it fails again."""
     from bench import ablations
 
-    before = ("9b4e5f6  abl-gt-masks-s1  02:59 AM   Failed\n\nWorker status: 0 active, 0 idle\n")
-    after = ("9b4e5f6  abl-gt-masks-s1  02:59 AM   Failed\n1c2d3e4  abl-gt-masks-s1  06:40 AM   Success\n"
-             "{last}\n\nWorker status: 0 active, 1 idle\n")
+    earlier = "9b4e5f6  abl-gt-masks-s1  02:59 AM   Failed\n"
+    workers = "\nWorker status: 0 active, 1 idle\n"
     monkeypatch.setattr(ablations, "start_workers", lambda jobs: None)
-    for last, raises in (("2d3e4f5  abl-gt-masks-s2  06:40 AM   Success", False),
-                         ("2d3e4f5  abl-gt-masks-s2  06:40 AM   Failed", True)):
-        statuses = iter([before, after.format(last=last)])
+    variant = next(v for v in ablations.CEILING_STUDY if v.name == "abl-gt-masks")
+    cases = (("1c2d3e4  abl-gt-masks-s1  06:40 AM   Success\n2d3e4f5  abl-gt-masks-s2  06:40 AM   Success\n", None),
+             ("1c2d3e4  abl-gt-masks-s1  06:40 AM   Success\n2d3e4f5  abl-gt-masks-s2  06:40 AM   Failed\n",
+              "2d3e4f5  abl-gt-masks-s2"),
+             ("1c2d3e4  abl-gt-masks-s1  06:40 AM   Failed\n2d3e4f5  abl-gt-masks-s2  06:40 AM   Success\n",
+              "1c2d3e4  abl-gt-masks-s1"))
+    for rows, raised in cases:
+        statuses = iter([earlier + workers, earlier + rows + workers])
         monkeypatch.setattr(ablations, "dvc", lambda *arguments, statuses=statuses: (
             next(statuses) if arguments[:2] == ("queue", "status") else ""))
-        variant = next(v for v in ablations.CEILING_STUDY if v.name == "abl-gt-masks")
-        if raises:
-            with pytest.raises(RuntimeError, match="abl-gt-masks-s2") as error:
-                ablations.queue_and_run((variant,), (1, 2), jobs=2, poll_s=0.0)
-            assert "9b4e5f6" not in str(error.value)
-        else:
+        if raised is None:
             ablations.queue_and_run((variant,), (1, 2), jobs=2, poll_s=0.0)
+            continue
+        with pytest.raises(RuntimeError, match=raised) as error:
+            ablations.queue_and_run((variant,), (1, 2), jobs=2, poll_s=0.0)
+        assert "9b4e5f6" not in str(error.value)
 
 
 def test_from_seed_adds_seeds_to_a_table_already_run(monkeypatch: pytest.MonkeyPatch,

@@ -312,10 +312,11 @@ def test_heldout_scorer_reads_the_chains_model_as_the_stage_scored_it(
     on_val = score_revision(project, None)
     assert on_val.split == "val" and on_val.n_images > 0
     assert on_val.unrestricted_miou is not None and 0.0 <= on_val.unrestricted_miou <= 1.0
-    # The text matching map alone (`--map matching`): another map of the same model, so another figure.
+    # The text matching map alone (`--map matching`, selection tested in test_heldout): the chain's own model
+    # loads and scores through that path too.
     matching = score_revision(project, None, scored_map="matching")
     assert matching.n_images == on_val.n_images and matching.unrestricted_miou is not None
-    assert 0.0 <= matching.unrestricted_miou <= 1.0 and matching.unrestricted_miou != on_val.unrestricted_miou
+    assert 0.0 <= matching.unrestricted_miou <= 1.0
     with pytest.raises(ValueError, match="scored_map: expected one of logits, matching, got 'cam'"):
         score_revision(project, None, scored_map="cam")
 

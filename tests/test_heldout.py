@@ -13,11 +13,12 @@ import pytest
 import torch
 import yaml
 
-from bench.heldout import HeldOutScores, resolve_revision, score_revision, score_split, split_miou
+from bench.heldout import HeldOutScores, resolve_revision, score_revision, score_split, selected_map, split_miou
 from test_end_to_end import numpy_miou  # the VOC mIoU by hand
 from tiny_voc import CLASS_NAMES, write_tiny_voc
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.method.inference import InferenceAugmentation
+from weakclip_core.models.weakclip.model import WeakClipOutput
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CAT = CLASS_NAMES.index("cat")
@@ -62,6 +63,17 @@ def test_images_without_a_mask_are_not_scored(tiny_dataset: PreparedDataset) -> 
     expected = numpy_miou([(mask, np.full_like(mask, CAT)) for mask in masks], len(CLASS_NAMES))
     assert split_miou(always_cat, tiny_dataset, val, TTA, restrict_to_labels=False) == pytest.approx(expected)
     assert split_miou(always_cat, tiny_dataset, val[5:], TTA, restrict_to_labels=False) is None
+
+
+def test_the_scored_map_is_the_one_named() -> None:
+    """`--map logits` scores the model's output, `--map matching` the text-to-patch map λ' (distinct tensors here,
+    the matching one in half precision: both come back as float32); any other name is refused, naming the key."""
+    output = WeakClipOutput(logits=torch.full((1, 3, 8, 8), 1.0), matching=torch.full((1, 3, 2, 2), 2.0).half())
+    logits, matching = selected_map(output, "logits"), selected_map(output, "matching")
+    assert logits.shape == (1, 3, 8, 8) and torch.all(logits == 1.0)
+    assert matching.shape == (1, 3, 2, 2) and matching.dtype == torch.float32 and torch.all(matching == 2.0)
+    with pytest.raises(ValueError, match="scored_map: expected one of logits, matching, got 'cam'"):
+        selected_map(output, "cam")
 
 
 def git(repo: Path, *arguments: str) -> str:

@@ -162,6 +162,9 @@ def test_add_checks_the_configuration_then_writes_a_table_the_summary_renders(tm
     (clone / "dvc.lock").write_text(yaml.safe_dump(LOCK), encoding="utf-8")
     with pytest.raises(MachineRunError, match=r"clone/metrics/summary.json: metrics file missing"):
         add_run(clone, "no summary", repo=repo)
+    (clone / "metrics" / "summary.json").write_bytes(b"\xff\xfe{}")  # not UTF-8: unreadable, not a crash
+    with pytest.raises(MachineRunError, match=r"clone/metrics/summary.json: cannot read"):
+        add_run(clone, "garbled summary", repo=repo)
 
 
 def test_render_without_recorded_runs_names_the_file(tmp_path: Path) -> None:

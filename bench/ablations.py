@@ -92,9 +92,12 @@ CEILING_STUDY: tuple[Ablation, ...] = (
              "WSSS result)", GT_MASKS),
     Ablation("abl-gt-masks-random-clip", "trained on the GT masks, randomly initialised CLIP (upper bound, uses GT)",
              (*GT_MASKS, "clip.source=random")),
+    Ablation("abl-gt-masks-no-coattention", "trained on the GT masks, no co-attention (upper bound, uses GT)",
+             (*GT_MASKS, "weakclip.co_attention=false")),
 )
 """Why a random CLIP does as well: how far each frozen CLIP takes WeakCLIP with perfect labels (its ceiling),
-against how far it gets from the CAM seeds. The rows trained on GT masks are not WSSS results."""
+against how far it gets from the CAM seeds; and whether co-attention matters once the labels (and with them the
+matching map co-attention refines) are perfect. The rows trained on GT masks are not WSSS results."""
 
 
 @dataclass(frozen=True)

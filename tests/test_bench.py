@@ -435,6 +435,36 @@ def test_only_this_queues_failures_raise(monkeypatch: pytest.MonkeyPatch) -> Non
         assert "9b4e5f6" not in str(error.value)
 
 
+def test_chain_seed_queue_ignores_an_earlier_failure_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.chain_seeds queues whole chains the same way: a chain that had failed before (task 9b4e5f6) does not
+    fail the new queue; one of the new queue's chains failing does, named by its task id."""
+    from bench import ablations, chain_seeds
+
+    earlier = "9b4e5f6  chain-seed1  02:59 AM   Failed\n"
+    workers = "\nWorker status: 0 active, 1 idle\n"
+    monkeypatch.setattr(ablations, "start_workers", lambda jobs: None)
+    for second, raises in (("Success", False), ("Failed", True)):
+        statuses = iter([earlier + workers, earlier + "1c2d3e4  chain-seed1  06:40 AM   Success\n"
+                         f"2d3e4f5  chain-seed2  06:40 AM   {second}\n" + workers])
+        queued: list[tuple[str, ...]] = []
+
+        def fake_dvc(*arguments: str, statuses=statuses, queued=queued) -> str:
+            if arguments[:2] == ("queue", "status"):
+                return next(statuses)
+            queued.append(arguments)
+            return ""
+
+        monkeypatch.setattr(ablations, "dvc", fake_dvc)
+        monkeypatch.setattr(chain_seeds, "dvc", fake_dvc)
+        if raises:
+            with pytest.raises(RuntimeError, match="2d3e4f5  chain-seed2") as error:
+                chain_seeds.queue_and_run((1, 2), poll_s=0.0)
+            assert "9b4e5f6" not in str(error.value)
+        else:
+            chain_seeds.queue_and_run((1, 2), poll_s=0.0)
+        assert [arguments[4] for arguments in queued] == ["chain-seed1", "chain-seed2"]
+
+
 def test_from_seed_adds_seeds_to_a_table_already_run(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """`--seeds 6 --from-seed 4` queues the named variants at seed offsets 4, 5, 6 only (1..3 already ran);

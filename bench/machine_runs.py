@@ -60,14 +60,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """``pipeline.summary.read_metrics`` (one reader of the metrics JSON files), its errors as this module's (a
-    file that cannot be read at all, too)."""
+    """``pipeline.summary.read_metrics`` (one reader of the metrics JSON files), its errors as this module's."""
     try:
         return read_metrics(path)
     except SummaryError as error:
         raise MachineRunError(str(error)) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise MachineRunError(f"{path}: cannot read ({error})") from error
 
 
 def dep_hash(dep: dict[str, Any]) -> str | None:

@@ -81,9 +81,11 @@ def read_metrics(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SummaryError(f"{path}: metrics file missing (run its stage first: dvc repro)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise SummaryError(f"{path}: not valid JSON ({error})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SummaryError(f"{path}: cannot read ({error})") from None
     if not isinstance(data, dict):
         raise SummaryError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

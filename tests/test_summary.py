@@ -94,6 +94,14 @@ def test_a_missing_metrics_file_is_named(tmp_path, stem):
     assert not paths.summary.exists() and not paths.results.exists()
 
 
+def test_an_unreadable_metrics_file_is_named(tmp_path):
+    paths = write_metrics(tmp_path, HAND_MADE)
+    (tmp_path / "metrics" / "cam.json").write_bytes(b"\xff\xfe{}")  # not UTF-8
+    with pytest.raises(SummaryError, match=r"cam\.json: cannot read"):
+        write_summary(PARAMS, paths)
+    assert not paths.summary.exists() and not paths.results.exists()
+
+
 @pytest.mark.parametrize("stem, change, message", [
     ("pseudo", {"miou": 64.0}, "outside \\[0, 1\\]"),
     ("seg_gt", {"miou": None}, "key 'miou' is null and no 'not_scored' reason is given"),

@@ -299,16 +299,16 @@ def ablation_rows(by_name: dict[str, dict[str, Any]], cam_miou: float,
     val = values_by_variant(by_name, VAL_MIOU)
     val_labelled = values_by_variant(by_name, VAL_LABELLED_MIOU)
 
-    def paired_difference(seeds: dict[int, float], baseline: dict[int, float] | None) -> float | None:
-        shared = sorted(set(seeds) & set(baseline or {}))
-        if not shared or baseline is None:
+    def paired_difference(seeds: dict[int, float], baseline: dict[int, float]) -> float | None:
+        shared = sorted(set(seeds) & set(baseline))
+        if not shared:
             return None
         return round(100 * sum(seeds[offset] - baseline[offset] for offset in shared) / len(shared), 1) + 0.0
 
     def per_seed(seeds: dict[int, float]) -> str:
         return " / ".join(f"{100 * seeds[offset]:.1f}" for offset in sorted(seeds))
 
-    reference, val_reference = train.get(BASELINE.name), val.get(BASELINE.name)
+    reference, val_reference = train.get(BASELINE.name, {}), val.get(BASELINE.name, {})
     rows = []
     for variant in variants:
         seeds = train.get(variant.name)

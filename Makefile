@@ -82,6 +82,8 @@ openssh-server:
 
 # Two pytest-xdist workers: most tests wait on stage subprocesses, servers and one-thread tiny stages, so two
 # share the two cores well; the tests that share a trained tiny project stay on one worker (tests/conftest.py).
+# A third does not help on 2 cores (measured 968 s against 937 s for two): the suite keeps both cores about 90 %
+# busy, much of it starting processes (each stage process spends ~4-5 s of CPU importing torch, torchvision, timm).
 PYTEST_WORKERS ?= 2
 
 test: setup chromium openssh-server

@@ -1,9 +1,13 @@
 """Stage ``seg_eval@{pseudo,gt}``: score the retrained segmenter on the val split (docs/METHOD.md §4).
 
-Single-scale prediction at the image size (sliding ``crop`` windows of the training crop, smaller images
-padded), no label restriction (val labels are not given to a segmenter). Writes
+Prediction at ``seg.eval``'s scales (with the horizontal flip when ``seg.eval.flip``; sliding ``crop``
+windows of the training crop, smaller images padded), probabilities averaged over the views, no label
+restriction (val labels are not given to a segmenter), then, when ``seg.eval.use_crf``, the reference
+retraining's dense CRF over the classes the prediction shows (``weakclip_core.method.prediction_crf``, in
+``seg.eval.workers`` processes). The default is one scale, no flip, no CRF; the paper presets use the
+reference's protocol (scales 0.5-1.5, flip, CRF). Writes
 ``metrics/seg_<source>.json`` (mIoU, per-class IoU, precision, recall, pixel accuracy, split, GT-use
-flags carried from the masks' provenance) and ``reports/seg_<source>/``: a confusion-matrix image,
+flags carried from the masks' provenance, the protocol under ``eval``) and ``reports/seg_<source>/``: a confusion-matrix image,
 overlays of a fixed sample of val images and of the worst images by per-image mIoU. Label-only data: only
 the val images with a GT mask are scored; with none (or, for ``gt``, no GT-trained model: ``seg_train@gt``'s
 ``not_trained.json``) the metrics hold ``miou: null`` and ``not_scored`` says why, the reports folder is empty.
@@ -13,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +28,12 @@ import numpy as np
 from tqdm import tqdm
 
 from weakclip_core.artifacts.atomic import FolderContents, atomic_dir, check_output_dir, write_json
-from weakclip_core.config import Params
+from weakclip_core.config import Params, SegEvalConfig, to_plain
 from weakclip_core.data.layout import DatasetError, PreparedDataset
 from weakclip_core.runtime.device import resolve_device, set_threads
 from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
+from weakclip_core.method.prediction_crf import crf_prediction_job
+from weakclip_core.runtime.processes import die_with_parent
 from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, iou_report
 from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_confusion_matrix, save_overlay
 from weakclip_core.artifacts.model_file import NOT_TRAINED_FILE
@@ -35,6 +44,12 @@ from pipeline._stage import StageSpec, require_input, run_stage, run_stage_cli
 SOURCES: tuple[str, ...] = ("pseudo", "gt")
 EVAL_BATCH = 16
 REPORT_CONTENTS = FolderContents(files=("*.png",))  # all seg_eval writes into reports/seg_<source>/
+
+
+def protocol_record(evaluation: SegEvalConfig) -> dict[str, Any]:
+    """How the figures were predicted, for the metrics file and the summary: scales, flip, the CRF (or None)."""
+    return {"scales": list(evaluation.scales), "flip": evaluation.flip,
+            "crf": to_plain(evaluation.crf) if evaluation.use_crf else None}
 
 
 @dataclass(frozen=True)
@@ -86,7 +101,9 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
                            f"{dataset.root} has {dataset.class_names}")
     model = model.to(device)
     crop = int(record["seg"]["train"]["crop"])
-    views = InferenceAugmentation(scales=(1.0,), flip=False, crop=crop, stride=max(1, (2 * crop) // 3))
+    evaluation = params.seg.eval
+    views = InferenceAugmentation(scales=tuple(evaluation.scales), flip=evaluation.flip, crop=crop,
+                                  stride=max(1, (2 * crop) // 3))
     n_without_gt = len(image_ids) - len(scored_ids)
     image_ids = scored_ids  # partial GT (label-only data): the val images that have a GT mask are scored
 
@@ -96,25 +113,35 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
     kept: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     worst_candidates: dict[str, np.ndarray] = {}
     progress = tqdm(total=len(image_ids), desc=f"seg_eval@{source}", unit="img", disable=not show_progress)
-    for start in range(0, len(image_ids), EVAL_BATCH):
-        batch_ids = image_ids[start:start + EVAL_BATCH]
-        images = [dataset.image(image_id) for image_id in batch_ids]
-        probabilities = predict_image_batch(model, images, None, dataset.n_classes, views, device,
-                                            mean=record["mean"], std=record["std"], max_forward_batch=EVAL_BATCH)
-        for image_id, image, probability in zip(batch_ids, images, probabilities):
-            prediction = probability.argmax(axis=0).astype(np.uint8)
-            ground_truth = dataset.checked_mask(image_id, image.shape[:2])
-            confusion = confusion_matrix(ground_truth, prediction, dataset.n_classes)
-            accumulator.confusion += confusion
-            per_image_miou[image_id] = iou_report(confusion).miou
-            if image_id in report_ids:
-                kept[image_id] = (image, ground_truth, prediction)
-            worst_candidates[image_id] = prediction
-            # Keep only the current worst predictions in memory.
-            if len(worst_candidates) > 4 * max(1, n_worst) + EVAL_BATCH:
-                keep = set(lowest_scoring({i: per_image_miou[i] for i in worst_candidates}, n_worst))
-                worst_candidates = {i: p for i, p in worst_candidates.items() if i in keep}
-        progress.update(len(batch_ids))
+    with ExitStack() as stack:
+        crf_pool = (stack.enter_context(ProcessPoolExecutor(max_workers=evaluation.workers,
+                                                            mp_context=multiprocessing.get_context("spawn"),
+                                                            initializer=die_with_parent))
+                    if evaluation.use_crf and evaluation.workers > 0 else None)
+        for start in range(0, len(image_ids), EVAL_BATCH):
+            batch_ids = image_ids[start:start + EVAL_BATCH]
+            images = [dataset.image(image_id) for image_id in batch_ids]
+            probabilities = predict_image_batch(model, images, None, dataset.n_classes, views, device,
+                                                mean=record["mean"], std=record["std"], max_forward_batch=EVAL_BATCH)
+            if evaluation.use_crf:
+                jobs = [(image, probability, evaluation.crf) for image, probability in zip(images, probabilities)]
+                predictions = list(crf_pool.map(crf_prediction_job, jobs) if crf_pool is not None
+                                   else map(crf_prediction_job, jobs))
+            else:
+                predictions = [probability.argmax(axis=0).astype(np.uint8) for probability in probabilities]
+            for image_id, image, prediction in zip(batch_ids, images, predictions):
+                ground_truth = dataset.checked_mask(image_id, image.shape[:2])
+                confusion = confusion_matrix(ground_truth, prediction, dataset.n_classes)
+                accumulator.confusion += confusion
+                per_image_miou[image_id] = iou_report(confusion).miou
+                if image_id in report_ids:
+                    kept[image_id] = (image, ground_truth, prediction)
+                worst_candidates[image_id] = prediction
+                # Keep only the current worst predictions in memory.
+                if len(worst_candidates) > 4 * max(1, n_worst) + EVAL_BATCH:
+                    keep = set(lowest_scoring({i: per_image_miou[i] for i in worst_candidates}, n_worst))
+                    worst_candidates = {i: p for i, p in worst_candidates.items() if i in keep}
+            progress.update(len(batch_ids))
     progress.close()
 
     report = iou_report(accumulator.confusion)
@@ -131,6 +158,7 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
         "threshold_chosen_with_gt": bool(provenance.get("threshold_chosen_with_gt", False)),
         "gt_used_in_training": source == "gt" or bool(provenance.get("gt_used", False)),
         "cam_variant": provenance.get("cam_variant"),
+        "eval": protocol_record(evaluation),
     }
     with atomic_dir(paths.reports(source), REPORT_CONTENTS) as reports_dir:
         save_confusion_matrix(reports_dir / "confusion_matrix.png", accumulator.confusion, dataset.class_names,

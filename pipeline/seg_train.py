@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from weakclip_core.config import Params, to_plain
+from weakclip_core.config import Params
 from weakclip_core.config.schema import given_path
 from weakclip_core.data.layout import IGNORE_INDEX, DatasetError, PreparedDataset, read_checked_mask, read_image_size
 from weakclip_core.data.sampling import StepSampler
@@ -35,7 +35,7 @@ from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySam
                                                per_process_batch_size, run_on_main, single_process_context,
                                                wrap_model)
 from weakclip_core.models.segmenter import (SEGMENTER_MEAN, SEGMENTER_STD, build_segmenter,
-                                            parameter_groups, segmenter_record)
+                                            parameter_groups, segmenter_record, training_config)
 from weakclip_core.artifacts.model_file import save_final_model
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
 from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
@@ -174,7 +174,7 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
     total_steps = train.epochs * steps_per_epoch
 
     checkpointer = Checkpointer(f"seg_train_{source}", {
-        "seg": to_plain(seg), "seed": seed, "source": source,
+        "seg": training_config(seg), "seed": seed, "source": source,
         "dataset": {"prepared_dir": params.dataset.prepared_dir, "train_split": params.dataset.train_split},
         "masks_sha256": mask_fingerprint(mask_dir, image_ids)}, root=paths.checkpoint_root)
     start_step, extra = checkpointer.resume(model, optimizer)

@@ -173,7 +173,16 @@ def figure_note(figure: Figure, data: dict[str, Any]) -> str:
                 f" scales {data.get('scales', '?')}, flip {data.get('flip', '?')}{counts}"
                 f"{on_gt if data.get('gt_used_in_training') else ''}")
     trained_on_gt = "; trained on GT masks" if data.get("gt_used_in_training") else ""
-    return f"{data.get('model', '?')} / {data.get('encoder', '?')}{trained_on_gt}"
+    protocol = f"; {evaluation_protocol(data['eval'])}" if data.get("eval") else ""
+    return f"{data.get('model', '?')} / {data.get('encoder', '?')}{protocol}{trained_on_gt}"
+
+
+def evaluation_protocol(protocol: dict[str, Any]) -> str:
+    """seg_eval's ``eval`` record in words: "single scale, no flip, no CRF", "scales 0.5-1.5, flip, CRF"."""
+    scales = protocol.get("scales") or []
+    scale_words = ("single scale" if scales == [1.0] else f"scale {scales[0]:g}" if len(scales) == 1
+                   else f"scales {', '.join(f'{scale:g}' for scale in scales)}")
+    return f"{scale_words}, {'flip' if protocol.get('flip') else 'no flip'}, {'CRF' if protocol.get('crf') else 'no CRF'}"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -60,6 +60,31 @@ def params_from_dict(data: dict[str, Any] | None) -> Params:
     return build_dataclass(Params, data)
 
 
+def distributed_batch_sizes(params: Params) -> dict[str, int]:
+    """``{params key: global batch}`` of every training stage that ``runtime.launcher: torchrun`` runs as
+    ``runtime.nproc`` DDP processes, each taking an equal slice of the batch: the union of the stages' own
+    ``global_batches`` (``pipeline/<stage>.py``'s ``StageSpec``; tests/test_presets.py checks they agree)."""
+    batches = {"cam.train.batch_size": params.cam.train.batch_size,
+               "weakclip.train.batch_size": params.weakclip.train.batch_size,
+               "seg.train.batch_size": params.seg.train.batch_size}
+    if params.clip.source == "pretrain":
+        batches["clip.pretrain.batch_size"] = params.clip.pretrain.batch_size
+    return batches
+
+
+def check_distributed_batches(params: Params) -> None:
+    """Under ``runtime.launcher: torchrun`` every training batch must divide over ``runtime.nproc``: a
+    ``ConfigError`` naming the first that does not. Each training stage checks its own batch when it starts;
+    this checks them all at once, so a preset cannot hold a batch that would stop the chain at its last stage."""
+    if params.runtime.launcher != "torchrun":
+        return
+    for key, size in distributed_batch_sizes(params).items():
+        if size % params.runtime.nproc:
+            raise ConfigError(f"{key}: the global batch {size} does not divide over runtime.nproc = "
+                              f"{params.runtime.nproc} DDP processes; make {key} a multiple of "
+                              f"{params.runtime.nproc} or change runtime.nproc")
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``params.yaml``; a missing file or bad YAML names the file."""
     path = Path(path)

@@ -3,7 +3,8 @@
 A preset is a partial ``params.yaml``: only the keys it names change. The merge
 is a deep merge of mappings (a preset section updates the same section of the
 params; a list or a scalar in the preset replaces the params' value whole).
-The merged tree is validated by the one typed schema (``params_from_dict``)
+The merged tree is validated by the one typed schema (``params_from_dict``), and
+its training batches against ``runtime.nproc`` (``check_distributed_batches``),
 *before* anything is written, so a typo in a preset (``weakclip.promt_len``)
 or an out-of-range value stops with the key path and ``params.yaml`` is left
 as it was. The result is written atomically.
@@ -30,7 +31,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from weakclip_core.artifacts.atomic import atomic_path
-from weakclip_core.config.params import Params, params_from_dict
+from weakclip_core.config.params import Params, check_distributed_batches, params_from_dict
 from weakclip_core.config.schema import ConfigError
 
 
@@ -108,6 +109,7 @@ def merged_params(preset_path: str | Path, params_path: str | Path = "params.yam
     merged = deep_merge(base, preset)
     try:
         params = params_from_dict(to_builtin(merged))
+        check_distributed_batches(params)
     except ConfigError as error:
         raise ConfigError(f"{preset_path} over {params_path}: {error}") from None
     return merged, params

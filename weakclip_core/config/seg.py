@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from weakclip_core.config.schema import NONE_PATH, ConfigError, bounded, check_order
+from weakclip_core.config.schema import NONE_PATH, ConfigError, bounded, check_not_empty, check_order, listed
+from weakclip_core.config.weakclip import CrfConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,31 @@ class SegTrainConfig:
         check_order("scale_min", self.scale_min, "scale_max", self.scale_max)
 
 
+def _reference_voc_test_crf() -> CrfConfig:
+    """The reference retraining's test-time CRF for VOC (Yingyue-L/deeplabv1-resnet38 ``tools/densecrf.py``,
+    ``crf_inference_voc12``): Gaussian sxy 1 compat 3, bilateral sxy 112 srgb 2 compat 3, 10 iterations."""
+    return CrfConfig(iterations=10, gaussian_sxy=1.0, gaussian_compat=3.0,
+                     bilateral_sxy=112.0, bilateral_srgb=2.0, bilateral_compat=3.0)
+
+
+@dataclass(frozen=True)
+class SegEvalConfig:
+    """How ``seg_eval`` predicts the val split. The default is single scale, no flip, no CRF (the synthetic
+    benchmark's figures); the paper presets use the reference retraining's test protocol: scales 0.5-1.5 with
+    flip (``tools/test.py --test_multiscale --test_flip``), then a dense CRF over the classes the prediction
+    shows (``tools/make_crf.py``). ``workers``: processes that run the CRF (0: in the stage's own process).
+    Changing this section re-runs ``seg_eval`` only, never the training."""
+
+    scales: list[float] = listed([1.0], low=0.1, high=4.0)
+    flip: bool = False
+    use_crf: bool = False
+    crf: CrfConfig = field(default_factory=_reference_voc_test_crf)
+    workers: int = bounded(0, low=0)
+
+    def validate(self) -> None:
+        check_not_empty("scales", self.scales)
+
+
 @dataclass(frozen=True)
 class SegConfig:
     """DeepLabV3+ (ResNet encoders) or SegFormer (MiT-B0..B5) from segmentation-models-pytorch, or DeepLabV2
@@ -41,6 +67,7 @@ class SegConfig:
     encoder: str = "resnet18"
     encoder_weights: str = NONE_PATH  # a dvc.yaml dep of seg_train; imports/none = random init
     train: SegTrainConfig = field(default_factory=SegTrainConfig)
+    eval: SegEvalConfig = field(default_factory=SegEvalConfig)
 
     def validate(self) -> None:
         if self.model == "deeplabv2" and self.encoder not in ("resnet50", "resnet101"):

@@ -82,9 +82,18 @@ def parameter_groups(model: nn.Module, head_lr_mult: float) -> list[dict[str, An
             {"params": [p for p in model.parameters() if id(p) not in encoder_ids], "lr_scale": head_lr_mult}]
 
 
+def training_config(cfg: SegConfig) -> dict[str, Any]:
+    """The ``seg`` section without ``eval``: what training reads. The model file and the training checkpoint's
+    identity hold this, so an evaluation setting (``seg.eval``) never changes a trained model's bytes nor
+    throws away a checkpoint."""
+    seg = to_plain(cfg)
+    seg.pop("eval")
+    return seg
+
+
 def segmenter_record(cfg: SegConfig, class_names: list[str]) -> dict[str, Any]:
     """What ``artifacts/seg/<source>/model.pt`` stores besides the weights, to rebuild the model."""
-    seg = to_plain(cfg)
+    seg = training_config(cfg)
     seg["encoder_weights"] = given_path(cfg.encoder_weights) or ""  # "none" recorded as before the placeholder
     if cfg.train.head_lr_mult == 1.0:  # recorded only when used: a default run's file stays byte for byte as before
         seg["train"].pop("head_lr_mult")

@@ -39,6 +39,7 @@ from typing import Any
 
 from flows.dvc_cli import capture_command, dvc_command, tool_environment
 from weakclip_core.artifacts.atomic import write_json
+from weakclip_core.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "metrics" / "ablations_weakclip.json"
@@ -396,6 +397,7 @@ def collect(table: AblationTable = TABLES[0], heldout: bool = False) -> Path:
     not_run = [variant.name for variant in table.variants if variant.setting not in {row["setting"] for row in rows}]
     write_json(table.output, {
         "title": table.title,
+        "dataset": load_params(REPO / "params.yaml").dataset.name,  # the summary renders a table under its own dataset
         "description": (
             f"Each row is `dvc exp run -S <override> -S {SEED_KEY}=<s> weakclip_train` on the committed baseline, "
             "once per seed offset s (`python -m bench.ablations run --seeds N`): WeakCLIP's own init, batch order, "

@@ -59,6 +59,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def committed_dataset(repo: Path) -> str:
+    """``dataset.name`` of the committed run, from its ``dvc.lock`` (the ``prepare`` stage's params): the summary
+    renders the table under that dataset's results only."""
+    params = read_yaml(repo / LOCK_FILE)["stages"].get("prepare", {}).get("params", {}).get("params.yaml", {})
+    return str(params.get("dataset", {}).get("name", "synthetic"))
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """``pipeline.summary.read_metrics`` (one reader of the metrics JSON files), its errors as this module's."""
     try:
@@ -208,7 +215,8 @@ def write_table(runs: list[dict[str, Any]], repo: Path) -> Path:
     output, chain_seeds_path = repo / OUTPUT, repo / CHAIN_SEEDS
     chain_seeds = read_json(chain_seeds_path) if chain_seeds_path.is_file() else {}
     committed = read_json(repo / SUMMARY_METRICS)
-    write_json(output, {"title": "The committed chain on other machines", "description": description(runs),
+    write_json(output, {"title": "The committed chain on other machines", "dataset": committed_dataset(repo),
+                        "description": description(runs),
                         "runs": runs, "rows": comparison_rows(committed, chain_seeds, runs, chain_seeds_path)})
     return output
 

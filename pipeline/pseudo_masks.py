@@ -280,8 +280,8 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
     """
     pseudo = params.pseudo
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
-    refuse_ground_truth_dir(pseudo.output_dir, ground_truth_dirs(dataset.root, given_path(params.dataset.source)),
-                            "pseudo.output_dir")
+    gt_dirs = ground_truth_dirs(dataset.root, given_path(params.dataset.source), given_path(params.dataset.coco_masks))
+    refuse_ground_truth_dir(pseudo.output_dir, gt_dirs, "pseudo.output_dir")
     check_output_folders(params, paths)
     config = work_config(params, dataset, require_input(paths.model, "weakclip_train"))
     work_dir = work_dir_of(paths, config)
@@ -390,8 +390,8 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths()) -> dict[str, An
     """Outputs from a complete work folder: the mask folder, ``metrics/pseudo.json``, ``reports/pseudo/``."""
     pseudo = params.pseudo
     dataset = PreparedDataset.open(params.dataset.prepared_dir)
-    refuse_ground_truth_dir(pseudo.output_dir, ground_truth_dirs(dataset.root, given_path(params.dataset.source)),
-                            "pseudo.output_dir")
+    gt_dirs = ground_truth_dirs(dataset.root, given_path(params.dataset.source), given_path(params.dataset.coco_masks))
+    refuse_ground_truth_dir(pseudo.output_dir, gt_dirs, "pseudo.output_dir")
     check_output_folders(params, paths)
     upstream = upstream_seed_provenance(paths.weakclip_metrics)
     config = work_config(params, dataset, require_input(paths.model, "weakclip_train"))

@@ -7,10 +7,11 @@ retraining's dense CRF over the classes the prediction shows (``weakclip_core.me
 ``seg.eval.workers`` processes). The default is one scale, no flip, no CRF; the paper presets use the
 reference's protocol (scales 0.5-1.5, flip, CRF). Writes
 ``metrics/seg_<source>.json`` (mIoU, per-class IoU, precision, recall, pixel accuracy, split, GT-use
-flags carried from the masks' provenance, the protocol under ``eval``) and ``reports/seg_<source>/``: a confusion-matrix image,
-overlays of a fixed sample of val images and of the worst images by per-image mIoU. Label-only data: only
-the val images with a GT mask are scored; with none (or, for ``gt``, no GT-trained model: ``seg_train@gt``'s
-``not_trained.json``) the metrics hold ``miou: null`` and ``not_scored`` says why, the reports folder is empty.
+flags carried from the masks' provenance, the protocol under ``eval``) and ``reports/seg_<source>/``: a
+confusion-matrix image, overlays of a fixed sample of val images and of the worst images by per-image mIoU.
+Label-only data: only the val images with a GT mask are scored; with none (or, for ``gt``, no GT-trained
+model: ``seg_train@gt``'s ``not_trained.json``) the metrics hold ``miou: null`` and ``not_scored`` says why,
+the reports folder is empty.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ def mask_dir_of(params: Params, source: str) -> Path:
     if source == "gt":
         return dataset.root / "SegmentationClass"
     if source == "pseudo":
-        gt_dirs = ground_truth_dirs(dataset.root, given_path(params.dataset.source))
+        gt_dirs = ground_truth_dirs(dataset.root, given_path(params.dataset.source),
+                                    given_path(params.dataset.coco_masks))
         refuse_ground_truth_dir(params.pseudo.output_dir, gt_dirs, "pseudo.output_dir")
         return require_input(params.pseudo.output_dir, "pseudo_masks")
     raise ValueError(f"--source: expected one of {list(SOURCES)}, got {source!r}")

@@ -95,7 +95,8 @@ def seed_mask_folder(params: Params, dataset: PreparedDataset, image_ids: list[s
     bound); every train image needs one.
     """
     seeds = params.weakclip.seeds
-    gt_dirs = ground_truth_dirs(dataset.root, given_path(params.dataset.source))
+    gt_dirs = ground_truth_dirs(dataset.root, given_path(params.dataset.source),
+                                    given_path(params.dataset.coco_masks))
     if seeds.source == "mask_folder":
         refuse_ground_truth_dir(seeds.mask_folder, gt_dirs, "weakclip.seeds.mask_folder")
         return Path(seeds.mask_folder)

@@ -72,10 +72,14 @@ def refuse_ground_truth_dir(mask_dir: str | Path, ground_truth_dirs: Sequence[st
     return resolved
 
 
-def ground_truth_dirs(prepared_root: str | Path, source_root: str | Path | None = None) -> list[Path]:
-    """Every folder holding GT masks: the prepared ``SegmentationClass`` and, for a VOC source tree,
-    its ``SegmentationClass`` and ``SegmentationClassAug``."""
+def ground_truth_dirs(prepared_root: str | Path, source_root: str | Path | None = None,
+                      coco_masks: str | Path | None = None) -> list[Path]:
+    """Every folder holding GT masks: the prepared ``SegmentationClass``; under the source tree
+    (``dataset.source``) VOC's ``SegmentationClass`` and ``SegmentationClassAug`` and your own data's
+    ``masks`` (README "Your own data"); and COCO's pre-rendered masks (``dataset.coco_masks``)."""
     folders = [Path(prepared_root) / "SegmentationClass"]
     if source_root:
-        folders += [Path(source_root) / "SegmentationClass", Path(source_root) / "SegmentationClassAug"]
+        folders += [Path(source_root) / name for name in ("SegmentationClass", "SegmentationClassAug", "masks")]
+    if coco_masks:
+        folders.append(Path(coco_masks))
     return folders

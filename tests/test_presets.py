@@ -12,6 +12,7 @@ import yaml
 
 from weakclip_core.models.clip import clip_from_config, named_model_config
 from weakclip_core.config import ConfigError, Params, load_params
+from weakclip_core.config.params import distributed_batch_sizes
 from weakclip_core.config import paper
 from weakclip_core.config.presets import apply_preset, deep_merge, main
 from weakclip_core.config.weakclip import WeakClipArchConfig, WeakClipConfig, paper_weakclip_arch, paper_weakclip_config
@@ -177,6 +178,46 @@ def test_bad_preset_names_the_key_and_leaves_params_untouched(params_copy: Path,
     assert main(["apply", str(typo), "--params", str(params_copy)]) == 2
     assert params_copy.read_bytes() == original
     assert sorted(p.name for p in params_copy.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_preset_whose_batch_does_not_divide_over_its_processes_is_refused(params_copy: Path,
+                                                                             tmp_path: Path) -> None:
+    """COCO's preset once held seg.train.batch_size 10 with runtime.nproc 4: valid key by key, but seg_train
+    refuses it at its start, after every stage before it has run. check and apply refuse it at once."""
+    original = params_copy.read_bytes()
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("runtime:\n  launcher: torchrun\n  nproc: 4\nseg:\n  train:\n    batch_size: 10\n")
+    with pytest.raises(ConfigError, match=r"seg\.train\.batch_size: the global batch 10 does not divide over "
+                                          r"runtime\.nproc = 4"):
+        apply_preset(odd, params_copy)
+    assert main(["check", str(odd), "--params", str(params_copy)]) == 2
+    assert params_copy.read_bytes() == original
+    single = tmp_path / "single.yaml"  # without torchrun nothing is split: any batch is fine
+    single.write_text("runtime:\n  launcher: none\n  nproc: 4\nseg:\n  train:\n    batch_size: 10\n")
+    assert main(["check", str(single), "--params", str(params_copy)]) == 0
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_training_batch_of_a_preset_divides_over_its_processes(applied: dict[str, Params], name: str) -> None:
+    params = applied[name]
+    batches = distributed_batch_sizes(params)
+    assert set(batches) == {"clip.pretrain.batch_size", "cam.train.batch_size", "weakclip.train.batch_size",
+                            "seg.train.batch_size"} - ({"clip.pretrain.batch_size"} if params.clip.source != "pretrain"
+                                                        else set())
+    assert params.runtime.launcher == "torchrun"
+    assert all(size % params.runtime.nproc == 0 for size in batches.values()), batches
+
+
+def test_the_batches_checked_together_are_the_ones_each_stage_checks(applied: dict[str, Params]) -> None:
+    """``distributed_batch_sizes`` is the union of the training stages' own ``global_batches`` (the StageSpecs
+    of pipeline/), for a params file with the synthetic CLIP pre-training and for one loading a CLIP file."""
+    from pipeline import cam_train, clip, seg_train, weakclip_train  # noqa: PLC0415 (the stages' specs)
+
+    for params in (load_params(REPO / "params.yaml"), applied["voc"]):
+        union: dict[str, int] = {}
+        for stage in (clip, cam_train, weakclip_train, seg_train):
+            union.update(stage.SPEC.global_batches(params))
+        assert union == distributed_batch_sizes(params)
 
 
 def test_deep_merge_by_hand() -> None:

@@ -126,3 +126,28 @@ def test_seg_eval_of_the_gt_model_says_gt_was_used(tiny, tmp_path):
     paths = constant_segmenter(tmp_path, "gt", predicted_class=0)
     metrics = evaluate_segmenter(params_of(tiny), "gt", paths, n_samples=0, n_worst=0, show_progress=False)
     assert metrics["gt_used_in_training"] is True and metrics["per_class"]["apple"] == 0.0
+
+
+def test_seg_eval_runs_the_reference_protocol_and_records_it(tiny, tmp_path):
+    """``seg.eval`` at the presets' protocol (scales, flip, CRF in a worker process) on the one-class segmenter:
+    a constant prediction stays constant under every view and the CRF (one class shown), so the hand-worked
+    figures of the single-scale run must come out again; the metrics say which protocol made them."""
+    paths = constant_segmenter(tmp_path, "pseudo", predicted_class=2)
+    single = evaluate_segmenter(params_of(tiny), "pseudo", paths, n_samples=0, n_worst=0, show_progress=False)
+    assert single["eval"] == {"scales": [1.0], "flip": False, "crf": None}
+    protocol = {"scales": [0.5, 0.75, 1.0, 1.25, 1.5], "flip": True, "use_crf": True, "workers": 1,
+                "crf": {"iterations": 10, "gaussian_sxy": 1.0, "gaussian_compat": 3.0, "bilateral_sxy": 112.0,
+                        "bilateral_srgb": 2.0, "bilateral_compat": 3.0}}
+    params = params_from_dict({"runtime": {"device": "cpu", "seed": 3}, "dataset": {"prepared_dir": str(tiny / "data")},
+                               "pseudo": {"output_dir": str(tiny / "pseudo")}, "seg": {**SEG, "eval": protocol}})
+    reference = evaluate_segmenter(params, "pseudo", paths, n_samples=0, n_worst=0, show_progress=False)
+    assert reference["eval"] == {"scales": protocol["scales"], "flip": True, "crf": protocol["crf"]}
+    assert reference["per_class"] == single["per_class"] and reference["miou"] == single["miou"]
+
+
+def test_the_model_file_does_not_hold_the_evaluation_protocol():
+    """An evaluation setting must not change a trained model's bytes (seg_train declares seg minus eval)."""
+    default = SegConfig()
+    reference_protocol = params_from_dict({"seg": {"eval": {"scales": [0.5, 1.0], "flip": True, "use_crf": True}}}).seg
+    assert segmenter_record(default, CLASS_NAMES) == segmenter_record(reference_protocol, CLASS_NAMES)
+    assert "eval" not in segmenter_record(default, CLASS_NAMES)["seg"]

@@ -105,3 +105,20 @@ def test_a_pseudo_mask_folder_resolving_to_gt_is_refused(tmp_path):
         with pytest.raises(GroundTruthMaskError, match="pseudo.output_dir"):
             refuse_ground_truth_dir(bad, gt_dirs, "pseudo.output_dir")
     assert refuse_ground_truth_dir(tmp_path / "pseudo", gt_dirs, "pseudo.output_dir") == (tmp_path / "pseudo").resolve()
+
+
+def test_your_own_datas_masks_and_cocos_rendered_masks_are_gt_folders_too(tmp_path):
+    """README "Your own data": ``<source>/masks`` holds GT masks, as COCO's ``dataset.coco_masks`` does; a seeds
+    or pseudo-mask folder resolving into either is refused like the prepared ``SegmentationClass``."""
+    prepared, source, coco = tmp_path / "prepared", tmp_path / "my_dataset", tmp_path / "coco_masks"
+    for folder in (prepared / "SegmentationClass", source / "masks", coco):
+        folder.mkdir(parents=True)
+    assert ground_truth_dirs(prepared, source, coco) == [
+        prepared / "SegmentationClass", source / "SegmentationClass", source / "SegmentationClassAug",
+        source / "masks", coco]
+    gt_dirs = ground_truth_dirs(prepared, source, coco)
+    for bad in (source / "masks", coco / "sub"):
+        with pytest.raises(GroundTruthMaskError, match="weakclip.seeds.mask_folder"):
+            refuse_ground_truth_dir(bad, gt_dirs, "weakclip.seeds.mask_folder")
+    assert refuse_ground_truth_dir(source / "pseudo", gt_dirs, "weakclip.seeds.mask_folder") == \
+        (source / "pseudo").resolve()

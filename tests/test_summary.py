@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.summary import SummaryError, SummaryPaths, write_summary
+from pipeline.summary import SummaryError, SummaryPaths, summary_line, write_summary
 from weakclip_core.config import params_from_dict
 
 PARAMS = params_from_dict({"dataset": {"name": "synthetic"}})
@@ -186,3 +186,43 @@ def test_the_headline_over_seeds_follows_the_headline_when_present(tmp_path):
     assert (results.index("## Headline over seeds") < results.index("### Headline over training seeds")
             < results.index("### The committed chain on other machines") < results.index("## Per-class"))
     assert "| WSSS / FSSS ratio | val | 0.950 | 0.900 – 1.000 | 0.936 (inside) |" in results
+
+
+def test_the_segmenter_rows_name_their_evaluation_protocol(tmp_path):
+    protocol = {"scales": [0.5, 0.75, 1.0, 1.25, 1.5], "flip": True, "crf": {"iterations": 10}}
+    changed = {**HAND_MADE, "seg_pseudo": {**HAND_MADE["seg_pseudo"], "eval": protocol},
+               "seg_gt": {**HAND_MADE["seg_gt"], "eval": {"scales": [1.0], "flip": False, "crf": None}}}
+    paths = write_metrics(tmp_path, changed)
+    write_summary(PARAMS, paths)
+    results = paths.results.read_text()
+    assert "deeplabv3plus / resnet18; scales 0.5, 0.75, 1, 1.25, 1.5, flip, CRF |" in results
+    assert "? / ?; single scale, no flip, no CRF; trained on GT masks |" not in results  # seg_gt: no GT flag here
+    assert "? / ?; single scale, no flip, no CRF |" in results
+
+
+def test_bench_tables_of_another_dataset_are_left_out_and_named(tmp_path):
+    """A table without a ``dataset`` key was made on the synthetic benchmark (every one before the key); a VOC
+    run's RESULTS.md must not show it under its own headline, and a VOC table shows only under a VOC run."""
+    paths = write_metrics(tmp_path, HAND_MADE)
+    seeds = {"title": "Headline over training seeds", "rows": [{"figure": "x", "mean": 1.0}]}
+    (paths.metrics_root / "chain_seeds.json").write_text(json.dumps(seeds))
+    (paths.metrics_root / "ablations_voc.json").write_text(json.dumps({
+        "title": "VOC prompts", "dataset": "voc", "split": "train", "threshold_chosen_with_gt": False,
+        "rows": [{"setting": "prompt_len=4", "miou": 0.6}]}))
+    write_summary(PARAMS, paths)
+    synthetic = paths.results.read_text()
+    assert "### Headline over training seeds" in synthetic and "### VOC prompts" not in synthetic
+    assert "`metrics/ablations_voc.json` (made on the voc dataset)" in synthetic
+    write_summary(params_from_dict({"dataset": {"name": "voc", "source": str(tmp_path / "VOC2012")}}), paths)
+    voc = paths.results.read_text()
+    assert "### VOC prompts" in voc and "### Headline over training seeds" not in voc
+    assert "`metrics/chain_seeds.json` (made on the synthetic dataset)" in voc
+
+
+def test_the_summary_line_gives_each_figure_its_own_not_scored_reason(tmp_path, monkeypatch):
+    no_cams = {"miou": None, "not_scored": "not scored: no CAMs (cam.source: none)"}
+    paths = write_metrics(tmp_path, {**HAND_MADE, "cam": {**HAND_MADE["cam"], **no_cams}})
+    monkeypatch.chdir(tmp_path)  # the stage's line reads ./metrics, as the stage runs in the project folder
+    line = summary_line(PARAMS, None, None)
+    assert "cam_miou not scored: no CAMs (cam.source: none)" in line and "no GT" not in line
+    assert paths.summary.is_file()

@@ -1,0 +1,71 @@
+"""The retrained segmenter's test-time CRF (``weakclip_core.method.prediction_crf``) against pydensecrf called by
+hand on the same inputs, and against known answers: a class the argmax never shows never appears, one class
+shown needs no CRF, and a weak isolated pixel is smoothed into its uniform surroundings."""
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import pytest
+
+from weakclip_core.config import CrfConfig
+from weakclip_core.method.prediction_crf import crf_prediction
+
+REFERENCE_VOC_TEST_CRF = CrfConfig(iterations=10, gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=112.0,
+                                   bilateral_srgb=2.0, bilateral_compat=3.0)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return shifted / shifted.sum(axis=0, keepdims=True)
+
+
+def by_hand(image: np.ndarray, logits: np.ndarray, cfg: CrfConfig) -> np.ndarray:
+    """make_crf's steps written out: the argmax's classes, a softmax over their logits only, the CRF on those
+    rows (unary -log p, floored as the project floors it), its argmax mapped back to the classes."""
+    keys = np.unique(logits.argmax(axis=0))
+    probabilities = softmax(logits[keys]).astype(np.float32)
+    height, width = image.shape[:2]
+    crf = dcrf.DenseCRF2D(width, height, len(keys))
+    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probabilities, 1e-8, 1.0)).reshape(len(keys), -1)))
+    crf.addPairwiseGaussian(sxy=cfg.gaussian_sxy, compat=cfg.gaussian_compat)
+    crf.addPairwiseBilateral(sxy=cfg.bilateral_sxy, srgb=cfg.bilateral_srgb, rgbim=np.ascontiguousarray(image),
+                             compat=cfg.bilateral_compat)
+    q = np.asarray(crf.inference(cfg.iterations)).reshape(len(keys), height, width)
+    return keys[q.argmax(axis=0)].astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_crf_runs_on_the_argmax_classes_as_the_reference_does(seed):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    logits = rng.normal(size=(6, 24, 32)).astype(np.float32)
+    logits[4] -= 10.0  # class 4 never wins anywhere: it must not come back through the CRF
+    probabilities = softmax(logits)
+    prediction = crf_prediction(image, probabilities, REFERENCE_VOC_TEST_CRF)
+    assert prediction.dtype == np.uint8 and prediction.shape == (24, 32)
+    np.testing.assert_array_equal(prediction, by_hand(image, logits, REFERENCE_VOC_TEST_CRF))
+    assert 4 not in prediction
+    assert set(np.unique(prediction)) <= set(np.unique(logits.argmax(axis=0)))
+
+
+def test_one_class_shown_is_returned_without_a_crf():
+    probabilities = np.zeros((3, 5, 7), dtype=np.float32)
+    probabilities[2], probabilities[0] = 0.7, 0.3
+    image = np.zeros((5, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(crf_prediction(image, probabilities, REFERENCE_VOC_TEST_CRF), np.full((5, 7), 2))
+
+
+def test_a_weak_isolated_pixel_joins_its_uniform_surroundings():
+    """Known answer: on a flat grey image, class 1 at 0.9 everywhere but one pixel where class 2 leads 0.55 to
+    0.45; the argmax shows that pixel as 2, the CRF's smoothness (both kernels agree: same colour, adjacent)
+    turns it to 1."""
+    probabilities = np.zeros((3, 9, 9), dtype=np.float32)
+    probabilities[1], probabilities[0] = 0.9, 0.1
+    probabilities[:, 4, 4] = (0.0, 0.45, 0.55)
+    image = np.full((9, 9, 3), 128, dtype=np.uint8)
+    assert probabilities.argmax(axis=0)[4, 4] == 2
+    np.testing.assert_array_equal(crf_prediction(image, probabilities, REFERENCE_VOC_TEST_CRF), np.ones((9, 9)))
+
+
+def test_mismatched_sizes_are_refused():
+    with pytest.raises(ValueError, match="do not match"):
+        crf_prediction(np.zeros((4, 4, 3), np.uint8), np.full((2, 4, 5), 0.5, np.float32), REFERENCE_VOC_TEST_CRF)

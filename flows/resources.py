@@ -16,6 +16,7 @@ GPU_STAGE_PATTERNS: tuple[str, ...] = (
     "weakclip_train",
     "pseudo_masks",
     "seg_train@*",
+    "seg_eval@*",  # runs the segmenter: on the presets ResNet-101 over ten views per val image
 )
 
 CPU_POOL = "weakclip-cpu"

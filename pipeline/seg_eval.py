@@ -1,11 +1,11 @@
 """Stage ``seg_eval@{pseudo,gt}``: score the retrained segmenter on the val split (docs/METHOD.md §4).
 
 Prediction at ``seg.eval``'s scales (with the horizontal flip when ``seg.eval.flip``; sliding ``crop``
-windows of the training crop, smaller images padded), probabilities averaged over the views, no label
-restriction (val labels are not given to a segmenter), then, when ``seg.eval.use_crf``, the reference
-retraining's dense CRF over the classes the prediction shows (``weakclip_core.method.prediction_crf``, in
-``seg.eval.workers`` processes). The default is one scale, no flip, no CRF; the paper presets use the
-reference's protocol (scales 0.5-1.5, flip, CRF). Writes
+windows of the training crop, smaller images padded, or each view whole with ``seg.eval.whole_image``),
+probabilities averaged over the views, no label restriction (val labels are not given to a segmenter),
+then, when ``seg.eval.use_crf``, the reference retraining's dense CRF over the classes the prediction shows
+(``weakclip_core.method.prediction_crf``, in ``seg.eval.workers`` processes). The default is one scale, no
+flip, no CRF; the paper presets use the reference's protocol (whole views at scales 0.5-1.5, flip, CRF). Writes
 ``metrics/seg_<source>.json`` (mIoU, per-class IoU, precision, recall, pixel accuracy, split, GT-use
 flags carried from the masks' provenance, the protocol under ``eval``) and ``reports/seg_<source>/``: a
 confusion-matrix image, overlays of a fixed sample of val images and of the worst images by per-image mIoU.
@@ -33,7 +33,7 @@ from weakclip_core.config import Params, SegEvalConfig, to_plain
 from weakclip_core.data.layout import DatasetError, PreparedDataset
 from weakclip_core.runtime.device import resolve_device, set_threads
 from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
-from weakclip_core.method.prediction_crf import crf_prediction_job
+from weakclip_core.method.prediction_crf import crf_on_shown_job, shown_classes
 from weakclip_core.runtime.processes import die_with_parent
 from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, iou_report
 from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_confusion_matrix, save_overlay
@@ -44,12 +44,14 @@ from pipeline._stage import StageSpec, require_input, run_stage, run_stage_cli
 
 SOURCES: tuple[str, ...] = ("pseudo", "gt")
 EVAL_BATCH = 16
+WHOLE_VIEW = 1 << 16  # seg.eval.whole_image: a window this large covers any view whole (pad_to_crop off)
 REPORT_CONTENTS = FolderContents(files=("*.png",))  # all seg_eval writes into reports/seg_<source>/
 
 
 def protocol_record(evaluation: SegEvalConfig) -> dict[str, Any]:
     """How the figures were predicted, for the metrics file and the summary: scales, flip, the CRF (or None)."""
     return {"scales": list(evaluation.scales), "flip": evaluation.flip,
+            **({"whole_image": True} if evaluation.whole_image else {}),
             "crf": to_plain(evaluation.crf) if evaluation.use_crf else None}
 
 
@@ -103,8 +105,12 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
     model = model.to(device)
     crop = int(record["seg"]["train"]["crop"])
     evaluation = params.seg.eval
-    views = InferenceAugmentation(scales=tuple(evaluation.scales), flip=evaluation.flip, crop=crop,
-                                  stride=max(1, (2 * crop) // 3))
+    if evaluation.whole_image:  # each view through the network whole: one window as large as the view, no padding
+        views = InferenceAugmentation(scales=tuple(evaluation.scales), flip=evaluation.flip, crop=WHOLE_VIEW,
+                                      stride=WHOLE_VIEW, pad_to_crop=False)
+    else:
+        views = InferenceAugmentation(scales=tuple(evaluation.scales), flip=evaluation.flip, crop=crop,
+                                      stride=max(1, (2 * crop) // 3))
     n_without_gt = len(image_ids) - len(scored_ids)
     image_ids = scored_ids  # partial GT (label-only data): the val images that have a GT mask are scored
 
@@ -115,19 +121,21 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
     worst_candidates: dict[str, np.ndarray] = {}
     progress = tqdm(total=len(image_ids), desc=f"seg_eval@{source}", unit="img", disable=not show_progress)
     with ExitStack() as stack:
-        crf_pool = (stack.enter_context(ProcessPoolExecutor(max_workers=evaluation.workers,
-                                                            mp_context=multiprocessing.get_context("spawn"),
-                                                            initializer=die_with_parent))
-                    if evaluation.use_crf and evaluation.workers > 0 else None)
+        crf_pool = None
+        if evaluation.use_crf and evaluation.workers > 0:
+            crf_pool = ProcessPoolExecutor(max_workers=evaluation.workers,
+                                           mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent)
+            stack.callback(crf_pool.shutdown, wait=True, cancel_futures=True)
         for start in range(0, len(image_ids), EVAL_BATCH):
             batch_ids = image_ids[start:start + EVAL_BATCH]
             images = [dataset.image(image_id) for image_id in batch_ids]
             probabilities = predict_image_batch(model, images, None, dataset.n_classes, views, device,
                                                 mean=record["mean"], std=record["std"], max_forward_batch=EVAL_BATCH)
-            if evaluation.use_crf:
-                jobs = [(image, probability, evaluation.crf) for image, probability in zip(images, probabilities)]
-                predictions = list(crf_pool.map(crf_prediction_job, jobs) if crf_pool is not None
-                                   else map(crf_prediction_job, jobs))
+            if evaluation.use_crf:  # only the classes the argmax shows travel to the CRF workers
+                jobs = [(image, *shown_classes(probability), evaluation.crf)
+                        for image, probability in zip(images, probabilities)]
+                predictions = list(crf_pool.map(crf_on_shown_job, jobs) if crf_pool is not None
+                                   else map(crf_on_shown_job, jobs))
             else:
                 predictions = [probability.argmax(axis=0).astype(np.uint8) for probability in probabilities]
             for image_id, image, prediction in zip(batch_ids, images, predictions):

@@ -178,12 +178,14 @@ def figure_note(figure: Figure, data: dict[str, Any]) -> str:
 
 
 def evaluation_protocol(protocol: dict[str, Any]) -> str:
-    """seg_eval's ``eval`` record in words: "single scale, no flip, no CRF", "scales 0.5-1.5, flip, CRF"."""
+    """seg_eval's ``eval`` record in words: "single scale, no flip, no CRF", "whole views at scales 0.5, ...,
+    1.5, flip, CRF"."""
     scales = protocol.get("scales") or []
     scale_words = ("single scale" if scales == [1.0] else f"scale {scales[0]:g}" if len(scales) == 1
                    else f"scales {', '.join(f'{scale:g}' for scale in scales)}")
     flip_words = "flip" if protocol.get("flip") else "no flip"
-    return f"{scale_words}, {flip_words}, {'CRF' if protocol.get('crf') else 'no CRF'}"
+    whole = "whole views at " if protocol.get("whole_image") else ""
+    return f"{whole}{scale_words}, {flip_words}, {'CRF' if protocol.get('crf') else 'no CRF'}"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -20,6 +20,8 @@ may relaunch under torchrun as ``runtime`` says). A declared entry covers itself
 from __future__ import annotations
 
 import ast
+import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,11 +329,14 @@ def stages_of(dvc_yaml_text: str) -> dict[str, tuple[str, list[str]]]:
 
 
 def section_keys(section: str) -> list[str]:
-    """The dotted keys one level under ``section`` in the repository's params.yaml."""
-    node = yaml.safe_load((REPO_ROOT / PARAMS_FILE).read_text())
+    """The dotted keys one level under ``section`` in the typed schema (``weakclip_core.config.Params``): a key
+    the schema has but params.yaml leaves at its default is still a key DVC must track."""
+    from weakclip_core.config import Params  # noqa: PLC0415 (only this helper needs the schema)
+
+    node: type = Params
     for part in section.split("."):
-        node = node[part]
-    return [f"{section}.{key}" for key in node]
+        node = typing.get_type_hints(node)[part]
+    return [f"{section}.{field.name}" for field in dataclasses.fields(node)]
 
 
 def covered(stage: str, key: str, declared: list[str]) -> bool:

@@ -237,7 +237,7 @@ def test_tiny_params_hold_every_key_dvc_yaml_names() -> None:
     needed = params_dvc_yaml_names(dvc_yaml_text)
     # The interpolated paths and the stage sections of dvc.yaml at the time of writing must all be found.
     assert {"dataset.prepared_dir", "pseudo.output_dir", "dataset", "clip", "cam.arch", "cam.train", "cam.infer",
-            "runtime", "weakclip", "pseudo", "seg"} <= needed
+            "runtime", "weakclip", "pseudo", "seg.model", "seg.encoder", "seg.train", "seg.eval"} <= needed
     params = project_params(dvc_yaml_text)
     assert [key for key in sorted(needed) if not has_key(params, key)] == []
     # The tiny sizes survive: nothing was filled in from the full-size defaults for these.
@@ -380,13 +380,13 @@ def test_changing_seg_model_reruns_only_the_seg_stages(chain: tuple[Path, dict[s
     segformer["seg"].update(model="segformer", encoder="mit_b0")  # crop 32: a multiple of 32, as SegFormer needs
     (project / "params.yaml").write_text(yaml.safe_dump(segformer, sort_keys=False))
 
-    # `dvc status` compares each stage with its own dvc.lock entry only: the seg_train stages' `seg` params
-    # changed, while seg_eval's and summary's deps (the seg artifacts, the metrics files) are still the
+    # `dvc status` compares each stage with its own dvc.lock entry only: the seg_train stages' `seg.model` and
+    # `seg.encoder` params changed, while seg_eval's and summary's deps (the seg artifacts, the metrics files) are still the
     # locked ones until seg_train re-runs. So DVC lists exactly the two seg_train stages, none upstream.
     status = json.loads(run([*DVC, "status", "--json"], project))
     assert set(status) == {"seg_train@pseudo", "seg_train@gt"}
     for stage in status.values():
-        assert {"changed deps": {"params.yaml": {"seg": "modified"}}} in stage
+        assert {"changed deps": {"params.yaml": {"seg.model": "modified", "seg.encoder": "modified"}}} in stage
 
     # Re-running (about 30 s) shows the cascade: the seg stages and everything after them, nothing before.
     output = run([*DVC, "repro"], project, timeout=REPRO_TIMEOUT_S)

@@ -99,7 +99,8 @@ def test_gpu_table_on_the_real_chain() -> None:
     """The project's own dvc.yaml: exactly the training/inference stages go to the GPU pool."""
     graph = read_stage_graph(REPO_ROOT)
     gpu_stages = {name for name in graph.names() if needs_gpu(name)}
-    assert gpu_stages == {"cam_train", "cam_infer", "weakclip_train", "pseudo_masks", "seg_train@pseudo", "seg_train@gt"}
+    assert gpu_stages == {"cam_train", "cam_infer", "weakclip_train", "pseudo_masks", "seg_train@pseudo", "seg_train@gt",
+                          "seg_eval@pseudo", "seg_eval@gt"}
     placements = place_stages(graph.names(), gpu_count=2)
     assert {name for name, placement in placements.items() if placement.pool == GPU_POOL} == gpu_stages
     gpu_order = [name for name in graph.names() if name in gpu_stages]

@@ -9,7 +9,7 @@ real ``prefect worker`` processes on the pools and queues that ``python -m flows
 created; the coordinator is the ``chain`` flow called in this process.
 
 Two projects. The tiny chain (the repository's own dvc.yaml, code and the tiny params of
-tests/test_end_to_end.py: eleven stages, five on the GPU pool) runs over the SSH remote; its
+tests/test_end_to_end.py: eleven stages, eight on the GPU pool) runs over the SSH remote; its
 reference is the session's one-folder ``dvc repro`` of the same project (``tiny_chain_project``,
 tests/conftest.py), which the end-to-end tests check too. The demo (flows/demo.py: five stages
 whose commands take no time) runs over a folder remote (a cluster's NFS) and serves the faults:

@@ -5,6 +5,7 @@ shown needs no CRF, and a weak isolated pixel is smoothed into its uniform surro
 import numpy as np
 import pydensecrf.densecrf as dcrf
 import pytest
+from pydensecrf.utils import unary_from_softmax
 
 from weakclip_core.config import CrfConfig
 from weakclip_core.method.prediction_crf import crf_prediction
@@ -19,13 +20,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def by_hand(image: np.ndarray, logits: np.ndarray, cfg: CrfConfig) -> np.ndarray:
-    """make_crf's steps written out: the argmax's classes, a softmax over their logits only, the CRF on those
-    rows (unary -log p, floored as the project floors it), its argmax mapped back to the classes."""
+    """make_crf's steps written out (tools/make_crf.py, tools/densecrf.py): the argmax's classes, a softmax
+    over their logits only, pydensecrf's own ``unary_from_softmax`` (floor 1e-5), the CRF, its argmax mapped
+    back to the classes."""
     keys = np.unique(logits.argmax(axis=0))
     probabilities = softmax(logits[keys]).astype(np.float32)
     height, width = image.shape[:2]
     crf = dcrf.DenseCRF2D(width, height, len(keys))
-    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probabilities, 1e-8, 1.0)).reshape(len(keys), -1)))
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probabilities)))
     crf.addPairwiseGaussian(sxy=cfg.gaussian_sxy, compat=cfg.gaussian_compat)
     crf.addPairwiseBilateral(sxy=cfg.bilateral_sxy, srgb=cfg.bilateral_srgb, rgbim=np.ascontiguousarray(image),
                              compat=cfg.bilateral_compat)
@@ -37,9 +39,13 @@ def by_hand(image: np.ndarray, logits: np.ndarray, cfg: CrfConfig) -> np.ndarray
 def test_the_crf_runs_on_the_argmax_classes_as_the_reference_does(seed):
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-    logits = rng.normal(size=(6, 24, 32)).astype(np.float32)
-    logits[4] -= 10.0  # class 4 never wins anywhere: it must not come back through the CRF
+    # Spread wide (std 6), so many kept probabilities lie under the 1e-5 floor. The floor cannot move an argmax
+    # (checked: 1e-8 gives the same labels): a floored class's unary is at least 11.5, the winner's at most log K,
+    # and pydensecrf's normalised kernels bound the pairwise terms by their compat, 3 + 3.
+    logits = (6.0 * rng.normal(size=(6, 24, 32))).astype(np.float32)
+    logits[4] -= 100.0  # class 4 never wins anywhere: it must not come back through the CRF
     probabilities = softmax(logits)
+    assert (probabilities[np.unique(logits.argmax(axis=0))] < 1e-5).mean() > 0.1
     prediction = crf_prediction(image, probabilities, REFERENCE_VOC_TEST_CRF)
     assert prediction.dtype == np.uint8 and prediction.shape == (24, 32)
     np.testing.assert_array_equal(prediction, by_hand(image, logits, REFERENCE_VOC_TEST_CRF))
@@ -66,6 +72,10 @@ def test_a_weak_isolated_pixel_joins_its_uniform_surroundings():
     np.testing.assert_array_equal(crf_prediction(image, probabilities, REFERENCE_VOC_TEST_CRF), np.ones((9, 9)))
 
 
-def test_mismatched_sizes_are_refused():
+def test_mismatched_sizes_and_non_finite_probabilities_are_refused():
     with pytest.raises(ValueError, match="do not match"):
         crf_prediction(np.zeros((4, 4, 3), np.uint8), np.full((2, 4, 5), 0.5, np.float32), REFERENCE_VOC_TEST_CRF)
+    broken = np.full((2, 4, 4), 0.5, np.float32)
+    broken[1, 2, 2] = np.nan  # one NaN would otherwise spread through the CRF to every pixel
+    with pytest.raises(ValueError, match="1 non-finite"):
+        crf_prediction(np.zeros((4, 4, 3), np.uint8), broken, REFERENCE_VOC_TEST_CRF)

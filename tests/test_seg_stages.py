@@ -16,7 +16,11 @@ from weakclip_core.config import params_from_dict
 from weakclip_core.config.seg import SegConfig, SegTrainConfig
 from weakclip_core.data.layout import DatasetError, PreparedDataset
 from weakclip_core.data.segmentation import GroundTruthMaskError
-from weakclip_core.models.segmenter import build_segmenter, segmenter_record
+from weakclip_core.models.segmenter import build_segmenter, load_segmenter, segmenter_record
+from weakclip_core.config import CrfConfig
+from weakclip_core.evaluation.metrics import ConfusionAccumulator
+from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
+from weakclip_core.method.prediction_crf import crf_prediction
 from weakclip_core.artifacts.model_file import save_final_model
 
 SEG = {"model": "segformer", "encoder": "mit_b0",
@@ -151,3 +155,39 @@ def test_the_model_file_does_not_hold_the_evaluation_protocol():
     reference_protocol = params_from_dict({"seg": {"eval": {"scales": [0.5, 1.0], "flip": True, "use_crf": True}}}).seg
     assert segmenter_record(default, CLASS_NAMES) == segmenter_record(reference_protocol, CLASS_NAMES)
     assert "eval" not in segmenter_record(default, CLASS_NAMES)["seg"]
+
+
+def test_seg_eval_crf_scores_each_image_with_its_own_crf_prediction(tiny, tmp_path):
+    """A segmenter whose head is random (seeded) predicts several classes per image, so the CRF has work: the
+    stage's figures with ``use_crf`` (in a worker process) equal the confusion of ``crf_prediction`` applied
+    image by image to the views' probabilities, and differ from the figures without the CRF."""
+    paths = constant_segmenter(tmp_path, "pseudo", predicted_class=0)
+    model, saved = load_segmenter(paths.model("pseudo"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.segmentation_head[0].weight.normal_(0.0, 2.0)
+        model.segmentation_head[0].bias.zero_()
+    save_final_model(paths.model("pseudo"), model, saved["config"], source="pseudo",
+                     mask_provenance={"gt_used": False, "threshold_chosen_with_gt": False, "cam_variant": "fused"})
+    crf = {"iterations": 5, "gaussian_sxy": 1.0, "gaussian_compat": 3.0, "bilateral_sxy": 20.0,
+           "bilateral_srgb": 10.0, "bilateral_compat": 10.0}
+
+    def evaluate(use_crf: bool) -> dict:
+        params = params_from_dict({"runtime": {"device": "cpu", "seed": 3},
+                                   "dataset": {"prepared_dir": str(tiny / "data")},
+                                   "pseudo": {"output_dir": str(tiny / "pseudo")},
+                                   "seg": {**SEG, "eval": {"flip": True, "use_crf": use_crf, "workers": 1, "crf": crf}}})
+        return evaluate_segmenter(params, "pseudo", paths, n_samples=0, n_worst=0, show_progress=False)
+
+    dataset = PreparedDataset.open(tiny / "data")
+    images = [dataset.image(image_id) for image_id in dataset.split("val")]
+    views = InferenceAugmentation(scales=(1.0,), flip=True, crop=64, stride=42)
+    probabilities = predict_image_batch(model.eval(), images, None, dataset.n_classes, views,
+                                        mean=saved["config"]["mean"], std=saved["config"]["std"])
+    assert max(len(np.unique(p.argmax(axis=0))) for p in probabilities) >= 2
+    expected = ConfusionAccumulator(dataset.n_classes)
+    for image_id, image, probability in zip(dataset.split("val"), images, probabilities):
+        expected.add(dataset.mask(image_id), crf_prediction(image, probability, CrfConfig(**crf)))
+    with_crf, without_crf = evaluate(True), evaluate(False)
+    assert with_crf["miou"] == pytest.approx(expected.report().miou)
+    assert with_crf["per_class"] != without_crf["per_class"]

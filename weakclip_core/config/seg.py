@@ -43,13 +43,15 @@ def _reference_voc_test_crf() -> CrfConfig:
 @dataclass(frozen=True)
 class SegEvalConfig:
     """How ``seg_eval`` predicts the val split. The default is single scale, no flip, no CRF (the synthetic
-    benchmark's figures); the paper presets use the reference retraining's test protocol: scales 0.5-1.5 with
-    flip (``tools/test.py --test_multiscale --test_flip``), then a dense CRF over the classes the prediction
+    benchmark's figures); the paper presets use the reference retraining's test protocol: each view whole at
+    scales 0.5-1.5 with flip (``tools/test.py --test_multiscale --test_flip``), then a dense CRF over the classes the prediction
     shows (``tools/make_crf.py``). ``workers``: processes that run the CRF (0: in the stage's own process).
     Changing this section re-runs ``seg_eval`` only, never the training."""
 
     scales: list[float] = listed([1.0], low=0.1, high=4.0)
     flip: bool = False
+    whole_image: bool = False  # each view through the network whole, no sliding window or padding (the reference's
+                               # test); needs a model that takes any size (deeplabv2; smp's need multiples of 32/16)
     use_crf: bool = False
     crf: CrfConfig = field(default_factory=_reference_voc_test_crf)
     workers: int = bounded(0, low=0)

@@ -2,14 +2,15 @@
 
 The reference retraining (Yingyue-L/deeplabv1-resnet38, linked from hustvl/WeakCLIP's README) scores its
 segmenter with multi-scale + flip inference, then ``tools/make_crf.py``: it keeps the classes that win
-somewhere in the argmax, soft-maxes their scores again, runs the dense CRF on those rows only and maps the
-CRF's argmax back to the classes kept. A class the argmax never shows can therefore not appear after the CRF.
+somewhere in the argmax, soft-maxes their scores again, runs the dense CRF on those rows only (the unary
+``pydensecrf.utils.unary_from_softmax``: -log of the probabilities floored at 1e-5) and maps the CRF's argmax
+back to the classes kept. A class the argmax never shows can therefore not appear after the CRF.
 
 Here the segmenter's scores arrive as probabilities averaged over the views (``weakclip_core.method.
 inference``); renormalising the kept rows of a softmax equals the softmax of the kept rows of its logits, so
-for one view this is the reference's computation exactly (over several views the reference averages logits,
-we average probabilities: docs/METHOD_NOTES.md). The image is the one the probabilities belong to (the
-colour kernel reads it); nothing here knows about files or processes.
+for one view this is the reference's computation (over several views the reference averages logits, we
+average probabilities: docs/METHOD_NOTES.md). :func:`shown_classes` runs where the probabilities are, so only
+the few kept rows travel to a CRF worker process (:func:`crf_on_shown_job`); nothing here knows about files.
 """
 
 from __future__ import annotations
@@ -19,24 +20,50 @@ import numpy as np
 from weakclip_core.config.weakclip import CrfConfig
 from weakclip_core.method.crf import dense_crf
 
+REFERENCE_UNARY_FLOOR = 1e-5
+"""``pydensecrf.utils.unary_from_softmax``'s default ``clip``, which ``make_crf`` uses."""
+
+
+def shown_classes(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the classes ``probabilities``' argmax shows, ascending, uint8; their rows renormalised, float32).
+
+    probabilities: (K, H, W), row k for class k, each pixel summing to 1. A non-finite value is refused: one
+    NaN pixel would otherwise spread through the CRF's message passing to the whole image.
+    """
+    if probabilities.ndim != 3:
+        raise ValueError(f"shown_classes: expected (K, H, W) probabilities, got shape {probabilities.shape}")
+    if not np.isfinite(probabilities).all():
+        raise ValueError(f"shown_classes: the probabilities hold {int((~np.isfinite(probabilities)).sum())} "
+                         f"non-finite values (NaN or inf): the model's output is broken")
+    shown = np.unique(probabilities.argmax(axis=0))
+    kept = probabilities[shown].astype(np.float32)
+    kept /= kept.sum(axis=0, keepdims=True)
+    return shown.astype(np.uint8), kept
+
+
+def crf_on_shown(image: np.ndarray, classes: np.ndarray, kept: np.ndarray, cfg: CrfConfig) -> np.ndarray:
+    """(H, W) uint8 class ids: the dense CRF's argmax over ``kept`` (:func:`shown_classes`' rows, unary floored
+    as the reference's), mapped back through ``classes``. With one class shown there is nothing to decide."""
+    if image.shape[:2] != kept.shape[1:] or len(classes) != kept.shape[0]:
+        raise ValueError(f"crf_on_shown: image {image.shape[:2]}, {len(classes)} classes and kept rows "
+                         f"{kept.shape} do not match")
+    if len(classes) == 1:
+        return np.full(kept.shape[1:], classes[0], dtype=np.uint8)
+    floored = np.clip(kept, REFERENCE_UNARY_FLOOR, 1.0)  # dense_crf's own 1e-8 floor then changes nothing
+    return classes[dense_crf(image, floored, cfg).argmax(axis=0)]
+
 
 def crf_prediction(image: np.ndarray, probabilities: np.ndarray, cfg: CrfConfig) -> np.ndarray:
     """(H, W) uint8 class ids: the dense CRF's argmax over the classes ``probabilities``' argmax shows.
 
-    image: (H, W, 3) uint8 RGB; probabilities: (K, H, W), row k for class k, each pixel summing to 1.
-    With one class shown the CRF has nothing to decide and the argmax is returned as is.
+    image: (H, W, 3) uint8 RGB (the colour kernel reads it); probabilities: (K, H, W) at the image's size.
     """
-    if probabilities.ndim != 3 or image.shape[:2] != probabilities.shape[1:]:
+    if image.shape[:2] != probabilities.shape[1:]:
         raise ValueError(f"crf_prediction: image {image.shape[:2]} and probabilities {probabilities.shape} "
                          f"do not match (expected (K, H, W) at the image's size)")
-    shown = np.unique(probabilities.argmax(axis=0))
-    if len(shown) == 1:
-        return np.full(probabilities.shape[1:], shown[0], dtype=np.uint8)
-    kept = probabilities[shown].astype(np.float32)
-    kept /= kept.sum(axis=0, keepdims=True)
-    return shown.astype(np.uint8)[dense_crf(image, kept, cfg).argmax(axis=0)]
+    return crf_on_shown(image, *shown_classes(probabilities), cfg)
 
 
-def crf_prediction_job(job: tuple[np.ndarray, np.ndarray, CrfConfig]) -> np.ndarray:
-    """:func:`crf_prediction` of one ``(image, probabilities, cfg)`` job (a process pool's picklable callable)."""
-    return crf_prediction(*job)
+def crf_on_shown_job(job: tuple[np.ndarray, np.ndarray, np.ndarray, CrfConfig]) -> np.ndarray:
+    """:func:`crf_on_shown` of one ``(image, classes, kept, cfg)`` job (a process pool's picklable callable)."""
+    return crf_on_shown(*job)

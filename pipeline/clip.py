@@ -81,9 +81,11 @@ def pretraining_pairs(params: Params, dataset: PreparedDataset) -> tuple[Dataset
     cfg = params.clip
     if cfg.pretrain.corpus == "web":
         if params.dataset.name != "synthetic":
+            captions = (" or clip.pretrain.corpus: train_split (the prepared train split's captions)"
+                        if (dataset.root / CAPTIONS_FILE).is_file() else "")  # only the synthetic set ships captions
             raise ConfigError(f"clip.pretrain.corpus: 'web' streams the synthetic generator's images, but dataset.name "
-                              f"is {params.dataset.name!r}; use clip.source: file (your CLIP weights) or "
-                              "clip.pretrain.corpus: train_split (the prepared train split's captions)")
+                              f"is {params.dataset.name!r}; use clip.source: file with clip.weights (a local CLIP "
+                              f"ViT-B/16 weights file){captions}")
         generator = web_generator_config(params.dataset.synthetic, cfg.pretrain.web_max_objects)
         if synthetic_class_names(generator.n_classes) != list(dataset.class_names):
             raise ConfigError(f"clip.pretrain.corpus: the web stream's classes ({generator.n_classes} from "

@@ -96,6 +96,12 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
         prepared = PreparedDataset.open(staging_dir)
         split_counts = {split: len(prepared.split(split)) for split in splits}
         prepared.scored_ids(dataset.train_split, dataset.scored_split)  # the score split lies inside train
+        shared = sorted(set(prepared.split(dataset.train_split)) & set(prepared.split(dataset.val_split)))
+        if shared:
+            raise DatasetError(f"dataset.train_split {dataset.train_split!r} and dataset.val_split "
+                               f"{dataset.val_split!r} share {len(shared)} images ({', '.join(shared[:5])}"
+                               f"{', ...' if len(shared) > 5 else ''}): val figures would score images the "
+                               "models trained on")
         # The preview reads every image it shows: drawn from the staging folder, before the swap, so a
         # failure here too leaves the earlier prepared folder in place (docs/RELIABILITY.md, row 27).
         write_dataset_preview(prepared, dataset.train_split, preview_path)

@@ -495,9 +495,12 @@ def summary_line(params: Params, args: argparse.Namespace, context: None) -> str
             return "\n".join([*lines, f"{STAGE}: when every shard is done, run `python -m pipeline.{STAGE} --merge`"])
     metrics = assemble(params)
     repair = metrics["absent_class_repair"]
+    scores = (f"mIoU {metrics['miou']:.4f}" + (f" (before CRF {metrics['miou_before_crf']:.4f})"
+                                               if metrics["miou_before_crf"] is not None else "")
+              if metrics["miou"] is not None else str(metrics.get("not_scored", "not scored: no GT")))
     return "\n".join([
         *lines,
-        f"{STAGE}: {metrics['split']} mIoU {metrics['miou']} (before CRF {metrics['miou_before_crf']}) over "
+        f"{STAGE}: {metrics['split']} {scores} over "
         f"{metrics['n_scored']} of {metrics['n_images']} images, {time.perf_counter() - started:.1f} s",
         f"{STAGE}: labelled classes with no pixel: {repair['absent_before_repair']} of {repair['labelled_pairs']} "
         f"after CRF, {repair['absent_after_repair']} after the absent-class repair "

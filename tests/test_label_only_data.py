@@ -197,8 +197,13 @@ def _two_label_files(root: Path) -> tuple[Path, str]:
     return root / "labels.csv", "both of labels.csv and labels.json found"
 
 
+def _id_listed_twice(root: Path) -> tuple[Path, str]:
+    write_custom_tree(root, train=("a1", "a2", "a1"))
+    return root / "splits" / "train.txt", "train.txt:3: image a1 is listed twice (first on line 1)"
+
+
 @pytest.mark.parametrize("breaker", [_unknown_class, _unknown_class_json, _image_without_labels, _image_absent,
-                                     _mask_of_wrong_size, _two_label_files])
+                                     _mask_of_wrong_size, _two_label_files, _id_listed_twice])
 def test_a_bad_custom_input_is_one_line_naming_the_file(tmp_path: Path, breaker) -> None:
     bad_path, words = breaker(tmp_path / "mine")
     prepared_dir = tmp_path / "prepared"
@@ -209,6 +214,18 @@ def test_a_bad_custom_input_is_one_line_naming_the_file(tmp_path: Path, breaker)
     message = str(caught.value)
     assert "\n" not in message and str(bad_path) in message and words.split(": ", 1)[-1] in message, message
     assert not prepared_dir.exists()  # nothing written under the final name
+
+
+def test_an_image_in_both_the_train_and_the_val_split_is_refused(tmp_path: Path) -> None:
+    """Val figures must score images no model trained on: a shared id stops prepare, naming both keys and it."""
+    write_custom_tree(tmp_path / "mine", val=("b1", "a2"))
+    prepared_dir = tmp_path / "prepared"
+    params = params_from_dict({"dataset": {"name": "custom", "source": str(tmp_path / "mine"),
+                                           "prepared_dir": str(prepared_dir)}})
+    with pytest.raises(DatasetError, match=r"dataset.train_split 'train' and dataset.val_split 'val' share 1 "
+                                           r"images \(a2\)"):
+        run(params, preview_path=tmp_path / "preview.png", progress=False)
+    assert not prepared_dir.exists()
 
 
 # ------------------------------------------------------------------------------------------------ COCO

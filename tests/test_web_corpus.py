@@ -76,15 +76,22 @@ def test_attribute_dropout_leaves_bare_class_names_and_keeps_every_object() -> N
     assert 0.4 < bare / phrases < 0.6, (bare, phrases)
 
 
-def test_a_web_split_name_and_the_web_corpus_off_synthetic_are_refused() -> None:
+def test_a_web_split_name_and_the_web_corpus_off_synthetic_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"dataset\.train_split: 'web' is the synthetic generator's CLIP"):
         params_from_dict({"dataset": {"train_split": "web"}})
     params = params_from_dict({"dataset": {"name": "voc", "source": "some/voc"}})
     from pipeline.clip import pretraining_pairs
 
+    class Prepared:  # the one attribute the check reads: where a captions file would be
+        root = tmp_path
+
     with pytest.raises(ConfigError, match=r"clip\.pretrain\.corpus: 'web' streams the synthetic generator's images, "
-                                          r"but dataset\.name is 'voc'"):
-        pretraining_pairs(params, dataset=None)  # type: ignore[arg-type]
+                                          r"but dataset\.name is 'voc'; use clip\.source: file") as caught:
+        pretraining_pairs(params, dataset=Prepared)  # type: ignore[arg-type]
+    assert "train_split" not in str(caught.value)  # no captions: that corpus would fail next
+    (tmp_path / CAPTIONS_FILE).write_text("x\tsome caption\n")
+    with pytest.raises(ConfigError, match=r"or clip\.pretrain\.corpus: train_split"):
+        pretraining_pairs(params, dataset=Prepared)  # type: ignore[arg-type]
 
 
 def _prepared_synthetic(root: Path, config: SyntheticConfig) -> None:

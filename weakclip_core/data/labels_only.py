@@ -161,8 +161,16 @@ def prepare_custom(source: str | Path, root: str | Path, splits: list[str],
         split_path = source / "splits" / f"{split}.txt"
         if not split_path.is_file():
             raise DatasetError(f"{split_path}: split list for {split!r} not found")
-        ids = [check_image_id(line.strip(), split_path) for line in split_path.read_text().splitlines()
-               if line.strip()]
+        first_line: dict[str, int] = {}
+        for number, line in enumerate(split_path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            image_id = check_image_id(line.strip(), split_path)
+            if image_id in first_line:
+                raise DatasetError(f"{split_path}:{number}: image {image_id} is listed twice (first on line "
+                                   f"{first_line[image_id]}); it would count twice in training and scoring")
+            first_line[image_id] = number
+        ids = list(first_line)
         if not ids:
             raise DatasetError(f"{split_path}: split is empty")
         for image_id in ids:

@@ -115,9 +115,9 @@ def test_your_own_datas_masks_and_cocos_rendered_masks_are_gt_folders_too(tmp_pa
         folder.mkdir(parents=True)
     assert ground_truth_dirs(prepared, source, coco) == [
         prepared / "SegmentationClass", source / "SegmentationClass", source / "SegmentationClassAug",
-        source / "masks", coco]
+        source / "masks", source / "voc_format" / "class_labels", coco]
     gt_dirs = ground_truth_dirs(prepared, source, coco)
-    for bad in (source / "masks", coco / "sub"):
+    for bad in (source / "masks", coco / "sub", source / "voc_format" / "class_labels"):
         with pytest.raises(GroundTruthMaskError, match="weakclip.seeds.mask_folder"):
             refuse_ground_truth_dir(bad, gt_dirs, "weakclip.seeds.mask_folder")
     assert refuse_ground_truth_dir(source / "pseudo", gt_dirs, "weakclip.seeds.mask_folder") == \

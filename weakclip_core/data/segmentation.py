@@ -75,11 +75,13 @@ def refuse_ground_truth_dir(mask_dir: str | Path, ground_truth_dirs: Sequence[st
 def ground_truth_dirs(prepared_root: str | Path, source_root: str | Path | None = None,
                       coco_masks: str | Path | None = None) -> list[Path]:
     """Every folder holding GT masks: the prepared ``SegmentationClass``; under the source tree
-    (``dataset.source``) VOC's ``SegmentationClass`` and ``SegmentationClassAug`` and your own data's
-    ``masks`` (README "Your own data"); and COCO's pre-rendered masks (``dataset.coco_masks``)."""
+    (``dataset.source``) VOC's ``SegmentationClass`` and ``SegmentationClassAug``, your own data's ``masks``
+    (README "Your own data") and the masks hustvl/WeakCLIP's ``parse_coco.py`` writes into a COCO tree
+    (``voc_format/class_labels``); and COCO's pre-rendered masks wherever ``dataset.coco_masks`` puts them."""
     folders = [Path(prepared_root) / "SegmentationClass"]
     if source_root:
-        folders += [Path(source_root) / name for name in ("SegmentationClass", "SegmentationClassAug", "masks")]
+        folders += [Path(source_root) / name for name in ("SegmentationClass", "SegmentationClassAug", "masks",
+                                                           "voc_format/class_labels")]
     if coco_masks:
         folders.append(Path(coco_masks))
     return folders

@@ -37,9 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from flows.dvc_cli import capture_command, dvc_command, tool_environment
+from pipeline.summary import BENCH_DATASET_DEFAULT
 from weakclip_core.artifacts.atomic import write_json
-from weakclip_core.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "metrics" / "ablations_weakclip.json"
@@ -120,6 +122,15 @@ TABLES = (
                   "over seeds)"),
 )
 SEED_KEY = "weakclip.train.seed_offset"
+
+
+def committed_dataset(repo: Path = REPO) -> str:
+    """``dataset.name`` of the committed run (its ``dvc.lock``, the ``prepare`` stage's params): the dataset a bench
+    table's runs were made on, which every bench table records so the summary renders it under that dataset's
+    results only (``pipeline.summary.bench_files_of``)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))
+    params = lock["stages"].get("prepare", {}).get("params", {}).get("params.yaml", {})
+    return str(params.get("dataset", {}).get("name", BENCH_DATASET_DEFAULT))
 
 
 def experiment_name(variant: Ablation, seed_offset: int) -> str:
@@ -397,7 +408,7 @@ def collect(table: AblationTable = TABLES[0], heldout: bool = False) -> Path:
     not_run = [variant.name for variant in table.variants if variant.setting not in {row["setting"] for row in rows}]
     write_json(table.output, {
         "title": table.title,
-        "dataset": load_params(REPO / "params.yaml").dataset.name,  # the summary renders a table under its own dataset
+        "dataset": committed_dataset(),
         "description": (
             f"Each row is `dvc exp run -S <override> -S {SEED_KEY}=<s> weakclip_train` on the committed baseline, "
             "once per seed offset s (`python -m bench.ablations run --seeds N`): WeakCLIP's own init, batch order, "

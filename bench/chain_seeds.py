@@ -27,10 +27,9 @@ from typing import Any
 
 from scipy import stats
 
-from bench.ablations import dvc, experiment_metrics, failed_task_ids, mean_and_std, wait_for_queue
+from bench.ablations import committed_dataset, dvc, experiment_metrics, failed_task_ids, mean_and_std, wait_for_queue
 from pipeline.summary import FIGURES, gt_flag, read_metrics
 from weakclip_core.artifacts.atomic import write_json
-from weakclip_core.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "metrics" / "chain_seeds.json"
@@ -166,7 +165,7 @@ def collect() -> Path:
     # "values": the unrounded per-seed figures by summary key, so bench.machine_runs computes the same interval
     # as the rows show (not one from the rounded "per seed" cells); the summary renders only "rows".
     write_json(OUTPUT, {"title": "Headline over training seeds (DVC experiments)",
-                        "dataset": load_params(REPO / "params.yaml").dataset.name,
+                        "dataset": committed_dataset(),
                         "description": spread_description(seeds, rows), "rows": rows,
                         "values": values_by_figure(committed, by_name)})
     # Not a dvc.yaml dep of summary (its own experiments run summary before the file exists): re-run summary here

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from bench.ablations import dvc
+from bench.ablations import committed_dataset, dvc
 from bench.chain_seeds import PREDICTION_LEVEL, display_scale, headline_figures, prediction_interval, value_limits
 from pipeline.summary import SummaryError, read_metrics
 from weakclip_core.artifacts.atomic import write_json
@@ -57,13 +57,6 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
         raise MachineRunError(f"{path}: not a dvc.lock (no 'stages' mapping)")
     return data
-
-
-def committed_dataset(repo: Path) -> str:
-    """``dataset.name`` of the committed run, from its ``dvc.lock`` (the ``prepare`` stage's params): the summary
-    renders the table under that dataset's results only."""
-    params = read_yaml(repo / LOCK_FILE)["stages"].get("prepare", {}).get("params", {}).get("params.yaml", {})
-    return str(params.get("dataset", {}).get("name", "synthetic"))
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -105,12 +105,10 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
     model = model.to(device)
     crop = int(record["seg"]["train"]["crop"])
     evaluation = params.seg.eval
-    if evaluation.whole_image:  # each view through the network whole: one window as large as the view, no padding
-        views = InferenceAugmentation(scales=tuple(evaluation.scales), flip=evaluation.flip, crop=WHOLE_VIEW,
-                                      stride=WHOLE_VIEW, pad_to_crop=False)
-    else:
-        views = InferenceAugmentation(scales=tuple(evaluation.scales), flip=evaluation.flip, crop=crop,
-                                      stride=max(1, (2 * crop) // 3))
+    # whole_image: each view through the network whole, one window as large as the view and no padding
+    window, stride = (WHOLE_VIEW, WHOLE_VIEW) if evaluation.whole_image else (crop, max(1, (2 * crop) // 3))
+    views = InferenceAugmentation(scales=tuple(evaluation.scales), flip=evaluation.flip, crop=window, stride=stride,
+                                  pad_to_crop=not evaluation.whole_image)
     n_without_gt = len(image_ids) - len(scored_ids)
     image_ids = scored_ids  # partial GT (label-only data): the val images that have a GT mask are scored
 

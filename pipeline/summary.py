@@ -349,14 +349,12 @@ def write_summary(params: Params, paths: SummaryPaths = SummaryPaths()) -> dict[
     splits = {"train": params.dataset.scored_split, "val": params.dataset.val_split}  # train figures: the scored split
     figures = load_figures(paths, splits)
     summary = summary_of(figures)
-    bench_files = [*sorted(paths.metrics_root.glob("ablations*.json")), paths.metrics_root / "chain_seeds.json",
-                   paths.metrics_root / "machine_runs.json"]
+    chain_seeds, machine_runs = paths.metrics_root / "chain_seeds.json", paths.metrics_root / "machine_runs.json"
+    bench_files = [*sorted(paths.metrics_root.glob("ablations*.json")), chain_seeds, machine_runs]
     this_run, other_runs = bench_files_of(params.dataset.name, [path for path in bench_files if path.is_file()])
     ablation_files = [path for path in this_run if path.name.startswith("ablations")]
     clip_path = paths.metrics_root / "clip.json"
     clip = (read_metrics(clip_path), clip_path) if clip_path.is_file() else None
-    chain_seeds = paths.metrics_root / "chain_seeds.json"
-    machine_runs = paths.metrics_root / "machine_runs.json"
     markdown = results_markdown(figures, summary, params.dataset.name, ablation_files, clip,
                                 chain_seeds if chain_seeds in this_run else None,
                                 machine_runs if machine_runs in this_run else None, other_runs)

@@ -152,6 +152,22 @@ def test_custom_layout_in_both_label_formats(tmp_path: Path, fmt: str) -> None:
     np.testing.assert_array_equal(dataset.mask("b1"), mask)
 
 
+def test_camera_suffixes_in_upper_case_are_read(tmp_path: Path) -> None:
+    """``IMG.JPG`` and ``mask.PNG`` (cameras, Windows exports) are the images and masks of their ids, not "absent"
+    and "no GT": the prepared JPEG is the source file's bytes, the mask its pixels."""
+    mask = np.zeros((12, 16), dtype=np.uint8)
+    mask[3:9, 4:12] = 2
+    source = write_custom_tree(tmp_path / "mine")
+    (source / "images" / "a1.jpg").rename(source / "images" / "a1.JPG")
+    _palette_png(source / "masks" / "b1.PNG", mask)
+    prepared = tmp_path / "prepared"
+    prepare_custom(source, prepared, ["train", "val"], progress=False)
+    assert (prepared / "JPEGImages" / "a1.jpg").read_bytes() == (source / "images" / "a1.JPG").read_bytes()
+    dataset = PreparedDataset.open(prepared)
+    assert [i for i in dataset.labels if dataset.has_mask(i)] == ["b1"]
+    np.testing.assert_array_equal(dataset.mask("b1"), mask)
+
+
 def test_custom_without_any_mask_prepares_through_the_stage(tmp_path: Path) -> None:
     source = write_custom_tree(tmp_path / "mine")
     prepared_dir = tmp_path / "prepared"
@@ -202,8 +218,27 @@ def _id_listed_twice(root: Path) -> tuple[Path, str]:
     return root / "splits" / "train.txt", "train.txt:3: image a1 is listed twice (first on line 1)"
 
 
+def _blank_line_inside_the_class_list(root: Path) -> tuple[Path, str]:
+    write_custom_tree(root)
+    (root / "classes.txt").write_text("kiwi\n\nlime\nplum\n\n")  # trailing blank lines are fine, line 2 is not
+    return root / "classes.txt", "classes.txt:2: blank line inside the class list"
+
+
+def _two_images_for_one_id(root: Path) -> tuple[Path, str]:
+    write_custom_tree(root)
+    _jpeg(root / "images" / "a2.jpg", 7)  # beside a2.png
+    return root / "images" / "a2.jpg", "image a2 has 2 files (a2.jpg, a2.png); keep one"
+
+
+def _jpeg_mask(root: Path) -> tuple[Path, str]:
+    write_custom_tree(root)
+    _jpeg(root / "masks" / "b1.jpg", 3)
+    return root / "masks" / "b1.jpg", "the mask of image b1 must be one PNG of class indices (found b1.jpg"
+
+
 @pytest.mark.parametrize("breaker", [_unknown_class, _unknown_class_json, _image_without_labels, _image_absent,
-                                     _mask_of_wrong_size, _two_label_files, _id_listed_twice])
+                                     _mask_of_wrong_size, _two_label_files, _id_listed_twice,
+                                     _blank_line_inside_the_class_list, _two_images_for_one_id, _jpeg_mask])
 def test_a_bad_custom_input_is_one_line_naming_the_file(tmp_path: Path, breaker) -> None:
     bad_path, words = breaker(tmp_path / "mine")
     prepared_dir = tmp_path / "prepared"

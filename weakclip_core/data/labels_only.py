@@ -8,7 +8,7 @@ Two sources:
   ``read_cls_labels_npy`` reads and checks it; ``voc.prepare_voc`` uses it.
 - **Your own folder** (``dataset.name: custom``; ``prepare_custom``)::
 
-      <source>/images/<id>.jpg|.jpeg|.png    the images
+      <source>/images/<id>.jpg|.jpeg|.png    the images (suffix in any case: .JPG from a camera is fine)
       <source>/classes.txt                   foreground class names, one a line, in class-index order (1..K-1)
       <source>/labels.csv | labels.json      image id -> class names (exactly one of the two)
       <source>/splits/<split>.txt            image ids, one a line (train_split and val_split at least)
@@ -19,7 +19,10 @@ Two sources:
   an empty second column = no foreground class). ``labels.json``: ``{"<id>": ["<name>", ...], ...}``.
 
 Every image listed in a split needs a labels entry; a class name not in the class list, an id that is not a
-plain file name or a malformed row stops ``prepare`` with ``DatasetError`` naming the file (and line).
+plain file name or a malformed row stops ``prepare`` with ``DatasetError`` naming the file (and line). So do
+inputs that would otherwise be read silently wrong: a blank line inside ``classes.txt`` (skipping it would shift
+every later class's index against the masks' "i = line i"), two images or two masks for one id (``a.jpg`` and
+``a.png``: which one is meant?) and a mask that is not a PNG (JPEG masks are lossy: their class indices blur).
 """
 
 from __future__ import annotations
@@ -70,7 +73,13 @@ def read_class_list(path: Path) -> list[str]:
     """``["background", *names]`` from ``classes.txt`` (a leading ``background`` line is accepted)."""
     if not path.is_file():
         raise DatasetError(f"{path}: class list not found (one foreground class name a line)")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()  # trailing blank lines carry no index
+    if "" in lines:
+        raise DatasetError(f"{path}:{lines.index('') + 1}: blank line inside the class list; line i is class i, "
+                           "so a blank line would shift every class after it: remove it")
+    names = lines
     if names and names[0] == "background":
         names = names[1:]
     if not names:
@@ -135,13 +144,37 @@ def _labels_file(source: Path) -> Path:
     return present[0]
 
 
-def _image_file(images: Path, image_id: str, listed_in: Path) -> Path:
-    for suffix in IMAGE_SUFFIXES:
-        candidate = images / f"{image_id}{suffix}"
-        if candidate.is_file():
-            return candidate
-    raise DatasetError(f"{images / (image_id + IMAGE_SUFFIXES[0])}: image listed in {listed_in} is absent "
-                       f"(looked for {', '.join(IMAGE_SUFFIXES)})")
+def files_by_id(folder: Path) -> dict[str, list[Path]]:
+    """``id -> files`` of ``folder``'s plain files, keyed by name without suffix (one listing for the whole
+    dataset, and the suffix's case does not matter: ``IMG_1.JPG`` is image ``IMG_1``)."""
+    found: dict[str, list[Path]] = {}
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix:
+                found.setdefault(path.stem, []).append(path)
+    return found
+
+
+def _image_file(images: dict[str, list[Path]], folder: Path, image_id: str, listed_in: Path) -> Path:
+    candidates = [path for path in images.get(image_id, []) if path.suffix.lower() in IMAGE_SUFFIXES]
+    if not candidates:
+        raise DatasetError(f"{folder / (image_id + IMAGE_SUFFIXES[0])}: image listed in {listed_in} is absent "
+                           f"(looked for {', '.join(IMAGE_SUFFIXES)}, in any case)")
+    if len(candidates) > 1:
+        raise DatasetError(f"{candidates[0]}: image {image_id} has {len(candidates)} files "
+                           f"({', '.join(path.name for path in candidates)}); keep one")
+    return candidates[0]
+
+
+def _mask_file(masks: dict[str, list[Path]], image_id: str) -> Path | None:
+    """The image's GT mask (``<id>.png``, suffix in any case), or None when it has none."""
+    candidates = masks.get(image_id, [])
+    if not candidates:
+        return None
+    if len(candidates) > 1 or candidates[0].suffix.lower() != ".png":
+        raise DatasetError(f"{candidates[0]}: the mask of image {image_id} must be one PNG of class indices "
+                           f"(found {', '.join(path.name for path in candidates)}; a lossy JPEG blurs the indices)")
+    return candidates[0]
 
 
 def prepare_custom(source: str | Path, root: str | Path, splits: list[str],
@@ -177,20 +210,20 @@ def prepare_custom(source: str | Path, root: str | Path, splits: list[str],
             if image_id not in all_labels:
                 raise DatasetError(f"{labels_path}: no labels for image {image_id} (listed in {split_path})")
         ids_by_split[split] = ids
-    masks = source / "masks"
+    image_files, mask_files = files_by_id(images), files_by_id(source / "masks")
     (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
     labels: dict[str, list[int]] = {}
     all_ids = list(dict.fromkeys(image_id for ids in ids_by_split.values() for image_id in ids))
     for image_id in tqdm(all_ids, desc="custom", unit="img", disable=not progress):
         split = next(split for split, ids in ids_by_split.items() if image_id in ids)
-        image_path = _image_file(images, image_id, source / "splits" / f"{split}.txt")
+        image_path = _image_file(image_files, images, image_id, source / "splits" / f"{split}.txt")
         image = read_image(image_path)
         if image_path.suffix.lower() in (".jpg", ".jpeg"):
             link_or_copy(image_path, root / "JPEGImages" / f"{image_id}.jpg")
         else:
             write_image(root / "JPEGImages" / f"{image_id}.jpg", image)
-        mask_path = masks / f"{image_id}.png"
-        if mask_path.is_file():
+        mask_path = _mask_file(mask_files, image_id)
+        if mask_path is not None:
             mask = read_mask(mask_path)
             check_mask(mask, mask_path, image.shape[:2], len(class_names))
             write_mask(root / "SegmentationClass" / f"{image_id}.png", mask)

@@ -36,8 +36,8 @@ import yaml
 from weakclip_core.artifacts.weakclip import load_weakclip_model
 from weakclip_core.config.params import params_from_dict
 from weakclip_core.data.layout import PreparedDataset
-from weakclip_core.evaluation.metrics import ConfusionAccumulator
-from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
+from weakclip_core.evaluation.split_score import score_argmax_on_split
+from weakclip_core.method.inference import InferenceAugmentation
 from weakclip_core.models.weakclip.model import WeakClipOutput
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,18 +63,9 @@ def split_miou(logits: Logits, dataset: PreparedDataset, image_ids: Sequence[str
                restrict_to_labels: bool) -> float | None:
     """mIoU (VOC convention, 255 ignored) of ``logits``' argmax over the images of ``image_ids`` that have a
     GT mask; ``restrict_to_labels``: only each image's labels + background may win. None: nothing scored."""
-    scored = [image_id for image_id in image_ids if dataset.has_mask(image_id)]
-    if not scored:
-        return None
-    accumulator = ConfusionAccumulator(dataset.n_classes)
-    for start in range(0, len(scored), BATCH):
-        batch_ids = scored[start:start + BATCH]
-        labels = [dataset.image_labels(image_id) for image_id in batch_ids] if restrict_to_labels else None
-        probabilities = predict_image_batch(logits, [dataset.image(image_id) for image_id in batch_ids], labels,
-                                            dataset.n_classes, tta)
-        for image_id, probability in zip(batch_ids, probabilities):
-            accumulator.add(dataset.checked_mask(image_id, probability.shape[1:]), probability.argmax(axis=0))
-    return accumulator.report().miou
+    accumulator, n_scored = score_argmax_on_split(logits, dataset, image_ids, tta, restrict_to_labels,
+                                                  batch_size=BATCH)
+    return accumulator.report().miou if n_scored else None
 
 
 def score_split(logits: Logits, dataset: PreparedDataset, split: str, tta: InferenceAugmentation) -> HeldOutScores:

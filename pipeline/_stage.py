@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from weakclip_core.artifacts.atomic import write_json, write_text
 from weakclip_core.config import Params, load_params
-from weakclip_core.config.params import RuntimeConfig
+from weakclip_core.config.params import RuntimeConfig, check_batches_divide
 from weakclip_core.config.schema import ConfigError
 from weakclip_core.errors import InputError
 
@@ -205,20 +205,6 @@ def stage_command(module: str, runtime: RuntimeConfig, args: Sequence[str] = ())
     return [executable, "--standalone", "--nproc_per_node", str(runtime.nproc), "-m", module, *args]
 
 
-def check_global_batches(runtime: RuntimeConfig, batches: Mapping[str, int]) -> None:
-    """Before starting torchrun: every configured global batch (``{params key: size}``) divides by ``nproc``.
-
-    Raises ``ConfigError`` naming the batch key and ``runtime.nproc``, so the
-    user sees one line instead of ``nproc`` failing workers.
-    """
-    if runtime.launcher != "torchrun":
-        return
-    for key, size in batches.items():
-        if size % runtime.nproc != 0:
-            raise ConfigError(f"{key}: the global batch {size} does not divide over runtime.nproc = {runtime.nproc} "
-                              f"DDP processes; make {key} a multiple of {runtime.nproc} or change runtime.nproc")
-
-
 def relaunch_under_torchrun(module: str, runtime: RuntimeConfig, args: Sequence[str]) -> int | None:
     """Re-run this stage under torchrun when asked and not already under it; returns its exit code.
 
@@ -249,7 +235,7 @@ def launch_stage(module: str, runtime: RuntimeConfig, args: Sequence[str] | None
     ``args`` are the stage's command-line arguments (``None``: ``sys.argv[1:]``).
     Returns ``None`` to carry on in this process, or the torchrun job's exit code.
     """
-    check_global_batches(runtime, batches)
+    check_batches_divide(runtime, batches)
     return relaunch_under_torchrun(module, runtime, sys.argv[1:] if args is None else args)
 
 

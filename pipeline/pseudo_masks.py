@@ -63,6 +63,7 @@ from weakclip_core.data.layout import LABELS_FILE, PreparedDataset, read_mask, w
 from weakclip_core.data.segmentation import ground_truth_dirs, refuse_ground_truth_dir
 from weakclip_core.runtime.device import autocast, resolve_device, set_threads
 from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_image_batch
+from weakclip_core.method.prediction_crf import shown_classes
 from weakclip_core.method.refine import refine_probabilities
 from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, iou_report
 from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_overlay
@@ -328,11 +329,9 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
             for image_id, image, classes, probability in zip(batch, images, labels, probabilities):
                 if image_id in done:
                     continue
-                if all_classes:  # the argmax's classes (background always first); the subset renormalised, which
-                    # shifts every class's unary at a pixel by the same constant, so the CRF is the reference's
-                    allowed = (0, *sorted({int(k) for k in np.unique(probability.argmax(axis=0))} - {0}))
-                    subset = probability[list(allowed)]
-                    subset = subset / subset.sum(axis=0, keepdims=True)
+                if all_classes:  # the argmax's classes and background, renormalised (the reference's CRF step)
+                    shown, subset = shown_classes(probability, always=(0,))
+                    allowed = tuple(int(k) for k in shown)
                 else:
                     allowed = (0, *sorted(classes))
                     subset = probability[list(allowed)]

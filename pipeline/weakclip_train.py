@@ -50,9 +50,10 @@ from weakclip_core.runtime.device import autocast, resolve_device, seed_everythi
 from weakclip_core.runtime.distributed import (DistributedContext, ShardedKeySampler, broadcast_from_main,
                                                per_process_batch_size, run_on_main, single_process_context,
                                                wrap_model)
-from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
+from weakclip_core.method.inference import InferenceAugmentation
 from weakclip_core.method.losses import weakclip_losses
 from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator
+from weakclip_core.evaluation.split_score import score_argmax_on_split
 from weakclip_core.models.weakclip.model import WeakCLIP
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
 from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
@@ -150,18 +151,11 @@ def evaluate_on_split(model: WeakCLIP, dataset: PreparedDataset, image_ids: list
     model.eval()
     tta = InferenceAugmentation(scales=(1.0,), flip=False, crop=crop, stride=max(1, 2 * crop // 3),
                                 img_scale=img_scale)
-    scored_ids = [image_id for image_id in image_ids if dataset.has_mask(image_id)]
-    accumulator = ConfusionAccumulator(dataset.n_classes)
-    for start in tqdm(range(0, len(scored_ids), EVAL_BATCH), desc=f"{STAGE} eval", unit="batch",
-                      disable=not show_progress):
-        batch_ids = scored_ids[start:start + EVAL_BATCH]
-        probabilities = predict_image_batch(lambda images: precise_logits(model, images, device, precision),
-                                            [dataset.image(image_id) for image_id in batch_ids],
-                                            [dataset.image_labels(image_id) for image_id in batch_ids],
-                                            dataset.n_classes, tta, device)
-        for image_id, probability in zip(batch_ids, probabilities):
-            accumulator.add(dataset.checked_mask(image_id, probability.shape[1:]), probability.argmax(axis=0))
-    return accumulator.report().as_dict(dataset.class_names), len(scored_ids)
+    accumulator, n_scored = score_argmax_on_split(lambda images: precise_logits(model, images, device, precision),
+                                                  dataset, image_ids, tta, restrict_to_labels=True, device=device,
+                                                  batch_size=EVAL_BATCH,
+                                                  progress=f"{STAGE} eval" if show_progress else None)
+    return accumulator.report().as_dict(dataset.class_names), n_scored
 
 
 def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPaths(),

@@ -79,3 +79,22 @@ def test_mismatched_sizes_and_non_finite_probabilities_are_refused():
     broken[1, 2, 2] = np.nan  # one NaN would otherwise spread through the CRF to every pixel
     with pytest.raises(ValueError, match="1 non-finite"):
         crf_prediction(np.zeros((4, 4, 3), np.uint8), broken, REFERENCE_VOC_TEST_CRF)
+
+
+def test_classes_kept_always_stay_even_where_the_argmax_shows_none():
+    """``always=(0,)`` (the pseudo masks' background): kept although no pixel's argmax is 0, and the kept rows
+    are the originals divided by their sum at each pixel (numpy by hand)."""
+    from weakclip_core.method.prediction_crf import shown_classes
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(5, 6, 7)).astype(np.float32)
+    logits[0] -= 50.0  # background never wins
+    logits[3] -= 50.0  # nor class 3
+    probabilities = softmax(logits)
+    shown = np.unique(probabilities.argmax(axis=0))
+    assert 0 not in shown and 3 not in shown
+    classes, kept = shown_classes(probabilities, always=(0,))
+    assert classes.tolist() == [0, *shown.tolist()] and classes.dtype == np.uint8
+    expected = probabilities[classes] / probabilities[classes].sum(axis=0, keepdims=True)
+    np.testing.assert_allclose(kept, expected, rtol=1e-6)
+    assert shown_classes(probabilities)[0].tolist() == shown.tolist()

@@ -50,12 +50,13 @@ def write_chain(root: Path) -> None:
 
 
 def params_dict(root: Path, output: str = "data_pseudo", workers: int = 0, odds_ratio: float = 2.0,
-                use_crf: bool = True) -> dict:
+                use_crf: bool = True, softmax_classes: str = "labels") -> dict:
     return {"runtime": {"device": "cpu", "seed": 0, "threads": 2},
             "dataset": {"prepared_dir": str(root / "data")},
             "pseudo": {"scales": [0.75, 1.0], "flip": True, "crop": 64, "stride": 32, "batch_size": 3,
                        "workers": workers, "output_dir": str(root / output), "overlay_samples": 3,
-                       "absent_class_odds_ratio": odds_ratio, "use_crf": use_crf, "crf": {"iterations": 5}}}
+                       "absent_class_odds_ratio": odds_ratio, "use_crf": use_crf, "crf": {"iterations": 5},
+                       "softmax_classes": softmax_classes}}
 
 
 def paths_of(root: Path, run: str) -> PseudoPaths:
@@ -162,6 +163,27 @@ def test_without_crf_the_metrics_score_the_repaired_masks_that_were_written(chai
              for image_id in sorted(dataset.split("train"))]
     assert metrics["miou_after_crf"] is None and metrics["absent_class_repair"]["absent_before_repair"] > 0
     assert metrics["miou"] == pytest.approx(numpy_miou(pairs, 4), abs=1e-12)
+
+
+def test_softmax_over_every_class_keeps_the_argmaxs_classes_and_background(chain):
+    """``softmax_classes: all`` (the reference code): no label restriction, so the plain argmax (``raw/``) may
+    show a class the image is not labelled with; the CRF then runs over the classes that argmax shows plus
+    background, so every final mask holds only those (checked per image against the raw PNG, with numpy)."""
+    params = params_from_dict(params_dict(chain, "all_classes_masks", softmax_classes="all"))
+    paths = paths_of(chain, "all_classes")
+    assert run_shard(params, paths=paths, show_progress=False) == N_TRAIN
+    dataset = PreparedDataset.open(chain / "data")
+    raw_dir = work_dir_of(paths, work_config(params, dataset, paths.model)) / "raw"  # assemble removes it
+    raws = {image_id: set(np.unique(read_mask(raw_dir / f"{image_id}.png")).tolist())
+            for image_id in dataset.split("train")}
+    assemble(params, paths)
+    outside_labels = 0
+    for image_id in sorted(dataset.split("train")):
+        raw = raws[image_id]
+        final = set(np.unique(read_mask(chain / "all_classes_masks" / f"{image_id}.png")).tolist())
+        assert final <= raw | {0}, (image_id, final, raw)
+        outside_labels += bool(raw - {0, *dataset.image_labels(image_id)})
+    assert outside_labels > 0  # the random tiny model shows unlabelled classes: the restriction is really off
 
 
 def test_masks_of_a_weakclip_trained_on_gt_say_so_in_provenance_and_metrics(chain, straight_run):

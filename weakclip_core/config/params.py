@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -72,17 +73,22 @@ def distributed_batch_sizes(params: Params) -> dict[str, int]:
     return batches
 
 
-def check_distributed_batches(params: Params) -> None:
-    """Under ``runtime.launcher: torchrun`` every training batch must divide over ``runtime.nproc``: a
-    ``ConfigError`` naming the first that does not. Each training stage checks its own batch when it starts;
-    this checks them all at once, so a preset cannot hold a batch that would stop the chain at its last stage."""
-    if params.runtime.launcher != "torchrun":
+def check_batches_divide(runtime: RuntimeConfig, batches: Mapping[str, int]) -> None:
+    """Under ``launcher: torchrun`` each global batch (``{params key: size}``) must divide over ``runtime.nproc``
+    DDP processes: a ``ConfigError`` naming the first key that does not, one line instead of ``nproc`` failing
+    workers. A training stage checks its own batches before it starts torchrun (``pipeline/_stage.py``)."""
+    if runtime.launcher != "torchrun":
         return
-    for key, size in distributed_batch_sizes(params).items():
-        if size % params.runtime.nproc:
-            raise ConfigError(f"{key}: the global batch {size} does not divide over runtime.nproc = "
-                              f"{params.runtime.nproc} DDP processes; make {key} a multiple of "
-                              f"{params.runtime.nproc} or change runtime.nproc")
+    for key, size in batches.items():
+        if size % runtime.nproc:
+            raise ConfigError(f"{key}: the global batch {size} does not divide over runtime.nproc = {runtime.nproc} "
+                              f"DDP processes; make {key} a multiple of {runtime.nproc} or change runtime.nproc")
+
+
+def check_distributed_batches(params: Params) -> None:
+    """Every training batch at once (``check_batches_divide``), so a preset cannot hold a batch that would stop
+    the chain only at its last stage."""
+    check_batches_divide(params.runtime, distributed_batch_sizes(params))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -24,18 +24,22 @@ REFERENCE_UNARY_FLOOR = 1e-5
 """``pydensecrf.utils.unary_from_softmax``'s default ``clip``, which ``make_crf`` uses."""
 
 
-def shown_classes(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the classes ``probabilities``' argmax shows, ascending, uint8; their rows renormalised, float32).
+def shown_classes(probabilities: np.ndarray, always: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(the classes ``probabilities``' argmax shows, and ``always``'s, ascending, uint8; their rows renormalised,
+    float32). Renormalising a subset shifts every class's log-probability at a pixel by the same constant, so a
+    CRF over the subset decides as over all classes restricted to it (the reference's make_crf step).
 
-    probabilities: (K, H, W), row k for class k, each pixel summing to 1. A non-finite value is refused: one
-    NaN pixel would otherwise spread through the CRF's message passing to the whole image.
+    probabilities: (K, H, W), row k for class k, each pixel summing to 1. ``always``: classes kept even where
+    the argmax shows none (the pseudo masks keep background, which the absent-class repair weighs against). A
+    non-finite value is refused: one NaN pixel would otherwise spread through the CRF's message passing to the
+    whole image.
     """
     if probabilities.ndim != 3:
         raise ValueError(f"shown_classes: expected (K, H, W) probabilities, got shape {probabilities.shape}")
     if not np.isfinite(probabilities).all():
         raise ValueError(f"shown_classes: the probabilities hold {int((~np.isfinite(probabilities)).sum())} "
                          f"non-finite values (NaN or inf): the model's output is broken")
-    shown = np.unique(probabilities.argmax(axis=0))
+    shown = np.union1d(probabilities.argmax(axis=0), np.asarray(always, dtype=np.int64))
     kept = probabilities[shown].astype(np.float32)
     kept /= kept.sum(axis=0, keepdims=True)
     return shown.astype(np.uint8), kept

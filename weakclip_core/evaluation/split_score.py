@@ -1,0 +1,34 @@
+"""A dense model's argmax scored against a split's GT masks: the loop WeakCLIP's own evaluation
+(``pipeline/weakclip_train.py``) and the held-out bench (``bench/heldout.py``) share, so both score the same
+images (those with a GT mask) the same way (VOC convention, 255 ignored, single argmax, no CRF)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.evaluation.metrics import ConfusionAccumulator
+from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_image_batch
+
+
+def score_argmax_on_split(model: DenseModel, dataset: PreparedDataset, image_ids: Sequence[str],
+                          tta: InferenceAugmentation, restrict_to_labels: bool, device: torch.device | str = "cpu",
+                          batch_size: int = 16, progress: str | None = None) -> tuple[ConfusionAccumulator, int]:
+    """(the confusion of ``model``'s argmax against GT over ``image_ids``' images that have a mask, how many).
+
+    ``restrict_to_labels``: only each image's labels + background may win (the train split, where the labels
+    are given); otherwise every class (held-out images). ``progress``: a tqdm bar over batches with that
+    description (``None``: no bar)."""
+    scored = [image_id for image_id in image_ids if dataset.has_mask(image_id)]
+    accumulator = ConfusionAccumulator(dataset.n_classes)
+    for start in tqdm(range(0, len(scored), batch_size), desc=progress, unit="batch", disable=progress is None):
+        batch_ids = scored[start:start + batch_size]
+        labels = [dataset.image_labels(image_id) for image_id in batch_ids] if restrict_to_labels else None
+        probabilities = predict_image_batch(model, [dataset.image(image_id) for image_id in batch_ids], labels,
+                                            dataset.n_classes, tta, device)
+        for image_id, probability in zip(batch_ids, probabilities):
+            accumulator.add(dataset.checked_mask(image_id, probability.shape[1:]), probability.argmax(axis=0))
+    return accumulator, len(scored)

@@ -207,10 +207,11 @@ def failed_task_ids() -> set[str]:
     return {task_id(line) for line in parse_queue_status(dvc("queue", "status")).failed}
 
 
-def start_workers(jobs: int) -> None:
-    """``dvc queue start --jobs jobs`` (one thread each when ``jobs`` > 1, so the runs do not fight over the cores)."""
+def start_workers(jobs: int, one_thread_each: bool) -> None:
+    """``dvc queue start --jobs jobs``; ``one_thread_each``: every run at one thread (so that runs at once do not
+    fight over the cores, and runs of different queues ran alike)."""
     environment = tool_environment()
-    if jobs > 1:
+    if one_thread_each:
         environment.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     # The workers outlive `dvc queue start` and inherit its output: hand them /dev/null, or a captured
     # pipe stays open (and this call blocks) until the queue has drained.
@@ -219,14 +220,16 @@ def start_workers(jobs: int) -> None:
 
 
 def wait_for_queue(jobs: int, poll_s: float, earlier_failures: frozenset[str] | set[str] = frozenset(),
-                   stalled_polls_before_restart: int = 2) -> None:
+                   stalled_polls_before_restart: int = 2, one_thread_each: bool | None = None) -> None:
     """Start ``jobs`` queue workers and wait until the queue has drained; a failed experiment raises, naming it,
     unless its task id is one of ``earlier_failures`` (tasks that had failed before this queue was filled).
+    ``one_thread_each`` (default: when ``jobs`` > 1): ``start_workers``'.
 
     Workers that exit with tasks still queued (seen with DVC's celery queue on long queues) are started again
     once the queue has looked stalled for ``stalled_polls_before_restart`` polls in a row, so an overnight
     queue does not sit idle."""
-    start_workers(jobs)
+    one_thread = jobs > 1 if one_thread_each is None else one_thread_each
+    start_workers(jobs, one_thread)
     stalled_polls = 0
     while True:
         state = parse_queue_status(dvc("queue", "status"))
@@ -235,7 +238,7 @@ def wait_for_queue(jobs: int, poll_s: float, earlier_failures: frozenset[str] | 
         stalled_polls = stalled_polls + 1 if state.stalled else 0
         if stalled_polls >= stalled_polls_before_restart:
             print(f"{state.queued} experiments queued and no worker left: starting {jobs} again", flush=True)
-            start_workers(jobs)
+            start_workers(jobs, one_thread)
             stalled_polls = 0
         print(f"{state.running + state.queued} experiments queued or running", flush=True)
         time.sleep(poll_s)

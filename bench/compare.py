@@ -3,21 +3,23 @@
 Why: one run per variant cannot rank two variants that differ by less than a run's own noise (another seed moves
 WeakCLIP mIoU by a point, seg mIoU by three or four). The fixed tables of ``bench.ablations`` and
 ``bench.chain_seeds`` answer that for the variants this repository studies; this module does it for any
-``-S key=value`` you want to try. It queues the baseline and the variant as DVC experiments at seeds 1..N (the
-same seed key, target, queue and thread count for both), waits, and prints one table per metric: each arm's
-mean ± sample std and per-seed values, and the variant's paired difference from the baseline (seed for seed: a
-seed moves both arms alike, so pairing removes that shared noise) with its 95 % t-interval. A difference whose
-interval holds 0 is reported as not told apart from the noise, whatever its sign.
+``-S key=value`` you want to try. It queues the baseline and the variant as DVC experiments at seeds 1..N (same
+seed key, target and queue, one thread a run), waits, and prints one table per figure: each side's mean ± sample
+std and per-seed values, and the variant's paired difference from the baseline (seed for seed: a seed moves both
+sides alike, so pairing removes that shared noise) with its 95 % t-interval. "higher" / "lower" only when that
+interval leaves 0 out; "not told apart from the noise" is not "equal" (three seeds see only large effects), and
+over several figures at 95 % each, one of them will now and then read "higher" or "lower" by chance.
 
     python -m bench.compare run NAME -S key=value [-S ...] [--seeds 3] [--target STAGE] [--jobs 2]
     python -m bench.compare show NAME [NAME ...] [--target STAGE] [--metric FILE:KEY ...]
 
-Experiments are ``NAME-s<k>`` and ``cmp-base-<target>-s<k>`` on the current commit (``dvc exp show`` lists
-them; ``dvc exp remove`` drops them). ``run`` queues only the experiments that are not there yet, so a second
-variant reuses the baseline's runs and ``--seeds 5`` after ``--seeds 3`` adds seeds 4 and 5. The seed key is
-``weakclip.train.seed_offset`` for ``--target weakclip_train`` (WeakCLIP's own init, batch order, augmentation
-and dropout; the CLIP and CAM seeds stay the committed ones, as the ablation grid does) and ``runtime.seed``
-otherwise (every training stage up to the target draws from it); ``--seed-key`` names another.
+Experiments are ``NAME-s<k>`` and ``cmp-base-<target>-s<k>`` on the current commit (``dvc exp show`` lists them;
+``dvc exp remove`` drops them). ``run`` queues only what has not run yet, so a second variant reuses the baseline's
+runs and ``--seeds 5`` after ``--seeds 3`` adds seeds 4 and 5; a finished run is reused only if every param it ran
+with is the one asked for now. The seed key is ``weakclip.train.seed_offset`` for ``--target weakclip_train``
+(WeakCLIP's own init, batch order, augmentation and dropout; the CLIP and CAM seeds stay the committed ones, as
+the ablation grid's) and ``runtime.seed`` otherwise (every training stage up to the target draws from it);
+``--seed-key`` names another. ``-S`` is read with Hydra's override grammar, as ``dvc exp run -S`` reads it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import json
 import math
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,17 +38,20 @@ from scipy import stats
 
 from bench import ablations
 from bench.chain_seeds import headline_figures
-from flows.dag import read_stage_graph
+from flows.dag import StageGraph, read_stage_graph
+from flows.dvc_cli import CommandFailed
 from weakclip_core.artifacts.atomic import write_json
 
 WEAKCLIP_SEED_KEY = "weakclip.train.seed_offset"
 CHAIN_SEED_KEY = "runtime.seed"
 WHOLE_CHAIN = "chain"
 """The target label of a comparison over the whole chain (no ``--target``): ``cmp-base-chain-s<k>``."""
+BASELINE_PREFIX = "cmp-base-"
 CONFIDENCE = 0.95
 POLL_S = 15.0
 """Seconds between two looks at ``dvc queue status`` while the experiments run."""
-EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
+"""Names git accepts as a ref's last part (no ``..``, no trailing ``.`` or ``.lock`` issue for these)."""
 
 
 class CompareError(Exception):
@@ -77,44 +83,114 @@ class Arm:
     overrides: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Run:
+    """One finished experiment: the params it ran with and the data of every metrics file."""
+
+    params: dict[str, Any]
+    metrics: dict[str, dict[str, Any]]
+
+
+# ----------------------------------------------------------------------------------------------- what to run
+
+
 def seed_key_for(target: str | None) -> str:
+    """The default seed: WeakCLIP's own noise when only WeakCLIP re-trains, the chain's seed otherwise."""
     return WEAKCLIP_SEED_KEY if target == "weakclip_train" else CHAIN_SEED_KEY
 
 
-def baseline_arm(target: str | None) -> Arm:
-    label = re.sub(r"[^A-Za-z0-9._-]", "-", target or WHOLE_CHAIN)
-    return Arm(f"cmp-base-{label}", ())
+def baseline_arm(target: str | None, seed_key: str) -> Arm:
+    """The baseline's name: its target, and its seed key when that is not the target's default (the two would be
+    different runs)."""
+    label = target or WHOLE_CHAIN
+    if seed_key != seed_key_for(target):
+        label += f"-{seed_key}"
+    return Arm(BASELINE_PREFIX + re.sub(r"[^A-Za-z0-9_-]", "-", label), ())
 
 
-def parse_override(override: str) -> tuple[str, Any]:
-    """``"a.b=1.0"`` → ``("a.b", 1.0)``: the value read as YAML, as ``dvc exp run -S`` does."""
-    key, separator, value = override.partition("=")
-    if not separator or not key.strip():
-        raise CompareError(f"-S {override!r}: expected key=value")
-    return key.strip(), yaml.safe_load(value)
+def parse_overrides(overrides: tuple[str, ...]) -> dict[str, Any]:
+    """``{key: value}`` of ``-S`` overrides read as ``dvc exp run -S`` reads them (Hydra's grammar: ``1e-3`` is a
+    float, ``yes`` a string). Sweeps (``a=1,2``: DVC would queue one experiment per value) and the ``+``, ``++``,
+    ``~`` forms (adding or deleting keys) are refused."""
+    from dvc.utils.hydra import to_hydra_overrides
+    from hydra.errors import OverrideParseException
+
+    values: dict[str, Any] = {}
+    for text in overrides:
+        try:
+            [override] = to_hydra_overrides([text])
+        except OverrideParseException as error:
+            raise CompareError(f"-S {text}: not a key=value override ({str(error).splitlines()[0]})") from None
+        key = override.key_or_group
+        if override.is_sweep_override():
+            raise CompareError(f"-S {text}: a sweep (one experiment per value); compare one value per NAME")
+        if override.is_add() or override.is_force_add() or override.is_delete():
+            raise CompareError(f"-S {text}: only key=value of an existing key (no +, ++ or ~)")
+        if key in values:
+            raise CompareError(f"-S {key}: given twice")
+        values[key] = override.value()
+    return values
 
 
-def check_override_keys(overrides: tuple[str, ...], params: dict[str, Any], seed_key: str) -> None:
-    """Every ``-S`` key exists in ``params.yaml`` (a typo would otherwise add a key nothing reads and the
-    "variant" would be the baseline), and none is the seed key, which the comparison sets itself."""
-    for override in overrides:
-        key, _ = parse_override(override)
+def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` of a nested params mapping (a list or an empty mapping is one value)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def with_overrides(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Flat params ``base`` with each dotted key of ``values`` set (a mapping value replaces the keys under it)."""
+    result = dict(base)
+    for key, value in values.items():
+        for old in [old for old in result if old == key or old.startswith(key + ".")]:
+            del result[old]
+        result.update(flat_params(value, key + ".") if isinstance(value, dict) and value else {key: value})
+    return result
+
+
+def has_key(flat: dict[str, Any], key: str) -> bool:
+    return any(name == key or name.startswith(key + ".") for name in flat)
+
+
+def declared_keys(graph: StageGraph) -> set[str]:
+    """The params keys the stages of ``graph`` declare in dvc.yaml (``""``: a whole params file)."""
+    return {key for stage in graph.stages for key in stage.params}
+
+
+def check_keys(values: dict[str, Any], flat: dict[str, Any], seed_key: str, graph: StageGraph,
+               target: str | None) -> None:
+    """Each ``-S`` key and the seed key exist in ``params.yaml`` and are read by a stage the run reaches; the seed
+    key is the comparison's own. Otherwise the "variant" would run as the baseline and the table show a 0."""
+    declared = declared_keys(graph)
+
+    def read(key: str) -> bool:
+        return "" in declared or any(key == name or key.startswith(name + ".") or name.startswith(key + ".")
+                                     for name in declared)
+
+    reach = f"--target {target}" if target else "the chain"
+    if not has_key(flat, seed_key):
+        raise CompareError(f"--seed-key {seed_key}: no such key in params.yaml")
+    if not read(seed_key):
+        raise CompareError(f"--seed-key {seed_key}: no stage up to {reach} reads it, so no seed would change a run")
+    for key in values:
         if key == seed_key:
             raise CompareError(f"-S {key}: the seed key is set by the comparison (seeds 1..N); drop it")
-        node: Any = params
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise CompareError(f"-S {key}: no such key in params.yaml")
-            node = node[part]
+        if not has_key(flat, key):
+            raise CompareError(f"-S {key}: no such key in params.yaml")
+        if not read(key):
+            raise CompareError(f"-S {key}: no stage up to {reach} reads it (dvc.yaml), so the variant would be the "
+                               "baseline; pick a later --target")
 
 
-def nested(data: dict[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+def check_name(name: str) -> None:
+    if not EXPERIMENT_NAME.fullmatch(name) or name.startswith(BASELINE_PREFIX) or name.endswith(".lock"):
+        raise CompareError(f"NAME {name!r}: letters, digits, '_', '-', single dots between them, not starting with "
+                           f"{BASELINE_PREFIX!r}")
 
 
 def default_metrics(repo: Path, target: str | None) -> tuple[Metric, ...]:
@@ -123,10 +199,8 @@ def default_metrics(repo: Path, target: str | None) -> tuple[Metric, ...]:
     training curves under ``dvclive/`` are not results)."""
     if target is None:
         return tuple(Metric("metrics/summary.json", key) for key, _, _ in headline_figures())
-    stages = {stage.name: stage for stage in read_stage_graph(repo).stages}
-    if target not in stages:
-        raise CompareError(f"--target {target}: no such stage in dvc.yaml (stages: {', '.join(sorted(stages))})")
-    found = tuple(Metric(path, "miou") for path in stages[target].metrics
+    stage = stage_graph(repo, target).by_name()[target]
+    found = tuple(Metric(path, "miou") for path in stage.metrics
                   if path.startswith("metrics/") and path.endswith(".json") and holds_miou(repo / path))
     if not found:
         raise CompareError(f"--target {target}: the stage writes no metrics/*.json with an mIoU; name a figure with "
@@ -144,24 +218,47 @@ def holds_miou(path: Path) -> bool:
         return False
 
 
-def parse_metric(text: str) -> Metric:
+def stage_graph(repo: Path, target: str | None) -> StageGraph:
+    """The stages a run reaches: the target and its ancestors (the whole pipeline without one)."""
+    graph = read_stage_graph(repo)
+    if target is None:
+        return graph
+    if target not in graph.by_name():
+        raise CompareError(f"--target {target}: no such stage in dvc.yaml (stages: {', '.join(graph.names())})")
+    return graph.select([target])
+
+
+def parse_metric(text: str, graph: StageGraph, target: str | None) -> Metric:
+    """``FILE:KEY``, where FILE is written by a stage the run reaches: a later stage's file would hold the
+    committed run's figure in every experiment."""
     file, separator, key = text.rpartition(":")
     if not separator or not file or not key:
         raise CompareError(f"--metric {text!r}: expected FILE:KEY, e.g. metrics/weakclip.json:miou")
+    if not any(file in stage.outs for stage in graph.stages):
+        raise CompareError(f"--metric {text}: {file} is not written by a stage up to "
+                           f"{'--target ' + target if target else 'the chain'}")
     return Metric(file, key)
 
 
-@dataclass(frozen=True)
-class Run:
-    """One finished experiment: its params and the data of every metrics file."""
+def check_clean_workspace(repo: Path) -> None:
+    """``dvc exp run --queue`` carries uncommitted changes into every experiment it queues, so runs queued now and
+    runs reused later would differ in them: the variant would not be what its name says."""
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                             capture_output=True, text=True, check=True).stdout.split("\n")
+    files = [line[3:] for line in changed if line.strip()]
+    if files:
+        raise CompareError(f"uncommitted changes in {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}: commit "
+                           "or stash them first (every queued experiment would carry them)")
 
-    params: dict[str, Any]
-    metrics: dict[str, dict[str, Any]]
+
+# ----------------------------------------------------------------------------------------------- what ran
 
 
 def experiments_of_head(exp_show: list[dict[str, Any]]) -> tuple[dict[str, Run], set[str]]:
-    """``({name: Run} of the experiments with results, names of every listed experiment})`` from ``dvc exp show
-    --json`` on the current commit. A failed run lists the metrics of the commit it started from: left out."""
+    """``({name: Run} of the finished experiments, names of every listed experiment})`` from ``dvc exp show
+    --json`` on the current commit. Finished: the executor reports success (or is gone) and the run has metrics.
+    A queued or running experiment lists the committed metrics it has not rewritten yet, and a failed one those of
+    the commit it started from: neither counts."""
     finished: dict[str, Run] = {}
     listed: set[str] = set()
     for baseline in exp_show:
@@ -170,6 +267,9 @@ def experiments_of_head(exp_show: list[dict[str, Any]]) -> tuple[dict[str, Run],
             if not name:
                 continue
             listed.add(name)
+            executor = experiment.get("executor")
+            if executor is not None and executor.get("state") != "success":
+                continue
             for revision in experiment.get("revs") or []:
                 data = revision.get("data") or {}
                 if revision.get("error") or name in finished or not data.get("metrics"):
@@ -181,80 +281,97 @@ def experiments_of_head(exp_show: list[dict[str, Any]]) -> tuple[dict[str, Run],
     return finished, listed
 
 
-def check_existing_run(name: str, run: Run, overrides: tuple[str, ...], seed_key: str, seed: int) -> None:
-    """An experiment already named like one of ours must have been run with our overrides and seed, or the table
-    would mix two variants under one name."""
-    for key, value in (*map(parse_override, overrides), (seed_key, seed)):
-        if nested(run.params, key) != value:
-            raise CompareError(f"experiment {name} exists with {key}={nested(run.params, key)!r}, not {value!r}: pick "
-                               f"another name, or drop it with `dvc exp remove {name}`")
-
-
-def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(flat_params(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def overrides_of(finished: dict[str, Run], baseline: Arm, name: str, seed_key: str) -> tuple[str, ...]:
-    """``show``: the variant's overrides, read back as the params where its run and the baseline's run at the
-    same seed differ (the seed key aside); none when no such pair has finished."""
-    for experiment in sorted(finished):
-        match = re.fullmatch(re.escape(name) + r"-s(\d+)", experiment)
-        reference = finished.get(experiment_name(baseline, int(match.group(1)))) if match else None
-        if reference is not None:
-            ours, theirs = flat_params(finished[experiment].params), flat_params(reference.params)
-            return tuple(f"{key}={json.dumps(ours.get(key))}" for key in sorted(set(ours) | set(theirs))
-                         if key != seed_key and ours.get(key) != theirs.get(key))
-    return ()
-
-
 def experiment_name(arm: Arm, seed: int) -> str:
     return f"{arm.name}-s{seed}"
 
 
-def plan(arms: tuple[Arm, ...], seeds: tuple[int, ...], seed_key: str, finished: dict[str, Run],
-         listed: set[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """``[(experiment name, its -S overrides)]`` still to run; finished ones are checked, not re-run."""
+def plan(arms: tuple[Arm, ...], seeds: tuple[int, ...], seed_key: str, params: dict[str, Any],
+         finished: dict[str, Run], listed: set[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """``[(experiment name, its -S overrides)]`` still to run. A finished experiment of the name is reused only if
+    every param it ran with is the one asked for now (``params.yaml`` with the arm's overrides and the seed);
+    otherwise, or if it is listed without results, the run stops naming it."""
+    base = flat_params(params)
     to_run = []
     for arm in arms:
+        values = parse_overrides(arm.overrides)
         for seed in seeds:
             name = experiment_name(arm, seed)
             if name in finished:
-                check_existing_run(name, finished[name], arm.overrides, seed_key, seed)
+                expected = with_overrides(base, {**values, seed_key: seed})
+                ran = flat_params(finished[name].params)
+                for key in sorted(set(expected) | set(ran)):
+                    if expected.get(key) != ran.get(key):
+                        advice = ("drop it" if arm.name.startswith(BASELINE_PREFIX)
+                                  else "pick another NAME, or drop it")
+                        raise CompareError(f"experiment {name} ran with {key}={shown_value(ran.get(key))}, not "
+                                           f"{shown_value(expected.get(key))}: {advice} (`dvc exp remove {name}`)")
                 continue
             if name in listed:
-                raise CompareError(f"experiment {name} is listed without results (failed or still queued): see "
-                                   f"`dvc queue logs {name}`; drop it with `dvc exp remove {name}` to run it again")
+                raise CompareError(f"experiment {name} is listed without results (queued, running or failed): see "
+                                   f"`dvc queue status`; `dvc exp remove {name}` to run it again")
             to_run.append((name, (*arm.overrides, f"{seed_key}={seed}")))
     return to_run
 
 
 def queue_and_wait(to_run: list[tuple[str, tuple[str, ...]]], target: str | None, jobs: int, poll_s: float) -> None:
-    """Queue each experiment (``dvc exp run --queue``), run the queue with ``jobs`` workers and wait (the
-    ablation grid's queue: ``bench.ablations.wait_for_queue``, one thread a run when ``jobs`` > 1)."""
+    """Queue each experiment (``dvc exp run --queue``), run the queue with ``jobs`` workers at one thread a run
+    (runs of two calls with other ``--jobs`` then ran alike) and wait (``bench.ablations.wait_for_queue``)."""
     earlier_failures = ablations.failed_task_ids()
     for name, overrides in to_run:
         arguments = [argument for override in overrides for argument in ("-S", override)]
         ablations.dvc("exp", "run", "--queue", "--name", name, *arguments, *([target] if target else []))
         print(f"queued {name}: {' '.join(overrides)}", flush=True)
-    ablations.wait_for_queue(jobs, poll_s, earlier_failures)
+    ablations.wait_for_queue(jobs, poll_s, earlier_failures, one_thread_each=True)
 
 
-def seed_values(finished: dict[str, Run], arm: Arm, metric: Metric) -> dict[int, float]:
-    """``{seed: value}`` of ``arm``'s finished experiments that hold the metric."""
+def seed_values(finished: dict[str, Run], arm: Arm, metric: Metric, seed_key: str) -> dict[int, float]:
+    """``{seed: value}`` of ``arm``'s finished experiments that hold the metric; each run's seed param must be
+    its name's (a hand-made ``NAME-s2`` run at another seed would be paired wrongly)."""
     found: dict[int, float] = {}
     pattern = re.compile(re.escape(arm.name) + r"-s(\d+)")
     for name, run in finished.items():
         match = pattern.fullmatch(name)
-        value = nested(run.metrics.get(metric.file) or {}, metric.key) if match else None
+        if not match:
+            continue
+        seed = int(match.group(1))
+        if nested(run.params, seed_key) != seed:
+            raise CompareError(f"experiment {name} ran with {seed_key}={nested(run.params, seed_key)!r}, not {seed}")
+        value = nested(run.metrics.get(metric.file) or {}, metric.key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            found[int(match.group(1))] = float(value)  # type: ignore[union-attr]
+            found[seed] = float(value)
     return found
+
+
+def nested(data: dict[str, Any], dotted: str) -> Any:
+    """``data["a"]["b"]`` for ``"a.b"``; None where a part is missing."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def shown_value(value: Any) -> str:
+    """A param value as one writes it after ``-S key=`` (``true``, ``0.001``, ``slow``, ``[1, 2]``)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def overrides_of(finished: dict[str, Run], baseline: Arm, name: str, seed_key: str) -> tuple[str, ...] | None:
+    """``show``: the variant's overrides, read back as the params where its run and the baseline's run at the
+    same seed differ (the seed key aside); None when no such pair has finished."""
+    for experiment in sorted(finished):
+        match = re.fullmatch(re.escape(name) + r"-s(\d+)", experiment)
+        reference = finished.get(experiment_name(baseline, int(match.group(1)))) if match else None
+        if reference is not None:
+            ours, theirs = flat_params(finished[experiment].params), flat_params(reference.params)
+            return tuple(f"{key}={shown_value(ours[key]) if key in ours else '(absent)'}"
+                         for key in sorted(set(ours) | set(theirs))
+                         if key != seed_key and ours.get(key) != theirs.get(key))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- the table
 
 
 def paired_difference(variant: dict[int, float], baseline: dict[int, float]) -> dict[str, Any] | None:
@@ -269,7 +386,9 @@ def paired_difference(variant: dict[int, float], baseline: dict[int, float]) -> 
     if std is not None:
         half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(differences) - 1) * std / math.sqrt(len(differences))
         interval = (mean - half, mean + half)
-    if interval is None:
+    if all(difference == 0 for difference in differences):
+        verdict = "identical in every pair"
+    elif interval is None:
         verdict = "one pair: no interval, run more seeds"
     elif interval[0] > 0:
         verdict = "higher"
@@ -281,17 +400,18 @@ def paired_difference(variant: dict[int, float], baseline: dict[int, float]) -> 
             "ahead": sum(difference > 0 for difference in differences), "verdict": verdict}
 
 
-def comparison(finished: dict[str, Run], baseline: Arm, variants: tuple[Arm, ...],
-               metrics: tuple[Metric, ...]) -> list[dict[str, Any]]:
+def comparison(finished: dict[str, Run], baseline: Arm, variants: tuple[Arm, ...], metrics: tuple[Metric, ...],
+               seed_key: str) -> list[dict[str, Any]]:
     """One entry per metric: each arm's seeds, mean and std, and each variant's paired difference."""
     tables = []
     for metric in metrics:
-        reference = seed_values(finished, baseline, metric)
+        reference = seed_values(finished, baseline, metric, seed_key)
         rows = []
         for arm in (baseline, *variants):
-            values = seed_values(finished, arm, metric)
+            values = seed_values(finished, arm, metric, seed_key)
             mean, std = ablations.mean_and_std(list(values.values())) if values else (None, None)
-            rows.append({"arm": arm.name, "overrides": list(arm.overrides), "values": values, "mean": mean, "std": std,
+            rows.append({"arm": arm.name, "baseline": arm is baseline, "overrides": list(arm.overrides),
+                         "values": values, "mean": mean, "std": std,
                          "vs_baseline": None if arm is baseline else paired_difference(values, reference)})
         tables.append({"metric": metric.label, "in_points": metric.in_points, "rows": rows})
     return tables
@@ -299,31 +419,88 @@ def comparison(finished: dict[str, Run], baseline: Arm, variants: tuple[Arm, ...
 
 def render(tables: list[dict[str, Any]], seed_key: str, target: str | None) -> str:
     """The tables as Markdown (mIoU in points)."""
-    lines = [f"Seeds: `{seed_key}`; target: {target or 'the whole chain'}; mean ± sample std; 'vs baseline' is the "
-             f"mean of the seed-for-seed differences with its {round(100 * CONFIDENCE)} % t-interval."]
+    lines = [f"Seeds: `{seed_key}`; target: {target or 'the whole chain'}; one thread a run; mean ± sample std; "
+             f"'vs baseline' is the mean of the seed-for-seed differences with its {round(100 * CONFIDENCE)} % "
+             "t-interval (over the seeds both ran, named where that is not all of the row's)."]
     for table in tables:
         scale, digits = (100.0, 1) if table["in_points"] else (1.0, 4)
-
-        def shown(value: float | None) -> str:
-            return "—" if value is None else f"{scale * value:.{digits}f}"
-
         lines += ["", f"**{table['metric']}**" + (" (points)" if table["in_points"] else ""), "",
                   "| experiments | overrides | seeds | mean | ± std | per seed | vs baseline | 95% interval | ahead | verdict |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for row in table["rows"]:
-            seeds = sorted(row["values"])
-            versus = row["vs_baseline"]
-            interval = versus and versus["interval"]
-            lines.append("| " + " | ".join([
-                f"{row['arm']}-s{{{','.join(map(str, seeds))}}}" if seeds else f"{row['arm']} (no run)",
-                " ".join(row["overrides"]) or "baseline",
-                str(len(seeds)), shown(row["mean"]), shown(row["std"]),
-                " / ".join(shown(row["values"][seed]) for seed in seeds),
-                "" if versus is None else f"{'+' if versus['mean'] > 0 else ''}{shown(versus['mean'])}",
-                "" if not interval else f"{shown(interval[0])} – {shown(interval[1])}",
-                "" if versus is None else f"{versus['ahead']} of {len(versus['seeds'])}",
-                "" if versus is None else versus["verdict"]]) + " |")
+            lines.append(render_row(row, scale, digits))
     return "\n".join(lines)
+
+
+def render_row(row: dict[str, Any], scale: float, digits: int) -> str:
+    def shown(value: float | None) -> str:
+        return "—" if value is None else f"{scale * value:.{digits}f}"
+
+    seeds = sorted(row["values"])
+    versus = row["vs_baseline"]
+    interval = versus and versus["interval"]
+    paired = "" if versus is None or versus["seeds"] == seeds else f" (seeds {','.join(map(str, versus['seeds']))})"
+    cells = [
+        f"{row['arm']}-s{{{','.join(map(str, seeds))}}}" if seeds else f"{row['arm']} (no run)",
+        "baseline" if row["baseline"] else " ".join(row["overrides"]) or "?",
+        str(len(seeds)), shown(row["mean"]), shown(row["std"]),
+        " / ".join(shown(row["values"][seed]) for seed in seeds),
+        "" if versus is None else f"{'+' if versus['mean'] > 0 else ''}{shown(versus['mean'])}{paired}",
+        "" if not interval else f"{shown(interval[0])} – {shown(interval[1])}",
+        "" if versus is None else f"{versus['ahead']} of {len(versus['seeds'])}",
+        "" if versus is None else versus["verdict"],
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
+
+def run_comparison(arguments: argparse.Namespace, repo: Path) -> tuple[list[dict[str, Any]], str]:
+    """Check everything, queue what is missing (``run``), and build the tables; ``CompareError`` otherwise."""
+    if arguments.command == "run":
+        if len(arguments.names) != 1:
+            raise CompareError("run: one variant NAME at a time")
+        if not arguments.overrides:
+            raise CompareError("run: give the variant's overrides with -S key=value (none: it would be the baseline)")
+    elif arguments.overrides or arguments.seeds is not None:
+        raise CompareError("show: -S and --seeds belong to run (show reads the experiments that exist)")
+    seeds = 3 if arguments.seeds is None else arguments.seeds
+    if seeds < 1 or arguments.jobs < 1:
+        raise CompareError("--seeds and --jobs: at least 1")
+    for name in arguments.names:
+        check_name(name)
+    seed_key = arguments.seed_key or seed_key_for(arguments.target)
+    baseline = baseline_arm(arguments.target, seed_key)
+    graph = stage_graph(repo, arguments.target)
+    metrics = (tuple(parse_metric(text, graph, arguments.target) for text in arguments.metric) if arguments.metric
+               else default_metrics(repo, arguments.target))
+    params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8")) or {}
+    finished, listed = experiments_of_head(json.loads(ablations.dvc("exp", "show", "--json")))
+    if arguments.command == "run":
+        overrides = tuple(arguments.overrides)
+        check_keys(parse_overrides(overrides), flat_params(params), seed_key, graph, arguments.target)
+        arms = (baseline, Arm(arguments.names[0], overrides))
+        to_run = plan(arms, tuple(range(1, seeds + 1)), seed_key, params, finished, listed)
+        if to_run:
+            check_clean_workspace(repo)
+            try:
+                queue_and_wait(to_run, arguments.target, arguments.jobs, POLL_S)
+            except (CommandFailed, RuntimeError) as error:
+                raise CompareError(f"the experiments did not all finish: {error}") from None
+            finished, listed = experiments_of_head(json.loads(ablations.dvc("exp", "show", "--json")))
+        variants = arms[1:]
+    else:
+        missing = [name for name in arguments.names if not any(run.startswith(name + "-s") for run in finished)]
+        if missing:
+            raise CompareError(f"no finished experiment {', '.join(name + '-s<k>' for name in missing)} on this "
+                               "commit (`dvc exp show`)")
+        variants = tuple(Arm(name, overrides_of(finished, baseline, name, seed_key) or ()) for name in arguments.names)
+    tables = comparison(finished, baseline, variants, metrics, seed_key)
+    if not any(row["values"] for table in tables for row in table["rows"]):
+        raise CompareError("no finished experiment of " + ", ".join(arm.name for arm in (baseline, *variants))
+                           + " on this commit holds " + ", ".join(metric.label for metric in metrics))
+    return tables, seed_key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,47 +509,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="+", metavar="NAME", help="the variant (run: one; show: one or more)")
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="run: a params.yaml override of the variant, as `dvc exp run -S` (repeat for more)")
-    parser.add_argument("--seeds", type=int, default=3, help="run: seeds 1..N for both arms (default 3)")
+    parser.add_argument("--seeds", type=int, default=None, help="run: seeds 1..N for both sides (default 3)")
     parser.add_argument("--target", default=None, help="the dvc.yaml stage to run up to (default: the whole chain)")
     parser.add_argument("--seed-key", default=None, help="params key of the seed (default: weakclip.train.seed_offset "
                                                           "for --target weakclip_train, else runtime.seed)")
     parser.add_argument("--metric", action="append", default=[], metavar="FILE:KEY",
                         help="a figure to compare (repeat; default: the target's metrics files' miou, or the "
                              "summary's headline for the whole chain)")
-    parser.add_argument("--jobs", type=int, default=2, help="run: experiments at once (dvc queue start -j; default 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="run: experiments at once, one thread each (default 2)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the tables as JSON")
     arguments = parser.parse_args(argv)
-    repo = ablations.REPO
     try:
-        if arguments.command == "run" and len(arguments.names) != 1:
-            raise CompareError("run: one variant NAME at a time")
-        if arguments.command == "run" and not arguments.overrides:
-            raise CompareError("run: give the variant's overrides with -S key=value (none: it would be the baseline)")
-        if arguments.seeds < 1:
-            raise CompareError("--seeds: at least 1")
-        seed_key = arguments.seed_key or seed_key_for(arguments.target)
-        baseline = baseline_arm(arguments.target)
-        for name in arguments.names:
-            if not EXPERIMENT_NAME.fullmatch(name) or name.startswith("cmp-base-"):
-                raise CompareError(f"NAME {name!r}: letters, digits, '.', '_', '-', not starting with 'cmp-base-'")
-        metrics = (tuple(map(parse_metric, arguments.metric)) if arguments.metric
-                   else default_metrics(repo, arguments.target))
-        finished, listed = experiments_of_head(json.loads(ablations.dvc("exp", "show", "--json")))
-        if arguments.command == "run":
-            overrides = tuple(arguments.overrides)
-            check_override_keys(overrides, yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8")), seed_key)
-            arms = (baseline, Arm(arguments.names[0], overrides))
-            to_run = plan(arms, tuple(range(1, arguments.seeds + 1)), seed_key, finished, listed)
-            if to_run:
-                queue_and_wait(to_run, arguments.target, arguments.jobs, poll_s=POLL_S)
-                finished, listed = experiments_of_head(json.loads(ablations.dvc("exp", "show", "--json")))
-            variants = arms[1:]
-        else:
-            variants = tuple(Arm(name, overrides_of(finished, baseline, name, seed_key)) for name in arguments.names)
-        tables = comparison(finished, baseline, variants, metrics)
-        if not any(row["values"] for table in tables for row in table["rows"]):
-            raise CompareError(f"no finished experiment {baseline.name}-s<k> or {arguments.names[0]}-s<k> on this "
-                               "commit holds " + ", ".join(metric.label for metric in metrics))
+        tables, seed_key = run_comparison(arguments, ablations.REPO)
     except CompareError as error:
         parser.exit(2, f"compare: error: {error}\n")
     print(render(tables, seed_key, arguments.target))

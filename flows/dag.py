@@ -32,6 +32,8 @@ class StageSpec:
     uncached: tuple[str, ...] = ()
     # The params files the stage reads (``params.yaml`` unless dvc.yaml names others).
     params_files: tuple[str, ...] = ()
+    # The params keys it declares (``weakclip.train``); ``""`` where it declares a whole params file.
+    params: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ def read_stage_graph(repo_dir: Path) -> StageGraph:
                     params_files=tuple(
                         sorted({_repo_relative(dep.fs_path, root) for dep in stage.deps if type(dep).__name__ == "ParamsDependency"})
                     ),
+                    params=tuple(sorted({key for dep in stage.deps if type(dep).__name__ == "ParamsDependency"
+                                         for key in (dep.params or [""])})),
                 )
             )
     return StageGraph(stages=tuple(specs))

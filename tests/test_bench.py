@@ -400,7 +400,7 @@ def test_wait_for_queue_restarts_workers_that_left_a_stalled_queue(monkeypatch: 
                      _QUEUE_STATUS.format(second="Running", active=1, idle=0),
                      "abc1234  abl-temp-1-s1  05:31 AM   Failed\n\nWorker status: 0 active, 1 idle\n"])
     starts: list[int] = []
-    monkeypatch.setattr(ablations, "start_workers", starts.append)
+    monkeypatch.setattr(ablations, "start_workers", lambda jobs, one_thread_each: starts.append(jobs))
     monkeypatch.setattr(ablations, "dvc", lambda *arguments: next(statuses))
     monkeypatch.setattr(ablations.time, "sleep", lambda seconds: None)
     with pytest.raises(RuntimeError, match="abl-temp-1-s1"):
@@ -416,7 +416,7 @@ def test_only_this_queues_failures_raise(monkeypatch: pytest.MonkeyPatch) -> Non
 
     earlier = "9b4e5f6  abl-gt-masks-s1  02:59 AM   Failed\n"
     workers = "\nWorker status: 0 active, 1 idle\n"
-    monkeypatch.setattr(ablations, "start_workers", lambda jobs: None)
+    monkeypatch.setattr(ablations, "start_workers", lambda jobs, one_thread_each: None)
     variant = next(v for v in ablations.CEILING_STUDY if v.name == "abl-gt-masks")
     cases = (("1c2d3e4  abl-gt-masks-s1  06:40 AM   Success\n2d3e4f5  abl-gt-masks-s2  06:40 AM   Success\n", None),
              ("1c2d3e4  abl-gt-masks-s1  06:40 AM   Success\n2d3e4f5  abl-gt-masks-s2  06:40 AM   Failed\n",
@@ -442,7 +442,7 @@ def test_chain_seed_queue_ignores_an_earlier_failure_too(monkeypatch: pytest.Mon
 
     earlier = "9b4e5f6  chain-seed1  02:59 AM   Failed\n"
     workers = "\nWorker status: 0 active, 1 idle\n"
-    monkeypatch.setattr(ablations, "start_workers", lambda jobs: None)
+    monkeypatch.setattr(ablations, "start_workers", lambda jobs, one_thread_each: None)
     for second, raises in (("Success", False), ("Failed", True)):
         statuses = iter([earlier + workers, earlier + "1c2d3e4  chain-seed1  06:40 AM   Success\n"
                          f"2d3e4f5  chain-seed2  06:40 AM   {second}\n" + workers])

@@ -35,9 +35,9 @@ from weakclip_core.runtime.distributed import (DistributedContext, ShardedBatchS
                                                per_process_batch_size, run_on_main, shard_loss_weight,
                                                single_process_context, wrap_model)
 from weakclip_core.evaluation.metrics import mean_average_precision
-from weakclip_core.models.mctformer import MCTformerV2, build_mctformer
+from weakclip_core.models.mctformer import MCTformerV2, build_mctformer, load_deit_weights
 from weakclip_core.artifacts.model_file import NOT_TRAINED_FILE, save_final_model
-from weakclip_core.config.schema import ConfigError
+from weakclip_core.config.schema import ConfigError, given_path
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
 from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
 from weakclip_core.training.schedules import warmup_cosine_lr
@@ -114,7 +114,12 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
     n_foreground = dataset.n_classes - 1
 
     with params_key("cam.arch"):
-        model = build_mctformer(arch, n_foreground).to(device)
+        model = build_mctformer(arch, n_foreground)
+    deit_weights = given_path(arch.pretrained)
+    if deit_weights is not None:
+        with params_key("cam.arch.pretrained"):
+            load_deit_weights(model, deit_weights)
+    model = model.to(device)
     base_lr = train.lr * train.batch_size / 512
     optimizer = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=base_lr)
 
@@ -180,7 +185,9 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
         return None
 
     def write_outputs() -> tuple[float, float]:
-        save_final_model(paths.model, model.cpu(), config={"arch": to_plain(arch), "n_classes": n_foreground},
+        # The init file is recorded only when one was given ("" for none, as before imports/none stood for it).
+        recorded_arch = {**to_plain(arch), "pretrained": deit_weights or ""}
+        save_final_model(paths.model, model.cpu(), config={"arch": recorded_arch, "n_classes": n_foreground},
                          class_names=dataset.class_names, dataset=dataset.name, steps=total_steps,
                          train=to_plain(train), seed=seed, val_map_class_token=val_maps[0],
                          val_map_patch_cam=val_maps[1])

@@ -95,7 +95,12 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
                          mask_encoding=dataset.coco_mask_encoding)
         prepared = PreparedDataset.open(staging_dir)
         split_counts = {split: len(prepared.split(split)) for split in splits}
-        prepared.scored_ids(dataset.train_split, dataset.scored_split)  # the score split lies inside train
+        try:  # the score split lies inside train
+            prepared.scored_ids(dataset.train_split, dataset.scored_split)
+        except DatasetError as error:  # its message names the staging copy, about to be deleted: name the keys
+            raise DatasetError(f"dataset.score_split {dataset.scored_split!r} must lie inside dataset.train_split "
+                               f"{dataset.train_split!r} (their lists in {dataset.source}): "
+                               f"{str(error).split('.txt: ', 1)[-1]}") from None
         shared = sorted(set(prepared.split(dataset.train_split)) & set(prepared.split(dataset.val_split)))
         if shared:
             raise DatasetError(f"dataset.train_split {dataset.train_split!r} and dataset.val_split "
@@ -117,10 +122,27 @@ def class_frequencies(prepared: PreparedDataset, split: str) -> Counter[str]:
     return Counter(prepared.class_names[c] for image_id in prepared.split(split) for c in prepared.labels[image_id])
 
 
+def ground_truth_line(params: Params, prepared: PreparedDataset) -> str:
+    """How many prepared images have a GT mask. With image-level labels given (VOC + cls_labels.npy) masks are
+    optional, so a mistyped ``dataset.voc_mask_dir`` prepares without a word and every figure downstream would
+    read "not scored: no GT" hours later: say it here, naming the folder."""
+    image_ids = {image_id for split in (params.dataset.train_split, params.dataset.val_split)
+                 for image_id in prepared.split(split)}
+    with_gt = sum(prepared.has_mask(image_id) for image_id in image_ids)
+    line = f"GT masks: {with_gt} of {len(image_ids)} images"
+    if with_gt:
+        return line
+    mask_folder = Path(params.dataset.source) / params.dataset.voc_mask_dir
+    missing = (f" ({mask_folder} not found: dataset.voc_mask_dir)"
+               if params.dataset.name == "voc" and not mask_folder.is_dir() else "")
+    return line + missing + ": every score downstream will say 'not scored: no GT'"
+
+
 def summary_line(params: Params, args: argparse.Namespace, context: None) -> str:
     summary = run(params, progress=not args.no_progress)
-    frequencies = class_frequencies(PreparedDataset.open(summary.root), params.dataset.train_split)
-    return "\n".join([summary.describe(),
+    prepared = PreparedDataset.open(summary.root)
+    frequencies = class_frequencies(prepared, params.dataset.train_split)
+    return "\n".join([summary.describe(), ground_truth_line(params, prepared),
                       "images per class (" + params.dataset.train_split + "): "
                       + ", ".join(f"{name} {count}" for name, count in sorted(frequencies.items(), key=lambda kv: -kv[1])),
                       f"preview: {PREVIEW_PATH}"])

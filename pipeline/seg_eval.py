@@ -186,7 +186,7 @@ def summary_line(params: Params, args: argparse.Namespace, context: None) -> str
     metrics = evaluate_segmenter(params, args.source)
     if metrics["miou"] is None:
         return f"seg_eval@{args.source}: {metrics['split']}: {metrics['not_scored']} -> {SegEvalPaths().metrics(args.source)}"
-    return (f"seg_eval@{args.source}: {metrics['split']} mIoU {100 * metrics['miou']:.2f} "
+    return (f"seg_eval@{args.source}: {metrics['split']} mIoU {metrics['miou']:.4f} "  # a fraction, as every stage prints
             f"over {metrics['n_images']} images -> {SegEvalPaths().metrics(args.source)}")
 
 

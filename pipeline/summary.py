@@ -260,6 +260,15 @@ def clip_section(data: dict[str, Any], path: Path) -> str:
     return "\n\n".join(parts)
 
 
+def scored_images(data: dict[str, Any]) -> str:
+    """How many images the figure's mIoU is over. The pseudo masks are made for every train image but scored on
+    ``score_split`` only (VOC: 10,582 made, 1,464 scored): ``n_scored`` there, with the count made beside it."""
+    made, scored = data.get("n_images"), data.get("n_scored")
+    if scored is None:
+        return "?" if made is None else str(made)
+    return str(scored) if made in (None, scored) else f"{scored} (of {made} made)"
+
+
 def results_markdown(figures: dict[str, dict[str, Any]], summary: dict[str, float], dataset_name: str,
                      ablation_files: list[Path], clip: tuple[dict[str, Any], Path] | None = None,
                      chain_seeds: Path | None = None, machine_runs: Path | None = None,
@@ -272,7 +281,7 @@ def results_markdown(figures: dict[str, dict[str, Any]], summary: dict[str, floa
     rows = []
     for figure in FIGURES:
         data = figures[figure.key]
-        rows.append([figure.label, f"`{figure.stem}.json`", str(data["split"]), str(data.get("n_images", "?")),
+        rows.append([figure.label, f"`{figure.stem}.json`", str(data["split"]), scored_images(data),
                      percent(data["miou"]), yes_no(gt_flag(data)), figure_note(figure, data)])
     ratio = summary["wsss_fsss_ratio"]
     rows.append(["WSSS / FSSS ratio (seg@pseudo ÷ seg@GT)", "`summary.json`",

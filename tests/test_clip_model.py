@@ -143,7 +143,34 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path, tiny_regi
     torch.save(other.state_dict(), path)
     with pytest.raises(ClipWeightsError, match="does not match the open_clip architecture") as error:
         load_clip_file(tiny_registered, path)
-    assert str(path) in str(error.value)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)  # one line, not torch's tab-indented list
+
+
+def test_an_openai_torchscript_archive_needs_the_quickgelu_architecture(tmp_path: Path) -> None:
+    """OpenAI's ``ViT-B-16.pt`` is a TorchScript archive of QuickGELU blocks. Into the QuickGELU architecture it
+    loads exactly; into the GELU one of the same name without ``-quickgelu`` (params.yaml's default) its tensors
+    fit too, so it used to load without a word into a CLIP computing another function: now refused, naming the key
+    and the architecture to use. The archive here is a tiny open_clip CLIP traced to TorchScript, without the
+    text mask buffer (OpenAI's archives hold none)."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    config = arch_model_config(TINY_ARCH)
+    (folder / "WeakclipTestTinyQ.json").write_text(json.dumps({**config, "quick_gelu": True}))
+    (folder / "WeakclipTestTinyG.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(4)
+    model = clip_from_config({**config, "quick_gelu": True}).eval()
+    model._buffers.pop("attn_mask")
+    archive = tmp_path / "tiny_openai.pt"
+    torch.jit.trace_module(model, {"encode_image": torch.zeros(1, 3, 64, 64)}, check_trace=False).save(str(archive))
+    loaded = load_clip_file("WeakclipTestTinyQ", archive)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(ClipWeightsError) as refused:
+        load_clip_file("WeakclipTestTinyG", archive)
+    assert str(refused.value) == (f"clip.weights: '{archive}' is an OpenAI TorchScript archive, whose blocks use "
+                                  "QuickGELU, but clip.model_name 'WeakclipTestTinyG' builds GELU blocks; set "
+                                  "clip.model_name: WeakclipTestTinyG-quickgelu")
 
 
 def test_artifact_round_trip(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.prepare import run
+from pipeline.prepare import ground_truth_line, run
 from weakclip_core.config import params_from_dict
 from weakclip_core.data.labels_only import prepare_custom, read_cls_labels_npy
 from weakclip_core.data.layout import DatasetError, PreparedDataset, voc_palette
@@ -70,6 +70,18 @@ def test_the_reference_cls_labels_format_reads_as_class_indices(tmp_path: Path) 
     assert read_cls_labels_npy(path, 20) == VOC_LABELS
 
 
+def test_irns_integer_keys_read_as_voc_ids(tmp_path: Path) -> None:
+    """IRN's cls_labels.npy (and its descendants') key each image by the integer of its id without the underscore
+    (2007000001 for 2007_000001): read as the same labels; an integer of another length is refused naming it."""
+    path = tmp_path / "irn_cls_labels.npy"
+    vectors = np.load(_cls_labels_npy(tmp_path / "ours.npy", VOC_LABELS), allow_pickle=True).item()
+    np.save(path, {int(image_id.replace("_", "")): vector for image_id, vector in vectors.items()})
+    assert read_cls_labels_npy(path, 20) == VOC_LABELS
+    np.save(path, {2007001: vectors["2007_000001"]})
+    with pytest.raises(DatasetError, match=r"irn_cls_labels.npy: integer key 2007001 is not IRN's encoding"):
+        read_cls_labels_npy(path, 20)
+
+
 def test_voc_with_cls_labels_keeps_images_without_gt(tmp_path: Path) -> None:
     source = _voc_label_only_tree(tmp_path / "VOC2012")
     labels_file = _cls_labels_npy(tmp_path / "cls_labels.npy", {**VOC_LABELS, "2011_999999": [5]})  # extra: ignored
@@ -83,6 +95,21 @@ def test_voc_with_cls_labels_keeps_images_without_gt(tmp_path: Path) -> None:
     assert dataset.split("train") == ["2007_000001", "2007_000002", "2008_000004"]
     assert [image_id for image_id in VOC_LABELS if dataset.has_mask(image_id)] == ["2007_000003"]
     assert (prepared_dir / "SegmentationClass").is_dir()
+    assert ground_truth_line(params, dataset) == "GT masks: 1 of 4 images"
+
+
+def test_a_missing_mask_folder_beside_cls_labels_is_said_at_prepare(tmp_path: Path) -> None:
+    """With cls_labels.npy a mask is optional, so `voc_mask_dir: SegmentationClassAug` on a tree without SBD's
+    masks prepares fine and no figure is ever scored: prepare's summary says so at once, naming the folder."""
+    source = _voc_label_only_tree(tmp_path / "VOC2012")
+    labels_file = _cls_labels_npy(tmp_path / "cls_labels.npy", VOC_LABELS)
+    params = params_from_dict({"dataset": {"name": "voc", "source": str(source), "voc_cls_labels": str(labels_file),
+                                           "prepared_dir": str(tmp_path / "prepared"),
+                                           "voc_mask_dir": "SegmentationClassAug"}})
+    run(params, preview_path=tmp_path / "preview.png", progress=False)
+    assert ground_truth_line(params, PreparedDataset.open(tmp_path / "prepared")) == (
+        f"GT masks: 0 of 4 images ({source / 'SegmentationClassAug'} not found: dataset.voc_mask_dir): every score "
+        "downstream will say 'not scored: no GT'")
 
 
 @pytest.mark.parametrize("vector, words", [(np.ones(21, dtype=np.float32), "shape (21,)"),

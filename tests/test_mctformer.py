@@ -73,7 +73,9 @@ def tiny_deit(tmp_path, **overrides) -> tuple[timm.models.VisionTransformer, str
 def test_deit_state_dict_round_trip_reproduces_timm_tokens(tmp_path):
     torch.manual_seed(0)
     deit, path = tiny_deit(tmp_path)
-    model = build_mctformer(MCTformerArchConfig(**TINY, pretrained=path), n_classes=3).eval()
+    model = build_mctformer(MCTformerArchConfig(**TINY), n_classes=3)
+    load_deit_weights(model, path)
+    model.eval()
     for name, value in deit.state_dict().items():
         if name.startswith("blocks.") or name.startswith("patch_embed."):
             torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
@@ -82,7 +84,9 @@ def test_deit_state_dict_round_trip_reproduces_timm_tokens(tmp_path):
     assert torch.equal(model.pos_embed[:, 3:], deit.pos_embed[:, 1:])
     # With one class token the loaded model is that DeiT: its class logit is the mean of timm's class token
     # after the blocks (before the final norm). More tokens attend to each other, so they differ.
-    single = build_mctformer(MCTformerArchConfig(**TINY, pretrained=path), n_classes=1).eval()
+    single = build_mctformer(MCTformerArchConfig(**TINY), n_classes=1)
+    load_deit_weights(single, path)
+    single.eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = deit.blocks(deit._pos_embed(deit.patch_embed(images)))
@@ -102,12 +106,13 @@ def test_deit_weights_load_at_another_input_size_with_a_resized_position_embeddi
 
 def test_mismatched_or_missing_weights_name_the_file(tmp_path):
     _, path = tiny_deit(tmp_path, embed_dim=24)
+    model = build_mctformer(MCTformerArchConfig(**TINY), n_classes=2)
     with pytest.raises(PretrainedWeightsError, match="deit_tiny.pth"):
-        build_mctformer(MCTformerArchConfig(**TINY, pretrained=path), n_classes=2)
+        load_deit_weights(model, path)
     shallow_dir = tmp_path / "shallow"
     shallow_dir.mkdir()
     _, shallow = tiny_deit(shallow_dir, depth=2)
     with pytest.raises(PretrainedWeightsError, match="missing .*blocks.2"):
-        build_mctformer(MCTformerArchConfig(**TINY, pretrained=shallow), n_classes=2)
+        load_deit_weights(model, shallow)
     with pytest.raises(PretrainedWeightsError, match="nowhere.pth: pretrained weights file not found"):
-        build_mctformer(MCTformerArchConfig(**TINY, pretrained=str(tmp_path / "nowhere.pth")), n_classes=2)
+        load_deit_weights(model, tmp_path / "nowhere.pth")

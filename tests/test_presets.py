@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -145,7 +145,16 @@ def test_apply_keeps_unnamed_keys_and_comments(params_copy: Path) -> None:
     after = load_params(params_copy)
     text = params_copy.read_text()
     assert text.splitlines()[0] == header  # the file's own comments survive the round trip
-    assert "# synthetic | voc | coco" in text
+    assert "  body_tint: 0.8        # bodies take most of their class colour" in text  # a key the preset leaves
+    # A value the preset changes takes the preset's comment, or its name: the synthetic set's reasons go, with
+    # their continuation lines (applying used to leave `depth: 12  # from scratch ...: 3 blocks ...`).
+    lines = text.splitlines()
+    assert "    depth: 12             # configs/voc.yaml" in lines
+    assert "  name: voc             # configs/voc.yaml" in lines
+    assert any(line.startswith("    lr: 0.0005") and "scaled in code by batch/512" in line for line in lines)
+    for synthetic_reason in ("# synthetic | voc | coco", "3 blocks keep class-token attention local",
+                             "# epochs; 12 stopped mid-descent", "2.5e-4 left the class tokens"):
+        assert synthetic_reason not in text, synthetic_reason
     # keys the preset does not name keep their params.yaml values
     assert after.dataset.synthetic == before.dataset.synthetic
     assert after.clip.pretrain == before.clip.pretrain
@@ -159,6 +168,20 @@ def test_apply_keeps_unnamed_keys_and_comments(params_copy: Path) -> None:
     shutil.copyfile(REPO / "params.yaml", fresh)
     apply_preset(PRESETS["coco"], fresh)
     assert load_params(params_copy) == load_params(fresh)
+
+
+def test_apply_names_the_placeholder_paths_still_left(params_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The presets' four local files (VOC tree, CLIP, DeiT-S, ResNet-101) are /path/to/ placeholders; `apply` and
+    `check` list those still left, so a DeiT placeholder does not wait for cam_train to fail; once set, none."""
+    assert main(["apply", str(PRESETS["voc"]), "--params", str(params_copy)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "still placeholders (/path/to/...): dataset.source, clip.weights, cam.arch.pretrained, seg.encoder_weights; "
+        "set each to a local file before dvc repro")
+    local = params_copy.with_name("local.yaml")
+    local.write_text("dataset:\n  source: /data/VOC2012\nclip:\n  weights: /w/ViT-B-16.pt\ncam:\n  arch:\n"
+                     "    pretrained: /w/deit.pth\nseg:\n  encoder_weights: /w/r101.pth\n")
+    assert main(["check", str(local), "--params", str(params_copy)]) == 0
+    assert "still placeholders" not in capsys.readouterr().out
 
 
 def test_bad_preset_names_the_key_and_leaves_params_untouched(params_copy: Path, tmp_path: Path) -> None:
@@ -266,8 +289,7 @@ def deit_small_mctformer_parameters(n_classes: int) -> int:
 def test_preset_mctformer_is_deit_small(applied: dict[str, Params]) -> None:
     # Built on CPU: MCTformerV2's constructor reads drop-path rates with .tolist(), which a meta tensor cannot.
     for name, n_foreground in (("voc", 20), ("coco", 80)):
-        arch = replace(applied[name].cam.arch, pretrained="")  # the DeiT-S weights path is a placeholder
-        model = build_mctformer(arch, n_foreground)
+        model = build_mctformer(applied[name].cam.arch, n_foreground)  # built only: the DeiT-S path is a placeholder
         assert count(model.parameters()) == deit_small_mctformer_parameters(n_foreground)
     # With one class token, swapping the PatchCAM conv for a final norm and a 1000-way head gives DeiT-S's
     # published 22,050,664 parameters (timm deit_small_patch16_224).

@@ -124,6 +124,11 @@ def _break_class_id(source: Path) -> Path:
     return path
 
 
+def _break_absent_mask(source: Path) -> Path:
+    (source / "SegmentationClass" / "2007_000002.png").unlink()
+    return source / "SegmentationClass" / "2007_000002.png"
+
+
 def _break_empty_split(source: Path) -> Path:
     path = source / "ImageSets" / "Segmentation" / "val.txt"
     path.write_text("\n")
@@ -133,7 +138,9 @@ def _break_empty_split(source: Path) -> Path:
 @pytest.mark.parametrize("breaker, words", [
     (_break_missing_dir, "not found"), (_break_absent_image, "absent"), (_break_size, "12"),
     (_break_jpeg, "unreadable image"), (_break_png, "unreadable mask"), (_break_class_id, "class id 30"),
-    (_break_empty_split, "empty")])
+    (_break_empty_split, "empty"),
+    (_break_absent_mask, "GT mask of image 2007_000002 (listed in split 'train') not found in dataset.voc_mask_dir "
+                         "'SegmentationClass'; train_aug's images need SBD's SegmentationClassAug")])
 def test_voc_bad_input_names_the_file(tmp_path: Path, breaker, words: str) -> None:
     source = _voc_tree(tmp_path / "VOC2012")
     bad_path = breaker(source)
@@ -320,9 +327,12 @@ def test_voc_prepare_writes_the_score_split_inside_train_aug(tmp_path: Path) -> 
     assert prepared.scored_ids("train_aug", "train") == ["2007_000002"]
 
     (source / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000002\n2007_000003\n")  # 3 is val
-    with pytest.raises(DatasetError, match=r"train\.txt: 1 image\(s\) of score split 'train' are not in train "
-                                           r"split 'train_aug', e\.g\. 2007_000003"):
+    with pytest.raises(DatasetError) as refused:
         run(params_from_dict({"dataset": dataset}), preview_path=tmp_path / "preview.png", progress=False)
+    # The keys and the source, not the staging copy prepare deletes as it stops (it used to name .../.err.*.tmp/...).
+    assert str(refused.value) == (f"dataset.score_split 'train' must lie inside dataset.train_split 'train_aug' "
+                                  f"(their lists in {source}): 1 image(s) of score split 'train' are not in train "
+                                  "split 'train_aug', e.g. 2007_000003")
 
 
 SCORE_IDS = ["train_001", "train_004", "train_006"]

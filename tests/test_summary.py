@@ -56,6 +56,20 @@ def test_summary_keys_ratio_and_results_tables(tmp_path):
     assert "| cat | 24.0 | 37.0 | 42.0 |" in results
 
 
+def test_the_pseudo_row_counts_the_images_its_miou_is_over(tmp_path):
+    """VOC: pseudo masks for all 10,582 train_aug images, scored on the 1,464 of `train` that have GT: the row's
+    image count is the scored one, with the count made beside it (it used to say 10582 beside a train mIoU)."""
+    files = json.loads(json.dumps(HAND_MADE))
+    files["pseudo"].update(n_images=10582, n_scored=1464)
+    paths = write_metrics(tmp_path, files)
+    write_summary(PARAMS, paths)
+    assert "| Pseudo masks (WeakCLIP + CRF) | `pseudo.json` | train | 1464 (of 10582 made) | 64.0 | no |" in \
+        paths.results.read_text()
+    files["pseudo"].update(n_images=800, n_scored=800)
+    write_summary(PARAMS, write_metrics(tmp_path, files))
+    assert "| `pseudo.json` | train | 800 | 64.0 |" in paths.results.read_text()
+
+
 @pytest.mark.parametrize(("odds_ratio", "use_crf", "note"), [
     (2.0, True, "before CRF 62.0, after CRF + absent-class repair 64.0; scales ?, flip ?; labelled classes with no "
                 "pixel: 203 of 1312 after CRF, 69 after the repair (odds ratio 2.0)"),

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torchvision
 import yaml
@@ -69,6 +70,12 @@ def label_only_chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, st
     (external / "clip.pt").write_bytes(b"clip weights v1")
     (external / "cam_npy").mkdir()
     (external / "cam_npy" / "a.npy").write_bytes(b"dump v1")
+    # And a DeiT init for the MCTformer (the presets' DeiT-S), which cam_train does load: a timm ViT of the tiny
+    # chain's cam.arch, saved as DeiT's release is ({"model": state dict}).
+    deit = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2, mlp_ratio=2.0,
+                                         num_classes=10)
+    torch.save({"model": deit.state_dict()}, external / "deit_tiny.pth")
+    params["cam"]["arch"]["pretrained"] = str(external / "deit_tiny.pth")
     params["seg"]["encoder_weights"] = str(external / "resnet18.pth")
     params["clip"]["weights"] = str(external / "clip.pt")
     params["cam"]["npy_folder"] = str(external / "cam_npy")
@@ -124,8 +131,9 @@ def stale_stages(project: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_replacing_an_external_file_at_the_same_path_makes_its_readers_stale(label_only_chain) -> None:
-    """Issue #18, item 5: the dataset source, the CLIP weights, an imported folder and the encoder weights are
-    DVC deps; each is changed in place (same path) and ``dvc status`` must name the stages that read it."""
+    """Issue #18, item 5: the dataset source, the CLIP weights, an imported folder, the MCTformer's DeiT init and the
+    encoder weights are DVC deps; each is changed in place (same path) and ``dvc status`` must name the stages that
+    read it."""
     project, _, _ = label_only_chain
     external = project.parent / "external"
     assert stale_stages(project) == set()
@@ -135,6 +143,10 @@ def test_replacing_an_external_file_at_the_same_path_makes_its_readers_stale(lab
     (external / "cam_npy" / "a.npy").write_bytes(b"dump v2")
     assert stale_stages(project) == {"cam_infer"}
     (external / "cam_npy" / "a.npy").write_bytes(b"dump v1")
+    deit = torch.load(external / "deit_tiny.pth", weights_only=True)
+    deit["model"]["cls_token"] += 1.0
+    torch.save(deit, external / "deit_tiny.pth")
+    assert stale_stages(project) == {"cam_train"}  # cam.arch.pretrained (was no dep: a new DeiT file left it "up to date")
     state = torch.load(external / "resnet18.pth", weights_only=True)
     state["conv1.weight"] += 1.0
     torch.save(state, external / "resnet18.pth")

@@ -19,7 +19,7 @@ class MCTformerArchConfig:
     heads: int = bounded(3, low=1)
     mlp_ratio: float = bounded(4.0, low=1.0)
     drop_path: float = bounded(0.1, low=0.0, high=0.9)
-    pretrained: str = ""
+    pretrained: str = NONE_PATH  # an ImageNet DeiT/ViT state dict file (a DVC dep of cam_train); imports/none: none
 
     def validate(self) -> None:
         if self.image_size % self.patch_size:

@@ -59,13 +59,47 @@ def read_yaml_mapping(path: str | Path) -> CommentedMap:
     return data
 
 
-def deep_merge(base: Any, override: Any, path: str = "") -> Any:
+def _comment_lines(mapping: Any, key: Any) -> tuple[list[str], list[str]] | None:
+    """(the comment written beside ``key``'s value with its continuation lines, the comment lines after them) of
+    a ruamel mapping; None when the value has no comment of its own. ruamel keeps an end-of-line comment and every
+    comment line up to the next key in one token; continuation lines are those indented deeper than the key."""
+    items = getattr(getattr(mapping, "ca", None), "items", {})
+    token = (items.get(key) or [None] * 3)[2]
+    if token is None or not token.value.lstrip(" ").startswith("#"):
+        return None
+    key_column = mapping.lc.key(key)[1]
+    first, *others = token.value.split("\n")
+    own = [first]
+    while others and others[0].strip().startswith("#") and len(others[0]) - len(others[0].lstrip(" ")) > key_column:
+        own.append(others.pop(0))
+    return own, others
+
+
+def _replace_value_comment(base: Any, key: Any, override: Any, source: str) -> None:
+    """The comment beside a value explains that value: where the preset replaces it, the preset's own comment
+    (or, without one, the preset's name) takes its place; the comment lines after it, which belong to the next
+    keys, stay. Without this, applying a preset left e.g. ``depth: 12  # from scratch ...: 3 blocks``."""
+    ours = _comment_lines(base, key)
+    if ours is None:
+        return
+    theirs = _comment_lines(override, key)
+    token = base.ca.items[key][2]
+    column = token.column
+    if theirs is None:
+        replacement = [f"# {source}"]
+    else:
+        replacement = [theirs[0][0].strip()] + [" " * column + line.strip() for line in theirs[0][1:]]
+    token.value = "\n".join(replacement + ours[1])
+
+
+def deep_merge(base: Any, override: Any, path: str = "", source: str | None = None) -> Any:
     """Merge ``override`` into ``base`` in place and return it.
 
     Mappings merge key by key, recursively; any other value of ``override``
     (scalar, list) replaces the base value. A mapping in the preset where the
     params hold a scalar (or the reverse) is an error naming the key path:
-    it is always a typo in the preset.
+    it is always a typo in the preset. ``source`` (the preset's name): ruamel
+    trees' comments beside replaced values are the preset's (``_replace_value_comment``).
     """
     if not isinstance(override, Mapping):
         return override
@@ -77,10 +111,12 @@ def deep_merge(base: Any, override: Any, path: str = "") -> Any:
         if key in base and isinstance(base[key], Mapping):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{key_path}: preset gives {value!r} where params.yaml holds a section")
-            deep_merge(base[key], value, key_path)
+            deep_merge(base[key], value, key_path, source)
         elif isinstance(value, Mapping) and key in base:
             raise ConfigError(f"{key_path}: preset gives a section (mapping) where params.yaml holds {base[key]!r}")
         else:
+            if source is not None and key in base and to_builtin(base[key]) != to_builtin(value):
+                _replace_value_comment(base, key, override, source)
             base[key] = value
     return base
 
@@ -106,7 +142,8 @@ def merged_params(preset_path: str | Path, params_path: str | Path = "params.yam
     """The merged YAML tree (comments kept) and its validated ``Params``; nothing is written."""
     base = read_yaml_mapping(params_path)
     preset = read_yaml_mapping(preset_path)
-    merged = deep_merge(base, preset)
+    label = f"{Path(preset_path).parent.name}/{Path(preset_path).name}"  # configs/voc.yaml, wherever run from
+    merged = deep_merge(base, preset, source=label)
     try:
         params = params_from_dict(to_builtin(merged))
         check_distributed_batches(params)
@@ -128,6 +165,19 @@ def apply_preset(preset_path: str | Path, params_path: str | Path = "params.yaml
     return params
 
 
+PLACEHOLDER_PREFIX = "/path/to/"
+"""How the presets write the local files a user must name (``dataset.source: /path/to/VOCdevkit/VOC2012``)."""
+
+
+def placeholder_keys(data: Any, path: str = "") -> list[str]:
+    """The dotted keys whose value is still a preset placeholder path: each would stop the chain only when its
+    stage starts (a DeiT init at ``cam_train``, the encoder weights at ``seg_train``, hours into a run)."""
+    if isinstance(data, Mapping):
+        return [key for name, value in data.items()
+                for key in placeholder_keys(value, f"{path}.{name}" if path else str(name))]
+    return [path] if isinstance(data, str) and data.startswith(PLACEHOLDER_PREFIX) else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Apply (or just check) a paper preset over params.yaml.")
     parser.add_argument("action", choices=["apply", "check"],
@@ -144,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             merged_params(args.preset, args.params)
             print(f"{args.preset}: valid over {args.params}")
+        left = placeholder_keys(to_builtin(read_yaml_mapping(args.params) if args.action == "apply"
+                                           else merged_params(args.preset, args.params)[0]))
+        if left:
+            print(f"still placeholders ({PLACEHOLDER_PREFIX}...): {', '.join(left)}; set each to a local file "
+                  "before dvc repro")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

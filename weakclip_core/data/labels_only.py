@@ -45,9 +45,21 @@ CLASS_LIST = "classes.txt"
 LABEL_FILES = ("labels.csv", "labels.json")
 
 
+def voc_id_of_key(key: object, path: Path) -> str:
+    """A ``cls_labels.npy`` key as a VOC image id. MCTformer's keys are the ids (``"2007_000032"``); IRN's (and its
+    descendants') are integers with the underscore dropped (``2007000032``, its ``decode_int_filename``)."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        digits = str(int(key))
+        if len(digits) != 10:
+            raise DatasetError(f"{path}: integer key {digits} is not IRN's encoding of a VOC id (10 digits, "
+                               "2007000032 for 2007_000032)")
+        return check_image_id(f"{digits[:4]}_{digits[4:]}", path)
+    return check_image_id(key, path)  # type: ignore[arg-type]
+
+
 def read_cls_labels_npy(path: str | Path, n_foreground: int) -> dict[str, list[int]]:
-    """MCTformer's ``cls_labels.npy`` as ``id -> sorted class indices (1..n_foreground)``; ``DatasetError``
-    names the file (and the image) when it is not a dict of ``n_foreground``-long 0/1 vectors."""
+    """MCTformer's ``cls_labels.npy`` (or IRN's, integer keys) as ``id -> sorted class indices (1..n_foreground)``;
+    ``DatasetError`` names the file (and the image) when it is not a dict of ``n_foreground``-long 0/1 vectors."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: cls_labels file not found (dataset.voc_cls_labels)")
@@ -59,8 +71,8 @@ def read_cls_labels_npy(path: str | Path, n_foreground: int) -> dict[str, list[i
         raise DatasetError(f"{path}: expected a pickled dict image id -> {n_foreground} floats "
                            f"(MCTformer's cls_labels.npy), got {type(data).__name__}")
     labels: dict[str, list[int]] = {}
-    for image_id, vector in data.items():
-        check_image_id(image_id, path)
+    for key, vector in data.items():
+        image_id = voc_id_of_key(key, path)
         values = np.asarray(vector)
         if values.shape != (n_foreground,) or not np.isin(values, (0, 1)).all():
             raise DatasetError(f"{path}: image {image_id} has labels of shape {values.shape} "

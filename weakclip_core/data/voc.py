@@ -107,6 +107,11 @@ def prepare_voc(source: str | Path, root: str | Path, splits: list[str], mask_di
                                f"{listed_in[0]!r})")
         image = read_image(image_path)
         link_or_copy(image_path, root / "JPEGImages" / f"{image_id}.jpg")
+        if image_labels is None and not mask_path.is_file():
+            listed_in = [split for split, ids in ids_by_split.items() if image_id in ids]
+            raise DatasetError(f"{mask_path}: GT mask of image {image_id} (listed in split {listed_in[0]!r}) not "
+                               f"found in dataset.voc_mask_dir {mask_dir!r}; train_aug's images need SBD's "
+                               "SegmentationClassAug, or give dataset.voc_cls_labels to prepare images without masks")
         if image_labels is None or mask_path.is_file():
             mask = read_mask(mask_path)
             check_mask(mask, mask_path, image.shape[:2], len(VOC_CLASS_NAMES))

@@ -174,6 +174,12 @@ def load_clip_file(model_name: str, weights_path: str | Path, image_size: int | 
     """
     path = check_weights_path(weights_path)
     model_config = named_model_config(model_name, image_size=image_size)
+    if _is_torchscript_archive(path) and not model_config.get("quick_gelu", False):
+        # OpenAI's own archives only: their blocks compute QuickGELU. Loaded into GELU blocks the tensors fit and
+        # nothing fails, but every activation is another function: a quietly degraded CLIP under every stage.
+        raise ClipWeightsError(f"clip.weights: '{path}' is an OpenAI TorchScript archive, whose blocks use "
+                               f"QuickGELU, but clip.model_name '{model_name}' builds GELU blocks; set "
+                               f"clip.model_name: {model_name}-quickgelu")
     state_dict = read_state_dict(path)
     model = clip_from_config(model_config)
     if "logit_scale" in state_dict and state_dict["logit_scale"].ndim != model.logit_scale.ndim:
@@ -183,7 +189,7 @@ def load_clip_file(model_name: str, weights_path: str | Path, image_size: int | 
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, KeyError, ValueError) as error:
         raise ClipWeightsError(f"clip.weights: '{path}' does not match the open_clip architecture "
-                               f"'{model_name}': {str(error)[:600]}") from error
+                               f"'{model_name}': {' '.join(str(error).split())[:600]}") from error  # one line
     return model.eval()
 
 

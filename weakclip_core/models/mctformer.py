@@ -185,13 +185,11 @@ class MCTformerV2(nn.Module):
 
 
 def build_mctformer(arch: MCTformerArchConfig, n_classes: int) -> MCTformerV2:
-    """The model of ``cam.arch`` for ``n_classes`` foreground classes; loads ``arch.pretrained`` when set."""
-    model = MCTformerV2(n_classes=n_classes, image_size=arch.image_size, patch_size=arch.patch_size,
-                        width=arch.width, depth=arch.depth, heads=arch.heads, mlp_ratio=arch.mlp_ratio,
-                        drop_path=arch.drop_path)
-    if arch.pretrained:
-        load_deit_weights(model, arch.pretrained)
-    return model
+    """The model of ``cam.arch`` for ``n_classes`` foreground classes, randomly initialised: ``cam_train`` then
+    loads ``arch.pretrained`` (``load_deit_weights``) when one is given, so its errors name that key."""
+    return MCTformerV2(n_classes=n_classes, image_size=arch.image_size, patch_size=arch.patch_size,
+                       width=arch.width, depth=arch.depth, heads=arch.heads, mlp_ratio=arch.mlp_ratio,
+                       drop_path=arch.drop_path)
 
 
 # Keys of a DeiT/ViT classification checkpoint that MCTformer has no use for.

@@ -176,7 +176,7 @@ def test_apply_names_the_placeholder_paths_still_left(params_copy: Path, capsys:
     assert main(["apply", str(PRESETS["voc"]), "--params", str(params_copy)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
         "still placeholders (/path/to/...): dataset.source, clip.weights, cam.arch.pretrained, seg.encoder_weights; "
-        "set each to a local file before dvc repro")
+        "set each to a local file before the chain runs")
     local = params_copy.with_name("local.yaml")
     local.write_text("dataset:\n  source: /data/VOC2012\nclip:\n  weights: /w/ViT-B-16.pt\ncam:\n  arch:\n"
                      "    pretrained: /w/deit.pth\nseg:\n  encoder_weights: /w/r101.pth\n")

@@ -143,10 +143,12 @@ def test_replacing_an_external_file_at_the_same_path_makes_its_readers_stale(lab
     (external / "cam_npy" / "a.npy").write_bytes(b"dump v2")
     assert stale_stages(project) == {"cam_infer"}
     (external / "cam_npy" / "a.npy").write_bytes(b"dump v1")
+    original_deit = (external / "deit_tiny.pth").read_bytes()
     deit = torch.load(external / "deit_tiny.pth", weights_only=True)
     deit["model"]["cls_token"] += 1.0
     torch.save(deit, external / "deit_tiny.pth")
     assert stale_stages(project) == {"cam_train"}  # cam.arch.pretrained (was no dep: a new DeiT file left it "up to date")
+    (external / "deit_tiny.pth").write_bytes(original_deit)
     state = torch.load(external / "resnet18.pth", weights_only=True)
     state["conv1.weight"] += 1.0
     torch.save(state, external / "resnet18.pth")

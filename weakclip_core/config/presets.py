@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                                            else merged_params(args.preset, args.params)[0]))
         if left:
             print(f"still placeholders ({PLACEHOLDER_PREFIX}...): {', '.join(left)}; set each to a local file "
-                  "before dvc repro")
+                  "before the chain runs")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

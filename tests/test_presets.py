@@ -184,6 +184,21 @@ def test_apply_names_the_placeholder_paths_still_left(params_copy: Path, capsys:
     assert "still placeholders" not in capsys.readouterr().out
 
 
+def test_the_smoke_overlay_in_reproducing_is_valid_over_each_preset(params_copy: Path) -> None:
+    """docs/REPRODUCING.md's smoke-run overlay (a walkthrough ran the VOC chain with these keys) stays a valid
+    preset over each paper preset: a renamed or retyped key in it would stop a user's first run."""
+    text = (REPO / "docs" / "REPRODUCING.md").read_text()
+    block = text.split("# configs/smoke.yaml", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    smoke = params_copy.with_name("smoke.yaml")
+    smoke.write_text(block)
+    for preset in PRESETS.values():
+        shutil.copyfile(REPO / "params.yaml", params_copy)
+        apply_preset(preset, params_copy)
+        params = apply_preset(smoke, params_copy)
+        assert (params.runtime.device, params.runtime.launcher, params.weakclip.train.iterations) == ("cpu", "none", 4)
+        assert (params.seg.eval.scales, params.pseudo.crop) == ([1.0], 128)
+
+
 def test_bad_preset_names_the_key_and_leaves_params_untouched(params_copy: Path, tmp_path: Path) -> None:
     original = params_copy.read_bytes()
     typo = tmp_path / "typo.yaml"

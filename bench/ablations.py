@@ -248,25 +248,52 @@ def wait_for_queue(jobs: int, poll_s: float, earlier_failures: frozenset[str] | 
         raise RuntimeError("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(failed))
 
 
-def experiment_runs(exp_show: list[dict[str, Any]],
-                    metrics_file: str = WEAKCLIP_METRICS) -> dict[str, tuple[str, dict[str, Any]]]:
-    """``{experiment name: (its commit, data of metrics_file)}`` from ``dvc exp show --json`` (newest rev
-    that has the metrics wins; a queued task has none).
+@dataclass(frozen=True)
+class FinishedRun:
+    """One finished experiment of ``dvc exp show --json``: its commit, the params it ran with (``params.yaml``)
+    and the data of each of its readable metrics files (an unreadable one is left out)."""
 
-    A failed run is listed too, with an ``error`` and the metrics of the commit it started from (the
-    baseline's, not its own): it is left out, or a variant whose runs failed would count the baseline's figure
-    once per failed seed."""
-    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    rev: str
+    params: dict[str, Any]
+    metrics: dict[str, dict[str, Any]]
+
+
+def finished_experiments(exp_show: list[dict[str, Any]]) -> tuple[dict[str, FinishedRun], set[str]]:
+    """``({name: FinishedRun} of the finished experiments, names of every listed experiment})`` from ``dvc exp
+    show --json`` (newest rev with metrics wins). Finished: the executor reports success (or is gone) and the run
+    has metrics. A queued experiment has none; a running one lists the committed metrics it has not rewritten
+    yet; a failed one carries an ``error`` and the metrics of the commit it started from (the baseline's, not its
+    own): none counts, or a variant whose runs failed would count the baseline's figure once per failed seed."""
+    finished: dict[str, FinishedRun] = {}
+    listed: set[str] = set()
     for baseline in exp_show:
         for experiment in baseline.get("experiments") or []:
             name = experiment.get("name")
+            if not name:
+                continue
+            listed.add(name)
+            executor = experiment.get("executor")
+            if executor is not None and executor.get("state") != "success":
+                continue
             for revision in experiment.get("revs") or []:
-                if revision.get("error"):
+                data = revision.get("data") or {}
+                if revision.get("error") or name in finished or not data.get("metrics"):
                     continue
-                metrics = ((revision.get("data") or {}).get("metrics") or {}).get(metrics_file) or {}
-                if name and name not in found and isinstance(metrics.get("data"), dict):
-                    found[name] = (str(revision.get("rev")), metrics["data"])
-    return found
+                finished[name] = FinishedRun(
+                    rev=str(revision.get("rev")),
+                    params=((data.get("params") or {}).get("params.yaml") or {}).get("data") or {},
+                    metrics={path: entry["data"] for path, entry in data["metrics"].items()
+                             if isinstance(entry, dict) and isinstance(entry.get("data"), dict)})
+    return finished, listed
+
+
+def experiment_runs(exp_show: list[dict[str, Any]],
+                    metrics_file: str = WEAKCLIP_METRICS) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{experiment name: (its commit, data of metrics_file)}`` of the finished experiments that hold it
+    (``finished_experiments``)."""
+    finished, _ = finished_experiments(exp_show)
+    return {name: (run.rev, run.metrics[metrics_file]) for name, run in finished.items()
+            if metrics_file in run.metrics}
 
 
 def experiment_metrics(exp_show: list[dict[str, Any]],

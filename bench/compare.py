@@ -37,6 +37,7 @@ import yaml
 from scipy import stats
 
 from bench import ablations
+from bench.ablations import FinishedRun
 from bench.chain_seeds import headline_figures
 from flows.dag import StageGraph, read_stage_graph
 from flows.dvc_cli import CommandFailed
@@ -81,14 +82,6 @@ class Arm:
 
     name: str
     overrides: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Run:
-    """One finished experiment: the params it ran with and the data of every metrics file."""
-
-    params: dict[str, Any]
-    metrics: dict[str, dict[str, Any]]
 
 
 # ----------------------------------------------------------------------------------------------- what to run
@@ -254,39 +247,12 @@ def check_clean_workspace(repo: Path) -> None:
 # ----------------------------------------------------------------------------------------------- what ran
 
 
-def experiments_of_head(exp_show: list[dict[str, Any]]) -> tuple[dict[str, Run], set[str]]:
-    """``({name: Run} of the finished experiments, names of every listed experiment})`` from ``dvc exp show
-    --json`` on the current commit. Finished: the executor reports success (or is gone) and the run has metrics.
-    A queued or running experiment lists the committed metrics it has not rewritten yet, and a failed one those of
-    the commit it started from: neither counts."""
-    finished: dict[str, Run] = {}
-    listed: set[str] = set()
-    for baseline in exp_show:
-        for experiment in baseline.get("experiments") or []:
-            name = experiment.get("name")
-            if not name:
-                continue
-            listed.add(name)
-            executor = experiment.get("executor")
-            if executor is not None and executor.get("state") != "success":
-                continue
-            for revision in experiment.get("revs") or []:
-                data = revision.get("data") or {}
-                if revision.get("error") or name in finished or not data.get("metrics"):
-                    continue
-                finished[name] = Run(
-                    params=((data.get("params") or {}).get("params.yaml") or {}).get("data") or {},
-                    metrics={path: entry["data"] for path, entry in data["metrics"].items()
-                             if isinstance(entry, dict) and isinstance(entry.get("data"), dict)})
-    return finished, listed
-
-
 def experiment_name(arm: Arm, seed: int) -> str:
     return f"{arm.name}-s{seed}"
 
 
 def plan(arms: tuple[Arm, ...], seeds: tuple[int, ...], seed_key: str, params: dict[str, Any],
-         finished: dict[str, Run], listed: set[str]) -> list[tuple[str, tuple[str, ...]]]:
+         finished: dict[str, FinishedRun], listed: set[str]) -> list[tuple[str, tuple[str, ...]]]:
     """``[(experiment name, its -S overrides)]`` still to run. A finished experiment of the name is reused only if
     every param it ran with is the one asked for now (``params.yaml`` with the arm's overrides and the seed);
     otherwise, or if it is listed without results, the run stops naming it."""
@@ -324,7 +290,7 @@ def queue_and_wait(to_run: list[tuple[str, tuple[str, ...]]], target: str | None
     ablations.wait_for_queue(jobs, poll_s, earlier_failures, one_thread_each=True)
 
 
-def seed_values(finished: dict[str, Run], arm: Arm, metric: Metric, seed_key: str) -> dict[int, float]:
+def seed_values(finished: dict[str, FinishedRun], arm: Arm, metric: Metric, seed_key: str) -> dict[int, float]:
     """``{seed: value}`` of ``arm``'s finished experiments that hold the metric; each run's seed param must be
     its name's (a hand-made ``NAME-s2`` run at another seed would be paired wrongly)."""
     found: dict[int, float] = {}
@@ -357,7 +323,7 @@ def shown_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def overrides_of(finished: dict[str, Run], baseline: Arm, name: str, seed_key: str) -> tuple[str, ...] | None:
+def overrides_of(finished: dict[str, FinishedRun], baseline: Arm, name: str, seed_key: str) -> tuple[str, ...] | None:
     """``show``: the variant's overrides, read back as the params where its run and the baseline's run at the
     same seed differ (the seed key aside); None when no such pair has finished."""
     for experiment in sorted(finished):
@@ -400,7 +366,7 @@ def paired_difference(variant: dict[int, float], baseline: dict[int, float]) -> 
             "ahead": sum(difference > 0 for difference in differences), "verdict": verdict}
 
 
-def comparison(finished: dict[str, Run], baseline: Arm, variants: tuple[Arm, ...], metrics: tuple[Metric, ...],
+def comparison(finished: dict[str, FinishedRun], baseline: Arm, variants: tuple[Arm, ...], metrics: tuple[Metric, ...],
                seed_key: str) -> list[dict[str, Any]]:
     """One entry per metric: each arm's seeds, mean and std, and each variant's paired difference."""
     tables = []
@@ -476,7 +442,7 @@ def run_comparison(arguments: argparse.Namespace, repo: Path) -> tuple[list[dict
     metrics = (tuple(parse_metric(text, graph, arguments.target) for text in arguments.metric) if arguments.metric
                else default_metrics(repo, arguments.target))
     params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8")) or {}
-    finished, listed = experiments_of_head(json.loads(ablations.dvc("exp", "show", "--json")))
+    finished, listed = ablations.finished_experiments(json.loads(ablations.dvc("exp", "show", "--json")))
     if arguments.command == "run":
         overrides = tuple(arguments.overrides)
         check_keys(parse_overrides(overrides), flat_params(params), seed_key, graph, arguments.target)
@@ -488,7 +454,7 @@ def run_comparison(arguments: argparse.Namespace, repo: Path) -> tuple[list[dict
                 queue_and_wait(to_run, arguments.target, arguments.jobs, POLL_S)
             except (CommandFailed, RuntimeError) as error:
                 raise CompareError(f"the experiments did not all finish: {error}") from None
-            finished, listed = experiments_of_head(json.loads(ablations.dvc("exp", "show", "--json")))
+            finished, listed = ablations.finished_experiments(json.loads(ablations.dvc("exp", "show", "--json")))
         variants = arms[1:]
     else:
         missing = [name for name in arguments.names if not any(run.startswith(name + "-s") for run in finished)]

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from bench import ablations, compare
-from bench.compare import Arm, CompareError, Metric, Run
+from bench.ablations import FinishedRun
+from bench.compare import Arm, CompareError, Metric
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T_975_2 = 4.302652729911275
@@ -28,7 +29,7 @@ T_975_1 = 12.706204736174707
 WEAKCLIP_SEED = "weakclip.train.seed_offset"
 
 
-def _runs(arm: str, values: dict[int, float], seed_key: str = WEAKCLIP_SEED) -> dict[str, Run]:
+def _runs(arm: str, values: dict[int, float], seed_key: str = WEAKCLIP_SEED) -> dict[str, FinishedRun]:
     """Finished runs of ``arm`` at each seed: the seed param set (nested, as DVC stores params) and one metric."""
     def params(seed: int) -> dict:
         node: dict = {}
@@ -39,7 +40,8 @@ def _runs(arm: str, values: dict[int, float], seed_key: str = WEAKCLIP_SEED) -> 
         node[leaf] = seed
         return root
 
-    return {f"{arm}-s{seed}": Run(params=params(seed), metrics={"metrics/weakclip.json": {"miou": value}})
+    return {f"{arm}-s{seed}": FinishedRun(rev=f"{arm}{seed}", params=params(seed),
+                                         metrics={"metrics/weakclip.json": {"miou": value}})
             for seed, value in values.items()}
 
 
@@ -114,8 +116,9 @@ def test_the_plan_reuses_finished_runs_only_when_every_param_matches() -> None:
     baseline, variant = Arm("cmp-base-weakclip_train", ()), Arm("b1", ("weakclip.loss.boundary_weight=1.0",))
     params = {"weakclip": {"train": {"seed_offset": 0, "lr": 0.01}, "loss": {"boundary_weight": 0.0}}}
 
-    def ran(seed: int, weight: float, lr: float = 0.01) -> Run:
-        return Run({"weakclip": {"train": {"seed_offset": seed, "lr": lr}, "loss": {"boundary_weight": weight}}}, {})
+    def ran(seed: int, weight: float, lr: float = 0.01) -> FinishedRun:
+        return FinishedRun(rev="r", params={"weakclip": {"train": {"seed_offset": seed, "lr": lr},
+                                                         "loss": {"boundary_weight": weight}}}, metrics={})
 
     finished = {"cmp-base-weakclip_train-s1": ran(1, 0.0), "b1-s1": ran(1, 1.0)}
     to_run = compare.plan((baseline, variant), (1, 2), WEAKCLIP_SEED, params, finished, set(finished))
@@ -159,10 +162,11 @@ def test_only_finished_experiments_count() -> None:
             _experiment("broken-file-s1", "success", {"metrics/score.json": {"error": {"msg": "bad json"}}}),
         ]},
     ]
-    finished, listed = compare.experiments_of_head(exp_show)
+    finished, listed = ablations.finished_experiments(exp_show)
     assert set(finished) == {"done-s1", "old-s1", "broken-file-s1"}
     assert finished["done-s1"].metrics == {"metrics/score.json": {"miou": 0.61}}
     assert finished["done-s1"].params == {"seed": 1} and finished["broken-file-s1"].metrics == {}
+    assert finished["done-s1"].rev == "done-s1rev"
     assert listed == {"done-s1", "old-s1", "queued-s1", "running-s1", "failed-s1", "broken-file-s1"}
 
 

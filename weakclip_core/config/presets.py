@@ -32,7 +32,7 @@ from ruamel.yaml.comments import CommentedMap
 
 from weakclip_core.artifacts.atomic import atomic_path
 from weakclip_core.config.params import Params, check_distributed_batches, params_from_dict
-from weakclip_core.config.schema import ConfigError
+from weakclip_core.config.schema import ConfigError, to_plain
 
 
 def _round_trip_yaml() -> YAML:
@@ -192,10 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"clip {params.clip.source}:{params.clip.model_name}, "
                   f"weakclip {params.weakclip.train.iterations} it x batch {params.weakclip.train.batch_size})")
         else:
-            merged_params(args.preset, args.params)
+            _, params = merged_params(args.preset, args.params)
             print(f"{args.preset}: valid over {args.params}")
-        left = placeholder_keys(to_builtin(read_yaml_mapping(args.params) if args.action == "apply"
-                                           else merged_params(args.preset, args.params)[0]))
+        left = placeholder_keys(to_plain(params))
         if left:
             print(f"still placeholders ({PLACEHOLDER_PREFIX}...): {', '.join(left)}; set each to a local file "
                   "before the chain runs")

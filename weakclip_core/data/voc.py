@@ -95,27 +95,29 @@ def prepare_voc(source: str | Path, root: str | Path, splits: list[str], mask_di
 
     labels: dict[str, list[int]] = {}
     all_ids = list(dict.fromkeys(image_id for ids in ids_by_split.values() for image_id in ids))
+
+    def listed_in(image_id: str) -> str:
+        """The first split whose list names the image (for the error messages)."""
+        return next(split for split, ids in ids_by_split.items() if image_id in ids)
+
     for image_id in tqdm(all_ids, desc="voc", unit="img", disable=not progress):
         image_path = source / "JPEGImages" / f"{image_id}.jpg"
         mask_path = source / mask_dir / f"{image_id}.png"
         if not image_path.is_file():
-            listed_in = [split for split, ids in ids_by_split.items() if image_id in ids]
-            raise DatasetError(f"{image_path}: image listed in split {listed_in[0]!r} is absent")
+            raise DatasetError(f"{image_path}: image listed in split {listed_in(image_id)!r} is absent")
         if image_labels is not None and image_id not in image_labels:
-            listed_in = [split for split, ids in ids_by_split.items() if image_id in ids]
             raise DatasetError(f"{image_labels_file}: no labels for image {image_id} (listed in split "
-                               f"{listed_in[0]!r})")
+                               f"{listed_in(image_id)!r})")
         image = read_image(image_path)
         link_or_copy(image_path, root / "JPEGImages" / f"{image_id}.jpg")
-        if image_labels is None and not mask_path.is_file():
-            listed_in = [split for split, ids in ids_by_split.items() if image_id in ids]
-            raise DatasetError(f"{mask_path}: GT mask of image {image_id} (listed in split {listed_in[0]!r}) not "
-                               f"found in dataset.voc_mask_dir {mask_dir!r}; train_aug's images need SBD's "
-                               "SegmentationClassAug, or give dataset.voc_cls_labels to prepare images without masks")
-        if image_labels is None or mask_path.is_file():
+        if mask_path.is_file():
             mask = read_mask(mask_path)
             check_mask(mask, mask_path, image.shape[:2], len(VOC_CLASS_NAMES))
             write_mask(root / "SegmentationClass" / f"{image_id}.png", mask)
+        elif image_labels is None:  # without image-level labels the mask is the labels: it must be there
+            raise DatasetError(f"{mask_path}: GT mask of image {image_id} (listed in split {listed_in(image_id)!r}) "
+                               f"not found in dataset.voc_mask_dir {mask_dir!r}; train_aug's images need SBD's "
+                               "SegmentationClassAug, or give dataset.voc_cls_labels to prepare images without masks")
         labels[image_id] = labels_from_mask(mask) if image_labels is None else list(image_labels[image_id])
 
     kept_by_split = write_labelled_splits(root, ids_by_split, labels, drop_unlabelled_from,

@@ -23,7 +23,8 @@ from weakclip_core.config import Params
 from weakclip_core.config.schema import given_path
 from weakclip_core.data.coco import prepare_coco
 from weakclip_core.data.labels_only import prepare_custom, read_cls_labels_npy
-from weakclip_core.data.layout import CAPTIONS_FILE, DatasetError, PreparedDataset, write_labels, write_split
+from weakclip_core.data.layout import (CAPTIONS_FILE, DatasetError, PreparedDataset, check_score_split_inside,
+                                      write_labels, write_split)
 from weakclip_core.data.preview import write_dataset_preview
 from weakclip_core.data.synthetic import class_names, generate_synthetic
 from weakclip_core.data.voc import VOC_CLASS_NAMES, prepare_voc
@@ -95,12 +96,8 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
                          mask_encoding=dataset.coco_mask_encoding)
         prepared = PreparedDataset.open(staging_dir)
         split_counts = {split: len(prepared.split(split)) for split in splits}
-        try:  # the score split lies inside train
-            prepared.scored_ids(dataset.train_split, dataset.scored_split)
-        except DatasetError as error:  # its message names the staging copy, about to be deleted: name the keys
-            raise DatasetError(f"dataset.score_split {dataset.scored_split!r} must lie inside dataset.train_split "
-                               f"{dataset.train_split!r} (their lists in {dataset.source}): "
-                               f"{str(error).split('.txt: ', 1)[-1]}") from None
+        check_score_split_inside(prepared.split(dataset.train_split), prepared.split(dataset.scored_split),
+                                 dataset.train_split, dataset.scored_split, lists_in=dataset.source)
         shared = sorted(set(prepared.split(dataset.train_split)) & set(prepared.split(dataset.val_split)))
         if shared:
             raise DatasetError(f"dataset.train_split {dataset.train_split!r} and dataset.val_split "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -163,7 +164,10 @@ def test_an_openai_torchscript_archive_needs_the_quickgelu_architecture(tmp_path
     model._buffers.pop("attn_mask")
     archive = tmp_path / "tiny_openai.pt"
     torch.jit.trace_module(model, {"encode_image": torch.zeros(1, 3, 64, 64)}, check_trace=False).save(str(archive))
-    loaded = load_clip_file("WeakclipTestTinyQ", archive)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_clip_file("WeakclipTestTinyQ", archive)
+    assert not [w for w in caught if "torch.jit.load" in str(w.message)]  # torch's deprecation: not the user's to act on
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     with pytest.raises(ClipWeightsError) as refused:
@@ -198,6 +202,39 @@ def test_file_artifact_records_sha256(tmp_path: Path, tiny_registered: str) -> N
     assert info["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     rebuilt = load_clip_artifact(tmp_path / "clip")
     assert torch.equal(rebuilt.visual.proj, model.visual.proj)
+
+
+def test_a_half_precision_file_is_stored_half_and_loads_to_the_same_model(tmp_path: Path,
+                                                                         tiny_registered: str) -> None:
+    """OpenAI's ViT-B/16 keeps its matrices in fp16 and others (norms) in fp32. The artifact of such a
+    file stores the fp16 tensors as fp16 (it used to store the fp32 model: twice the file's size) and rebuilds
+    the fp32 model bit for bit; a fp32 file's tensors that fp16 cannot hold stay fp32."""
+    source = tiny_clip(seed=2)
+    mixed = {key: value.half() if value.ndim >= 2 else value.clone()  # matrices fp16, norms and biases fp32
+             for key, value in source.state_dict().items()}
+    weights = tmp_path / "openai_like.pt"
+    torch.save(mixed, weights)
+    cfg = ClipConfig(source="file", model_name=tiny_registered, weights=str(weights))
+    model = build_clip(cfg)
+    save_clip_artifact(tmp_path / "clip", model, cfg)
+    stored = torch.load(tmp_path / "clip" / "weights.pt", weights_only=True)
+    half_keys = {key for key, value in mixed.items() if value.dtype == torch.float16}
+    assert half_keys and all(stored[key].dtype == torch.float16 for key in half_keys)
+    # (fp32 tensors fp16 holds exactly, e.g. a norm's ones and zeros, may be stored fp16 too: no bit is lost)
+    rebuilt = load_clip_artifact(tmp_path / "clip")
+    for key, value in model.state_dict().items():
+        assert rebuilt.state_dict()[key].dtype == value.dtype and torch.equal(rebuilt.state_dict()[key], value), key
+    fp32_bytes = sum(value.numel() * 4 for value in mixed.values() if value.is_floating_point())
+    half_bytes = sum(value.numel() * value.element_size() for value in mixed.values() if value.is_floating_point())
+    assert half_bytes < 0.6 * fp32_bytes  # the matrices are most of the model
+    assert (tmp_path / "clip" / "weights.pt").stat().st_size < half_bytes + 200_000  # tensors plus the archive
+
+    full = tmp_path / "fp32.pt"
+    torch.save(source.state_dict(), full)  # random fp32 values: fp16 holds almost none exactly
+    cfg = ClipConfig(source="file", model_name=tiny_registered, weights=str(full))
+    save_clip_artifact(tmp_path / "clip32", build_clip(cfg), cfg)
+    stored = torch.load(tmp_path / "clip32" / "weights.pt", weights_only=True)
+    assert stored["visual.proj"].dtype == torch.float32 and torch.equal(stored["visual.proj"], source.visual.proj)
 
 
 def test_missing_artifact_names_the_file(tmp_path: Path) -> None:

@@ -334,6 +334,15 @@ def test_voc_prepare_writes_the_score_split_inside_train_aug(tmp_path: Path) -> 
                                   f"(their lists in {source}): 1 image(s) of score split 'train' are not in train "
                                   "split 'train_aug', e.g. 2007_000003")
 
+    # A stage reading a prepared folder whose lists were edited by hand names the keys and that folder's lists.
+    lists = prepared_dir / "ImageSets" / "Segmentation"
+    (lists / "train.txt").write_text("2007_000002\n2007_000009\n")
+    with pytest.raises(DatasetError) as refused:
+        PreparedDataset.open(prepared_dir).scored_ids("train_aug", "train")
+    assert str(refused.value) == (f"dataset.score_split 'train' must lie inside dataset.train_split 'train_aug' "
+                                  f"(their lists in {lists}): 1 image(s) of score split 'train' are not in train "
+                                  "split 'train_aug', e.g. 2007_000009")
+
 
 SCORE_IDS = ["train_001", "train_004", "train_006"]
 

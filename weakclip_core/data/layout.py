@@ -239,6 +239,20 @@ def read_labels_data(data: object, labels_path: str | Path) -> tuple[list[str], 
     return list(class_names), labels
 
 
+def check_score_split_inside(train_ids: list[str], score_ids: list[str], train_split: str, score_split: str,
+                             lists_in: str | Path) -> None:
+    """Every id of the score split must be in the train split (the stages that score train-split outputs
+    against GT score that subset). The error names the keys and ``lists_in``, the folder whose lists the user
+    edits: the prepared dataset's for a stage, the source tree for ``prepare`` (its staging copy is about to
+    be deleted)."""
+    in_train = set(train_ids)
+    outside = [image_id for image_id in score_ids if image_id not in in_train]
+    if outside:
+        raise DatasetError(f"dataset.score_split {score_split!r} must lie inside dataset.train_split {train_split!r} "
+                           f"(their lists in {lists_in}): {len(outside)} image(s) of score split {score_split!r} "
+                           f"are not in train split {train_split!r}, e.g. {outside[0]}")
+
+
 @dataclass(frozen=True)
 class PreparedDataset:
     """Read access to a prepared VOC-layout folder. ``class_names[0]`` is ``background``."""
@@ -296,13 +310,9 @@ class PreparedDataset:
         stage that runs over the train split scores against GT (e.g. VOC ``train`` inside ``train_aug``)."""
         if score_split == train_split:
             return self.split(train_split)
-        in_train = set(self.split(train_split))
         image_ids = self.split(score_split)
-        outside = [image_id for image_id in image_ids if image_id not in in_train]
-        if outside:
-            raise DatasetError(f"{self.root / 'ImageSets' / 'Segmentation' / f'{score_split}.txt'}: "
-                               f"{len(outside)} image(s) of score split {score_split!r} are not in train split "
-                               f"{train_split!r}, e.g. {outside[0]}")
+        check_score_split_inside(self.split(train_split), image_ids, train_split, score_split,
+                                 lists_in=self.root / "ImageSets" / "Segmentation")
         return image_ids
 
     def has_mask(self, image_id: str) -> bool:

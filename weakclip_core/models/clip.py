@@ -21,6 +21,7 @@ from __future__ import annotations
 from weakclip_core.errors import InputError
 import copy
 import json
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             loaded: Any = load_file(str(path), device="cpu")
         elif _is_torchscript_archive(path):
-            loaded = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # OpenAI ships its CLIPs only as TorchScript, and only the tensors are
+                # read: torch's "torch.jit.load is deprecated" on every clip run is nothing a user can act on
+                warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+                loaded = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 — any reader failure means "not a checkpoint"
@@ -195,6 +199,14 @@ def load_clip_file(model_name: str, weights_path: str | Path, image_size: int | 
 
 # --------------------------------------------------------------------------- the clip stage's artifact
 
+def stored_tensor(value: torch.Tensor) -> torch.Tensor:
+    """``value`` as fp16 if fp16 holds it exactly (converting back gives the same bits), else unchanged."""
+    if value.dtype != torch.float32:
+        return value
+    half = value.to(torch.float16)
+    return half if torch.equal(half.to(torch.float32), value) else value
+
+
 def save_clip_artifact(directory: str | Path, model: CLIP, cfg: ClipConfig,
                        info: dict[str, Any] | None = None) -> None:
     """Write ``artifacts/clip/``: ``weights.pt`` (state dict), ``model_config.json``, ``clip.json``.
@@ -202,12 +214,20 @@ def save_clip_artifact(directory: str | Path, model: CLIP, cfg: ClipConfig,
     ``clip.json`` records the source, the model name, the parameter count,
     for ``source: file`` the weights path and its ``sha256``, and whatever
     ``info`` adds (pretraining numbers).
+
+    For ``source: file`` each tensor that fp16 holds exactly is stored as fp16 (``stored_tensor``): OpenAI's
+    ViT-B/16 ships its matrices in fp16, and stored back as the fp32 model holds them the artifact doubled
+    (286 MB file, 571 MB artifact), in every cache, remote and worker clone. Loading copies them into the fp32
+    model, so the model is the same to the bit. A CLIP trained or drawn here is stored as it is.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    if cfg.source == "file":
+        state_dict = {key: stored_tensor(value) for key, value in state_dict.items()}
     with atomic_path(directory / WEIGHTS_FILE) as temporary, open(temporary, "wb") as stream:
         # A stream, not the path: torch names the archive after the (random) temporary file name.
-        torch.save({key: value.detach().cpu() for key, value in model.state_dict().items()}, stream)
+        torch.save(state_dict, stream)
     write_json(directory / MODEL_CONFIG_FILE, clip_model_config(cfg, model))
     details: dict[str, Any] = {"source": cfg.source, "model_name": cfg.model_name,
                                "parameters": sum(parameter.numel() for parameter in model.parameters())}

@@ -20,6 +20,7 @@ is pulled complete and ``dvc status`` must be clean.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 import threading
@@ -31,6 +32,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture, as_completed
+from prefect.settings import get_current_settings
 from prefect.states import Cancelled, Crashed
 
 from flows.dag import StageGraph, StageSpec, read_stage_graph
@@ -42,6 +44,8 @@ from flows.machines import (
     capture_run_state,
     carried_inputs,
     chain_lock,
+    check_external_deps_here,
+    check_run_size,
     git,
     merge_lock_entry,
     run_stage_on_worker,
@@ -212,18 +216,15 @@ def run_stage_on_pool(
     with _LOCK_GUARD:
         lock_text = (root / "dvc.lock").read_text() if (root / "dvc.lock").is_file() else None
     state = RunState(**{**base_state, "lock": lock_text, "files": carried_inputs(stage, graph, root)})
-    flow_run = run_deployment(
-        name=placement.deployment,
-        parameters={
-            "repo_dir": settings.worker_repo_dir,
-            "stage_name": stage.name,
-            "remote": remote,
-            "run_state": state.to_json(),
-            "heartbeat_s": settings.heartbeat_s,
-        },
-        timeout=0,
-        poll_interval=1,
-    )
+    parameters = {
+        "repo_dir": settings.worker_repo_dir,
+        "stage_name": stage.name,
+        "remote": remote,
+        "run_state": state.to_json(),
+        "heartbeat_s": settings.heartbeat_s,
+    }
+    check_run_size(stage.name, parameters, get_current_settings().server.api.max_parameter_size)
+    flow_run = run_deployment(name=placement.deployment, parameters=parameters, timeout=0, poll_interval=1)
     flow_run = wait_for_stage_run(stage.name, placement, flow_run.id, settings)
     if not flow_run.state.is_completed():
         message = flow_run.state.message or ""
@@ -231,7 +232,7 @@ def run_stage_on_pool(
         kind = StageRefused if "Refused:" in message or flow_run.state.is_cancelled() else RuntimeError
         raise kind(f"stage {stage.name!r} on {placement.pool} ({placement.deployment}) ended {flow_run.state.name}: {message}")
     result = _stage_result(flow_run.id)
-    write_files(root, result["files"])
+    write_files(root, result["files"], replaced=stage.uncached)  # the worker returns all of each, as its run left it
     merge_lock_entry(root, stage.name, result["entry"], _LOCK_GUARD)
     return result["metrics"]
 
@@ -375,7 +376,12 @@ def finish_coordinator(root: Path, graph: StageGraph, remote: str | None, commit
     run_command(dvc_command("pull", "--force", *remote_args, *graph.names()), root, logger)
     status = capture_command(dvc_command("status", "--json", *graph.names()), root).strip()
     if status not in ("{}", ""):
-        raise RuntimeError(f"{root}: dvc status is not clean after the chain: {status[:2000]}")
+        changed_outside = sorted({path for entries in json.loads(status).values() for entry in entries
+                                  if isinstance(entry, dict) for path in entry.get("changed deps", {})
+                                  if path == ".." or path.startswith(("../", "/"))})
+        hint = (f" (the workers' copy of {', '.join(changed_outside[:3])} differs from the coordinator's: every "
+                "machine needs the same external inputs at the same paths)" if changed_outside else "")
+        raise RuntimeError(f"{root}: dvc status is not clean after the chain: {status[:2000]}{hint}")
     if not commit:
         return ""
     paths = ["dvc.lock", *params, *[out for stage in graph.stages for out in stage.uncached if (root / out).exists()]]
@@ -413,6 +419,10 @@ def chain(
     deployed (``stage/stage-gpu-<i>``). ``commit``: git-commit the resulting dvc.lock
     (and params, cache: false outputs) here at the end (pools only).
     """
+    if max_parallel < 1:
+        raise ValueError(f"max_parallel must be at least 1, got {max_parallel}")
+    if commit and dispatch != "pools":
+        raise ValueError("commit=True commits the coordinator's dvc.lock after a pools run: it needs dispatch='pools'")
     root = (worker_clone(repo_dir) if repo_dir == "." else Path(repo_dir)).resolve()
     logger = get_run_logger()
     with chain_lock(root):
@@ -432,6 +442,7 @@ def chain(
                 gpu_count = deployed_gpu_count()
             check_gpu_queues(gpu_count)
             run_state = capture_run_state(root, graph)
+            check_external_deps_here(root, graph)
             base_state = {k: v for k, v in run_state.to_json().items() if k not in ("lock", "files")}
             logger.info("coordinator %s at commit %s, %d GPU queue(s)", root, run_state.commit[:12], gpu_count)
         report = schedule_stages(
@@ -535,10 +546,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="like dvc exp run -S: set a param in this clone first (it travels to the workers)")
     parser.add_argument("--deployment", default=None, help="start this chain deployment (e.g. chain/chain) and wait")
     args = parser.parse_args(argv)
+    if args.max_parallel < 1:
+        parser.error(f"--max-parallel must be at least 1, got {args.max_parallel}")
+    if args.commit and not args.deployment and args.dispatch != "pools":
+        parser.error("--commit commits the coordinator's dvc.lock after a pools run: add --dispatch pools "
+                     "(after a local run, commit dvc.lock yourself)")
     if args.deployment:
         from prefect.deployments import run_deployment
 
-        parameters: dict[str, Any] = {"max_parallel": args.max_parallel, "retries": args.retries, "commit": args.commit}
+        given = [option for option, value, default in (("--repo-dir", args.repo_dir, "."),
+                                                         ("--dispatch", args.dispatch, "local")) if value != default]
+        if given:  # the deployment fixes them (prefect.yaml: its worker's WEAKCLIP_PROJECT, the pools)
+            parser.error(f"{' and '.join(given)} cannot be given with --deployment: the deployment runs in its "
+                         "worker's WEAKCLIP_PROJECT clone and dispatches to the pools (prefect.yaml)")
+        parameters: dict[str, Any] = {"max_parallel": args.max_parallel, "retries": args.retries, "commit": args.commit,
+                                      "start_timeout_s": args.start_timeout}
         for key, value in (("remote", args.remote), ("targets", args.target), ("gpu_count", args.gpu_count),
                            ("set_params", args.set_param)):
             if value is not None:

@@ -10,16 +10,19 @@ in its own clone with its own DVC cache (:func:`run_stage_on_worker`):
 1. refuses in one line if its clone is dirty (outside ``dvc.lock``, params and
    stage outputs) or does not know the commit after a ``git fetch``;
 2. checks the commit out, writes the received params files and ``dvc.lock``;
-3. writes the carried ``cache: false`` deps and ``dvc pull``s exactly the cached
-   deps of the stage, by the hashes of the received lock;
-4. ``dvc repro --single-item <stage>``, then checks that every dep made by an
+3. writes the carried ``cache: false`` files (the stage's deps and its own outputs;
+   a carried folder replaces the clone's copy whole) and ``dvc pull``s exactly the
+   cached deps of the stage, by the hashes of the received lock; a stage that the
+   lock names up to date but whose outputs this clone lacks gets them pulled too;
+4. ``dvc repro --single-item <stage>`` (which skips a stage already up to date), then checks that every dep made by an
    upstream stage has the hash the received lock names (else it fails: the
    stage ran on inputs the coordinator did not choose);
 5. ``dvc push``es the stage's cached outputs and returns its ``dvc.lock``
    entry, the bytes of its ``cache: false`` outputs and its metrics.
 
 The coordinator merges each entry into its ``dvc.lock`` (:func:`merge_lock_entry`)
-and writes the returned files into its workspace; the next stages get the merged
+and writes the returned files into its workspace (each returned folder replacing its
+copy whole); the next stages get the merged
 lock. At the end it ``dvc pull``s and checks ``dvc status``.
 """
 
@@ -43,11 +46,10 @@ from typing import Any
 import yaml
 
 from flows.dag import StageGraph, StageSpec, read_stage_graph
-from flows.dvc_cli import CommandFailed, dvc_command, run_command, tool_environment
+from flows.dvc_cli import CommandFailed, capture_command, dvc_command, run_command, tool_environment
 
 CHAIN_LOCK = Path(".dvc") / "tmp" / "weakclip-chain.lock"
 CLONE_LOCK = Path(".dvc") / "tmp" / "weakclip-stage.lock"
-MAX_CARRIED_BYTES = 20 * 1024 * 1024
 
 
 class Refused(RuntimeError):
@@ -116,25 +118,53 @@ def _read_tree(root: Path, relative: str) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): base64.b64encode(p.read_bytes()).decode("ascii") for p in files}
 
 
-def carried_inputs(stage: StageSpec, graph: StageGraph, root: Path) -> dict[str, str]:
-    """The ``cache: false`` outputs of upstream stages that ``stage`` depends on, read from ``root``."""
+def carried_roots(stage: StageSpec, graph: StageGraph) -> list[str]:
+    """The files and folders a run of ``stage`` carries (DVC never pushes them): the ``cache: false`` outputs of
+    upstream stages that it depends on, and its own ``cache: false`` outputs. Its own travel so that a worker
+    whose clone lacks them can tell a stage that is up to date from one that must run (``outputs_only_missing``);
+    a stage that runs replaces them."""
     by_name = graph.by_name()
     wanted = {out for parent in stage.upstream for out in by_name[parent].uncached}
+    roots = {out if _under(dep, {out}) else dep
+             for dep in stage.deps for out in wanted if _under(dep, {out}) or _under(out, {dep})}
+    return sorted(roots | set(stage.uncached))
+
+
+def carried_inputs(stage: StageSpec, graph: StageGraph, root: Path) -> dict[str, str]:
+    """What ``carried_roots`` names, as ``root`` holds it (a root ``root`` lacks is not carried)."""
     files: dict[str, str] = {}
-    for dep in stage.deps:
-        for out in wanted:
-            if _under(dep, {out}) or _under(out, {dep}):
-                files.update(_read_tree(root, out if _under(dep, {out}) else dep))
-    size = sum(len(value) for value in files.values())
-    if size > MAX_CARRIED_BYTES:
-        raise Refused(
-            f"stage {stage.name!r} depends on {size} bytes of cache: false outputs ({sorted(files)[:5]}...): "
-            "more than a run can carry; make those outputs cached (drop cache: false) so they travel through the DVC remote"
-        )
+    for carried in carried_roots(stage, graph):
+        files.update(_read_tree(root, carried))
     return files
 
 
-def write_files(root: Path, files: dict[str, str]) -> None:
+def check_run_size(stage_name: str, parameters: dict[str, Any], limit_bytes: int) -> None:
+    """Refuse, in one line, a stage run whose flow-run parameters (JSON: the run state with its dvc.lock, params
+    and carried files) exceed ``limit_bytes``, the most a Prefect server stores per flow run (its
+    ``PREFECT_SERVER_API_MAX_PARAMETER_SIZE``, 512 KiB by default; 0 = no limit). Past it the server answers
+    422 to every attempt; this says which files to make cached instead."""
+    size = len(json.dumps(parameters))
+    if not limit_bytes or size <= limit_bytes:
+        return
+    files = (parameters.get("run_state") or {}).get("files") or {}
+    largest = sorted(files, key=lambda path: -len(files[path]))[:3]
+    raise Refused(
+        f"stage {stage_name!r}: its run carries {size} bytes (dvc.lock, params and the cache: false files "
+        f"{', '.join(largest) or 'none'}), more than the {limit_bytes} bytes of parameters a Prefect server stores "
+        "per flow run (PREFECT_SERVER_API_MAX_PARAMETER_SIZE); make the large cache: false outputs cached (drop "
+        "cache: false in dvc.yaml) so they travel through the DVC remote"
+    )
+
+
+def write_files(root: Path, files: dict[str, str], replaced: list[str] | tuple[str, ...] = ()) -> None:
+    """Write ``files`` (``{path: base64}``) under ``root``. Each folder of ``replaced`` first loses every file that
+    ``files`` does not hold, so it ends as the sender's copy and not a mix with what an earlier run left there (a
+    dvclive folder after a run that logged fewer metrics), which ``dvc status`` would call modified."""
+    for folder in replaced:
+        if (root / folder).is_dir():
+            for existing in sorted((root / folder).rglob("*")):
+                if existing.is_file() and existing.relative_to(root).as_posix() not in files:
+                    existing.unlink()
     for relative, data in files.items():
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,24 +174,51 @@ def write_files(root: Path, files: dict[str, str]) -> None:
 
 
 def apply_param_overrides(root: Path, overrides: list[str]) -> None:
-    """``dvc exp run -S``'s ``[file:]key.path=value`` on the coordinator's params files (comments kept).
+    """``[file:]key.path=value`` overrides on the coordinator's params files, read and applied by DVC's own code for
+    ``dvc exp run -S`` (Hydra's grammar: a key the file lacks is refused, ``+key=value`` adds one, ``~key``
+    removes one; comments kept). They used to be applied by hand: a misspelt key was silently added (and, with
+    ``--commit``, committed), ``+key`` written literally. Refused in one line naming the override.
 
     The edited files are then uncommitted params: they travel with every stage run.
     """
-    from dvc.utils.serialize import modify_yaml
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import apply_overrides
 
     for override in overrides:
-        target, sep, raw = override.partition("=")
-        if not sep or not target:
-            raise Refused(f"override {override!r}: expected [file:]key.path=value, e.g. seg.model=deeplabv3plus")
-        file_name, colon, dotted = target.rpartition(":")
-        path = root / (file_name if colon else "params.yaml")
-        with modify_yaml(str(path)) as data:
-            node = data
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = yaml.safe_load(raw)
+        if "=" not in override and not override.startswith("~"):
+            raise Refused(f"override {override!r}: expected [file:]key.path=value, e.g. seg.model=deeplabv3plus "
+                          "(as dvc exp run -S takes it)")
+    for relative, file_overrides in to_path_overrides(overrides).items():
+        path = root / relative
+        if not path.is_file():
+            raise Refused(f"override {file_overrides[0]!r}: params file {path} does not exist")
+        try:
+            apply_overrides(str(path), file_overrides)
+        except InvalidArgumentError as error:
+            reason = " ".join(str(error.__cause__ or error).split())
+            raise Refused(f"override {' '.join(file_overrides)!r} on {path}: {reason} (read as dvc exp run -S "
+                          "reads it)") from None
+
+
+def external_deps(graph: StageGraph) -> list[str]:
+    """The deps outside the repository (``dataset.source``, ``clip.weights``, ``cam.arch.pretrained``, ...:
+    absolute paths in params.yaml, repository-relative ``../…`` here). DVC hashes them where a stage runs and
+    where ``dvc status`` runs, so the coordinator and every worker need the same file at the same path."""
+    return sorted({dep for stage in graph.stages for dep in stage.deps if dep == ".." or dep.startswith("../")})
+
+
+def check_external_deps_here(root: Path, graph: StageGraph) -> None:
+    """Refuse, before any stage is sent, a chain whose external inputs the coordinator lacks: its closing
+    ``dvc status`` hashes them too, so the chain would fail only after every stage had run."""
+    missing = [dep for dep in external_deps(graph) if not (root / dep).exists()]
+    if missing:
+        shown = ", ".join(str((root / dep).resolve()) for dep in missing[:3])
+        raise Refused(
+            f"{root}: the chain's external input(s) {shown}{' ...' if len(missing) > 3 else ''} do not exist on the "
+            "coordinator; the coordinator checks every stage's deps with dvc status at the end, so it needs the same "
+            "files at the same paths as the workers: copy them here first"
+        )
 
 
 def coordinator_id(root: Path) -> str:
@@ -340,6 +397,25 @@ def pull_targets(stage: StageSpec, graph: StageGraph) -> list[str]:
     return sorted(set(targets))
 
 
+OUTPUT_MISSING_STATES = frozenset({"deleted", "not in cache"})
+"""What ``dvc status`` says of an output that the lock names but this clone does not hold."""
+
+
+def outputs_only_missing(root: Path, stage_name: str, sent_lock: dict[str, Any]) -> bool:
+    """Whether ``stage_name`` matches its entry in the coordinator's lock in everything (deps, params, command)
+    but outputs absent from ``root`` (deleted, or not in this clone's cache): then pulling them makes it up to
+    date. ``False`` for a stage the lock has no entry for, one that is already up to date, or any other change."""
+    if stage_name not in (sent_lock.get("stages") or {}):
+        return False
+    status = json.loads(capture_command(dvc_command("status", "--json", stage_name), root).strip() or "{}")
+    changes = status.get(stage_name) or []
+    return bool(changes) and all(
+        isinstance(change, dict) and set(change) == {"changed outs"}
+        and set(change["changed outs"].values()) <= OUTPUT_MISSING_STATES
+        for change in changes
+    )
+
+
 def remote_description(root: Path, remote: str | None) -> str:
     try:
         from dvc.repo import Repo
@@ -383,11 +459,23 @@ def run_stage_on_worker(
             raise KeyError(f"{root / 'dvc.yaml'} at {state.commit[:12]}: no stage named {stage_name!r}")
         if ":" in stage_name:
             raise Refused(f"stage {stage_name!r} is in another dvc.yaml; the pools run stages of the root dvc.yaml only")
-        write_files(root, state.files)
+        write_files(root, state.files, replaced=[carried for carried in carried_roots(spec, graph)
+                                                 if any(_under(path, {carried}) for path in state.files)])
+        remote_option = ["--remote", remote] if remote else []
         targets = pull_targets(spec, graph)
         if targets:
             # --force: a stale copy left by an earlier run in this clone is replaced by the lock's version.
-            _remote_command(["pull", "--force", *(["--remote", remote] if remote else []), *targets], root, remote, logger)
+            _remote_command(["pull", "--force", *remote_option, *targets], root, remote, logger)
+        if outputs_only_missing(root, stage_name, read_lock(state.lock)):
+            # Up to date in the coordinator's lock, only not in this clone (a fresh clone, another GPU's clone):
+            # its outputs come from the remote and dvc repro skips it, as `dvc repro --pull` would, instead of
+            # spending hours re-making what the lock already names (and, off bit-exact hardware, new hashes that
+            # make every stage after it stale).
+            try:
+                _remote_command(["pull", "--force", *remote_option, stage_name], root, remote, logger)
+            except RemoteFailed as error:
+                logger.warning("%s is up to date in the coordinator's dvc.lock but its outputs could not be pulled "
+                               "(%s): it runs", stage_name, error)
         run_command(dvc_command("repro", "--single-item", stage_name), root, logger)
         lock = read_lock((root / "dvc.lock").read_text())
         entry = lock.get("stages", {}).get(stage_name)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 GPU_STAGE_PATTERNS: tuple[str, ...] = (
+    "clip",  # pre-trains the small CLIP, or runs ViT-B/16 (and a random one) over the val and scored train images
     "cam_train",
     "cam_infer",
     "weakclip_train",

@@ -228,14 +228,37 @@ def relaunch_under_torchrun(module: str, runtime: RuntimeConfig, args: Sequence[
             raise
 
 
+def check_gpus_for_torchrun(runtime: RuntimeConfig) -> None:
+    """Under torchrun on CUDA each of the ``runtime.nproc`` processes takes GPU ``LOCAL_RANK``: with fewer GPUs
+    visible the job starts and a rank dies in ``torch.cuda.set_device`` ("invalid device ordinal"), after
+    which the stage is retried to no end on the pools. Refused before the launch, naming the keys (a Prefect
+    GPU deployment sees one GPU unless deployed with ``--gpus-per-stage``)."""
+    if runtime.launcher != "torchrun" or "LOCAL_RANK" in os.environ:
+        return
+    import torch  # here, not at the top: the stages without DDP start without torch (summary)
+
+    from weakclip_core.runtime.device import resolve_device
+
+    if resolve_device(runtime.device).type != "cuda":
+        return
+    visible = torch.cuda.device_count()
+    if runtime.nproc > visible:
+        raise ConfigError(
+            f"runtime.nproc: {runtime.nproc} processes under runtime.launcher: torchrun take one GPU each, and "
+            f"{visible} {'is' if visible == 1 else 'are'} visible here (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); lower runtime.nproc, or give the stage more GPUs "
+            f"(Prefect pools: python -m flows.deploy --gpus <N> --gpus-per-stage {runtime.nproc})")
+
+
 def launch_stage(module: str, runtime: RuntimeConfig, args: Sequence[str] | None,
                  batches: Mapping[str, int]) -> int | None:
-    """A DDP-capable stage's first step: check the batches, then relaunch under torchrun when asked.
+    """A DDP-capable stage's first step: check the batches and the GPUs, then relaunch under torchrun when asked.
 
     ``args`` are the stage's command-line arguments (``None``: ``sys.argv[1:]``).
     Returns ``None`` to carry on in this process, or the torchrun job's exit code.
     """
     check_batches_divide(runtime, batches)
+    check_gpus_for_torchrun(runtime)
     return relaunch_under_torchrun(module, runtime, sys.argv[1:] if args is None else args)
 
 

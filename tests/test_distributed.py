@@ -136,6 +136,30 @@ def test_stage_command_for_each_launcher() -> None:
     assert ddp[1:] == ["--standalone", "--nproc_per_node", "4", "-m", "pipeline.cam_train", "--params", "p.yaml"]
 
 
+def test_torchrun_with_more_processes_than_visible_gpus_is_refused_before_the_launch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/voc.yaml's ``nproc: 2`` on a Prefect GPU deployment that sees one GPU used to start torchrun and
+    die in rank 1's ``torch.cuda.set_device`` (invalid device ordinal), retried to no end. This machine has no
+    GPU: CUDA is made to report 1 and then 2 devices."""
+    from weakclip_core.config.schema import ConfigError
+    from pipeline._stage import check_gpus_for_torchrun
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ConfigError) as refused:
+        check_gpus_for_torchrun(RuntimeConfig(launcher="torchrun", nproc=2))
+    assert str(refused.value) == ("runtime.nproc: 2 processes under runtime.launcher: torchrun take one GPU each, and 1 "
+                                  "is visible here (CUDA_VISIBLE_DEVICES=3); lower runtime.nproc, or give the stage "
+                                  "more GPUs (Prefect pools: python -m flows.deploy --gpus <N> --gpus-per-stage 2)")
+    check_gpus_for_torchrun(RuntimeConfig(launcher="torchrun", nproc=1))
+    check_gpus_for_torchrun(RuntimeConfig(launcher="torchrun", nproc=2, device="cpu"))  # Gloo processes: no GPU
+    check_gpus_for_torchrun(RuntimeConfig(launcher="none", nproc=2))  # nproc unused
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_gpus_for_torchrun(RuntimeConfig(launcher="torchrun", nproc=2))
+
+
 TINY_STAGE = '''
 import sys
 from pathlib import Path

@@ -99,7 +99,7 @@ def test_gpu_table_on_the_real_chain() -> None:
     """The project's own dvc.yaml: exactly the training/inference stages go to the GPU pool."""
     graph = read_stage_graph(REPO_ROOT)
     gpu_stages = {name for name in graph.names() if needs_gpu(name)}
-    assert gpu_stages == {"cam_train", "cam_infer", "weakclip_train", "pseudo_masks", "seg_train@pseudo", "seg_train@gt",
+    assert gpu_stages == {"clip", "cam_train", "cam_infer", "weakclip_train", "pseudo_masks", "seg_train@pseudo", "seg_train@gt",
                           "seg_eval@pseudo", "seg_eval@gt"}
     placements = place_stages(graph.names(), gpu_count=2)
     assert {name for name, placement in placements.items() if placement.pool == GPU_POOL} == gpu_stages
@@ -107,6 +107,101 @@ def test_gpu_table_on_the_real_chain() -> None:
     assert [placements[name].gpu_index for name in gpu_order] == [i % 2 for i in range(len(gpu_order))]
     assert placements["seg_train@gt"].deployment.startswith("stage/stage-gpu-")
     assert all(placement.pool != GPU_POOL for placement in place_stages(graph.names(), gpu_count=0).values())
+
+
+def test_chain_overrides_are_read_as_dvc_exp_run_reads_them(tmp_path: Path) -> None:
+    """``chain(set_params=...)`` / ``python -m flows.chain -S``: DVC's own -S code, so a misspelt key is refused
+    (it used to be added silently, and committed with ``--commit``), ``+key`` adds, ``~key`` removes, values are
+    YAML-typed and comments stay."""
+    from flows.machines import Refused, apply_param_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text("scale: 0.5  # the scale\nseg:\n  model: deeplabv2  # which\n")
+    apply_param_overrides(tmp_path, ["scale=0.9", "seg.model=deeplabv3plus", "+extra=2"])
+    assert params.read_text() == "scale: 0.9  # the scale\nseg:\n  model: deeplabv3plus # which\nextra: 2\n"
+    apply_param_overrides(tmp_path, ["~extra"])
+    assert yaml.safe_load(params.read_text()) == {"scale": 0.9, "seg": {"model": "deeplabv3plus"}}
+    before = params.read_text()
+    for bad, says in ((["scael=0.9"], "Could not override 'scael'"), (["scale.x=1"], "Could not override 'scale.x'"),
+                      (["scale"], "expected [file:]key.path=value"), (["other.yaml:scale=1"], "does not exist")):
+        with pytest.raises(Refused) as refused:
+            apply_param_overrides(tmp_path, bad)
+        assert says in str(refused.value) and "\n" not in str(refused.value), refused.value
+    assert params.read_text() == before  # nothing written by a refused override
+
+
+def test_chain_cli_passes_every_option_to_the_deployment_and_refuses_what_it_would_ignore(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m flows.chain --deployment chain/chain`` used to drop ``--start-timeout`` silently (and ignore
+    ``--repo-dir`` / ``--dispatch``, which the deployment fixes); ``--commit`` without pools did nothing."""
+    import types
+
+    import prefect.deployments
+
+    from flows.chain import main
+
+    sent: dict = {}
+
+    def fake_run_deployment(name: str, parameters: dict, **_: object) -> object:
+        sent.update(name=name, parameters=parameters)
+        state = types.SimpleNamespace(name="Completed", is_completed=lambda: True)
+        return types.SimpleNamespace(name="fake-run", id="0", state=state)
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", fake_run_deployment)
+    assert main(["--deployment", "chain/chain", "--start-timeout", "900", "--remote", "nfs", "-S", "scale=0.8"]) == 0
+    assert sent["name"] == "chain/chain"
+    assert sent["parameters"] == {"max_parallel": 2, "retries": 2, "commit": False, "start_timeout_s": 900.0,
+                                  "remote": "nfs", "set_params": ["scale=0.8"]}
+    for argv, says in ((["--deployment", "chain/chain", "--repo-dir", "/elsewhere"], "--repo-dir cannot be given"),
+                       (["--commit"], "--commit commits the coordinator's dvc.lock after a pools run"),
+                       (["--max-parallel", "0"], "--max-parallel must be at least 1")):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_run_past_prefects_parameter_limit_is_refused_naming_its_largest_files() -> None:
+    """The carried files travel as flow-run parameters, which a Prefect server stores up to 512 KiB by default
+    (PREFECT_SERVER_API_MAX_PARAMETER_SIZE). The old 20 MB ceiling let a 1 MB run through to a 422 on every retry."""
+    import base64
+
+    from prefect.settings import get_current_settings
+
+    from flows.machines import Refused, check_run_size
+
+    assert get_current_settings().server.api.max_parameter_size == 512 * 1024  # the default this guards
+    big = base64.b64encode(bytes(600 * 1024)).decode("ascii")
+    parameters = {"stage_name": "summary", "run_state": {"lock": "schema: '2.0'\n", "params": {},
+                                                         "files": {"dvclive/x/big.tsv": big, "metrics/a.json": "e30="}}}
+    with pytest.raises(Refused) as refused:
+        check_run_size("summary", parameters, 512 * 1024)
+    message = str(refused.value)
+    assert message.startswith("stage 'summary': its run carries ") and "dvclive/x/big.tsv, metrics/a.json" in message
+    assert "more than the 524288 bytes" in message and "drop cache: false" in message
+    check_run_size("summary", parameters, 0)  # 0: the server stores any size
+    parameters["run_state"]["files"] = {"metrics/a.json": "e30="}
+    check_run_size("summary", parameters, 512 * 1024)
+
+
+def test_deployments_give_each_gpu_slot_its_gpus_and_hide_them_from_cpu_stages() -> None:
+    """``--gpus 4 --gpus-per-stage 2``: two GPU deployments seeing GPUs 0,1 and 2,3, so a torchrun stage with
+    ``runtime.nproc: 2`` (configs/voc.yaml) finds its two GPUs (every deployment used to see exactly one); the CPU
+    stages' deployment sees none, so a CPU worker on a GPU box does not take GPU 0."""
+    from flows.deploy import deployments_for, gpu_slots
+
+    def environments(gpus: int, per_stage: int) -> dict[str, tuple[str, str]]:
+        document = deployments_for(gpus, REPO_ROOT / "prefect.yaml", per_stage)
+        return {entry["name"]: (entry["work_pool"]["work_queue_name"],
+                                entry["work_pool"].get("job_variables", {}).get("env", {}).get("CUDA_VISIBLE_DEVICES"))
+                for entry in document["deployments"] if entry["name"].startswith("stage-")}
+
+    assert environments(4, 2) == {"stage-cpu": ("cpu", ""), "stage-gpu-0": ("gpu-0", "0,1"),
+                                  "stage-gpu-1": ("gpu-1", "2,3")}
+    assert environments(2, 1) == {"stage-cpu": ("cpu", ""), "stage-gpu-0": ("gpu-0", "0"), "stage-gpu-1": ("gpu-1", "1")}
+    assert environments(0, 1) == {"stage-cpu": ("cpu", "")}
+    assert gpu_slots(6, 3) == ["0,1,2", "3,4,5"]
+    with pytest.raises(SystemExit, match="--gpus-per-stage 2 must be at least 1 and divide --gpus 3"):
+        gpu_slots(3, 2)
 
 
 def test_metrics_flattening_and_artifact_keys() -> None:

@@ -9,7 +9,7 @@ real ``prefect worker`` processes on the pools and queues that ``python -m flows
 created; the coordinator is the ``chain`` flow called in this process.
 
 Two projects. The tiny chain (the repository's own dvc.yaml, code and the tiny params of
-tests/test_end_to_end.py: eleven stages, eight on the GPU pool) runs over the SSH remote; its
+tests/test_end_to_end.py: eleven stages, nine on the GPU pool) runs over the SSH remote; its
 reference is the session's one-folder ``dvc repro`` of the same project (``tiny_chain_project``,
 tests/conftest.py), which the end-to-end tests check too. The demo (flows/demo.py: five stages
 whose commands take no time) runs over a folder remote (a cluster's NFS) and serves the faults:
@@ -336,6 +336,69 @@ def test_worker_refuses_a_dirty_clone_and_an_unknown_commit(tmp_path: Path) -> N
             with chain_lock(coordinator):
                 pass
     assert "another chain is already running on" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_chain_whose_external_inputs_the_coordinator_lacks_is_refused_before_any_stage(tmp_path: Path) -> None:
+    """``dataset.source``, ``clip.weights``, ``cam.arch.pretrained`` are deps outside the repository; the
+    coordinator's closing ``dvc status`` hashes them, so a coordinator without them used to fail only after every
+    stage had run on the workers."""
+    from flows.dag import read_stage_graph
+    from flows.machines import Refused, check_external_deps_here, external_deps
+
+    weights = tmp_path / "elsewhere" / "deit_small.pth"
+    stages = {"cam_train": {"cmd": "python -c \"open('model.txt', 'w').write('m')\"", "deps": [str(weights)],
+                            "outs": ["model.txt"]}}
+    coordinator = write_demo_project(tmp_path / "coordinator", stages=stages)
+    graph = read_stage_graph(coordinator)
+    assert [str((coordinator / dep).resolve()) for dep in external_deps(graph)] == [str(weights)]
+    with pytest.raises(Refused) as refused:
+        check_external_deps_here(coordinator, graph)
+    assert str(refused.value).startswith(f"{coordinator}: the chain's external input(s) {weights} do not exist on the "
+                                         "coordinator; ")
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+    check_external_deps_here(coordinator, graph)
+
+
+def test_a_stage_up_to_date_in_the_lock_is_pulled_not_rerun_on_a_fresh_worker_clone(tmp_path: Path) -> None:
+    """A worker clone without a stage's outputs (a fresh clone, another GPU's clone) used to run the stage again
+    although the coordinator's dvc.lock named it up to date: hours of GPU for outputs the remote already holds.
+    Now the outputs are pulled and DVC skips it; only outputs the remote lacks make it run. The demo's cam_train
+    writes ``env/cam_train.txt`` whenever it runs (not a DVC output): the witness. Its cache: false dvclive outputs
+    travel from the coordinator, and a folder output the coordinator gets back replaces its old copy whole."""
+    import logging
+
+    from flows.dag import read_stage_graph
+    from flows.machines import capture_run_state, carried_inputs, run_stage_on_worker, write_files
+
+    origin = write_demo_project(tmp_path / "origin", remote_dir=tmp_path / "nfs-remote")
+    coordinator = clone(origin, tmp_path / "coordinator")
+    run([*DVC, "repro"], coordinator)
+    run([*DVC, "push", "prepare"], coordinator)  # cam_train's own outputs are not on the remote yet
+    graph = read_stage_graph(coordinator)
+    cam_train = graph.by_name()["cam_train"]
+    state = capture_run_state(coordinator, graph)  # the lock and the outputs: uncommitted, as mid-chain
+    state = type(state)(**{**state.to_json(), "files": carried_inputs(cam_train, graph, coordinator)})
+    assert sorted(state.files) == ["dvclive/cam_train/metrics.json", "dvclive/cam_train/plots/metrics/loss.tsv"]
+    coordinator_entry = yaml.safe_load(state.lock)["stages"]["cam_train"]
+    logger = logging.getLogger("test")
+
+    first = clone(origin, tmp_path / "gpu0")  # the remote lacks cam_train's outputs: it runs, then pushes them
+    result = run_stage_on_worker("cam_train", state, first, "shared", logger)
+    assert (first / "env" / "cam_train.txt").is_file()
+    assert result["entry"]["outs"] == coordinator_entry["outs"]
+
+    second = clone(origin, tmp_path / "gpu1")  # now on the remote: pulled, not re-made
+    result = run_stage_on_worker("cam_train", state, second, "shared", logger)
+    assert not (second / "env").exists(), "cam_train ran again although the coordinator's lock names it up to date"
+    assert result["entry"] == coordinator_entry
+    assert (second / "artifacts" / "model.txt").read_text() == str(sum(range(10)))
+    assert json.loads(run([*DVC, "status", "--json", "cam_train"], second)) == {}  # its outputs, dvclive too
+
+    stale = coordinator / "dvclive" / "cam_train" / "plots" / "metrics" / "accuracy.tsv"  # an earlier run's log
+    stale.write_text("step\taccuracy\n0\t0.5\n")
+    write_files(coordinator, result["files"], replaced=cam_train.uncached)
+    assert not stale.exists() and dvc_status_clean(coordinator)
 
 
 # --------------------------------------------------------------------------- slow: the pools

@@ -40,7 +40,8 @@ PREPARED_CONTENTS = FolderContents(files=("labels.json", "captions.txt"), folder
 
 @dataclass(frozen=True)
 class PrepareSummary:
-    """What ``prepare`` wrote: counts per split, class names, bytes on disk, wall time."""
+    """What ``prepare`` wrote: counts per split, class names, bytes on disk, wall time, and the images left out
+    of the splits for having no class label (``left_out``)."""
 
     dataset: str
     root: Path
@@ -48,6 +49,14 @@ class PrepareSummary:
     class_names: list[str]
     total_bytes: int
     seconds: float
+    left_out: tuple[str, ...] = ()
+
+    def left_out_line(self) -> str | None:
+        """Says how many images were dropped for having no class, and one of them (``None`` when none was)."""
+        if not self.left_out:
+            return None
+        return (f"left out: {len(self.left_out)} image(s) with no class label (nothing annotated, or only crowd / "
+                f"ignore regions: nothing for a weakly supervised model to learn from), e.g. {self.left_out[0]}")
 
     def describe(self) -> str:
         splits = ", ".join(f"{split}: {count}" for split, count in self.split_counts.items())
@@ -96,6 +105,9 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
                          mask_encoding=dataset.coco_mask_encoding)
         prepared = PreparedDataset.open(staging_dir)
         split_counts = {split: len(prepared.split(split)) for split in splits}
+        listed = {image_id for split in splits for image_id in prepared.split(split)}
+        left_out = tuple(sorted(image_id for image_id, classes in prepared.labels.items()
+                                if not classes and image_id not in listed))
         check_score_split_inside(prepared.split(dataset.train_split), prepared.split(dataset.scored_split),
                                  dataset.train_split, dataset.scored_split, lists_in=dataset.source)
         shared = sorted(set(prepared.split(dataset.train_split)) & set(prepared.split(dataset.val_split)))
@@ -111,7 +123,7 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
     total_bytes = sum(path.stat().st_size for path in prepared_dir.rglob("*") if path.is_file())
     return PrepareSummary(dataset=dataset.name, root=prepared_dir, split_counts=split_counts,
                           class_names=prepared.class_names, total_bytes=total_bytes,
-                          seconds=time.perf_counter() - started)
+                          seconds=time.perf_counter() - started, left_out=left_out)
 
 
 def class_frequencies(prepared: PreparedDataset, split: str) -> Counter[str]:
@@ -139,7 +151,8 @@ def summary_line(params: Params, args: argparse.Namespace, context: None) -> str
     summary = run(params, progress=not args.no_progress)
     prepared = PreparedDataset.open(summary.root)
     frequencies = class_frequencies(prepared, params.dataset.train_split)
-    return "\n".join([summary.describe(), ground_truth_line(params, prepared),
+    return "\n".join([summary.describe(), *filter(None, [summary.left_out_line()]),
+                      ground_truth_line(params, prepared),
                       "images per class (" + params.dataset.train_split + "): "
                       + ", ".join(f"{name} {count}" for name, count in sorted(frequencies.items(), key=lambda kv: -kv[1])),
                       f"preview: {PREVIEW_PATH}"])

@@ -352,6 +352,32 @@ def test_a_pre_rendered_mask_in_the_wrong_encoding_names_the_file(tmp_path: Path
                                         "category id")
 
 
+def test_a_pre_rendered_mask_with_a_class_its_image_has_no_annotation_of_is_refused(tmp_path: Path) -> None:
+    """Category-id masks read as ``contiguous`` mostly stay inside 0..80 (id 3, car, reads as class 3), so on a
+    COCO subset they used to prepare without a word, every label wrong. A mask class must be one the image's
+    annotations name; a value past 80 names the key too."""
+    from weakclip_core.data.coco import prepare_coco
+
+    source, expected = _hustvl_layout(tmp_path)
+    masks_dir = tmp_path / "masks"
+    for image_id, mask in expected.items():
+        _palette_png(masks_dir / f"{image_id}.png", mask)
+    wrong = expected["COCO_val2014_000000000007"].copy()  # its annotation: one car (class 2)
+    wrong[wrong == 2] = 1  # painted as person, which no annotation of the image names
+    _palette_png(masks_dir / "COCO_val2014_000000000007.png", wrong)
+    with pytest.raises(DatasetError) as caught:
+        prepare_coco(source, tmp_path / "prepared", ["train", "val"], progress=False, masks_dir=masks_dir)
+    assert str(caught.value) == (f"{masks_dir / 'COCO_val2014_000000000007.png'}: holds class 1, which "
+                                 "instances_val2014.json does not annotate in this image (it annotates classes [2]); "
+                                 "masks in the other encoding? (dataset.coco_mask_encoding is contiguous; try "
+                                 "category_id)")
+    wrong[wrong == 1] = 18  # dog's category id, past the 3 classes
+    _palette_png(masks_dir / "COCO_val2014_000000000007.png", wrong)
+    with pytest.raises(DatasetError, match=r"value 18 is not a class \(dataset.coco_mask_encoding: contiguous expects "
+                                           r"0..3 and 255; masks holding the COCO category ids need"):
+        prepare_coco(source, tmp_path / "prepared2", ["train", "val"], progress=False, masks_dir=masks_dir)
+
+
 def test_a_pickled_npy_that_asks_for_more_than_numbers_is_refused_without_running_it(tmp_path: Path) -> None:
     """MCTformer's files are pickles (``np.save`` of a dict): a tampered one must not run code when read."""
     import pickle  # noqa: PLC0415

@@ -249,6 +249,47 @@ def test_coco_masks_match_hand_computed_with_contiguous_ids(tmp_path: Path) -> N
     assert dataset.labels["COCO_train2014_000000000001"] == [1, 2]  # the crowd of dogs is ignore, not a label
 
 
+def test_coco_images_with_nothing_to_learn_are_left_out_of_train_and_said(tmp_path: Path) -> None:
+    """An image with no annotation, and one whose only annotation is a crowd (painted 255), carry no class: they
+    leave the train split (val keeps every image, as MCTformer's coco/val_id.txt lists all 40,504), and the
+    summary says how many, where it used to say nothing."""
+    source, _ = _coco_tree(tmp_path / "coco")
+    document_path = source / "annotations" / "instances_train2014.json"
+    document = json.loads(document_path.read_text())
+    for identifier, file_name in ((3, "COCO_train2014_000000000003.jpg"), (4, "COCO_train2014_000000000004.jpg")):
+        _save_jpeg(source / "train2014" / file_name, 10, 12, identifier)
+        document["images"].append({"id": identifier, "file_name": file_name, "height": 10, "width": 12})
+    crowd = np.zeros((10, 12), dtype=np.uint8)
+    crowd[0:5, 0:5] = 1
+    document["annotations"].append({"id": 20, "image_id": 4, "category_id": 1, "segmentation": _uncompressed_rle(crowd),
+                                    "area": 25.0, "bbox": [0, 0, 5, 5], "iscrowd": 1})
+    document_path.write_text(json.dumps(document))
+    dataset = {"name": "coco", "source": str(source), "prepared_dir": str(tmp_path / "prepared")}
+    summary = run(params_from_dict({"dataset": dataset}), preview_path=tmp_path / "preview.png", progress=False)
+    assert summary.split_counts == {"train": 2, "val": 1}
+    assert summary.left_out == ("COCO_train2014_000000000003", "COCO_train2014_000000000004")
+    assert summary.left_out_line() == ("left out: 2 image(s) with no class label (nothing annotated, or only crowd / "
+                                       "ignore regions: nothing for a weakly supervised model to learn from), e.g. "
+                                       "COCO_train2014_000000000003")
+
+
+def test_a_coco_subset_for_a_smoke_run_prepares_its_images_as_the_full_tree_does(tmp_path: Path) -> None:
+    """COCO has no split lists to shorten: ``python -m weakclip_core.data.coco subset`` writes a tree of the first
+    images of each split. Prepared, it holds those images with the full tree's masks and all the classes."""
+    from weakclip_core.data.coco import main as coco_main
+
+    source, expected = _coco_tree(tmp_path / "coco")
+    coco_main(["subset", str(source), str(tmp_path / "small"), "--images", "1"])
+    splits = prepare_coco(tmp_path / "small", tmp_path / "prepared", ["train", "val"], progress=False)
+    assert splits == {"train": ["COCO_train2014_000000000001"], "val": ["COCO_val2014_000000000007"]}
+    dataset = PreparedDataset.open(tmp_path / "prepared")
+    assert dataset.class_names == ["background", "person", "car", "dog"]
+    for image_id in ("COCO_train2014_000000000001", "COCO_val2014_000000000007"):
+        np.testing.assert_array_equal(dataset.mask(image_id), expected[image_id])
+    with pytest.raises(SystemExit):  # the folder is not empty now
+        coco_main(["subset", str(source), str(tmp_path / "small"), "--images", "1"])
+
+
 def _coco_break_category(source: Path) -> Path:
     path = source / "annotations" / "instances_train2014.json"
     document = json.loads(path.read_text())

@@ -92,13 +92,18 @@ def image_folder_of(source: Path, folder_name: str) -> Path:
 
 
 def pre_rendered_mask(masks_dir: Path, image_id: str, encoding: str, class_of_category: dict[int, int],
-                      image_shape: tuple[int, int]) -> np.ndarray:
+                      image_shape: tuple[int, int], annotated: set[int] | None = None,
+                      annotations_name: str = "") -> np.ndarray:
     """The mask of ``image_id`` from a folder of pre-rendered PNGs, as contiguous classes 0..80 / 255.
 
     The file is ``<id>.png`` or, as hustvl/WeakCLIP's ``parse_coco.py`` names them, the 12-digit number
     after the last ``_`` (``000000000009.png``). ``encoding``: ``contiguous`` (0 background, 1..80 in
     category-id order: ``parse_coco.py``'s ``voc_format/class_labels``), or ``category_id`` (the raw COCO
-    ids 1..90 with gaps: the 91-class masks the reference's ``COCODataset`` trains on)."""
+    ids 1..90 with gaps: the 91-class masks the reference's ``COCODataset`` trains on).
+
+    ``annotated``: the classes the image's annotations (crowd ones too) name, from ``annotations_name``. A
+    mask class outside them is refused: masks in the other encoding mostly stay inside 0..80 (category id 3,
+    car, reads as contiguous class 3, motorcycle), and on a subset of COCO nothing else would notice."""
     candidates = [masks_dir / f"{image_id}.png", masks_dir / f"{image_id.split('_')[-1]}.png"]
     path = next((candidate for candidate in candidates if candidate.is_file()), None)
     if path is None:
@@ -108,7 +113,13 @@ def pre_rendered_mask(masks_dir: Path, image_id: str, encoding: str, class_of_ca
         raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
                            f"{image_shape[1]}x{image_shape[0]} (width x height)")
     if encoding == "contiguous":
+        beyond = mask[(mask > len(class_of_category)) & (mask != IGNORE_INDEX)]
+        if beyond.size:
+            raise DatasetError(f"{path}: value {int(beyond[0])} is not a class (dataset.coco_mask_encoding: contiguous "
+                               f"expects 0..{len(class_of_category)} and 255; masks holding the COCO category ids "
+                               "need dataset.coco_mask_encoding: category_id)")
         check_mask(mask, path, image_shape, len(class_of_category) + 1)
+        _check_annotated(mask, path, annotated, annotations_name, encoding)
         return mask
     lookup = np.full(256, -1, dtype=np.int16)
     lookup[0], lookup[IGNORE_INDEX] = 0, IGNORE_INDEX
@@ -119,7 +130,22 @@ def pre_rendered_mask(masks_dir: Path, image_id: str, encoding: str, class_of_ca
         bad = int(mask[mapped < 0][0])
         raise DatasetError(f"{path}: value {bad} is not a COCO category id (dataset.coco_mask_encoding: "
                            f"category_id expects 0, the category ids or 255)")
-    return mapped.astype(np.uint8)
+    mapped = mapped.astype(np.uint8)
+    _check_annotated(mapped, path, annotated, annotations_name, encoding)
+    return mapped
+
+
+def _check_annotated(mask: np.ndarray, path: Path, annotated: set[int] | None, annotations_name: str,
+                     encoding: str) -> None:
+    """Every class of ``mask`` must be one the image's annotations name (``pre_rendered_mask``)."""
+    if annotated is None:
+        return
+    unannotated = sorted(set(labels_from_mask(mask)) - annotated)
+    if unannotated:
+        other = "category_id" if encoding == "contiguous" else "contiguous"
+        raise DatasetError(f"{path}: holds class {unannotated[0]}, which {annotations_name} does not annotate in this "
+                           f"image (it annotates classes {sorted(annotated) or 'none'}); masks in the other encoding? "
+                           f"(dataset.coco_mask_encoding is {encoding}; try {other})")
 
 
 def prepare_coco(source: str | Path, root: str | Path, splits: list[str],
@@ -170,8 +196,13 @@ def prepare_coco(source: str | Path, root: str | Path, splits: list[str],
                 raise DatasetError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but "
                                    f"{annotations_path.name} says {expected[1]}x{expected[0]} (width x height)")
             image_id = image_path.stem
-            mask = (pre_rendered_mask(Path(masks_dir), image_id, mask_encoding, class_of_category, expected)
-                    if masks_dir else semantic_mask(coco, image_info, class_of_category, annotations_path))
+            if masks_dir:
+                annotated = {class_of_category.get(annotation.get("category_id"), -1)
+                             for annotation in coco.loadAnns(coco.getAnnIds(imgIds=[image_info["id"]], iscrowd=None))}
+                mask = pre_rendered_mask(Path(masks_dir), image_id, mask_encoding, class_of_category, expected,
+                                         annotated, annotations_path.name)
+            else:
+                mask = semantic_mask(coco, image_info, class_of_category, annotations_path)
             link_or_copy(image_path, root / "JPEGImages" / f"{image_id}.jpg")
             write_mask(root / "SegmentationClass" / f"{image_id}.png", mask)
             labels[image_id] = labels_from_mask(mask)
@@ -192,3 +223,55 @@ def read_category_ids(labels_path: Path) -> list[int | None]:
         return list(json.loads(labels_path.read_text())["coco_category_ids"])
     except (OSError, ValueError, KeyError) as error:
         raise DatasetError(f"{labels_path}: no coco_category_ids ({error})") from None
+
+
+def write_coco_subset(source: str | Path, destination: str | Path, images_per_split: int) -> dict[str, int]:
+    """A COCO 2014 tree at ``destination`` holding the first ``images_per_split`` images (by id) of each split, for
+    a smoke run: COCO has no split lists to shorten, so ``prepare`` reads every image its annotation files list.
+    The annotation files are cut to those images (categories kept whole, so the class list is COCO's 80); the
+    image folders are symbolic links to the source's. Returns the image count per split."""
+    source, destination = Path(source), Path(destination)
+    if images_per_split < 1:
+        raise DatasetError(f"--images must be at least 1, got {images_per_split}")
+    if destination.exists() and any(destination.iterdir()):
+        raise DatasetError(f"{destination}: not empty; give a new folder for the subset")
+    counts = {}
+    for folder_name in COCO_SPLIT_FOLDERS.values():
+        annotations_path = source / "annotations" / f"instances_{folder_name}.json"
+        if not annotations_path.is_file():
+            raise DatasetError(f"{annotations_path}: COCO annotations file not found")
+        document = json.loads(annotations_path.read_text())
+        images = sorted(document.get("images", []), key=lambda info: int(info["id"]))[:images_per_split]
+        kept_ids = {info["id"] for info in images}
+        subset = {**document, "images": images,
+                  "annotations": [a for a in document.get("annotations", []) if a.get("image_id") in kept_ids]}
+        target = destination / "annotations" / annotations_path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(subset))
+        (destination / folder_name).symlink_to(image_folder_of(source, folder_name).resolve(), target_is_directory=True)
+        counts[folder_name] = len(images)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m weakclip_core.data.coco subset SOURCE DESTINATION --images N`` (``write_coco_subset``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m weakclip_core.data.coco",
+                                     description="A small COCO 2014 tree for a smoke run (docs/REPRODUCING.md).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    subset = commands.add_parser("subset", help="the first N images of each split, annotations cut, images linked")
+    subset.add_argument("source", type=Path, help="the COCO 2014 folder (dataset.source)")
+    subset.add_argument("destination", type=Path, help="a new folder for the subset")
+    subset.add_argument("--images", type=int, default=40, help="images per split (default 40)")
+    args = parser.parse_args(argv)
+    try:
+        counts = write_coco_subset(args.source, args.destination, args.images)
+    except DatasetError as error:
+        parser.exit(1, f"coco subset: error: {error}\n")
+    print(f"coco subset -> {args.destination} ({', '.join(f'{name}: {count}' for name, count in counts.items())}); "
+          f"set dataset.source: {args.destination.resolve()}")
+
+
+if __name__ == "__main__":
+    main()

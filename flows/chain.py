@@ -131,6 +131,26 @@ def _seconds_since(moment: _dt.datetime | None) -> float:
     return (_utcnow() - moment).total_seconds()
 
 
+class SilenceClock:
+    """How long a worker's latest sign of life has not moved, timed by this process's monotonic clock.
+
+    The timestamps are the worker's (its log records) and the worker's clock may differ from the coordinator's:
+    measured as "now minus the timestamp", a worker two minutes behind looked lost while it logged every 10 s,
+    and its stage was crashed and re-run. Only whether the timestamp moves is read here, never its value.
+    """
+
+    def __init__(self) -> None:
+        self.latest: _dt.datetime | None = None
+        self.moved_at = time.monotonic()
+
+    def silent_s(self, latest: _dt.datetime | None) -> float:
+        """Seconds since ``latest`` last changed (since this clock was made, if it never has)."""
+        now = time.monotonic()
+        if latest is not None and latest != self.latest:
+            self.latest, self.moved_at = latest, now
+        return now - self.moved_at
+
+
 def _last_sign_of_life(client: Any, flow_run: Any) -> _dt.datetime | None:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
@@ -148,6 +168,7 @@ def wait_for_stage_run(stage_name: str, placement: Placement, flow_run_id: Any, 
     logger = get_run_logger()
     started = time.monotonic()
     last_note = started
+    silence = SilenceClock()
     with get_client(sync_client=True) as client:
         while True:
             flow_run = client.read_flow_run(flow_run_id)
@@ -173,7 +194,7 @@ def wait_for_stage_run(stage_name: str, placement: Placement, flow_run_id: Any, 
                         last_note = time.monotonic()
                         logger.info("stage %s waits in queue %s of pool %s (busy)", stage_name, placement.queue, placement.pool)
             else:
-                silent_s = _seconds_since(_last_sign_of_life(client, flow_run))
+                silent_s = silence.silent_s(_last_sign_of_life(client, flow_run))
                 if silent_s > settings.worker_lost_after_s:
                     message = (
                         f"stage {stage_name!r}: its worker on pool {placement.pool!r} (queue {placement.queue!r}) "

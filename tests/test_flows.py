@@ -204,6 +204,27 @@ def test_deployments_give_each_gpu_slot_its_gpus_and_hide_them_from_cpu_stages()
         gpu_slots(3, 2)
 
 
+def test_a_worker_whose_clock_is_behind_is_not_taken_for_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker-lost check read "coordinator's now minus the worker's log timestamp": a worker clock 10 minutes
+    behind looked silent for 600 s while it logged every 10 s, and its stage was crashed and re-run. Now only
+    whether the timestamp moves counts, timed by the coordinator's own monotonic clock."""
+    import datetime as dt
+
+    import flows.chain
+    from flows.chain import SilenceClock
+
+    now = [1000.0]
+    monkeypatch.setattr(flows.chain.time, "monotonic", lambda: now[0])
+    behind = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)  # the worker's clock
+    clock = SilenceClock()
+    for beat in range(1, 6):  # a heartbeat every 10 s of the worker's (slow) clock
+        now[0] += 10.0
+        assert clock.silent_s(behind + dt.timedelta(seconds=10 * beat)) == 0.0
+    now[0] += 130.0  # then nothing new for 130 s: silent that long, whatever the clocks say
+    assert clock.silent_s(behind + dt.timedelta(seconds=50)) == 130.0
+    assert SilenceClock().silent_s(None) == 0.0  # nothing seen yet: counted from now
+
+
 def test_metrics_flattening_and_artifact_keys() -> None:
     metrics = {"miou": 0.5, "per_class": {"cat": 0.25, "dog": {"x": 1}}, "name": "ignored", "flag": True}
     assert flatten_metrics(metrics) == {"miou": 0.5, "per_class.cat": 0.25, "per_class.dog.x": 1.0}

@@ -340,14 +340,14 @@ def worker_clone(repo_dir: str | os.PathLike[str]) -> Path:
 def bring_clone_to(root: Path, state: RunState, logger: logging.Logger | logging.LoggerAdapter) -> None:
     """Check out the coordinator's commit and write its params files and dvc.lock, or refuse in one line."""
     if not (root / ".git").exists():
-        raise Refused(f"{root} is not a git clone: give the worker its own clone of the project (WEAKCLIP_PROJECT)")
+        raise Refused(f"{socket.gethostname()}:{root} is not a git clone: give the worker its own clone of the project (WEAKCLIP_PROJECT)")
     if state.coordinator and state.coordinator == coordinator_id(root):
-        raise Refused(f"{root} is the coordinator's own clone: give each worker its own clone (WEAKCLIP_PROJECT)")
+        raise Refused(f"{socket.gethostname()}:{root} is the coordinator's own clone: give each worker its own clone (WEAKCLIP_PROJECT)")
     graph = read_stage_graph(root)
     dirty = dirty_paths(root, graph, set(state.params))
     if dirty:
         raise Refused(
-            f"worker clone {root} has uncommitted changes in {' '.join(dirty)}: "
+            f"worker clone {socket.gethostname()}:{root} has uncommitted changes in {' '.join(dirty)}: "
             f"commit or discard them there (git -C {root} status)"
         )
     head = git(["rev-parse", "HEAD"], root).strip()
@@ -366,7 +366,7 @@ def bring_clone_to(root: Path, state: RunState, logger: logging.Logger | logging
             ).returncode == 0
         if not known:
             raise Refused(
-                f"commit {state.commit[:12]} of the coordinator is unknown in worker clone {root} (also after git fetch "
+                f"commit {state.commit[:12]} of the coordinator is unknown in worker clone {socket.gethostname()}:{root} (also after git fetch "
                 "origin): push it from the coordinator (git push) to the repository the workers fetch from"
             )
         git(["checkout", "--quiet", "--force", "--detach", state.commit], root)
@@ -451,7 +451,7 @@ def run_stage_on_worker(
     """
     from flows.stage_run import flatten_metrics
 
-    with held_file_lock(root / CLONE_LOCK, f"worker clone {root} is busy with another stage", wait_s=clone_wait_s):
+    with held_file_lock(root / CLONE_LOCK, f"worker clone {socket.gethostname()}:{root} is busy with another stage", wait_s=clone_wait_s):
         bring_clone_to(root, state, logger)
         graph = read_stage_graph(root)
         spec = graph.by_name().get(stage_name)

@@ -27,8 +27,10 @@ import contextlib
 import contextvars
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -322,7 +324,8 @@ def test_worker_refuses_a_dirty_clone_and_an_unknown_commit(tmp_path: Path) -> N
         capture_run_state(coordinator, read_stage_graph(coordinator))
     run(["git", "commit", "--quiet", "-am", "not pushed"], coordinator)
     unknown = capture_run_state(coordinator, read_stage_graph(coordinator))
-    with pytest.raises(Refused, match=r"commit [0-9a-f]{12} of the coordinator is unknown in worker clone .*git push"):
+    host = re.escape(socket.gethostname())  # machines may share clone paths: the host says which one refused
+    with pytest.raises(Refused, match=rf"commit [0-9a-f]{{12}} of the coordinator is unknown in worker clone {host}:.*git push"):
         bring_clone_to(worker, unknown, logger)
     (worker / "flows.py").write_text("x = 1\n")
     run(["git", "add", "flows.py"], worker)

@@ -341,6 +341,36 @@ def test_worker_refuses_a_dirty_clone_and_an_unknown_commit(tmp_path: Path) -> N
     assert "another chain is already running on" in str(refused.value) and "\n" not in str(refused.value)
 
 
+def test_one_stage_per_worker_clone_and_inputs_the_lock_does_not_name_are_refused() -> None:
+    """Two documented promises, each on its own: a second stage on a clone that is busy is refused in one line
+    naming the holder, and a stage whose upstream dep ran with another hash than the coordinator's lock names
+    fails rather than merge."""
+    import tempfile
+
+    from flows.dag import StageSpec
+    from flows.machines import CLONE_LOCK, Refused, check_inputs_match, held_file_lock
+
+    with tempfile.TemporaryDirectory() as folder:
+        lock = Path(folder) / CLONE_LOCK
+        with held_file_lock(lock, "worker clone X is busy with another stage"):
+            with pytest.raises(Refused) as refused:
+                with held_file_lock(lock, "worker clone X is busy with another stage"):
+                    pass
+        message = str(refused.value)
+        assert message.startswith(f"worker clone X is busy with another stage (pid {os.getpid()} on ")
+        assert message.endswith("; wait for it to end or cancel it") and "\n" not in message
+        with held_file_lock(lock, "free again"):  # released when the holder ended
+            pass
+
+    stage = StageSpec("eval_a", "", ("artifacts/model.txt",), (), (), ("cam_train",))
+    sent = {"stages": {"cam_train": {"outs": [{"path": "artifacts/model.txt", "md5": "aaa"}]}}}
+    check_inputs_match(stage, sent, {"deps": [{"path": "artifacts/model.txt", "md5": "aaa"}]})
+    with pytest.raises(RuntimeError) as wrong:
+        check_inputs_match(stage, sent, {"deps": [{"path": "artifacts/model.txt", "md5": "bbb"}]})
+    assert str(wrong.value) == ("stage 'eval_a' ran on inputs its lock entry does not name: artifacts/model.txt ran with "
+                                "md5 bbb, the coordinator's dvc.lock names aaa")
+
+
 def test_a_chain_whose_external_inputs_the_coordinator_lacks_is_refused_before_any_stage(tmp_path: Path) -> None:
     """``dataset.source``, ``clip.weights``, ``cam.arch.pretrained`` are deps outside the repository; the
     coordinator's closing ``dvc status`` hashes them, so a coordinator without them used to fail only after every

@@ -13,7 +13,8 @@ over several figures at 95 % each, one of them will now and then read "higher" o
     python -m bench.compare run NAME -S key=value [-S ...] [--seeds 3] [--target STAGE] [--jobs 2]
     python -m bench.compare show NAME [NAME ...] [--target STAGE] [--metric FILE:KEY ...]
 
-Experiments are ``NAME-s<k>`` and ``cmp-base-<target>-s<k>`` on the current commit (``dvc exp show`` lists them;
+Experiments are ``NAME-s<k>`` (``NAME@<target>-s<k>`` with ``--target``) and ``cmp-base-<target>-s<k>`` on the
+current commit (``dvc exp show`` lists them;
 ``dvc exp remove`` drops them). ``run`` queues only what has not run yet, so a second variant reuses the baseline's
 runs and ``--seeds 5`` after ``--seeds 3`` adds seeds 4 and 5; a finished run is reused only if every param it ran
 with is the one asked for now. The seed key is ``weakclip.train.seed_offset`` for ``--target weakclip_train``
@@ -95,10 +96,23 @@ def seed_key_for(target: str | None) -> str:
 def baseline_arm(target: str | None, seed_key: str) -> Arm:
     """The baseline's name: its target, and its seed key when that is not the target's default (the two would be
     different runs)."""
-    label = target or WHOLE_CHAIN
+    label = target_label(target)
     if seed_key != seed_key_for(target):
-        label += f"-{seed_key}"
-    return Arm(BASELINE_PREFIX + re.sub(r"[^A-Za-z0-9_-]", "-", label), ())
+        label += "-" + re.sub(r"[^A-Za-z0-9_-]", "-", seed_key)
+    return Arm(BASELINE_PREFIX + label, ())
+
+
+def target_label(target: str | None) -> str:
+    """The target as a part of an experiment name: ``chain`` for the whole chain, ``seg_train@gt`` →
+    ``seg_train-gt`` (git takes ``@`` but the variant names use it as the separator)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", target or WHOLE_CHAIN)
+
+
+def variant_arm(name: str, target: str | None, overrides: tuple[str, ...] = ()) -> Arm:
+    """The variant's experiment-name stem: ``NAME`` over the whole chain, ``NAME@<target>`` up to a stage. A run
+    made up to one stage leaves every later metric at the commit's values, so reused under another target it
+    would pair those stale figures with fresh baseline runs; the target in the name keeps the runs apart."""
+    return Arm(name if target is None else f"{name}@{target_label(target)}", overrides)
 
 
 def parse_overrides(overrides: tuple[str, ...]) -> dict[str, Any]:
@@ -110,6 +124,11 @@ def parse_overrides(overrides: tuple[str, ...]) -> dict[str, Any]:
 
     values: dict[str, Any] = {}
     for text in overrides:
+        if ":" in text.partition("=")[0]:  # dvc exp run -S's file prefix: only params.yaml is compared here
+            file_name, _, rest = text.partition(":")
+            if file_name != "params.yaml":
+                raise CompareError(f"-S {text}: only params.yaml's keys are compared (not {file_name}'s)")
+            text = rest
         try:
             [override] = to_hydra_overrides([text])
         except OverrideParseException as error:
@@ -446,7 +465,7 @@ def run_comparison(arguments: argparse.Namespace, repo: Path) -> tuple[list[dict
     if arguments.command == "run":
         overrides = tuple(arguments.overrides)
         check_keys(parse_overrides(overrides), flat_params(params), seed_key, graph, arguments.target)
-        arms = (baseline, Arm(arguments.names[0], overrides))
+        arms = (baseline, variant_arm(arguments.names[0], arguments.target, overrides))
         to_run = plan(arms, tuple(range(1, seeds + 1)), seed_key, params, finished, listed)
         if to_run:
             check_clean_workspace(repo)
@@ -457,11 +476,13 @@ def run_comparison(arguments: argparse.Namespace, repo: Path) -> tuple[list[dict
             finished, listed = ablations.finished_experiments(json.loads(ablations.dvc("exp", "show", "--json")))
         variants = arms[1:]
     else:
-        missing = [name for name in arguments.names if not any(run.startswith(name + "-s") for run in finished)]
+        stems = [variant_arm(name, arguments.target).name for name in arguments.names]
+        missing = [stem for stem in stems
+                   if not any(re.fullmatch(re.escape(stem) + r"-s\d+", run) for run in finished)]
         if missing:
-            raise CompareError(f"no finished experiment {', '.join(name + '-s<k>' for name in missing)} on this "
-                               "commit (`dvc exp show`)")
-        variants = tuple(Arm(name, overrides_of(finished, baseline, name, seed_key) or ()) for name in arguments.names)
+            raise CompareError(f"no finished experiment {', '.join(stem + '-s<k>' for stem in missing)} on this "
+                               "commit (`dvc exp show`; a run made with --target shows with the same --target)")
+        variants = tuple(Arm(stem, overrides_of(finished, baseline, stem, seed_key) or ()) for stem in stems)
     tables = comparison(finished, baseline, variants, metrics, seed_key)
     if not any(row["values"] for table in tables for row in table["rows"]):
         raise CompareError("no finished experiment of " + ", ".join(arm.name for arm in (baseline, *variants))

@@ -14,6 +14,8 @@ the DVC remote.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,9 @@ def run_variant(origin: str, experiment_name: str, overrides: list[str], remote:
     with tempfile.TemporaryDirectory(prefix=f"weakclip-sweep-{experiment_name}-") as scratch:
         clone = Path(scratch) / "repo"
         run_command(["git", "clone", "--quiet", origin, str(clone)], Path(scratch), logger)
+        local_config = Path(origin) / ".dvc" / "config.local"  # not in git: an SSH remote's keyfile, a password
+        if local_config.is_file():
+            shutil.copy2(local_config, clone / ".dvc" / "config.local")
         if remote:
             run_command(dvc_command("pull", "--remote", remote, "--allow-missing"), clone, logger)
         set_params = [arg for override in overrides for arg in ("--set-param", override)]
@@ -41,24 +46,77 @@ def run_variant(origin: str, experiment_name: str, overrides: list[str], remote:
     return experiment_name
 
 
-def experiment_rows(exp_show_json: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
-    """Flatten ``dvc exp show --json`` into one row per named experiment: its params and metrics."""
+def flattened(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"seg": {"train": {"lr": 0.01}}}`` → ``{"seg.train.lr": 0.01}`` (lists and scalars are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flattened(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def override_columns(variants: dict[str, list[str]]) -> set[str]:
+    """The params columns a sweep varies: ``params.yaml:seg.train.lr`` for ``seg.train.lr=…`` / ``+…``, and
+    ``file.yaml:key`` for ``file.yaml:key=…`` (``~key`` removes a key: no column)."""
+    columns = set()
+    for overrides in variants.values():
+        for override in overrides:
+            target = override.partition("=")[0]
+            path, colon, key = target.rpartition(":")
+            key = key.lstrip("+")
+            if key and not key.startswith("~"):
+                columns.add(f"{path if colon else 'params.yaml'}:{key}")
+    return columns
+
+
+def experiment_rows(exp_show_json: list[dict[str, Any]], names: list[str],
+                    param_columns: set[str] | None = None) -> list[dict[str, Any]]:
+    """One row per named experiment that finished (its executor reports success, or is gone, and it has no
+    error): ``param_columns`` of its params (all of them when ``None``) and every metric, nested keys joined
+    by dots (``metrics/seg_pseudo.json:per_class.cat``). Queued, running and failed experiments list the
+    baseline's metrics as if they were theirs: they are left out."""
     rows: list[dict[str, Any]] = []
     for baseline in exp_show_json:
         for experiment in baseline.get("experiments") or []:
             name = experiment.get("name")
-            if name not in names:
+            executor = experiment.get("executor")
+            if name not in names or (executor is not None and executor.get("state") != "success"):
                 continue
-            for revision in experiment.get("revs", []):
+            for revision in (experiment.get("revs") or [])[:1]:
+                if revision.get("error"):
+                    continue
                 data = revision.get("data") or {}
                 row: dict[str, Any] = {"experiment": name, "rev": (revision.get("rev") or "")[:7]}
                 for section in ("params", "metrics"):
                     for path, content in (data.get(section) or {}).items():
-                        for key, value in ((content or {}).get("data") or {}).items():
-                            if not isinstance(value, dict):
-                                row[f"{path}:{key}"] = value
+                        for key, value in flattened((content or {}).get("data") or {}).items():
+                            column = f"{path}:{key}"
+                            if section == "metrics" or param_columns is None or column in param_columns:
+                                row[column] = value
                 rows.append(row)
     return rows
+
+
+def check_sweep_can_start(origin: Path, names: list[str], max_parallel: int) -> str:
+    """Refuse (ValueError, one line) what would run the wrong thing or report another run's figures; returns the
+    baseline commit. A dirty workspace: clones see only commits, so an edit would silently not be swept. A name
+    that is already an experiment of the baseline: ``dvc exp push`` keeps the old one ("diverged", exit 0) and
+    the table showed the old run's figures as the new variant's."""
+    if max_parallel < 1:
+        raise ValueError(f"max_parallel must be at least 1, got {max_parallel}")
+    dirty = capture_command(["git", "status", "--porcelain", "--untracked-files=no"], origin).split("\n")
+    dirty = [line[3:] for line in dirty if line.strip()]
+    if dirty:
+        raise ValueError(f"{origin}: uncommitted changes in {' '.join(dirty[:5])}: the sweep runs the committed HEAD "
+                         "in clones, so they would not be part of it; commit (or stash) them first")
+    existing = set(capture_command(dvc_command("exp", "list", "--name-only"), origin).split())
+    taken = sorted(existing & set(names))
+    if taken:
+        raise ValueError(f"experiment(s) {taken} already exist on {origin}'s HEAD: remove them (dvc exp remove "
+                         f"{' '.join(taken)}) or name the variants otherwise")
+    return capture_command(["git", "rev-parse", "HEAD"], origin).strip()
 
 
 @flow(name="sweep", log_prints=True)
@@ -70,22 +128,36 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Run ``variants`` (experiment name → ``-S`` overrides such as ``["seg.lr=0.01"]``) of the committed HEAD.
 
-    Returns the rows of the comparison table (also published as a table artifact).
-    Uncommitted changes in ``repo_dir`` are not part of the sweep: clones see only commits.
+    Returns the rows of the comparison table (also published as a table artifact): each variant's overridden
+    params and its metrics. ``remote``: the DVC remote the clones pull the baseline's outputs from and push
+    theirs to; ``None`` uses the project's default remote, if it has one (without any, every stage re-runs in
+    each clone and only the metrics, in git, outlive it). A dirty workspace or a name already taken is refused.
     """
-    origin = str(Path(repo_dir).resolve())
+    logger = get_run_logger()
+    origin = Path(repo_dir).resolve()
     names = list(variants)
+    baseline = check_sweep_can_start(origin, names, max_parallel)
+    if remote is None:
+        default = subprocess.run(dvc_command("remote", "default"), cwd=origin, capture_output=True, text=True)
+        remote = default.stdout.strip() or None if default.returncode == 0 else None
+        if remote is None:
+            logger.warning("no --remote and no default DVC remote: each clone re-runs every stage, and its outputs "
+                           "are deleted with it (only the metrics, in git, come back)")
     futures = []
     for index, (name, overrides) in enumerate(variants.items()):
         if index >= max_parallel:
             wait(futures[index - max_parallel : index - max_parallel + 1])
-        futures.append(run_variant.submit(origin, name, overrides, remote))
+        futures.append(run_variant.submit(str(origin), name, overrides, remote))
     wait(futures)
     failed = [name for name, future in zip(names, futures) if not future.state.is_completed()]
     if failed:
         raise RuntimeError(f"sweep variants {failed} failed (see their task runs' logs)")
-    shown = capture_command(dvc_command("exp", "show", "--json"), Path(origin))
-    rows = experiment_rows(json.loads(shown), names)
+    shown = capture_command(dvc_command("exp", "show", "--json", "--rev", baseline), origin)
+    rows = experiment_rows(json.loads(shown), names, override_columns(variants))
+    missing = sorted(set(names) - {row["experiment"] for row in rows})
+    if missing:
+        raise RuntimeError(f"sweep variants {missing} ran but dvc exp show in {origin} lists no finished "
+                           f"experiment of that name on {baseline[:12]}")
     create_table_artifact(table=rows, key="sweep-experiments", description=f"dvc exp show for {names}")
     return rows
 
@@ -107,6 +179,10 @@ def main() -> None:
     parser.add_argument("--remote", default=None, help="DVC remote shared by the clones")
     parser.add_argument("--max-parallel", type=int, default=2)
     args = parser.parse_args()
+    names = [name for name, *_ in args.variant]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        parser.error(f"--variant names must differ; given more than once: {', '.join(repeated)}")
     variants = {name: overrides for name, *overrides in args.variant}
     rows = sweep(repo_dir=args.repo_dir, variants=variants, remote=args.remote, max_parallel=args.max_parallel)
     print(json.dumps(rows, indent=2))

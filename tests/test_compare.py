@@ -103,7 +103,9 @@ def test_overrides_are_read_as_dvc_reads_them() -> None:
     added or deleted key and a malformed value are refused before anything is queued."""
     assert compare.parse_overrides(("weakclip.train.lr=1e-3", "a=yes", "b=[1,2]", "c=null", "d='x,y'")) == \
         {"weakclip.train.lr": 0.001, "a": "yes", "b": [1, 2], "c": None, "d": "x,y"}
+    assert compare.parse_overrides(("params.yaml:a=1",)) == {"a": 1}  # dvc exp run -S's file prefix
     for text, words in (("a=0.7,0.8", "a sweep"), ("+a=1", "only key=value of an existing key"),
+                        ("other.yaml:a=1", "only params.yaml's keys are compared"),
                         ("~a", "only key=value of an existing key"), ("mode=a=b", "not a key=value override")):
         with pytest.raises(CompareError, match=re.escape(f"-S {text}: {words}")):
             compare.parse_overrides((text,))
@@ -245,7 +247,8 @@ def test_a_variant_over_seeds_as_real_dvc_experiments(tmp_path: Path, monkeypatc
     output = capsys.readouterr().out
     assert sum(line.startswith("queued ") for line in output.splitlines()) == 4
     assert "| cmp-base-score-seed-s{1,2} | baseline | 2 | 51.5 | 0.7 | 51.0 / 52.0 |" in output  # seed key: not the default
-    assert "| lower-s{1,2} | scale=0.8 | 2 | 41.2 | 0.6 | 40.8 / 41.6 | -10.3 | -11.6 – -9.0 | 0 of 2 | lower |" in output
+    assert "| lower@score-s{1,2} | scale=0.8 | 2 | 41.2 | 0.6 | 40.8 / 41.6 | -10.3 | -11.6 – -9.0 | 0 of 2 | lower |" \
+        in output  # the target in the variant's name: a run up to one stage is never reused for another
     [table] = json.loads((tmp_path / "t.json").read_text())["tables"]
     assert table["rows"][1]["values"] == {"1": 0.408, "2": 0.416}
     assert table["rows"][1]["vs_baseline"]["interval"] == pytest.approx(
@@ -253,13 +256,16 @@ def test_a_variant_over_seeds_as_real_dvc_experiments(tmp_path: Path, monkeypatc
 
     assert compare.main(["run", "higher", "-S", "scale=1.2", "--seeds", "1", *common]) == 0
     output = capsys.readouterr().out
-    assert [line.split(":")[0] for line in output.splitlines() if line.startswith("queued ")] == ["queued higher-s1"]
+    assert [line.split(":")[0] for line in output.splitlines() if line.startswith("queued ")] == ["queued higher@score-s1"]
     assert compare.main(["show", "lower", "higher", *common]) == 0
     output = capsys.readouterr().out
-    assert "| higher-s{1} | scale=1.2 | 1 | 61.2 | — | 61.2 | +10.2 |  | 1 of 1 | one pair: no interval, run more seeds |" \
+    assert "| higher@score-s{1} | scale=1.2 | 1 | 61.2 | — | 61.2 | +10.2 |  | 1 of 1 | one pair: no interval, run more seeds |" \
         in output
-    assert "| lower-s{1,2} | scale=0.8 |" in output
+    assert "| lower@score-s{1,2} | scale=0.8 |" in output
     with pytest.raises(SystemExit) as stopped:
         compare.main(["run", "lower", "-S", "scale=0.7", "--seeds", "1", *common])
     assert stopped.value.code == 2
-    assert "experiment lower-s1 ran with scale=0.8, not 0.7: pick another NAME" in capsys.readouterr().err
+    assert "experiment lower@score-s1 ran with scale=0.8, not 0.7: pick another NAME" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the same NAME over the whole chain has no run of its own: nothing reused
+        compare.main(["show", "lower", "--seed-key", "seed", "--metric", "metrics/score.json:miou"])
+    assert "no finished experiment lower-s<k> on this commit" in capsys.readouterr().err

@@ -225,6 +225,33 @@ def test_a_worker_whose_clock_is_behind_is_not_taken_for_lost(monkeypatch: pytes
     assert SilenceClock().silent_s(None) == 0.0  # nothing seen yet: counted from now
 
 
+def test_sweep_rows_hold_the_varied_params_and_every_metric_of_finished_experiments_only() -> None:
+    """The real params.yaml nests every key (``seg.train.lr``): the sweep table used to drop every nested param and
+    metric, so it showed no param column at all, and it listed queued / failed experiments (which show the
+    baseline's metrics as theirs)."""
+    from flows.sweep import experiment_rows, override_columns
+
+    def revision(rev: str, lr: float, miou: float, error: bool = False) -> dict:
+        data = {"params": {"params.yaml": {"data": {"seg": {"train": {"lr": lr}, "model": "deeplabv2"}, "scale": 1}}},
+                "metrics": {"metrics/seg.json": {"data": {"miou": miou, "per_class": {"cat": miou / 2}}}}}
+        return {"rev": rev, "data": data, **({"error": {"msg": "failed"}} if error else {})}
+
+    shown = [{"rev": "base", "name": "main", "experiments": [
+        {"name": "lr-small", "executor": None, "revs": [revision("1234567890", 0.001, 0.6)]},
+        {"name": "lr-queued", "executor": {"state": "queued"}, "revs": [revision("2", 0.1, 0.5)]},
+        {"name": "lr-failed", "executor": {"state": "failed"}, "revs": [revision("3", 0.2, 0.5)]},
+        {"name": "lr-error", "executor": None, "revs": [revision("4", 0.3, 0.5, error=True)]},
+        {"name": "not-swept", "executor": None, "revs": [revision("5", 0.4, 0.5)]},
+    ]}]
+    variants = {"lr-small": ["seg.train.lr=0.001"], "lr-queued": ["seg.train.lr=0.1"], "lr-failed": ["seg.train.lr=0.2"],
+                "lr-error": ["seg.train.lr=0.3", "~scale"]}
+    assert override_columns(variants) == {"params.yaml:seg.train.lr"}
+    assert override_columns({"x": ["other.yaml:a.b=2", "+new.key=1"]}) == {"other.yaml:a.b", "params.yaml:new.key"}
+    assert experiment_rows(shown, list(variants), override_columns(variants)) == [
+        {"experiment": "lr-small", "rev": "1234567", "params.yaml:seg.train.lr": 0.001,
+         "metrics/seg.json:miou": 0.6, "metrics/seg.json:per_class.cat": 0.3}]
+
+
 def test_metrics_flattening_and_artifact_keys() -> None:
     metrics = {"miou": 0.5, "per_class": {"cat": 0.25, "dog": {"x": 1}}, "name": "ignored", "flag": True}
     assert flatten_metrics(metrics) == {"miou": 0.5, "per_class.cat": 0.25, "per_class.dog.x": 1.0}
@@ -359,6 +386,10 @@ def test_sweep_variants_gathered_in_one_exp_show(prefect_api: str, tmp_path: Pat
     # eval_a's miou = scale * sum(range(10)) / 100, by hand: 0.315 and 0.405.
     assert by_name["scale-7"]["metrics/eval_a.json:miou"] == pytest.approx(0.315)
     assert by_name["scale-9"]["metrics/eval_a.json:miou"] == pytest.approx(0.405)
+    assert by_name["scale-7"]["params.yaml:scale"] == 0.7 and by_name["scale-7"]["metrics/eval_a.json:per_class.cat"] == 0.25
+    # The same name again used to run, have its push kept out ("diverged", exit 0) and report the old figures.
+    with pytest.raises(ValueError, match=r"experiment\(s\) \['scale-7'\] already exist on .*dvc exp remove scale-7"):
+        sweep(repo_dir=str(origin), variants={"scale-7": ["scale=0.8"]}, remote="shared")
 
     # Another machine gathers them with dvc exp pull and compares them in one table.
     analyst = tmp_path / "analyst"

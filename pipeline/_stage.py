@@ -373,21 +373,37 @@ def record_not_trained(model_path: Path, live_dir: Path, reason: str) -> Path:
     return not_trained
 
 
+LIVE_HISTORY_KEY = "live_history"
+"""Where a checkpoint's ``extra`` keeps the dvclive plot rows logged up to it (``LiveLog.history``)."""
+
+
 class LiveLog:
     """A trainer's dvclive folder: window means as ``train/<loss>`` and ``train/lr`` rows, then extra metrics.
 
     ``step_of(done)`` is the dvclive step of a window that ends after ``done`` training steps (the epoch
     index for trainers that log per epoch, the step count for the others). A run resumed after
-    ``resumed_at`` steps first drops the rows from the window holding its next step on, which it logs again.
+    ``resumed_at`` steps first puts back the rows its checkpoint saved (``saved_history``: ``dvc repro``
+    deletes a stage's outputs, dvclive's folder with them, before it re-runs a killed stage, so the resumed
+    run's plots used to start at the checkpoint's epoch), then drops the rows from the window holding its next
+    step on, which it logs again.
     """
 
-    def __init__(self, live_dir: str | Path, resumed_at: int, step_of: Callable[[int], int]) -> None:
+    def __init__(self, live_dir: str | Path, resumed_at: int, step_of: Callable[[int], int],
+                 saved_history: Mapping[str, str] | None = None) -> None:
         from dvclive import Live  # noqa: PLC0415 (dvclive is slow to import; trainers only)
 
         self.step_of = step_of
+        self.plots = Path(live_dir) / "plots" / "metrics"
         if resumed_at > 0:
+            for relative, text in (saved_history or {}).items():
+                write_text(self.plots / relative, text)
             trim_live_history(live_dir, step_of(resumed_at + 1))
         self.live = Live(str(live_dir), resume=resumed_at > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+
+    def history(self) -> dict[str, dict[str, str]]:
+        """``{LIVE_HISTORY_KEY: {tsv path under plots/metrics: its text}}``, for a checkpoint's ``extra``."""
+        return {LIVE_HISTORY_KEY: {table.relative_to(self.plots).as_posix(): table.read_text()
+                                   for table in sorted(self.plots.rglob("*.tsv"))}}
 
     def log_window(self, done: int, mean_losses: Mapping[str, float], lr: float,
                    extra: Mapping[str, float] | None = None) -> None:

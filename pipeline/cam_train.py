@@ -42,7 +42,8 @@ from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
 from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
 from weakclip_core.training.schedules import warmup_cosine_lr
 
-from pipeline._stage import LiveLog, StageSpec, params_key, record_not_trained, run_stage, run_stage_cli
+from pipeline._stage import (LIVE_HISTORY_KEY, LiveLog, StageSpec, params_key, record_not_trained, run_stage,
+                             run_stage_cli)
 
 STAGE = "cam_train"
 
@@ -152,7 +153,8 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
     val_loader = DataLoader(val_set, batch_size=max(train.batch_size, 32), num_workers=train.workers)
     trained_model = wrap_model(model, context)  # ``model`` itself alone; its DDP wrapper under torchrun
 
-    live = LiveLog(paths.live_dir, start_step, lambda done: (done - 1) // epoch_steps) if context.is_main else None
+    live = (LiveLog(paths.live_dir, start_step, lambda done: (done - 1) // epoch_steps, extra.get(LIVE_HISTORY_KEY))
+            if context.is_main else None)
     val_maps = (float(extra.get("val_map_class_token", 0.0)), float(extra.get("val_map_patch_cam", 0.0)))
 
     def compute_losses(step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -179,7 +181,8 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
         batches=loader, start_step=start_step, model=model, optimizer=optimizer, compute_losses=compute_losses,
         context=context, checkpointer=checkpointer, state=LoopState.from_dict(extra.get("loop")),
         on_window_end=end_of_epoch,
-        checkpoint_extra=lambda: {"val_map_class_token": val_maps[0], "val_map_patch_cam": val_maps[1]},
+        checkpoint_extra=lambda: {"val_map_class_token": val_maps[0], "val_map_patch_cam": val_maps[1],
+                                  **(live.history() if live else {})},
         stop_after_steps=stop_after_steps, show_progress=show_progress)
     if not result.finished:
         return None

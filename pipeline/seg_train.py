@@ -41,7 +41,7 @@ from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
 from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
 from weakclip_core.training.schedules import poly_lr, warmup_cosine_lr
 
-from pipeline._stage import (LiveLog, StageSpec, params_key, record_not_trained, require_input, run_stage,
+from pipeline._stage import (LIVE_HISTORY_KEY, LiveLog, StageSpec, params_key, record_not_trained, require_input, run_stage,
                              run_stage_cli)
 
 Source = Literal["pseudo", "gt"]
@@ -188,7 +188,8 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
                         generator=torch.Generator().manual_seed(seed))  # the loader's own seed draw leaves
     # the global RNG (dropout, drop-path) untouched, so a resumed run continues its exact stream
     trained_model = wrap_model(model, context)  # ``model`` itself alone; DDP with cross-process BN under torchrun
-    live = (LiveLog(paths.live_dir(source), start_step, lambda done: (done - 1) // steps_per_epoch)
+    live = (LiveLog(paths.live_dir(source), start_step, lambda done: (done - 1) // steps_per_epoch,
+                    extra.get(LIVE_HISTORY_KEY))
             if context.is_main else None)
 
     def compute_losses(step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -211,7 +212,8 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
                       lr_at=lambda step: learning_rate(params, step, total_steps)),
         batches=loader, start_step=start_step, model=model, optimizer=optimizer, compute_losses=compute_losses,
         context=context, checkpointer=checkpointer, state=LoopState.from_dict(extra.get("loop")),
-        on_window_end=end_of_epoch, stop_after_steps=stop_after_steps, show_progress=show_progress)
+        on_window_end=end_of_epoch, stop_after_steps=stop_after_steps, show_progress=show_progress,
+        checkpoint_extra=lambda: live.history() if live else {})
     if not result.finished:
         return None
     last_loss = result.last_losses.get("loss", math.nan)

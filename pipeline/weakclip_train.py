@@ -60,7 +60,8 @@ from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_trai
 from weakclip_core.training.schedules import warmup_cosine_lr
 from weakclip_core.artifacts.weakclip import clip_weights_sha256, save_weakclip_model, trainable_modules
 
-from pipeline._stage import LiveLog, StageSpec, params_key, require_input, run_stage, run_stage_cli
+from pipeline._stage import (LIVE_HISTORY_KEY, LiveLog, StageSpec, params_key, require_input, run_stage,
+                             run_stage_cli)
 
 STAGE = "weakclip_train"
 LOG_EVERY = 10
@@ -225,7 +226,7 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
                         else sampler,
                         generator=torch.Generator().manual_seed(seed))
     trained_model = wrap_model(model, context, frozen_prefixes=("clip.",))  # DDP over the learned parts only
-    live = LiveLog(paths.live_dir, start_step, lambda done: done) if context.is_main else None
+    live = LiveLog(paths.live_dir, start_step, lambda done: done, extra.get(LIVE_HISTORY_KEY)) if context.is_main else None
     train_started = time.perf_counter()
     crf_workers = cfg.loss.crf_workers if cfg.loss.boundary_weight > 0 else 0  # no boundary loss: no CRF to run
     with CrfPool(cfg.loss.crf, crf_workers) as crf_pool:
@@ -252,7 +253,7 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
             compute_losses=compute_losses, context=context, checkpointer=checkpointer,
             checkpointed_module=learned, state=LoopState.from_dict(extra.get("loop")),
             on_window_end=end_of_window, stop_after_steps=stop_after_steps, show_progress=show_progress,
-            precision=params.runtime.precision)
+            precision=params.runtime.precision, checkpoint_extra=lambda: live.history() if live else {})
     if not result.finished:
         return None
     seconds_per_step = (time.perf_counter() - train_started) / max(1, result.steps_this_run)

@@ -18,6 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+# flows.chain imports prefect's flow machinery, which sets up Prefect's console logging on the sys.stderr of the
+# moment: imported here, at collection, and not first inside a test using capsys, whose stream is closed after
+# that test (every later Prefect log line then failed, to a RecursionError in the flow tests).
+import flows.chain  # noqa: F401
 from flows.dag import read_stage_graph
 from flows.demo import demo_stages, write_demo_project
 from flows.resources import GPU_POOL, needs_gpu, place_stages

@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,8 @@ from bench.ablations import FinishedRun
 from bench.chain_seeds import headline_figures
 from flows.dag import StageGraph, read_stage_graph
 from flows.dvc_cli import CommandFailed
+from flows.machines import uncommitted_files
+from flows.stage_run import flat_params
 from weakclip_core.artifacts.atomic import write_json
 
 WEAKCLIP_SEED_KEY = "weakclip.train.seed_offset"
@@ -144,17 +145,6 @@ def parse_overrides(overrides: tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
-def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": value}`` of a nested params mapping (a list or an empty mapping is one value)."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(flat_params(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def with_overrides(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """Flat params ``base`` with each dotted key of ``values`` set (a mapping value replaces the keys under it)."""
     result = dict(base)
@@ -255,9 +245,7 @@ def parse_metric(text: str, graph: StageGraph, target: str | None) -> Metric:
 def check_clean_workspace(repo: Path) -> None:
     """``dvc exp run --queue`` carries uncommitted changes into every experiment it queues, so runs queued now and
     runs reused later would differ in them: the variant would not be what its name says."""
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                             capture_output=True, text=True, check=True).stdout.split("\n")
-    files = [line[3:] for line in changed if line.strip()]
+    files = uncommitted_files(repo)
     if files:
         raise CompareError(f"uncommitted changes in {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}: commit "
                            "or stash them first (every queued experiment would carry them)")

@@ -48,6 +48,7 @@ from flows.machines import (
     check_run_size,
     git,
     merge_lock_entry,
+    outside_repository,
     run_stage_on_worker,
     worker_clone,
     write_files,
@@ -399,7 +400,7 @@ def finish_coordinator(root: Path, graph: StageGraph, remote: str | None, commit
     if status not in ("{}", ""):
         changed_outside = sorted({path for entries in json.loads(status).values() for entry in entries
                                   if isinstance(entry, dict) for path in entry.get("changed deps", {})
-                                  if path == ".." or path.startswith(("../", "/"))})
+                                  if outside_repository(path)})
         hint = (f" (the workers' copy of {', '.join(changed_outside[:3])} differs from the coordinator's: every "
                 "machine needs the same external inputs at the same paths)" if changed_outside else "")
         raise RuntimeError(f"{root}: dvc status is not clean after the chain: {status[:2000]}{hint}")

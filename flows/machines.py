@@ -94,17 +94,19 @@ def _under(path: str, roots: set[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
 
+def uncommitted_files(root: Path) -> list[str]:
+    """Tracked files changed since HEAD (a rename's new name), as ``git status --porcelain`` lists them."""
+    return sorted(path for line in git(["status", "--porcelain", "--untracked-files=no"], root).splitlines()
+                  if (path := line[3:].split(" -> ")[-1].strip().strip('"')))
+
+
 def dirty_paths(root: Path, graph: StageGraph, extra_allowed: set[str]) -> list[str]:
     """Tracked files changed since HEAD that are not ``dvc.lock``, ``extra_allowed``, a stage output or a ``.gitignore``."""
     allowed = {"dvc.lock", *extra_allowed}
     outputs = {out for stage in graph.stages for out in stage.outs}
-    changed = []
-    for line in git(["status", "--porcelain", "--untracked-files=no"], root).splitlines():
-        path = line[3:].split(" -> ")[-1].strip().strip('"')
-        # .gitignore files: DVC itself adds its outputs to them when a stage first runs.
-        if path and path not in allowed and not _under(path, outputs) and Path(path).name != ".gitignore":
-            changed.append(path)
-    return sorted(changed)
+    # .gitignore files: DVC itself adds its outputs to them when a stage first runs.
+    return [path for path in uncommitted_files(root)
+            if path not in allowed and not _under(path, outputs) and Path(path).name != ".gitignore"]
 
 
 def params_files(graph: StageGraph) -> list[str]:
@@ -201,11 +203,17 @@ def apply_param_overrides(root: Path, overrides: list[str]) -> None:
                           "reads it)") from None
 
 
+def outside_repository(path: str) -> bool:
+    """Whether a dep path, repository-relative (``../data``, as the stage graph gives it) or absolute (as ``dvc
+    status`` prints one given so), lies outside the repository."""
+    return path == ".." or path.startswith(("../", "/"))
+
+
 def external_deps(graph: StageGraph) -> list[str]:
     """The deps outside the repository (``dataset.source``, ``clip.weights``, ``cam.arch.pretrained``, ...:
     absolute paths in params.yaml, repository-relative ``../…`` here). DVC hashes them where a stage runs and
     where ``dvc status`` runs, so the coordinator and every worker need the same file at the same path."""
-    return sorted({dep for stage in graph.stages for dep in stage.deps if dep == ".." or dep.startswith("../")})
+    return sorted({dep for stage in graph.stages for dep in stage.deps if outside_repository(dep)})
 
 
 def check_external_deps_here(root: Path, graph: StageGraph) -> None:

@@ -28,6 +28,18 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
     return flat
 
 
+def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` of a nested mapping, any value kept (a list or an empty mapping is one value): params
+    and metrics as ``dvc exp show`` holds them (``flatten_metrics`` keeps the numbers only)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def artifact_key(stage_name: str, suffix: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes: ``seg_train@gt`` → ``seg-train-gt-metrics``."""
     slug = re.sub(r"[^a-z0-9]+", "-", f"{stage_name}-{suffix}".lower()).strip("-")

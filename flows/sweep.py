@@ -25,6 +25,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 
 from flows.dvc_cli import capture_command, dvc_command, run_command
+from flows.machines import uncommitted_files
+from flows.stage_run import flat_params
 
 
 @task(task_run_name="variant {experiment_name}")
@@ -44,17 +46,6 @@ def run_variant(origin: str, experiment_name: str, overrides: list[str], remote:
         cache_args = ["--remote", remote] if remote else ["--no-cache"]
         run_command(dvc_command("exp", "push", *cache_args, "origin", experiment_name), clone, logger)
     return experiment_name
-
-
-def flattened(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"seg": {"train": {"lr": 0.01}}}`` → ``{"seg.train.lr": 0.01}`` (lists and scalars are leaves)."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flattened(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def override_columns(variants: dict[str, list[str]]) -> set[str]:
@@ -91,7 +82,7 @@ def experiment_rows(exp_show_json: list[dict[str, Any]], names: list[str],
                 row: dict[str, Any] = {"experiment": name, "rev": (revision.get("rev") or "")[:7]}
                 for section in ("params", "metrics"):
                     for path, content in (data.get(section) or {}).items():
-                        for key, value in flattened((content or {}).get("data") or {}).items():
+                        for key, value in flat_params((content or {}).get("data") or {}).items():
                             column = f"{path}:{key}"
                             if section == "metrics" or param_columns is None or column in param_columns:
                                 row[column] = value
@@ -106,8 +97,7 @@ def check_sweep_can_start(origin: Path, names: list[str], max_parallel: int) -> 
     the table showed the old run's figures as the new variant's."""
     if max_parallel < 1:
         raise ValueError(f"max_parallel must be at least 1, got {max_parallel}")
-    dirty = capture_command(["git", "status", "--porcelain", "--untracked-files=no"], origin).split("\n")
-    dirty = [line[3:] for line in dirty if line.strip()]
+    dirty = uncommitted_files(origin)
     if dirty:
         raise ValueError(f"{origin}: uncommitted changes in {' '.join(dirty[:5])}: the sweep runs the committed HEAD "
                          "in clones, so they would not be part of it; commit (or stash) them first")

@@ -583,6 +583,48 @@ def test_one_stage_per_gpu_and_no_worker_named(server: LocalServer, tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_deploy_grows_and_shrinks_the_gpu_pool_and_the_chain_checks_each_gpu_queue(server: LocalServer) -> None:
+    """``python -m flows.deploy --gpus N`` run again with a smaller N: the chain's GPU count (the GPU deployments
+    in a row) follows it, the dropped GPU's queue is paused and its deployment gone, so no stage is sent to a
+    GPU nobody deployed. The chain refuses a GPU queue that lost its limit of one or does not exist, naming the
+    queue and the deploy command. The module's other tests expect one GPU: the test ends deployed as it began."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.chain import check_gpu_queues, deployed_gpu_count
+    from flows.deploy import deploy
+    from flows.machines import Refused
+    from flows.resources import STAGE_FLOW_NAME, gpu_stage_deployment
+
+    try:
+        grown = deploy(gpus=2)
+        assert grown[f"{GPU_POOL}/{gpu_queue(0)}"] == 1 and grown[f"{GPU_POOL}/{gpu_queue(1)}"] == 1
+        assert deployed_gpu_count() == 2
+        check_gpu_queues(2)
+
+        shrunk = deploy(gpus=1)
+        assert f"{GPU_POOL}/{gpu_queue(1)}" not in shrunk  # the returned map lists the queues that are not paused
+        assert deployed_gpu_count() == 1
+        with get_client(sync_client=True) as client:
+            assert client.read_work_queue_by_name(gpu_queue(1), work_pool_name=GPU_POOL).is_paused
+            with pytest.raises(ObjectNotFound):
+                client.read_deployment_by_name(f"{STAGE_FLOW_NAME}/{gpu_stage_deployment(1)}")
+            assert client.read_deployment_by_name(f"{STAGE_FLOW_NAME}/{gpu_stage_deployment(0)}").work_queue_name == gpu_queue(0)
+
+            gpu_0 = client.read_work_queue_by_name(gpu_queue(0), work_pool_name=GPU_POOL)
+            client.update_work_queue(gpu_0.id, concurrency_limit=None)  # two stages could now share GPU 0
+            with pytest.raises(Refused, match=r"queue 'gpu-0' of pool 'weakclip-gpu' has concurrency limit None .*"
+                                              r"run python -m flows\.deploy --gpus 1"):
+                check_gpu_queues(1)
+            client.update_work_queue(gpu_0.id, concurrency_limit=1)
+        check_gpu_queues(1)
+        with pytest.raises(Refused, match=r"queue 'gpu-2' of pool 'weakclip-gpu' is missing .*--gpus 3"):
+            check_gpu_queues(3)
+    finally:
+        deploy(gpus=1)
+
+
+@pytest.mark.slow
 def test_a_client_without_the_auth_string_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import base64
 

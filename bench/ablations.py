@@ -22,7 +22,10 @@ the grid; ``metrics/ablations_boundary.json``: the boundary-loss study, issue #2
 ``<variant>-s<seed offset>``; the tables share the experiments of the variants they both list. A queue that
 re-ran part of a table (``--only``, with the baseline) keeps the committed rows of the variants it did not run
 when its baseline reproduced the committed baseline seed for seed (``carry_previous_rows``); the table names the
-carried rows.
+carried rows. The queue's experiments hang off the commit that was HEAD when each was queued, so ``collect`` reads
+every commit's (``dvc exp show --all-commits``) but counts only those of commits whose committed run names the
+outputs ``dvc.lock`` names for ``weakclip_train`` and everything before it (``baselines_with_these_outputs``):
+code-only commits keep their experiments, an output-changing commit leaves the older ones out (named).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from typing import Any
 
 import yaml
 
+from flows.dag import read_stage_graph
 from flows.dvc_cli import capture_command, dvc_command, tool_environment
+from flows.machines import out_hashes, read_lock
 from pipeline.summary import BENCH_DATASET_DEFAULT
 from weakclip_core.artifacts.atomic import write_json
 
@@ -302,6 +307,37 @@ def experiment_metrics(exp_show: list[dict[str, Any]],
     return {name: metrics for name, (_, metrics) in experiment_runs(exp_show, metrics_file).items()}
 
 
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def baselines_with_these_outputs(exp_show: list[dict[str, Any]], repo: Path, lock: dict[str, Any],
+                                 stages: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The entries of ``dvc exp show --json --all-commits`` whose baseline commit's ``dvc.lock`` names the same
+    outputs of ``stages`` as ``lock`` (the workspace's), and the commits left out.
+
+    Why: the grid's experiments hang off whichever commit was HEAD when each was queued, and a table may gather
+    experiments queued across commits; that is sound only while those commits' committed runs are byte for byte
+    the same (code changes that leave every output as it was). After an output-changing commit the older
+    experiments ran another chain (other CAM seeds, another CLIP, another WeakCLIP code), and mixing them into
+    the new table would compare runs of two benchmarks. ``stages``: the experiments' target and every stage it
+    depends on. Entries that are not a commit (``workspace``) are kept: they are this checkout."""
+    wanted = out_hashes(lock, stages)
+    kept: list[dict[str, Any]] = []
+    left_out: list[str] = []
+    for baseline in exp_show:
+        rev = str(baseline.get("rev") or "")
+        if not COMMIT.fullmatch(rev):
+            kept.append(baseline)
+            continue
+        shown = subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, capture_output=True, text=True)
+        committed = read_lock(shown.stdout) if shown.returncode == 0 else {}
+        if shown.returncode == 0 and out_hashes(committed, stages) == wanted:
+            kept.append(baseline)
+        elif baseline.get("experiments"):
+            left_out.append(rev)
+    return kept, left_out
+
+
 def mean_and_std(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (n - 1); no std from a single value."""
     mean = sum(values) / len(values)
@@ -425,8 +461,16 @@ def add_heldout_scores(runs: dict[str, tuple[str, dict[str, Any]]],
 def collect(table: AblationTable = TABLES[0], heldout: bool = False) -> Path:
     """Write ``table``'s metrics file from ``dvc exp show --json`` and the committed metrics; ``heldout``: also
     score each experiment's model on the val split (``bench.heldout``), from this repository's DVC cache."""
-    # --all-commits: the queue's experiments hang off the commit that was HEAD when each was queued.
-    runs = experiment_runs(json.loads(dvc("exp", "show", "--json", "--all-commits")))
+    # --all-commits: the queue's experiments hang off the commit that was HEAD when each was queued; only the
+    # commits whose committed run is this one's (baselines_with_these_outputs) count.
+    stages = tuple(read_stage_graph(REPO).select([TARGET]).names())
+    exp_show, left_out = baselines_with_these_outputs(json.loads(dvc("exp", "show", "--json", "--all-commits")), REPO,
+                                                      read_lock((REPO / "dvc.lock").read_text(encoding="utf-8")),
+                                                      stages)
+    if left_out:
+        print(f"left out the experiments of {len(left_out)} commit(s) whose committed outputs of {', '.join(stages)} "
+              f"differ from dvc.lock's (another benchmark): {', '.join(rev[:12] for rev in left_out)}")
+    runs = experiment_runs(exp_show)
     by_name = add_heldout_scores(runs, table.variants) if heldout else {name: m for name, (_, m) in runs.items()}
     cam = json.loads(CAM_METRICS.read_text(encoding="utf-8"))
     rows = ablation_rows(by_name, cam["miou"], table.variants)

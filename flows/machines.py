@@ -314,7 +314,8 @@ def merge_lock_entry(root: Path, stage_name: str, entry: dict[str, Any], guard: 
         return text
 
 
-def _out_hashes(lock: dict[str, Any], stages: tuple[str, ...]) -> dict[str, str]:
+def out_hashes(lock: dict[str, Any], stages: tuple[str, ...]) -> dict[str, str]:
+    """``{output path: md5}`` of ``stages``' outputs in a parsed ``dvc.lock`` (stages it lacks add nothing)."""
     found: dict[str, str] = {}
     for name in stages:
         for out in (lock.get("stages", {}).get(name) or {}).get("outs", []) or []:
@@ -325,7 +326,7 @@ def _out_hashes(lock: dict[str, Any], stages: tuple[str, ...]) -> dict[str, str]
 
 def check_inputs_match(stage: StageSpec, sent_lock: dict[str, Any], entry: dict[str, Any]) -> None:
     """Every dep made by an upstream stage must have the hash the coordinator's lock names for that output."""
-    expected = _out_hashes(sent_lock, stage.upstream)
+    expected = out_hashes(sent_lock, stage.upstream)
     wrong = [
         f"{dep['path']} ran with md5 {dep.get('md5')}, the coordinator's dvc.lock names {expected[dep['path']]}"
         for dep in entry.get("deps", []) or []

@@ -327,6 +327,45 @@ def test_ablation_rows_from_exp_show_json() -> None:
     assert [row["experiments"] for row in ablation_rows(found, 0.40, BOUNDARY_STUDY)] == ["abl-baseline-s{1,2,3}"]
 
 
+def test_collect_counts_only_experiments_of_commits_whose_committed_run_is_this_one(tmp_path: Path) -> None:
+    """Three commits of a repository: the first committed another run (weakclip_train's model differs), the
+    second an output-changing re-run, the third a code-only change (deps differ, outputs equal the second's).
+    Experiments hang off each. Only the second's and the third's count; the first is named as left out; the
+    workspace entry is kept; a stage the experiments do not depend on (summary) may differ freely."""
+    from bench.ablations import baselines_with_these_outputs
+
+    def lock(model_md5: str, code_md5: str, summary_md5: str) -> dict:
+        return {"schema": "2.0", "stages": {
+            "cam_infer": {"deps": [{"path": "pipeline/cam_infer.py", "md5": code_md5}],
+                          "outs": [{"path": "artifacts/cams", "md5": "cams.dir"}]},
+            "weakclip_train": {"deps": [{"path": "artifacts/cams", "md5": "cams.dir"}],
+                               "outs": [{"path": "artifacts/weakclip/model.pt", "md5": model_md5}]},
+            "summary": {"outs": [{"path": "docs/RESULTS.md", "md5": summary_md5}]}}}
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.invalid", "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, env=env, check=True)
+    commits = []
+    for model, code, summary in (("old-model", "code-1", "r1"), ("new-model", "code-1", "r2"),
+                                 ("new-model", "code-2", "r3")):
+        (tmp_path / "dvc.lock").write_text(json.dumps(lock(model, code, summary)))  # JSON is YAML
+        subprocess.run(["git", "add", "dvc.lock"], cwd=tmp_path, env=env, check=True)
+        subprocess.run(["git", "commit", "-qm", model], cwd=tmp_path, env=env, check=True)
+        commits.append(subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, env=env, check=True,
+                                      capture_output=True, text=True).stdout.strip())
+    exp_show = [{"rev": "workspace", "name": None, "experiments": None},
+                *({"rev": commit, "name": None, "experiments": [{"name": f"abl-baseline-s{index}", "revs": []}]}
+                  for index, commit in enumerate(commits, start=1))]
+    here = lock("new-model", "code-2", "r4")  # the workspace: collect has since rewritten RESULTS.md
+    kept, left_out = baselines_with_these_outputs(exp_show, tmp_path, here, ("cam_infer", "weakclip_train"))
+    assert [entry["rev"] for entry in kept] == ["workspace", commits[1], commits[2]]
+    assert left_out == [commits[0]]
+    # A commit that has no dvc.lock at all ran nothing this table can use.
+    kept, left_out = baselines_with_these_outputs([{"rev": "f" * 40, "experiments": [{"name": "x-s1"}]}], tmp_path,
+                                                  here, ("weakclip_train",))
+    assert kept == [] and left_out == ["f" * 40]
+
+
 def test_ablation_rows_with_heldout_val_scores() -> None:
     """``collect --heldout`` adds each experiment's val scores (bench.heldout); the rows then carry the val
     mean ± std, per seed, the paired difference from the baseline's val and the labels-given mean beside the train

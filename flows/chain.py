@@ -25,6 +25,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +37,7 @@ from prefect.settings import get_current_settings
 from prefect.states import Cancelled, Crashed
 
 from flows.dag import StageGraph, StageSpec, read_stage_graph
-from flows.dvc_cli import capture_command, dvc_command, run_command
+from flows.dvc_cli import CommandFailed, capture_command, dvc_command, run_command
 from flows.machines import (
     Refused,
     RunState,
@@ -484,10 +485,25 @@ def chain(
     return report
 
 
-def _heartbeat(logger: Any, stage_name: str, every_s: float, stop: threading.Event) -> None:
+def _heartbeat(logger: Any, stage_name: str, every_s: float, stop: threading.Event, abandon: threading.Event,
+               read_state: Callable[[], Any]) -> None:
+    """Log a line every ``every_s`` (the chain's sign of life), and set ``abandon`` once the server holds this
+    run in a final state: the chain gave it up (it heard nothing for ``worker_lost_after_s``, a network cut, and
+    marked it Crashed to send a retry elsewhere) or someone cancelled it. The worker then stops the stage instead
+    of running it twice beside the retry. ``read_state()``: the run's state from the server (an error: unknown,
+    tried again at the next beat)."""
     started = time.monotonic()
     while not stop.wait(every_s):
         logger.info("heartbeat: stage %s running for %.0f s", stage_name, time.monotonic() - started)
+        try:
+            state = read_state()
+        except Exception:  # noqa: BLE001 - the server out of reach is what the chain's silence check is for
+            continue
+        if state is not None and state.is_final():
+            logger.error("stage %s: the server holds this run as %s (%s): stopping it", stage_name, state.name,
+                         state.message or "no message")
+            abandon.set()
+            return
 
 
 @flow(name="stage", log_prints=True)
@@ -520,15 +536,26 @@ def stage(
             f"WEAKCLIP_PROJECT is not set for this worker: set it to the worker's own clone of the DVC project "
             f"(the worker checks the coordinator's commit out there; not {root})"
         )
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(logger, stage_name, heartbeat_s, stop), daemon=True)
+    flow_run_id = get_run_context().flow_run.id
+
+    def read_state() -> Any:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run_id).state
+
+    stop, abandon = threading.Event(), threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(logger, stage_name, heartbeat_s, stop, abandon, read_state),
+                            daemon=True)
     beat.start()
     try:
-        result = run_stage_on_worker(stage_name, RunState.from_json(run_state), root, remote, logger)
+        result = run_stage_on_worker(stage_name, RunState.from_json(run_state), root, remote, logger, abandon=abandon)
+    except CommandFailed as error:
+        if abandon.is_set():
+            raise RuntimeError(f"stage {stage_name!r}: stopped because the chain gave this run up (the server held "
+                               f"it as final: see the log above); the chain's retry runs it instead") from error
+        raise
     finally:
         stop.set()
     publish_stage_metrics(StageSpec(stage_name, "", (), (), (), ()), result["metrics"])
-    flow_run_id = get_run_context().flow_run.id
     with get_client(sync_client=True) as client:
         client.create_artifact(
             ArtifactCreate(

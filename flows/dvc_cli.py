@@ -8,13 +8,17 @@ pipeline.<stage>`` and DVC itself come from the same environment.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
+import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 
 class CommandFailed(RuntimeError):
@@ -48,8 +52,19 @@ def tool_environment() -> dict[str, str]:
     return env
 
 
-def run_command(command: list[str], cwd: Path, logger: logging.Logger | logging.LoggerAdapter) -> CommandOutput:
-    """Run ``command`` in ``cwd``, log each output line as it comes, raise ``CommandFailed`` on non-zero exit."""
+ABANDON_GRACE_S = 30.0
+"""How long an abandoned command's process group has after SIGTERM (a stage's own clean shutdown) before SIGKILL."""
+
+
+def run_command(command: list[str], cwd: Path, logger: logging.Logger | logging.LoggerAdapter,
+                abandon: threading.Event | None = None) -> CommandOutput:
+    """Run ``command`` in ``cwd``, log each output line as it comes, raise ``CommandFailed`` on non-zero exit.
+
+    ``abandon``: when it is set while the command runs, the command and every process under it (``dvc repro``
+    and the stage it started) get SIGTERM, then SIGKILL after ``ABANDON_GRACE_S``, and ``CommandFailed`` says so. A
+    worker sets it when the chain has given its stage run up (``flows.chain.stage``), so the stage does not run
+    on beside the retry the chain sent elsewhere.
+    """
     logger.info("$ %s  (in %s)", " ".join(command), cwd)
     lines: list[str] = []
     tail: deque[str] = deque(maxlen=40)
@@ -63,15 +78,46 @@ def run_command(command: list[str], cwd: Path, logger: logging.Logger | logging.
         bufsize=1,
     ) as process:
         assert process.stdout is not None
-        for raw_line in process.stdout:
-            line = raw_line.rstrip("\n")
-            lines.append(line)
-            tail.append(line)
-            logger.info("%s", line)
-        returncode = process.wait()
+        finished = threading.Event()
+        if abandon is not None:
+            threading.Thread(target=_stop_when_abandoned, args=(process, abandon, finished), daemon=True).start()
+        try:
+            for raw_line in process.stdout:
+                line = raw_line.rstrip("\n")
+                lines.append(line)
+                tail.append(line)
+                logger.info("%s", line)
+            returncode = process.wait()
+        finally:
+            finished.set()
+    if abandon is not None and abandon.is_set():
+        raise CommandFailed(command, cwd, returncode, [*tail, "(stopped: the run was abandoned)"])
     if returncode != 0:
         raise CommandFailed(command, cwd, returncode, list(tail))
     return CommandOutput(lines=tuple(lines))
+
+
+def _stop_when_abandoned(process: subprocess.Popen, abandon: threading.Event, finished: threading.Event) -> None:
+    """SIGTERM to ``process`` and every process under it once ``abandon`` is set (unless it has ``finished``),
+    SIGKILL to those still there after the grace period. The tree is walked rather than a process group
+    signalled: the command stays in the flow run's group, so a cancelled flow run still takes it along."""
+    while not finished.is_set():
+        if abandon.wait(0.5):
+            break
+    if finished.is_set():
+        return
+    try:
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=ABANDON_GRACE_S)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
 
 
 def dvc_command(*args: str) -> list[str]:

@@ -437,10 +437,13 @@ def remote_description(root: Path, remote: str | None) -> str:
     return f"DVC remote {name!r} ({url})"
 
 
-def _remote_command(args: list[str], root: Path, remote: str | None, logger: logging.Logger | logging.LoggerAdapter) -> None:
+def _remote_command(args: list[str], root: Path, remote: str | None, logger: logging.Logger | logging.LoggerAdapter,
+                    abandon: threading.Event | None = None) -> None:
     try:
-        run_command(dvc_command(*args), root, logger)
+        run_command(dvc_command(*args), root, logger, abandon=abandon)
     except CommandFailed as error:
+        if abandon is not None and abandon.is_set():
+            raise  # stopped by this worker, not a remote's failure
         tail = " | ".join(line for line in str(error).splitlines()[1:] if line.strip())[-600:]
         raise RemoteFailed(f"`dvc {args[0]}` against {remote_description(root, remote)} failed: {tail}") from error
 
@@ -452,11 +455,13 @@ def run_stage_on_worker(
     remote: str | None,
     logger: logging.Logger | logging.LoggerAdapter,
     clone_wait_s: float = 6 * 3600,
+    abandon: threading.Event | None = None,
 ) -> dict[str, Any]:
     """One stage on this worker's clone, against the coordinator's ``state``; see the module's docstring.
 
     Returns ``{"entry": <its dvc.lock entry>, "files": {cache: false output → base64}, "metrics": {...}}``.
     One stage at a time per clone (a file lock), since a stage owns the clone's checkout and dvc.lock.
+    ``abandon`` set (the chain gave this run up): the DVC command it is running is stopped (``CommandFailed``).
     """
     from flows.stage_run import flatten_metrics
 
@@ -474,25 +479,26 @@ def run_stage_on_worker(
         targets = pull_targets(spec, graph)
         if targets:
             # --force: a stale copy left by an earlier run in this clone is replaced by the lock's version.
-            _remote_command(["pull", "--force", *remote_option, *targets], root, remote, logger)
+            _remote_command(["pull", "--force", *remote_option, *targets], root, remote, logger, abandon)
         if outputs_only_missing(root, stage_name, read_lock(state.lock)):
             # Up to date in the coordinator's lock, only not in this clone (a fresh clone, another GPU's clone):
             # its outputs come from the remote and dvc repro skips it, as `dvc repro --pull` would, instead of
             # spending hours re-making what the lock already names (and, off bit-exact hardware, new hashes that
             # make every stage after it stale).
             try:
-                _remote_command(["pull", "--force", *remote_option, stage_name], root, remote, logger)
+                _remote_command(["pull", "--force", *remote_option, stage_name], root, remote, logger, abandon)
             except RemoteFailed as error:
                 logger.warning("%s is up to date in the coordinator's dvc.lock but its outputs could not be pulled "
                                "(%s): it runs", stage_name, error)
-        run_command(dvc_command("repro", "--single-item", stage_name), root, logger)
+        run_command(dvc_command("repro", "--single-item", stage_name), root, logger, abandon=abandon)
         lock = read_lock((root / "dvc.lock").read_text())
         entry = lock.get("stages", {}).get(stage_name)
         if not entry:
             raise RuntimeError(f"{root / 'dvc.lock'} has no entry for {stage_name!r} after dvc repro")
         check_inputs_match(spec, read_lock(state.lock), entry)
         if any(out not in spec.uncached for out in spec.outs):
-            _remote_command(["push", *(["--remote", remote] if remote else []), stage_name], root, remote, logger)
+            _remote_command(["push", *(["--remote", remote] if remote else []), stage_name], root, remote, logger,
+                            abandon)
         files: dict[str, str] = {}
         for out in spec.uncached:
             files.update(_read_tree(root, out))

@@ -229,6 +229,60 @@ def test_a_worker_whose_clock_is_behind_is_not_taken_for_lost(monkeypatch: pytes
     assert SilenceClock().silent_s(None) == 0.0  # nothing seen yet: counted from now
 
 
+def test_an_abandoned_command_is_stopped_with_every_process_it_started(tmp_path: Path) -> None:
+    """A worker's command (dvc repro and the stage it started) once the chain gave the run up: the whole process
+    group is stopped, the stage's child too (it would have written its file 3 s in), and the command fails
+    saying why; an untouched ``abandon`` changes nothing."""
+    import logging
+    import threading
+    import time
+
+    from flows.dvc_cli import CommandFailed, run_command
+
+    late = tmp_path / "late.txt"
+    child = f"import time, pathlib; time.sleep(3); pathlib.Path({str(late)!r}).write_text('ran on')"
+    parent = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              "print('started', flush=True); time.sleep(60)")
+    abandon = threading.Event()
+    threading.Timer(1.0, abandon.set).start()
+    started = time.monotonic()
+    with pytest.raises(CommandFailed, match=r"stopped: the run was abandoned"):
+        run_command([sys.executable, "-c", parent], tmp_path, logging.getLogger("test"), abandon=abandon)
+    assert time.monotonic() - started < 15  # SIGTERM, not the 60 s sleep nor the 30 s grace
+    time.sleep(4)
+    assert not late.exists(), "the stage's child process ran on after its run was abandoned"
+    done = run_command([sys.executable, "-c", "print('fine')"], tmp_path, logging.getLogger("test"),
+                       abandon=threading.Event())
+    assert done.lines == ("fine",)
+
+
+def test_the_heartbeat_abandons_a_run_the_server_holds_as_crashed() -> None:
+    """The worker's heartbeat reads its run's state: Running (or the server out of reach) goes on; once the
+    chain has marked the run Crashed (worker lost), ``abandon`` is set and the heartbeat ends."""
+    import logging
+    import threading
+
+    from prefect.states import Crashed, Running
+
+    from flows.chain import _heartbeat
+
+    answers = [Running(), RuntimeError("server out of reach"), Running(), Crashed(message="worker lost")]
+
+    def read_state():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    stop, abandon = threading.Event(), threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(logging.getLogger("test"), "cam_train", 0.05, stop, abandon,
+                                                     read_state))
+    beat.start()
+    beat.join(timeout=10)
+    assert not beat.is_alive() and abandon.is_set() and answers == []
+    stop.set()
+
+
 def test_sweep_rows_hold_the_varied_params_and_every_metric_of_finished_experiments_only() -> None:
     """The real params.yaml nests every key (``seg.train.lr``): the sweep table used to drop every nested param and
     metric, so it showed no param column at all, and it listed queued / failed experiments (which show the

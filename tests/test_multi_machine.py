@@ -479,14 +479,10 @@ def slow_once_stages(marker: Path, first_done: Path | None = None) -> dict[str, 
     return stages
 
 
-@pytest.mark.slow
-def test_a_worker_killed_mid_stage_is_retried_and_the_lock_is_an_uninterrupted_runs(server: LocalServer, tmp_path: Path) -> None:
+def chain_in_background(clones: dict[str, Path], marker: Path, result: dict[str, object]) -> threading.Thread:
+    """The chain over the pools (cam_train retried twice, a worker silent for 20 s taken for lost) in a thread,
+    returned once cam_train has started (``marker``) and run 2 s; its final state goes to ``result["state"]``."""
     from flows.chain import chain
-
-    marker = tmp_path / "cam_train.started"
-    origin = write_demo_project(tmp_path / "origin", stages=slow_once_stages(marker), remote_dir=tmp_path / "nfs-remote")
-    clones = machines(tmp_path, origin)
-    result: dict[str, object] = {}
 
     def coordinate() -> None:
         result["state"] = chain(
@@ -494,21 +490,37 @@ def test_a_worker_killed_mid_stage_is_retried_and_the_lock_is_an_uninterrupted_r
             start_timeout_s=120, worker_lost_after_s=20, return_state=True,
         )
 
+    context = contextvars.copy_context()  # the Prefect settings (the API URL) live in context variables
+    coordinator_thread = threading.Thread(target=context.run, args=(coordinate,), daemon=True)
+    coordinator_thread.start()
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert time.monotonic() < deadline and coordinator_thread.is_alive(), "cam_train never started"
+        time.sleep(0.5)
+    time.sleep(2)
+    return coordinator_thread
+
+
+def stage_processes(worker: subprocess.Popen) -> list[int]:
+    """The worker, the stage's flow run process (the process worker starts it in a session of its own) and the
+    stage's command: every process of a machine's stage."""
+    pids = [worker.pid] + [child.pid for child in psutil.Process(worker.pid).children(recursive=True)]
+    assert len(pids) >= 3, "the stage's processes were not found under the worker"
+    return pids
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_stage_is_retried_and_the_lock_is_an_uninterrupted_runs(server: LocalServer, tmp_path: Path) -> None:
+    marker = tmp_path / "cam_train.started"
+    origin = write_demo_project(tmp_path / "origin", stages=slow_once_stages(marker), remote_dir=tmp_path / "nfs-remote")
+    clones = machines(tmp_path, origin)
+    result: dict[str, object] = {}
+
     with workers(server, clones["cpu_worker"], None):
         with workers(server, None, clones["gpu_worker"]) as gpu:
-            context = contextvars.copy_context()  # the Prefect settings (the API URL) live in context variables
-            coordinator_thread = threading.Thread(target=context.run, args=(coordinate,), daemon=True)
-            coordinator_thread.start()
-            deadline = time.monotonic() + 180
-            while not marker.exists():
-                assert time.monotonic() < deadline and coordinator_thread.is_alive(), "cam_train never started"
-                time.sleep(0.5)
-            time.sleep(2)
-            # The GPU machine dies mid-stage: the worker, the stage's flow run process (the process worker starts
-            # it in a session of its own) and the stage's command, all at once.
-            doomed = [gpu["gpu"].pid] + [child.pid for child in psutil.Process(gpu["gpu"].pid).children(recursive=True)]
-            assert len(doomed) >= 3, "the stage's processes were not found under the worker"
-            for pid in doomed:
+            coordinator_thread = chain_in_background(clones, marker, result)
+            # The GPU machine dies mid-stage: all of its stage's processes at once.
+            for pid in stage_processes(gpu["gpu"]):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             gpu["gpu"].wait(timeout=30)
@@ -543,20 +555,11 @@ def test_a_frozen_worker_given_up_for_lost_stops_its_stage_when_it_wakes(server:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
 
-    from flows.chain import chain
-
     marker, first_done = tmp_path / "cam_train.started", tmp_path / "cam_train.first_attempt_done"
     origin = write_demo_project(tmp_path / "origin", stages=slow_once_stages(marker, first_done),
                                 remote_dir=tmp_path / "nfs-remote")
     clones = machines(tmp_path, origin)
     result: dict[str, object] = {}
-
-    def coordinate() -> None:
-        result["state"] = chain(
-            repo_dir=str(clones["coordinator"]), dispatch="pools", remote="shared", retries=2, retry_delay_s=0.5,
-            start_timeout_s=120, worker_lost_after_s=20, return_state=True,
-        )
-
     test_start = datetime.datetime.now(datetime.timezone.utc)
 
     def cam_train_runs(client) -> list:
@@ -566,17 +569,8 @@ def test_a_frozen_worker_given_up_for_lost_stops_its_stage_when_it_wakes(server:
                       key=lambda r: r.created)
 
     with workers(server, clones["cpu_worker"], clones["gpu_worker"]) as started:
-        context = contextvars.copy_context()  # the Prefect settings (the API URL) live in context variables
-        coordinator_thread = threading.Thread(target=context.run, args=(coordinate,), daemon=True)
-        coordinator_thread.start()
-        deadline = time.monotonic() + 180
-        while not marker.exists():
-            assert time.monotonic() < deadline and coordinator_thread.is_alive(), "cam_train never started"
-            time.sleep(0.5)
-        time.sleep(2)
-        gpu_pid = started["gpu"].pid
-        frozen = [gpu_pid] + [child.pid for child in psutil.Process(gpu_pid).children(recursive=True)]
-        assert len(frozen) >= 3, "the stage's processes were not found under the worker"
+        coordinator_thread = chain_in_background(clones, marker, result)
+        frozen = stage_processes(started["gpu"])
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         try:

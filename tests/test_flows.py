@@ -256,9 +256,9 @@ def test_an_abandoned_command_is_stopped_with_every_process_it_started(tmp_path:
     assert done.lines == ("fine",)
 
 
-def test_the_heartbeat_abandons_a_run_the_server_holds_as_crashed() -> None:
-    """The worker's heartbeat reads its run's state: Running (or the server out of reach) goes on; once the
-    chain has marked the run Crashed (worker lost), ``abandon`` is set and the heartbeat ends."""
+def test_the_heartbeat_abandons_a_run_the_server_holds_as_crashed(caplog: pytest.LogCaptureFixture) -> None:
+    """The worker's heartbeat reads its run's state: Running (or the server out of reach, said once per outage)
+    goes on; once the chain has marked the run Crashed (worker lost), ``abandon`` is set and the heartbeat ends."""
     import logging
     import threading
 
@@ -266,7 +266,8 @@ def test_the_heartbeat_abandons_a_run_the_server_holds_as_crashed() -> None:
 
     from flows.chain import _heartbeat
 
-    answers = [Running(), RuntimeError("server out of reach"), Running(), Crashed(message="worker lost")]
+    answers = [Running(), RuntimeError("server out of reach"), RuntimeError("server out of reach"), Running(),
+               Crashed(message="worker lost")]
 
     def read_state():
         answer = answers.pop(0)
@@ -281,6 +282,9 @@ def test_the_heartbeat_abandons_a_run_the_server_holds_as_crashed() -> None:
     beat.join(timeout=10)
     assert not beat.is_alive() and abandon.is_set() and answers == []
     stop.set()
+    unreadable = [record for record in caplog.records if "cannot read this run's state" in record.getMessage()]
+    assert len(unreadable) == 1 and "server out of reach" in unreadable[0].getMessage()
+    assert any("holds this run as Crashed (worker lost)" in record.getMessage() for record in caplog.records)
 
 
 def test_sweep_rows_hold_the_varied_params_and_every_metric_of_finished_experiments_only() -> None:

@@ -320,7 +320,8 @@ def baselines_with_these_outputs(exp_show: list[dict[str, Any]], repo: Path, loc
     the same (code changes that leave every output as it was). After an output-changing commit the older
     experiments ran another chain (other CAM seeds, another CLIP, another WeakCLIP code), and mixing them into
     the new table would compare runs of two benchmarks. ``stages``: the experiments' target and every stage it
-    depends on. Entries that are not a commit (``workspace``) are kept: they are this checkout."""
+    depends on. Entries that are not a commit (``workspace``) are kept: they are this checkout. Commits without
+    experiments (most of the history) are dropped unread: they add nothing to the table."""
     wanted = out_hashes(lock, stages)
     kept: list[dict[str, Any]] = []
     left_out: list[str] = []
@@ -329,11 +330,12 @@ def baselines_with_these_outputs(exp_show: list[dict[str, Any]], repo: Path, loc
         if not COMMIT.fullmatch(rev):
             kept.append(baseline)
             continue
+        if not baseline.get("experiments"):
+            continue
         shown = subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, capture_output=True, text=True)
-        committed = read_lock(shown.stdout) if shown.returncode == 0 else {}
-        if shown.returncode == 0 and out_hashes(committed, stages) == wanted:
+        if shown.returncode == 0 and out_hashes(read_lock(shown.stdout), stages) == wanted:
             kept.append(baseline)
-        elif baseline.get("experiments"):
+        else:
             left_out.append(rev)
     return kept, left_out
 

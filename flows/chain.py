@@ -493,18 +493,18 @@ def _heartbeat(logger: Any, stage_name: str, every_s: float, stop: threading.Eve
     of running it twice beside the retry. ``read_state()``: the run's state from the server (an error: unknown,
     tried again at the next beat)."""
     started = time.monotonic()
-    unreadable_since: float | None = None
+    unreadable = False  # the last read failed: say so once per outage, not once a beat
     while not stop.wait(every_s):
         logger.info("heartbeat: stage %s running for %.0f s", stage_name, time.monotonic() - started)
         try:
             state = read_state()
         except Exception as error:  # noqa: BLE001 - the server out of reach is what the chain's silence check is for
-            if unreadable_since is None:  # once per outage, not once a beat
-                unreadable_since = time.monotonic()
+            if not unreadable:
+                unreadable = True
                 logger.warning("stage %s: cannot read this run's state from the server (%s: %s); a run the chain "
                                "gives up meanwhile is noticed once it can", stage_name, type(error).__name__, error)
             continue
-        unreadable_since = None
+        unreadable = False
         if state is not None and state.is_final():
             logger.error("stage %s: the server holds this run as %s (%s): stopping it", stage_name, state.name,
                          state.message or "no message")

@@ -53,7 +53,8 @@ def tool_environment() -> dict[str, str]:
 
 
 ABANDON_GRACE_S = 30.0
-"""How long an abandoned command's process group has after SIGTERM (a stage's own clean shutdown) before SIGKILL."""
+"""How long an abandoned command and the processes under it have after SIGTERM (a stage's own clean shutdown)
+before SIGKILL."""
 
 
 def run_command(command: list[str], cwd: Path, logger: logging.Logger | logging.LoggerAdapter,

@@ -22,8 +22,8 @@ Stage wall times come from the stages themselves: each run of a stage records
 its wall time in ``timings/<stage>.json`` (git-ignored, not a DVC output).
 For a stage without one, the full run times ``dvc repro -s <stage> --force``
 (which also writes the stage's record); ``--quick`` and ``--no-stage-timing``
-fall back to the last full-chain ``make repro`` record
-(``timings/repro_synthetic.json``, else the committed ``bench/repro_timing.json``).
+fall back to the last full-chain ``make repro`` record of ``params.yaml``'s dataset
+(``timings/repro_<dataset>.json``; for the synthetic default, else the committed ``bench/repro_timing.json``).
 The page says which source each number came from.
 """
 
@@ -41,13 +41,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.repro_timing import PUBLISHED_DATASET, record_file
 from weakclip_core.artifacts.atomic import atomic_path, write_json
+from weakclip_core.config import load_params
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = Path(__file__).resolve().parent / "BENCHMARKS.template.md"
 TIMINGS_DIR = REPO / "timings"  # each stage's timings/<stage>.json (pipeline/_stage.py), git-ignored
-# The last full-chain `make repro` (bench/repro_timing.py): this machine's record, then the published one.
-REPRO_RECORDS = (TIMINGS_DIR / "repro_synthetic.json", REPO / "bench" / "repro_timing.json")
+PUBLISHED_REPRO_RECORD = REPO / "bench" / "repro_timing.json"  # `make timing-table`'s: the synthetic default's
 RESULT_MARKER = "BENCH_RESULT "
 CHILDREN = ("weakclip", "weakclip_full_finetune", "mctformer", "inference_crf_store", "step_profile")
 
@@ -136,8 +137,16 @@ def time_stage_with_dvc(root: Path, stage: str) -> float:
     return time.perf_counter() - started
 
 
-def collect_stage_timings(root: Path, measure_missing: bool, timings_dir: Path = TIMINGS_DIR,
-                          repro_records: tuple[Path, ...] = REPRO_RECORDS) -> dict[str, Any]:
+def repro_records(dataset_name: str, timings_dir: Path = TIMINGS_DIR) -> tuple[Path, ...]:
+    """The full-chain ``make repro`` records that may stand in for a stage's own time, in order of preference:
+    this machine's last run on ``dataset_name`` (``timings/repro_<dataset>.json``, bench/repro_timing.py), then,
+    for the synthetic default only, the published one. A VOC or COCO run never borrows the synthetic CPU times."""
+    published = (PUBLISHED_REPRO_RECORD,) if dataset_name == PUBLISHED_DATASET else ()
+    return (record_file(timings_dir, dataset_name), *published)
+
+
+def collect_stage_timings(root: Path, measure_missing: bool, timings_dir: Path,
+                          repro_records: tuple[Path, ...]) -> dict[str, Any]:
     """``{"seconds": {stage: s}, "sources": {stage: where it came from}, "missing": [...]}``.
 
     Order of preference: the stage's own ``timings/<stage>.json``; in the full run, a fresh
@@ -395,7 +404,9 @@ def run_suite(quick: bool, device: str, measure_stage_timings: bool, timings_dir
                               "trainable_fraction": training["weakclip"]["trainable_parameters"]
                               / training["weakclip"]["total_parameters"]},
     }
-    stage_timings = collect_stage_timings(REPO, measure_stage_timings, timings_dir)
+    dataset_name = load_params(REPO / "params.yaml").dataset.name
+    stage_timings = collect_stage_timings(REPO, measure_stage_timings, timings_dir,
+                                          repro_records(dataset_name, timings_dir))
     environment = training["weakclip"].pop("environment")
     for record in training.values():
         record.pop("environment", None)

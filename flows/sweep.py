@@ -116,7 +116,7 @@ def sweep(
     remote: str | None = None,
     max_parallel: int = 2,
 ) -> list[dict[str, Any]]:
-    """Run ``variants`` (experiment name → ``-S`` overrides such as ``["seg.lr=0.01"]``) of the committed HEAD.
+    """Run ``variants`` (experiment name → ``-S`` overrides such as ``["seg.train.lr=0.01"]``) of the committed HEAD.
 
     Returns the rows of the comparison table (also published as a table artifact): each variant's overridden
     params and its metrics. ``remote``: the DVC remote the clones pull the baseline's outputs from and push
@@ -164,7 +164,7 @@ def main() -> None:
         action="append",
         required=True,
         metavar="NAME_OR_OVERRIDE",
-        help="an experiment name then its -S overrides, e.g. --variant lr-small seg.lr=0.001 (repeatable)",
+        help="an experiment name then its -S overrides, e.g. --variant lr-small seg.train.lr=0.001 (repeatable)",
     )
     parser.add_argument("--remote", default=None, help="DVC remote shared by the clones")
     parser.add_argument("--max-parallel", type=int, default=2)

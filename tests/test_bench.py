@@ -14,7 +14,8 @@ import torch
 
 from bench.measure import (class_names, forward_with_clip_gradients, measure_cam_store, quick_size, smooth_cams,
                            training_batch)
-from bench.run import check_finite, collect_stage_timings, main, own_timing, stage_names
+from bench.run import (PUBLISHED_REPRO_RECORD, check_finite, collect_stage_timings, main, own_timing,
+                       repro_records, stage_names)
 from weakclip_core.models.clip import clip_from_config
 from weakclip_core.models.weakclip import WeakCLIP
 
@@ -174,6 +175,25 @@ def test_stage_timings_fall_back_to_the_make_repro_record(tmp_path: Path) -> Non
     assert stages[0] == "prepare" and from_repro == [stage for stage in stages[1:] if stage != "clip"]
     assert all(timings["seconds"][stage] == 3.0 for stage in from_repro)
     assert timings["missing"] == ["prepare"]
+
+
+def test_a_voc_run_reads_its_own_make_repro_record_never_the_synthetic_one(tmp_path: Path) -> None:
+    """The stand-in for a stage's time is the last make repro of params.yaml's dataset: a VOC bench must not
+    report the committed synthetic CPU times as its stage times."""
+    timings_dir = tmp_path / "timings"
+    assert repro_records("voc", timings_dir) == (timings_dir / "repro_voc.json",)
+    assert repro_records("synthetic", timings_dir) == (timings_dir / "repro_synthetic.json", PUBLISHED_REPRO_RECORD)
+    stages = stage_names(REPO)
+    timings_dir.mkdir()
+    timings = collect_stage_timings(REPO, measure_missing=False, timings_dir=timings_dir,
+                                    repro_records=repro_records("voc", timings_dir))
+    assert timings["seconds"] == {} and timings["missing"] == stages  # not the published synthetic record's
+    (timings_dir / "repro_voc.json").write_text(json.dumps({"measured_on": "2026-05-01",
+                                                             "stages": {stage: 600.0 for stage in stages}}))
+    timings = collect_stage_timings(REPO, measure_missing=False, timings_dir=timings_dir,
+                                    repro_records=repro_records("voc", timings_dir))
+    assert timings["missing"] == [] and set(timings["seconds"].values()) == {600.0}
+    assert timings["sources"]["weakclip_train"] == f"make repro ({timings_dir / 'repro_voc.json'}, 2026-05-01)"
 
 
 def test_check_finite_names_the_bad_number() -> None:

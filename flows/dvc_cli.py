@@ -122,8 +122,16 @@ def _stop_when_abandoned(process: subprocess.Popen, abandon: threading.Event, fi
 
 
 def dvc_command(*args: str) -> list[str]:
-    """``dvc <args>`` through this interpreter, so the DVC that runs is the one installed beside Prefect."""
-    return [sys.executable, "-m", "dvc", *args]
+    """``dvc --wait-for-lock <args>`` through this interpreter, so the DVC that runs is the one installed beside
+    Prefect.
+
+    ``--wait-for-lock``: DVC gives up on its repository lock after 3 s (6 tries) by default, and ``dvc repro``
+    drops that lock while the stage's command runs and takes it again to record the result. Two branches of the
+    chain in one clone (``max_parallel``), or a pull beside a stage, can hold it longer than 3 s (hashing a
+    large output), and the stage that had just finished hours of work would fail before writing ``dvc.lock``
+    and run again on retry. The lock is a file lock its holder's death releases, so waiting cannot outlive a
+    crashed holder; a run the chain gives up is stopped while it waits like any other command."""
+    return [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
 
 
 def capture_command(command: list[str], cwd: Path) -> str:

@@ -256,6 +256,38 @@ def test_an_abandoned_command_is_stopped_with_every_process_it_started(tmp_path:
     assert done.lines == ("fine",)
 
 
+def test_a_stage_whose_repository_lock_is_held_past_dvcs_3_s_still_records_its_result(tmp_path: Path) -> None:
+    """``dvc repro`` drops its repository lock while the stage's command runs and takes it back to write
+    dvc.lock; another DVC process in the same clone (the other branch hashing a large output, a pull) holding it
+    for longer than DVC's 3 s of retries made the finished stage fail unrecorded (a retry then re-ran it whole).
+    The stage now waits for the lock: its command ran once and dvc.lock names it."""
+    import logging
+    import time
+
+    from flows.stage_run import execute_stage
+
+    code = ("import time, pathlib; pathlib.Path('runs.txt').open('a').write('ran\\n'); time.sleep(3); "
+            "pathlib.Path('slow.out').write_text(open('data/raw.txt').read())")
+    stages = {"prepare": demo_stages()["prepare"],
+              "slow": {"cmd": f'python -c "{code}"', "deps": ["data/raw.txt"], "outs": ["slow.out"]}}
+    project = write_demo_project(tmp_path / "locked", stages=stages)
+    (project / ".gitignore").write_text("/env/\n/runs.txt\n")
+    run([*DVC, "repro", "prepare"], project)
+    # Another process takes the repository lock 1 s into the stage's 3 s command and holds it 8 s.
+    holder = ("import time; from dvc.repo import Repo; time.sleep(1); repo = Repo('.')\n"
+              "with repo.lock:\n    print('held', flush=True); time.sleep(8)")
+    other = subprocess.Popen([sys.executable, "-c", holder], cwd=project, env=tool_env(), stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        started = time.monotonic()
+        execute_stage(read_stage_graph(project).by_name()["slow"], project, logging.getLogger("test"))
+        assert time.monotonic() - started > 8, "the stage did not wait for the lock the other process held"
+    finally:
+        assert other.wait(timeout=60) == 0 and other.stdout is not None and other.stdout.read() == "held\n"
+    assert (project / "runs.txt").read_text() == "ran\n"
+    assert "slow" in lock_hashes(project)
+
+
 def test_the_heartbeat_abandons_a_run_the_server_holds_as_crashed(caplog: pytest.LogCaptureFixture) -> None:
     """The worker's heartbeat reads its run's state: Running (or the server out of reach, said once per outage)
     goes on; once the chain has marked the run Crashed (worker lost), ``abandon`` is set and the heartbeat ends."""

@@ -358,7 +358,11 @@ def record_not_trained(model_path: Path, live_dir: Path, reason: str) -> Path:
     """A training stage with nothing to train (``seg_train@gt`` without GT, ``cam_train`` when the CAMs are
     imported): no model, but ``<model folder>/not_trained.json`` and a dvclive ``metrics.json`` saying why
     (``{"trained": false, "not_trained": reason}``) and an empty plots folder, so every output dvc.yaml
-    declares exists and nothing pretends to be a model. Removes a model an earlier run left there."""
+    declares exists and nothing pretends to be a model. Removes a model an earlier run left there.
+
+    Safe when every DDP rank calls it at once (a preset's ``launcher: torchrun`` with nothing to train): each
+    step tolerates the others' (the JSON writes are atomic renames of the same content, the plots folder is
+    emptied without minding who removed it first, and each rank's last step creates it if absent)."""
     from weakclip_core.artifacts.model_file import NOT_TRAINED_FILE  # here: model_file imports torch
 
     model_path.unlink(missing_ok=True)
@@ -367,9 +371,8 @@ def record_not_trained(model_path: Path, live_dir: Path, reason: str) -> Path:
     write_json(not_trained, record)
     write_json(live_dir / "metrics.json", record)
     plots = live_dir / "plots" / "metrics"
-    if plots.is_dir():
-        shutil.rmtree(plots)
-    plots.mkdir(parents=True)
+    shutil.rmtree(plots, ignore_errors=True)
+    plots.mkdir(parents=True, exist_ok=True)
     return not_trained
 
 

@@ -28,6 +28,7 @@ from weakclip_core.artifacts.atomic import remove_stale_temporaries, write_json,
 from weakclip_core.method.cam import CAM_VARIANTS, ThresholdSweep, multiscale_cams, threshold_values
 from weakclip_core.artifacts.cam_store import CamStoreWriter
 from weakclip_core.config import Params, to_plain
+from weakclip_core.errors import InputError
 from weakclip_core.data.imports import read_mctformer_cam
 from weakclip_core.data.layout import PreparedDataset, read_image_size
 from weakclip_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -140,7 +141,7 @@ def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_prog
     else:
         model, saved = load_trained_mctformer(require_input(paths.model, "cam_train"), device)
     if saved.get("class_names", dataset.class_names) != dataset.class_names:
-        raise ValueError(f"{paths.model}: trained for classes {saved['class_names']}, the dataset "
+        raise InputError(f"{paths.model}: trained for classes {saved['class_names']}, the dataset "
                          f"{dataset.root} has {dataset.class_names} (re-run cam_train)")
     split = params.dataset.train_split
     image_ids = dataset.split(split)

@@ -68,7 +68,7 @@ from weakclip_core.method.refine import refine_probabilities
 from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, iou_report
 from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_overlay
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, config_hash
-from weakclip_core.artifacts.weakclip import load_weakclip_model
+from weakclip_core.artifacts.weakclip import WeakClipArtifactError, load_weakclip_model
 from weakclip_core.models.clip import WEIGHTS_FILE
 from weakclip_core.runtime.processes import die_with_parent
 
@@ -212,6 +212,7 @@ def check_output_folders(params: Params, paths: PseudoPaths) -> None:
     """Before any work: ``OutputFolderError`` for an output folder whose replacement would delete something the
     stage does not write (an input, the project, a foreign file; ``weakclip_core.artifacts.atomic``)."""
     reads = {"dataset.prepared_dir": params.dataset.prepared_dir, "dataset.source": given_path(params.dataset.source),
+             "weakclip.seeds.mask_folder": given_path(params.weakclip.seeds.mask_folder),
              "the WeakCLIP model": paths.model, "the CLIP artifact": paths.clip_dir,
              "weakclip_train's metrics": paths.weakclip_metrics, "the work folder": paths.work_root}
     check_output_dir(params.pseudo.output_dir, MASK_FOLDER_CONTENTS, key="pseudo.output_dir", reads=reads)
@@ -257,12 +258,18 @@ def id_batches(image_ids: list[str], batch_size: int) -> list[list[str]]:
     return [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
 
 
-def load_dense_model(paths: PseudoPaths, device: torch.device, precision: str = "fp32") -> DenseModel:
+def load_dense_model(paths: PseudoPaths, device: torch.device, class_names: list[str],
+                     precision: str = "fp32") -> DenseModel:
     """The trained WeakCLIP as a ``(B, 3, h, w) → (B, K, h/4, w/4)`` logits callable on ``device``, its
-    forward at ``precision`` (``runtime.precision``; fp32: no autocast), the logits float32 either way."""
+    forward at ``precision`` (``runtime.precision``; fp32: no autocast), the logits float32 either way.
+    ``class_names``: the dataset's; a model trained for others (``prepare`` re-run on another dataset since)
+    is refused naming its file."""
     if paths.clip_dir is not None:
         require_input(paths.clip_dir / WEIGHTS_FILE, "clip")
     model = load_weakclip_model(require_input(paths.model, "weakclip_train"), paths.clip_dir).to(device).eval()
+    if list(model.class_names) != list(class_names):
+        raise WeakClipArtifactError(f"{paths.model}: trained for the classes {list(model.class_names)}, the dataset has "
+                         f"{list(class_names)} (re-run weakclip_train)")
 
     def logits_of(images: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):
@@ -299,7 +306,7 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
     set_threads(params.runtime.threads)
     torch.manual_seed(params.runtime.seed)
     device = resolve_device(params.runtime.device)
-    model = load_dense_model(paths, device, params.runtime.precision)
+    model = load_dense_model(paths, device, dataset.class_names, params.runtime.precision)
     views = InferenceAugmentation(scales=tuple(pseudo.scales), flip=pseudo.flip, crop=pseudo.crop,
                                   stride=pseudo.stride, pad_to_crop=pseudo.pad_small_windows,
                                   img_scale=(pseudo.img_scale[0], pseudo.img_scale[1]) if pseudo.img_scale else None)

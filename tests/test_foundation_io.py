@@ -192,7 +192,11 @@ def test_atomic_dir_refuses_an_output_that_is_or_holds_an_input_or_the_project(t
             ("data", "k: data contains data/prepared (dataset.prepared_dir), which this stage reads"),
             ("data/prepared", "k: data/prepared is data/prepared (dataset.prepared_dir), which this stage reads"),
             (".", f"k: . is {tmp_path.resolve()} (the project folder), which this stage reads"),
-            (str(tmp_path.parent), f"k: {tmp_path.parent} contains {tmp_path.resolve()} (the project folder)")):
+            (str(tmp_path.parent), f"k: {tmp_path.parent} contains {tmp_path.resolve()} (the project folder)"),
+            # Inside an input folder: its PNGs (a dataset's images, imported masks) are files the mask folder
+            # may hold, so only this rule keeps them from being replaced by the stage's output.
+            ("data/prepared/JPEGImages", "k: data/prepared/JPEGImages is inside data/prepared "
+                                         "(dataset.prepared_dir), which this stage reads")):
         with pytest.raises(OutputFolderError) as caught:
             with atomic_dir(output, MASKS, key="k", reads=reads):
                 raise AssertionError("no work may start")
@@ -202,6 +206,8 @@ def test_atomic_dir_refuses_an_output_that_is_or_holds_an_input_or_the_project(t
     with pytest.raises(OutputFolderError, match="other holds dvc.yaml: it is a project folder"):
         check_output_dir("other", FolderContents(files=("*",)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "other", "params.yaml"]
+    # The project folder is the one read folder an output may lie inside (every output does).
+    assert check_output_dir("data/pseudo", MASKS, reads=reads) == (tmp_path / "data" / "pseudo").resolve()
 
 
 def test_atomic_dir_writes_through_a_symlinked_folder(tmp_path):

@@ -99,7 +99,25 @@ def _missing(folder: Path, image_id: str, dump: dict) -> str:
     return "CAM dump not found"
 
 
-@pytest.mark.parametrize("breaker", [_wrong_shape, _wrong_keys, _an_array_not_a_dict, _missing])
+def _not_normalised(folder: Path, image_id: str, dump: dict) -> str:
+    key = next(iter(dump))
+    np.save(folder / f"{image_id}.npy", {**dump, key: (dump[key] * 255).astype(np.uint8)})  # a uint8 CAM
+    return "not [0, 1]: MCTformer's dumps are min-max normalised per class"
+
+
+def _a_key_that_is_not_a_class(folder: Path, image_id: str, dump: dict) -> str:
+    np.save(folder / f"{image_id}.npy", {**dump, "high_res": np.zeros((32, 32), dtype=np.float32)})
+    return "key 'high_res' is not a 0-based class index"
+
+
+def _a_map_that_is_not_numbers(folder: Path, image_id: str, dump: dict) -> str:
+    key = next(iter(dump))
+    np.save(folder / f"{image_id}.npy", {**dump, key: "not a map"})
+    return f"class {key} map is not an array of numbers"
+
+
+@pytest.mark.parametrize("breaker", [_wrong_shape, _wrong_keys, _an_array_not_a_dict, _missing, _not_normalised,
+                                     _a_key_that_is_not_a_class, _a_map_that_is_not_numbers])
 def test_a_bad_cam_dump_is_one_line_naming_the_file_and_writes_nothing(tiny, breaker) -> None:
     tmp_path, dataset = tiny
     dumps = write_mctformer_dump(dataset, tmp_path / "cam_npy")

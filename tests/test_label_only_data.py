@@ -263,11 +263,47 @@ def _jpeg_mask(root: Path) -> tuple[Path, str]:
     return root / "masks" / "b1.jpg", "the mask of image b1 must be one PNG of class indices (found b1.jpg"
 
 
+def _labels_json_with_a_repeated_image(root: Path) -> tuple[Path, str]:
+    write_custom_tree(root, fmt="json")
+    (root / "labels.json").write_text('{"a1": ["kiwi"], "a2": ["lime"], "a3": ["plum"], "b1": [], "b2": [], '
+                                      '"a1": ["plum"]}')  # plain JSON would keep the last a1 silently
+    return root / "labels.json", "image 'a1' is listed twice"
+
+
+def _sixteen_bit_image(root: Path) -> tuple[Path, str]:
+    write_custom_tree(root)
+    (root / "images" / "a2.png").unlink()
+    gradient = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (12, 1))
+    Image.fromarray(gradient).save(root / "images" / "a2.png")  # mode I;16: convert("RGB") clips it at 255
+    return root / "images" / "a2.png", "a2.png: a I;16 image (more than 8 bits a channel)"
+
+
 @pytest.mark.parametrize("breaker", [_unknown_class, _unknown_class_json, _image_without_labels, _image_absent,
                                      _mask_of_wrong_size, _two_label_files, _id_listed_twice,
-                                     _blank_line_inside_the_class_list, _two_images_for_one_id, _jpeg_mask])
+                                     _blank_line_inside_the_class_list, _two_images_for_one_id, _jpeg_mask,
+                                     _labels_json_with_a_repeated_image, _sixteen_bit_image])
 def test_a_bad_custom_input_is_one_line_naming_the_file(tmp_path: Path, breaker) -> None:
-    bad_path, words = breaker(tmp_path / "mine")
+    _assert_refused_naming(tmp_path, *breaker(tmp_path / "mine"))
+
+
+@pytest.mark.parametrize(("relative", "content", "words"), [
+    ("classes.txt", "kiwi\nlime\nplum\ncaf\xe9\n".encode("latin-1"),
+     "classes.txt:4: the class list is not UTF-8 (byte 0xe9)"),
+    ("splits/train.txt", b"a1\na2\xff\n", "train.txt:2: the split list is not UTF-8 (byte 0xff)"),
+    ("classes.txt", b"kiwi\nbackground\nlime\nplum\n",
+     "classes.txt:2: 'background' is class 0: it may only be the first line")])
+def test_a_bad_text_file_is_one_line_naming_its_line(tmp_path: Path, relative: str, content: bytes,
+                                                     words: str) -> None:
+    """A Latin-1 file stopped ``prepare`` in a ``UnicodeDecodeError`` traceback; ``background`` on line 2 was
+    read as foreground class 2, shifting every class after it."""
+    write_custom_tree(tmp_path / "mine")
+    (tmp_path / "mine" / relative).write_bytes(content)
+    _assert_refused_naming(tmp_path, tmp_path / "mine" / relative, words)
+
+
+def _assert_refused_naming(tmp_path: Path, bad_path: Path, words: str) -> None:
+    """``prepare`` of ``tmp_path / "mine"`` stops with one line naming ``bad_path`` and ``words``, and writes
+    nothing under the prepared folder's final name."""
     prepared_dir = tmp_path / "prepared"
     params = params_from_dict({"dataset": {"name": "custom", "source": str(tmp_path / "mine"),
                                            "prepared_dir": str(prepared_dir)}})
@@ -276,6 +312,34 @@ def test_a_bad_custom_input_is_one_line_naming_the_file(tmp_path: Path, breaker)
     message = str(caught.value)
     assert "\n" not in message and str(bad_path) in message and words.split(": ", 1)[-1] in message, message
     assert not prepared_dir.exists()  # nothing written under the final name
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_byte_order_marks_are_dropped_not_read_as_part_of_a_name(tmp_path: Path, fmt: str) -> None:
+    """Editors on Windows start UTF-8 files with a byte-order mark. Kept, it glued itself to the first name:
+    ``\\ufeffbackground`` became a foreground class and shifted every index by one (labels 2 for a kiwi whose
+    mask says 1). Every text file of the layout is written with one here: the classes and labels read as
+    without it."""
+    source = write_custom_tree(tmp_path / "mine", fmt=fmt)
+    for text_file in [source / "classes.txt", source / f"labels.{fmt}", *(source / "splits").iterdir()]:
+        text_file.write_bytes(b"\xef\xbb\xbf" + text_file.read_bytes())
+    (source / "classes.txt").write_bytes(b"\xef\xbb\xbf" + b"background\n" + "".join(
+        f"{name}\n" for name in CUSTOM_CLASSES).encode())
+    prepared = tmp_path / "prepared"
+    prepare_custom(source, prepared, ["train", "val"], progress=False)
+    dataset = PreparedDataset.open(prepared)
+    assert dataset.class_names == ["background", *CUSTOM_CLASSES]
+    assert dataset.labels == {"a1": [1], "a2": [2, 3], "a3": [3], "b1": [1, 2], "b2": []}
+
+
+def test_a_voc_split_list_naming_an_image_twice_is_refused(tmp_path: Path) -> None:
+    """The custom layout refused a repeated id; a VOC list kept it (and cam_infer then failed in h5py)."""
+    root = _voc_label_only_tree(tmp_path / "voc")
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000001\n2007_000002\n2007_000001\n")
+    labels = _cls_labels_npy(tmp_path / "cls_labels.npy", VOC_LABELS)
+    with pytest.raises(DatasetError, match=r"train.txt:3: image 2007_000001 is listed twice \(first on line 1\)"):
+        prepare_voc(root, tmp_path / "prepared", ["train", "val"], progress=False,
+                    image_labels=read_cls_labels_npy(labels, 20))
 
 
 def test_an_image_in_both_the_train_and_the_val_split_is_refused(tmp_path: Path) -> None:

@@ -336,11 +336,32 @@ def _coco_break_missing_dir(source: Path) -> Path:
     return path
 
 
+def _coco_break_repeated_file(source: Path) -> Path:
+    """A second images entry naming the same file: its (absent) annotations replaced the first's mask and
+    labels, and the image was left out as unlabelled without a word."""
+    path = source / "annotations" / "instances_train2014.json"
+    document = json.loads(path.read_text())
+    document["images"].append({**document["images"][0], "id": 99})
+    path.write_text(json.dumps(document))
+    return path
+
+
+def _coco_break_empty_polygon(source: Path) -> Path:
+    path = source / "annotations" / "instances_train2014.json"
+    document = json.loads(path.read_text())
+    polygon = next(a for a in document["annotations"] if isinstance(a["segmentation"], list))
+    polygon["segmentation"] = [[]]  # pycocotools raises a bare Exception("input type is not supported.")
+    path.write_text(json.dumps(document))
+    return path
+
+
 @pytest.mark.parametrize("breaker, words", [
     (_coco_break_category, "category_id 99"), (_coco_break_absent_image, "absent"),
     (_coco_break_size, "image is 13x10"),
     (_coco_break_jpeg, "unreadable image"), (_coco_break_empty, "empty"),
-    (_coco_break_missing_annotations, "not found"), (_coco_break_missing_dir, "not found")])
+    (_coco_break_missing_annotations, "not found"), (_coco_break_missing_dir, "not found"),
+    (_coco_break_repeated_file, "both name the file COCO_train2014_000000000001.jpg"),
+    (_coco_break_empty_polygon, "undecodable segmentation")])
 def test_coco_bad_input_names_the_file(tmp_path: Path, breaker, words: str) -> None:
     source, _ = _coco_tree(tmp_path / "coco")
     bad_path = breaker(source)

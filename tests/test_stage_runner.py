@@ -201,3 +201,38 @@ def test_interrupts_become_one_line_and_128_plus_the_signal(monkeypatch: pytest.
         assert capsys.readouterr().err == f"toy: interrupted ({signal.Signals(signum).name})\n"
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     assert cleaned == [signal.SIGINT, signal.SIGTERM]
+
+
+def _record_not_trained_in_step(folder: str, start: object, rounds: int) -> None:
+    """One DDP rank's part: ``rounds`` times, wait for the other ranks, then write the "not trained" outputs."""
+    from pipeline._stage import record_not_trained
+
+    root = Path(folder)
+    for _ in range(rounds):
+        start.wait(timeout=30)  # type: ignore[attr-defined]  (a rank that died breaks it for the others)
+        record_not_trained(root / "artifacts" / "model.pt", root / "dvclive", "not trained: cam.source is 'none'")
+
+
+def test_every_rank_writing_the_not_trained_outputs_at_once_succeeds(tmp_path: Path) -> None:
+    """A preset with ``launcher: torchrun`` and nothing to train (``cam.source: npy_folder``, ``seg_train@gt`` on
+    label-only data) has every rank write the "not trained" outputs together; one rank's ``mkdir`` of the plots
+    folder met another's, and the stage failed at random (FileExistsError / FileNotFoundError). Four processes,
+    30 rounds, started together each round: every one ends cleanly and the outputs are those of one writer."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(4)
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "dvclive" / "plots" / "metrics").mkdir(parents=True)
+    (tmp_path / "dvclive" / "plots" / "metrics" / "loss.tsv").write_text("step\tloss\n0\t1.0\n")  # an old run's
+    ranks = [context.Process(target=_record_not_trained_in_step, args=(str(tmp_path), start, 30)) for _ in range(4)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=120)
+    assert [rank.exitcode for rank in ranks] == [0, 0, 0, 0]
+    record = {"trained": False, "not_trained": "not trained: cam.source is 'none'"}
+    assert json.loads((tmp_path / "artifacts" / "not_trained.json").read_text()) == record
+    assert json.loads((tmp_path / "dvclive" / "metrics.json").read_text()) == record
+    assert list((tmp_path / "dvclive" / "plots" / "metrics").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["not_trained.json"]

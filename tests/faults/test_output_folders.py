@@ -75,6 +75,48 @@ def test_pseudo_mask_folder_holding_the_dataset_or_the_project_is_refused(projec
     assert not (project / "checkpoints" / "pseudo_masks").exists()  # refused before any work
 
 
+@pytest.mark.parametrize("output_dir, expected", [
+    ("imports/my_masks", "imports/my_masks is imports/my_masks (weakclip.seeds.mask_folder), which this stage "
+                         f"reads; {REFUSAL}: choose a folder of its own"),
+    ("data/prepared/tiny/extra", "data/prepared/tiny/extra is inside data/prepared/tiny (dataset.prepared_dir), "
+                                 "which this stage reads; the stage replaces this folder whole when it finishes, "
+                                 "which would delete what is there, and would change its own input: choose a "
+                                 "folder outside it")])
+def test_pseudo_mask_folder_that_is_or_lies_inside_an_input_is_refused(project: Path, output_dir: str,
+                                                                       expected: str) -> None:
+    """A folder of the user's PNGs (imported pseudo masks, a dataset's own images or instance masks) holds only
+    files the mask folder may hold, so "nothing foreign" let ``pseudo_masks`` replace it with its masks: the
+    imported masks, or the images inside ``dataset.source``, were gone without a word."""
+    for folder in ("imports/my_masks", "data/prepared/tiny/extra"):
+        (project / folder).mkdir(parents=True)
+        (project / folder / "user_0001.png").write_bytes(b"the user's own PNG")
+    write_project(project, overrides={"pseudo": {"output_dir": output_dir},
+                                      "weakclip": {"seeds": {"mask_folder": "imports/my_masks"}}})
+    before = snapshot(project)
+    assert one_line_failure(project, "pseudo_masks") == f"pseudo_masks: error: pseudo.output_dir: {expected}"
+    assert snapshot(project) == before
+
+
+@pytest.mark.parametrize(("stage", "model", "message"), [
+    ("cam_infer", "artifacts/mctformer/model.pt", "trained for classes {trained}, the dataset data/prepared/tiny has {now} "
+     "(re-run cam_train)"),
+    ("pseudo_masks", "artifacts/weakclip/model.pt", "trained for the classes {trained}, the dataset has {now} "
+     "(re-run weakclip_train)")])
+def test_a_model_trained_for_other_classes_is_refused_naming_it(project: Path, stage: str, model: str,
+                                                                 message: str) -> None:
+    """``prepare`` re-run on another dataset after training: both stages stopped in a traceback (a bare
+    ``ValueError``, which the stage runner does not turn into one line); now one line naming the model."""
+    import json
+
+    labels_path = project / "data" / "prepared" / "tiny" / "labels.json"
+    labels = json.loads(labels_path.read_text())
+    trained = list(labels["class_names"])
+    labels["class_names"] = [*trained[:-1], "zebra"]
+    labels_path.write_text(json.dumps(labels))
+    assert one_line_failure(project, stage) == (
+        f"{stage}: error: {model}: " + message.format(trained=trained, now=labels["class_names"]))
+
+
 def test_prepared_folder_holding_other_files_is_refused(project: Path) -> None:
     """``dataset.prepared_dir: data`` would replace ``data/`` with a new dataset, deleting ``data/prepared/``."""
     write_project(project, overrides={"dataset": {"prepared_dir": "data"}})

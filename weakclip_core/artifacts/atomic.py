@@ -236,7 +236,9 @@ def check_output_dir(final_dir: str | Path, contents: FolderContents = ANY_FILES
 
     ``final_dir`` (symlinks followed) must not be, or contain, the project folder (the working directory) or
     any of ``reads`` (``{what: path}``: the folders and files the stage reads, e.g.
-    ``{"dataset.prepared_dir": ...}``); must not hold a project marker (``params.yaml``, ``dvc.yaml``, ``.git``);
+    ``{"dataset.prepared_dir": ...}``); must not lie inside a folder of ``reads`` either (a folder of the
+    user's dataset such as ``<dataset.source>/images`` holds only files the stage might write, ``*.png``, and
+    would be replaced by them; an output inside an input is also an input that changes under DVC); must not hold a project marker (``params.yaml``, ``dvc.yaml``, ``.git``);
     must be a folder when it exists; and must hold nothing but ``contents``. ``key`` (the params key that
     chose the folder) starts the message. Returns the folder the replacement will act on (the link's target
     for a link).
@@ -244,16 +246,21 @@ def check_output_dir(final_dir: str | Path, contents: FolderContents = ANY_FILES
     given = Path(final_dir)
     prefix = f"{key}: " if key else ""
     target = given.resolve()
-    protected = {"the project folder": Path.cwd(), **(reads or {})}
-    for what, path in protected.items():
-        if path is None or str(path) == "":
-            continue
-        resolved = Path(path).resolve()
+    given_reads = {what: Path(path) for what, path in (reads or {}).items() if path is not None and str(path) != ""}
+    for what, path in {"the project folder": Path.cwd(), **given_reads}.items():
+        resolved = path.resolve()
         if _is_within(resolved, target):
             relation = "is" if resolved == target else "contains"
             raise OutputFolderError(
                 f"{prefix}{given} {relation} {path} ({what}), which this stage reads; the stage replaces this "
                 "folder whole when it finishes, which would delete it: choose a folder of its own")
+    for what, path in given_reads.items():  # every output lies inside the project folder: only the reads count
+        resolved = path.resolve()
+        if resolved.is_dir() and _is_within(target, resolved):
+            raise OutputFolderError(
+                f"{prefix}{given} is inside {path} ({what}), which this stage reads; the stage replaces this "
+                "folder whole when it finishes, which would delete what is there, and would change its own "
+                "input: choose a folder outside it")
     if not target.exists():
         return target
     if not target.is_dir():

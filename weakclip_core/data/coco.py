@@ -75,7 +75,7 @@ def semantic_mask(coco: Any, image_info: dict[str, Any], class_of_category: dict
             mask[coco.annToMask(annotation).astype(bool)] = IGNORE_INDEX
         for annotation in instances:
             mask[coco.annToMask(annotation).astype(bool)] = class_of_category[annotation["category_id"]]
-    except (ValueError, TypeError, KeyError, IndexError) as error:
+    except Exception as error:  # pycocotools raises a bare Exception for an empty polygon ([[]])
         raise DatasetError(f"{annotations_path}: undecodable segmentation in image {image_info['file_name']} "
                            f"({type(error).__name__}: {error})") from None
     return mask
@@ -186,8 +186,14 @@ def prepare_coco(source: str | Path, root: str | Path, splits: list[str],
             raise DatasetError(f"{annotations_path}: split {split!r} is empty (no images)")
 
         split_ids = []
+        image_of_file: dict[str, object] = {}
         for image_info in tqdm(image_infos, desc=f"coco {split}", unit="img", disable=not progress):
-            image_path = image_folder / check_image_id(str(image_info.get("file_name", "")), annotations_path)
+            file_name = check_image_id(str(image_info.get("file_name", "")), annotations_path)
+            if file_name in image_of_file:  # the later entry's mask and labels would replace the first's
+                raise DatasetError(f"{annotations_path}: images {image_of_file[file_name]} and {image_info.get('id')} "
+                                   f"both name the file {file_name}")
+            image_of_file[file_name] = image_info.get("id")
+            image_path = image_folder / file_name
             if not image_path.is_file():
                 raise DatasetError(f"{image_path}: image listed in {annotations_path.name} is absent")
             image = read_image(image_path)

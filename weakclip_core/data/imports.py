@@ -26,6 +26,11 @@ from weakclip_core.artifacts.safe_npy import load_pickled_npy
 from weakclip_core.data.layout import IGNORE_INDEX, DatasetError, check_mask, read_mask
 
 
+CAM_RANGE_SLACK = 1e-3
+"""How far outside [0, 1] an imported CAM may stray (float error of a min-max normalisation) before it is
+refused: clipping more would silently flatten a CAM that was never normalised."""
+
+
 class ImportedSeedError(DatasetError):
     """An imported CAM dump or pseudo mask is missing or does not fit its image; the message names the file."""
 
@@ -42,19 +47,32 @@ def read_mctformer_cam(path: Path, classes: list[int], image_shape: tuple[int, i
     if not isinstance(data, dict):
         raise ImportedSeedError(f"{path}: expected MCTformer's CAM dump (a dict 0-based class index -> (H, W) "
                                 f"map), got {type(data).__name__} of shape {getattr(data, 'shape', '?')}")
-    keys = sorted(int(key) if isinstance(key, (int, np.integer)) else key for key in data)
+    not_indices = [key for key in data if not isinstance(key, (int, np.integer))]
+    if not_indices:
+        raise ImportedSeedError(f"{path}: key {not_indices[0]!r} is not a 0-based class index (MCTformer's dump "
+                                "holds one map per labelled class, keyed by its index)")
+    keys = sorted(int(key) for key in data)
     expected = [c - 1 for c in classes]
     if keys != expected:
         raise ImportedSeedError(f"{path}: keys {keys} but the image's labels are the 0-based classes {expected}")
     maps = []
     for class_index in classes:
-        cam = np.asarray(data[class_index - 1], dtype=np.float32)
+        try:
+            cam = np.asarray(data[class_index - 1], dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise ImportedSeedError(f"{path}: class {class_index - 1} map is not an array of numbers "
+                                    f"({type(data[class_index - 1]).__name__}: {error})") from None
         if cam.shape != tuple(image_shape):
             raise ImportedSeedError(f"{path}: class {class_index - 1} map is {cam.shape}, the image is "
                                     f"{tuple(image_shape)} (H, W)")
         if not np.isfinite(cam).all():
             raise ImportedSeedError(f"{path}: class {class_index - 1} map holds NaN or infinity")
-        maps.append(np.clip(cam, 0.0, 1.0))
+        low, high = float(cam.min()), float(cam.max())
+        if low < -CAM_RANGE_SLACK or high > 1.0 + CAM_RANGE_SLACK:
+            raise ImportedSeedError(f"{path}: class {class_index - 1} map spans [{low:.4g}, {high:.4g}], not [0, 1]: "
+                                    "MCTformer's dumps are min-max normalised per class (a uint8 or raw CAM "
+                                    "clipped to [0, 1] would lose its shape): normalise yours the same way")
+        maps.append(np.clip(cam, 0.0, 1.0))  # float error around 0 and 1 only
     return np.stack(maps) if maps else np.zeros((0, *image_shape), dtype=np.float32)
 
 

@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from weakclip_core.artifacts.safe_npy import load_pickled_npy
 from weakclip_core.data.layout import (DatasetError, check_image_id, check_mask, read_image, read_mask,
-                                       write_image, write_labelled_splits, write_labels, write_mask)
+                                       read_text_file, write_image, write_labelled_splits, write_labels,
+                                       write_mask)
 from weakclip_core.data.voc import link_or_copy
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -85,7 +86,7 @@ def read_class_list(path: Path) -> list[str]:
     """``["background", *names]`` from ``classes.txt`` (a leading ``background`` line is accepted)."""
     if not path.is_file():
         raise DatasetError(f"{path}: class list not found (one foreground class name a line)")
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line.strip() for line in read_text_file(path, "class list").splitlines()]
     while lines and not lines[-1]:
         lines.pop()  # trailing blank lines carry no index
     if "" in lines:
@@ -96,9 +97,12 @@ def read_class_list(path: Path) -> list[str]:
         names = names[1:]
     if not names:
         raise DatasetError(f"{path}: class list is empty")
+    if "background" in names:
+        raise DatasetError(f"{path}:{lines.index('background') + 1}: 'background' is class 0: it may only be the "
+                           "first line (or left out); line i after it is class i")
     duplicated = sorted({name for name in names if names.count(name) > 1})
-    if duplicated or "background" in names:
-        raise DatasetError(f"{path}: class {(duplicated or ['background'])[0]!r} is listed twice")
+    if duplicated:
+        raise DatasetError(f"{path}: class {duplicated[0]!r} is listed twice")
     return ["background", *names]
 
 
@@ -112,16 +116,24 @@ def _class_indices(names: list[str], class_names: list[str], where: str, image_i
     return sorted(set(indices))
 
 
+def _object_without_repeated_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json.loads``'s object hook: a key given twice is an error (plain JSON keeps the last silently, so an
+    image listed twice in ``labels.json`` lost its first labels, where ``labels.csv`` refuses it)."""
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"image {key!r} is listed twice")
+        seen[key] = value
+    return seen
+
+
 def read_labels_file(path: Path, class_names: list[str]) -> dict[str, list[int]]:
     """``labels.csv`` or ``labels.json`` (module docstring) as ``id -> class indices``, checked."""
     labels: dict[str, list[int]] = {}
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{path}: unreadable labels file ({error})") from None
+    text = read_text_file(path, "labels file")
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_object_without_repeated_keys)
         except ValueError as error:
             raise DatasetError(f"{path}: not valid JSON ({error})") from None
         if not isinstance(data, dict):
@@ -207,7 +219,7 @@ def prepare_custom(source: str | Path, root: str | Path, splits: list[str],
         if not split_path.is_file():
             raise DatasetError(f"{split_path}: split list for {split!r} not found")
         first_line: dict[str, int] = {}
-        for number, line in enumerate(split_path.read_text().splitlines(), start=1):
+        for number, line in enumerate(read_text_file(split_path, "split list").splitlines(), start=1):
             if not line.strip():
                 continue
             image_id = check_image_id(line.strip(), split_path)

@@ -122,17 +122,45 @@ def read_checked_mask(path: str | Path, image_shape: tuple[int, int], n_classes:
     return mask
 
 
+WIDE_IMAGE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+"""PIL modes of 16-bit, 32-bit and float images: ``convert("RGB")`` clips them at 255 (a 16-bit gradient turns
+almost all white), and no scaling to 8 bits is right for every sensor, so they are refused."""
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB; a missing or corrupt file names itself."""
+    """Read an image as (H, W, 3) uint8 RGB; a missing, corrupt or more-than-8-bit file names itself."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: image file not found")
     try:
         with Image.open(path) as image:
             image.load()
+            if image.mode in WIDE_IMAGE_MODES:
+                raise DatasetError(f"{path}: a {image.mode} image (more than 8 bits a channel); the chain reads "
+                                   "8-bit RGB and would clip it at 255: convert it to 8 bits with the scaling "
+                                   "your data needs")
             return np.array(image.convert("RGB"), dtype=np.uint8)
+    except DatasetError:
+        raise
     except Exception as error:
         raise DatasetError(f"{path}: unreadable image ({error})") from None
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A user's text file (``what``: "class list", "split list", ...) as text: UTF-8, with a leading byte-order
+    mark dropped (editors on Windows save one; kept, it would glue itself to the first name, so a
+    ``classes.txt`` starting ``\\ufeffbackground`` shifted every class index by one). Anything else that is not
+    UTF-8 is a ``DatasetError`` naming the file and line."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"{path}: unreadable {what} ({error})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise DatasetError(f"{path}:{line}: the {what} is not UTF-8 (byte {data[error.start]:#04x}); save it as "
+                           "UTF-8") from None
 
 
 def is_plain_image_id(image_id: object) -> bool:

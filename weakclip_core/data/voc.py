@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from weakclip_core.data.layout import (DatasetError, check_image_id, check_mask, labels_from_mask, read_image,
-                                       read_mask, write_labelled_splits, write_labels, write_mask)
+                                       read_mask, read_text_file, write_labelled_splits, write_labels, write_mask)
 
 VOC_CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -63,14 +63,18 @@ def find_split_list(source: Path, split: str) -> Path:
 
 def read_split_list(path: Path) -> list[str]:
     """Image ids of a VOC split list, in order; either plain ids or DeepLab "image mask" pairs."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{path}: unreadable split list ({error})") from None
-    image_ids = [check_image_id(Path(line.split()[0]).stem, path) for line in lines if line.strip()]
-    if not image_ids:
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(read_text_file(path, "split list").splitlines(), start=1):
+        if not line.strip():
+            continue
+        image_id = check_image_id(Path(line.split()[0]).stem, path)
+        if image_id in first_line:
+            raise DatasetError(f"{path}:{number}: image {image_id} is listed twice (first on line "
+                               f"{first_line[image_id]}); it would count twice in training and scoring")
+        first_line[image_id] = number
+    if not first_line:
         raise DatasetError(f"{path}: split is empty")
-    return image_ids
+    return list(first_line)
 
 
 def prepare_voc(source: str | Path, root: str | Path, splits: list[str], mask_dir: str = "SegmentationClass",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import threading
@@ -55,6 +56,8 @@ from flows.machines import (
     write_files,
 )
 from flows.resources import (
+    CPU_POOL,
+    CPU_STAGE_QUEUE,
     GPU_POOL,
     STAGE_FLOW_NAME,
     Placement,
@@ -261,7 +264,10 @@ def run_stage_on_pool(
 
 
 def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
-    return "StageRefused" not in (state.message or "") and "Refused:" not in (state.message or "")
+    """Prefect's ``retry_condition_fn``: a refusal (dirty clone, a run past the parameter limit, no worker polling)
+    ends the same way on every try, so it is not retried. Prefect hands over a ``Failed`` state whose ``data`` is
+    the exception raised (its message is the exception's ``repr``, which holds no ``Refused:``)."""
+    return not isinstance(state.data, (Refused, StageRefused))
 def _miou_markdown(metrics_by_stage: dict[str, dict[str, dict[str, float]]]) -> str:
     """A markdown table of every mIoU-like metric (key ending in ``miou``) per stage."""
     lines = ["| stage | metric | value |", "|---|---|---|"]
@@ -373,22 +379,34 @@ def deployed_gpu_count() -> int:
 
 
 def check_gpu_queues(gpu_count: int) -> None:
-    """Each GPU queue must hold at most one stage at a time (concurrency limit 1, set by ``python -m flows.deploy``)."""
+    """Each GPU queue must hold at most one stage at a time (concurrency limit 1, set by ``python -m flows.deploy``),
+    and no pool or queue a stage is sent to may be paused: the server hands out none of its runs, so the stage would
+    wait in it until ``stage_timeout_s`` (its workers still poll, so it never looks unattended)."""
     from prefect import get_client
 
+    deploy_hint = f"run python -m flows.deploy --gpus {gpu_count}"
     with get_client(sync_client=True) as client:
-        for index in range(gpu_count):
+        for pool in (CPU_POOL, GPU_POOL) if gpu_count else (CPU_POOL,):
             try:
-                queue = client.read_work_queue_by_name(gpu_queue(index), work_pool_name=GPU_POOL)
+                paused = client.read_work_pool(pool).is_paused
             except Exception as error:  # noqa: BLE001 - ObjectNotFound and friends
+                raise Refused(f"work pool {pool!r} is missing ({type(error).__name__}): {deploy_hint}") from error
+            if paused:
+                raise Refused(f"work pool {pool!r} is paused: no stage sent to it would start (prefect work-pool resume "
+                              f"{pool})")
+        queues = [(CPU_POOL, CPU_STAGE_QUEUE)] + [(GPU_POOL, gpu_queue(index)) for index in range(gpu_count)]
+        for pool, name in queues:
+            try:
+                queue = client.read_work_queue_by_name(name, work_pool_name=pool)
+            except Exception as error:  # noqa: BLE001 - ObjectNotFound and friends
+                raise Refused(f"queue {name!r} of pool {pool!r} is missing ({type(error).__name__}): {deploy_hint}") from error
+            if queue.is_paused:
+                raise Refused(f"queue {name!r} of pool {pool!r} is paused: no stage sent to it would start (python -m "
+                              f"flows.deploy --gpus {gpu_count} resumes it)")
+            if pool == GPU_POOL and queue.concurrency_limit != 1:
                 raise Refused(
-                    f"queue {gpu_queue(index)!r} of pool {GPU_POOL!r} is missing ({type(error).__name__}): "
-                    f"run python -m flows.deploy --gpus {gpu_count}"
-                ) from error
-            if queue.concurrency_limit != 1:
-                raise Refused(
-                    f"queue {gpu_queue(index)!r} of pool {GPU_POOL!r} has concurrency limit {queue.concurrency_limit} "
-                    f"(two stages could share GPU {index}): run python -m flows.deploy --gpus {gpu_count}"
+                    f"queue {name!r} of pool {pool!r} has concurrency limit {queue.concurrency_limit} "
+                    f"(two stages could share GPU {name.removeprefix('gpu-')}): {deploy_hint}"
                 )
 
 
@@ -485,24 +503,38 @@ def chain(
     return report
 
 
+def send_heartbeat(flow_run_id: Any, message: str) -> Any:
+    """Post ``message`` as an INFO log line of flow run ``flow_run_id`` straight through the API, and return the
+    run's state as the server holds it. The chain's worker-lost check reads this run's newest log line; sent
+    through the logging module instead, ``PREFECT_LOGGING_LEVEL=WARNING`` (or ``PREFECT_LOGGING_TO_API_ENABLED=
+    false``) on the worker silenced it, and every stage longer than ``worker_lost_after_s`` was crashed and re-run."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import LogCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_logs([LogCreate(name="weakclip.heartbeat", level=logging.INFO, message=message,
+                                      timestamp=_dt.datetime.now(_dt.timezone.utc), flow_run_id=flow_run_id)])
+        return client.read_flow_run(flow_run_id).state
+
+
 def _heartbeat(logger: Any, stage_name: str, every_s: float, stop: threading.Event, abandon: threading.Event,
-               read_state: Callable[[], Any]) -> None:
-    """Log a line every ``every_s`` (the chain's sign of life), and set ``abandon`` once the server holds this
+               beat: Callable[[str], Any]) -> None:
+    """Send a line every ``every_s`` (the chain's sign of life) and set ``abandon`` once the server holds this
     run in a final state: the chain gave it up (it heard nothing for ``worker_lost_after_s``, a network cut, and
     marked it Crashed to send a retry elsewhere) or someone cancelled it. The worker then stops the stage instead
-    of running it twice beside the retry. ``read_state()``: the run's state from the server (an error: unknown,
-    tried again at the next beat)."""
+    of running it twice beside the retry. ``beat(line)``: sends the line and returns the run's state from the
+    server (``send_heartbeat``; an error: unknown, tried again at the next beat)."""
     started = time.monotonic()
-    unreadable = False  # the last read failed: say so once per outage, not once a beat
+    unreadable = False  # the last beat failed: say so once per outage, not once a beat
     while not stop.wait(every_s):
-        logger.info("heartbeat: stage %s running for %.0f s", stage_name, time.monotonic() - started)
         try:
-            state = read_state()
+            state = beat(f"heartbeat: stage {stage_name} running for {time.monotonic() - started:.0f} s")
         except Exception as error:  # noqa: BLE001 - the server out of reach is what the chain's silence check is for
             if not unreadable:
                 unreadable = True
-                logger.warning("stage %s: cannot read this run's state from the server (%s: %s); a run the chain "
-                               "gives up meanwhile is noticed once it can", stage_name, type(error).__name__, error)
+                logger.warning("stage %s: cannot reach the server for this run's heartbeat and state (%s: %s); a run "
+                               "the chain gives up meanwhile is noticed once it can", stage_name, type(error).__name__,
+                               error)
             continue
         unreadable = False
         if state is not None and state.is_final():
@@ -543,14 +575,9 @@ def stage(
             f"(the worker checks the coordinator's commit out there; not {root})"
         )
     flow_run_id = get_run_context().flow_run.id
-
-    def read_state() -> Any:
-        with get_client(sync_client=True) as client:
-            return client.read_flow_run(flow_run_id).state
-
     stop, abandon = threading.Event(), threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(logger, stage_name, heartbeat_s, stop, abandon, read_state),
-                            daemon=True)
+    beat = threading.Thread(target=_heartbeat, daemon=True, args=(
+        logger, stage_name, heartbeat_s, stop, abandon, lambda line: send_heartbeat(flow_run_id, line)))
     beat.start()
     try:
         result = run_stage_on_worker(stage_name, RunState.from_json(run_state), root, remote, logger, abandon=abandon)

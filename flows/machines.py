@@ -369,7 +369,11 @@ def bring_clone_to(root: Path, state: RunState, logger: logging.Logger | logging
             try:
                 git(["fetch", "--quiet", "origin"], root, timeout=300)
             except (CommandFailed, subprocess.TimeoutExpired) as error:
-                logger.warning("git fetch failed: %s", error)
+                # Not a refusal: a network blip or a busy server passes, and the chain's retry may find it.
+                raise RuntimeError(
+                    f"commit {state.commit[:12]} of the coordinator is not in worker clone {socket.gethostname()}:{root} "
+                    f"and git fetch origin failed there: {error}"
+                ) from error
             known = subprocess.run(
                 ["git", "cat-file", "-e", f"{state.commit}^{{commit}}"], cwd=root, capture_output=True, check=False
             ).returncode == 0

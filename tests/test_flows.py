@@ -301,7 +301,10 @@ def test_the_heartbeat_abandons_a_run_the_server_holds_as_crashed(caplog: pytest
     answers = [Running(), RuntimeError("server out of reach"), RuntimeError("server out of reach"), Running(),
                Crashed(message="worker lost")]
 
-    def read_state():
+    sent: list[str] = []
+
+    def beat_and_read_state(line: str):
+        sent.append(line)
         answer = answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
@@ -309,12 +312,13 @@ def test_the_heartbeat_abandons_a_run_the_server_holds_as_crashed(caplog: pytest
 
     stop, abandon = threading.Event(), threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(logging.getLogger("test"), "cam_train", 0.05, stop, abandon,
-                                                     read_state))
+                                                     beat_and_read_state))
     beat.start()
     beat.join(timeout=10)
     assert not beat.is_alive() and abandon.is_set() and answers == []
     stop.set()
-    unreadable = [record for record in caplog.records if "cannot read this run's state" in record.getMessage()]
+    assert len(sent) == 5 and all(line.startswith("heartbeat: stage cam_train running for ") for line in sent)
+    unreadable = [record for record in caplog.records if "cannot reach the server" in record.getMessage()]
     assert len(unreadable) == 1 and "server out of reach" in unreadable[0].getMessage()
     assert any("holds this run as Crashed (worker lost)" in record.getMessage() for record in caplog.records)
 
@@ -436,6 +440,72 @@ def test_failed_stage_is_retried_then_stops_its_descendants(prefect_api: str, tm
     last = cli.stderr[cli.stderr.rindex("chain failed:"):]
     assert last.startswith("chain failed: DVC stage(s) ['broken'] failed; not run: ['after_broken']"), cli.stderr[-3000:]
     assert "--- broken:" in last and "exited with 3" in last, last
+
+
+@pytest.mark.slow
+def test_a_refusal_is_not_retried_and_a_failure_is(prefect_api: str) -> None:
+    """The chain's retry condition, in a real Prefect task with two retries: a refusal (``Refused`` raised in the
+    task: a run past the parameter limit; ``StageRefused``: no worker polling) is tried once, any other error three
+    times. Prefect hands the condition a state whose message is the exception's ``repr``; the old condition looked
+    there for ``Refused:`` and so retried every ``Refused``."""
+    from prefect import flow, task
+
+    from flows.chain import StageRefused, _retry_unless_refused
+    from flows.machines import Refused
+
+    for error, tries in [(Refused("run too large"), 1), (StageRefused("no worker"), 1), (RuntimeError("exit 3"), 3)]:
+        attempts: list[int] = []
+
+        @task(retries=2, retry_condition_fn=_retry_unless_refused)
+        def failing() -> None:
+            attempts.append(1)
+            raise error
+
+        @flow
+        def one_task() -> None:
+            failing()
+
+        assert one_task(return_state=True).is_failed()
+        assert len(attempts) == tries, (error, attempts)
+
+
+@pytest.mark.slow
+def test_the_heartbeat_reaches_the_server_when_the_worker_logs_only_warnings(prefect_api: str) -> None:
+    """A worker run with ``PREFECT_LOGGING_LEVEL=WARNING`` (the ``prefect`` logger at WARNING): its INFO lines never
+    reach the server, so a heartbeat sent through the run logger left the chain hearing nothing, and every stage
+    longer than ``worker_lost_after_s`` was crashed and re-run. ``send_heartbeat`` posts through the API: the
+    server holds the line (and hands back the run's state), while the run logger's INFO line is dropped."""
+    import logging
+    import uuid
+
+    from prefect import flow, get_client, get_run_logger
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.context import get_run_context
+
+    from flows.chain import send_heartbeat
+    from flows.local_server import drain_prefect_clients
+
+    marker = uuid.uuid4().hex
+    prefect_logger = logging.getLogger("prefect")
+    level = prefect_logger.level
+
+    @flow
+    def quiet_worker() -> str:
+        get_run_logger().info("through the logger %s", marker)
+        return send_heartbeat(get_run_context().flow_run.id, f"heartbeat: {marker}").name
+
+    prefect_logger.setLevel(logging.WARNING)
+    try:
+        state = quiet_worker(return_state=True)
+    finally:
+        prefect_logger.setLevel(level)
+    assert state.result() == "Running"
+    drain_prefect_clients()  # the log worker's queue, so a line the logger did send would be there
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    messages = [log.message for log in logs]
+    assert f"heartbeat: {marker}" in messages
+    assert not any("through the logger" in message for message in messages)
 
 
 @pytest.mark.slow

@@ -328,6 +328,12 @@ def test_worker_refuses_a_dirty_clone_and_an_unknown_commit(tmp_path: Path) -> N
     host = re.escape(socket.gethostname())  # machines may share clone paths: the host says which one refused
     with pytest.raises(Refused, match=rf"commit [0-9a-f]{{12}} of the coordinator is unknown in worker clone {host}:.*git push"):
         bring_clone_to(worker, unknown, logger)
+    # A fetch that fails (the repository unreachable for a moment) is not a refusal: the chain's retry may succeed.
+    run(["git", "remote", "set-url", "origin", str(tmp_path / "unreachable")], worker)
+    with pytest.raises(RuntimeError, match=r"(?s)not in worker clone .* and git fetch origin failed there: .*unreachable") as failed:
+        bring_clone_to(worker, unknown, logger)
+    assert not isinstance(failed.value, Refused)
+    run(["git", "remote", "set-url", "origin", str(origin)], worker)
     (worker / "flows.py").write_text("x = 1\n")
     run(["git", "add", "flows.py"], worker)
     with pytest.raises(Refused, match=r"has uncommitted changes in flows.py"):
@@ -657,6 +663,7 @@ def test_deploy_grows_and_shrinks_the_gpu_pool_and_the_chain_checks_each_gpu_que
     GPU nobody deployed. The chain refuses a GPU queue that lost its limit of one or does not exist, naming the
     queue and the deploy command. The module's other tests expect one GPU: the test ends deployed as it began."""
     from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
     from flows.chain import check_gpu_queues, deployed_gpu_count
@@ -685,7 +692,22 @@ def test_deploy_grows_and_shrinks_the_gpu_pool_and_the_chain_checks_each_gpu_que
                                               r"run python -m flows\.deploy --gpus 1"):
                 check_gpu_queues(1)
             client.update_work_queue(gpu_0.id, concurrency_limit=1)
+            # Paused, a queue or pool is handed no run while its workers still poll: the stage would wait for hours.
+            client.update_work_queue(gpu_0.id, is_paused=True)
+            with pytest.raises(Refused, match=r"queue 'gpu-0' of pool 'weakclip-gpu' is paused: .*--gpus 1 resumes it"):
+                check_gpu_queues(1)
+            client.update_work_queue(gpu_0.id, is_paused=False)
+            for pool in (CPU_POOL, GPU_POOL):
+                client.update_work_pool(pool, WorkPoolUpdate(is_paused=True))
+                with pytest.raises(Refused, match=rf"work pool '{pool}' is paused: .*prefect work-pool resume {pool}"):
+                    check_gpu_queues(1)
+                client.update_work_pool(pool, WorkPoolUpdate(is_paused=False))
         check_gpu_queues(1)
+        with pytest.raises(Refused, match=r"queue 'gpu-1' of pool 'weakclip-gpu' is paused: .*--gpus 3 resumes it"):
+            check_gpu_queues(3)  # the queue deploy --gpus 1 paused
+        with get_client(sync_client=True) as client:
+            client.update_work_queue(client.read_work_queue_by_name(gpu_queue(1), work_pool_name=GPU_POOL).id,
+                                     is_paused=False)
         with pytest.raises(Refused, match=r"queue 'gpu-2' of pool 'weakclip-gpu' is missing .*--gpus 3"):
             check_gpu_queues(3)
     finally:

@@ -124,18 +124,6 @@ def stage_not_run(name: str, reason: str) -> Any:
     return Cancelled(name="NotRun", message=f"not run: {reason}")
 
 
-def _utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
-
-
-def _seconds_since(moment: _dt.datetime | None) -> float:
-    if moment is None:
-        return float("inf")
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=_dt.timezone.utc)
-    return (_utcnow() - moment).total_seconds()
-
-
 class SilenceClock:
     """How long a worker's latest sign of life has not moved, timed by this process's monotonic clock.
 
@@ -166,47 +154,91 @@ def _last_sign_of_life(client: Any, flow_run: Any) -> _dt.datetime | None:
     return max(moments) if moments else None
 
 
+def _server_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the Prefect server is out of reach for now (a restart, a network cut, a 5xx), not
+    that the request was wrong: the stage's run goes on meanwhile, so the chain waits rather than failing its task
+    (whose retry would send the stage again beside the run still going)."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    if isinstance(error, httpx.TransportError):
+        return True
+    return isinstance(error, PrefectHTTPStatusError) and error.response.status_code >= 500
+
+
 def wait_for_stage_run(stage_name: str, placement: Placement, flow_run_id: Any, settings: PoolSettings) -> Any:
-    """Poll the stage's flow run to its end (bounded); fail clearly if no worker takes it or its worker dies."""
+    """Poll the stage's flow run to its end (bounded); fail clearly if no worker takes it or its worker dies.
+
+    Every silence is timed by this process's monotonic clock from when a value last moved, never by comparing
+    another machine's timestamps with this one's clock: the worker's newest log line (its heartbeat) for a run
+    under way, the queue's ``last_polled`` (the server's clock) for a run no worker has taken. The server out of
+    reach is waited out (up to ``stage_timeout_s``); the worker could not report meanwhile either, so both
+    silences start again when it is back."""
     from prefect import get_client
+    from prefect.client.schemas.responses import SetStateStatus
 
     logger = get_run_logger()
     started = time.monotonic()
     last_note = started
-    silence = SilenceClock()
-    with get_client(sync_client=True) as client:
-        while True:
-            flow_run = client.read_flow_run(flow_run_id)
-            state = flow_run.state
-            if state is not None and state.is_final():
-                return flow_run
-            elapsed = time.monotonic() - started
-            if elapsed > settings.stage_timeout_s:
-                client.set_flow_run_state(flow_run_id, Cancelled(message="stage timeout"), force=True)
-                raise TimeoutError(f"stage {stage_name!r} on pool {placement.pool} ran past {settings.stage_timeout_s:.0f} s")
-            if state is None or state.is_scheduled():
-                if elapsed > settings.start_timeout_s:
-                    queue = client.read_work_queue_by_name(placement.queue, work_pool_name=placement.pool)
-                    if _seconds_since(queue.last_polled) > settings.worker_lost_after_s:
-                        message = (
-                            f"stage {stage_name!r}: no worker picked it up within {settings.start_timeout_s:.0f} s: "
-                            f"no worker is polling pool {placement.pool!r} (queue {placement.queue!r}); start one: "
-                            f"prefect worker start --pool {placement.pool} --work-queue {placement.queue}"
-                        )
-                        client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
-                        raise StageRefused(message)
-                    if time.monotonic() - last_note > 60:
-                        last_note = time.monotonic()
-                        logger.info("stage %s waits in queue %s of pool %s (busy)", stage_name, placement.queue, placement.pool)
-            else:
-                silent_s = silence.silent_s(_last_sign_of_life(client, flow_run))
-                if silent_s > settings.worker_lost_after_s:
-                    message = (
-                        f"stage {stage_name!r}: its worker on pool {placement.pool!r} (queue {placement.queue!r}) "
-                        f"stopped reporting {silent_s:.0f} s ago (no log, no heartbeat): worker lost"
-                    )
-                    client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
-                    raise RuntimeError(message)
+    silence, polling = SilenceClock(), SilenceClock()
+    outage_since: float | None = None
+    while True:
+        try:
+            with get_client(sync_client=True) as client:
+                while True:
+                    flow_run = client.read_flow_run(flow_run_id)
+                    if outage_since is not None:
+                        logger.info("stage %s: the Prefect server answers again after %.0f s", stage_name,
+                                    time.monotonic() - outage_since)
+                        outage_since = None
+                        silence, polling = SilenceClock(), SilenceClock()
+                    state = flow_run.state
+                    if state is not None and state.is_final():
+                        return flow_run
+                    elapsed = time.monotonic() - started
+                    if elapsed > settings.stage_timeout_s:
+                        client.set_flow_run_state(flow_run_id, Cancelled(message="stage timeout"), force=True)
+                        raise TimeoutError(f"stage {stage_name!r} on pool {placement.pool} ran past "
+                                           f"{settings.stage_timeout_s:.0f} s")
+                    if state is None or state.is_scheduled():
+                        queue = client.read_work_queue_by_name(placement.queue, work_pool_name=placement.pool)
+                        unpolled_s = polling.silent_s(queue.last_polled)
+                        if elapsed > settings.start_timeout_s and unpolled_s > settings.worker_lost_after_s:
+                            message = (
+                                f"stage {stage_name!r}: no worker picked it up within {settings.start_timeout_s:.0f} s: "
+                                f"no worker is polling pool {placement.pool!r} (queue {placement.queue!r}); start one: "
+                                f"prefect worker start --pool {placement.pool} --work-queue {placement.queue}"
+                            )
+                            client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+                            raise StageRefused(message)
+                        if elapsed > settings.start_timeout_s and time.monotonic() - last_note > 60:
+                            last_note = time.monotonic()
+                            logger.info("stage %s waits in queue %s of pool %s (busy)", stage_name, placement.queue,
+                                        placement.pool)
+                    else:
+                        silent_s = silence.silent_s(_last_sign_of_life(client, flow_run))
+                        if silent_s > settings.worker_lost_after_s:
+                            message = (
+                                f"stage {stage_name!r}: its worker on pool {placement.pool!r} (queue {placement.queue!r}) "
+                                f"stopped reporting {silent_s:.0f} s ago (no log, no heartbeat): worker lost"
+                            )
+                            # Not forced: a run that completed since it was read keeps its state (the server
+                            # aborts Completed -> Crashed), and the next poll returns it as completed.
+                            result = client.set_flow_run_state(flow_run_id, Crashed(message=message))
+                            if result.status == SetStateStatus.ACCEPT:
+                                raise RuntimeError(message)
+                    time.sleep(1.0)
+        except Exception as error:
+            if not _server_unreachable(error):
+                raise
+            if outage_since is None:
+                outage_since = time.monotonic()
+                logger.warning("stage %s: the Prefect server is out of reach (%s: %s); waiting for it (the stage's "
+                               "run goes on on its worker)", stage_name, type(error).__name__, error)
+            if time.monotonic() - started > settings.stage_timeout_s:
+                raise TimeoutError(f"stage {stage_name!r} on pool {placement.pool} ran past "
+                                   f"{settings.stage_timeout_s:.0f} s (the Prefect server out of reach since "
+                                   f"{time.monotonic() - outage_since:.0f} s)") from error
             time.sleep(1.0)
 
 

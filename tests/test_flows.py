@@ -229,6 +229,139 @@ def test_a_worker_whose_clock_is_behind_is_not_taken_for_lost(monkeypatch: pytes
     assert SilenceClock().silent_s(None) == 0.0  # nothing seen yet: counted from now
 
 
+class ScriptedServer:
+    """A stand-in for Prefect's sync client in ``wait_for_stage_run``: each poll takes the next scripted answer,
+    an exception (the server out of reach) or ``(state, newest log time, queue last_polled)``. Time is the test's:
+    every ``time.sleep`` of the poll loop moves the monotonic clock by its argument."""
+
+    def __init__(self, script: list, monkeypatch: pytest.MonkeyPatch) -> None:
+        import logging
+        import types
+
+        import prefect
+
+        from flows import chain as chain_module
+
+        self.script, self.answer, self.set_states = list(script), None, []
+        self.now = [0.0]
+        monkeypatch.setattr(chain_module.time, "monotonic", lambda: self.now[0])
+        monkeypatch.setattr(chain_module.time, "sleep", lambda seconds: self.now.__setitem__(0, self.now[0] + seconds))
+        monkeypatch.setattr(prefect, "get_client", lambda sync_client: self)
+        monkeypatch.setattr(chain_module, "get_run_logger", lambda: logging.getLogger("wait"))
+        self.namespace = types.SimpleNamespace
+
+    def __enter__(self) -> "ScriptedServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def read_flow_run(self, flow_run_id: object) -> object:
+        answer = self.script.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        self.answer = answer
+        return self.namespace(id=flow_run_id, state=answer[0])
+
+    def read_logs(self, **_: object) -> list:
+        return [self.namespace(timestamp=self.answer[1])]
+
+    def read_work_queue_by_name(self, name: str, work_pool_name: str) -> object:
+        return self.namespace(last_polled=self.answer[2])
+
+    def set_flow_run_state(self, flow_run_id: object, state: object, force: bool = False) -> object:
+        """Accepted, unless the script's next answer is a final state: the run ended first, and (unforced) the
+        server aborts a Crashed proposed over it (``test_a_completed_run_is_not_overwritten_by_crashed``)."""
+        from prefect.client.schemas.responses import SetStateStatus
+
+        self.set_states.append(state)
+        ended = not force and self.script and not isinstance(self.script[0], Exception) and self.script[0][0].is_final()
+        return self.namespace(status=SetStateStatus.ABORT if ended else SetStateStatus.ACCEPT)
+
+
+def test_the_chain_waits_out_a_server_outage_without_taking_the_worker_for_lost(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The server restarting for 200 s while a stage runs: the poll loop's ``read_flow_run`` raised a connection
+    error, the task failed, and its retry sent the stage again beside the run still going on its worker. Now the
+    chain waits; and since the worker could not post its heartbeat either, its silence starts again when the
+    server is back (otherwise 200 s > ``worker_lost_after_s`` would crash the run at once)."""
+    import datetime as dt
+    import uuid
+
+    import httpx
+    from prefect.states import Completed, Running
+
+    from flows.chain import PoolSettings, wait_for_stage_run
+    from flows.resources import Placement
+
+    beat = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    running, completed = Running(), Completed()
+    script = [(running, beat, None), (running, beat + dt.timedelta(seconds=10), None)]
+    script += [httpx.ConnectError("connection refused")] * 200
+    script += [(running, beat + dt.timedelta(seconds=10), None)] * 60  # the same newest line for 60 s, then
+    script += [(running, beat + dt.timedelta(seconds=300), None), (completed, beat, None)]
+    server = ScriptedServer(script, monkeypatch)
+    caplog.set_level("INFO", logger="wait")
+    settings = PoolSettings(start_timeout_s=30, worker_lost_after_s=120)
+    flow_run = wait_for_stage_run("cam_train", Placement("weakclip-gpu", "stage/stage-gpu-0", 0, "gpu-0"), uuid.uuid4(), settings)
+    assert flow_run.state is completed and server.set_states == [] and server.script == []
+    outage = [record.getMessage() for record in caplog.records if "out of reach" in record.getMessage()]
+    assert len(outage) == 1 and "connection refused" in outage[0]  # said once per outage
+    assert any("answers again after 200 s" in record.getMessage() for record in caplog.records)
+
+
+def test_whether_a_worker_polls_is_read_from_last_polled_moving_not_from_its_value(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``last_polled`` is the server's clock: compared with the coordinator's, a server 10 minutes behind made
+    every queue look unpolled, and a stage waiting its turn in a busy queue was refused as "no worker is polling".
+    Now a ``last_polled`` that moves (a worker polls every 10 s) keeps the stage waiting; one that stands still
+    past ``start_timeout_s`` and ``worker_lost_after_s`` is refused, naming the queue."""
+    import datetime as dt
+    import uuid
+
+    from prefect.states import Completed, Running, Scheduled
+
+    from flows.chain import PoolSettings, StageRefused, wait_for_stage_run
+    from flows.resources import Placement
+
+    placement = Placement("weakclip-gpu", "stage/stage-gpu-0", 0, "gpu-0")
+    settings = PoolSettings(start_timeout_s=30, worker_lost_after_s=20)
+    behind = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    scheduled, running, completed = Scheduled(), Running(), Completed()
+    busy = [(scheduled, None, behind + dt.timedelta(seconds=10 * (second // 10))) for second in range(90)]
+    server = ScriptedServer([*busy, (running, behind, None), (completed, behind, None)], monkeypatch)
+    assert wait_for_stage_run("cam_train", placement, uuid.uuid4(), settings).state is completed
+    assert server.set_states == []
+
+    unpolled = [(scheduled, None, behind)] * 90
+    server = ScriptedServer(unpolled, monkeypatch)
+    with pytest.raises(StageRefused, match="no worker is polling pool 'weakclip-gpu' \\(queue 'gpu-0'\\)"):
+        wait_for_stage_run("cam_train", placement, uuid.uuid4(), settings)
+    assert 30 < server.now[0] <= 32 and server.set_states[0].is_cancelled()
+
+
+def test_a_run_that_completes_while_being_given_up_for_lost_stays_completed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Silent past ``worker_lost_after_s`` (its last log lines lost to a slow link) the run was forced to Crashed,
+    also when it had completed between the chain's read and its write: the stage's finished result was thrown
+    away and the retry ran it again. Now Crashed is proposed unforced; the server aborts it over a final state,
+    and the chain takes the completed run."""
+    import datetime as dt
+    import uuid
+
+    from prefect.states import Completed, Running
+
+    from flows.chain import PoolSettings, wait_for_stage_run
+    from flows.resources import Placement
+
+    beat = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    running, completed = Running(), Completed()
+    server = ScriptedServer([(running, beat, None)] * 122 + [(completed, beat, None)], monkeypatch)  # crashed at 121 s
+    flow_run = wait_for_stage_run("cam_train", Placement("weakclip-gpu", "stage/stage-gpu-0", 0, "gpu-0"),
+                                  uuid.uuid4(), PoolSettings(start_timeout_s=30, worker_lost_after_s=120))
+    assert flow_run.state is completed
+    assert [state.type.value for state in server.set_states] == ["CRASHED"]  # proposed once, aborted
+
+
 def test_an_abandoned_command_is_stopped_with_every_process_it_started(tmp_path: Path) -> None:
     """A worker's command (dvc repro and the stage it started) once the chain gave the run up: the whole process
     group is stopped, the stage's child too (it would have written its file 3 s in), and the command fails
@@ -506,6 +639,28 @@ def test_the_heartbeat_reaches_the_server_when_the_worker_logs_only_warnings(pre
     messages = [log.message for log in logs]
     assert f"heartbeat: {marker}" in messages
     assert not any("through the logger" in message for message in messages)
+
+
+@pytest.mark.slow
+def test_a_completed_run_is_not_overwritten_by_crashed(prefect_api: str) -> None:
+    """What the chain's worker-lost check relies on, on a real server: Crashed proposed unforced over a Completed
+    run is aborted and the run stays Completed; over a Running run it is accepted."""
+    from prefect import flow, get_client
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.states import Completed, Crashed, Running
+
+    @flow
+    def some_stage() -> None:
+        pass
+
+    with get_client(sync_client=True) as client:
+        for path, status, final in [([Running(), Completed()], SetStateStatus.ABORT, "COMPLETED"),
+                                    ([Running()], SetStateStatus.ACCEPT, "CRASHED")]:
+            flow_run = client.create_flow_run(some_stage)
+            for state in path:
+                client.set_flow_run_state(flow_run.id, state, force=True)
+            assert client.set_flow_run_state(flow_run.id, Crashed(message="worker lost")).status == status
+            assert client.read_flow_run(flow_run.id).state.type.value == final
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ class StageGraph:
     """The pipeline's stages in a topological order (upstream stages first)."""
 
     stages: tuple[StageSpec, ...]
+    tracked_data: tuple[str, ...] = ()  # the cached outputs of ``.dvc`` files (data tracked by hand, ``dvc add``)
 
     def by_name(self) -> dict[str, StageSpec]:
         return {stage.name: stage for stage in self.stages}
@@ -79,7 +80,8 @@ class StageGraph:
             if name not in keep:
                 keep.add(name)
                 frontier.extend(by_name[name].upstream)
-        return StageGraph(stages=tuple(stage for stage in self.stages if stage.name in keep))
+        return StageGraph(stages=tuple(stage for stage in self.stages if stage.name in keep),
+                          tracked_data=self.tracked_data)
 
 
 def _repo_relative(path: str, root: Path) -> str:
@@ -97,7 +99,8 @@ def read_stage_graph(repo_dir: Path) -> StageGraph:
     """Read every stage of the DVC project at ``repo_dir`` and the edges between them.
 
     Stages without a command (``.dvc`` files: data tracked by hand) are sources of
-    data, not work; they are left out, and so are the edges from them.
+    data, not work; they are left out, and so are the edges from them. Their cached outputs are kept as
+    ``tracked_data``: a worker's fresh clone holds only the ``.dvc`` file and pulls the data a stage reads.
     """
     import networkx as nx
     from dvc.repo import Repo
@@ -108,8 +111,10 @@ def read_stage_graph(repo_dir: Path) -> StageGraph:
         # DVC's edges run dependent → dependency; reverse for upstream-first order.
         ordered = list(nx.topological_sort(dvc_graph.reverse(copy=True)))
         specs: list[StageSpec] = []
+        tracked: list[str] = []
         for stage in ordered:
             if not getattr(stage, "cmd", None):
+                tracked.extend(_repo_relative(out.fs_path, root) for out in stage.outs if out.use_cache)
                 continue
             upstream = sorted(stage_address(dep, root) for dep in dvc_graph.successors(stage) if getattr(dep, "cmd", None))
             specs.append(
@@ -128,4 +133,4 @@ def read_stage_graph(repo_dir: Path) -> StageGraph:
                                          for key in (dep.params or [""])})),
                 )
             )
-    return StageGraph(stages=tuple(specs))
+    return StageGraph(stages=tuple(specs), tracked_data=tuple(sorted(tracked)))

@@ -394,9 +394,16 @@ def bring_clone_to(root: Path, state: RunState, logger: logging.Logger | logging
 
 
 def pull_targets(stage: StageSpec, graph: StageGraph) -> list[str]:
-    """The cached deps of ``stage`` that upstream stages made (paths, as ``dvc pull`` takes them)."""
+    """The cached deps of ``stage`` that upstream stages made or ``.dvc`` files track (paths, as ``dvc pull``
+    takes them): a worker's clone holds neither until it pulls them."""
     by_name = graph.by_name()
     targets: list[str] = []
+    for dep in stage.deps:
+        for tracked in graph.tracked_data:
+            if _under(dep, {tracked}):
+                targets.append(dep)
+            elif _under(tracked, {dep}):
+                targets.append(tracked)
     for dep in stage.deps:
         for parent in stage.upstream:
             spec = by_name[parent]

@@ -441,6 +441,39 @@ def test_a_stage_up_to_date_in_the_lock_is_pulled_not_rerun_on_a_fresh_worker_cl
     assert not stale.exists() and dvc_status_clean(coordinator)
 
 
+def test_data_tracked_by_a_dvc_file_is_pulled_on_a_fresh_worker_clone(tmp_path: Path) -> None:
+    """Data the user tracks with ``dvc add`` (a ``.dvc`` file in git, the data on the remote) that a stage reads:
+    a worker's fresh clone holds only the ``.dvc`` file, and the pulls covered upstream stages' outputs only, so
+    the stage failed there on a missing dependency. Now the worker pulls the tracked data the stage reads."""
+    import logging
+
+    from flows.dag import read_stage_graph
+    from flows.machines import capture_run_state, pull_targets, run_stage_on_worker
+
+    code = "import pathlib; pathlib.Path('count.txt').write_text(str(len(sorted(pathlib.Path('data/extra').iterdir()))))"
+    origin = write_demo_project(tmp_path / "origin", remote_dir=tmp_path / "nfs-remote",
+                                stages={"count_extra": {"cmd": f'python -c "{code}"', "deps": ["data/extra"],
+                                                        "outs": ["count.txt"]}})
+    (origin / "data" / "extra").mkdir(parents=True)
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (origin / "data" / "extra" / name).write_text(name)
+    run([*DVC, "add", "data/extra"], origin)
+    run(["git", "add", "data/extra.dvc", "data/.gitignore"], origin)
+    run(["git", "commit", "--quiet", "-m", "extra data"], origin)
+    run([*DVC, "push"], origin)
+
+    coordinator = clone(origin, tmp_path / "coordinator")
+    graph = read_stage_graph(coordinator)
+    worker = clone(origin, tmp_path / "worker")
+    assert not (worker / "data" / "extra").exists()
+    result = run_stage_on_worker("count_extra", capture_run_state(coordinator, graph), worker, "shared",
+                                 logging.getLogger("test"))
+    assert (worker / "count.txt").read_text() == "3"
+    assert graph.tracked_data == ("data/extra",)
+    assert pull_targets(graph.by_name()["count_extra"], graph) == ["data/extra"]
+    assert set(result["entry"]["deps"][0]) >= {"path", "md5"} and result["entry"]["deps"][0]["path"] == "data/extra"
+
+
 # --------------------------------------------------------------------------- slow: the pools
 
 

@@ -122,6 +122,27 @@ def test_single_process_context_without_torchrun_env() -> None:
     assert wrap_model(model, context) is model
 
 
+def test_the_process_group_waits_hours_for_rank_0s_evaluation_not_torchs_default() -> None:
+    """After training, rank 0 alone evaluates (COCO: 82k images) while the other ranks wait in a broadcast; at
+    torch's default collective timeout (NCCL: 10 minutes) they gave up mid-evaluation. The group that
+    ``init_distributed`` makes (here a one-process Gloo group, as torchrun's ``nproc: 1``) waits 3 hours."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from weakclip_core.runtime.distributed import COLLECTIVE_TIMEOUT
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    context = init_distributed("cpu", env=env)
+    try:
+        assert context.backend == "gloo"
+        waits = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout
+        assert waits == COLLECTIVE_TIMEOUT == datetime.timedelta(hours=3)
+        assert waits > dist.distributed_c10d._get_default_timeout(dist.Backend.NCCL)  # 10 minutes
+    finally:
+        shutdown_distributed(context)
+
+
 def test_uneven_batch_split_names_nproc() -> None:
     context = DistributedContext(0, 0, 3, torch.device("cpu"), "gloo")
     with pytest.raises(ValueError, match="runtime.nproc"):

@@ -95,6 +95,51 @@ def test_saved_segmenter_round_trips(tmp_path):
         load_segmenter(tmp_path / "nothing.pt")
 
 
+def test_frozen_encoder_batch_norm_is_eval_mode_batch_norm_and_never_trains(tmp_path):
+    """``seg.train.freeze_encoder_bn`` (the presets), as the reference retraining's backbone: in train mode the
+    encoder computes what torch's ``BatchNorm2d`` computes in eval mode with the loaded ImageNet statistics; a
+    training step moves the convolutions but no statistic or affine weight; the saved model rebuilds so."""
+    from torch import nn
+
+    torch.manual_seed(3)
+    imagenet = build_segmenter(SegConfig(model="deeplabv2", encoder="resnet50"), 3).encoder
+    for module in imagenet.modules():  # statistics and affine weights unlike the initial 0 / 1
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.2, 0.2)
+    torch.save(imagenet.state_dict(), tmp_path / "resnet50.pth")  # torchvision's layout, num_batches_tracked too
+    cfg = SegConfig(model="deeplabv2", encoder="resnet50", encoder_weights=str(tmp_path / "resnet50.pth"),
+                    train=SegTrainConfig(freeze_encoder_bn=True))
+    model = build_segmenter(cfg, 3).train()
+    images = torch.randn(2, 3, 41, 41)
+    imagenet.eval()
+    expected = imagenet.layer4(imagenet.layer3(imagenet.layer2(imagenet.layer1(
+        imagenet.maxpool(imagenet.relu(imagenet.bn1(imagenet.conv1(images))))))))
+    torch.testing.assert_close(model.features(images), expected, atol=2e-4, rtol=1e-3)  # a x + b vs (x - m) / s
+
+    frozen_state = {key: value.clone() for key, value in model.encoder.state_dict().items()
+                    if ".bn" in f".{key}" or ".downsample.1." in key}  # every BatchNorm's four tensors
+    assert len(frozen_state) == 4 * sum(isinstance(m, nn.BatchNorm2d) for m in imagenet.modules())
+    conv = model.encoder.layer1[0].conv1.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(images), torch.randint(0, 3, (2, 41, 41))).backward()
+    optimizer.step()
+    for key, value in frozen_state.items():
+        assert torch.equal(model.encoder.state_dict()[key], value), key
+    assert not torch.equal(model.encoder.layer1[0].conv1.weight, conv)
+
+    path = tmp_path / "model.pt"
+    save_final_model(path, model.eval(), segmenter_record(cfg, ["background", "a", "b"]), source="pseudo")
+    rebuilt, saved = load_segmenter(path)
+    assert saved["config"]["seg"]["train"]["freeze_encoder_bn"] is True
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), model(images))
+    assert "freeze_encoder_bn" not in segmenter_record(SegConfig(), ["background"])["seg"]["train"]  # default files
+    # keep their bytes
+
+
 def test_a_pseudo_mask_folder_resolving_to_gt_is_refused(tmp_path):
     prepared = tmp_path / "prepared"
     (prepared / "SegmentationClass").mkdir(parents=True)

@@ -13,7 +13,11 @@ from weakclip_core.config.weakclip import CrfConfig
 class SegTrainConfig:
     """``optimizer: sgd`` + ``schedule: poly`` is the paper's DeepLab recipe; AdamW is the small default.
     ``head_lr_mult``: the lr of everything but the encoder (decoder + head) is ``lr * head_lr_mult``
-    (DeepLabV2 in WSSS papers: 10); 1 = one lr for all."""
+    (DeepLabV2 in WSSS papers: 10); 1 = one lr for all. ``freeze_encoder_bn``: the encoder's BatchNorm layers
+    keep their (ImageNet) statistics and affine weights and never update, as the reference retraining's backbone
+    does (Yingyue-L/deeplabv1-resnet38 ``resnet38d.py`` ``Net.train``: every backbone BatchNorm in eval mode,
+    weight and bias without gradient). Trained instead, they follow the statistics of 10 crops a step (synced
+    across GPUs under torchrun). The presets turn it on; the decoder / head layers train either way."""
 
     epochs: int = bounded(6, low=1)
     batch_size: int = bounded(16, low=1)
@@ -23,6 +27,7 @@ class SegTrainConfig:
     weight_decay: float = bounded(1e-4, low=0.0)
     schedule: Literal["poly", "cosine"] = "poly"
     head_lr_mult: float = bounded(1.0, low=0.0)
+    freeze_encoder_bn: bool = False
     crop: int = bounded(128, low=32)
     scale_min: float = bounded(0.5, low=0.1)
     scale_max: float = bounded(2.0, low=0.1)

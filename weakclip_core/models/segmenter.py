@@ -17,6 +17,7 @@ from typing import Any
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from weakclip_core.config.schema import build_dataclass, given_path, to_plain
 from weakclip_core.config.seg import SegConfig
@@ -44,9 +45,31 @@ def build_segmenter(cfg: SegConfig, n_classes: int, encoder_weights: bool = True
         model = DeepLabV2(n_classes, cfg.encoder)
     else:  # the config schema only admits these families
         raise ValueError(f"unknown model family {cfg.model!r} (deeplabv3plus | segformer | deeplabv2)")
+    if cfg.train.freeze_encoder_bn:  # before the weights: FrozenBatchNorm2d loads BatchNorm2d's keys
+        freeze_batch_norm(model.encoder)
     if encoder_weights and given_path(cfg.encoder_weights):
         load_encoder_weights(model, cfg.encoder_weights)
     return model
+
+
+def freeze_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` under ``module`` by a ``FrozenBatchNorm2d`` holding its statistics and
+    affine weights as buffers: the same output as the BatchNorm in eval mode, in train mode too, and nothing for
+    the optimizer or DDP to update (``seg.train.freeze_encoder_bn``). Returns ``module``, changed in place."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            with torch.no_grad():
+                if child.affine:
+                    frozen.weight.copy_(child.weight)
+                    frozen.bias.copy_(child.bias)
+                if child.running_mean is not None and child.running_var is not None:
+                    frozen.running_mean.copy_(child.running_mean)
+                    frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norm(child)
+    return module
 
 
 def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
@@ -97,6 +120,8 @@ def segmenter_record(cfg: SegConfig, class_names: list[str]) -> dict[str, Any]:
     seg["encoder_weights"] = given_path(cfg.encoder_weights) or ""  # "none" recorded as before the placeholder
     if cfg.train.head_lr_mult == 1.0:  # recorded only when used: a default run's file stays byte for byte as before
         seg["train"].pop("head_lr_mult")
+    if not cfg.train.freeze_encoder_bn:  # likewise (and a file from before it rebuilds with trained BatchNorm)
+        seg["train"].pop("freeze_encoder_bn")
     return {"seg": seg, "class_names": list(class_names),
             "mean": list(SEGMENTER_MEAN), "std": list(SEGMENTER_STD)}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,6 +32,12 @@ ResultT = TypeVar("ResultT")
 KeyT = TypeVar("KeyT")
 
 TORCHRUN_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+COLLECTIVE_TIMEOUT = timedelta(hours=3)
+"""How long a rank waits in a collective for the others. Rank 0 alone evaluates the scored split after training
+(``weakclip_train``: COCO's 82,081 train images; ``cam_train``: its val mAP) while the other ranks wait for its
+metrics in ``broadcast_from_main``; at NCCL's default of 10 minutes they gave up mid-evaluation and torchrun
+killed the job with the trained model unsaved. The cost: a rank that really hangs is noticed after 3 h."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ def init_distributed(requested_device: str = "auto", env: dict[str, str] | None 
             init_method=f"tcp://{environment['MASTER_ADDR']}:{environment['MASTER_PORT']}",
             rank=rank,
             world_size=world_size,
+            timeout=COLLECTIVE_TIMEOUT,
         )
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device, backend=backend)
 

@@ -31,8 +31,9 @@ NOT_PLAIN = "is not a plain file name (one path component: no '/', '\\', '..')"
 @pytest.fixture(scope="module")
 def finished_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny data (``data/``), its CAM store, a random tiny CLIP artifact and a trained tiny WeakCLIP: what
-    ``pseudo_masks`` starts from. Its masks go to ``data/pseudo_masks`` as in the default params."""
-    params = {**PARAMS, "pseudo": {**PARAMS["pseudo"], "output_dir": "data/pseudo_masks"}}
+    ``pseudo_masks`` starts from. Its masks go to ``pseudo_masks/`` (the default ``data/pseudo_masks`` lies inside
+    this project's prepared folder ``data``, an input the stage refuses to write into)."""
+    params = {**PARAMS, "pseudo": {**PARAMS["pseudo"], "output_dir": "pseudo_masks"}}
     return build_project(tmp_path_factory.mktemp("bad_ids"), params, [(weakclip_train.main, ())])
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from weakclip_core.config.schema import ConfigError, given_path
 from weakclip_core.method.crf import CrfPool
 from weakclip_core.data.layout import IGNORE_INDEX, LABELS_FILE, PreparedDataset, read_image_size
 from weakclip_core.data.sampling import StepSampler
-from weakclip_core.data.imports import read_pseudo_mask
+from weakclip_core.data.imports import check_mask_classes_follow_labels, read_pseudo_mask
 from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
 from weakclip_core.data.segmentation import ground_truth_dirs, refuse_ground_truth_dir
 from weakclip_core.data.transforms import MmsegAugmentation
@@ -83,10 +84,19 @@ class WeakClipTrainPaths:
 def imported_seed_masks(folder: Path, dataset: PreparedDataset, image_ids: list[str],
                         show_progress: bool) -> dict[str, np.ndarray]:
     """``weakclip.seeds.source: mask_folder``: each train image's pseudo mask, checked before the first step
-    (a missing one or one of the wrong size stops the stage naming the file)."""
-    return {image_id: read_pseudo_mask(folder / f"{image_id}.png", read_image_size(dataset.image_path(image_id)),
-                                       dataset.n_classes, dataset.image_labels(image_id))
-            for image_id in tqdm(image_ids, desc=f"{STAGE} masks", unit="mask", disable=not show_progress)}
+    (a missing one or one of the wrong size stops the stage naming the file; masks whose classes never agree
+    with their images' labels stop it too, and a few such masks are said on stderr)."""
+    masks: dict[str, np.ndarray] = {}
+    shown: dict[str, list[int]] = {}
+    for image_id in tqdm(image_ids, desc=f"{STAGE} masks", unit="mask", disable=not show_progress):
+        masks[image_id], shown[image_id] = read_pseudo_mask(
+            folder / f"{image_id}.png", read_image_size(dataset.image_path(image_id)), dataset.n_classes,
+            dataset.image_labels(image_id))
+    warning = check_mask_classes_follow_labels(shown, {image_id: dataset.image_labels(image_id)
+                                                       for image_id in image_ids}, folder)
+    if warning is not None:
+        print(f"{STAGE}: warning: {warning}", file=sys.stderr)
+    return masks
 
 
 def seed_mask_folder(params: Params, dataset: PreparedDataset, image_ids: list[str]) -> Path:

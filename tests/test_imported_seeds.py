@@ -154,6 +154,47 @@ def test_imported_pseudo_masks_are_the_seeds(tiny) -> None:
         np.testing.assert_array_equal(seeds[image_id][1:], dataset.mask(image_id)[1:])
 
 
+def _masks_of_other_classes(dataset: PreparedDataset, image_ids: list[str], folder: Path) -> list[str]:
+    """Write each image's GT mask with its foreground painted in a class the image is not labelled with (the
+    lowest such); returns the ids so painted (an image labelled with every class keeps a background mask)."""
+    painted = []
+    for image_id in image_ids:
+        mask = dataset.mask(image_id).copy()
+        others = [c for c in range(1, dataset.n_classes) if c not in dataset.image_labels(image_id)]
+        foreground = (mask != 0) & (mask != 255)
+        mask[foreground] = others[0] if others else 0
+        painted += [image_id] if others and foreground.any() else []
+        write_mask(folder / f"{image_id}.png", mask)
+    return painted
+
+
+def test_masks_whose_classes_never_match_the_labels_are_refused_and_a_few_are_said(tiny, capsys) -> None:
+    """Imported masks in another class order: every pixel of a class the image is not labelled with became
+    unlabelled (255) without a word, so WeakCLIP trained on background alone. All of them disagreeing: refused,
+    naming the folder and the first mask; some: one warning line on stderr, and those masks' foreground is 255."""
+    tmp_path, dataset = tiny
+    folder = tmp_path / "pseudo"
+    image_ids = dataset.split("train")
+    painted = _masks_of_other_classes(dataset, image_ids, folder)
+    assert len(painted) >= 2
+    with pytest.raises(ImportedSeedError) as caught:
+        imported_seed_masks(folder, dataset, image_ids, show_progress=False)
+    message = str(caught.value)
+    assert message.startswith(f"weakclip.seeds.mask_folder: {folder}: none of the ") and "\n" not in message
+    assert f"first: {painted[0]}.png shows classes" in message
+
+    for image_id in image_ids[1:]:  # all but the first image's mask agree with the labels again
+        write_mask(folder / f"{image_id}.png", dataset.mask(image_id))
+    if image_ids[0] not in painted:
+        pytest.fail(f"the first image {image_ids[0]} was not painted: the tiny data changed")
+    seeds = imported_seed_masks(folder, dataset, image_ids, show_progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("weakclip_train: warning: 1 of ") and image_ids[0] in err[0], err
+    truth = dataset.mask(image_ids[0])
+    expected = np.where((truth != 0) & (truth != 255), 255, truth)  # its foreground: unlabelled
+    np.testing.assert_array_equal(seeds[image_ids[0]], expected)
+
+
 def test_a_pseudo_mask_of_the_wrong_size_names_the_file(tiny) -> None:
     tmp_path, dataset = tiny
     folder = tmp_path / "pseudo"

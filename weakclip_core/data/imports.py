@@ -76,9 +76,12 @@ def read_mctformer_cam(path: Path, classes: list[int], image_shape: tuple[int, i
     return np.stack(maps) if maps else np.zeros((0, *image_shape), dtype=np.float32)
 
 
-def read_pseudo_mask(path: Path, image_shape: tuple[int, int], n_classes: int, classes: list[int]) -> np.ndarray:
+def read_pseudo_mask(path: Path, image_shape: tuple[int, int], n_classes: int,
+                     classes: list[int]) -> tuple[np.ndarray, list[int]]:
     """One imported pseudo mask, checked for size and class range; pixels of a class the image is not
-    labelled with become 255 (unlabelled), as the seeds never name an absent class."""
+    labelled with become 255 (unlabelled), as the seeds never name an absent class. Returns the mask and the
+    foreground classes the file shows (before that), so the caller can tell masks whose class indices do not
+    follow the dataset's."""
     if not path.is_file():
         raise ImportedSeedError(f"{path}: pseudo mask not found (weakclip.seeds.mask_folder needs <id>.png for "
                                 "every train image)")
@@ -89,4 +92,29 @@ def read_pseudo_mask(path: Path, image_shape: tuple[int, int], n_classes: int, c
         raise ImportedSeedError(str(error)) from None
     allowed = np.zeros(256, dtype=bool)
     allowed[[0, IGNORE_INDEX, *classes]] = True
-    return np.where(allowed[mask], mask, IGNORE_INDEX).astype(np.uint8)
+    shown = [int(value) for value in np.unique(mask) if value not in (0, IGNORE_INDEX)]
+    return np.where(allowed[mask], mask, IGNORE_INDEX).astype(np.uint8), shown
+
+
+def check_mask_classes_follow_labels(shown_by_image: dict[str, list[int]], labels_by_image: dict[str, list[int]],
+                                     folder: Path) -> str | None:
+    """Masks whose foreground shows none of its image's classes, only others: a pseudo mask may miss a class or
+    add one, but one that never agrees means its class indices are not the dataset's (another class order, an
+    off-by-one, another dataset's masks), and every one of its pixels would silently become unlabelled.
+    All such masks (at least one with foreground): ``ImportedSeedError``. Some: the warning line to show, else
+    ``None``."""
+    with_foreground = [image_id for image_id, shown in shown_by_image.items() if shown]
+    disjoint = [image_id for image_id in with_foreground
+                if not set(shown_by_image[image_id]) & set(labels_by_image[image_id])]
+    if not disjoint:
+        return None
+    first = disjoint[0]
+    example = (f"first: {first}.png shows classes {shown_by_image[first]}, its image is labelled "
+               f"{labels_by_image[first]}")
+    if len(disjoint) == len(with_foreground):
+        raise ImportedSeedError(
+            f"weakclip.seeds.mask_folder: {folder}: none of the {len(with_foreground)} masks with foreground shows a "
+            f"class its image is labelled with ({example}): the masks' class indices must be the dataset's (0 "
+            "background, i = the dataset's class i, 255 unlabelled)")
+    return (f"{len(disjoint)} of {len(with_foreground)} masks in {folder} show none of their image's classes "
+            f"({example}); their foreground is left unlabelled")

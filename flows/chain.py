@@ -237,21 +237,32 @@ def wait_for_stage_run(stage_name: str, placement: Placement, flow_run_id: Any, 
                                "run goes on on its worker)", stage_name, type(error).__name__, error)
             if time.monotonic() - started > settings.stage_timeout_s:
                 raise TimeoutError(f"stage {stage_name!r} on pool {placement.pool} ran past "
-                                   f"{settings.stage_timeout_s:.0f} s (the Prefect server out of reach since "
+                                   f"{settings.stage_timeout_s:.0f} s (the Prefect server out of reach for the last "
                                    f"{time.monotonic() - outage_since:.0f} s)") from error
             time.sleep(1.0)
 
 
-def _stage_result(flow_run_id: Any) -> dict[str, Any]:
+def _stage_result(flow_run_id: Any, settings: PoolSettings) -> dict[str, Any]:
+    """The completed stage run's result artifact. The server out of reach is waited out as in
+    ``wait_for_stage_run``: failing here would have the task's retry run the finished stage again."""
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
 
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=[RESULT_ARTIFACT_TYPE])
-            )
-        )
+    started = time.monotonic()
+    while True:
+        try:
+            with get_client(sync_client=True) as client:
+                artifacts = client.read_artifacts(
+                    artifact_filter=ArtifactFilter(
+                        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                        type=ArtifactFilterType(any_=[RESULT_ARTIFACT_TYPE])
+                    )
+                )
+            break
+        except Exception as error:
+            if not _server_unreachable(error) or time.monotonic() - started > settings.stage_timeout_s:
+                raise
+            time.sleep(1.0)
     if not artifacts:
         raise RuntimeError(f"stage flow run {flow_run_id} completed without its result (artifact {RESULT_ARTIFACT_TYPE})")
     return artifacts[0].data
@@ -289,7 +300,7 @@ def run_stage_on_pool(
         # A refusal (dirty clone, unknown commit) or a run cancelled by hand: retrying would not help.
         kind = StageRefused if "Refused:" in message or flow_run.state.is_cancelled() else RuntimeError
         raise kind(f"stage {stage.name!r} on {placement.pool} ({placement.deployment}) ended {flow_run.state.name}: {message}")
-    result = _stage_result(flow_run.id)
+    result = _stage_result(flow_run.id, settings)
     write_files(root, result["files"], replaced=stage.uncached)  # the worker returns all of each, as its run left it
     merge_lock_entry(root, stage.name, result["entry"], _LOCK_GUARD)
     return result["metrics"]

@@ -263,6 +263,12 @@ class ScriptedServer:
         self.answer = answer
         return self.namespace(id=flow_run_id, state=answer[0])
 
+    def read_artifacts(self, **_: object) -> list:
+        answer = self.script.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return [self.namespace(data=answer)]
+
     def read_logs(self, **_: object) -> list:
         return [self.namespace(timestamp=self.answer[1])]
 
@@ -308,6 +314,20 @@ def test_the_chain_waits_out_a_server_outage_without_taking_the_worker_for_lost(
     outage = [record.getMessage() for record in caplog.records if "out of reach" in record.getMessage()]
     assert len(outage) == 1 and "connection refused" in outage[0]  # said once per outage
     assert any("answers again after 200 s" in record.getMessage() for record in caplog.records)
+
+
+def test_a_completed_stages_result_is_read_after_a_server_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage completed, then the server went away for 30 s as the chain read its result: the task failed and
+    its retry sent the finished stage to a worker again. Now the read waits for the server."""
+    import uuid
+
+    import httpx
+
+    from flows.chain import PoolSettings, _stage_result
+
+    result = {"entry": {"cmd": "python train.py"}, "files": {}, "metrics": {}}
+    server = ScriptedServer([httpx.ConnectError("connection refused")] * 30 + [result], monkeypatch)
+    assert _stage_result(uuid.uuid4(), PoolSettings()) == result and server.script == [] and server.now[0] == 30.0
 
 
 def test_whether_a_worker_polls_is_read_from_last_polled_moving_not_from_its_value(

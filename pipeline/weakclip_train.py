@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from weakclip_core.method.crf import CrfPool
 from weakclip_core.data.layout import IGNORE_INDEX, LABELS_FILE, PreparedDataset, read_image_size
 from weakclip_core.data.sampling import StepSampler
 from weakclip_core.data.imports import check_mask_classes_follow_labels, read_pseudo_mask
+from weakclip_core.data.packed_masks import PackedMasks
 from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
 from weakclip_core.data.segmentation import ground_truth_dirs, refuse_ground_truth_dir
 from weakclip_core.data.transforms import MmsegAugmentation
@@ -82,11 +84,11 @@ class WeakClipTrainPaths:
 
 
 def imported_seed_masks(folder: Path, dataset: PreparedDataset, image_ids: list[str],
-                        show_progress: bool) -> dict[str, np.ndarray]:
+                        show_progress: bool) -> PackedMasks:
     """``weakclip.seeds.source: mask_folder``: each train image's pseudo mask, checked before the first step
     (a missing one or one of the wrong size stops the stage naming the file; masks whose classes never agree
     with their images' labels stop it too, and a few such masks are said on stderr)."""
-    masks: dict[str, np.ndarray] = {}
+    masks = PackedMasks()  # compressed: a whole split's masks as arrays took ~25 GB on COCO, in every DDP rank
     shown: dict[str, list[int]] = {}
     for image_id in tqdm(image_ids, desc=f"{STAGE} masks", unit="mask", disable=not show_progress):
         masks[image_id], shown[image_id] = read_pseudo_mask(
@@ -127,7 +129,7 @@ def masks_fingerprint(folder: Path, image_ids: list[str]) -> str:
     return digest.hexdigest()
 
 
-def seed_quality(seed_masks: dict[str, np.ndarray], dataset: PreparedDataset, image_ids: list[str]) -> dict:
+def seed_quality(seed_masks: Mapping[str, np.ndarray], dataset: PreparedDataset, image_ids: list[str]) -> dict:
     """mIoU of the seeds vs GT on the pixels the seeds label, and the share of GT pixels they label."""
     accumulator = ConfusionAccumulator(dataset.n_classes)
     labelled = scored = 0

@@ -125,6 +125,11 @@ def test_training_set_samples_are_deterministic_and_aligned(tiny_chain):
     seed_masks = build_seed_masks(store, dataset, image_ids, SeedConfig(fg_threshold=0.6, bg_threshold=0.2),
                                   progress=False)
     training_set = SeededTrainingSet(dataset, image_ids, seed_masks, DenseAugmentation(crop=32), seed=1)
+    as_arrays = SeededTrainingSet(dataset, image_ids, {image_id: seed_masks[image_id] for image_id in image_ids},
+                                  DenseAugmentation(crop=32), seed=1)  # the seeds as plain arrays: the same samples
+    for key in [(0, 0), (3, 5), (7, len(image_ids) - 1)]:
+        packed_sample, plain_sample = training_set[key], as_arrays[key]
+        assert all(torch.equal(packed_sample[name], plain_sample[name]) for name in packed_sample), key
     sample = training_set[(3, 5)]
     assert sample["image"].shape == (3, 32, 32) and sample["raw_image"].shape == (3, 32, 32)
     assert sample["raw_image"].dtype == torch.uint8 and sample["seed_mask"].dtype == torch.int64

@@ -11,6 +11,8 @@ padded after normalisation: image 0 (the mean colour), raw pixels the mean colou
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -19,20 +21,22 @@ from tqdm import tqdm
 from weakclip_core.artifacts.cam_store import CamStoreError, CamStoreReader
 from weakclip_core.config.weakclip import SeedConfig
 from weakclip_core.data.layout import PreparedDataset
+from weakclip_core.data.packed_masks import PackedMasks
 from weakclip_core.data.transforms import DenseAugmentation, MmsegAugmentation, pad_normalised, sample_rng, to_tensor
 from weakclip_core.method.seeds import seeds_from_cams
 
 
 def build_seed_masks(store: CamStoreReader, dataset: PreparedDataset, image_ids: list[str],
-                     config: SeedConfig, progress: bool = True) -> dict[str, np.ndarray]:
-    """{image id: (H, W) uint8 seed mask} for ``image_ids``, from the CAMs of each image's classes.
+                     config: SeedConfig, progress: bool = True) -> PackedMasks:
+    """{image id: (H, W) uint8 seed mask} for ``image_ids``, from the CAMs of each image's classes, held
+    compressed (``PackedMasks``: a whole COCO split's masks as arrays took ~25 GB in every DDP rank).
 
     The store's classes of an image must be the dataset's labels of it, and its
     CAMs must have the image's size: anything else means the store was made
     from another dataset, and the error names the store file.
     """
     store.check_matches(dataset.class_names, image_ids)
-    seed_masks = {}
+    seed_masks = PackedMasks()
     for image_id in tqdm(image_ids, desc="seeds", unit="img", disable=not progress):
         classes, cams = store.read(image_id)
         labels = sorted(dataset.labels.get(image_id, []))
@@ -53,7 +57,7 @@ class SeededTrainingSet(Dataset):
       ``index``     () int64, the image's position in ``image_ids``.
     """
 
-    def __init__(self, dataset: PreparedDataset, image_ids: list[str], seed_masks: dict[str, np.ndarray],
+    def __init__(self, dataset: PreparedDataset, image_ids: list[str], seed_masks: Mapping[str, np.ndarray],
                  augmentation: DenseAugmentation | MmsegAugmentation, seed: int) -> None:
         missing = [image_id for image_id in image_ids if image_id not in seed_masks]
         if missing:

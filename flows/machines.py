@@ -488,9 +488,17 @@ def run_stage_on_worker(
                                                  if any(_under(path, {carried}) for path in state.files)])
         remote_option = ["--remote", remote] if remote else []
         targets = pull_targets(spec, graph)
-        if targets:
+        tracked = [target for target in targets if any(_under(target, {data}) for data in graph.tracked_data)]
+        made = [target for target in targets if target not in tracked]
+        if made:
             # --force: a stale copy left by an earlier run in this clone is replaced by the lock's version.
-            _remote_command(["pull", "--force", *remote_option, *targets], root, remote, logger, abandon)
+            _remote_command(["pull", "--force", *remote_option, *made], root, remote, logger, abandon)
+        # Data tracked by hand is pulled only where this clone lacks it: it may have been copied to every machine
+        # and `dvc add`ed, never pushed, and `dvc pull --force` of data the remote lacks deletes the copy. A copy
+        # here is used as it is (DVC hashes it into the stage's lock entry).
+        absent = [target for target in tracked if not (root / target).exists()]
+        if absent:
+            _remote_command(["pull", "--force", *remote_option, *absent], root, remote, logger, abandon)
         if outputs_only_missing(root, stage_name, read_lock(state.lock)):
             # Up to date in the coordinator's lock, only not in this clone (a fresh clone, another GPU's clone):
             # its outputs come from the remote and dvc repro skips it, as `dvc repro --pull` would, instead of

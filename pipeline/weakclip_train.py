@@ -84,10 +84,11 @@ class WeakClipTrainPaths:
 
 
 def imported_seed_masks(folder: Path, dataset: PreparedDataset, image_ids: list[str],
-                        show_progress: bool) -> PackedMasks:
+                        show_progress: bool, say_warnings: bool = True) -> PackedMasks:
     """``weakclip.seeds.source: mask_folder``: each train image's pseudo mask, checked before the first step
-    (a missing one or one of the wrong size stops the stage naming the file; masks whose classes never agree
-    with their images' labels stop it too, and a few such masks are said on stderr)."""
+    (a missing one or one of the wrong size stops the stage naming the file; most masks showing classes their
+    images are not labelled with stop it too, and a few such masks are said on stderr when ``say_warnings``:
+    rank 0's job under torchrun)."""
     masks = PackedMasks()  # compressed: a whole split's masks as arrays took ~25 GB on COCO, in every DDP rank
     shown: dict[str, list[int]] = {}
     for image_id in tqdm(image_ids, desc=f"{STAGE} masks", unit="mask", disable=not show_progress):
@@ -96,7 +97,7 @@ def imported_seed_masks(folder: Path, dataset: PreparedDataset, image_ids: list[
             dataset.image_labels(image_id))
     warning = check_mask_classes_follow_labels(shown, {image_id: dataset.image_labels(image_id)
                                                        for image_id in image_ids}, folder)
-    if warning is not None:
+    if warning is not None and say_warnings:
         print(f"{STAGE}: warning: {warning}", file=sys.stderr)
     return masks
 
@@ -194,7 +195,7 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     scored_ids = dataset.scored_ids(params.dataset.train_split, params.dataset.scored_split)
     if cfg.seeds.source in ("mask_folder", "gt"):  # a folder of masks: the seeds as they are (the reference's input)
         mask_folder = seed_mask_folder(params, dataset, image_ids)
-        seed_masks = imported_seed_masks(mask_folder, dataset, image_ids, show_progress)
+        seed_masks = imported_seed_masks(mask_folder, dataset, image_ids, show_progress, context.is_main)
         seeds_key = {"masks_sha256": masks_fingerprint(mask_folder, image_ids)}
         cam_variant = None
     else:

@@ -277,10 +277,13 @@ class ScriptedServer:
 
     def set_flow_run_state(self, flow_run_id: object, state: object, force: bool = False) -> object:
         """Accepted, unless the script's next answer is a final state: the run ended first, and (unforced) the
-        server aborts a Crashed proposed over it (``test_a_completed_run_is_not_overwritten_by_crashed``)."""
+        server aborts a Crashed proposed over it; over a Cancelling run it rejects anything but Cancelled (both
+        pinned on a real server by ``test_a_completed_run_is_not_overwritten_by_crashed``)."""
         from prefect.client.schemas.responses import SetStateStatus
 
         self.set_states.append(state)
+        if not force and self.answer[0].type.value == "CANCELLING" and state.type.value != "CANCELLED":
+            return self.namespace(status=SetStateStatus.REJECT)  # Prefect's rule: Cancelling ends as Cancelled
         ended = not force and self.script and not isinstance(self.script[0], Exception) and self.script[0][0].is_final()
         return self.namespace(status=SetStateStatus.ABORT if ended else SetStateStatus.ACCEPT)
 
@@ -380,6 +383,28 @@ def test_a_run_that_completes_while_being_given_up_for_lost_stays_completed(monk
                                   uuid.uuid4(), PoolSettings(start_timeout_s=30, worker_lost_after_s=120))
     assert flow_run.state is completed
     assert [state.type.value for state in server.set_states] == ["CRASHED"]  # proposed once, aborted
+
+
+def test_a_run_being_cancelled_whose_worker_is_gone_ends_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage cancelled by hand after its worker died stays Cancelling (no worker to finish the cancel), and Prefect
+    rejects Crashed over Cancelling: the unforced proposal was rejected every second until ``stage_timeout_s``
+    (7 days). Now a rejected proposal over a Cancelling run ends it Cancelled, which the chain reports, unretried."""
+    import datetime as dt
+    import uuid
+
+    from prefect.states import Cancelled, Cancelling
+
+    from flows.chain import PoolSettings, wait_for_stage_run
+    from flows.resources import Placement
+
+    beat = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    cancelling, cancelled = Cancelling(), Cancelled()
+    server = ScriptedServer([(cancelling, beat, None)] * 122 + [(cancelled, beat, None)], monkeypatch)
+    flow_run = wait_for_stage_run("cam_train", Placement("weakclip-gpu", "stage/stage-gpu-0", 0, "gpu-0"),
+                                  uuid.uuid4(), PoolSettings(start_timeout_s=30, worker_lost_after_s=120))
+    assert flow_run.state is cancelled and server.script == []
+    assert [state.type.value for state in server.set_states] == ["CRASHED", "CANCELLED"]
+    assert server.set_states[1].message.endswith("worker lost (it was being cancelled)")
 
 
 def test_an_abandoned_command_is_stopped_with_every_process_it_started(tmp_path: Path) -> None:
@@ -664,10 +689,10 @@ def test_the_heartbeat_reaches_the_server_when_the_worker_logs_only_warnings(pre
 @pytest.mark.slow
 def test_a_completed_run_is_not_overwritten_by_crashed(prefect_api: str) -> None:
     """What the chain's worker-lost check relies on, on a real server: Crashed proposed unforced over a Completed
-    run is aborted and the run stays Completed; over a Running run it is accepted."""
+    run is aborted and the run stays Completed; over a Cancelling run it is rejected; over a Running run accepted."""
     from prefect import flow, get_client
     from prefect.client.schemas.responses import SetStateStatus
-    from prefect.states import Completed, Crashed, Running
+    from prefect.states import Cancelling, Completed, Crashed, Running
 
     @flow
     def some_stage() -> None:
@@ -675,6 +700,7 @@ def test_a_completed_run_is_not_overwritten_by_crashed(prefect_api: str) -> None
 
     with get_client(sync_client=True) as client:
         for path, status, final in [([Running(), Completed()], SetStateStatus.ABORT, "COMPLETED"),
+                                    ([Running(), Cancelling()], SetStateStatus.REJECT, "CANCELLING"),
                                     ([Running()], SetStateStatus.ACCEPT, "CRASHED")]:
             flow_run = client.create_flow_run(some_stage)
             for state in path:

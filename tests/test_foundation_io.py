@@ -208,6 +208,12 @@ def test_atomic_dir_refuses_an_output_that_is_or_holds_an_input_or_the_project(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "other", "params.yaml"]
     # The project folder is the one read folder an output may lie inside (every output does).
     assert check_output_dir("data/pseudo", MASKS, reads=reads) == (tmp_path / "data" / "pseudo").resolve()
+    # A project cloned inside the dataset's own folder: its outputs lie inside that read folder too, and only
+    # those outside the project are refused there.
+    around = {"dataset.source": str(tmp_path.parent)}
+    assert check_output_dir("data/pseudo", MASKS, reads=around) == (tmp_path / "data" / "pseudo").resolve()
+    with pytest.raises(OutputFolderError, match=f"is inside {tmp_path.parent} \\(dataset.source\\)"):
+        check_output_dir(str(tmp_path.parent / "images"), MASKS, reads=around)
 
 
 def test_atomic_dir_writes_through_a_symlinked_folder(tmp_path):

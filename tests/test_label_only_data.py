@@ -291,7 +291,9 @@ def test_a_bad_custom_input_is_one_line_naming_the_file(tmp_path: Path, breaker)
      "classes.txt:4: the class list is not UTF-8 (byte 0xe9)"),
     ("splits/train.txt", b"a1\na2\xff\n", "train.txt:2: the split list is not UTF-8 (byte 0xff)"),
     ("classes.txt", b"kiwi\nbackground\nlime\nplum\n",
-     "classes.txt:2: 'background' is class 0: it may only be the first line")])
+     "classes.txt:2: 'background' is class 0: it may only be the first line"),
+    ("classes.txt", b"background\nkiwi\nlime\nbackground\nplum\n",  # the repeat named, not the legal line 1
+     "classes.txt:4: 'background' is class 0: it may only be the first line")])
 def test_a_bad_text_file_is_one_line_naming_its_line(tmp_path: Path, relative: str, content: bytes,
                                                      words: str) -> None:
     """A Latin-1 file stopped ``prepare`` in a ``UnicodeDecodeError`` traceback; ``background`` on line 2 was

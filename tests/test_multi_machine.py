@@ -448,7 +448,7 @@ def test_data_tracked_by_a_dvc_file_is_pulled_on_a_fresh_worker_clone(tmp_path: 
     import logging
 
     from flows.dag import read_stage_graph
-    from flows.machines import capture_run_state, pull_targets, run_stage_on_worker
+    from flows.machines import RemoteFailed, capture_run_state, pull_targets, run_stage_on_worker
 
     code = "import pathlib; pathlib.Path('count.txt').write_text(str(len(sorted(pathlib.Path('data/extra').iterdir()))))"
     origin = write_demo_project(tmp_path / "origin", remote_dir=tmp_path / "nfs-remote",
@@ -471,6 +471,24 @@ def test_data_tracked_by_a_dvc_file_is_pulled_on_a_fresh_worker_clone(tmp_path: 
     assert (worker / "count.txt").read_text() == "3"
     assert graph.tracked_data == ("data/extra",)
     assert pull_targets(graph.by_name()["count_extra"], graph) == ["data/extra"]
+
+    # Data copied to each machine by hand and `dvc add`ed, never pushed: a remote without it. A clone holding the
+    # copy runs on it, the copy kept (`dvc pull --force` of data the remote lacks deletes it); a clone without it
+    # fails naming the remote.
+    (tmp_path / "empty-remote").mkdir()
+    for name, copied in (("copied", True), ("bare", False)):
+        other = clone(origin, tmp_path / name)
+        run([*DVC, "remote", "add", "--local", "empty", str(tmp_path / "empty-remote")], other)
+        if copied:
+            shutil.copytree(origin / "data" / "extra", other / "data" / "extra")
+            run_stage_on_worker("count_extra", capture_run_state(coordinator, graph), other, "empty",
+                                logging.getLogger("test"))
+            assert (other / "count.txt").read_text() == "3"
+            assert sorted(path.name for path in (other / "data" / "extra").iterdir()) == ["a.txt", "b.txt", "c.txt"]
+        else:
+            with pytest.raises(RemoteFailed, match="`dvc pull` against DVC remote 'empty'"):
+                run_stage_on_worker("count_extra", capture_run_state(coordinator, graph), other, "empty",
+                                    logging.getLogger("test"))
     assert set(result["entry"]["deps"][0]) >= {"path", "md5"} and result["entry"]["deps"][0]["path"] == "data/extra"
 
 

@@ -18,6 +18,7 @@ from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.data.segmentation import GroundTruthMaskError
 from weakclip_core.data.seeded import SeededTrainingSet, build_seed_masks
 from weakclip_core.data.transforms import DenseAugmentation
+from weakclip_core.method.seeds import seeds_from_cams
 from weakclip_core.runtime.device import seed_everything
 from weakclip_core.models.weakclip.model import WeakCLIP
 from weakclip_core.artifacts.weakclip import load_weakclip_model
@@ -125,8 +126,11 @@ def test_training_set_samples_are_deterministic_and_aligned(tiny_chain):
     seed_masks = build_seed_masks(store, dataset, image_ids, SeedConfig(fg_threshold=0.6, bg_threshold=0.2),
                                   progress=False)
     training_set = SeededTrainingSet(dataset, image_ids, seed_masks, DenseAugmentation(crop=32), seed=1)
-    as_arrays = SeededTrainingSet(dataset, image_ids, {image_id: seed_masks[image_id] for image_id in image_ids},
-                                  DenseAugmentation(crop=32), seed=1)  # the seeds as plain arrays: the same samples
+    plain_seeds = {}  # made as arrays, without PackedMasks: the samples must be the same
+    for image_id in image_ids:
+        classes, cams = store.read(image_id)
+        plain_seeds[image_id] = seeds_from_cams(cams, classes, SeedConfig(fg_threshold=0.6, bg_threshold=0.2))
+    as_arrays = SeededTrainingSet(dataset, image_ids, plain_seeds, DenseAugmentation(crop=32), seed=1)
     for key in [(0, 0), (3, 5), (7, len(image_ids) - 1)]:
         packed_sample, plain_sample = training_set[key], as_arrays[key]
         assert all(torch.equal(packed_sample[name], plain_sample[name]) for name in packed_sample), key

@@ -254,9 +254,13 @@ def check_output_dir(final_dir: str | Path, contents: FolderContents = ANY_FILES
             raise OutputFolderError(
                 f"{prefix}{given} {relation} {path} ({what}), which this stage reads; the stage replaces this "
                 "folder whole when it finishes, which would delete it: choose a folder of its own")
+    project = Path.cwd().resolve()
     for what, path in given_reads.items():  # every output lies inside the project folder: only the reads count
         resolved = path.resolve()
-        if resolved.is_dir() and _is_within(target, resolved):
+        holds_the_project = _is_within(project, resolved)  # a project cloned inside the dataset's folder: its
+        # outputs lie there too, so only outputs outside the project count for that folder
+        if resolved.is_dir() and _is_within(target, resolved) and not (holds_the_project
+                                                                       and _is_within(target, project)):
             raise OutputFolderError(
                 f"{prefix}{given} is inside {path} ({what}), which this stage reads; the stage replaces this "
                 "folder whole when it finishes, which would delete what is there, and would change its own "

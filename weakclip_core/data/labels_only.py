@@ -98,7 +98,8 @@ def read_class_list(path: Path) -> list[str]:
     if not names:
         raise DatasetError(f"{path}: class list is empty")
     if "background" in names:
-        raise DatasetError(f"{path}:{lines.index('background') + 1}: 'background' is class 0: it may only be the "
+        line = len(lines) - len(names) + names.index("background") + 1  # names: lines without a leading background
+        raise DatasetError(f"{path}:{line}: 'background' is class 0: it may only be the "
                            "first line (or left out); line i after it is class i")
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:

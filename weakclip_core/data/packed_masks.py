@@ -35,6 +35,9 @@ class PackedMasks(Mapping[str, np.ndarray]):
         shape, packed = self._packed[image_id]
         return np.frombuffer(bytearray(zlib.decompress(packed)), dtype=np.uint8).reshape(shape)
 
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._packed  # Mapping's own would unpack the mask to answer
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._packed)
 

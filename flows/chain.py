@@ -227,15 +227,15 @@ def wait_for_stage_run(stage_name: str, placement: Placement, flow_run_id: Any, 
                             result = client.set_flow_run_state(flow_run_id, Crashed(message=message))
                             if result.status == SetStateStatus.ACCEPT:
                                 raise RuntimeError(message)
-                            if result.status != SetStateStatus.ABORT:  # rejected: Prefect lets a Cancelling run
-                                # (cancelled by hand, its worker gone) end only as Cancelled, which the chain
-                                # then reports as cancelled (not retried); any other rejection: crashed, as before
-                                cancelling = state.type.value == "CANCELLING"
-                                client.set_flow_run_state(flow_run_id, (Cancelled if cancelling else Crashed)(
-                                    message=f"{message} (it was being cancelled)" if cancelling else message),
-                                    force=True)
-                                if not cancelling:
-                                    raise RuntimeError(message)
+                            if result.status == SetStateStatus.ABORT:
+                                pass  # it ended meanwhile: the next poll returns it
+                            elif state.is_cancelling():  # rejected: Prefect ends a Cancelling run (cancelled by
+                                # hand, its worker gone) only as Cancelled, which the chain reports, unretried
+                                client.set_flow_run_state(
+                                    flow_run_id, Cancelled(message=f"{message} (it was being cancelled)"), force=True)
+                            else:  # any other rejection: crashed, as before
+                                client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+                                raise RuntimeError(message)
                     time.sleep(1.0)
         except Exception as error:
             if not _server_unreachable(error):

@@ -393,10 +393,9 @@ def bring_clone_to(root: Path, state: RunState, logger: logging.Logger | logging
         lock_path.write_text(state.lock)
 
 
-def pull_targets(stage: StageSpec, graph: StageGraph) -> list[str]:
-    """The cached deps of ``stage`` that upstream stages made or ``.dvc`` files track (paths, as ``dvc pull``
-    takes them): a worker's clone holds neither until it pulls them."""
-    by_name = graph.by_name()
+def tracked_targets(stage: StageSpec, graph: StageGraph) -> list[str]:
+    """The deps of ``stage`` that ``.dvc`` files track (paths, as ``dvc pull`` takes them): a worker's fresh clone
+    holds only the ``.dvc`` file."""
     targets: list[str] = []
     for dep in stage.deps:
         for tracked in graph.tracked_data:
@@ -404,6 +403,13 @@ def pull_targets(stage: StageSpec, graph: StageGraph) -> list[str]:
                 targets.append(dep)
             elif _under(tracked, {dep}):
                 targets.append(tracked)
+    return sorted(set(targets))
+
+
+def pull_targets(stage: StageSpec, graph: StageGraph) -> list[str]:
+    """The cached deps of ``stage`` that upstream stages made (paths, as ``dvc pull`` takes them)."""
+    by_name = graph.by_name()
+    targets: list[str] = []
     for dep in stage.deps:
         for parent in stage.upstream:
             spec = by_name[parent]
@@ -487,16 +493,14 @@ def run_stage_on_worker(
         write_files(root, state.files, replaced=[carried for carried in carried_roots(spec, graph)
                                                  if any(_under(path, {carried}) for path in state.files)])
         remote_option = ["--remote", remote] if remote else []
-        targets = pull_targets(spec, graph)
-        tracked = [target for target in targets if any(_under(target, {data}) for data in graph.tracked_data)]
-        made = [target for target in targets if target not in tracked]
+        made = pull_targets(spec, graph)
         if made:
             # --force: a stale copy left by an earlier run in this clone is replaced by the lock's version.
             _remote_command(["pull", "--force", *remote_option, *made], root, remote, logger, abandon)
         # Data tracked by hand is pulled only where this clone lacks it: it may have been copied to every machine
         # and `dvc add`ed, never pushed, and `dvc pull --force` of data the remote lacks deletes the copy. A copy
         # here is used as it is (DVC hashes it into the stage's lock entry).
-        absent = [target for target in tracked if not (root / target).exists()]
+        absent = [target for target in tracked_targets(spec, graph) if not (root / target).exists()]
         if absent:
             _remote_command(["pull", "--force", *remote_option, *absent], root, remote, logger, abandon)
         if outputs_only_missing(root, stage_name, read_lock(state.lock)):

@@ -448,7 +448,7 @@ def test_data_tracked_by_a_dvc_file_is_pulled_on_a_fresh_worker_clone(tmp_path: 
     import logging
 
     from flows.dag import read_stage_graph
-    from flows.machines import RemoteFailed, capture_run_state, pull_targets, run_stage_on_worker
+    from flows.machines import RemoteFailed, capture_run_state, pull_targets, run_stage_on_worker, tracked_targets
 
     code = "import pathlib; pathlib.Path('count.txt').write_text(str(len(sorted(pathlib.Path('data/extra').iterdir()))))"
     origin = write_demo_project(tmp_path / "origin", remote_dir=tmp_path / "nfs-remote",
@@ -470,7 +470,8 @@ def test_data_tracked_by_a_dvc_file_is_pulled_on_a_fresh_worker_clone(tmp_path: 
                                  logging.getLogger("test"))
     assert (worker / "count.txt").read_text() == "3"
     assert graph.tracked_data == ("data/extra",)
-    assert pull_targets(graph.by_name()["count_extra"], graph) == ["data/extra"]
+    assert tracked_targets(graph.by_name()["count_extra"], graph) == ["data/extra"]
+    assert pull_targets(graph.by_name()["count_extra"], graph) == []  # no upstream stage made it
 
     # Data copied to each machine by hand and `dvc add`ed, never pushed: a remote without it. A clone holding the
     # copy runs on it, the copy kept (`dvc pull --force` of data the remote lacks deletes it); a clone without it

@@ -268,8 +268,8 @@ def load_dense_model(paths: PseudoPaths, device: torch.device, class_names: list
         require_input(paths.clip_dir / WEIGHTS_FILE, "clip")
     model = load_weakclip_model(require_input(paths.model, "weakclip_train"), paths.clip_dir).to(device).eval()
     if list(model.class_names) != list(class_names):
-        raise WeakClipArtifactError(f"{paths.model}: trained for the classes {list(model.class_names)}, the dataset has "
-                         f"{list(class_names)} (re-run weakclip_train)")
+        raise WeakClipArtifactError(f"{paths.model}: trained for the classes {list(model.class_names)}, the "
+                                    f"dataset has {list(class_names)} (re-run weakclip_train)")
 
     def logits_of(images: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):

@@ -91,12 +91,12 @@ def imported_seed_masks(folder: Path, dataset: PreparedDataset, image_ids: list[
     rank 0's job under torchrun)."""
     masks = PackedMasks()  # compressed: a whole split's masks as arrays took ~25 GB on COCO, in every DDP rank
     shown: dict[str, list[int]] = {}
+    labels = {image_id: dataset.image_labels(image_id) for image_id in image_ids}
     for image_id in tqdm(image_ids, desc=f"{STAGE} masks", unit="mask", disable=not show_progress):
         masks[image_id], shown[image_id] = read_pseudo_mask(
             folder / f"{image_id}.png", read_image_size(dataset.image_path(image_id)), dataset.n_classes,
-            dataset.image_labels(image_id))
-    warning = check_mask_classes_follow_labels(shown, {image_id: dataset.image_labels(image_id)
-                                                       for image_id in image_ids}, folder)
+            labels[image_id])
+    warning = check_mask_classes_follow_labels(shown, labels, folder)
     if warning is not None and say_warnings:
         print(f"{STAGE}: warning: {warning}", file=sys.stderr)
     return masks

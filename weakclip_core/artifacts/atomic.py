@@ -238,7 +238,8 @@ def check_output_dir(final_dir: str | Path, contents: FolderContents = ANY_FILES
     any of ``reads`` (``{what: path}``: the folders and files the stage reads, e.g.
     ``{"dataset.prepared_dir": ...}``); must not lie inside a folder of ``reads`` either (a folder of the
     user's dataset such as ``<dataset.source>/images`` holds only files the stage might write, ``*.png``, and
-    would be replaced by them; an output inside an input is also an input that changes under DVC); must not hold a project marker (``params.yaml``, ``dvc.yaml``, ``.git``);
+    would be replaced by them; an output inside an input is also an input that changes under DVC); must not
+    hold a project marker (``params.yaml``, ``dvc.yaml``, ``.git``);
     must be a folder when it exists; and must hold nothing but ``contents``. ``key`` (the params key that
     chose the folder) starts the message. Returns the folder the replacement will act on (the link's target
     for a link).

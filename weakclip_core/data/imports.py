@@ -92,7 +92,8 @@ def read_pseudo_mask(path: Path, image_shape: tuple[int, int], n_classes: int,
         raise ImportedSeedError(str(error)) from None
     allowed = np.zeros(256, dtype=bool)
     allowed[[0, IGNORE_INDEX, *classes]] = True
-    shown = [int(value) for value in np.unique(mask) if value not in (0, IGNORE_INDEX)]
+    counts = np.bincount(mask.ravel(), minlength=256)  # one pass; np.unique sorts the whole mask
+    shown = [int(value) for value in np.flatnonzero(counts) if value not in (0, IGNORE_INDEX)]
     return np.where(allowed[mask], mask, IGNORE_INDEX).astype(np.uint8), shown
 
 
@@ -104,9 +105,8 @@ def check_mask_classes_follow_labels(shown_by_image: dict[str, list[int]], label
     foreground so: ``ImportedSeedError`` (an off-by-one shows a foreign class on nearly every mask, even where a
     shifted class happens to land on a real label). Some: the warning line to show, else ``None``."""
     with_foreground = [image_id for image_id, shown in shown_by_image.items() if shown]
-    foreign = {image_id: sorted(set(shown_by_image[image_id]) - set(labels_by_image[image_id]))
-               for image_id in with_foreground}
-    strays = [image_id for image_id in with_foreground if foreign[image_id]]
+    strays = [image_id for image_id in with_foreground
+              if not set(shown_by_image[image_id]) <= set(labels_by_image[image_id])]
     if not strays:
         return None
     first = strays[0]

@@ -60,7 +60,7 @@ chromium:
 	fi
 	@test -x "$(CHROMIUM)" || { echo "make: installing chromium did not provide $(CHROMIUM)" >&2; exit 1; }
 
-# The SSH-remote test (tests/test_multi_machine.py) starts Debian's OpenSSH server (/usr/sbin/sshd) on 127.0.0.1
+# The SSH-remote test (tests/test_multi_machine_ssh.py) starts Debian's OpenSSH server (/usr/sbin/sshd) on 127.0.0.1
 # with a key it makes; DVC reaches it through dvc-ssh (requirements.txt). Installed here when missing and make runs as root.
 SSHD := /usr/sbin/sshd
 
@@ -70,11 +70,11 @@ openssh-server:
 	  echo "make: $(SSHD) is missing; installing Debian's openssh-server for the SSH-remote test"; \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y openssh-server openssh-client; \
 	elif command -v apt-get >/dev/null 2>&1; then \
-	  echo "make: $(SSHD) is missing and the SSH-remote test needs it (tests/test_multi_machine.py). Install it, then run make again:" >&2; \
+	  echo "make: $(SSHD) is missing and the SSH-remote test needs it (tests/test_multi_machine_ssh.py). Install it, then run make again:" >&2; \
 	  echo "    sudo apt-get update && sudo apt-get install -y openssh-server openssh-client" >&2; \
 	  exit 1; \
 	else \
-	  echo "make: $(SSHD) is missing and the SSH-remote test needs it (tests/test_multi_machine.py); this is not a" >&2; \
+	  echo "make: $(SSHD) is missing and the SSH-remote test needs it (tests/test_multi_machine_ssh.py); this is not a" >&2; \
 	  echo "Debian/Ubuntu system (no apt-get): install an OpenSSH server so that $(SSHD) runs it, then run make again" >&2; \
 	  exit 1; \
 	fi

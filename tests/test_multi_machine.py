@@ -3,22 +3,22 @@
 Every "machine" is its own git clone with its own DVC cache (DVC's cache is the clone's
 ``.dvc/cache``): the CPU worker's clone, the GPU worker's clone, the coordinator's clone,
 and a fresh fourth clone that checks the result. They share only the Prefect server
-(127.0.0.1, free port, home in tmp) and a DVC remote: a folder (a cluster's NFS) or a
-real OpenSSH server on 127.0.0.1 (Debian's openssh-server, a key made here). Workers are
-real ``prefect worker`` processes on the pools and queues that ``python -m flows.deploy``
-created; the coordinator is the ``chain`` flow called in this process.
+(127.0.0.1, free port, home in tmp) and a DVC remote: a folder (a cluster's NFS) here, a
+real OpenSSH server in tests/test_multi_machine_ssh.py. Workers are real ``prefect worker``
+processes on the pools and queues that ``python -m flows.deploy`` created; the coordinator is
+the ``chain`` flow called in this process.
 
-Two projects. The tiny chain (the repository's own dvc.yaml, code and the tiny params of
-tests/test_end_to_end.py: eleven stages, nine on the GPU pool) runs over the SSH remote; its
-reference is the session's one-folder ``dvc repro`` of the same project (``tiny_chain_project``,
-tests/conftest.py), which the end-to-end tests check too. The demo (flows/demo.py: five stages
-whose commands take no time) runs over a folder remote (a cluster's NFS) and serves the faults:
-a second chain after a committed code change, a worker killed mid-stage, one stage per GPU, no
-worker polling, auth. The remote's kind and the stages are independent of each other (the
-workers only ``dvc pull`` / ``dvc push`` through it), so the tiny chain runs over one remote kind
-and the demo over the other: a second tiny chain over a folder took about 170 s of the suite and
-checked nothing the two runs do not. References: a plain ``dvc repro`` of the same project in
-one folder, ``dvc status``, ``dvc pull`` in the fresh clone, the metrics files on disk.
+Two projects. The demo (flows/demo.py: five stages whose commands take no time) runs here over
+a folder remote and serves the faults: a second chain after a committed code change, a worker
+killed mid-stage, one stage per GPU, no worker polling, auth. The tiny chain (the repository's
+own dvc.yaml, code and tiny params: eleven stages, nine on the GPU pool) runs over the SSH
+remote in tests/test_multi_machine_ssh.py, a module of its own so that the two halves, each
+minutes long, can run on two pytest-xdist workers at once. The remote's kind and the stages are
+independent of each other (the workers only ``dvc pull`` / ``dvc push`` through it), so the tiny
+chain runs over one remote kind and the demo over the other: a second tiny chain over a folder
+took about 170 s of the suite and checked nothing the two runs do not. References: a plain
+``dvc repro`` of the same project in one folder, ``dvc status``, ``dvc pull`` in the fresh
+clone, the metrics files on disk.
 """
 
 from __future__ import annotations
@@ -50,10 +50,8 @@ from flows.demo import demo_stages, write_demo_project
 from flows.local_server import (
     LocalServer,
     drain_prefect_clients,
-    free_loopback_port,
     local_prefect_server,
     process_worker,
-    stop_process,
 )
 from flows.resources import CPU_POOL, CPU_STAGE_QUEUE, GPU_POOL, gpu_queue
 
@@ -107,20 +105,25 @@ def git_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, value)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+@contextmanager
+def deployed_server(home: Path) -> Iterator[LocalServer]:
     """One loopback server; pools, queues (GPU limit 1) and deployments from the project's deploy step."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
     from flows.deploy import deploy
 
-    home = tmp_path_factory.mktemp("mm_prefect_home")
     with local_prefect_server(home) as running:
         with temporary_settings({PREFECT_API_URL: running.api_url, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
             limits = deploy(gpus=1)
             assert limits[f"{GPU_POOL}/{gpu_queue(0)}"] == 1
             yield running
             drain_prefect_clients()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    with deployed_server(tmp_path_factory.mktemp("mm_prefect_home")) as running:
+        yield running
 
 
 @contextmanager
@@ -133,56 +136,6 @@ def workers(server: LocalServer, cpu_clone: Path | None, gpu_clone: Path | None)
                 env = {"WEAKCLIP_REPO": str(REPO_ROOT), "WEAKCLIP_PROJECT": str(project), **GIT_IDENTITY}
                 started[name] = stack.enter_context(process_worker(server, pool, work_queue=queue, extra_env=env))
         yield started
-
-
-@contextmanager
-def ssh_server(root: Path) -> Iterator[dict[str, str]]:
-    """Debian's OpenSSH server on 127.0.0.1:<free port>, host key and client key made here, key login only."""
-    if not SSHD.exists():
-        pytest.fail(f"{SSHD} is missing: the SSH remote test needs Debian's openssh-server (make test installs it as root)")
-    root.mkdir(parents=True)
-    for name in ("host_key", "client_key"):
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], root)
-    (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
-    os.chmod(root / "authorized_keys", 0o600)
-    port = free_loopback_port()
-    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
-    (root / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\nPidFile {root / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {root / 'authorized_keys'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "UsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nLogLevel ERROR\n"
-    )
-    if os.geteuid() == 0:
-        Path("/run/sshd").mkdir(exist_ok=True)
-    log = (root / "sshd.log").open("w")
-    process = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(root / "sshd_config")], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            probe = subprocess.run(
-                ["ssh", "-i", str(root / "client_key"), "-p", str(port), "-o", "StrictHostKeyChecking=no",
-                 "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", f"{user}@127.0.0.1", "true"],
-                capture_output=True, text=True, check=False, timeout=30,
-            )
-            if probe.returncode == 0:
-                break
-            assert process.poll() is None and time.monotonic() < deadline, (
-                f"sshd did not accept the key: {probe.stderr}\n{(root / 'sshd.log').read_text()}"
-            )
-            time.sleep(0.5)
-        yield {"port": str(port), "user": user, "keyfile": str(root / "client_key"), "process": process}  # type: ignore[dict-item]
-    finally:
-        stop_process(process)
-        log.close()
-
-
-def add_ssh_remote(project: Path, ssh: dict[str, str], remote_path: Path) -> None:
-    run([*DVC, "remote", "add", "--default", "ssh", f"ssh://127.0.0.1{remote_path}"], project)
-    run([*DVC, "remote", "modify", "ssh", "port", ssh["port"]], project)
-    run([*DVC, "remote", "modify", "ssh", "user", ssh["user"]], project)
-    run([*DVC, "remote", "modify", "ssh", "keyfile", ssh["keyfile"]], project)
-    run(["git", "add", ".dvc/config"], project)
-    run(["git", "commit", "--quiet", "-m", "DVC remote over SSH"], project)
 
 
 def machines(tmp_path: Path, origin: Path) -> dict[str, Path]:
@@ -254,52 +207,6 @@ def metrics_file(path: Path) -> dict[str, float]:
     from flows.stage_run import flatten_metrics
 
     return {name: round(value, 6) for name, value in flatten_metrics(json.loads(path.read_text())).items()}
-
-
-def tiny_origin(reference: Path, target: Path) -> Path:
-    """The repository the machines clone: the tiny project's commit (dvc.yaml, code, tiny params; no outputs),
-    taken from the one-folder reference project, which keeps its own outputs and lock untouched."""
-    return clone(reference, target)
-
-
-def check_tiny_chain_run(server: LocalServer, tmp_path: Path, origin: Path, remote: str, reference: Path) -> None:
-    """The tiny chain split over the CPU and GPU workers' clones, the coordinator in a third clone: its lock outs
-    equal the one-folder ``dvc repro``'s (``reference``), ``dvc status`` is clean there and in a fresh fourth
-    clone that pulls everything, and each stage's metrics artifact in the API equals its metrics file."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
-    from flows.chain import chain
-    from flows.dag import read_stage_graph
-    from flows.resources import needs_gpu
-
-    clones = {name: clone(origin, tmp_path / name) for name in ("coordinator", "cpu_worker", "gpu_worker")}
-    coordinator = clones["coordinator"]
-    with workers(server, clones["cpu_worker"], clones["gpu_worker"]):
-        state = chain(repo_dir=str(coordinator), dispatch="pools", remote=remote, commit=True, retry_delay_s=0.5,
-                      start_timeout_s=300, worker_lost_after_s=300, return_state=True)
-    assert state.is_completed(), state.message
-    graph = read_stage_graph(coordinator)
-    assert set(lock_outs(coordinator)) == {stage.name for stage in graph.stages}
-    assert lock_outs(coordinator) == lock_outs(reference)
-    assert dvc_status_clean(coordinator)
-    assert run(["git", "status", "--porcelain", "--untracked-files=no"], coordinator).strip() == ""
-    with get_client(sync_client=True) as client:
-        stage_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
-        # Split over both machines: every GPU stage ran on the GPU pool (the GPU worker's clone), the rest on the CPU one.
-        pools = {run_.parameters["stage_name"]: run_.work_pool_name for run_ in stage_runs}
-        assert pools == {stage.name: GPU_POOL if needs_gpu(stage.name) else CPU_POOL for stage in graph.stages}
-        # Each stage's metrics artifact in the API equals its metrics file.
-        for stage in graph.stages:
-            for path in stage.metrics:
-                if not path.endswith(".json"):
-                    continue
-                assert metrics_artifact(client, stage.name, path) == metrics_file(coordinator / path), (stage.name, path)
-    fresh = clone(coordinator, tmp_path / "fresh")
-    run([*DVC, "pull"], fresh)
-    assert dvc_status_clean(fresh)
-    assert lock_outs(fresh) == lock_outs(reference)
 
 
 # --------------------------------------------------------------------------- fast: refusals without a server
@@ -794,34 +701,3 @@ def test_a_client_without_the_auth_string_is_refused(tmp_path: Path, monkeypatch
         allowed = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "ls"], env=env, capture_output=True, text=True, timeout=120)
         assert allowed.returncode == 0, allowed.stdout + allowed.stderr
         shutil.rmtree(tmp_path / "client", ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_tiny_chain_over_two_machines_with_an_ssh_remote_then_the_remote_down(
-    server: LocalServer, tiny_chain_project: tuple[Path, dict, str], tmp_path: Path
-) -> None:
-    """The same over DVC's SSH remote against a real OpenSSH server; then the server stops: the next chain fails
-    naming the remote and the coordinator's lock is unchanged."""
-    from flows.chain import chain
-
-    reference = tiny_chain_project[0]
-    with ssh_server(tmp_path / "sshd") as ssh:
-        origin = tiny_origin(reference, tmp_path / "origin")
-        add_ssh_remote(origin, ssh, tmp_path / "ssh-remote")
-        check_tiny_chain_run(server, tmp_path, origin, "ssh", reference)
-        assert any(path.is_file() for path in (tmp_path / "ssh-remote").rglob("*")), "nothing was pushed over SSH"
-        coordinator = tmp_path / "coordinator"
-        run(["git", "push", "--quiet", "origin", "HEAD:refs/heads/chain-result"], coordinator)  # where workers fetch
-        lock_before = (coordinator / "dvc.lock").read_text()
-        params = yaml.safe_load((coordinator / "params.yaml").read_text())
-        params["weakclip"]["train"]["iterations"] += 1  # weakclip_train and everything after it must re-run
-        (coordinator / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        stop_process(ssh["process"])  # type: ignore[arg-type]
-        with workers(server, tmp_path / "cpu_worker", tmp_path / "gpu_worker"):
-            state = chain(
-                repo_dir=str(coordinator), dispatch="pools", remote="ssh", retries=0,
-                start_timeout_s=120, worker_lost_after_s=300, return_state=True,
-            )
-    assert state.is_failed()
-    assert "DVC remote 'ssh' (ssh://127.0.0.1" in state.message, state.message
-    assert (coordinator / "dvc.lock").read_text() == lock_before

@@ -51,6 +51,9 @@ def test_params_yaml_lists_every_schema_key():
         ({"dataset": {"synthetic": {"image_size": 8}}}, "dataset.synthetic.image_size: 8 is out of range"),
         ({"dataset": {"name": "voc"}}, "dataset.source: required when name is 'voc'"),
         ({"seg": {"model": "segformer", "encoder": "resnet18"}}, "seg.encoder: segformer needs an MiT encoder"),
+        ({"seg": {"train": {"freeze_encoder_bn": True}}},
+         "seg.train.freeze_encoder_bn: true keeps the encoder's BatchNorm at the ImageNet statistics it loads, but "
+         "encoder_weights is imports/none"),
         ({"clip": {"source": "file"}}, "clip.weights: required when source is 'file'"),
         ({"pseudo": []}, "pseudo: expected a mapping"),
         ({"pseudo": {"absent_class_odds_ratio": 0.5}}, "pseudo.absent_class_odds_ratio: 0 (off) or > 1, got 0.5"),

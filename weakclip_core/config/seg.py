@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from weakclip_core.config.schema import NONE_PATH, ConfigError, bounded, check_not_empty, check_order, listed
+from weakclip_core.config.schema import NONE_PATH, ConfigError, bounded, check_not_empty, check_order, given_path, listed
 from weakclip_core.config.weakclip import CrfConfig
 
 
@@ -81,5 +81,11 @@ class SegConfig:
             raise ConfigError(f"encoder: deeplabv2 needs resnet101 (or resnet50), got {self.encoder!r}")
         if self.model == "segformer" and not self.encoder.startswith("mit_b"):
             raise ConfigError(f"encoder: segformer needs an MiT encoder (mit_b0..mit_b5), got {self.encoder!r}")
+        if self.train.freeze_encoder_bn and given_path(self.encoder_weights) is None:
+            # Frozen at what the encoder loaded: with no weights that is BatchNorm's initial mean 0 / variance 1 /
+            # weight 1 / bias 0, no normalisation at all, for the whole training, without a word.
+            raise ConfigError("train.freeze_encoder_bn: true keeps the encoder's BatchNorm at the ImageNet statistics "
+                              "it loads, but encoder_weights is imports/none (random init): it would never normalise. "
+                              "Give seg.encoder_weights, or set seg.train.freeze_encoder_bn: false to train it")
         if self.model == "segformer" and self.train.crop % 32:
             raise ConfigError(f"train.crop: segformer needs a multiple of 32, got {self.train.crop}")

@@ -80,11 +80,12 @@ openssh-server:
 	fi
 	@test -x "$(SSHD)" || { echo "make: installing openssh-server did not provide $(SSHD)" >&2; exit 1; }
 
-# Two pytest-xdist workers: most tests wait on stage subprocesses, servers and one-thread tiny stages, so two
-# share the two cores well; the tests that share a trained tiny project stay on one worker (tests/conftest.py).
-# A third does not help on 2 cores (measured 968 s against 937 s for two): the suite keeps both cores about 90 %
-# busy, much of it starting processes (each stage process spends ~4-5 s of CPU importing torch, torchvision, timm).
-PYTEST_WORKERS ?= 2
+# Three pytest-xdist workers on CI's two cores: most tests wait on stage subprocesses, Prefect servers, workers'
+# polls and heartbeats, and a third worker fills those waits. Measured on 2 cores (2026-12-04, 720 tests): 872 s
+# with three (CPU 183 % busy) against 925 s with two (156 %). The tests that share a trained tiny project stay on
+# one worker, and the longest scheduling groups start first (tests/conftest.py). Each stage process spends ~4 s
+# of CPU importing torch, torchvision and timm: that, not waiting, is now most of the suite.
+PYTEST_WORKERS ?= 3
 
 test: setup chromium openssh-server
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope

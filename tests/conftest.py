@@ -1,5 +1,5 @@
 """Test-wide environment: offline hubs, no analytics, a project-local Prefect home, few threads; and how the
-suite splits over pytest-xdist workers (``make test`` runs two)."""
+suite splits over pytest-xdist workers (``make test`` runs three)."""
 
 import os
 from pathlib import Path

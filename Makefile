@@ -81,10 +81,10 @@ openssh-server:
 	@test -x "$(SSHD)" || { echo "make: installing openssh-server did not provide $(SSHD)" >&2; exit 1; }
 
 # Three pytest-xdist workers on CI's two cores: most tests wait on stage subprocesses, Prefect servers, workers'
-# polls and heartbeats, and a third worker fills those waits. Measured on 2 cores (2026-12-04, 720 tests): 872 s
-# with three (CPU 183 % busy) against 925 s with two (156 %). The tests that share a trained tiny project stay on
-# one worker, and the longest scheduling groups start first (tests/conftest.py). Each stage process spends ~4 s
-# of CPU importing torch, torchvision and timm: that, not waiting, is now most of the suite.
+# polls and heartbeats, and a third worker fills those waits. Measured on 2 cores (2026-12-04, 720 tests): 872 and
+# 821 s with three (CPU 183-184 % busy) against 925 s with two (156 %). The tests that share a trained tiny project
+# stay on one worker, and the longest scheduling groups start first (tests/conftest.py). Each stage process spends
+# ~4 s of CPU importing torch, torchvision and timm: that, not waiting, is now most of the suite.
 PYTEST_WORKERS ?= 3
 
 test: setup chromium openssh-server

@@ -100,6 +100,14 @@ class ChainReport:
     metrics: dict[str, dict[str, dict[str, float]]]
 
 
+HEARTBEAT_S = 10.0
+"""How often a stage's flow run says it is alive, when ``worker_lost_after_s`` leaves room (see PoolSettings)."""
+
+HEARTBEATS_PER_LOST_WINDOW = 4
+"""A worker is taken for lost only after this many of its heartbeats in a row went missing: one late heartbeat (a
+loaded machine, a slow request) must not crash a healthy stage."""
+
+
 @dataclass(frozen=True)
 class PoolSettings:
     """How the coordinator waits on a stage's flow run (seconds)."""
@@ -107,25 +115,18 @@ class PoolSettings:
     start_timeout_s: float = 300.0  # no worker took the run by then: is any worker polling its queue?
     worker_lost_after_s: float = 120.0  # a started stage run silent (no log, no heartbeat) that long: its worker died
     stage_timeout_s: float = 7 * 24 * 3600.0
-    heartbeat_s: float = 10.0  # at most a quarter of worker_lost_after_s: see pool_settings
     worker_repo_dir: str = "."  # "." : each worker's own clone ($WEAKCLIP_PROJECT or its working folder)
 
+    def __post_init__(self) -> None:
+        if self.worker_lost_after_s <= 0 or self.start_timeout_s <= 0:
+            raise ValueError(f"start_timeout_s and worker_lost_after_s must be positive, got {self.start_timeout_s} "
+                             f"and {self.worker_lost_after_s}")
 
-HEARTBEATS_PER_LOST_WINDOW = 4
-"""A worker is taken for lost only after this many of its heartbeats in a row went missing: one late heartbeat (a
-loaded machine, a slow request) must not crash a healthy stage."""
-
-
-def pool_settings(start_timeout_s: float, worker_lost_after_s: float, worker_repo_dir: str = ".") -> PoolSettings:
-    """The chain's waits, the heartbeat at most ``worker_lost_after_s / HEARTBEATS_PER_LOST_WINDOW`` apart (10 s
-    by default): at a fixed 10 s a ``worker_lost_after_s`` of 15 crashed every stage whose heartbeat came 5 s late."""
-    if worker_lost_after_s <= 0 or start_timeout_s <= 0:
-        raise ValueError(f"start_timeout_s and worker_lost_after_s must be positive, got {start_timeout_s} and "
-                         f"{worker_lost_after_s}")
-    return PoolSettings(
-        start_timeout_s=start_timeout_s, worker_lost_after_s=worker_lost_after_s, worker_repo_dir=worker_repo_dir,
-        heartbeat_s=min(PoolSettings.heartbeat_s, worker_lost_after_s / HEARTBEATS_PER_LOST_WINDOW),
-    )
+    @property
+    def heartbeat_s(self) -> float:
+        """At most ``worker_lost_after_s / HEARTBEATS_PER_LOST_WINDOW`` apart (``HEARTBEAT_S`` by default): at a
+        fixed 10 s a ``worker_lost_after_s`` of 15 crashed every stage whose heartbeat came 5 s late."""
+        return min(HEARTBEAT_S, self.worker_lost_after_s / HEARTBEATS_PER_LOST_WINDOW)
 
 
 @task(task_run_name="{stage.name}")
@@ -544,7 +545,9 @@ def chain(
             graph = graph.select(targets)
         logger.info("stages in order: %s", ", ".join(graph.names()))
         base_state: dict[str, Any] | None = None
-        settings = pool_settings(start_timeout_s, worker_lost_after_s, worker_repo_dir)
+        settings = PoolSettings(
+            start_timeout_s=start_timeout_s, worker_lost_after_s=worker_lost_after_s, worker_repo_dir=worker_repo_dir
+        )
         if dispatch == "pools":
             if gpu_count is None:
                 gpu_count = deployed_gpu_count()
@@ -617,7 +620,7 @@ def stage(
     stage_name: str = "",
     remote: str | None = None,
     run_state: dict[str, Any] | None = None,
-    heartbeat_s: float = 10.0,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> dict[str, dict[str, float]]:
     """Run one DVC stage (the flow a work pool's worker runs for ``chain(dispatch="pools")``).
 

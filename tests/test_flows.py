@@ -212,16 +212,14 @@ def test_the_heartbeat_comes_several_times_within_the_lost_window() -> None:
     """The heartbeat was a fixed 10 s: with ``worker_lost_after_s`` 15 one heartbeat 5 s late (a loaded machine)
     crashed a healthy stage. Now four heartbeats fit in the window (10 s at most, the default's), and a window that
     could hold none is refused."""
-    from flows.chain import pool_settings
+    from flows.chain import PoolSettings
 
-    assert pool_settings(300, 120).heartbeat_s == 10.0  # the defaults: 12 heartbeats to a window
-    assert pool_settings(300, 20).heartbeat_s == 5.0
-    assert pool_settings(300, 15).heartbeat_s == 3.75
-    settings = pool_settings(60, 8, worker_repo_dir="/clones/w")
-    assert (settings.start_timeout_s, settings.worker_lost_after_s, settings.heartbeat_s, settings.worker_repo_dir) == (
-        60, 8, 2.0, "/clones/w")
+    assert PoolSettings().heartbeat_s == 10.0  # the defaults (a 120 s window): 12 heartbeats to a window
+    assert PoolSettings(worker_lost_after_s=20).heartbeat_s == 5.0
+    assert PoolSettings(worker_lost_after_s=15).heartbeat_s == 3.75
+    assert PoolSettings(start_timeout_s=60, worker_lost_after_s=8, worker_repo_dir="/clones/w").heartbeat_s == 2.0
     with pytest.raises(ValueError, match="must be positive, got 300 and 0"):
-        pool_settings(300, 0)
+        PoolSettings(start_timeout_s=300, worker_lost_after_s=0)
 
 
 def test_a_worker_whose_clock_is_behind_is_not_taken_for_lost(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -128,7 +128,8 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
         dataset, params.dataset.train_split, arch.image_size, seed=seed,
         augment=ClassificationAugment(arch.image_size, train.crop_scale_min, train.randaugment_ops,
                                       train.randaugment_magnitude, train.auto_augment, train.reprob))
-    val_set = ClassificationDataset(dataset, params.dataset.val_split, arch.image_size)
+    val_set = ClassificationDataset(dataset, params.dataset.val_split, arch.image_size,
+                                    allow_unlabelled=True)  # val keeps unannotated images: negatives
     epoch_steps = steps_per_epoch(len(train_set), train.batch_size)
     total_steps = train.epochs * epoch_steps
     warmup_steps = train.warmup_epochs * epoch_steps

@@ -68,7 +68,8 @@ def evaluate_zero_shot(model: torch.nn.Module, tokenizer: Tokenizer, dataset: Pr
     size = int(model.visual.image_size[0])
     class_names = dataset.class_names[1:]
     scores = zero_shot_scores(model, tokenizer, image_batches(dataset, image_ids, size), class_names, device)
-    labels = np.stack([dataset.label_vector(image_id) for image_id in image_ids])
+    labels = np.stack([dataset.label_vector(image_id, allow_empty=True)  # val keeps unannotated images
+                       for image_id in image_ids])
     return {**zero_shot_report(scores.numpy(), labels, class_names), "n_images": len(image_ids)}
 
 

@@ -20,7 +20,8 @@ from pipeline.cam_train import CamTrainPaths, CamTrainResult, mean_average_preci
 from weakclip_core.artifacts.cam_store import CamStoreReader
 from weakclip_core.config import params_from_dict
 from weakclip_core.data.classification import ClassificationAugment, ClassificationDataset, EpochBatchSampler
-from weakclip_core.data.layout import PreparedDataset, write_image, write_labels, write_mask, write_split
+from weakclip_core.data.layout import (DatasetError, PreparedDataset, write_image, write_labels, write_mask,
+                                        write_split)
 
 CLASS_COLOURS = {1: (220, 40, 40), 2: (40, 60, 220)}
 
@@ -169,6 +170,26 @@ def test_augmented_samples_are_a_function_of_seed_epoch_and_index(dataset_root):
     plain = ClassificationDataset(dataset, "val", 24)
     image, _ = plain[0]
     assert image.shape == (3, 24, 24) and torch.isfinite(image).all()
+
+
+def test_a_val_image_without_labels_is_a_negative_and_a_train_image_without_labels_is_refused(tmp_path):
+    """prepare keeps COCO val's unannotated images in val (only train drops them): cam_train validates on them
+    as all-zero label vectors, while a training set still refuses an image it could learn nothing from."""
+    root = write_tiny_dataset(tmp_path / "data", n_train=8, n_val=4)
+    dataset = PreparedDataset.open(root)
+    blank = dataset.split("val")[-1]
+    write_labels(root, "tiny", list(dataset.class_names), {**dataset.labels, blank: []})
+    write_mask(root / "SegmentationClass" / f"{blank}.png", np.zeros((32, 32), dtype=np.uint8))
+    dataset = PreparedDataset.open(root)
+    val_set = ClassificationDataset(dataset, "val", 32, allow_unlabelled=True)
+    assert val_set[3][1].tolist() == [0.0, 0.0] and val_set[0][1].sum() >= 1
+    with pytest.raises(DatasetError, match=f"labels.json: image {blank} has no class labels"):
+        ClassificationDataset(dataset, "val", 32)
+    result = train_cam_model(tiny_params(root, epochs=1), paths_in(tmp_path / "run"), show_progress=False)
+    assert result is not None and result.steps == 2 and 0.0 < result.val_map_class_token <= 1.0
+    write_labels(root, "tiny", list(dataset.class_names), {**dataset.labels, dataset.split("train")[0]: []})
+    with pytest.raises(DatasetError, match="has no class labels"):
+        train_cam_model(tiny_params(root, epochs=1), paths_in(tmp_path / "refused"), show_progress=False)
 
 
 def test_epoch_batches_cover_each_epoch_once_and_resume_from_any_step():

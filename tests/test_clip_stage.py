@@ -1,6 +1,7 @@
 """The clip stage: CLIP's InfoNCE vs numpy, zero-shot scoring and AP on hand-worked cases,
 a tiny end-to-end pretraining run, its resumption, and the deterministic data order."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from weakclip_core.models.clip import load_clip_artifact
 from weakclip_core.training.clip_pretrain import (average_precision, caption_clauses, caption_groups, clip_contrastive_loss,
                                          drop_clauses, zero_shot_report, zero_shot_scores)
 from weakclip_core.config import params_from_dict
+from weakclip_core.data.layout import write_labels, write_mask
 from weakclip_core.data.sampling import StepSampler
 
 
@@ -123,6 +125,18 @@ def test_zero_shot_report_hand_worked():
     assert report["top1"] == pytest.approx(2 / 3)
 
 
+def test_zero_shot_report_counts_an_unlabelled_image_as_a_negative_and_leaves_it_out_of_top1():
+    """COCO val keeps images without an object: they rank as negatives for every class, and top-1 (is the best
+    class one of the labels?) has no answer for them."""
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.95, 0.7]])
+    labels = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
+    report = zero_shot_report(scores, labels, ["a", "b"])
+    # class a ranks images 3, 0, 2, 1 with positives 0 and 1 at ranks 2 and 4: AP = (1/2 + 2/4) / 2;
+    # class b ranks 1, 3, 2, 0 with positives 1 and 2 at ranks 1 and 3: AP = (1 + 2/3) / 2.
+    assert report["per_class_ap"] == {"a": pytest.approx(0.5), "b": pytest.approx(5 / 6)}
+    assert report["top1"] == pytest.approx(2 / 3)  # images 0, 1, 2 as above; image 3 not counted
+
+
 def test_step_sampler_is_resumable_and_never_repeats_within_a_batch():
     full = list(StepSampler(10, 3, seed=7, total_steps=8))
     resumed = list(StepSampler(10, 3, seed=7, total_steps=8, start_step=5))
@@ -176,6 +190,21 @@ def test_clip_stage_pretrains_writes_outputs_and_resumes_to_the_same_weights(tmp
                 "random_init_dense_probe_miou"):
         assert 0.0 <= metrics[key] <= 1.0
     assert straight_model.visual.conv1.out_channels == TINY_CLIP_ARCH["vision_width"]
+
+
+def test_clip_stage_scores_a_val_split_that_keeps_an_image_without_labels(tmp_path):
+    """prepare keeps COCO val's unannotated images (and a custom set's empty label rows) in val; the stage's
+    zero-shot evaluation over val must take them as negatives, not stop on them."""
+    data_root = tmp_path / "data"
+    write_tiny_voc(data_root, n_train=8, n_val=4)
+    labels = json.loads((data_root / "labels.json").read_text())
+    labels["labels"]["val_003"] = []
+    write_mask(data_root / "SegmentationClass" / "val_003.png", np.zeros((64, 64), dtype=np.uint8))
+    write_labels(data_root, labels["dataset"], labels["class_names"], labels["labels"])
+    params = params_from_dict(tiny_params(data_root, source="random"))
+    metrics = run_clip_stage(params, tmp_path / "clip", tmp_path / "clip.json", checkpoint_root=tmp_path / "ckpt")
+    assert metrics["n_images"] == 4
+    assert metrics["zero_shot_top1"] * 3 == pytest.approx(round(metrics["zero_shot_top1"] * 3))  # of 3 labelled
 
 
 def test_clip_stage_random_source_writes_an_untrained_clip(tmp_path):

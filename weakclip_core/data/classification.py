@@ -86,13 +86,16 @@ class ClassificationDataset(Dataset):
     sample is augmented deterministically from (seed, epoch, index); without,
     by ``index`` and the image is resized to ``image_size`` x ``image_size``.
     ``mean``/``std`` default to ImageNet (DeiT); pass CLIP's for a CLIP backbone.
+    ``allow_unlabelled``: a val set keeps images with no class (COCO val's unannotated ones) as all-zero label
+    vectors, negatives for every class; a training set refuses them (they teach a multi-label head nothing).
     """
 
     def __init__(self, dataset: PreparedDataset, split: str, image_size: int,
                  augment: ClassificationAugment | None = None, seed: int = 0,
                  mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD) -> None:
+                 std: tuple[float, float, float] = IMAGENET_STD, allow_unlabelled: bool = False) -> None:
         self.dataset = dataset
+        self.allow_unlabelled = allow_unlabelled
         self.image_ids = dataset.split(split)
         self.image_size = image_size
         self.seed = seed
@@ -100,8 +103,8 @@ class ClassificationDataset(Dataset):
         self.erasing = augment.build_erasing() if augment is not None else None
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        for image_id in self.image_ids:
-            dataset.image_labels(image_id)  # fail early, naming labels.json, on an unlabelled image
+        for image_id in self.image_ids:  # fail early, naming labels.json, on a missing or (unless allowed) empty entry
+            dataset.image_labels(image_id, allow_unlabelled)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -133,10 +136,10 @@ class ClassificationDataset(Dataset):
                 finally:
                     random.setstate(python_state)
                     np.random.set_state(numpy_state)
-            return normalised, torch.from_numpy(self.dataset.label_vector(image_id))
+            return normalised, torch.from_numpy(self.dataset.label_vector(image_id, self.allow_unlabelled))
         if image.shape[1:] != (self.image_size, self.image_size):
             image = v2.functional.resize(image, [self.image_size, self.image_size], antialias=True)
-        labels = torch.from_numpy(self.dataset.label_vector(image_id))
+        labels = torch.from_numpy(self.dataset.label_vector(image_id, self.allow_unlabelled))
         return self.normalise(image), labels
 
 

@@ -238,9 +238,11 @@ def prepare_custom(source: str | Path, root: str | Path, splits: list[str],
     image_files, mask_files = files_by_id(images), files_by_id(source / "masks")
     (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
     labels: dict[str, list[int]] = {}
-    all_ids = list(dict.fromkeys(image_id for ids in ids_by_split.values() for image_id in ids))
-    for image_id in tqdm(all_ids, desc="custom", unit="img", disable=not progress):
-        split = next(split for split, ids in ids_by_split.items() if image_id in ids)
+    first_split: dict[str, str] = {}  # each id's first listing split (an id may be in several): one dict lookup
+    for split, ids in ids_by_split.items():  # per image, not a scan of every list (quadratic at 100k images)
+        for image_id in ids:
+            first_split.setdefault(image_id, split)
+    for image_id, split in tqdm(first_split.items(), desc="custom", unit="img", disable=not progress):
         image_path = _image_file(image_files, images, image_id, source / "splits" / f"{split}.txt")
         image = read_image(image_path)
         if image_path.suffix.lower() in (".jpg", ".jpeg"):

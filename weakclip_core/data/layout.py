@@ -346,19 +346,23 @@ class PreparedDataset:
     def has_mask(self, image_id: str) -> bool:
         return self.mask_path(image_id).is_file()
 
-    def image_labels(self, image_id: str) -> list[int]:
-        """Foreground class indices of ``image_id``; an image with no labels is an error."""
+    def image_labels(self, image_id: str, allow_empty: bool = False) -> list[int]:
+        """Foreground class indices of ``image_id``. An image with no class is an error unless ``allow_empty``:
+        training and the train-split stages have nothing to learn from it (prepare leaves such images out of
+        train), while a val split keeps them (COCO val's unannotated images, a custom set's empty label rows)
+        and the val readers count them as negatives for every class."""
         if image_id not in self.labels:
             raise DatasetError(f"{self.root / LABELS_FILE}: no labels for image {image_id}")
         classes = self.labels[image_id]
-        if not classes:
+        if not classes and not allow_empty:
             raise DatasetError(f"{self.root / LABELS_FILE}: image {image_id} has no class labels")
         return classes
 
-    def label_vector(self, image_id: str) -> np.ndarray:
-        """(K-1,) float32 multi-hot over foreground classes (index c-1 for class c)."""
+    def label_vector(self, image_id: str, allow_empty: bool = False) -> np.ndarray:
+        """(K-1,) float32 multi-hot over foreground classes (index c-1 for class c); all zeros for an image with
+        no class when ``allow_empty`` (see ``image_labels``)."""
         vector = np.zeros(self.n_classes - 1, dtype=np.float32)
-        for class_index in self.image_labels(image_id):
+        for class_index in self.image_labels(image_id, allow_empty):
             vector[class_index - 1] = 1.0
         return vector
 

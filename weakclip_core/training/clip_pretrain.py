@@ -276,12 +276,15 @@ def zero_shot_report(scores: np.ndarray, labels: np.ndarray, class_names: Sequen
     """Multi-label quality of (N, C) prompt scores against (N, C) 0/1 image labels.
 
     ``map``: mean over classes (with at least one positive image) of the AP of
-    ranking the images by that class's score. ``top1``: fraction of images whose
-    highest-scoring class is one of their labels.
+    ranking the images by that class's score (an image with no label is a negative for
+    every class). ``top1``: fraction of the labelled images whose highest-scoring class is
+    one of their labels (an image with none has no right answer; 0.0 when no image has one).
     """
     if scores.shape != labels.shape:
         raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in shape")
     per_class = {name: average_precision(scores[:, c], labels[:, c]) for c, name in enumerate(class_names)}
     defined = [ap for ap in per_class.values() if ap is not None]
-    top1 = labels[np.arange(labels.shape[0]), scores.argmax(axis=1)].astype(bool).mean()
-    return {"map": float(np.mean(defined)) if defined else 0.0, "top1": float(top1), "per_class_ap": per_class}
+    labelled = labels.any(axis=1)
+    hits = labels[np.arange(labels.shape[0]), scores.argmax(axis=1)].astype(bool)
+    top1 = float(hits[labelled].mean()) if labelled.any() else 0.0
+    return {"map": float(np.mean(defined)) if defined else 0.0, "top1": top1, "per_class_ap": per_class}

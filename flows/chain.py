@@ -51,6 +51,7 @@ from flows.machines import (
     git,
     merge_lock_entry,
     outside_repository,
+    project_clone,
     run_stage_on_worker,
     worker_clone,
     write_files,
@@ -534,7 +535,7 @@ def chain(
         raise ValueError(f"max_parallel must be at least 1, got {max_parallel}")
     if commit and dispatch != "pools":
         raise ValueError("commit=True commits the coordinator's dvc.lock after a pools run: it needs dispatch='pools'")
-    root = (worker_clone(repo_dir) if repo_dir == "." else Path(repo_dir)).resolve()
+    root = project_clone(repo_dir)
     logger = get_run_logger()
     with chain_lock(root):
         if set_params:
@@ -722,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flow run {flow_run.name!r} ({flow_run.id}) ended {state.name if state else 'unknown'}")
     else:
         state = chain(
-            repo_dir=args.repo_dir,
+            repo_dir=str(Path(args.repo_dir).resolve()),  # the folder given (default: here), not $WEAKCLIP_PROJECT
             targets=args.target,
             dispatch=args.dispatch,
             gpu_count=args.gpu_count,

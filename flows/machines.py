@@ -33,6 +33,8 @@ import fcntl
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -123,7 +125,7 @@ def _read_tree(root: Path, relative: str) -> dict[str, str]:
 def carried_roots(stage: StageSpec, graph: StageGraph) -> list[str]:
     """The files and folders a run of ``stage`` carries (DVC never pushes them): the ``cache: false`` outputs of
     upstream stages that it depends on, and its own ``cache: false`` outputs. Its own travel so that a worker
-    whose clone lacks them can tell a stage that is up to date from one that must run (``outputs_only_missing``);
+    whose clone lacks them can tell a stage that is up to date from one that must run (``outputs_only_stale``);
     a stage that runs replaces them."""
     by_name = graph.by_name()
     wanted = {out for parent in stage.upstream for out in by_name[parent].uncached}
@@ -346,8 +348,45 @@ def worker_clone(repo_dir: str | os.PathLike[str]) -> Path:
     return Path(repo_dir).resolve()
 
 
+CHECKPOINTS = "checkpoints"
+"""The stages' resume checkpoints in a clone (``weakclip_core.training.checkpoint.CHECKPOINT_ROOT``), and its
+``.locks`` folder of per-stage run locks, which stays."""
+
+
+def clear_checkpoints(root: Path) -> list[str]:
+    """Delete the training checkpoints in worker clone ``root``; returns the stage folders removed.
+
+    A checkpoint is keyed by a stage's config, not by its code: an attempt given up for lost (its retry finished
+    on another worker) leaves one behind, and a later chain at another commit would resume it here, its new lock
+    entry naming code that made only the last steps. A worker clone is the pool's, never anybody's work in
+    progress, so moving it to another commit starts every training afresh."""
+    folder = root / CHECKPOINTS
+    removed = sorted(entry.name for entry in folder.iterdir() if entry.name != ".locks") if folder.is_dir() else []
+    for name in removed:
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    return removed
+
+
+def project_clone(repo_dir: str) -> Path:
+    """The clone a coordinating flow (``chain``, ``sweep``) works in: ``repo_dir``, where ``"."`` means
+    ``$WEAKCLIP_PROJECT`` (else the working folder). A flow run from a deployment must have it: its working
+    folder is the code checkout prefect.yaml's pull step went to (``$WEAKCLIP_REPO``), and a chain there would set
+    params and commit its lock in the code checkout, a sweep run the code checkout's HEAD."""
+    from prefect.runtime import deployment
+
+    if str(repo_dir) in ("", ".") and not os.environ.get("WEAKCLIP_PROJECT") and deployment.id is not None:
+        raise Refused(f"WEAKCLIP_PROJECT is not set for this worker: set it to the project clone this deployment's "
+                      f"flow works in (not {Path('.').resolve()}, the code checkout its pull step went to)")
+    return worker_clone(repo_dir)
+
+
 def bring_clone_to(root: Path, state: RunState, logger: logging.Logger | logging.LoggerAdapter) -> None:
-    """Check out the coordinator's commit and write its params files and dvc.lock, or refuse in one line."""
+    """Check out the coordinator's commit and write its params files and dvc.lock, or refuse in one line; moving
+    to another commit clears the clone's training checkpoints (``clear_checkpoints``)."""
     if not (root / ".git").exists():
         raise Refused(f"{socket.gethostname()}:{root} is not a git clone: give the worker its own clone of the project (WEAKCLIP_PROJECT)")
     if state.coordinator and state.coordinator == coordinator_id(root):
@@ -384,6 +423,9 @@ def bring_clone_to(root: Path, state: RunState, logger: logging.Logger | logging
             )
         git(["checkout", "--quiet", "--force", "--detach", state.commit], root)
         logger.info("%s now at commit %s", root, state.commit[:12])
+        cleared = clear_checkpoints(root)
+        if cleared:
+            logger.info("checkpoints of %s cleared: they were made by commit %s's code", ", ".join(cleared), head[:12])
     for relative, text in state.params.items():
         (root / relative).write_text(text)
     lock_path = root / "dvc.lock"
@@ -406,6 +448,28 @@ def tracked_targets(stage: StageSpec, graph: StageGraph) -> list[str]:
     return sorted(set(targets))
 
 
+def stale_tracked_copies(root: Path, stage: StageSpec, graph: StageGraph) -> list[str]:
+    """The data tracked by ``.dvc`` files that ``stage`` reads and this clone holds in another version than the
+    ``.dvc`` file at its commit names (hashed as DVC hashes it; DVC keeps the hashes of unchanged files, so a
+    big dataset is read once): an earlier chain's copy after the user changed the data, ``dvc add``ed and
+    pushed it. ``dvc status`` cannot tell: it says "not in cache" both of a copy that matches but was never added
+    here and of a stale one whose new version this cache lacks."""
+    from dvc.repo import Repo
+
+    wanted = {tracked for tracked in graph.tracked_data
+              if any(_under(dep, {tracked}) or _under(tracked, {dep}) for dep in stage.deps)}
+    stale: list[str] = []
+    with Repo(str(root)) as repo:
+        for dvc_stage in repo.index.stages:
+            if getattr(dvc_stage, "cmd", None):
+                continue
+            for out in dvc_stage.outs:
+                relative = Path(os.path.relpath(out.fs_path, root)).as_posix()
+                if relative in wanted and out.exists and out.get_hash() != out.hash_info:
+                    stale.append(relative)
+    return sorted(stale)
+
+
 def pull_targets(stage: StageSpec, graph: StageGraph) -> list[str]:
     """The cached deps of ``stage`` that upstream stages made (paths, as ``dvc pull`` takes them)."""
     by_name = graph.by_name()
@@ -423,26 +487,39 @@ def pull_targets(stage: StageSpec, graph: StageGraph) -> list[str]:
     return sorted(set(targets))
 
 
-OUTPUT_MISSING_STATES = frozenset({"deleted", "not in cache"})
-"""What ``dvc status`` says of an output that the lock names but this clone does not hold."""
+OUTPUT_STALE_STATES = frozenset({"deleted", "not in cache", "modified"})
+"""What ``dvc status`` says of an output that the lock names but this clone does not hold: absent, or another
+version (an earlier run's in this clone: one given up for lost whose retry finished elsewhere, one with other
+``-S`` params). A worker clone's outputs are never anybody's work in progress, so the lock's version replaces it."""
 
 
-def outputs_only_missing(root: Path, stage_name: str, sent_lock: dict[str, Any]) -> bool:
+def outputs_only_stale(root: Path, stage_name: str, sent_lock: dict[str, Any]) -> bool:
     """Whether ``stage_name`` matches its entry in the coordinator's lock in everything (deps, params, command)
-    but outputs absent from ``root`` (deleted, or not in this clone's cache): then pulling them makes it up to
-    date. ``False`` for a stage the lock has no entry for, one that is already up to date, or any other change."""
+    but outputs this clone lacks or holds in another version: then pulling the lock's makes it up to date.
+    ``False`` for a stage the lock has no entry for, one that is already up to date, or any other change."""
     if stage_name not in (sent_lock.get("stages") or {}):
         return False
     status = json.loads(capture_command(dvc_command("status", "--json", stage_name), root).strip() or "{}")
     changes = status.get(stage_name) or []
     return bool(changes) and all(
         isinstance(change, dict) and set(change) == {"changed outs"}
-        and set(change["changed outs"].values()) <= OUTPUT_MISSING_STATES
+        and set(change["changed outs"].values()) <= OUTPUT_STALE_STATES
         for change in changes
     )
 
 
+URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^/\s@]*@")
+"""The ``:password@`` of a URL's user part (``https://alice:token@host/…``)."""
+
+
+def mask_url_passwords(text: str) -> str:
+    """``text`` with every URL's password masked (``https://alice:***@host/…``): error text goes to the Prefect
+    server's database and UI, and DVC's own messages may quote the remote's URL."""
+    return URL_PASSWORD.sub(r"\g<scheme>:***@", text)
+
+
 def remote_description(root: Path, remote: str | None) -> str:
+    """``DVC remote 'name' (url)`` for an error message, without the URL's password."""
     try:
         from dvc.repo import Repo
 
@@ -451,7 +528,7 @@ def remote_description(root: Path, remote: str | None) -> str:
             url = repo.config["remote"].get(name, {}).get("url", "?") if name else "?"
     except Exception:  # noqa: BLE001 - a description only
         name, url = remote, "?"
-    return f"DVC remote {name!r} ({url})"
+    return f"DVC remote {name!r} ({mask_url_passwords(url)})"
 
 
 def _remote_command(args: list[str], root: Path, remote: str | None, logger: logging.Logger | logging.LoggerAdapter,
@@ -462,7 +539,8 @@ def _remote_command(args: list[str], root: Path, remote: str | None, logger: log
         if abandon is not None and abandon.is_set():
             raise  # stopped by this worker, not a remote's failure
         tail = " | ".join(line for line in str(error).splitlines()[1:] if line.strip())[-600:]
-        raise RemoteFailed(f"`dvc {args[0]}` against {remote_description(root, remote)} failed: {tail}") from error
+        raise RemoteFailed(f"`dvc {args[0]}` against {remote_description(root, remote)} failed: "
+                           f"{mask_url_passwords(tail)}") from error
 
 
 def run_stage_on_worker(
@@ -480,7 +558,7 @@ def run_stage_on_worker(
     One stage at a time per clone (a file lock), since a stage owns the clone's checkout and dvc.lock.
     ``abandon`` set (the chain gave this run up): the DVC command it is running is stopped (``CommandFailed``).
     """
-    from flows.stage_run import flatten_metrics
+    from flows.stage_run import read_stage_metrics
 
     with held_file_lock(root / CLONE_LOCK, f"worker clone {socket.gethostname()}:{root} is busy with another stage", wait_s=clone_wait_s):
         bring_clone_to(root, state, logger)
@@ -497,14 +575,31 @@ def run_stage_on_worker(
         if made:
             # --force: a stale copy left by an earlier run in this clone is replaced by the lock's version.
             _remote_command(["pull", "--force", *remote_option, *made], root, remote, logger, abandon)
-        # Data tracked by hand is pulled only where this clone lacks it: it may have been copied to every machine
-        # and `dvc add`ed, never pushed, and `dvc pull --force` of data the remote lacks deletes the copy. A copy
-        # here is used as it is (DVC hashes it into the stage's lock entry).
+        # Data tracked by hand is pulled only where this clone lacks it, or holds another version than the commit's
+        # .dvc file names: it may have been copied to every machine and `dvc add`ed, never pushed, and `dvc pull
+        # --force` of data the remote lacks deletes the copy. A copy of the right version is used as it is.
         absent = [target for target in tracked_targets(spec, graph) if not (root / target).exists()]
         if absent:
             _remote_command(["pull", "--force", *remote_option, *absent], root, remote, logger, abandon)
-        if outputs_only_missing(root, stage_name, read_lock(state.lock)):
-            # Up to date in the coordinator's lock, only not in this clone (a fresh clone, another GPU's clone):
+        stale = stale_tracked_copies(root, spec, graph)
+        if stale:
+            logger.info("%s: this clone's copy is not the version its .dvc file names at %s: fetching that version",
+                        ", ".join(stale), state.commit[:12])
+            # Fetch, then check out only what arrived: `dvc fetch` exits 0 without objects the remote lacks, and
+            # `dvc checkout --force` of a version not in the cache deletes the copy.
+            _remote_command(["fetch", *remote_option, *stale], root, remote, logger, abandon)
+            status = json.loads(capture_command(dvc_command("status", "--json", *stale), root).strip() or "{}")
+            unfetched = sorted(path for changes in status.values() for change in changes if isinstance(change, dict)
+                               for path, what in (change.get("changed outs") or {}).items() if what == "not in cache")
+            if unfetched:
+                raise RemoteFailed(f"worker clone {socket.gethostname()}:{root} holds another version of "
+                                   f"{', '.join(unfetched)} than the .dvc file(s) name at commit {state.commit[:12]}, "
+                                   f"and {remote_description(root, remote)} lacks that version: push it from the "
+                                   f"coordinator (dvc push); this clone's copy is left as it was")
+            run_command(dvc_command("checkout", "--force", *stale), root, logger, abandon=abandon)
+        if outputs_only_stale(root, stage_name, read_lock(state.lock)):
+            # Up to date in the coordinator's lock, only not in this clone (a fresh clone, another GPU's clone, an
+            # earlier run's version here):
             # its outputs come from the remote and dvc repro skips it, as `dvc repro --pull` would, instead of
             # spending hours re-making what the lock already names (and, off bit-exact hardware, new hashes that
             # make every stage after it stale).
@@ -519,15 +614,11 @@ def run_stage_on_worker(
         if not entry:
             raise RuntimeError(f"{root / 'dvc.lock'} has no entry for {stage_name!r} after dvc repro")
         check_inputs_match(spec, read_lock(state.lock), entry)
+        metrics = read_stage_metrics(spec, root)  # before the push: an unreadable file names itself, nothing sent
         if any(out not in spec.uncached for out in spec.outs):
             _remote_command(["push", *(["--remote", remote] if remote else []), stage_name], root, remote, logger,
                             abandon)
         files: dict[str, str] = {}
         for out in spec.uncached:
             files.update(_read_tree(root, out))
-        metrics: dict[str, dict[str, float]] = {}
-        for relative in spec.metrics:
-            path = root / relative
-            if path.suffix == ".json" and path.is_file():
-                metrics[relative] = flatten_metrics(json.loads(path.read_text()))
         return {"entry": entry, "files": files, "metrics": metrics}

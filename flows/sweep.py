@@ -25,8 +25,29 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 
 from flows.dvc_cli import capture_command, dvc_command, run_command
-from flows.machines import uncommitted_files
+from flows.machines import project_clone, uncommitted_files
 from flows.stage_run import flat_params
+
+
+def remote_options(repo: Path) -> dict[str, dict[str, Any]]:
+    """Every DVC remote of ``repo`` (``.dvc/config`` and ``config.local`` merged) with its options as DVC resolves
+    them: a relative path (``url = ../../remote``, a keyfile) made absolute against its config file's folder."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as opened:
+        return {name: dict(options) for name, options in opened.config["remote"].items()}
+
+
+def pin_remotes_to_origin(origin: Path, clone: Path, logger: Any) -> None:
+    """Make every remote option of ``clone`` that resolves elsewhere than in ``origin`` resolve as there (``dvc
+    remote modify --local``). A relative path resolves against each clone's own ``.dvc`` folder, so a variant's
+    clone in a temporary folder would pull from and push to a remote inside that folder, deleted with it: every
+    stage re-ran and the outputs were lost while ``dvc exp push`` reported success."""
+    wanted, have = remote_options(origin), remote_options(clone)
+    for name, options in wanted.items():
+        for key, value in options.items():
+            if isinstance(value, str) and have.get(name, {}).get(key) != value:
+                run_command(dvc_command("remote", "modify", "--local", name, key, value), clone, logger)
 
 
 @task(task_run_name="variant {experiment_name}")
@@ -39,6 +60,7 @@ def run_variant(origin: str, experiment_name: str, overrides: list[str], remote:
         local_config = Path(origin) / ".dvc" / "config.local"  # not in git: an SSH remote's keyfile, a password
         if local_config.is_file():
             shutil.copy2(local_config, clone / ".dvc" / "config.local")
+        pin_remotes_to_origin(Path(origin), clone, logger)
         if remote:
             run_command(dvc_command("pull", "--remote", remote, "--allow-missing"), clone, logger)
         set_params = [arg for override in overrides for arg in ("--set-param", override)]
@@ -124,7 +146,7 @@ def sweep(
     each clone and only the metrics, in git, outlive it). A dirty workspace or a name already taken is refused.
     """
     logger = get_run_logger()
-    origin = Path(repo_dir).resolve()
+    origin = project_clone(repo_dir)
     names = list(variants)
     baseline = check_sweep_can_start(origin, names, max_parallel)
     if remote is None:
@@ -174,7 +196,8 @@ def main() -> None:
     if repeated:
         parser.error(f"--variant names must differ; given more than once: {', '.join(repeated)}")
     variants = {name: overrides for name, *overrides in args.variant}
-    rows = sweep(repo_dir=args.repo_dir, variants=variants, remote=args.remote, max_parallel=args.max_parallel)
+    rows = sweep(repo_dir=str(Path(args.repo_dir).resolve()), variants=variants, remote=args.remote,
+                 max_parallel=args.max_parallel)  # the folder given (default: here), whatever $WEAKCLIP_PROJECT says
     print(json.dumps(rows, indent=2))
 
 

@@ -542,6 +542,50 @@ def test_sweep_rows_hold_the_varied_params_and_every_metric_of_finished_experime
          "metrics/seg.json:miou": 0.6, "metrics/seg.json:per_class.cat": 0.3}]
 
 
+def test_a_deployments_flow_works_in_weakclip_project_and_the_clis_in_the_folder_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prefect.yaml's pull step puts a deployment's flow in the code checkout ($WEAKCLIP_REPO): the sweep
+    deployment's repo_dir "." used to resolve there (it swept the code checkout's HEAD and pushed its experiments
+    there), and a chain deployment on a worker without WEAKCLIP_PROJECT ran in the code checkout. The command
+    lines mean the folder given, whatever WEAKCLIP_PROJECT says."""
+    from flows.machines import Refused, project_clone
+
+    project, here = tmp_path / "project", tmp_path / "code-checkout"
+    project.mkdir()
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.delenv("WEAKCLIP_PROJECT", raising=False)
+    monkeypatch.delenv("PREFECT__RUNTIME__DEPLOYMENT__ID", raising=False)
+    assert project_clone(".") == here  # python -m flows.chain / flows.sweep here, no deployment
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "5b7c0a52-0000-4000-8000-000000000000")
+    with pytest.raises(Refused, match=f"WEAKCLIP_PROJECT is not set for this worker: .*not {here}"):
+        project_clone(".")
+    monkeypatch.setenv("WEAKCLIP_PROJECT", str(project))
+    assert project_clone(".") == project
+    assert project_clone(str(here)) == here  # a path given is the path given
+
+    seen: dict[str, str] = {}
+    monkeypatch.setattr("flows.sweep.sweep", lambda repo_dir, **_: seen.setdefault("sweep", repo_dir) and [])
+    monkeypatch.setattr(sys, "argv", ["flows.sweep", "--variant", "a", "scale=0.7"])
+    from flows.sweep import main as sweep_main
+
+    sweep_main()
+    assert seen["sweep"] == str(here)
+
+
+def test_url_passwords_are_masked_in_what_reaches_the_server() -> None:
+    """A remote error's text goes to the flow run's state message and the server's database."""
+    from flows.machines import mask_url_passwords
+
+    assert mask_url_passwords("https://alice:s3cr3t-token@dvc.example.com/store") == \
+        "https://alice:***@dvc.example.com/store"
+    assert mask_url_passwords("failed: webdavs://u:p%40ss@h:8443/a and http://h/b") == \
+        "failed: webdavs://u:***@h:8443/a and http://h/b"
+    for kept in ("ssh://bob@host:22/data", "s3://bucket/path", "/mnt/nfs/remote", "https://host:8443/x"):
+        assert mask_url_passwords(kept) == kept
+
+
 def test_metrics_flattening_and_artifact_keys() -> None:
     metrics = {"miou": 0.5, "per_class": {"cat": 0.25, "dog": {"x": 1}}, "name": "ignored", "flag": True}
     assert flatten_metrics(metrics) == {"miou": 0.5, "per_class.cat": 0.25, "per_class.dog.x": 1.0}
@@ -754,12 +798,18 @@ def test_sweep_variants_gathered_in_one_exp_show(prefect_api: str, tmp_path: Pat
             monkeypatch.setenv(key, value)
     remote_dir = tmp_path / "dvc-remote"
     origin = write_demo_project(tmp_path / "origin", remote_dir=remote_dir)
+    # The remote as a path relative to the project (.dvc/config: ../../dvc-remote): each variant's clone, in a
+    # temporary folder, used to resolve it inside that folder, push its outputs there and lose them with it.
+    run([*DVC, "remote", "modify", "shared", "url", "../dvc-remote"], origin)
     run([*DVC, "repro"], origin)
     run([*DVC, "push"], origin)
     run(["git", "add", "--all"], origin)
     run(["git", "commit", "--quiet", "-m", "baseline"], origin)
+    baseline_objects = {path for path in remote_dir.rglob("*") if path.is_file()}
 
     rows = sweep(repo_dir=str(origin), variants={"scale-7": ["scale=0.7"], "scale-9": ["scale=0.9"]}, remote="shared")
+    # Each variant's one new cached output (reports/summary.txt: its scale's eval_a miou + eval_b's) is on the remote.
+    assert len({path for path in remote_dir.rglob("*") if path.is_file()} - baseline_objects) == 2
     by_name = {row["experiment"]: row for row in rows}
     assert set(by_name) == {"scale-7", "scale-9"}
     # eval_a's miou = scale * sum(range(10)) / 100, by hand: 0.315 and 0.405.

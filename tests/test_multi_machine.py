@@ -342,6 +342,15 @@ def test_a_stage_up_to_date_in_the_lock_is_pulled_not_rerun_on_a_fresh_worker_cl
     assert (second / "artifacts" / "model.txt").read_text() == str(sum(range(10)))
     assert json.loads(run([*DVC, "status", "--json", "cam_train"], second)) == {}  # its outputs, dvclive too
 
+    # Another version of the output in this clone (an earlier attempt's, given up for lost while its retry
+    # finished on another worker; a run with other -S params): dvc status says "modified", and the stage used to
+    # run again (hours of GPU, new hashes downstream). The lock's version is pulled over it instead.
+    (second / "artifacts" / "model.txt").write_text("44")
+    result = run_stage_on_worker("cam_train", state, second, "shared", logger)
+    assert not (second / "env").exists(), "cam_train ran again over a stale copy of its output"
+    assert (second / "artifacts" / "model.txt").read_text() == str(sum(range(10)))
+    assert result["entry"] == coordinator_entry
+
     stale = coordinator / "dvclive" / "cam_train" / "plots" / "metrics" / "accuracy.tsv"  # an earlier run's log
     stale.write_text("step\taccuracy\n0\t0.5\n")
     write_files(coordinator, result["files"], replaced=cam_train.uncached)
@@ -398,6 +407,75 @@ def test_data_tracked_by_a_dvc_file_is_pulled_on_a_fresh_worker_clone(tmp_path: 
                 run_stage_on_worker("count_extra", capture_run_state(coordinator, graph), other, "empty",
                                     logging.getLogger("test"))
     assert set(result["entry"]["deps"][0]) >= {"path", "md5"} and result["entry"]["deps"][0]["path"] == "data/extra"
+
+    # The user changes the data, `dvc add`s and pushes it and commits the .dvc file. The worker clone still holds
+    # the version it pulled for the first chain: it used to run the stage on that old copy (its lock entry naming
+    # the old hash) and the chain failed only at its very end. Now the commit's version is fetched and checked out.
+    (origin / "data" / "extra" / "d.txt").write_text("d.txt")
+    run([*DVC, "add", "data/extra"], origin)
+    run([*DVC, "push"], origin)
+    run(["git", "commit", "--quiet", "-am", "extra data: one more file"], origin)
+    new_coordinator = clone(origin, tmp_path / "coordinator-2")
+    new_state = capture_run_state(new_coordinator, read_stage_graph(new_coordinator))
+    result = run_stage_on_worker("count_extra", new_state, worker, "shared", logging.getLogger("test"))
+    assert (worker / "count.txt").read_text() == "4"
+    assert result["entry"]["deps"][0]["md5"] == yaml.safe_load((origin / "data" / "extra.dvc").read_text())["outs"][0]["md5"]
+    # A remote without the commit's version: refused naming the data, and the clone's copy left as it was.
+    copied = tmp_path / "copied"
+    with pytest.raises(RemoteFailed, match=r"holds another version of data/extra than the \.dvc file\(s\) name at commit "
+                       r"[0-9a-f]{12}, and DVC remote 'empty' \(.*\) lacks that version: push it"):
+        run_stage_on_worker("count_extra", new_state, copied, "empty", logging.getLogger("test"))
+    assert sorted(path.name for path in (copied / "data" / "extra").iterdir()) == ["a.txt", "b.txt", "c.txt"]
+
+
+def test_a_worker_clone_moved_to_another_commit_drops_its_training_checkpoints(tmp_path: Path) -> None:
+    """Checkpoints are keyed by a stage's config, not its code. An attempt given up for lost (its retry finished on
+    another worker) leaves one in its clone; a later chain at another commit used to resume it there, the new lock
+    entry naming code that made only the last steps. At the same commit (a retry here) it is resumed."""
+    import logging
+
+    from flows.dag import read_stage_graph
+    from flows.machines import CHECKPOINTS, bring_clone_to, capture_run_state
+    from weakclip_core.training.checkpoint import CHECKPOINT_ROOT
+
+    assert Path(CHECKPOINTS) == CHECKPOINT_ROOT
+    origin = write_demo_project(tmp_path / "origin")
+    coordinator, worker = clone(origin, tmp_path / "coordinator"), clone(origin, tmp_path / "worker")
+    logger = logging.getLogger("test")
+    left = worker / CHECKPOINTS / "cam_train" / "0123abcd" / "last.pt"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"weights of step 3000")
+    (worker / CHECKPOINTS / ".locks").mkdir()
+    (worker / CHECKPOINTS / ".locks" / "cam_train.lock").write_text("")
+    bring_clone_to(worker, capture_run_state(coordinator, read_stage_graph(coordinator)), logger)
+    assert left.read_bytes() == b"weights of step 3000"  # same commit: a retry resumes it
+
+    (coordinator / "dvc.yaml").write_text((coordinator / "dvc.yaml").read_text().replace("range(10)", "range(12)"))
+    run(["git", "commit", "--quiet", "-am", "prepare: 12 numbers"], coordinator)
+    run(["git", "push", "--quiet", "origin", "HEAD:refs/heads/next"], coordinator)
+    bring_clone_to(worker, capture_run_state(coordinator, read_stage_graph(coordinator)), logger)
+    assert sorted(path.name for path in (worker / CHECKPOINTS).iterdir()) == [".locks"]
+    assert (worker / CHECKPOINTS / ".locks" / "cam_train.lock").is_file()
+
+
+def test_an_unreadable_metrics_file_names_its_stage_and_nothing_is_pushed(tmp_path: Path) -> None:
+    """A stage on a worker whose metrics file is not JSON used to fail with a bare JSONDecodeError, after its
+    outputs had been pushed; now it names the stage and the file, before anything is sent."""
+    import logging
+
+    from flows.dag import read_stage_graph
+    from flows.machines import capture_run_state, run_stage_on_worker
+
+    code = ("import pathlib; pathlib.Path('metrics').mkdir(exist_ok=True); pathlib.Path('out.txt').write_text('1'); "
+            "pathlib.Path('metrics/bad.json').write_text('{oops')")
+    remote = tmp_path / "nfs-remote"
+    origin = write_demo_project(tmp_path / "origin", remote_dir=remote, stages={"bad": {
+        "cmd": f'python -c "{code}"', "outs": ["out.txt"], "metrics": [{"metrics/bad.json": {"cache": False}}]}})
+    coordinator, worker = clone(origin, tmp_path / "coordinator"), clone(origin, tmp_path / "worker")
+    with pytest.raises(ValueError, match=r"metrics/bad.json: metrics file of stage 'bad' is not valid JSON"):
+        run_stage_on_worker("bad", capture_run_state(coordinator, read_stage_graph(coordinator)), worker, "shared",
+                            logging.getLogger("test"))
+    assert not any(path.is_file() for path in remote.rglob("*"))
 
 
 # --------------------------------------------------------------------------- slow: the pools

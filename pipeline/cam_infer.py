@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from weakclip_core.artifacts.atomic import remove_stale_temporaries, write_json, write_text
@@ -155,19 +154,17 @@ def infer_cams(params: Params, paths: CamInferPaths = CamInferPaths(), show_prog
     with CamStoreWriter(paths.store, dataset.name, dataset.class_names, record) as writer:
         progress = tqdm(total=len(image_ids), desc=STAGE, unit="img", disable=not show_progress)
         for batch in image_batches(image_ids, dataset, infer.batch_size):
-            labels = torch.from_numpy(np.stack([dataset.label_vector(image_id) for image_id, _ in batch]))
+            image_classes = [dataset.image_labels(image_id) for image_id, _ in batch]
             images = normalise_images([image for _, image in batch], IMAGENET_MEAN, IMAGENET_STD).to(device)
-            cams = multiscale_cams(model, images, labels.to(device),
-                                   infer.scales, infer.flip, infer.attention_layers)
+            cams = multiscale_cams(model, images, image_classes, infer.scales, infer.flip, infer.attention_layers)
             cams = {variant: maps.cpu().numpy() for variant, maps in cams.items()}
-            for row, (image_id, image) in enumerate(batch):
-                classes = dataset.image_labels(image_id)
-                rows = [class_index - 1 for class_index in classes]
-                writer.add(image_id, classes, np.clip(cams[infer.variant][row, rows], 0.0, 1.0))
+            for row, ((image_id, image), classes) in enumerate(zip(batch, image_classes)):
+                labelled = slice(0, len(classes))  # the image's classes' maps, in its label order
+                writer.add(image_id, classes, np.clip(cams[infer.variant][row, labelled], 0.0, 1.0))
                 if image_id in scored_ids and dataset.has_mask(image_id):
                     ground_truth = dataset.checked_mask(image_id, image.shape[:2])
                     for variant in CAM_VARIANTS:
-                        sweeps[variant].add(ground_truth, cams[variant][row, rows], classes)
+                        sweeps[variant].add(ground_truth, cams[variant][row, labelled], classes)
                     n_scored += 1
             progress.update(len(batch))
         progress.close()

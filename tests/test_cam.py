@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from weakclip_core.method.cam import (CAM_VARIANTS, ThresholdSweep, cam_variants, multiscale_cams, normalise_per_class,
                                threshold_values)
@@ -120,19 +121,48 @@ def test_multiscale_cams_are_normalised_label_masked_and_flip_equivariant():
     model = tiny_model()
     half = torch.randn(2, 3, 40, 20, generator=torch.Generator().manual_seed(2))
     mirrored = torch.cat([half, half.flip(-1)], dim=-1)  # (2, 3, 40, 40), each image its own mirror
-    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    cams = multiscale_cams(model, mirrored, labels, scales=[1.0, 0.6, 1.3], flip=True, attention_layers=2)
+    image_classes = [[1, 3], [2]]  # 1-based classes: image 0 holds classes 1 and 3, image 1 class 2
+    cams = multiscale_cams(model, mirrored, image_classes, scales=[1.0, 0.6, 1.3], flip=True, attention_layers=2)
     assert set(cams) == set(CAM_VARIANTS)
     for variant, maps in cams.items():
-        assert maps.shape == (2, N_CLASSES, 40, 40)
+        assert maps.shape == (2, 2, 40, 40)  # each image's labels, padded to the most labels of any image
         assert torch.isfinite(maps).all()
         assert maps.min() >= 0.0 and maps.max() <= 1.0
-        assert torch.all(maps[labels == 0] == 0), variant
-        present = maps[labels == 1].flatten(1)
+        assert torch.all(maps[1, 1] == 0), variant  # image 1's padding
+        present = torch.stack([maps[0, 0], maps[0, 1], maps[1, 0]]).flatten(1)
         assert torch.allclose(present.max(dim=1).values, torch.ones(3), atol=1e-5), variant
         assert torch.allclose(present.min(dim=1).values, torch.zeros(3), atol=1e-6), variant
         # Averaging each view with its flipped twin makes the map of a mirror-symmetric image symmetric.
         assert torch.allclose(maps, maps.flip(-1), atol=1e-4), variant
+
+
+def test_multiscale_cams_of_the_labels_are_the_all_class_maps_by_hand():
+    """Each image's maps are those of its classes' tokens: by hand, every class's variant map at each view,
+    bilinearly resized to the image, the flipped view un-flipped, averaged, min-max normalised."""
+    model = tiny_model()
+    images = torch.randn(3, 3, 40, 48, generator=torch.Generator().manual_seed(5))
+    image_classes = [[2], [1, 2, 3], [3, 1]]
+    scales = [1.0, 0.7]
+    cams = multiscale_cams(model, images, image_classes, scales=scales, flip=True, attention_layers=2)
+    expected: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for scale in scales:
+            size = (max(8, round(40 * scale / 8) * 8), max(8, round(48 * scale / 8) * 8))
+            for flipped in (False, True):
+                view = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+                view = view.flip(-1) if flipped else view
+                output = model(view, return_attention=True)
+                for variant, maps in cam_variants(output.attentions, output.patch_cams, 2).items():
+                    maps = F.interpolate(maps, size=(40, 48), mode="bilinear", align_corners=False)
+                    expected[variant] = expected.get(variant, 0) + (maps.flip(-1) if flipped else maps)
+    for variant in CAM_VARIANTS:
+        everything = expected[variant] / 4
+        for index, classes in enumerate(image_classes):
+            for position, class_index in enumerate(classes):
+                single = everything[index, class_index - 1]
+                by_hand = (single - single.min()) / (single.max() - single.min())
+                torch.testing.assert_close(cams[variant][index, position], by_hand, rtol=1e-5, atol=1e-6)
+            assert torch.all(cams[variant][index, len(classes):] == 0)
 
 
 def test_normalise_per_class_maps_each_map_to_unit_range_and_constant_maps_to_zero():

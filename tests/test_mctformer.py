@@ -22,8 +22,8 @@ def test_forward_shapes_attention_rows_and_finite_gradients():
     assert output.patch_cams.shape == (3, 4, 4, 4)
     assert len(output.attentions) == 3
     for weights in output.attentions:
-        assert weights.shape == (3, 2, 4 + 16, 4 + 16)
-        assert torch.allclose(weights.sum(-1), torch.ones(3, 2, 20), atol=1e-5)
+        assert weights.shape == (3, 4 + 16, 4 + 16)  # averaged over the heads
+        assert torch.allclose(weights.sum(-1), torch.ones(3, 20), atol=1e-5)
     torch.testing.assert_close(output.patch_logits, output.patch_cams.mean(dim=(2, 3)))
     loss = (torch.nn.functional.multilabel_soft_margin_loss(output.class_logits, torch.ones(3, 4))
             + torch.nn.functional.multilabel_soft_margin_loss(output.patch_logits, torch.zeros(3, 4)))
@@ -34,13 +34,28 @@ def test_forward_shapes_attention_rows_and_finite_gradients():
     assert model(images).attentions is None
 
 
+def test_each_layers_attention_is_the_mean_of_its_heads_softmax_maps():
+    torch.manual_seed(0)
+    model = MCTformerV2(n_classes=4, **TINY).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        output = model(images, return_attention=True)
+        tokens = torch.cat([model.cls_token.expand(3, -1, -1), model.patch_embed(images)[0]], dim=1) + model.pos_embed
+        for block, weights in zip(model.blocks, output.attentions, strict=True):
+            # by hand: each head's softmax(q k^T / sqrt(d)) over the 4 + 16 tokens, then the mean over the 2 heads
+            qkv = block.attn.qkv(block.norm1(tokens)).reshape(3, 20, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            per_head = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) / 8 ** 0.5, dim=-1)
+            torch.testing.assert_close(weights, per_head.mean(dim=1))
+            tokens = block(tokens, False)[0]
+
+
 def test_other_input_sizes_interpolate_the_position_embedding():
     torch.manual_seed(0)
     model = MCTformerV2(n_classes=2, **TINY).eval()
     with torch.no_grad():
         output = model(torch.randn(2, 3, 48, 24), return_attention=True)
         assert output.patch_cams.shape == (2, 2, 6, 3)
-        assert output.attentions[0].shape == (2, 2, 2 + 18, 2 + 18)
+        assert output.attentions[0].shape == (2, 2 + 18, 2 + 18)
         assert all(torch.isfinite(t).all() for t in (output.class_logits, output.patch_logits, output.patch_cams))
         # Resizing to the training grid is the identity: the learnt embedding comes back unchanged.
         torch.testing.assert_close(model.position_embedding(4, 4), model.pos_embed)

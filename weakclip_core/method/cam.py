@@ -9,8 +9,8 @@ The four variants (the ablations of MCTformer-V2), each (B, C, h, w) on the patc
 - ``fused_affinity``: ``fused`` refined by the patch-to-patch attention summed
   over all layers: ``refined[c, i] = sum_j A[i, j] * fused[c, j]``.
 
-``multiscale_cams`` runs them over scales and horizontal flips, upsamples to
-the image, keeps the image's labelled classes, averages, and min-max
+``multiscale_cams`` runs them over scales and horizontal flips, keeps each
+image's labelled classes, upsamples them to the image, averages, and min-max
 normalises each class map to [0, 1].
 
 ``ThresholdSweep`` scores CAMs against ground truth for every background
@@ -40,15 +40,15 @@ NORMALISE_FLOOR = 1e-12
 def cam_variants(attentions: Sequence[Tensor], patch_cams: Tensor, attention_layers: int) -> dict[str, Tensor]:
     """The four CAM variants from one forward pass.
 
-    ``attentions``: one (B, heads, N, N) softmax map per layer, N = C + h*w with
-    the C class tokens first. ``patch_cams``: (B, C, h, w). Returns
+    ``attentions``: one (B, N, N) softmax map per layer averaged over its heads
+    (``MCTformerOutput.attentions``), N = C + h*w with the C class tokens first. ``patch_cams``: (B, C, h, w). Returns
     ``{variant: (B, C, h, w)}``.
     """
     if not 1 <= attention_layers <= len(attentions):
         raise ValueError(f"cam.infer.attention_layers: {attention_layers} is outside 1..{len(attentions)} "
                          f"(the model's depth)")
     batch, n_classes, grid_height, grid_width = patch_cams.shape
-    head_mean = torch.stack([layer.mean(dim=1) for layer in attentions])  # (L, B, N, N)
+    head_mean = torch.stack(list(attentions))  # (L, B, N, N)
     class_to_patch = head_mean[-attention_layers:].sum(dim=0)[:, :n_classes, n_classes:]
     class_token = class_to_patch.reshape(batch, n_classes, grid_height, grid_width)
     patch_cam = F.relu(patch_cams)
@@ -73,20 +73,42 @@ def normalise_per_class(cams: Tensor) -> Tensor:
     return ((flat - low) / (high - low).clamp_min(NORMALISE_FLOOR)).reshape(cams.shape)
 
 
-@torch.no_grad()
-def multiscale_cams(model: MCTformerV2, images: Tensor, label_vectors: Tensor, scales: Sequence[float],
-                    flip: bool, attention_layers: int) -> dict[str, Tensor]:
-    """CAMs of every variant at the images' size, averaged over scales (and flips), in [0, 1].
+def label_rows(image_classes: Sequence[Sequence[int]], device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """The class-token row of each image's labels, padded: ``rows`` (B, L) long, image b's first
+    ``len(image_classes[b])`` entries its classes' rows (class c, 1-based, is row c - 1) in order, the rest 0;
+    ``valid`` (B, L, 1, 1) float, 1 where a row is a label. L: the most labels of any image (at least 1)."""
+    width = max(1, max((len(classes) for classes in image_classes), default=0))
+    rows = torch.zeros(len(image_classes), width, dtype=torch.long)
+    valid = torch.zeros(len(image_classes), width, 1, 1)
+    for index, classes in enumerate(image_classes):
+        rows[index, :len(classes)] = torch.tensor([class_index - 1 for class_index in classes], dtype=torch.long)
+        valid[index, :len(classes)] = 1.0
+    return rows.to(device), valid.to(device)
 
-    ``images`` (B, 3, H, W) normalised, all of one size; ``label_vectors``
-    (B, C) multi-hot image-level labels. Each scale's maps are upsampled
-    bilinearly to (H, W), un-flipped, multiplied by the labels and averaged;
-    then each class map is min-max normalised. Absent classes are 0.
-    Returns ``{variant: (B, C, H, W)}`` float32 on the images' device.
+
+@torch.no_grad()
+def multiscale_cams(model: MCTformerV2, images: Tensor, image_classes: Sequence[Sequence[int]],
+                    scales: Sequence[float], flip: bool, attention_layers: int) -> dict[str, Tensor]:
+    """CAMs of every variant for each image's labelled classes, at the images' size, averaged over scales (and
+    flips), in [0, 1].
+
+    ``images`` (B, 3, H, W) normalised, all of one size; ``image_classes``: each image's foreground classes
+    (1-based, as ``labels.json``). Each scale's maps are upsampled bilinearly to (H, W), un-flipped and averaged;
+    then each class map is min-max normalised. Returns ``{variant: (B, L, H, W)}`` float32 on the images'
+    device: image b's first ``len(image_classes[b])`` maps are its classes' in that order, the rest (up to L, the
+    most labels of any image) are 0.
+
+    Only the labelled classes' maps are upsampled: all C of them at the image's size took C / L times the memory
+    and the device-to-host copy (COCO, 80 classes, a batch of 16 at 640x480 with flip: ~19 GB of a GPU and 6 GB
+    copied per batch). The gathered maps are in the standard layout, so the bilinear resize works map by map and
+    an image's maps do not depend on which other images share its batch (PatchCAM's conv output is channels-last,
+    whose resize kernel vectorises over the channels: its maps moved by ~1e-7 from the all-class resize).
     """
     model.eval()
     batch, _, height, width = images.shape
-    label_mask = label_vectors.to(images.dtype).reshape(batch, -1, 1, 1)
+    if len(image_classes) != batch:
+        raise ValueError(f"{len(image_classes)} label lists for {batch} images")
+    rows, valid = label_rows(image_classes, images.device)
     sums: dict[str, Tensor] = {}
     n_views = 0
     for scale in scales:
@@ -94,10 +116,12 @@ def multiscale_cams(model: MCTformerV2, images: Tensor, label_vectors: Tensor, s
         scaled = F.interpolate(images, size=view_size, mode="bilinear", align_corners=False)
         views = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
         output = model(views, return_attention=True)
+        view_rows = torch.cat([rows, rows]) if flip else rows
         for variant, cams in cam_variants(output.attentions, output.patch_cams, attention_layers).items():
-            cams = F.interpolate(cams, size=(height, width), mode="bilinear", align_corners=False)
-            view_sum = cams[:batch] + cams[batch:].flip(-1) if flip else cams
-            sums[variant] = sums.get(variant, 0) + view_sum * label_mask
+            labelled = cams.gather(1, view_rows[:, :, None, None].expand(-1, -1, *cams.shape[2:]))
+            labelled = F.interpolate(labelled, size=(height, width), mode="bilinear", align_corners=False)
+            view_sum = labelled[:batch] + labelled[batch:].flip(-1) if flip else labelled
+            sums[variant] = sums.get(variant, 0) + view_sum * valid
         n_views += 2 if flip else 1
     return {variant: normalise_per_class(total / n_views) for variant, total in sums.items()}
 

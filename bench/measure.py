@@ -349,6 +349,40 @@ def measure_pseudo_throughput(size: BenchSize, device: torch.device) -> dict[str
     return {"pseudo_inference": inference, "crf": crf}
 
 
+COCO_CLASS_COUNT = 81
+CAM_INFERENCE_BATCH = 4  # images per multiscale_cams call (the presets batch 16: 4 keeps the CPU run short)
+CAM_INFERENCE_LABELS = 3  # classes per image (COCO's mean is 2.9, VOC's 1.5)
+
+
+def measure_cam_inference(size: BenchSize, device: torch.device, n_classes: int) -> dict[str, Any]:
+    """Seconds per image and peak memory of ``cam_infer``'s forward (``multiscale_cams``) on random-init
+    MCTformer-V2 (``size.mctformer``) with ``n_classes`` classes (background included): a batch of
+    ``CAM_INFERENCE_BATCH`` images of ``size.cam_image`` at the presets' settings (scale 1.0, flip, the last 3
+    layers' attention), each image labelled with ``CAM_INFERENCE_LABELS`` classes; one warm-up call, then one
+    timed; the memory growth is over both calls, from after the model is built."""
+    from weakclip_core.method.cam import multiscale_cams
+
+    torch.manual_seed(0)
+    model = build_mctformer(size.mctformer, n_classes - 1).to(device).eval()
+    height, width = size.cam_image
+    images = torch.randn(CAM_INFERENCE_BATCH, 3, height, width, device=device)
+    labels = [[1 + (index + offset) % (n_classes - 1) for offset in range(CAM_INFERENCE_LABELS)]
+              for index in range(CAM_INFERENCE_BATCH)]
+    layers = min(3, size.mctformer.depth)
+    baseline = memory_baseline(device)  # before the warm-up: a CPU process's peak RSS is kept for its lifetime
+    multiscale_cams(model, images, labels, [1.0], True, layers)
+    synchronise(device)
+    started = time.perf_counter()
+    multiscale_cams(model, images, labels, [1.0], True, layers)
+    synchronise(device)
+    seconds = time.perf_counter() - started
+    peak = memory_peak(device)
+    return {"n_classes": n_classes, "n_images": CAM_INFERENCE_BATCH, "image_size": [height, width],
+            "labels_per_image": CAM_INFERENCE_LABELS, "s_per_image": seconds / CAM_INFERENCE_BATCH,
+            "peak_memory_mib": peak, "growth_memory_mib": max(peak - baseline, 0.0),
+            "memory_kind": memory_kind(device)}
+
+
 def smooth_cams(rng: np.random.Generator, n_present: int, height: int, width: int) -> np.ndarray:
     """(n_present, H, W) float32 in [0, 1]: a Gaussian blob per class, like a real CAM's smooth peak."""
     rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)

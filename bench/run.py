@@ -50,7 +50,8 @@ TEMPLATE = Path(__file__).resolve().parent / "BENCHMARKS.template.md"
 TIMINGS_DIR = REPO / "timings"  # each stage's timings/<stage>.json (pipeline/_stage.py), git-ignored
 PUBLISHED_REPRO_RECORD = REPO / "bench" / "repro_timing.json"  # `make timing-table`'s: the synthetic default's
 RESULT_MARKER = "BENCH_RESULT "
-CHILDREN = ("weakclip", "weakclip_full_finetune", "mctformer", "inference_crf_store", "step_profile")
+CHILDREN = ("weakclip", "weakclip_full_finetune", "mctformer", "inference_crf_store", "cam_inference_voc",
+            "cam_inference_coco", "step_profile")
 
 # The paper's training-cost claim (docs/METHOD.md §2): WeakCLIP vs the MCTformer refinement step (PSA on ResNet38).
 PAPER_CLAIM = {"weakclip_fps": 16.8, "weakclip_gib": 9.7, "mctformer_refinement_fps": 3.9,
@@ -90,6 +91,10 @@ def child_main(name: str, size_name: str, device_name: str) -> None:
                           "project": measure.measure_existing_cam_store(REPO / "artifacts" / "cams" / "train.h5")},
             "paper_size_parameters": measure.paper_parameter_counts(),
         }
+    elif name == "cam_inference_voc":  # one process per class count: each peak memory is its own
+        result = measure.measure_cam_inference(size, device, measure.VOC_CLASS_COUNT)
+    elif name == "cam_inference_coco":
+        result = measure.measure_cam_inference(size, device, measure.COCO_CLASS_COUNT)
     elif name == "step_profile":
         from bench.step_profile import profile_sizes
 
@@ -321,6 +326,12 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
         store_rows.append(_row(project["source"], project["n_images"], _number(project["bytes_per_image"], 0),
                                _number(project["raw_float32_bytes_per_image"], 0),
                                f"{project['compression_ratio']:.1f}x"))
+    cam_rows = [_row("classes (with background)", "images x size", "labels / image", "s / image", "peak memory (MiB)",
+                     "growth during the call (MiB)"), _row(*["---"] * 6)]
+    for record in results["cam_inference"].values():
+        cam_rows.append(_row(record["n_classes"], f"{record['n_images']} x {record['image_size'][0]}x"
+                             f"{record['image_size'][1]}", record["labels_per_image"], _number(record["s_per_image"], 3),
+                             _number(record["peak_memory_mib"], 0), _number(record["growth_memory_mib"], 0)))
     stages = results["stage_timings"]
     stage_rows = [_row("stage", "wall time (s)", "source"), _row("---", "---", "---")]
     stage_rows += [_row(f"`{stage}`", _number(seconds, 1), stages["sources"][stage])
@@ -363,6 +374,7 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
                       f"{crf['workers_1']['iterations']} iterations"),
         "crf_speedup": f"{crf['speedup_2_vs_1']:.2f}",
         "cam_store_table": "\n".join(store_rows),
+        "cam_inference_table": "\n".join(cam_rows),
         "stage_table": "\n".join(stage_rows),
         "stage_total": _number(stages["total_s"], 1),
         "gpu_table": gpu_section(GPU_SPEED_FILES),
@@ -394,6 +406,11 @@ def run_suite(quick: bool, device: str, measure_stage_timings: bool, timings_dir
     progress(f"bench: pseudo-mask inference, dense CRF (1 and 2 workers), CAM store ({size}) ...")
     rest = run_child("inference_crf_store", size, device)
     inference, crf, cam_store = rest["pseudo_inference"], rest["crf"], rest["cam_store"]
+    progress(f"bench: CAM inference, VOC's and COCO's class counts ({size}) ...")
+    cam_inference = {}
+    for dataset in ("voc", "coco"):
+        cam_inference[dataset] = run_child(f"cam_inference_{dataset}", size, device)
+        cam_inference[dataset].pop("environment", None)
     progress(f"bench: one training step split by part, frozen / unfrozen, fp32 / bf16 ({size}) ...")
     step_profile = measure_step_profile(size, device)
     progress("bench: stage timings ...")
@@ -420,6 +437,7 @@ def run_suite(quick: bool, device: str, measure_stage_timings: bool, timings_dir
         "pseudo_inference": inference,
         "crf": crf,
         "cam_store": cam_store,
+        "cam_inference": cam_inference,
         "stage_timings": stage_timings,
         "step_profile": step_profile,
         "paper_claim": PAPER_CLAIM,

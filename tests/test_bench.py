@@ -36,6 +36,8 @@ POSITIVE_NUMBERS = [
     "crf.workers_1.images_per_s", "crf.workers_2.images_per_s", "crf.speedup_2_vs_1",
     "cam_store.synthetic.bytes_per_image", "cam_store.synthetic.raw_float32_bytes_per_image",
     "cam_store.synthetic.compression_ratio", "wall_s",
+    *(f"cam_inference.{dataset}.{key}" for dataset in ("voc", "coco")
+      for key in ("n_classes", "s_per_image", "peak_memory_mib")),
 ]
 
 

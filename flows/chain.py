@@ -270,7 +270,7 @@ def wait_for_stage_run(stage_name: str, placement: Placement, flow_run_id: Any, 
             time.sleep(1.0)
 
 
-def _stage_result(flow_run_id: Any, settings: PoolSettings) -> dict[str, Any]:
+def _stage_result(stage_name: str, flow_run_id: Any, settings: PoolSettings) -> dict[str, Any]:
     """The completed stage run's result artifact. The server out of reach is waited out as in
     ``wait_for_stage_run``: failing here would have the task's retry run the finished stage again."""
     from prefect import get_client
@@ -292,7 +292,8 @@ def _stage_result(flow_run_id: Any, settings: PoolSettings) -> dict[str, Any]:
                 raise
             time.sleep(1.0)
     if not artifacts:
-        raise RuntimeError(f"stage flow run {flow_run_id} completed without its result (artifact {RESULT_ARTIFACT_TYPE})")
+        raise RuntimeError(f"stage {stage_name!r}: its flow run {flow_run_id} completed without its result (artifact "
+                           f"{RESULT_ARTIFACT_TYPE})")
     return artifacts[0].data
 
 
@@ -328,7 +329,7 @@ def run_stage_on_pool(
         # A refusal (dirty clone, unknown commit) or a run cancelled by hand: retrying would not help.
         kind = StageRefused if "Refused:" in message or flow_run.state.is_cancelled() else RuntimeError
         raise kind(f"stage {stage.name!r} on {placement.pool} ({placement.deployment}) ended {flow_run.state.name}: {message}")
-    result = _stage_result(flow_run.id, settings)
+    result = _stage_result(stage.name, flow_run.id, settings)
     write_files(root, result["files"], replaced=stage.uncached)  # the worker returns all of each, as its run left it
     merge_lock_entry(root, stage.name, result["entry"], _LOCK_GUARD)
     return result["metrics"]

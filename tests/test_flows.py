@@ -344,7 +344,7 @@ def test_a_completed_stages_result_is_read_after_a_server_outage(monkeypatch: py
 
     result = {"entry": {"cmd": "python train.py"}, "files": {}, "metrics": {}}
     server = ScriptedServer([httpx.ConnectError("connection refused")] * 30 + [result], monkeypatch)
-    assert _stage_result(uuid.uuid4(), PoolSettings()) == result and server.script == [] and server.now[0] == 30.0
+    assert _stage_result("cam_train", uuid.uuid4(), PoolSettings()) == result and server.script == [] and server.now[0] == 30.0
 
 
 def test_whether_a_worker_polls_is_read_from_last_polled_moving_not_from_its_value(

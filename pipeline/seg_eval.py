@@ -32,7 +32,7 @@ from weakclip_core.artifacts.atomic import FolderContents, atomic_dir, check_out
 from weakclip_core.config import Params, SegEvalConfig, to_plain
 from weakclip_core.data.layout import DatasetError, PreparedDataset
 from weakclip_core.runtime.device import resolve_device, set_threads
-from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch
+from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch, predict_label_batch
 from weakclip_core.method.prediction_crf import crf_on_shown_job, shown_classes
 from weakclip_core.runtime.processes import die_with_parent
 from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, iou_report
@@ -127,15 +127,17 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
         for start in range(0, len(image_ids), EVAL_BATCH):
             batch_ids = image_ids[start:start + EVAL_BATCH]
             images = [dataset.image(image_id) for image_id in batch_ids]
-            probabilities = predict_image_batch(model, images, None, dataset.n_classes, views, device,
-                                                mean=record["mean"], std=record["std"], max_forward_batch=EVAL_BATCH)
             if evaluation.use_crf:  # only the classes the argmax shows travel to the CRF workers
+                probabilities = predict_image_batch(model, images, None, dataset.n_classes, views, device,
+                                                    mean=record["mean"], std=record["std"],
+                                                    max_forward_batch=EVAL_BATCH)
                 jobs = [(image, *shown_classes(probability), evaluation.crf)
                         for image, probability in zip(images, probabilities)]
                 predictions = list(crf_pool.map(crf_on_shown_job, jobs) if crf_pool is not None
                                    else map(crf_on_shown_job, jobs))
-            else:
-                predictions = [probability.argmax(axis=0).astype(np.uint8) for probability in probabilities]
+            else:  # the argmax on the device: only the class map comes to the host
+                predictions = predict_label_batch(model, images, None, dataset.n_classes, views, device,
+                                                  mean=record["mean"], std=record["std"], max_forward_batch=EVAL_BATCH)
             for image_id, image, prediction in zip(batch_ids, images, predictions):
                 ground_truth = dataset.checked_mask(image_id, image.shape[:2])
                 confusion = confusion_matrix(ground_truth, prediction, dataset.n_classes)

@@ -304,6 +304,33 @@ def test_checkpoints_are_plain_data_and_resume_every_rng_exactly(tmp_path):
     assert np.array_equal(resumed[2], expected[2]) and torch.equal(resumed[4], expected[4])
 
 
+def test_a_resume_restores_its_own_gpus_generator_from_rank_0s_state(monkeypatch):
+    """A checkpoint holds the saving process's own CUDA generator; each process restores it on its own device
+    (torchrun sets that to its GPU). Restoring rank 0's list of every visible GPU's state, as before, set the other
+    ranks' generators to rank 0's untouched copies of their GPUs and raised an IndexError where fewer GPUs were
+    visible at resume. A fake CUDA with generators kept in a dict stands in for the GPUs."""
+    from weakclip_core.training import checkpoint
+
+    generators = {0: torch.tensor([10], dtype=torch.uint8), 1: torch.tensor([11], dtype=torch.uint8)}
+    current = {"device": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": generators[current["device"]].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": generators.__setitem__(
+        current["device"], state.clone()))
+    saved = checkpoint.capture_rng_state()  # rank 0, on GPU 0
+    assert torch.equal(saved["cuda"], torch.tensor([10], dtype=torch.uint8))
+    current["device"] = 1  # rank 1 resumes on GPU 1: it continues rank 0's stream, GPU 0 untouched
+    generators[0] = torch.tensor([99], dtype=torch.uint8)
+    checkpoint.restore_rng_state(saved)
+    assert generators[1].item() == 10 and generators[0].item() == 99
+    # A checkpoint written before (a list: every GPU rank 0 saw) gives rank 0's own, its first.
+    checkpoint.restore_rng_state({**saved, "cuda": [torch.tensor([20], dtype=torch.uint8),
+                                                    torch.tensor([21], dtype=torch.uint8)]})
+    assert generators[1].item() == 20
+    checkpoint.restore_rng_state({**saved, "cuda": []})  # saved without CUDA: the generator is left alone
+    assert generators[1].item() == 20
+
+
 def test_a_checkpoint_holding_code_is_refused_naming_it(tmp_path):
     """Whatever its config, a checkpoint that needs more than plain data to load is refused unread."""
     from weakclip_core.artifacts.model_file import UnsafeTorchFileError

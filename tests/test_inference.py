@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from weakclip_core.method.inference import (InferenceAugmentation, allowed_class_mask, predict_image_batch,
-                                     predict_probabilities, sliding_window_logits, window_starts)
+                                     predict_label_batch, predict_probabilities, sliding_window_logits,
+                                     window_starts)
 
 
 def numpy_softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -166,6 +167,26 @@ def test_mixed_sizes_batch_like_single_images():
         np.testing.assert_allclose(probabilities, single, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="predicts 6 classes"):
         predict_image_batch(model, images[:1], None, 7, tta)
+
+
+def test_the_device_argmax_is_numpys_argmax_of_the_probabilities_ties_included():
+    """``predict_label_batch`` takes the argmax where the probabilities are, not on the host: the same class map
+    as numpy's argmax of ``predict_image_batch`` (first class of a tie), mixed sizes and labels, uint8."""
+    model = random_conv(4)
+    rng = np.random.default_rng(6)
+    images = [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in [(20, 24, 3), (16, 16, 3), (20, 24, 3)]]
+    tta = InferenceAugmentation(scales=(1.0, 0.75), flip=True, crop=16, stride=8)
+    for labels in ([[1], [2, 5], [3]], None):
+        probabilities = predict_image_batch(model, images, labels, 6, tta)
+        maps = predict_label_batch(model, images, labels, 6, tta)
+        for probability, class_map in zip(probabilities, maps, strict=True):
+            assert class_map.dtype == np.uint8 and class_map.shape == probability.shape[1:]
+            np.testing.assert_array_equal(class_map, probability.argmax(axis=0))
+    constant = torch.nn.Conv2d(3, 6, 1)  # every class the same logit: a tie everywhere, class 0 wins
+    torch.nn.init.zeros_(constant.weight), torch.nn.init.zeros_(constant.bias)
+    assert (predict_label_batch(constant.eval(), images[:1], None, 6, tta)[0] == 0).all()
+    with pytest.raises(ValueError, match="256 classes do not fit a uint8 class map"):
+        predict_label_batch(model, images[:1], None, 256, tta)
 
 
 def test_benchmark_reports_positive_rates_for_each_worker_count():

@@ -83,6 +83,19 @@ def train_a_few_steps(precision: str, tmp_path: Path) -> tuple[list[float], set[
     return losses, dtypes
 
 
+def test_bf16_on_a_gpu_that_only_emulates_it_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's ``is_bf16_supported()`` says yes on a V100 or T4 (compute capability < 8) by default, where bf16
+    only runs emulated: the refusal never fired there. A fake T4's answer, as torch gives it: True with
+    emulation, False without."""
+    from weakclip_core.errors import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(InputError, match="runtime.precision: bf16 needs a GPU with bfloat16 support, and Tesla T4 "
+                                         "has none; use fp32"):
+        autocast(torch.device("cuda"), "bf16")
+
+
 def test_bf16_training_engages_autocast_and_tracks_fp32(tmp_path: Path) -> None:
     fp32_losses, fp32_dtypes = train_a_few_steps("fp32", tmp_path / "fp32")
     bf16_losses, bf16_dtypes = train_a_few_steps("bf16", tmp_path / "bf16")

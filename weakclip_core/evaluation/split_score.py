@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.evaluation.metrics import ConfusionAccumulator
-from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_image_batch
+from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_label_batch
 
 
 def score_argmax_on_split(model: DenseModel, dataset: PreparedDataset, image_ids: Sequence[str],
@@ -27,8 +27,8 @@ def score_argmax_on_split(model: DenseModel, dataset: PreparedDataset, image_ids
     for start in tqdm(range(0, len(scored), batch_size), desc=progress, unit="batch", disable=progress is None):
         batch_ids = scored[start:start + batch_size]
         labels = [dataset.image_labels(image_id) for image_id in batch_ids] if restrict_to_labels else None
-        probabilities = predict_image_batch(model, [dataset.image(image_id) for image_id in batch_ids], labels,
-                                            dataset.n_classes, tta, device)
-        for image_id, probability in zip(batch_ids, probabilities):
-            accumulator.add(dataset.checked_mask(image_id, probability.shape[1:]), probability.argmax(axis=0))
+        predictions = predict_label_batch(model, [dataset.image(image_id) for image_id in batch_ids], labels,
+                                          dataset.n_classes, tta, device)
+        for image_id, prediction in zip(batch_ids, predictions):
+            accumulator.add(dataset.checked_mask(image_id, prediction.shape), prediction)
     return accumulator, len(scored)

@@ -17,7 +17,7 @@ smaller than the window runs as is (the reference's ``slide_inference``), or pad
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,16 +181,11 @@ def normalise_images(images: Sequence[np.ndarray], mean: Sequence[float] = CLIP_
     return (tensor - mean_tensor) / std_tensor
 
 
-def predict_image_batch(model: DenseModel, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]] | None,
-                        n_classes: int, tta: InferenceAugmentation, device: torch.device | str = "cpu",
-                        mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                        max_forward_batch: int = 64) -> list[np.ndarray]:
-    """Probabilities (K, H_i, W_i) float32 for each (H_i, W_i, 3) uint8 image.
-
-    Images of the same size run as one batch (in their order of first appearance); ``labels`` restricts
-    each image to its foreground classes + background (``None``: no restriction, e.g. on the val split).
-    """
-    results: list[np.ndarray | None] = [None] * len(images)
+def _probabilities_per_image(model: DenseModel, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]] | None,
+                             n_classes: int, tta: InferenceAugmentation, device: torch.device | str,
+                             mean: Sequence[float], std: Sequence[float],
+                             max_forward_batch: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index of the image, its (K, H_i, W_i) probabilities on ``device``), images of one size as one batch."""
     groups: dict[tuple[int, int], list[int]] = {}
     for index, image in enumerate(images):
         groups.setdefault(tuple(image.shape[:2]), []).append(index)
@@ -201,5 +196,38 @@ def predict_image_batch(model: DenseModel, images: Sequence[np.ndarray], labels:
         if probabilities.shape[1] != n_classes:
             raise ValueError(f"model predicts {probabilities.shape[1]} classes, the dataset has {n_classes}")
         for row, index in enumerate(indices):
-            results[index] = probabilities[row].float().cpu().numpy()
+            yield index, probabilities[row]
+
+
+def predict_image_batch(model: DenseModel, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]] | None,
+                        n_classes: int, tta: InferenceAugmentation, device: torch.device | str = "cpu",
+                        mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                        max_forward_batch: int = 64) -> list[np.ndarray]:
+    """Probabilities (K, H_i, W_i) float32 for each (H_i, W_i, 3) uint8 image.
+
+    Images of the same size run as one batch (in their order of first appearance); ``labels`` restricts
+    each image to its foreground classes + background (``None``: no restriction, e.g. on the val split).
+    """
+    results: list[np.ndarray | None] = [None] * len(images)
+    for index, probabilities in _probabilities_per_image(model, images, labels, n_classes, tta, device, mean, std,
+                                                          max_forward_batch):
+        results[index] = probabilities.float().cpu().numpy()
+    return [result for result in results if result is not None]
+
+
+def predict_label_batch(model: DenseModel, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]] | None,
+                        n_classes: int, tta: InferenceAugmentation, device: torch.device | str = "cpu",
+                        mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                        max_forward_batch: int = 64) -> list[np.ndarray]:
+    """The argmax class map (H_i, W_i) uint8 of each image (the first class of a tie, as numpy's), as
+    ``predict_image_batch``'s probabilities give it, taken on ``device``: an evaluation that needs only the
+    argmax copied each image's K float maps to the host and took it there on one core (COCO: 81 x 480 x 640
+    float32, 100 MB and ~0.2 s an image; 82,081 train images scored by rank 0 alone while the other ranks wait
+    at a barrier)."""
+    if n_classes > 255:
+        raise ValueError(f"{n_classes} classes do not fit a uint8 class map (masks are 8-bit PNGs, 255 = ignore)")
+    results: list[np.ndarray | None] = [None] * len(images)
+    for index, probabilities in _probabilities_per_image(model, images, labels, n_classes, tta, device, mean, std,
+                                                          max_forward_batch):
+        results[index] = probabilities.argmax(dim=0).to(torch.uint8).cpu().numpy()
     return [result for result in results if result is not None]

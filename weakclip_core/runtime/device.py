@@ -56,7 +56,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        # including_emulation=False: torch's default also says yes where bf16 only runs emulated (V100, T4:
+        # compute capability < 8), slow kernels instead of this refusal
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
             raise InputError(f"runtime.precision: bf16 needs a GPU with bfloat16 support, and "
                              f"{torch.cuda.get_device_name(device)} has none; use fp32")
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

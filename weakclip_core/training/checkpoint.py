@@ -45,7 +45,21 @@ def capture_rng_state() -> dict[str, Any]:
             "numpy": {"kind": str(numpy_kind), "keys": torch.from_numpy(numpy_keys.astype(np.int64)),
                       "pos": int(numpy_pos), "has_gauss": int(numpy_has_gauss), "cached_gaussian": float(numpy_gauss)},
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else []}
+
+
+def cuda_rng_state_to_restore(saved: Any) -> torch.Tensor | None:
+    """The CUDA generator state a process restores on its own device (``torch.cuda.current_device()``, which a
+    torchrun rank sets to its GPU), from what a checkpoint holds: the saving process's own device's state; a
+    list (every device rank 0 saw, written before 2026-12-04) gives its first, rank 0's own. One state for every
+    rank is right: the ranks seed alike and draw alike, so their streams are one (docs/ORCHESTRATION.md). A
+    list per visible device, restored whole, failed with an IndexError where fewer GPUs were visible at resume
+    and set each other rank's generator to rank 0's untouched copy of its GPU."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if isinstance(saved, (list, tuple)) and saved:
+        return saved[0]
+    return None
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
@@ -55,8 +69,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda_state = cuda_rng_state_to_restore(state.get("cuda"))
+    if cuda_state is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_state)
 
 
 @dataclass

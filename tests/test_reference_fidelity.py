@@ -342,7 +342,8 @@ def test_mctformer_timm_recipe_is_a_pure_function_of_seed_epoch_index() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
     dataset = SimpleNamespace(split=lambda name: ["a", "b"], image=lambda image_id: image,
-                              image_labels=lambda image_id: [1], label_vector=lambda image_id: np.ones(2, np.float32))
+                              image_labels=lambda image_id, allow_empty=False: [1],
+                              label_vector=lambda image_id, allow_empty=False: np.ones(2, np.float32))
     augment = ClassificationAugment(32, 0.08, 0, 9, "rand-m9-mstd0.5-inc1", 0.25)
     first = ClassificationDataset(dataset, "train", 32, augment, seed=3)
     second = ClassificationDataset(dataset, "train", 32, augment, seed=3)

@@ -458,6 +458,8 @@ def stale_tracked_copies(root: Path, stage: StageSpec, graph: StageGraph) -> lis
 
     wanted = {tracked for tracked in graph.tracked_data
               if any(_under(dep, {tracked}) or _under(tracked, {dep}) for dep in stage.deps)}
+    if not wanted:  # most stages read no hand-tracked data: no index to open
+        return []
     stale: list[str] = []
     with Repo(str(root)) as repo:
         for dvc_stage in repo.index.stages:

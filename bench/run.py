@@ -328,7 +328,7 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
                                f"{project['compression_ratio']:.1f}x"))
     cam_rows = [_row("classes (with background)", "images x size", "labels / image", "s / image", "peak memory (MiB)",
                      "growth during the call (MiB)"), _row(*["---"] * 6)]
-    for record in results["cam_inference"].values():
+    for record in (results.get("cam_inference") or {}).values():  # absent from results written before it existed
         cam_rows.append(_row(record["n_classes"], f"{record['n_images']} x {record['image_size'][0]}x"
                              f"{record['image_size'][1]}", record["labels_per_image"], _number(record["s_per_image"], 3),
                              _number(record["peak_memory_mib"], 0), _number(record["growth_memory_mib"], 0)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -21,14 +22,26 @@ from pathlib import Path
 import psutil
 
 
+URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^/\s@]*@")
+"""The ``:password@`` of a URL's user part (``https://alice:token@host/…``)."""
+
+
+def mask_url_passwords(text: str) -> str:
+    """``text`` with every URL's password masked (``https://alice:***@host/…``): what a command prints and is
+    run with goes to the Prefect server's database and UI (logs, state messages), and DVC quotes remote URLs."""
+    return URL_PASSWORD.sub(r"\g<scheme>:***@", text)
+
+
 class CommandFailed(RuntimeError):
-    """A command exited non-zero; the message names the command, the folder and the output's tail."""
+    """A command exited non-zero; the message names the command, the folder and the output's tail (URL passwords
+    masked)."""
 
     def __init__(self, command: list[str], cwd: Path, returncode: int, output_tail: list[str]) -> None:
         self.command = command
         self.returncode = returncode
         tail = "\n".join(output_tail)
-        super().__init__(f"`{' '.join(command)}` in {cwd} exited with {returncode}; last output:\n{tail}")
+        super().__init__(mask_url_passwords(f"`{' '.join(command)}` in {cwd} exited with {returncode}; last "
+                                            f"output:\n{tail}"))
 
 
 @dataclass(frozen=True)
@@ -66,7 +79,7 @@ def run_command(command: list[str], cwd: Path, logger: logging.Logger | logging.
     worker sets it when the chain has given its stage run up (``flows.chain.stage``), so the stage does not run
     on beside the retry the chain sent elsewhere.
     """
-    logger.info("$ %s  (in %s)", " ".join(command), cwd)
+    logger.info("$ %s  (in %s)", mask_url_passwords(" ".join(command)), cwd)
     lines: list[str] = []
     tail: deque[str] = deque(maxlen=40)
     with subprocess.Popen(
@@ -87,7 +100,7 @@ def run_command(command: list[str], cwd: Path, logger: logging.Logger | logging.
                 line = raw_line.rstrip("\n")
                 lines.append(line)
                 tail.append(line)
-                logger.info("%s", line)
+                logger.info("%s", mask_url_passwords(line))
             returncode = process.wait()
         finally:
             finished.set()

@@ -33,7 +33,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -48,7 +47,8 @@ from typing import Any
 import yaml
 
 from flows.dag import StageGraph, StageSpec, read_stage_graph
-from flows.dvc_cli import CommandFailed, capture_command, dvc_command, run_command, tool_environment
+from flows.dvc_cli import (CommandFailed, capture_command, dvc_command, mask_url_passwords, run_command,
+                           tool_environment)
 
 CHAIN_LOCK = Path(".dvc") / "tmp" / "weakclip-chain.lock"
 CLONE_LOCK = Path(".dvc") / "tmp" / "weakclip-stage.lock"
@@ -508,16 +508,6 @@ def outputs_only_stale(root: Path, stage_name: str, sent_lock: dict[str, Any]) -
         and set(change["changed outs"].values()) <= OUTPUT_STALE_STATES
         for change in changes
     )
-
-
-URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^/\s@]*@")
-"""The ``:password@`` of a URL's user part (``https://alice:token@host/…``)."""
-
-
-def mask_url_passwords(text: str) -> str:
-    """``text`` with every URL's password masked (``https://alice:***@host/…``): error text goes to the Prefect
-    server's database and UI, and DVC's own messages may quote the remote's URL."""
-    return URL_PASSWORD.sub(r"\g<scheme>:***@", text)
 
 
 def remote_description(root: Path, remote: str | None) -> str:

@@ -574,9 +574,19 @@ def test_a_deployments_flow_works_in_weakclip_project_and_the_clis_in_the_folder
     assert seen["sweep"] == str(here)
 
 
-def test_url_passwords_are_masked_in_what_reaches_the_server() -> None:
-    """A remote error's text goes to the flow run's state message and the server's database."""
-    from flows.machines import mask_url_passwords
+def test_url_passwords_are_masked_in_what_reaches_the_server(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What a command is run with and prints goes to the run's logs, and a failure's text to its state message:
+    the server's database and UI. A remote URL's password is masked in all of them."""
+    import logging
+
+    from flows.dvc_cli import CommandFailed, mask_url_passwords, run_command
+
+    code = "import sys; print('pushing to https://alice:s3cr3t@dvc.example.com/store'); sys.exit(1)"
+    with caplog.at_level(logging.INFO, logger="mask-test"), pytest.raises(CommandFailed) as failed:
+        run_command([sys.executable, "-c", code, "https://bob:hunter2@host/x"], tmp_path, logging.getLogger("mask-test"))
+    for text in (caplog.text, str(failed.value)):
+        assert "s3cr3t" not in text and "hunter2" not in text
+        assert "https://alice:***@dvc.example.com/store" in text and "https://bob:***@host/x" in text
 
     assert mask_url_passwords("https://alice:s3cr3t-token@dvc.example.com/store") == \
         "https://alice:***@dvc.example.com/store"

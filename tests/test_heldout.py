@@ -55,6 +55,26 @@ def test_all_classes_against_labels_given_worked_by_hand(tiny_dataset: PreparedD
                                    labelled_miou=pytest.approx(labelled), n_images=10)
 
 
+def test_a_val_image_without_a_class_is_background_with_the_labels_given(tiny_dataset: PreparedDataset) -> None:
+    """COCO val keeps its unannotated images (all-background masks): scored with the labels given, only
+    background may win there; by hand, as above."""
+    import json
+
+    from weakclip_core.data.layout import write_labels, write_mask
+
+    val = tiny_dataset.split("val")
+    labels_file = json.loads((tiny_dataset.root / "labels.json").read_text())
+    labels_file["labels"][val[0]] = []
+    write_labels(tiny_dataset.root, labels_file["dataset"], labels_file["class_names"], labels_file["labels"])
+    write_mask(tiny_dataset.root / "SegmentationClass" / f"{val[0]}.png", np.zeros_like(tiny_dataset.mask(val[0])))
+    dataset = PreparedDataset.open(tiny_dataset.root)
+    masks = [dataset.mask(image_id) for image_id in val]
+    holds_cat = [CAT in dataset.image_labels(image_id, allow_empty=True) for image_id in val]
+    labelled = numpy_miou([(mask, np.full_like(mask, CAT if cat else 0)) for mask, cat in zip(masks, holds_cat)],
+                          len(CLASS_NAMES))
+    assert split_miou(always_cat, dataset, val, TTA, restrict_to_labels=True) == pytest.approx(labelled)
+
+
 def test_images_without_a_mask_are_not_scored(tiny_dataset: PreparedDataset) -> None:
     val = tiny_dataset.split("val")
     for image_id in val[5:]:

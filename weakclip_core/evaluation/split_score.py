@@ -26,7 +26,8 @@ def score_argmax_on_split(model: DenseModel, dataset: PreparedDataset, image_ids
     accumulator = ConfusionAccumulator(dataset.n_classes)
     for start in tqdm(range(0, len(scored), batch_size), desc=progress, unit="batch", disable=progress is None):
         batch_ids = scored[start:start + batch_size]
-        labels = [dataset.image_labels(image_id) for image_id in batch_ids] if restrict_to_labels else None
+        labels = ([dataset.image_labels(image_id, allow_empty=True) for image_id in batch_ids]  # a val image with
+                  if restrict_to_labels else None)  # no class (COCO's unannotated ones) may only be background
         predictions = predict_label_batch(model, [dataset.image(image_id) for image_id in batch_ids], labels,
                                           dataset.n_classes, tta, device)
         for image_id, prediction in zip(batch_ids, predictions):

@@ -530,9 +530,8 @@ def _remote_command(args: list[str], root: Path, remote: str | None, logger: log
     except CommandFailed as error:
         if abandon is not None and abandon.is_set():
             raise  # stopped by this worker, not a remote's failure
-        tail = " | ".join(line for line in str(error).splitlines()[1:] if line.strip())[-600:]
-        raise RemoteFailed(f"`dvc {args[0]}` against {remote_description(root, remote)} failed: "
-                           f"{mask_url_passwords(tail)}") from error
+        tail = " | ".join(line for line in str(error).splitlines()[1:] if line.strip())[-600:]  # masked already
+        raise RemoteFailed(f"`dvc {args[0]}` against {remote_description(root, remote)} failed: {tail}") from error
 
 
 def run_stage_on_worker(

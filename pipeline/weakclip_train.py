@@ -158,17 +158,20 @@ def precise_logits(model: WeakCLIP, images: torch.Tensor, device: torch.device, 
 @torch.no_grad()
 def evaluate_on_split(model: WeakCLIP, dataset: PreparedDataset, image_ids: list[str], crop: int,
                       device: torch.device, show_progress: bool = True,
-                      img_scale: tuple[int, int] | None = None, precision: str = "fp32") -> tuple[dict, int]:
+                      img_scale: tuple[int, int] | None = None, precision: str = "fp32",
+                      context: DistributedContext | None = None) -> tuple[dict, int]:
     """Single-scale (ratio 1 of ``img_scale``, or the image's size), no-CRF prediction restricted to labels
     + background, scored vs GT; (report dict, n scored). ``precision`` (``runtime.precision``): the forward's
-    autocast; the logits come back as float32 either way (numpy has no bfloat16)."""
+    autocast; the logits come back as float32 either way (numpy has no bfloat16). ``context``: under torchrun
+    every rank scores its share of ``image_ids`` and gets the whole split's report."""
     model.eval()
     tta = InferenceAugmentation(scales=(1.0,), flip=False, crop=crop, stride=max(1, 2 * crop // 3),
                                 img_scale=img_scale)
     accumulator, n_scored = score_argmax_on_split(lambda images: precise_logits(model, images, device, precision),
                                                   dataset, image_ids, tta, restrict_to_labels=True, device=device,
                                                   batch_size=EVAL_BATCH,
-                                                  progress=f"{STAGE} eval" if show_progress else None)
+                                                  progress=f"{STAGE} eval" if show_progress else None,
+                                                  context=context)
     return accumulator.report().as_dict(dataset.class_names), n_scored
 
 
@@ -182,7 +185,7 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     Under DDP (``context`` from torchrun) each rank trains on its slice of every
     global batch (``weakclip.train.batch_size``); the frozen CLIP stays out of DDP
     (each rank loads it from the artifact); the losses are per-shard means that
-    DDP averages; only rank 0 evaluates and writes.
+    DDP averages; every rank scores its share of the split after training, and only rank 0 writes.
     """
     cfg, train = params.weakclip, params.weakclip.train
     seed = params.runtime.seed + train.seed_offset  # the offset: this stage's own noise (bench.ablations --seeds)
@@ -270,13 +273,14 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     if not result.finished:
         return None
     seconds_per_step = (time.perf_counter() - train_started) / max(1, result.steps_this_run)
-    if not context.is_main:  # rank 0 evaluates and writes; the others wait for its metrics
-        return broadcast_from_main(run_on_main(context, dict), context)
-
-    save_weakclip_model(paths.model, model.cpu(), cfg, paths.clip_dir, dataset=dataset.name,
-                        steps=train.iterations, seed=seed, seed_mode=cfg.seeds.mode)
+    if context.is_main:
+        save_weakclip_model(paths.model, model.cpu(), cfg, paths.clip_dir, dataset=dataset.name,
+                            steps=train.iterations, seed=seed, seed_mode=cfg.seeds.mode)
+    # Every rank scores its share of the split (the ranks hold the same weights); rank 0 writes.
     report, n_scored = evaluate_on_split(model.to(device), dataset, scored_ids, train.crop, device, show_progress,
-                                         img_scale, params.runtime.precision)
+                                         img_scale, params.runtime.precision, context)
+    if not context.is_main:  # rank 0 writes; the others wait for its metrics
+        return broadcast_from_main(run_on_main(context, dict), context)
     if n_scored == 0:  # label-only data: trained all the same; the figures say why there are none
         report = {"miou": None, **{key: None for key in ("pixel_accuracy", "per_class", "precision", "recall")}}
     metrics = {

@@ -223,3 +223,66 @@ def test_stage_relaunches_itself_under_torchrun(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-3000:]
     # World of 2 on Gloo; the mean of ranks 0 and 1 is 0.5; only rank 0 wrote.
     assert (tmp_path / "result.txt").read_text() == "2 gloo 0.5"
+
+
+def _scoring_worker(rank: int, world_size: int, port: int, dataset_root: str, out_dir: str) -> None:
+    """One rank of the sharded closing score: an always-'cat' model that counts the images it is given."""
+    import json
+
+    from tiny_voc import CLASS_NAMES
+    from weakclip_core.data.layout import PreparedDataset
+    from weakclip_core.evaluation.split_score import score_argmax_on_split
+    from weakclip_core.method.inference import InferenceAugmentation
+
+    torch.set_num_threads(1)
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    context = init_distributed("cpu", env=env)
+    try:
+        dataset = PreparedDataset.open(dataset_root)
+        cat = CLASS_NAMES.index("cat")
+        seen = [0]
+
+        def always_cat(images: torch.Tensor) -> torch.Tensor:
+            seen[0] += images.shape[0]
+            logits = torch.zeros(images.shape[0], len(CLASS_NAMES), images.shape[2] // 4, images.shape[3] // 4)
+            logits[:, cat] = 1.0
+            return logits
+
+        tta = InferenceAugmentation(scales=(1.0,), flip=False, crop=512, stride=341, img_scale=None)
+        accumulator, n_scored = score_argmax_on_split(always_cat, dataset, dataset.split("val"), tta,
+                                                      restrict_to_labels=False, batch_size=2, context=context)
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(
+            {"confusion": accumulator.confusion.tolist(), "n_scored": n_scored, "images_seen": seen[0]}))
+    finally:
+        shutdown_distributed(context)
+
+
+@pytest.mark.slow
+def test_the_closing_score_is_sharded_over_ranks_and_summed_exactly(tmp_path: Path) -> None:
+    """``weakclip_train``'s closing score under torchrun (COCO: 82,081 train images): each of 2 Gloo ranks scores
+    half of the split and both get the whole split's confusion, the one worked out by hand (an always-'cat'
+    model: every labelled GT pixel of class c counts at [c, cat]); used to be rank 0 alone, the others idle."""
+    import json
+
+    import numpy as np
+
+    from tiny_voc import CLASS_NAMES, write_tiny_voc
+    from weakclip_core.data.layout import PreparedDataset
+
+    write_tiny_voc(tmp_path / "tiny", n_train=2, n_val=9)
+    dataset = PreparedDataset.open(tmp_path / "tiny")
+    val = dataset.split("val")
+    for image_id in val[7:]:  # two val images without a mask: not scored, by any rank
+        (dataset.root / "SegmentationClass" / f"{image_id}.png").unlink()
+    expected = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=np.int64)
+    for image_id in val[:7]:
+        mask = dataset.mask(image_id)
+        expected[:, CLASS_NAMES.index("cat")] += np.bincount(mask[mask != 255], minlength=len(CLASS_NAMES))
+
+    mp.spawn(_scoring_worker, args=(2, _free_port(), str(tmp_path / "tiny"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for result in ranks:
+        np.testing.assert_array_equal(np.array(result["confusion"]), expected)
+        assert result["n_scored"] == 7
+    assert [result["images_seen"] for result in ranks] == [4, 3]  # images 0, 2, 4, 6 and 1, 3, 5: one window each

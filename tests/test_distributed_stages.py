@@ -118,6 +118,31 @@ def test_clip_pretraining_gathers_the_global_batch(prepared: Path, tmp_path: Pat
         torch.testing.assert_close(candidate[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
+def test_weakclip_train_under_two_processes_scores_the_whole_split_as_one_process(prepared: Path,
+                                                                                  tmp_path: Path) -> None:
+    """``weakclip_train`` under torchrun (6 steps on the GT masks): each rank scores half of the train split after
+    training and rank 0 writes the whole split's figures, those one process scoring the saved model gives
+    (``evaluate_on_split`` without a process group). ~40 s on this machine."""
+    import json
+
+    from pipeline.weakclip_train import evaluate_on_split
+    from weakclip_core.artifacts.weakclip import load_weakclip_model
+    from weakclip_core.data.layout import PreparedDataset
+
+    ddp = _project(prepared, tmp_path / "ddp", TWO_PROCESSES, {**NO_DROP_PATH, "weakclip": {"seeds": {"source": "gt"}}})
+    for stage in ("pipeline.clip", "pipeline.weakclip_train"):
+        completed = _run(ddp, ["-m", stage])
+        assert completed.returncode == 0, completed.stderr[-4000:]
+    metrics = json.loads((ddp / "metrics/weakclip.json").read_text())
+    dataset = PreparedDataset.open(ddp / "data/prepared/tiny")
+    model = load_weakclip_model(ddp / "artifacts/weakclip/model.pt", ddp / "artifacts/clip")
+    report, n_scored = evaluate_on_split(model, dataset, dataset.split("train"), crop=32, device=torch.device("cpu"),
+                                         show_progress=False)
+    assert metrics["n_images"] == n_scored == 12
+    assert metrics["miou"] == report["miou"] and metrics["per_class"] == report["per_class"]
+
+
 @pytest.mark.parametrize(("stage", "key", "section"), [
     ("pipeline.seg_train", "seg.train.batch_size", {"seg": {"train": {"batch_size": 3}}}),
     ("pipeline.cam_train", "cam.train.batch_size", {"cam": {"train": {"batch_size": 5}}}),

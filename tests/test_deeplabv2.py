@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -13,7 +14,7 @@ import torchvision
 from pipeline.seg_train import make_optimizer
 from weakclip_core.config import params_from_dict
 from weakclip_core.config.schema import ConfigError
-from weakclip_core.models.deeplabv2 import DeepLabV2
+from weakclip_core.models.deeplabv2 import ASPPSum, DeepLabV2
 from weakclip_core.models.segmenter import SegmenterWeightsError, build_segmenter
 from weakclip_core.training.schedules import set_lr
 
@@ -54,6 +55,35 @@ def test_output_stride_8_and_logits_at_the_input_size() -> None:
     with torch.no_grad():
         assert model.features(images).shape == (1, 2048, 8, 6)
         assert model(images).shape == (1, 3, 64, 48)
+
+
+def numpy_dilated_conv(features: np.ndarray, weight: np.ndarray, bias: np.ndarray, rate: int) -> np.ndarray:
+    """A 3x3 convolution at dilation ``rate`` with zero padding ``rate`` (same size), by its definition:
+    out[k, y, x] = bias[k] + sum over c, i, j of weight[k, c, i, j] * padded[c, y + i * rate, x + j * rate]."""
+    channels, height, width = features.shape
+    padded = np.zeros((channels, height + 2 * rate, width + 2 * rate))
+    padded[:, rate:rate + height, rate:rate + width] = features
+    out = np.repeat(bias[:, None, None], height * width, axis=1).reshape(-1, height, width).astype(np.float64)
+    for i in range(3):
+        for j in range(3):
+            window = padded[:, i * rate:i * rate + height, j * rate:j * rate + width]
+            out += np.einsum("kc,chw->khw", weight[:, :, i, j], window)
+    return out
+
+
+def test_aspp_is_the_sum_of_four_dilated_convolutions_at_rates_6_12_18_24() -> None:
+    """DeepLabV2's ASPP-L against numpy: the four 3x3 branches at dilations 6, 12, 18, 24 (same-size zero
+    padding) summed, biases included; the forward is that map resized bilinearly to the input."""
+    torch.manual_seed(0)
+    head = ASPPSum(4, 3)
+    for branch in head.branches:  # biases non-zero, so each branch's own bias must be in the sum
+        torch.nn.init.normal_(branch.bias)
+    features = torch.randn(1, 4, 20, 27)  # wider than 2 x 6 so the small rates see real neighbours
+    expected = sum(numpy_dilated_conv(features[0].double().numpy(), branch.weight.detach().double().numpy(),
+                                      branch.bias.detach().double().numpy(), rate)
+                   for branch, rate in zip(head.branches, (6, 12, 18, 24)))
+    with torch.no_grad():
+        np.testing.assert_allclose(head(features)[0].double().numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
 def _params(**train: object) -> object:

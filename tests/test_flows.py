@@ -840,22 +840,36 @@ def test_sweep_variants_gathered_in_one_exp_show(prefect_api: str, tmp_path: Pat
     assert experiments["scale-9"]["metrics"]["metrics/eval_a.json"]["data"]["miou"] == pytest.approx(0.405)
 
 
+PARALLEL_SLEEPER = """import pathlib, sys, time
+name, other = sys.argv[1:]
+times = pathlib.Path("times")
+times.mkdir(exist_ok=True)
+start = time.time()
+(times / f"{name}.started").write_text("")
+# Wait (60 s at most) until the sibling has started too: on a loaded 2-core machine the two DVC processes may
+# reach their commands seconds apart, and a fixed sleep made the test a race. Run one after the other, the
+# first waits out the 60 s and ends before the second starts: no overlap, and the test fails as it should.
+while not (times / f"{other}.started").exists() and time.time() < start + 60:
+    time.sleep(0.05)
+time.sleep(0.5)
+(times / f"{name}.txt").write_text(f"{start} {time.time()}")
+pathlib.Path(f"{name}.out").write_text(pathlib.Path("data/raw.txt").read_text())
+"""
+"""A sibling stage's command for the overlap test: it records when it ran, after both siblings had started."""
+
+
 @pytest.mark.slow
 def test_independent_branches_run_at_the_same_time(prefect_api: str, tmp_path: Path) -> None:
     """DVC locks only its bookkeeping: two sibling stages' commands overlap in time, and both land in dvc.lock."""
     from flows.chain import chain
 
-    def sleeper(name: str) -> dict[str, object]:
-        code = (
-            "import time, pathlib; pathlib.Path('times').mkdir(exist_ok=True); start = time.time(); time.sleep(3); "
-            f"pathlib.Path('times/{name}.txt').write_text(f'{{start}} {{time.time()}}'); "
-            f"pathlib.Path('{name}.out').write_text(open('data/raw.txt').read())"
-        )
-        return {"cmd": f'python -c "{code}"', "deps": ["data/raw.txt"], "outs": [f"{name}.out"]}
+    def sleeper(name: str, other: str) -> dict[str, object]:
+        return {"cmd": f"python sleeper.py {name} {other}", "deps": ["data/raw.txt"], "outs": [f"{name}.out"]}
 
-    stages = {"prepare": demo_stages()["prepare"], "left": sleeper("left"), "right": sleeper("right")}
+    stages = {"prepare": demo_stages()["prepare"], "left": sleeper("left", "right"), "right": sleeper("right", "left")}
     project = write_demo_project(tmp_path / "parallel", stages=stages)
-    (project / ".gitignore").write_text("/env/\n/times/\n")
+    (project / ".gitignore").write_text("/env/\n/times/\n/sleeper.py\n")
+    (project / "sleeper.py").write_text(PARALLEL_SLEEPER)
     chain(repo_dir=str(project), max_parallel=2, retry_delay_s=0.2)
     left_start, left_end = map(float, (project / "times" / "left.txt").read_text().split())
     right_start, right_end = map(float, (project / "times" / "right.txt").read_text().split())

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from weakclip_core.method.inference import (InferenceAugmentation, allowed_class_mask, predict_image_batch,
-                                     predict_label_batch, predict_probabilities, sliding_window_logits,
-                                     window_starts)
+from weakclip_core.method.inference import (InferenceAugmentation, allowed_class_mask, normalise_images,
+                                     predict_image_batch, predict_label_batch, predict_probabilities,
+                                     sliding_window_logits, window_starts)
 
 
 def numpy_softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -200,3 +200,19 @@ def test_benchmark_reports_positive_rates_for_each_worker_count():
                                CrfConfig(iterations=2), batch_size=2, device=torch.device("cpu"), worker_counts=(0,))
     assert result["n_images"] == 3 and result["inference_images_per_s"] > 0
     assert set(result["crf_images_per_s"]) == {"0"} and result["crf_images_per_s"]["0"] > 0
+
+
+def test_normalise_images_is_clips_mean_and_std_on_0_1_pixels() -> None:
+    """What every stage's model sees (seg_eval, pseudo_masks, the closing scores, cam_infer): uint8 (H, W, 3)
+    images → (B, 3, H, W) of (x / 255 - mean) / std per channel, worked out in numpy; the mean and std given
+    replace CLIP's (ImageNet's for the segmenters)."""
+    from weakclip_core.data.transforms import CLIP_MEAN, CLIP_STD
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8) for _ in range(2)]
+    expected = np.stack([((image / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).transpose(2, 0, 1)
+                         for image in images])
+    np.testing.assert_allclose(normalise_images(images).numpy(), expected, rtol=1e-5, atol=1e-6)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    expected = ((images[0] / 255.0 - np.array(imagenet[0])) / np.array(imagenet[1])).transpose(2, 0, 1)[None]
+    np.testing.assert_allclose(normalise_images(images[:1], *imagenet).numpy(), expected, rtol=1e-5, atol=1e-6)

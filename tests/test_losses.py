@@ -173,6 +173,9 @@ def test_total_with_inline_crf_against_numpy() -> None:
 
 
 def test_total_resizes_p_and_backpropagates() -> None:
+    """P at 16 px, the losses at 8: the seeding loss is the numpy reference's on P downsized bilinearly with
+    half-pixel centres (a factor of 2 samples between input pixels 2i and 2i + 1: each output is the mean of a
+    2 x 2 block) and the seeds by nearest neighbour (every 8th); gradients reach P and λ'."""
     torch.manual_seed(0)
     cfg = WeakClipLossConfig(loss_size=8, crf_workers=0)
     logits = torch.randn(2, 3, 16, 16, requires_grad=True)
@@ -181,6 +184,8 @@ def test_total_resizes_p_and_backpropagates() -> None:
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with CrfPool(cfg.crf, workers=0) as pool:
         losses = weakclip_losses(logits, matching, seeds, images, cfg, pool)
+    downsized = logits.detach().numpy().astype(np.float64).reshape(2, 3, 8, 2, 8, 2).mean(axis=(3, 5))
+    assert np.isclose(float(losses.seed), numpy_reference_seeding(downsized, seeds.numpy()[:, ::8, ::8]), rtol=1e-5)
     losses.total.backward()
     assert all(np.isfinite(value) for value in losses.as_floats().values())
     assert logits.grad.abs().sum() > 0 and matching.grad.abs().sum() > 0

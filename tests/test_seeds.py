@@ -32,6 +32,13 @@ def test_confident_seeds_foreground_needs_the_argmax():
     np.testing.assert_array_equal(confident_seeds(cams, [1, 2], 0.5, 0.1), [[2]])
 
 
+def test_confident_seeds_tie_goes_to_the_first_class():
+    # Equal CAMs above fg: the first class of ``classes`` wins, in either order of the list.
+    cams = np.array([[[0.8]], [[0.8]]], dtype=np.float32)
+    np.testing.assert_array_equal(confident_seeds(cams, [1, 2], 0.5, 0.1), [[1]])
+    np.testing.assert_array_equal(confident_seeds(cams, [2, 1], 0.5, 0.1), [[2]])
+
+
 def test_confident_seeds_higher_thresholds_leave_more_ignore():
     expected = np.array([[3, 255, 0],
                          [255, 255, 7]], dtype=np.uint8)

@@ -109,7 +109,9 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
         left_out = tuple(sorted(image_id for image_id, classes in prepared.labels.items()
                                 if not classes and image_id not in listed))
         check_score_split_inside(prepared.split(dataset.train_split), prepared.split(dataset.scored_split),
-                                 dataset.train_split, dataset.scored_split, lists_in=dataset.source)
+                                 dataset.train_split, dataset.scored_split,
+                                 lists_in=(dataset.source if dataset.name != "synthetic"
+                                           else "the synthetic generator's output: its train and val are disjoint"))
         shared = sorted(set(prepared.split(dataset.train_split)) & set(prepared.split(dataset.val_split)))
         if shared:
             raise DatasetError(f"dataset.train_split {dataset.train_split!r} and dataset.val_split "

@@ -406,6 +406,20 @@ def test_voc_prepare_writes_the_score_split_inside_train_aug(tmp_path: Path) -> 
                                   "split 'train_aug', e.g. 2007_000009")
 
 
+def test_synthetic_prepare_refuses_a_score_split_outside_train_naming_the_generator(tmp_path: Path) -> None:
+    """``dataset.score_split: val`` on the synthetic set: refused before anything is written, the message naming
+    the generator (it named ``imports/none``, the unset ``dataset.source``, as if the lists were there)."""
+    from tests.faults.tiny_chain import tiny_params
+
+    params = tiny_params(0, {"dataset": {"prepared_dir": str(tmp_path / "prepared"), "score_split": "val"}})
+    with pytest.raises(DatasetError) as refused:
+        run(params_from_dict(params), preview_path=tmp_path / "preview.png", progress=False)
+    assert str(refused.value).startswith("dataset.score_split 'val' must lie inside dataset.train_split 'train' "
+                                         "(their lists in the synthetic generator's output: its train and val are "
+                                         "disjoint): 4 image(s) of score split 'val' are not in train split 'train'")
+    assert not (tmp_path / "prepared").exists()
+
+
 SCORE_IDS = ["train_001", "train_004", "train_006"]
 
 

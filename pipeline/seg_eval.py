@@ -32,8 +32,8 @@ from weakclip_core.artifacts.atomic import FolderContents, atomic_dir, check_out
 from weakclip_core.config import Params, SegEvalConfig, to_plain
 from weakclip_core.data.layout import DatasetError, PreparedDataset
 from weakclip_core.runtime.device import resolve_device, set_threads
-from weakclip_core.method.inference import InferenceAugmentation, predict_image_batch, predict_label_batch
-from weakclip_core.method.prediction_crf import crf_on_shown_job, shown_classes
+from weakclip_core.method.inference import InferenceAugmentation, predict_label_batch, predict_reduced_batch
+from weakclip_core.method.prediction_crf import crf_on_shown_job, shown_classes_on_device
 from weakclip_core.runtime.processes import die_with_parent
 from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, iou_report
 from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_confusion_matrix, save_overlay
@@ -127,12 +127,11 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
         for start in range(0, len(image_ids), EVAL_BATCH):
             batch_ids = image_ids[start:start + EVAL_BATCH]
             images = [dataset.image(image_id) for image_id in batch_ids]
-            if evaluation.use_crf:  # only the classes the argmax shows travel to the CRF workers
-                probabilities = predict_image_batch(model, images, None, dataset.n_classes, views, device,
-                                                    mean=record["mean"], std=record["std"],
-                                                    max_forward_batch=EVAL_BATCH)
-                jobs = [(image, *shown_classes(probability), evaluation.crf)
-                        for image, probability in zip(images, probabilities)]
+            if evaluation.use_crf:  # only the classes the argmax shows leave the device, for the CRF workers
+                shown = predict_reduced_batch(model, images, None, dataset.n_classes, views, shown_classes_on_device,
+                                              device, mean=record["mean"], std=record["std"],
+                                              max_forward_batch=EVAL_BATCH)
+                jobs = [(image, classes, kept, evaluation.crf) for image, (classes, kept) in zip(images, shown)]
                 predictions = list(crf_pool.map(crf_on_shown_job, jobs) if crf_pool is not None
                                    else map(crf_on_shown_job, jobs))
             else:  # the argmax on the device: only the class map comes to the host

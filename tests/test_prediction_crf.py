@@ -98,3 +98,34 @@ def test_classes_kept_always_stay_even_where_the_argmax_shows_none():
     expected = probabilities[classes] / probabilities[classes].sum(axis=0, keepdims=True)
     np.testing.assert_allclose(kept, expected, rtol=1e-6)
     assert shown_classes(probabilities)[0].tolist() == shown.tolist()
+
+
+@pytest.mark.parametrize("twin", ["shown_classes_torch", "shown_classes_on_device"])
+def test_the_device_twin_keeps_the_same_classes_and_rows_ties_and_always_included(twin: str):
+    """seg_eval's CRF path takes the classes on the model's device (only the kept rows leave a GPU): the torch ops
+    (``shown_classes_torch``, what a GPU runs, here on CPU tensors) and the dispatch (numpy's on a CPU tensor)
+    against numpy by hand: the argmax's classes (a tie to the first class, as numpy's argmax), ``always`` added,
+    the kept rows divided by their sum; a non-finite value refused as ``shown_classes`` refuses it."""
+    import torch
+
+    from weakclip_core.method import prediction_crf
+
+    shown_classes_of = getattr(prediction_crf, twin)
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(6, 5, 4)).astype(np.float32)
+    logits[0] -= 50.0  # background never wins
+    logits[4] -= 50.0  # nor class 4
+    logits[5] -= 50.0  # class 5 wins nowhere ...
+    logits[:, 0, 0] = [0.0, 0.0, 0.0, 5.0, 0.0, 5.0]  # ... but ties class 3 at one pixel, where 3 wins
+    probabilities = softmax(logits)
+    expected_classes = np.unique(np.concatenate([probabilities.argmax(axis=0).ravel(), [0]]))
+    assert 5 not in expected_classes and 4 not in expected_classes and 3 in expected_classes
+    classes, kept = shown_classes_of(torch.from_numpy(probabilities), always=(0,))
+    assert classes.dtype == np.uint8 and classes.tolist() == expected_classes.tolist()
+    expected = probabilities[expected_classes] / probabilities[expected_classes].sum(axis=0, keepdims=True)
+    np.testing.assert_allclose(kept, expected, rtol=1e-6)
+    assert shown_classes_of(torch.from_numpy(probabilities))[0].tolist() == expected_classes[1:].tolist()
+    broken = torch.from_numpy(probabilities.copy())
+    broken[2, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="1 non-finite"):
+        shown_classes_of(broken)

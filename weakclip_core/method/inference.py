@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from weakclip_core.data.transforms import CLIP_MEAN, CLIP_STD, ratio_size
 
 DenseModel = Callable[[torch.Tensor], torch.Tensor]
+ResultT = TypeVar("ResultT")
 
 
 @dataclass(frozen=True)
@@ -226,8 +228,20 @@ def predict_label_batch(model: DenseModel, images: Sequence[np.ndarray], labels:
     at a barrier)."""
     if n_classes > 255:
         raise ValueError(f"{n_classes} classes do not fit a uint8 class map (masks are 8-bit PNGs, 255 = ignore)")
-    results: list[np.ndarray | None] = [None] * len(images)
+    return predict_reduced_batch(model, images, labels, n_classes, tta,
+                                 lambda probabilities: probabilities.argmax(dim=0).to(torch.uint8).cpu().numpy(),
+                                 device, mean, std, max_forward_batch)
+
+
+def predict_reduced_batch(model: DenseModel, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]] | None,
+                          n_classes: int, tta: InferenceAugmentation, reduce: Callable[[torch.Tensor], ResultT],
+                          device: torch.device | str = "cpu", mean: Sequence[float] = CLIP_MEAN,
+                          std: Sequence[float] = CLIP_STD, max_forward_batch: int = 64) -> list[ResultT]:
+    """``reduce`` of each image's (K, H_i, W_i) probabilities (``predict_image_batch``'s, still on ``device``),
+    in image order: what needs less than the K full-size maps (an argmax, the few classes it shows) is computed
+    where they are and only its result is copied to the host."""
+    results: dict[int, ResultT] = {}
     for index, probabilities in _probabilities_per_image(model, images, labels, n_classes, tta, device, mean, std,
                                                           max_forward_batch):
-        results[index] = probabilities.argmax(dim=0).to(torch.uint8).cpu().numpy()
-    return [result for result in results if result is not None]
+        results[index] = reduce(probabilities)
+    return [results[index] for index in sorted(results)]

@@ -96,7 +96,7 @@ def test_saved_segmenter_round_trips(tmp_path):
 
 
 def test_frozen_encoder_batch_norm_is_eval_mode_batch_norm_and_never_trains(tmp_path):
-    """``seg.train.freeze_encoder_bn`` (the presets), as the reference retraining's backbone: in train mode the
+    """``seg.train.freeze_encoder_bn`` (the presets; DeepLabV2's practice): in train mode the
     encoder computes what torch's ``BatchNorm2d`` computes in eval mode with the loaded ImageNet statistics; a
     training step moves the convolutions but no statistic or affine weight; the saved model rebuilds so."""
     from torch import nn

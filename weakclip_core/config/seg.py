@@ -14,9 +14,9 @@ class SegTrainConfig:
     """``optimizer: sgd`` + ``schedule: poly`` is the paper's DeepLab recipe; AdamW is the small default.
     ``head_lr_mult``: the lr of everything but the encoder (decoder + head) is ``lr * head_lr_mult``
     (DeepLabV2 in WSSS papers: 10); 1 = one lr for all. ``freeze_encoder_bn``: the encoder's BatchNorm layers
-    keep their (ImageNet) statistics and affine weights and never update, as the reference retraining's backbone
-    does (Yingyue-L/deeplabv1-resnet38 ``resnet38d.py`` ``Net.train``: every backbone BatchNorm in eval mode,
-    weight and bias without gradient). Trained instead, they follow the statistics of 10 crops a step (synced
+    keep their (ImageNet) statistics and affine weights and never update, DeepLabV2's practice (the reference
+    retraining, a ResNet38, re-estimates the statistics at momentum 3e-4 and keeps only the affine weights:
+    docs/METHOD_NOTES.md). Trained instead, they follow the statistics of the crops of each step (synced
     across GPUs under torchrun). The presets turn it on; the decoder / head layers train either way."""
 
     epochs: int = bounded(6, low=1)

@@ -26,7 +26,7 @@ from weakclip_core.config.weakclip import CrfConfig
 from weakclip_core.method.crf import dense_crf
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.runtime.device import resolve_device, set_threads
-from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_image_batch
+from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_reduced_batch
 from weakclip_core.artifacts.weakclip import load_weakclip_model
 
 
@@ -54,14 +54,20 @@ def bench_dense_model(model: DenseModel, images: list[np.ndarray], labels: list[
                       views: InferenceAugmentation, crf: CrfConfig, batch_size: int, device: torch.device,
                       worker_counts: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
     """Inference images/s over ``images`` in batches, then CRF images/s for each worker count."""
-    predict_image_batch(model, images[:1], labels[:1], n_classes, views, device)  # warm-up
+    def labelled_rows(start: int) -> list[np.ndarray]:
+        """As the stage: each image's background + label rows copied from the device, the rest left there."""
+        batch_labels = labels[start:start + batch_size]
+        rows = predict_reduced_batch(model, images[start:start + batch_size], batch_labels, n_classes, views,
+                                     lambda probability: probability, device, max_forward_batch=batch_size)
+        return [np.ascontiguousarray(probability[[0, *sorted(classes)]].float().cpu().numpy())
+                for probability, classes in zip(rows, batch_labels)]
+
+    predict_reduced_batch(model, images[:1], labels[:1], n_classes, views, lambda probability: None, device)  # warm-up
     started = time.perf_counter()
-    probabilities = []
+    compact: list[np.ndarray] = []
     for start in range(0, len(images), batch_size):
-        probabilities += predict_image_batch(model, images[start:start + batch_size], labels[start:start + batch_size],
-                                             n_classes, views, device, max_forward_batch=batch_size)
+        compact += labelled_rows(start)
     inference_rate = len(images) / (time.perf_counter() - started)
-    compact = [np.ascontiguousarray(p[[0, *sorted(classes)]]) for p, classes in zip(probabilities, labels)]
     return {"n_images": len(images), "inference_images_per_s": round(inference_rate, 2),
             "crf_images_per_s": {str(workers): round(crf_images_per_second(images, compact, crf, workers), 2)
                                  for workers in worker_counts},

@@ -435,17 +435,21 @@ def bring_clone_to(root: Path, state: RunState, logger: logging.Logger | logging
         lock_path.write_text(state.lock)
 
 
+def _overlap(dep: str, out: str) -> str | None:
+    """What to fetch of ``out`` for ``dep``: ``dep`` where it lies inside ``out`` (a file of a tracked folder),
+    ``out`` where it lies inside ``dep`` (a folder dep holding it), ``None`` where the two are apart."""
+    if _under(dep, {out}):
+        return dep
+    if _under(out, {dep}):
+        return out
+    return None
+
+
 def tracked_targets(stage: StageSpec, graph: StageGraph) -> list[str]:
     """The deps of ``stage`` that ``.dvc`` files track (paths, as ``dvc pull`` takes them): a worker's fresh clone
     holds only the ``.dvc`` file."""
-    targets: list[str] = []
-    for dep in stage.deps:
-        for tracked in graph.tracked_data:
-            if _under(dep, {tracked}):
-                targets.append(dep)
-            elif _under(tracked, {dep}):
-                targets.append(tracked)
-    return sorted(set(targets))
+    overlaps = (_overlap(dep, tracked) for dep in stage.deps for tracked in graph.tracked_data)
+    return sorted({target for target in overlaps if target is not None})
 
 
 def stale_tracked_copies(root: Path, stage: StageSpec, graph: StageGraph) -> list[str]:
@@ -457,7 +461,7 @@ def stale_tracked_copies(root: Path, stage: StageSpec, graph: StageGraph) -> lis
     from dvc.repo import Repo
 
     wanted = {tracked for tracked in graph.tracked_data
-              if any(_under(dep, {tracked}) or _under(tracked, {dep}) for dep in stage.deps)}
+              if any(_overlap(dep, tracked) is not None for dep in stage.deps)}
     if not wanted:  # most stages read no hand-tracked data: no index to open
         return []
     stale: list[str] = []
@@ -475,18 +479,10 @@ def stale_tracked_copies(root: Path, stage: StageSpec, graph: StageGraph) -> lis
 def pull_targets(stage: StageSpec, graph: StageGraph) -> list[str]:
     """The cached deps of ``stage`` that upstream stages made (paths, as ``dvc pull`` takes them)."""
     by_name = graph.by_name()
-    targets: list[str] = []
-    for dep in stage.deps:
-        for parent in stage.upstream:
-            spec = by_name[parent]
-            for out in spec.outs:
-                if out in spec.uncached:
-                    continue
-                if _under(dep, {out}):
-                    targets.append(dep)
-                elif _under(out, {dep}):
-                    targets.append(out)
-    return sorted(set(targets))
+    cached_outs = [out for parent in stage.upstream for out in by_name[parent].outs
+                   if out not in by_name[parent].uncached]
+    overlaps = (_overlap(dep, out) for dep in stage.deps for out in cached_outs)
+    return sorted({target for target in overlaps if target is not None})
 
 
 OUTPUT_STALE_STATES = frozenset({"deleted", "not in cache", "modified"})

@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,12 +119,32 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
     kept: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     worst_candidates: dict[str, np.ndarray] = {}
     progress = tqdm(total=len(image_ids), desc=f"seg_eval@{source}", unit="img", disable=not show_progress)
+
+    def score_batch(batch_ids: list[str], images: list[np.ndarray], predictions: list[np.ndarray]) -> None:
+        nonlocal worst_candidates
+        for image_id, image, prediction in zip(batch_ids, images, predictions):
+            ground_truth = dataset.checked_mask(image_id, image.shape[:2])
+            confusion = confusion_matrix(ground_truth, prediction, dataset.n_classes)
+            accumulator.confusion += confusion
+            per_image_miou[image_id] = iou_report(confusion).miou
+            if image_id in report_ids:
+                kept[image_id] = (image, ground_truth, prediction)
+            worst_candidates[image_id] = prediction
+            # Keep only the current worst predictions in memory.
+            if len(worst_candidates) > 4 * max(1, n_worst) + EVAL_BATCH:
+                keep = set(lowest_scoring({i: per_image_miou[i] for i in worst_candidates}, n_worst))
+                worst_candidates = {i: p for i, p in worst_candidates.items() if i in keep}
+        progress.update(len(batch_ids))
+
     with ExitStack() as stack:
         crf_pool = None
         if evaluation.use_crf and evaluation.workers > 0:
             crf_pool = ProcessPoolExecutor(max_workers=evaluation.workers,
                                            mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent)
             stack.callback(crf_pool.shutdown, wait=True, cancel_futures=True)
+        # CRF batches in flight, oldest first: the workers run one batch's CRFs while the device infers the next
+        # (scored in image order all the same, so the figures and the reports do not depend on the workers).
+        in_flight: deque[tuple[list[str], list[np.ndarray], list[Future]]] = deque()
         for start in range(0, len(image_ids), EVAL_BATCH):
             batch_ids = image_ids[start:start + EVAL_BATCH]
             images = [dataset.image(image_id) for image_id in batch_ids]
@@ -131,25 +152,21 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
                 shown = predict_reduced_batch(model, images, None, dataset.n_classes, views, shown_classes_on_device,
                                               device, mean=record["mean"], std=record["std"],
                                               max_forward_batch=EVAL_BATCH)
-                jobs = [(image, classes, kept, evaluation.crf) for image, (classes, kept) in zip(images, shown)]
-                predictions = list(crf_pool.map(crf_on_shown_job, jobs) if crf_pool is not None
-                                   else map(crf_on_shown_job, jobs))
+                jobs = [(image, classes, rows, evaluation.crf) for image, (classes, rows) in zip(images, shown)]
+                if crf_pool is None:
+                    score_batch(batch_ids, images, [crf_on_shown_job(job) for job in jobs])
+                    continue
+                in_flight.append((batch_ids, images, [crf_pool.submit(crf_on_shown_job, job) for job in jobs]))
+                while len(in_flight) > 1:  # at most two batches' CRFs queued: one running, one waiting
+                    done_ids, done_images, futures = in_flight.popleft()
+                    score_batch(done_ids, done_images, [future.result() for future in futures])
             else:  # the argmax on the device: only the class map comes to the host
-                predictions = predict_label_batch(model, images, None, dataset.n_classes, views, device,
-                                                  mean=record["mean"], std=record["std"], max_forward_batch=EVAL_BATCH)
-            for image_id, image, prediction in zip(batch_ids, images, predictions):
-                ground_truth = dataset.checked_mask(image_id, image.shape[:2])
-                confusion = confusion_matrix(ground_truth, prediction, dataset.n_classes)
-                accumulator.confusion += confusion
-                per_image_miou[image_id] = iou_report(confusion).miou
-                if image_id in report_ids:
-                    kept[image_id] = (image, ground_truth, prediction)
-                worst_candidates[image_id] = prediction
-                # Keep only the current worst predictions in memory.
-                if len(worst_candidates) > 4 * max(1, n_worst) + EVAL_BATCH:
-                    keep = set(lowest_scoring({i: per_image_miou[i] for i in worst_candidates}, n_worst))
-                    worst_candidates = {i: p for i, p in worst_candidates.items() if i in keep}
-            progress.update(len(batch_ids))
+                score_batch(batch_ids, images, predict_label_batch(model, images, None, dataset.n_classes, views,
+                                                                   device, mean=record["mean"], std=record["std"],
+                                                                   max_forward_batch=EVAL_BATCH))
+        while in_flight:
+            done_ids, done_images, futures = in_flight.popleft()
+            score_batch(done_ids, done_images, [future.result() for future in futures])
     progress.close()
 
     report = iou_report(accumulator.confusion)

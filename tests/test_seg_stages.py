@@ -157,10 +157,14 @@ def test_the_model_file_does_not_hold_the_evaluation_protocol():
     assert "eval" not in segmenter_record(default, CLASS_NAMES)["seg"]
 
 
-def test_seg_eval_crf_scores_each_image_with_its_own_crf_prediction(tiny, tmp_path):
+def test_seg_eval_crf_scores_each_image_with_its_own_crf_prediction(tiny, tmp_path, monkeypatch):
     """A segmenter whose head is random (seeded) predicts several classes per image, so the CRF has work: the
-    stage's figures with ``use_crf`` (in a worker process) equal the confusion of ``crf_prediction`` applied
-    image by image to the views' probabilities, and differ from the figures without the CRF."""
+    stage's figures with ``use_crf`` (in a worker process, batches of 1 image so that one batch's CRFs run while the
+    next is inferred) equal the confusion of ``crf_prediction`` applied image by image to the views'
+    probabilities, and differ from the figures without the CRF."""
+    import pipeline.seg_eval
+
+    monkeypatch.setattr(pipeline.seg_eval, "EVAL_BATCH", 1)
     paths = constant_segmenter(tmp_path, "pseudo", predicted_class=0)
     model, saved = load_segmenter(paths.model("pseudo"))
     torch.manual_seed(0)
@@ -188,6 +192,8 @@ def test_seg_eval_crf_scores_each_image_with_its_own_crf_prediction(tiny, tmp_pa
     expected = ConfusionAccumulator(dataset.n_classes)
     for image_id, image, probability in zip(dataset.split("val"), images, probabilities):
         expected.add(dataset.mask(image_id), crf_prediction(image, probability, CrfConfig(**crf)))
+    assert len(images) >= 3  # three batches or more pass through the queue of CRF batches
     with_crf, without_crf = evaluate(True), evaluate(False)
     assert with_crf["miou"] == pytest.approx(expected.report().miou)
+    assert with_crf["per_class"] == pytest.approx(expected.report().as_dict(dataset.class_names)["per_class"])
     assert with_crf["per_class"] != without_crf["per_class"]

@@ -57,12 +57,14 @@ def bench_dense_model(model: DenseModel, images: list[np.ndarray], labels: list[
     def labelled_rows(start: int) -> list[np.ndarray]:
         """As the stage: each image's background + label rows copied from the device, the rest left there."""
         batch_labels = labels[start:start + batch_size]
-        rows = predict_reduced_batch(model, images[start:start + batch_size], batch_labels, n_classes, views,
-                                     lambda probability: probability, device, max_forward_batch=batch_size)
-        return [np.ascontiguousarray(probability[[0, *sorted(classes)]].float().cpu().numpy())
-                for probability, classes in zip(rows, batch_labels)]
+        return predict_reduced_batch(
+            model, images[start:start + batch_size], batch_labels, n_classes, views,
+            lambda index, probability: np.ascontiguousarray(
+                probability[[0, *sorted(batch_labels[index])]].float().cpu().numpy()),
+            device, max_forward_batch=batch_size)
 
-    predict_reduced_batch(model, images[:1], labels[:1], n_classes, views, lambda probability: None, device)  # warm-up
+    predict_reduced_batch(model, images[:1], labels[:1], n_classes, views, lambda index, probability: None,
+                          device)  # warm-up
     started = time.perf_counter()
     compact: list[np.ndarray] = []
     for start in range(0, len(images), batch_size):

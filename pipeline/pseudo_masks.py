@@ -331,20 +331,13 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
         for batch in pending_batches:
             images = [dataset.image(image_id) for image_id in batch]
             labels = [dataset.image_labels(image_id) for image_id in batch]
-            # Each image's K maps stay on the device; only the rows its CRF needs are copied (COCO: 3-4 of 81
-            # rows of 640x480, where copying all of them was 100 MB an image).
-            probabilities = predict_reduced_batch(model, images, None if all_classes else labels, dataset.n_classes,
-                                                  views, lambda probability: probability, device,
-                                                  max_forward_batch=pseudo.batch_size)
-            for image_id, image, classes, probability in zip(batch, images, labels, probabilities):
+            selected = predict_reduced_batch(model, images, None if all_classes else labels, dataset.n_classes, views,
+                                             lambda index, probability: rows_for_crf(probability, labels[index],
+                                                                                     all_classes),
+                                             device, max_forward_batch=pseudo.batch_size)
+            for image_id, image, (allowed, subset) in zip(batch, images, selected):
                 if image_id in done:
                     continue
-                if all_classes:  # the argmax's classes and background, renormalised (the reference's CRF step)
-                    shown, subset = shown_classes_on_device(probability, always=(0,))
-                    allowed = tuple(int(k) for k in shown)
-                else:
-                    allowed = (0, *sorted(classes))
-                    subset = probability[list(allowed)].float().cpu().numpy()
                 job = RefineJob(image_id, image, np.ascontiguousarray(subset), allowed, crf,
                                 pseudo.absent_class_odds_ratio, work_dir)
                 if executor is None:
@@ -367,6 +360,20 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
     return written
+
+
+def rows_for_crf(probability: torch.Tensor, labels: list[int],
+                 all_classes: bool) -> tuple[tuple[int, ...], np.ndarray]:
+    """(the classes an image's CRF decides between, their rows of ``probability`` (K, H, W) on the host).
+
+    Only these rows leave the device (COCO: 3-4 of 81 maps of 640x480, where copying all of them was 100 MB an
+    image). ``all_classes`` (``pseudo.softmax_classes: all``): the argmax's classes and background, renormalised
+    (the reference's CRF step); otherwise background and the image's labels, the rows as they are."""
+    if all_classes:
+        shown, rows = shown_classes_on_device(probability, always=(0,))
+        return tuple(int(k) for k in shown), rows
+    allowed = (0, *sorted(labels))
+    return allowed, probability[list(allowed)].float().cpu().numpy()
 
 
 # --------------------------------------------------------------------------- provenance and assembly

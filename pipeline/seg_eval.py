@@ -149,7 +149,8 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
             batch_ids = image_ids[start:start + EVAL_BATCH]
             images = [dataset.image(image_id) for image_id in batch_ids]
             if evaluation.use_crf:  # only the classes the argmax shows leave the device, for the CRF workers
-                shown = predict_reduced_batch(model, images, None, dataset.n_classes, views, shown_classes_on_device,
+                shown = predict_reduced_batch(model, images, None, dataset.n_classes, views,
+                                              lambda _, probability: shown_classes_on_device(probability),
                                               device, mean=record["mean"], std=record["std"],
                                               max_forward_batch=EVAL_BATCH)
                 jobs = [(image, classes, rows, evaluation.crf) for image, (classes, rows) in zip(images, shown)]

@@ -224,24 +224,24 @@ def predict_label_batch(model: DenseModel, images: Sequence[np.ndarray], labels:
     """The argmax class map (H_i, W_i) uint8 of each image (the first class of a tie, as numpy's), as
     ``predict_image_batch``'s probabilities give it, taken on ``device``: an evaluation that needs only the
     argmax copied each image's K float maps to the host and took it there on one core (COCO: 81 x 480 x 640
-    float32, 100 MB and ~0.2 s an image; 82,081 train images scored by rank 0 alone while the other ranks wait
-    at a barrier)."""
+    float32, 100 MB and ~0.2 s an image, hours over a split)."""
     if n_classes > 255:
         raise ValueError(f"{n_classes} classes do not fit a uint8 class map (masks are 8-bit PNGs, 255 = ignore)")
     return predict_reduced_batch(model, images, labels, n_classes, tta,
-                                 lambda probabilities: probabilities.argmax(dim=0).to(torch.uint8).cpu().numpy(),
+                                 lambda _, probabilities: probabilities.argmax(dim=0).to(torch.uint8).cpu().numpy(),
                                  device, mean, std, max_forward_batch)
 
 
 def predict_reduced_batch(model: DenseModel, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]] | None,
-                          n_classes: int, tta: InferenceAugmentation, reduce: Callable[[torch.Tensor], ResultT],
+                          n_classes: int, tta: InferenceAugmentation, reduce: Callable[[int, torch.Tensor], ResultT],
                           device: torch.device | str = "cpu", mean: Sequence[float] = CLIP_MEAN,
                           std: Sequence[float] = CLIP_STD, max_forward_batch: int = 64) -> list[ResultT]:
-    """``reduce`` of each image's (K, H_i, W_i) probabilities (``predict_image_batch``'s, still on ``device``),
-    in image order: what needs less than the K full-size maps (an argmax, the few classes it shows) is computed
-    where they are and only its result is copied to the host."""
+    """``reduce(i, probabilities)`` of each image i's (K, H_i, W_i) probabilities (``predict_image_batch``'s,
+    still on ``device``), in image order: what needs less than the K full-size maps (an argmax, the few classes
+    it shows, an image's label rows) is computed where they are and only its result is copied to the host. The
+    device holds one same-size group's maps at a time, so ``reduce`` should return host data, not views of them."""
     results: dict[int, ResultT] = {}
     for index, probabilities in _probabilities_per_image(model, images, labels, n_classes, tta, device, mean, std,
                                                           max_forward_batch):
-        results[index] = reduce(probabilities)
+        results[index] = reduce(index, probabilities)
     return [results[index] for index in sorted(results)]

@@ -34,10 +34,11 @@ KeyT = TypeVar("KeyT")
 TORCHRUN_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 COLLECTIVE_TIMEOUT = timedelta(hours=3)
-"""How long a rank waits in a collective for the others. Rank 0 alone evaluates the scored split after training
-(``weakclip_train``: COCO's 82,081 train images; ``cam_train``: its val mAP) while the other ranks wait for its
-metrics in ``broadcast_from_main``; at NCCL's default of 10 minutes they gave up mid-evaluation and torchrun
-killed the job with the trained model unsaved. The cost: a rank that really hangs is noticed after 3 h."""
+"""How long a rank waits in a collective for the others. Rank 0 alone runs some evaluations (``cam_train``: its
+val mAP each epoch, COCO's 40,504 val images; ``clip``: the zero-shot check and the dense probe) while the other
+ranks wait in the next collective; at NCCL's default of 10 minutes they gave up mid-evaluation (``weakclip_train``'s
+train-split score, before every rank scored a share of it) and torchrun killed the job with the trained model
+unsaved. The cost: a rank that really hangs is noticed after 3 h."""
 
 
 @dataclass(frozen=True)

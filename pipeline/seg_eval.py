@@ -20,9 +20,11 @@ import argparse
 import json
 import multiprocessing
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,16 @@ class SegEvalPaths:
 
     def reports(self, source: str) -> Path:
         return self.reports_root / f"seg_{source}"
+
+
+def naming_the_image(image_id: str, crf_prediction: Callable[[], np.ndarray]) -> np.ndarray:
+    """``crf_prediction()``; an error it raises (in the stage or in a CRF worker) gets a note naming the image,
+    which a worker's traceback does not."""
+    try:
+        return crf_prediction()
+    except Exception as error:
+        error.add_note(f"while making the CRF prediction of image {image_id}")
+        raise
 
 
 def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEvalPaths(), n_samples: int = 8,
@@ -155,19 +167,22 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
                                               max_forward_batch=EVAL_BATCH)
                 jobs = [(image, classes, rows, evaluation.crf) for image, (classes, rows) in zip(images, shown)]
                 if crf_pool is None:
-                    score_batch(batch_ids, images, [crf_on_shown_job(job) for job in jobs])
+                    score_batch(batch_ids, images, [naming_the_image(image_id, partial(crf_on_shown_job, job))
+                                                    for image_id, job in zip(batch_ids, jobs)])
                     continue
                 in_flight.append((batch_ids, images, [crf_pool.submit(crf_on_shown_job, job) for job in jobs]))
                 while len(in_flight) > 1:  # at most two batches' CRFs queued: one running, one waiting
                     done_ids, done_images, futures = in_flight.popleft()
-                    score_batch(done_ids, done_images, [future.result() for future in futures])
+                    score_batch(done_ids, done_images, [naming_the_image(image_id, future.result)
+                                                        for image_id, future in zip(done_ids, futures)])
             else:  # the argmax on the device: only the class map comes to the host
                 score_batch(batch_ids, images, predict_label_batch(model, images, None, dataset.n_classes, views,
                                                                    device, mean=record["mean"], std=record["std"],
                                                                    max_forward_batch=EVAL_BATCH))
         while in_flight:
             done_ids, done_images, futures = in_flight.popleft()
-            score_batch(done_ids, done_images, [future.result() for future in futures])
+            score_batch(done_ids, done_images, [naming_the_image(image_id, future.result)
+                                                for image_id, future in zip(done_ids, futures)])
     progress.close()
 
     report = iou_report(accumulator.confusion)

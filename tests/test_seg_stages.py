@@ -197,3 +197,27 @@ def test_seg_eval_crf_scores_each_image_with_its_own_crf_prediction(tiny, tmp_pa
     assert with_crf["miou"] == pytest.approx(expected.report().miou)
     assert with_crf["per_class"] == pytest.approx(expected.report().as_dict(dataset.class_names)["per_class"])
     assert with_crf["per_class"] != without_crf["per_class"]
+
+
+def test_a_failing_crf_names_its_image(tiny, tmp_path, monkeypatch):
+    """A CRF prediction that raises (a broken model output, a CRF worker that died) says which image it was for:
+    the error keeps its type and message and gains a note naming the image."""
+    import pipeline.seg_eval
+
+    paths = constant_segmenter(tmp_path, "pseudo", predicted_class=0)
+    val = PreparedDataset.open(tiny / "data").split("val")
+    calls = []
+
+    def failing_on_the_second(job):
+        calls.append(job)
+        if len(calls) == 2:
+            raise ValueError("the CRF failed")
+        return np.zeros(job[0].shape[:2], dtype=np.uint8)
+
+    monkeypatch.setattr(pipeline.seg_eval, "crf_on_shown_job", failing_on_the_second)
+    params = params_from_dict({"runtime": {"device": "cpu"}, "dataset": {"prepared_dir": str(tiny / "data")},
+                               "pseudo": {"output_dir": str(tiny / "pseudo")},
+                               "seg": {**SEG, "eval": {"use_crf": True, "workers": 0}}})
+    with pytest.raises(ValueError, match="the CRF failed") as failed:
+        evaluate_segmenter(params, "pseudo", paths, n_samples=0, n_worst=0, show_progress=False)
+    assert failed.value.__notes__ == [f"while making the CRF prediction of image {val[1]}"]

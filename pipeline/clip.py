@@ -31,12 +31,12 @@ from weakclip_core.artifacts.atomic import FolderContents, atomic_dir, check_out
 from weakclip_core.models.clip import (INFO_FILE, MODEL_CONFIG_FILE, WEIGHTS_FILE, build_clip, clip_from_config,
                                        clip_model_config, save_clip_artifact)
 from weakclip_core.training.clip_pretrain import (PROMPT_TEMPLATE, CaptionPairs, pretrain_clip, resize_for_clip,
-                                         zero_shot_report, zero_shot_scores)
+                                         zero_shot_report, zero_shot_scores_of)
 from weakclip_core.config import Params, to_plain
 from weakclip_core.config.schema import ConfigError, given_path
 from weakclip_core.data.layout import CAPTIONS_FILE, PreparedDataset
 from weakclip_core.evaluation.dense_probe import (LAST_LAYER_PROBE_RULE, PROBE_RULE, DenseProbeResult, ProbeTokens,
-                                                  Tokenizer, dense_probes)
+                                                  Tokenizer, dense_probes_of)
 from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT
 from weakclip_core.data.synthetic import class_names as synthetic_class_names
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
@@ -61,16 +61,18 @@ def image_batches(dataset: PreparedDataset, image_ids: list[str], size: int,
                            for image_id in image_ids[start:start + batch_size]])
 
 
-def evaluate_zero_shot(model: torch.nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset, split: str,
-                       device: torch.device) -> dict:
-    """Prompt-score mAP / top-1 of ``model`` on ``split`` against the image-level labels."""
+def evaluate_zero_shot(models: list[torch.nn.Module], tokenizer: Tokenizer, dataset: PreparedDataset, split: str,
+                       device: torch.device) -> list[dict]:
+    """Prompt-score mAP / top-1 of each of ``models`` (of one input size) on ``split`` against the image-level
+    labels, the images read once for all of them."""
     image_ids = dataset.split(split)
-    size = int(model.visual.image_size[0])
+    size = int(models[0].visual.image_size[0])
     class_names = dataset.class_names[1:]
-    scores = zero_shot_scores(model, tokenizer, image_batches(dataset, image_ids, size), class_names, device)
+    all_scores = zero_shot_scores_of(models, tokenizer, image_batches(dataset, image_ids, size), class_names, device)
     labels = np.stack([dataset.label_vector(image_id, allow_empty=True)  # val keeps unannotated images
                        for image_id in image_ids])
-    return {**zero_shot_report(scores.numpy(), labels, class_names), "n_images": len(image_ids)}
+    return [{**zero_shot_report(scores.numpy(), labels, class_names), "n_images": len(image_ids)}
+            for scores in all_scores]
 
 
 def pretraining_pairs(params: Params, dataset: PreparedDataset) -> tuple[Dataset, dict]:
@@ -101,12 +103,13 @@ def pretraining_pairs(params: Params, dataset: PreparedDataset) -> tuple[Dataset
                    "captions_sha256": sha256_of_file(dataset.root / CAPTIONS_FILE)}
 
 
-def evaluate_dense_probes(model: torch.nn.Module, tokenizer: Tokenizer, dataset: PreparedDataset,
-                          image_ids: list[str], device: torch.device) -> dict[ProbeTokens, DenseProbeResult]:
-    """The MaskCLIP-style dense probe of ``model`` on ``image_ids`` against their GT masks (no threshold), at
-    the value path (MaskCLIP's reading) and at the last layer's tokens (WeakCLIP's), in one pass."""
-    return dense_probes(model, tokenizer, dataset, image_ids, device, ("value_path", "last_layer"),
-                        batch_size=EVAL_BATCH)
+def evaluate_dense_probes(models: list[torch.nn.Module], tokenizer: Tokenizer, dataset: PreparedDataset,
+                          image_ids: list[str], device: torch.device) -> list[dict[ProbeTokens, DenseProbeResult]]:
+    """The MaskCLIP-style dense probe of each of ``models`` on ``image_ids`` against their GT masks (no
+    threshold), at the value path (MaskCLIP's reading) and at the last layer's tokens (WeakCLIP's), in one
+    pass over the images for all of them."""
+    return dense_probes_of(models, tokenizer, dataset, image_ids, device, ("value_path", "last_layer"),
+                           batch_size=EVAL_BATCH)
 
 
 def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = METRICS_PATH,
@@ -158,12 +161,10 @@ def run(params: Params, artifact_dir: Path = ARTIFACT_DIR, metrics_path: Path = 
     torch.manual_seed(params.runtime.seed + 1)
     random_model = clip_from_config(clip_model_config(cfg, model)).eval()
     split = params.dataset.val_split
-    quality = evaluate_zero_shot(model, tokenizer, dataset, split, device)
-    reference = evaluate_zero_shot(random_model, tokenizer, dataset, split, device)
+    quality, reference = evaluate_zero_shot([model, random_model], tokenizer, dataset, split, device)
     probe_split = params.dataset.scored_split  # the train split's scored images, as every train-split figure
     probe_ids = dataset.scored_ids(params.dataset.train_split, probe_split)
-    probes = evaluate_dense_probes(model, tokenizer, dataset, probe_ids, device)
-    reference_probes = evaluate_dense_probes(random_model, tokenizer, dataset, probe_ids, device)
+    probes, reference_probes = evaluate_dense_probes([model, random_model], tokenizer, dataset, probe_ids, device)
     probe, last_layer = probes["value_path"], probes["last_layer"]
     reference_probe, reference_last_layer = reference_probes["value_path"], reference_probes["last_layer"]
     metrics = {

@@ -17,7 +17,7 @@ from tiny_voc import TINY_CLIP_ARCH, write_tiny_voc
 from weakclip_core.config import params_from_dict
 from weakclip_core.config.clip import ClipArchConfig, ClipConfig
 from weakclip_core.data.layout import PreparedDataset, write_image, write_labels, write_mask, write_split
-from weakclip_core.evaluation.dense_probe import (LAST_LAYER_PROBE_RULE, PROBE_RULE, dense_probe,
+from weakclip_core.evaluation.dense_probe import (LAST_LAYER_PROBE_RULE, PROBE_RULE, dense_probe, dense_probes_of,
                                                   last_layer_patch_embeddings, probe_label_map, value_path_embeddings)
 from weakclip_core.models.clip import build_clip, dense_visual_features
 
@@ -167,6 +167,39 @@ def test_probe_label_maps_and_miou_on_known_patch_embeddings(tmp_path: Path, mon
     last_layer = dense_probe(PromptClip(texts, 32), tokenizer, dataset, dataset.split("train"), torch.device("cpu"),
                              tokens="last_layer")
     assert last_layer.report.per_class == result.report.per_class
+
+
+def test_several_models_are_probed_in_one_pass_over_the_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The clip stage probes its CLIP and the random reference together: each image is read once for both, and
+    each model's report is the one its own pass gives (the hand-worked one above for the first)."""
+    class_names = ["background", "apple", "boat", "cat"]
+    texts = torch.eye(4)
+    swapped = texts[[0, 2, 1, 3]]  # a second model whose apple and boat prompts are exchanged
+    left = torch.stack([texts[1], texts[0]], dim=1).reshape(4, 1, 2)
+    mixed = (0.6 * texts[2] + 0.8 * texts[3]).reshape(4, 1, 1).expand(4, 1, 2)
+    monkeypatch.setattr(dense_probe_module, "value_path_embeddings", lambda visual, images: torch.stack([left, mixed]))
+    left_gt = np.zeros((4, 8), dtype=np.uint8)
+    left_gt[:, :3] = 1
+    left_gt[0, 7] = 255
+    for image_id, mask in (("left", left_gt), ("mixed", np.full((4, 8), 2, dtype=np.uint8))):
+        write_image(tmp_path / "JPEGImages" / f"{image_id}.jpg", np.full((4, 8, 3), 128, dtype=np.uint8))
+        write_mask(tmp_path / "SegmentationClass" / f"{image_id}.png", mask)
+    write_split(tmp_path, "train", ["left", "mixed"])
+    write_labels(tmp_path, "hand", class_names, {"left": [1], "mixed": [2]})
+    dataset = PreparedDataset.open(tmp_path)
+    reads: list[str] = []
+    read_image = PreparedDataset.image
+    monkeypatch.setattr(PreparedDataset, "image",
+                        lambda self, image_id: reads.append(image_id) or read_image(self, image_id))
+    tokenizer = lambda prompts: torch.arange(len(prompts))  # noqa: E731 — prompt k is class k's text
+
+    both = dense_probes_of([PromptClip(texts, 32), PromptClip(swapped, 32)], tokenizer, dataset, ["left", "mixed"],
+                           torch.device("cpu"), ("value_path",))
+    assert reads == ["left", "mixed"]  # once each, for both models
+    assert both[0]["value_path"].report.per_class == [pytest.approx(15 / 19), pytest.approx(12 / 16),
+                                                      pytest.approx(1.0), None]
+    alone = dense_probe(PromptClip(swapped, 32), tokenizer, dataset, ["left", "mixed"], torch.device("cpu"))
+    assert both[1]["value_path"].report.per_class == alone.report.per_class != both[0]["value_path"].report.per_class
 
 
 def test_images_without_a_gt_mask_are_not_scored(tmp_path: Path):

@@ -2,10 +2,11 @@
 (``pipeline/weakclip_train.py``) and the held-out bench (``bench/heldout.py``) share, so both score the same
 images (those with a GT mask) the same way (VOC convention, 255 ignored, single argmax, no CRF).
 
-Under torchrun each rank scores every ``world_size``-th image and the ranks' confusion matrices are summed (integer
-counts, an exact sum): one process's report, in 1/``world_size`` of the time (a rank's batches hold other images
-than one process's, so a kernel that rounds differently at another batch size may flip a near-tie pixel). Before, rank 0 scored the whole
-split alone after training (COCO: 82,081 train images) while the other GPUs waited at a barrier."""
+Under torchrun each rank scores every ``world_size``-th image and the ranks' confusion matrices are summed
+(integer counts, an exact sum): one process's report, in 1/``world_size`` of the time (a rank's batches hold
+other images than one process's, so a kernel that rounds differently at another batch size may flip a near-tie
+pixel). Before, rank 0 scored the whole split alone after training (COCO: 82,081 train images) while the other
+GPUs waited at a barrier."""
 
 from __future__ import annotations
 

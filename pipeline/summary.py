@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,11 @@ def fraction(value: Any, where: str) -> float:
     return float(value)
 
 
+MIOU_COLUMN = re.compile(r"(^|[^a-z])m?iou([^a-z]|$)")
+"""An ablation column that holds an mIoU / IoU fraction (shown in percent): ``weakclip_miou (mean)``, ``val_miou,
+all classes (mean)``, ``mIoU``; not a word that merely contains the letters (``previous run (points)``)."""
+
+
 def gt_flag(data: dict[str, Any]) -> bool | None:
     for key in GT_FLAG_KEYS:
         if isinstance(data.get(key), bool):
@@ -156,20 +162,28 @@ def figure_note(figure: Figure, data: dict[str, Any]) -> str:
                 f"{data.get('best_threshold', '?')} (picked on GT: an upper bound for the seeds)")
     on_gt = "; trained on GT masks (an upper bound, not WSSS)"
     if figure.stem == "weakclip":
-        seeds = "GT masks (an upper bound, not WSSS)" if data.get("gt_used") else data.get("seed_mode", "?")
+        if data.get("gt_used"):
+            seeds = "GT masks (an upper bound, not WSSS)"
+        elif data.get("seeds_source"):  # a folder of masks: no confident-seed thresholds ran
+            seeds = f"imported masks (weakclip.seeds.source: {data['seeds_source']})"
+        else:
+            seeds = data.get("seed_mode", "?")
         return f"{data.get('inference', 'single scale')}; seeds {seeds}"
     if figure.stem == "pseudo":
         repair = data.get("absent_class_repair") or {}
         repaired = bool(repair.get("odds_ratio"))
-        steps = [step for step, on in (("CRF", data.get("use_crf", True)), ("absent-class repair", repaired)) if on]
+        use_crf = data.get("use_crf", True)
+        steps = [step for step, on in (("CRF", use_crf), ("absent-class repair", repaired)) if on]
         final = f", after {' + '.join(steps)} {percent(data.get('miou'))}" if steps else ""
         counts = ""
         if repair:
             after_repair = (f"{repair.get('absent_after_repair', '?')} after the repair (odds ratio "
                             f"{repair['odds_ratio']})" if repaired else "repair off")
             counts = (f"; labelled classes with no pixel: {repair.get('absent_before_repair', '?')} of "
-                      f"{repair.get('labelled_pairs', '?')} after CRF, {after_repair}")
-        return (f"before CRF {percent(data.get('miou_before_crf'))}{final};"
+                      f"{repair.get('labelled_pairs', '?')} {'after CRF' if use_crf else 'in the prediction'}, "
+                      f"{after_repair}")
+        before = "before CRF" if use_crf else "no CRF (pseudo.use_crf: false): the prediction"
+        return (f"{before} {percent(data.get('miou_before_crf'))}{final};"
                 f" scales {data.get('scales', '?')}, flip {data.get('flip', '?')}{counts}"
                 f"{on_gt if data.get('gt_used_in_training') else ''}")
     trained_on_gt = "; trained on GT masks" if data.get("gt_used_in_training") else ""
@@ -211,7 +225,7 @@ def ablation_section(path: Path) -> str:
             return "—"
         if isinstance(value, bool):
             return yes_no(value)
-        if "iou" in key and isinstance(value, (int, float)):
+        if MIOU_COLUMN.search(key.lower()) and isinstance(value, (int, float)):
             return percent(fraction(value, f"{path}: {key}"))
         return str(value)
 
@@ -269,6 +283,32 @@ def scored_images(data: dict[str, Any]) -> str:
     return str(scored) if made in (None, scored) else f"{scored} (of {made} made)"
 
 
+def chain_paragraph(figures: dict[str, dict[str, Any]]) -> str:
+    """What the headline's chain used, from its metrics: GT masks (``weakclip.seeds.source: gt``), imported seed
+    masks, or image-level labels only (and then whether a GT-chosen threshold reached the pseudo masks)."""
+    opening = "The segmenter trained on GT masks is the fully-supervised upper bound: it uses GT by design. "
+    weakclip = figures["weakclip_miou"]
+    if weakclip.get("gt_used") or any(figures[key].get("gt_used_in_training")
+                                      for key in ("pseudo_miou", "seg_pseudo_miou")):
+        return (opening + "This chain's WeakCLIP trained on the GT masks (`weakclip.seeds.source: gt`): every figure "
+                "downstream of it, the segmenter trained on pseudo masks and the ratio included, is an upper bound "
+                "that uses GT, not a WSSS result.")
+    if weakclip.get("seeds_source"):
+        return (opening + "The chain (imported seed masks → WeakCLIP → pseudo masks → segmenter) uses the imported "
+                f"masks (`weakclip.seeds.source: {weakclip['seeds_source']}`) and the image-level labels; no "
+                "threshold of its own was chosen with GT.")
+    pseudo_flag = gt_flag(figures["pseudo_miou"])
+    if pseudo_flag is not False:
+        clause = ", except that a threshold upstream of the pseudo masks was chosen with GT (see the table)"
+    elif gt_flag(figures["cam_miou"]):
+        clause = (": the CAM row's GT-chosen background threshold sets only that row's score (the seeds WeakCLIP "
+                  "trains on use fixed thresholds)")
+    else:
+        clause = ""
+    return (opening + "The WSSS chain (seeds → WeakCLIP → pseudo masks → segmenter) uses image-level labels only"
+            + clause + ".")
+
+
 def results_markdown(figures: dict[str, dict[str, Any]], summary: dict[str, float], dataset_name: str,
                      ablation_files: list[Path], clip: tuple[dict[str, Any], Path] | None = None,
                      chain_seeds: Path | None = None, machine_runs: Path | None = None,
@@ -281,7 +321,10 @@ def results_markdown(figures: dict[str, dict[str, Any]], summary: dict[str, floa
     rows = []
     for figure in FIGURES:
         data = figures[figure.key]
-        rows.append([figure.label, f"`{figure.stem}.json`", str(data["split"]), scored_images(data),
+        label = figure.label
+        if figure.stem == "pseudo" and data.get("use_crf") is False:
+            label = "Pseudo masks (WeakCLIP, no CRF)"
+        rows.append([label, f"`{figure.stem}.json`", str(data["split"]), scored_images(data),
                      percent(data["miou"]), yes_no(gt_flag(data)), figure_note(figure, data)])
     ratio = summary["wsss_fsss_ratio"]
     rows.append(["WSSS / FSSS ratio (seg@pseudo ÷ seg@GT)", "`summary.json`",
@@ -289,13 +332,7 @@ def results_markdown(figures: dict[str, dict[str, Any]], summary: dict[str, floa
                  "not scored: no GT" if ratio is None else ""])
     parts.append(markdown_table(["stage", "file", "split", "images", "mIoU", "threshold chosen with GT", "notes"],
                                 rows))
-    pseudo_flag = gt_flag(figures["pseudo_miou"])
-    parts.append("The segmenter trained on GT masks is the fully-supervised upper bound: it uses GT by "
-                 "design. The WSSS chain (seeds → WeakCLIP → pseudo masks → segmenter) uses image-level "
-                 "labels only" + (": the CAM row's GT-chosen background threshold sets only that row's score "
-                                  "(the seeds WeakCLIP trains on use fixed thresholds)" if pseudo_flag is False else
-                                  ", except that a threshold upstream of the pseudo masks was chosen with GT "
-                                  "(see the table)") + ".")
+    parts.append(chain_paragraph(figures))
     if chain_seeds is not None or machine_runs is not None:
         parts.append("## Headline over seeds")
         parts += [ablation_section(path) for path in (chain_seeds, machine_runs) if path is not None]

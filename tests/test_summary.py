@@ -75,7 +75,9 @@ def test_the_pseudo_row_counts_the_images_its_miou_is_over(tmp_path):
                 "pixel: 203 of 1312 after CRF, 69 after the repair (odds ratio 2.0)"),
     (0.0, True, "before CRF 62.0, after CRF 64.0; scales ?, flip ?; labelled classes with no pixel: 203 of 1312 "
                 "after CRF, repair off"),
-    (2.0, False, "before CRF 62.0, after absent-class repair 64.0;"),
+    (2.0, False, "| Pseudo masks (WeakCLIP, no CRF) | `pseudo.json` | train | 800 | 64.0 | no | no CRF (pseudo.use_crf: "
+                 "false): the prediction 62.0, after absent-class repair 64.0; scales ?, flip ?; labelled classes "
+                 "with no pixel: 203 of 1312 in the prediction, 69 after the repair (odds ratio 2.0) |"),
 ])
 def test_the_pseudo_row_names_the_absent_class_repair_and_its_counts(tmp_path, odds_ratio, use_crf, note):
     repaired = {**HAND_MADE["pseudo"], "use_crf": use_crf, "absent_class_repair": {
@@ -98,6 +100,36 @@ def test_a_chain_whose_weakclip_trained_on_gt_says_so_on_every_row_it_reaches(tm
     assert "seeds GT masks (an upper bound, not WSSS)" in results and "seeds confident" not in results
     assert "flip ?; trained on GT masks (an upper bound, not WSSS)" in results
     assert "deeplabv3plus / resnet18; trained on GT masks" in results
+    # The paragraph under the headline says so too; it used to call this chain WSSS on image-level labels only.
+    assert "is an upper bound that uses GT, not a WSSS result." in results
+    assert "uses image-level labels only" not in results
+
+
+def test_a_chain_on_imported_seed_masks_says_so_and_claims_no_cam_threshold(tmp_path):
+    """weakclip.seeds.source: mask_folder with cam.source: none: the WeakCLIP row names the imported masks (no
+    confident-seed thresholds ran: it said "seeds confident"), and the paragraph claims no CAM threshold."""
+    files = {**HAND_MADE,
+             "cam": {"miou": None, "not_scored": "not scored: no CAMs (cam.source: none)", "split": "train",
+                     "threshold_chosen_with_gt": False},
+             "weakclip": {**HAND_MADE["weakclip"], "seed_mode": "confident", "seeds_source": "mask_folder"}}
+    paths = write_metrics(tmp_path, files)
+    write_summary(PARAMS, paths)
+    results = paths.results.read_text()
+    assert "seeds imported masks (weakclip.seeds.source: mask_folder)" in results and "seeds confident" not in results
+    assert ("The chain (imported seed masks → WeakCLIP → pseudo masks → segmenter) uses the imported masks "
+            "(`weakclip.seeds.source: mask_folder`) and the image-level labels") in results
+    assert "CAM row's GT-chosen" not in results
+
+
+def test_ablation_columns_in_percent_are_the_miou_ones_whatever_their_case(tmp_path):
+    """A column named mIoU / *_miou holds a fraction shown in percent; a word that merely contains the letters
+    ("previous") is shown as it is (it stopped the stage as an out-of-range fraction)."""
+    paths = write_metrics(tmp_path, HAND_MADE)
+    (paths.metrics_root / "ablations_prompt.json").write_text(json.dumps({
+        "title": "Prompts", "rows": [{"setting": "N = 4", "mIoU": 0.612, "previous run (points)": 61.0,
+                                      "val_miou, all classes (mean)": 0.5}]}))
+    write_summary(PARAMS, paths)
+    assert "| N = 4 | 61.2 | 61.0 | 50.0 |" in paths.results.read_text()
 
 
 @pytest.mark.parametrize("stem", list(HAND_MADE))

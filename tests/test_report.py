@@ -275,3 +275,24 @@ def test_report_renders_in_headless_chromium(built_report: tuple[Path, str], tmp
     # The missing-input lines are drawn in their red (#a40000 text on #fff3f3): proof the CSS applied.
     reddish = (pixels[..., 0] > 150) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
     assert reddish.sum() > 50
+
+
+def test_a_chain_trained_on_gt_masks_is_flagged_in_the_headline_and_the_stage_table(tmp_path: Path) -> None:
+    """weakclip.seeds.source: gt (an upper bound): the headline warns that the pseudo-mask and segmenter figures
+    are not WSSS results beside the paper's, and the stage table's GT column names each stage's use of GT (the
+    details cut at 12 entries dropped the pseudo row's flag, the last key it writes)."""
+    from pipeline.report.sections import section_headline, section_stages
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "summary.json").write_text(json.dumps({"pseudo_miou": 0.9, "seg_pseudo_miou": 0.8}))
+    (metrics / "cam.json").write_text(json.dumps({"miou": 0.4, "split": "train", "threshold_chosen_with_gt": True}))
+    (metrics / "pseudo.json").write_text(json.dumps(
+        {"miou": 0.9, "split": "train", **{f"k{i}": i for i in range(12)}, "gt_used_in_training": True}))
+    inputs = ReportInputs(root=tmp_path, dataset_name="voc")
+    assert "WeakCLIP trained on GT masks" in section_headline(inputs)
+    stages, _ = section_stages(inputs)
+    assert "<td>threshold chosen with GT</td>" in stages and "<td>trained on GT masks</td>" in stages
+    (metrics / "pseudo.json").write_text(json.dumps({"miou": 0.9, "split": "train", "threshold_chosen_with_gt": False}))
+    assert "WeakCLIP trained on GT masks" not in section_headline(inputs)
+    assert "<td>no</td>" in section_stages(inputs)[0]

@@ -52,10 +52,31 @@ def section_headline(inputs: ReportInputs) -> str:
         value = summary.get(key)
         rows.append(f"<tr><td>{escape(key)}</td><td class=num>{shown(key, value)}</td>"
                     f"<td class=num>{paper_text}</td></tr>")
+    pseudo, _ = read_json_file(inputs.resolve(inputs.metrics_dir) / "pseudo.json")
+    gt_warning = ("<p class=missing>This chain's WeakCLIP trained on GT masks (<code>weakclip.seeds.source: "
+                  "gt</code>): its pseudo-mask and segmenter-on-pseudo figures, and the ratio, are upper bounds that "
+                  "use GT, not WSSS results to set beside the paper's.</p>"
+                  if pseudo is not None and used_gt(pseudo) else "")
     return "".join(parts) + ("<table><tr><th>key</th><th>ours (mIoU %)</th><th>paper</th></tr>"
-                             + "".join(rows) + "</table>"
+                             + "".join(rows) + "</table>" + gt_warning
                              + "<p class=note>mIoU in percent; the ratio is seg_pseudo / seg_gt. "
                                "Paper numbers are from docs/METHOD.md on the real dataset.</p>")
+
+
+def used_gt(metrics: dict[str, Any]) -> bool:
+    """Whether a stage's figure was trained on GT masks (``gt_used``: WeakCLIP on GT; ``gt_used_in_training``:
+    the stages downstream of it, and the segmenter trained on GT)."""
+    return bool(metrics.get("gt_used") or metrics.get("gt_used_in_training"))
+
+
+def gt_column(metrics: dict[str, Any]) -> str:
+    """The stage table's "GT used" cell: a threshold chosen with GT and / or training on GT masks, else no."""
+    uses = []
+    if metrics.get("threshold_chosen_with_gt") or metrics.get("thresholds_chosen_with_gt"):
+        uses.append("threshold chosen with GT")
+    if used_gt(metrics):
+        uses.append("trained on GT masks")
+    return ", ".join(uses) if uses else "no"
 
 
 def _stage_details(metrics: dict[str, Any]) -> str:
@@ -78,10 +99,11 @@ def section_stages(inputs: ReportInputs) -> tuple[str, dict[str, dict[str, Any]]
         split = metrics.get("split", "?")
         rows.append(f"<tr><td>{escape(label)}</td><td>{escape(split)}</td>"
                     f"<td class=num>{format_fraction(metrics.get('miou'))}</td>"
+                    f"<td>{escape(gt_column(metrics))}</td>"
                     f"<td class=details>{_stage_details(metrics)}</td></tr>")
     html_text = "<h2>Stage by stage</h2>"
     if rows:
-        html_text += ("<table><tr><th>stage</th><th>split</th><th>mIoU %</th><th>details</th></tr>"
+        html_text += ("<table><tr><th>stage</th><th>split</th><th>mIoU %</th><th>GT used</th><th>details</th></tr>"
                       + "".join(rows) + "</table>")
     return html_text + "".join(missing_lines), read
 

@@ -210,11 +210,9 @@ def predict_image_batch(model: DenseModel, images: Sequence[np.ndarray], labels:
     Images of the same size run as one batch (in their order of first appearance); ``labels`` restricts
     each image to its foreground classes + background (``None``: no restriction, e.g. on the val split).
     """
-    results: list[np.ndarray | None] = [None] * len(images)
-    for index, probabilities in _probabilities_per_image(model, images, labels, n_classes, tta, device, mean, std,
-                                                          max_forward_batch):
-        results[index] = probabilities.float().cpu().numpy()
-    return [result for result in results if result is not None]
+    return predict_reduced_batch(model, images, labels, n_classes, tta,
+                                 lambda _, probabilities: probabilities.float().cpu().numpy(),
+                                 device, mean, std, max_forward_batch)
 
 
 def predict_label_batch(model: DenseModel, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]] | None,

@@ -157,6 +157,12 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
         # CRF batches in flight, oldest first: the workers run one batch's CRFs while the device infers the next
         # (scored in image order all the same, so the figures and the reports do not depend on the workers).
         in_flight: deque[tuple[list[str], list[np.ndarray], list[Future]]] = deque()
+
+        def score_oldest_in_flight() -> None:
+            done_ids, done_images, futures = in_flight.popleft()
+            score_batch(done_ids, done_images, [naming_the_image(image_id, future.result)
+                                                for image_id, future in zip(done_ids, futures)])
+
         for start in range(0, len(image_ids), EVAL_BATCH):
             batch_ids = image_ids[start:start + EVAL_BATCH]
             images = [dataset.image(image_id) for image_id in batch_ids]
@@ -172,17 +178,13 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
                     continue
                 in_flight.append((batch_ids, images, [crf_pool.submit(crf_on_shown_job, job) for job in jobs]))
                 while len(in_flight) > 1:  # at most two batches' CRFs queued: one running, one waiting
-                    done_ids, done_images, futures = in_flight.popleft()
-                    score_batch(done_ids, done_images, [naming_the_image(image_id, future.result)
-                                                        for image_id, future in zip(done_ids, futures)])
+                    score_oldest_in_flight()
             else:  # the argmax on the device: only the class map comes to the host
                 score_batch(batch_ids, images, predict_label_batch(model, images, None, dataset.n_classes, views,
                                                                    device, mean=record["mean"], std=record["std"],
                                                                    max_forward_batch=EVAL_BATCH))
         while in_flight:
-            done_ids, done_images, futures = in_flight.popleft()
-            score_batch(done_ids, done_images, [naming_the_image(image_id, future.result)
-                                                for image_id, future in zip(done_ids, futures)])
+            score_oldest_in_flight()
     progress.close()
 
     report = iou_report(accumulator.confusion)

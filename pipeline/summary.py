@@ -113,6 +113,12 @@ def gt_flag(data: dict[str, Any]) -> bool | None:
     return None
 
 
+def trained_on_gt(data: dict[str, Any]) -> bool:
+    """Whether a stage's figure was trained on GT masks (``gt_used``: WeakCLIP on GT; ``gt_used_in_training``:
+    the stages downstream of it, and the segmenter trained on GT)."""
+    return bool(data.get("gt_used") or data.get("gt_used_in_training"))
+
+
 def load_figures(paths: SummaryPaths, splits: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Every headline metrics file, checked: ``miou`` a fraction, ``split`` the configured one."""
     loaded = {}
@@ -288,8 +294,7 @@ def chain_paragraph(figures: dict[str, dict[str, Any]]) -> str:
     masks, or image-level labels only (and then whether a GT-chosen threshold reached the pseudo masks)."""
     opening = "The segmenter trained on GT masks is the fully-supervised upper bound: it uses GT by design. "
     weakclip = figures["weakclip_miou"]
-    if weakclip.get("gt_used") or any(figures[key].get("gt_used_in_training")
-                                      for key in ("pseudo_miou", "seg_pseudo_miou")):
+    if any(trained_on_gt(figures[key]) for key in ("weakclip_miou", "pseudo_miou", "seg_pseudo_miou")):
         return (opening + "This chain's WeakCLIP trained on the GT masks (`weakclip.seeds.source: gt`): every figure "
                 "downstream of it, the segmenter trained on pseudo masks and the ratio included, is an upper bound "
                 "that uses GT, not a WSSS result.")

@@ -13,6 +13,7 @@ from PIL import Image
 from pipeline.report.figures import array_png, cam_curve_png, training_curves_png
 from pipeline.report.inputs import ReportInputs, read_json_file, read_numeric_table, training_curves
 from pipeline.report.markup import escape, format_fraction, format_scalar, img_tag, missing_line
+from pipeline.summary import gt_flag, trained_on_gt
 
 # (metrics file stem, label, the summary.json key of the same number)
 STAGES: list[tuple[str, str, str]] = [
@@ -56,25 +57,20 @@ def section_headline(inputs: ReportInputs) -> str:
     gt_warning = ("<p class=missing>This chain's WeakCLIP trained on GT masks (<code>weakclip.seeds.source: "
                   "gt</code>): its pseudo-mask and segmenter-on-pseudo figures, and the ratio, are upper bounds that "
                   "use GT, not WSSS results to set beside the paper's.</p>"
-                  if pseudo is not None and used_gt(pseudo) else "")
+                  if pseudo is not None and trained_on_gt(pseudo) else "")
     return "".join(parts) + ("<table><tr><th>key</th><th>ours (mIoU %)</th><th>paper</th></tr>"
                              + "".join(rows) + "</table>" + gt_warning
                              + "<p class=note>mIoU in percent; the ratio is seg_pseudo / seg_gt. "
                                "Paper numbers are from docs/METHOD.md on the real dataset.</p>")
 
 
-def used_gt(metrics: dict[str, Any]) -> bool:
-    """Whether a stage's figure was trained on GT masks (``gt_used``: WeakCLIP on GT; ``gt_used_in_training``:
-    the stages downstream of it, and the segmenter trained on GT)."""
-    return bool(metrics.get("gt_used") or metrics.get("gt_used_in_training"))
-
-
 def gt_column(metrics: dict[str, Any]) -> str:
-    """The stage table's "GT used" cell: a threshold chosen with GT and / or training on GT masks, else no."""
+    """The stage table's "GT used" cell: a threshold chosen with GT and / or training on GT masks, else no
+    (read as RESULTS.md reads them: ``pipeline.summary``)."""
     uses = []
-    if metrics.get("threshold_chosen_with_gt") or metrics.get("thresholds_chosen_with_gt"):
+    if gt_flag(metrics):
         uses.append("threshold chosen with GT")
-    if used_gt(metrics):
+    if trained_on_gt(metrics):
         uses.append("trained on GT masks")
     return ", ".join(uses) if uses else "no"
 

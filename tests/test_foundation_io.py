@@ -1,9 +1,11 @@
 """Atomic writes, the VOC layout readers/writers, and the shared training schedules/checkpoints."""
 
+import hashlib
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,6 +283,58 @@ def test_stale_temporaries_are_removed_in_a_big_folder_without_relisting_it_per_
             temporary.write_bytes(b"new")
     assert not any(path.exists() for path in stale)
     assert len(listings) == 1  # one listing served the three writes
+
+
+def test_code_digests_are_each_source_files_sha256():
+    """The record a checkpoint keeps of its code: every .py file of both packages, each one's sha256 of its
+    bytes (hashlib on the file here, independently of the walk)."""
+    from weakclip_core.training import checkpoint
+    import pipeline.seg_train
+
+    digests = checkpoint.code_digests()
+    root = Path(checkpoint.__file__).parents[2]  # the folder holding both packages
+    for module in (checkpoint, pipeline.seg_train):
+        source = Path(module.__file__)
+        assert digests[source.relative_to(root).as_posix()] == hashlib.sha256(source.read_bytes()).hexdigest()
+    package_files = [path for package in ("weakclip_core", "pipeline") for path in (root / package).rglob("*.py")]
+    assert len(digests) == len(package_files)
+
+
+def test_a_checkpoint_that_other_code_wrote_is_refused_naming_the_files(tmp_path, monkeypatch, capsys):
+    """Same config, other code (a run killed, the code edited, the stage re-run): refused in one error naming
+    the checkpoint and the files that differ, the file left as it was; ``WEAKCLIP_RESUME_OTHER_CODE=1``
+    resumes it with a note. A checkpoint without a code record (written before) is other code too."""
+    from weakclip_core.training.checkpoint import CheckpointCodeError
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    old_code = {"pipeline/a.py": "1" * 64, "pipeline/b.py": "2" * 64, "pipeline/gone.py": "3" * 64}
+    Checkpointer("toy", {"lr": 0.1}, root=tmp_path, code=old_code).save(model, optimizer, step=5)
+    new_code = {"pipeline/a.py": "1" * 64, "pipeline/b.py": "4" * 64, "pipeline/new.py": "5" * 64}
+    edited = Checkpointer("toy", {"lr": 0.1}, root=tmp_path, code=new_code)
+    saved_bytes = edited.path.read_bytes()
+    monkeypatch.delenv("WEAKCLIP_RESUME_OTHER_CODE", raising=False)
+    with pytest.raises(CheckpointCodeError) as refused:
+        edited.resume(torch.nn.Linear(3, 2), torch.optim.AdamW(model.parameters(), lr=0.1))
+    message = str(refused.value)
+    assert message.startswith(f"{edited.path}: a checkpoint of this config at step 5 was written by other code")
+    assert "pipeline/b.py, pipeline/gone.py, pipeline/new.py)" in message and "pipeline/a.py" not in message
+    assert f"delete {tmp_path / 'toy'} to start over" in message and "WEAKCLIP_RESUME_OTHER_CODE=1" in message
+    assert edited.path.read_bytes() == saved_bytes
+    assert Checkpointer("toy", {"lr": 0.1}, root=tmp_path, code=old_code).load()["step"] == 5  # its own code
+
+    monkeypatch.setenv("WEAKCLIP_RESUME_OTHER_CODE", "1")
+    fresh = torch.nn.Linear(3, 2)
+    assert edited.resume(fresh, torch.optim.AdamW(fresh.parameters(), lr=0.1)) == (5, {})
+    assert torch.equal(fresh.weight, model.weight)
+    assert "resuming it anyway" in capsys.readouterr().err
+
+    monkeypatch.delenv("WEAKCLIP_RESUME_OTHER_CODE")
+    state = torch.load(edited.path, weights_only=True)
+    del state["code"]  # as a checkpoint written before checkpoints recorded their code
+    torch.save(state, edited.path)
+    with pytest.raises(CheckpointCodeError, match="unknown \\(written before checkpoints recorded their code\\)"):
+        edited.load()
 
 
 def test_checkpoints_are_plain_data_and_resume_every_rng_exactly(tmp_path):

@@ -139,6 +139,41 @@ def test_planted_checkpoint_is_refused_before_resuming(project: Path, capsys: py
     assert checkpoint.read_bytes() == planted_bytes
 
 
+def test_a_checkpoint_other_code_wrote_stops_the_stage_in_one_line(project: Path, capsys: pytest.CaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed, ``pipeline/cam_train.py`` edited, the stage re-run (as ``dvc repro`` does after an edit):
+    it used to resume the old code's weights silently. Now one line names the checkpoint and the edited file,
+    nothing is written or deleted, and ``WEAKCLIP_RESUME_OTHER_CODE=1`` resumes the run to its end."""
+    monkeypatch.delenv("WEAKCLIP_RESUME_OTHER_CODE", raising=False)
+    cam_train.train_cam_model(load_params("params.yaml"), stop_after_steps=1, show_progress=False)
+    (checkpoint,) = Path("checkpoints/cam_train").glob("*/last.pt")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved["code"]["pipeline/cam_train.py"] = "0" * 64  # the file's bytes when the run was killed
+    with open(checkpoint, "wb") as stream:
+        torch.save(saved, stream)
+    checkpoint_bytes = checkpoint.read_bytes()
+    model = Path("artifacts/mctformer/model.pt")
+    model_bytes = model.read_bytes()
+    before = snapshot(project)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_stage_cli(lambda: cam_train.main(["--params", "params.yaml"]), "cam_train")
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
+    assert exited.value.code == 1 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith(f"cam_train: error: {checkpoint}: a checkpoint of this config at step 1 was written "
+                               "by other code (differing files: pipeline/cam_train.py); delete checkpoints/cam_train "
+                               "to start over"), lines[0]
+    assert checkpoint.read_bytes() == checkpoint_bytes and model.read_bytes() == model_bytes
+    assert_nothing_lost(project, before)
+
+    monkeypatch.setenv("WEAKCLIP_RESUME_OTHER_CODE", "1")
+    result = cam_train.train_cam_model(load_params("params.yaml"), show_progress=False)
+    assert result is not None and result.steps > 1
+    assert "resuming it anyway" in capsys.readouterr().err
+    assert not checkpoint.exists()  # finished: the checkpoints are cleared as after any run
+
+
 def test_poisoned_clip_weights_are_one_line_in_weakclip_train(project: Path, capsys: pytest.CaptureFixture) -> None:
     """``artifacts/clip/weights.pt`` was already read with weights_only=True (the payload never ran), but the
     refusal was a raw ``UnpicklingError`` traceback; now it is one line naming the file."""

@@ -5,6 +5,13 @@ folder outside the stage's DVC outputs (DVC deletes declared outputs before re-r
 a hash of the config so that a changed config never resumes a stale run. A stage that dies resumes from
 the last one.
 
+Each checkpoint also records the sha256 of every ``.py`` file of the project's code (``weakclip_core`` and
+``pipeline``): a checkpoint of the same config written by other code (a run killed, the code edited, the
+stage re-run) is refused with a one-line :class:`CheckpointCodeError` naming the checkpoint and the files that
+differ, rather than silently continuing weights the old code trained under the new code's name. The user
+decides: delete ``checkpoints/<stage>/`` to start over, or set ``WEAKCLIP_RESUME_OTHER_CODE=1`` to resume it
+anyway (e.g. after a fix that only touches what runs after training). Nothing is deleted either way.
+
 A checkpoint holds plain data only (tensors, numbers, strings, lists, tuples, dicts): the RNG states are
 converted on save (:func:`capture_rng_state`) and back on resume, and :meth:`Checkpointer.load` reads with
 ``torch.load(weights_only=True)`` (``load_torch_file``), so a file planted in ``checkpoints/`` runs no code;
@@ -14,10 +21,13 @@ it is refused with a one-line error naming it, before its config is even compare
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
 import random
+import sys
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +36,40 @@ import torch
 
 from weakclip_core.artifacts.atomic import atomic_path
 from weakclip_core.artifacts.model_file import load_torch_file
+from weakclip_core.errors import InputError
 
 CHECKPOINT_ROOT = Path("checkpoints")
 CHECKPOINT_FORMAT = 3  # 2: the training loop's window state under extra["loop"]; 3: plain-data RNG state
+CODE_PACKAGES = ("weakclip_core", "pipeline")  # whose .py files a checkpoint records (the stages' code)
+RESUME_OTHER_CODE_ENV = "WEAKCLIP_RESUME_OTHER_CODE"  # "1": resume a checkpoint that other code wrote
+
+
+class CheckpointCodeError(InputError):
+    """A checkpoint of this config was written by other code; the message names it and the files that differ."""
+
+
+def code_digests(packages: tuple[str, ...] = CODE_PACKAGES) -> dict[str, str]:
+    """sha256 of every ``.py`` file of ``packages``, keyed by its path from the packages' parent folder
+    (``pipeline/seg_train.py``). Files, not the modules a process happened to import: the same checkout gives
+    the same record whatever ran before in the process."""
+    digests: dict[str, str] = {}
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            continue
+        package_dir = Path(spec.origin).parent
+        for source in sorted(package_dir.rglob("*.py")):
+            relative = source.relative_to(package_dir.parent).as_posix()
+            digests[relative] = hashlib.sha256(source.read_bytes()).hexdigest()
+    return digests
+
+
+def differing_files(saved: dict[str, str], current: dict[str, str], shown: int = 4) -> str:
+    """The files whose record differs between two :func:`code_digests` (changed, added or removed), at most
+    ``shown`` of them named."""
+    names = sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
+    listed = ", ".join(names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -85,6 +126,7 @@ class Checkpointer:
     stage: str
     config: dict[str, Any]
     root: Path = CHECKPOINT_ROOT
+    code: dict[str, str] = field(default_factory=code_digests)  # this checkout's record (a test may pass its own)
 
     @property
     def folder(self) -> Path:
@@ -98,7 +140,7 @@ class Checkpointer:
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
              extra: dict[str, Any] | None = None) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "config": self.config, "rng": capture_rng_state(), "extra": extra or {}}
+                 "config": self.config, "code": self.code, "rng": capture_rng_state(), "extra": extra or {}}
         with atomic_path(self.path) as temporary_path, open(temporary_path, "wb") as stream:
             torch.save(state, stream)  # a stream, not the path: torch names the archive after the file
 
@@ -106,12 +148,25 @@ class Checkpointer:
         """The last checkpoint of this config, or ``None`` when there is none.
 
         Read with ``weights_only=True``: a file holding anything but plain data raises
-        ``UnsafeTorchFileError`` naming it (its code never runs, whatever its config)."""
+        ``UnsafeTorchFileError`` naming it (its code never runs, whatever its config). One of this config
+        that other code wrote raises :class:`CheckpointCodeError` (unless ``WEAKCLIP_RESUME_OTHER_CODE=1``,
+        which resumes it with a note on stderr); the file is left as it was."""
         if not self.path.is_file():
             return None
         state = load_torch_file(self.path, "training checkpoint")
         if not isinstance(state, dict) or state.get("config") != self.config:
             return None
+        saved_code = state.get("code")
+        if saved_code != self.code:
+            differ = (differing_files(saved_code, self.code) if isinstance(saved_code, dict)
+                      else "unknown (written before checkpoints recorded their code)")
+            described = (f"{self.path}: a checkpoint of this config at step {state.get('step')} was written by "
+                         f"other code (differing files: {differ})")
+            if os.environ.get(RESUME_OTHER_CODE_ENV) != "1":
+                raise CheckpointCodeError(
+                    f"{described}; delete {self.root / self.stage} to start over with this code, or set "
+                    f"{RESUME_OTHER_CODE_ENV}=1 to resume it anyway")
+            print(f"{described}; resuming it anyway ({RESUME_OTHER_CODE_ENV}=1)", file=sys.stderr)
         return state
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:

@@ -200,6 +200,26 @@ def test_overlay_grid_uses_the_fixed_sample_and_every_available_column(built_rep
     assert 'alt="v0 CAM seeds"' not in page
 
 
+def test_an_unreadable_sample_image_is_a_line_naming_it_and_imported_cams_are_named(tmp_path: Path) -> None:
+    """A sampled image that is missing or not an image used to stop the whole report with a DatasetError;
+    now each is one line naming its file and the rest of the grid is drawn. CAMs imported from MCTformer's
+    .npy dumps are labelled so in the stage table, not as a MCTformer-V2 run."""
+    inputs = make_project(tmp_path)
+    images = tmp_path / "data" / "prepared" / "toy" / "JPEGImages"
+    (images / "v1.jpg").unlink()
+    (images / "t1.jpg").write_bytes(b"not a jpeg")
+    cam = json.loads((tmp_path / "metrics" / "cam.json").read_text())
+    (tmp_path / "metrics" / "cam.json").write_text(json.dumps({**cam, "variant": "imported", "source": "npy_folder"}))
+    page = write_report(inputs, tmp_path / "reports" / "index.html").read_text(encoding="utf-8")
+    missing = "\n".join(re.findall(r'<p class="missing">(.*?)</p>', page))
+    assert f"{images / 'v1.jpg'}: image file not found: left out of the sample" in missing
+    assert f"{images / 't1.jpg'}" in missing and missing.count("left out of the sample") == 2
+    for image_id in ("t0", "t2", "v0"):
+        assert f'alt="{image_id} image"' in page and f'alt="{image_id} WeakCLIP prediction"' in page
+    assert 'alt="t1 image"' not in page and 'alt="v1 image"' not in page
+    assert "<td>CAM seeds (imported MCTformer .npy dumps)</td>" in page and "MCTformer-V2" not in page
+
+
 def test_model_columns_restrict_train_predictions_to_image_labels(built_report: tuple[Path, str]) -> None:
     output, _ = built_report
     root = output.parent.parent

@@ -176,6 +176,20 @@ def legend(class_names: list[str]) -> str:
     return "<p class=legend>" + " ".join(swatches) + "</p>"
 
 
+def readable_images(dataset: PreparedDataset, image_ids: list[str]) -> tuple[list[str], list[str]]:
+    """The ids whose image file reads, and a problem (naming the file) for each that does not: a missing or
+    broken image in the sample becomes a line of the report, not a crash of the whole page."""
+    readable, problems = [], []
+    for image_id in image_ids:
+        try:
+            dataset.image(image_id)
+        except (DatasetError, OSError) as error:
+            problems.append(str(error))
+        else:
+            readable.append(image_id)
+    return readable, problems
+
+
 def section_overlays(inputs: ReportInputs) -> str:
     """A fixed sample of train images (image, GT, CAM seeds, WeakCLIP prediction, pseudo mask, retrained
     predictions) and of val images (image, GT, WeakCLIP and segmenter predictions)."""
@@ -196,8 +210,10 @@ def section_overlays(inputs: ReportInputs) -> str:
     parts.append("<p class=note>Predictions are single-scale, no CRF (the pseudo masks are the stage's "
                  "multi-scale + CRF output); on the train split WeakCLIP is restricted to the image's labels, "
                  "as the pseudo_masks stage runs it.</p>")
-    for split, image_ids, is_train in ((inputs.train_split, train_ids, True), (inputs.val_split, val_ids, False)):
+    for split, sampled_ids, is_train in ((inputs.train_split, train_ids, True), (inputs.val_split, val_ids, False)):
         parts.append(f"<h3>{escape(split)} split</h3>")
+        image_ids, unreadable = readable_images(dataset, sampled_ids)
+        parts += [missing_line(f"{problem}: left out of the sample") for problem in unreadable]
         columns: list[MaskColumn] = []
         if is_train:
             for column, problem in (seed_column(inputs, image_ids),

@@ -82,6 +82,16 @@ def _stage_details(metrics: dict[str, Any]) -> str:
     return ", ".join(items[:12])
 
 
+def stage_label(stem: str, label: str, metrics: dict[str, Any]) -> str:
+    """The stage table's name for a metrics file: the CAM row says where its CAMs came from when they were
+    imported (``cam.source: npy_folder``) or absent (``none``) rather than naming a model that never ran."""
+    if stem == "cam" and metrics.get("variant") == "imported":
+        source = metrics.get("source")
+        return ("CAM seeds (imported MCTformer .npy dumps)" if source == "npy_folder"
+                else f"CAM seeds (none: cam.source {source})")
+    return label
+
+
 def section_stages(inputs: ReportInputs) -> tuple[str, dict[str, dict[str, Any]]]:
     """The stage-by-stage mIoU table; returns the HTML and the metrics read (for per-class IoU)."""
     metrics_dir = inputs.resolve(inputs.metrics_dir)
@@ -93,7 +103,7 @@ def section_stages(inputs: ReportInputs) -> tuple[str, dict[str, dict[str, Any]]
             continue
         read[stem] = metrics
         split = metrics.get("split", "?")
-        rows.append(f"<tr><td>{escape(label)}</td><td>{escape(split)}</td>"
+        rows.append(f"<tr><td>{escape(stage_label(stem, label, metrics))}</td><td>{escape(split)}</td>"
                     f"<td class=num>{format_fraction(metrics.get('miou'))}</td>"
                     f"<td>{escape(gt_column(metrics))}</td>"
                     f"<td class=details>{_stage_details(metrics)}</td></tr>")

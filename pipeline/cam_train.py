@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from weakclip_core.artifacts.atomic import sha256_of_file
 from weakclip_core.config import Params, to_plain
@@ -32,8 +32,8 @@ from weakclip_core.data.classification import (ClassificationAugment, Classifica
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset
 from weakclip_core.runtime.device import resolve_device, seed_everything, set_threads
 from weakclip_core.runtime.distributed import (DistributedContext, ShardedBatchSampler, broadcast_from_main,
-                                               per_process_batch_size, run_on_main, shard_loss_weight,
-                                               single_process_context, wrap_model)
+                                               gather_objects, per_process_batch_size, run_on_main, shard_bounds,
+                                               shard_loss_weight, single_process_context, wrap_model)
 from weakclip_core.evaluation.metrics import mean_average_precision
 from weakclip_core.models.mctformer import MCTformerV2, build_mctformer, load_deit_weights
 from weakclip_core.artifacts.model_file import NOT_TRAINED_FILE, save_final_model
@@ -66,8 +66,11 @@ class CamTrainResult:
 
 
 @torch.no_grad()
-def evaluate_map(model: MCTformerV2, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    """(class-token mAP, PatchCAM mAP) on ``loader``'s images."""
+def evaluate_map(model: MCTformerV2, loader: DataLoader, device: torch.device,
+                 context: DistributedContext | None = None) -> tuple[float, float]:
+    """(class-token mAP, PatchCAM mAP) on ``loader``'s images. Under DDP each rank's ``loader`` holds its own
+    contiguous share of the split (:func:`val_shard`); the scores are gathered in rank order, so every rank
+    gets the mAP of the whole split in its order (AP needs all the scores at once: it does not add up)."""
     model.eval()
     class_scores, patch_scores, targets = [], [], []
     for images, labels in loader:
@@ -75,9 +78,21 @@ def evaluate_map(model: MCTformerV2, loader: DataLoader, device: torch.device) -
         class_scores.append(torch.sigmoid(output.class_logits).cpu().numpy())
         patch_scores.append(torch.sigmoid(output.patch_logits).cpu().numpy())
         targets.append(labels.numpy())
-    target_array = np.concatenate(targets)
-    return (mean_average_precision(np.concatenate(class_scores), target_array),
-            mean_average_precision(np.concatenate(patch_scores), target_array))
+    local = [(np.concatenate(class_scores), np.concatenate(patch_scores), np.concatenate(targets))] if targets else []
+    shards = gather_objects(local, context) if context is not None else local
+    target_array = np.concatenate([shard[2] for shard in shards])
+    return (mean_average_precision(np.concatenate([shard[0] for shard in shards]), target_array),
+            mean_average_precision(np.concatenate([shard[1] for shard in shards]), target_array))
+
+
+def val_shard(val_set: ClassificationDataset, context: DistributedContext) -> Dataset:
+    """This rank's contiguous share of the val split (all of it in one process): under DDP each epoch's
+    evaluation is shared out over the ranks, as the reference's ``--dist-eval``, instead of rank 0 scoring the
+    whole split (COCO's 40,504 images, every epoch) while the other GPUs wait."""
+    if not context.is_distributed:
+        return val_set
+    start, stop = shard_bounds(len(val_set), context)
+    return Subset(val_set, range(start, stop))
 
 
 def parameter_groups(model: MCTformerV2, weight_decay: float) -> list[dict[str, Any]]:
@@ -97,7 +112,7 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
     it were killed (nothing is written beyond the periodic checkpoints); the
     next call resumes from the last checkpoint. Under DDP (``context`` from
     torchrun) each rank trains on its slice of every global batch
-    (``cam.train.batch_size``), and only rank 0 evaluates and writes.
+    (``cam.train.batch_size``) and scores its share of val at each epoch's end; only rank 0 writes.
     """
     arch, train = params.cam.arch, params.cam.train
     if params.cam.source != "train":  # the CAMs are imported (or not used): nothing to train, say so
@@ -151,7 +166,8 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
         batch_sampler = ShardedBatchSampler(batch_sampler, context)
     loader = DataLoader(train_set, num_workers=train.workers, batch_sampler=batch_sampler,
                         generator=torch.Generator().manual_seed(seed))
-    val_loader = DataLoader(val_set, batch_size=max(train.batch_size, 32), num_workers=train.workers)
+    val_loader = DataLoader(val_shard(val_set, context), batch_size=max(train.batch_size, 32),
+                            num_workers=train.workers)
     trained_model = wrap_model(model, context)  # ``model`` itself alone; its DDP wrapper under torchrun
 
     live = (LiveLog(paths.live_dir, start_step, lambda done: (done - 1) // epoch_steps, extra.get(LIVE_HISTORY_KEY))
@@ -168,12 +184,12 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
             loss = loss * shard_loss_weight(len(images), global_batch, context)
         return {"loss": loss}
 
-    def end_of_epoch(window: WindowEnd) -> None:
+    def end_of_epoch(window: WindowEnd) -> None:  # on every rank: each scores its share of val
         nonlocal val_maps
-        val_maps = evaluate_map(model, val_loader, device)
-        assert live is not None
-        live.log_window(window.done, window.mean_losses, window.lr,
-                        {"val/map_class_token": val_maps[0], "val/map_patch_cam": val_maps[1]})
+        val_maps = evaluate_map(model, val_loader, device, context)
+        if live is not None:  # rank 0 logs
+            live.log_window(window.done, window.mean_losses, window.lr,
+                            {"val/map_class_token": val_maps[0], "val/map_patch_cam": val_maps[1]})
 
     result = run_training_loop(
         name=STAGE, lr_key="cam.train.lr",

@@ -203,8 +203,8 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
         return {"loss": F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)}
 
     def end_of_epoch(window: WindowEnd) -> None:
-        assert live is not None
-        live.log_window(window.done, window.mean_losses, window.lr)
+        if live is not None:  # rank 0 logs
+            live.log_window(window.done, window.mean_losses, window.lr)
 
     result = run_training_loop(
         name=f"seg_train@{source}", lr_key="seg.train.lr",

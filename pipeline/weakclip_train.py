@@ -255,8 +255,8 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
                     "aux_loss": losses.aux}
 
         def end_of_window(window: WindowEnd) -> None:
-            assert live is not None
-            live.log_window(window.done, window.mean_losses, window.lr)
+            if live is not None:  # rank 0 logs
+                live.log_window(window.done, window.mean_losses, window.lr)
 
         result = run_training_loop(
             name=STAGE, lr_key="weakclip.train.lr",

@@ -286,3 +286,80 @@ def test_the_closing_score_is_sharded_over_ranks_and_summed_exactly(tmp_path: Pa
         np.testing.assert_array_equal(np.array(result["confusion"]), expected)
         assert result["n_scored"] == 7
     assert [result["images_seen"] for result in ranks] == [4, 3]  # images 0, 2, 4, 6 and 1, 3, 5: one window each
+
+
+class _ImageScoredModel(nn.Module):
+    """A stand-in MCTformer whose logits are fixed functions of each image's pixels (class c: the mean of
+    channel c mod 3, shifted by c / 10), counting the images it is shown."""
+
+    def __init__(self, n_classes: int) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.seen = 0
+
+    def forward(self, images: torch.Tensor):  # noqa: ANN201 — a namespace like MCTformerV2's output
+        from types import SimpleNamespace
+
+        self.seen += images.shape[0]
+        channel_means = images.mean(dim=(2, 3))
+        logits = torch.stack([channel_means[:, c % 3] + c / 10 for c in range(self.n_classes)], dim=1)
+        return SimpleNamespace(class_logits=logits, patch_logits=-logits)
+
+
+def _val_map_worker(rank: int, world_size: int, port: int, dataset_root: str, out_dir: str) -> None:
+    """One rank of cam_train's per-epoch val mAP: scores its share, gets the whole split's mAP."""
+    import json
+
+    from pipeline.cam_train import evaluate_map, val_shard
+    from weakclip_core.data.classification import ClassificationDataset
+    from weakclip_core.data.layout import PreparedDataset
+
+    torch.set_num_threads(1)
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    context = init_distributed("cpu", env=env)
+    try:
+        dataset = PreparedDataset.open(dataset_root)
+        val_set = ClassificationDataset(dataset, "val", 32, allow_unlabelled=True)
+        model = _ImageScoredModel(dataset.n_classes - 1)
+        maps = evaluate_map(model, DataLoader(val_shard(val_set, context), batch_size=2), context.device, context)
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"maps": maps, "seen": model.seen}))
+    finally:
+        shutdown_distributed(context)
+
+
+@pytest.mark.slow
+def test_cam_train_val_map_is_shared_over_ranks_and_is_the_whole_splits(tmp_path: Path) -> None:
+    """cam_train's per-epoch val mAP under torchrun (COCO: 40,504 val images every epoch): each of 2 Gloo ranks
+    scores its contiguous share (5 + 4 of 9) and both get the mAP one process computes over the whole split,
+    against an AP worked out here (mean precision at each positive's rank); used to be rank 0 alone."""
+    import json
+
+    import numpy as np
+
+    from pipeline.cam_train import evaluate_map
+    from tiny_voc import write_tiny_voc
+    from weakclip_core.data.classification import ClassificationDataset
+    from weakclip_core.data.layout import PreparedDataset
+
+    write_tiny_voc(tmp_path / "tiny", n_train=2, n_val=9)
+    dataset = PreparedDataset.open(tmp_path / "tiny")
+    val_set = ClassificationDataset(dataset, "val", 32, allow_unlabelled=True)
+    model = _ImageScoredModel(dataset.n_classes - 1)
+    single = evaluate_map(model, DataLoader(val_set, batch_size=2), torch.device("cpu"))
+    scores = np.concatenate([model(images).class_logits.numpy() for images, _ in DataLoader(val_set, batch_size=9)])
+    targets = np.concatenate([labels.numpy() for _, labels in DataLoader(val_set, batch_size=9)])
+
+    def hand_ap(score: np.ndarray, positive: np.ndarray) -> float:
+        order = np.argsort(-score, kind="stable")
+        hits = positive[order] > 0
+        return float(np.mean([hits[:rank + 1].mean() for rank in np.flatnonzero(hits)]))
+
+    expected = np.mean([hand_ap(scores[:, c], targets[:, c]) for c in range(scores.shape[1]) if targets[:, c].any()])
+    assert single[0] == pytest.approx(expected, abs=1e-12)
+
+    mp.spawn(_val_map_worker, args=(2, _free_port(), str(tmp_path / "tiny"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for result in ranks:
+        assert result["maps"] == pytest.approx(list(single), abs=1e-6)
+    assert [result["seen"] for result in ranks] == [5, 4]

@@ -44,7 +44,8 @@ class LoopPlan:
 
     Steps are 0-based; ``done = step + 1`` steps are complete after step ``step``. A logging window ends when
     ``done`` is a multiple of ``window_steps`` or the last step; the loop then hands the window's mean losses
-    to ``on_window_end``. A checkpoint is written when ``done`` is a multiple of ``checkpoint_every``, and
+    to ``on_window_end``, on every DDP rank (a sharded evaluation needs them all; logging is rank 0's, which
+    the trainer's callback checks). A checkpoint is written when ``done`` is a multiple of ``checkpoint_every``, and
     also at each window's end when ``checkpoint_at_window_end`` (trainers whose windows are epochs).
     ``checkpoint_final`` keeps or skips a checkpoint after the last step (the final output follows it).
     """
@@ -186,7 +187,7 @@ def run_training_loop(
             progress.set_postfix({key: f"{value:.3f}" for key, value in list(values.items())[:2]} | {"lr": f"{lr:.2e}"})
             window_end = plan.window_ends(done)
             if window_end:
-                if on_window_end is not None and context.is_main:
+                if on_window_end is not None:  # every rank: an evaluation there may be shared out over them
                     on_window_end(WindowEnd(done, state.means(), lr))
                 state.reset_window()
             if plan.checkpoints(done, window_end) and context.is_main:

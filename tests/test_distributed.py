@@ -225,6 +225,13 @@ def test_stage_relaunches_itself_under_torchrun(tmp_path: Path) -> None:
     assert (tmp_path / "result.txt").read_text() == "2 gloo 0.5"
 
 
+def _gloo_rank(rank: int, world_size: int, port: int) -> DistributedContext:
+    """This spawned process as rank ``rank`` of a CPU Gloo group, one thread (as torchrun would set it up)."""
+    torch.set_num_threads(1)
+    return init_distributed("cpu", env={"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+
+
 def _scoring_worker(rank: int, world_size: int, port: int, dataset_root: str, out_dir: str) -> None:
     """One rank of the sharded closing score: an always-'cat' model that counts the images it is given."""
     import json
@@ -234,10 +241,7 @@ def _scoring_worker(rank: int, world_size: int, port: int, dataset_root: str, ou
     from weakclip_core.evaluation.split_score import score_argmax_on_split
     from weakclip_core.method.inference import InferenceAugmentation
 
-    torch.set_num_threads(1)
-    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    context = init_distributed("cpu", env=env)
+    context = _gloo_rank(rank, world_size, port)
     try:
         dataset = PreparedDataset.open(dataset_root)
         cat = CLASS_NAMES.index("cat")
@@ -314,10 +318,7 @@ def _val_map_worker(rank: int, world_size: int, port: int, dataset_root: str, ou
     from weakclip_core.data.classification import ClassificationDataset
     from weakclip_core.data.layout import PreparedDataset
 
-    torch.set_num_threads(1)
-    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    context = init_distributed("cpu", env=env)
+    context = _gloo_rank(rank, world_size, port)
     try:
         dataset = PreparedDataset.open(dataset_root)
         val_set = ClassificationDataset(dataset, "val", 32, allow_unlabelled=True)

@@ -98,15 +98,20 @@ def covered(path: str, deps: list[str]) -> bool:
     return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
 
 
-def stage_code_and_deps() -> list[tuple[str, Path, list[str]]]:
-    """``(stage, pipeline/<module>.py, deps)`` for each stage, read from dvc.yaml's ``cmd`` and ``deps``."""
+def stage_code_and(field: str) -> list[tuple[str, Path, list[str]]]:
+    """``(stage, pipeline/<module>.py, its deps or params)`` for each stage, read from dvc.yaml's ``cmd`` and
+    ``field``."""
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     rows = []
     for name, stage in stages.items():
         body = stage.get("do", stage)
         module = body["cmd"].split("-m ", 1)[1].split()[0]
-        rows.append((name, REPO_ROOT / module_file(module), [str(dep) for dep in body["deps"]]))
+        rows.append((name, REPO_ROOT / module_file(module), [str(entry) for entry in body.get(field, [])]))
     return rows
+
+
+def stage_code_and_deps() -> list[tuple[str, Path, list[str]]]:
+    return stage_code_and("deps")
 
 
 def test_module_resolution_and_coverage_against_known_answers() -> None:
@@ -156,3 +161,15 @@ def test_summary_lists_every_metrics_file_its_globs_find() -> None:
     deps = {name: deps for name, _, deps in stage_code_and_deps()}["summary"]
     found = sorted(f"metrics/{path.name}" for pattern in patterns for path in (REPO_ROOT / "metrics").glob(pattern))
     assert [path for path in found if path not in deps] == []
+
+
+
+@pytest.mark.parametrize("stage, code, params", stage_code_and("params"), ids=lambda value: str(value)[:40])
+def test_a_stage_tracks_runtime_precision_only_if_its_code_reads_it(stage: str, code: Path, params: list[str]) -> None:
+    """``runtime.precision: bf16`` is WeakCLIP's autocast; a stage that declared all of ``runtime`` (cam_train,
+    the clip stage, seg_train did) was re-run by ``dvc repro`` when a user switched it on: 60 MCTformer
+    epochs on the presets' GPUs, and everything downstream, for a setting the stage never reads."""
+    tracks = "runtime" in params or "runtime.precision" in params
+    reads = "runtime.precision" in code.read_text()
+    assert tracks == reads, (f"dvc.yaml: stage {stage} {'tracks' if tracks else 'does not track'} runtime.precision "
+                             f"but {code.name} {'reads' if reads else 'never reads'} it")

@@ -128,17 +128,22 @@ def test_checkpointer_resumes_state_and_ignores_other_configs(tmp_path):
 
 
 def test_atomic_outputs_get_ordinary_permissions(tmp_path):
-    """mkstemp/mkdtemp create 0o600/0o700; final outputs get what open()/mkdir() would give."""
+    """mkstemp/mkdtemp create 0o600/0o700; final outputs get what open()/mkdir() would give: the CAM store
+    too (it was left 0o600, unreadable by another user or a pool worker running under another uid)."""
     import os
+
+    from weakclip_core.artifacts.cam_store import CamStoreWriter
     umask = os.umask(0o022)
     try:
         write_json(tmp_path / "m.json", {"a": 1})
         with atomic_dir(tmp_path / "d") as folder:
             (folder / "x").write_text("1")
+        CamStoreWriter(tmp_path / "cams" / "train.h5", "toy", ["background", "cat"], {}).close()
     finally:
         os.umask(umask)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "cams" / "train.h5").stat().st_mode & 0o777 == 0o644
 
 
 # ------------------------------------------------------------------ folders replaced whole, links, stale temporaries

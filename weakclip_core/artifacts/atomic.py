@@ -33,8 +33,8 @@ from typing import Any
 from weakclip_core.errors import InputError
 
 
-def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
+def umask() -> int:
+    """The process umask (read by setting and restoring it): what a file written in place would get."""
     umask = os.umask(0)
     os.umask(umask)
     return umask
@@ -160,7 +160,7 @@ def atomic_path(final_path: str | Path, suffix: str = "") -> Iterator[Path]:
     try:
         yield temporary_path
         if temporary_path.exists():
-            os.chmod(temporary_path, 0o666 & ~_umask())  # mkstemp made it 0o600
+            os.chmod(temporary_path, 0o666 & ~umask())  # mkstemp made it 0o600
         os.replace(temporary_path, final_path)
     except BaseException as error:
         temporary_path.unlink(missing_ok=True)
@@ -312,7 +312,7 @@ def atomic_dir(final_dir: str | Path, contents: FolderContents = ANY_FILES, *, k
     temporary_dir = Path(tempfile.mkdtemp(prefix=temporary_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield temporary_dir
-        os.chmod(temporary_dir, 0o777 & ~_umask())  # mkdtemp made it 0o700
+        os.chmod(temporary_dir, 0o777 & ~umask())  # mkdtemp made it 0o700
         check_output_dir(given, contents, key=key, reads=reads)  # nothing foreign arrived during the work
         old_dir = target.with_name(f".{target.name}.old")
         if target.exists():

@@ -24,7 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from weakclip_core.artifacts.atomic import temporary_prefix
+from weakclip_core.artifacts.atomic import temporary_prefix, umask
 
 
 class CamStoreError(InputError):
@@ -66,6 +66,7 @@ class CamStoreWriter:
         """Mark complete, flush and rename into place; returns the final path."""
         self._file.attrs["complete"] = 1
         self._file.close()
+        os.chmod(self.temporary_path, 0o666 & ~umask())  # mkstemp made it 0o600: readable by others as any output
         os.replace(self.temporary_path, self.path)
         return self.path
 

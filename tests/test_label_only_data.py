@@ -468,3 +468,22 @@ def test_a_pickled_npy_that_asks_for_more_than_numbers_is_refused_without_runnin
     assert float(loaded["x"]) == 2.5
     np.save(tmp_path / "numbers.npy", np.arange(6).reshape(2, 3))
     assert load_pickled_npy(tmp_path / "numbers.npy").tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_a_coco_image_entry_without_its_size_names_the_file_and_image(tmp_path: Path) -> None:
+    """A COCO-format export of one's own data that leaves out an image's height: one DatasetError naming the
+    annotation file, the image id and its file (was: a bare ``KeyError: 'height'`` traceback)."""
+    import json
+
+    from weakclip_core.data.coco import prepare_coco
+
+    source, _ = _hustvl_layout(tmp_path)
+    annotations = source / "annotations" / "instances_train2014.json"
+    document = json.loads(annotations.read_text())
+    del document["images"][0]["height"]
+    annotations.write_text(json.dumps(document))
+    first = document["images"][0]
+    with pytest.raises(DatasetError) as caught:
+        prepare_coco(source, tmp_path / "prepared", ["train", "val"], progress=False)
+    assert str(caught.value) == (f"{annotations}: image {first['id']} ({first['file_name']}) has no valid "
+                                 "height/width (COCO's image entries give both)")

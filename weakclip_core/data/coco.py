@@ -197,7 +197,11 @@ def prepare_coco(source: str | Path, root: str | Path, splits: list[str],
             if not image_path.is_file():
                 raise DatasetError(f"{image_path}: image listed in {annotations_path.name} is absent")
             image = read_image(image_path)
-            expected = (int(image_info["height"]), int(image_info["width"]))
+            try:
+                expected = (int(image_info["height"]), int(image_info["width"]))
+            except (KeyError, TypeError, ValueError):  # COCO-format exports of one's own data may leave them out
+                raise DatasetError(f"{annotations_path}: image {image_info.get('id')} ({file_name}) has no valid "
+                                   f"height/width (COCO's image entries give both)") from None
             if image.shape[:2] != expected:
                 raise DatasetError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but "
                                    f"{annotations_path.name} says {expected[1]}x{expected[0]} (width x height)")

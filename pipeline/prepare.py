@@ -22,9 +22,10 @@ from weakclip_core.artifacts.atomic import FolderContents, atomic_dir, write_tex
 from weakclip_core.config import Params
 from weakclip_core.config.schema import given_path
 from weakclip_core.data.coco import prepare_coco
-from weakclip_core.data.labels_only import prepare_custom, read_cls_labels_npy
+from weakclip_core.data.imports import masks_off_their_labels
+from weakclip_core.data.labels_only import labels_file_of, prepare_custom, read_cls_labels_npy
 from weakclip_core.data.layout import (CAPTIONS_FILE, DatasetError, PreparedDataset, check_score_split_inside,
-                                      write_labels, write_split)
+                                      labels_from_mask, write_labels, write_split)
 from weakclip_core.data.preview import write_dataset_preview
 from weakclip_core.data.synthetic import class_names, generate_synthetic
 from weakclip_core.data.voc import VOC_CLASS_NAMES, prepare_voc
@@ -50,6 +51,7 @@ class PrepareSummary:
     total_bytes: int
     seconds: float
     left_out: tuple[str, ...] = ()
+    mask_label_warning: str | None = None  # some GT masks show classes their image's given labels do not list
 
     def left_out_line(self) -> str | None:
         """Says how many images were dropped for having no class, and one of them (``None`` when none was)."""
@@ -77,6 +79,34 @@ def _build_synthetic(params: Params, root: Path, progress: bool) -> None:
     write_text(root / CAPTIONS_FILE, "".join(f"{record.image_id}\t{record.caption}\n" for record in records))
 
 
+def class_list(class_ids: list[int], class_names: list[str]) -> str:
+    return ", ".join(f"{class_names[c]} ({c})" if 0 <= c < len(class_names) else str(c) for c in class_ids) or "none"
+
+
+def check_gt_masks_follow_labels(prepared: PreparedDataset, image_ids: list[str], masks_from: Path,
+                                 labels_from: Path, order_rule: str) -> str | None:
+    """Where the image-level labels are given apart from the GT masks (your own data's labels file, VOC with
+    ``cls_labels.npy``), a mask showing a class its image is not labelled with says the two disagree on the
+    class indices (a ``classes.txt`` with an extra first line, a shifted ``cls_labels.npy``), and every GT
+    figure downstream would be scored against the wrong classes. More than half of the masks with foreground
+    so: a ``DatasetError`` naming both files (a real VOC has a few images whose XML labels and SBD masks differ:
+    those give the returned warning line instead). None disagreeing: ``None``."""
+    shown = {image_id: labels_from_mask(prepared.mask(image_id)) for image_id in image_ids
+             if prepared.has_mask(image_id)}
+    with_foreground, strays = masks_off_their_labels(shown, prepared.labels)
+    if not strays:
+        return None
+    first = strays[0]
+    example = (f"first: {first}'s mask shows {class_list(shown[first], prepared.class_names)}, its labels say "
+               f"{class_list(prepared.labels[first], prepared.class_names)}")
+    if 2 * len(strays) > len(with_foreground):
+        raise DatasetError(f"{masks_from}: {len(strays)} of the {len(with_foreground)} GT masks with foreground show "
+                           f"classes their image is not labelled with in {labels_from} ({example}): the masks' "
+                           f"class indices and the labels must follow one class order ({order_rule})")
+    return (f"GT masks: {len(strays)} of {len(with_foreground)} in {masks_from} show classes their image's labels "
+            f"({labels_from}) do not list ({example}); they are scored as they are")
+
+
 def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True) -> PrepareSummary:
     """Build ``params.dataset.prepared_dir`` and the preview picture; returns what was written."""
     dataset = params.dataset
@@ -88,10 +118,10 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
     with atomic_dir(prepared_dir, PREPARED_CONTENTS, key="dataset.prepared_dir",  # checked before any work
                     reads={"dataset.source": given_path(dataset.source)} if dataset.name != "synthetic" else None
                     ) as staging_dir:
+        labels_file = given_path(dataset.voc_cls_labels) if dataset.name == "voc" else None
         if dataset.name == "synthetic":
             _build_synthetic(params, staging_dir, progress)
         elif dataset.name == "voc":
-            labels_file = given_path(dataset.voc_cls_labels)
             cls_labels = read_cls_labels_npy(labels_file, len(VOC_CLASS_NAMES) - 1) if labels_file else None
             prepare_voc(dataset.source, staging_dir, splits, dataset.voc_mask_dir,
                         drop_unlabelled_from=(dataset.train_split, dataset.scored_split), progress=progress,
@@ -108,6 +138,15 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
         listed = {image_id for split in splits for image_id in prepared.split(split)}
         left_out = tuple(sorted(image_id for image_id, classes in prepared.labels.items()
                                 if not classes and image_id not in listed))
+        mask_label_warning = None
+        if dataset.name == "custom":  # labels given apart from the masks: do the two agree on the classes?
+            mask_label_warning = check_gt_masks_follow_labels(
+                prepared, sorted(listed), Path(dataset.source) / "masks", labels_file_of(Path(dataset.source)),
+                "0 background, class i = line i of classes.txt after an optional first 'background' line")
+        elif dataset.name == "voc" and labels_file is not None:
+            mask_label_warning = check_gt_masks_follow_labels(
+                prepared, sorted(listed), Path(dataset.source) / dataset.voc_mask_dir, labels_file,
+                "0 background, class i = entry i - 1 of each cls_labels.npy vector, VOC's alphabetical order")
         check_score_split_inside(prepared.split(dataset.train_split), prepared.split(dataset.scored_split),
                                  dataset.train_split, dataset.scored_split,
                                  lists_in=(dataset.source if dataset.name != "synthetic"
@@ -125,7 +164,8 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
     total_bytes = sum(path.stat().st_size for path in prepared_dir.rglob("*") if path.is_file())
     return PrepareSummary(dataset=dataset.name, root=prepared_dir, split_counts=split_counts,
                           class_names=prepared.class_names, total_bytes=total_bytes,
-                          seconds=time.perf_counter() - started, left_out=left_out)
+                          seconds=time.perf_counter() - started, left_out=left_out,
+                          mask_label_warning=mask_label_warning)
 
 
 def class_frequencies(prepared: PreparedDataset, split: str) -> Counter[str]:
@@ -153,7 +193,7 @@ def summary_line(params: Params, args: argparse.Namespace, context: None) -> str
     summary = run(params, progress=not args.no_progress)
     prepared = PreparedDataset.open(summary.root)
     frequencies = class_frequencies(prepared, params.dataset.train_split)
-    return "\n".join([summary.describe(), *filter(None, [summary.left_out_line()]),
+    return "\n".join([summary.describe(), *filter(None, [summary.left_out_line(), summary.mask_label_warning]),
                       ground_truth_line(params, prepared),
                       "images per class (" + params.dataset.train_split + "): "
                       + ", ".join(f"{name} {count}" for name, count in sorted(frequencies.items(), key=lambda kv: -kv[1])),

@@ -487,3 +487,106 @@ def test_a_coco_image_entry_without_its_size_names_the_file_and_image(tmp_path: 
         prepare_coco(source, tmp_path / "prepared", ["train", "val"], progress=False)
     assert str(caught.value) == (f"{annotations}: image {first['id']} ({first['file_name']}) has no valid "
                                  "height/width (COCO's image entries give both)")
+
+
+# ------------------------------------------------------------------ masks against the labels given apart from them
+
+
+def _blob(size: tuple[int, int], value: int) -> np.ndarray:
+    mask = np.zeros(size, dtype=np.uint8)
+    mask[2:8, 3:11] = value
+    return mask
+
+
+def _custom_params(source: Path, tmp_path: Path):  # noqa: ANN202 — Params
+    return params_from_dict({"dataset": {"name": "custom", "source": str(source),
+                                         "prepared_dir": str(tmp_path / "prepared")}})
+
+
+@pytest.mark.parametrize("first_line", ["background", "Background", "__background__", "_background_"])
+def test_a_background_first_line_in_any_spelling_is_class_0(tmp_path: Path, first_line: str) -> None:
+    """labelme writes ``_background_``, Detectron ``__background__``: read as a class, the first line made every
+    class one more than the masks say (kiwi 2 where its masks draw 1); now it is background in every spelling."""
+    masks = {image_id: _blob((12, 16), 1 + CUSTOM_CLASSES.index(names[0]))
+             for image_id, names in CUSTOM_LABELS.items() if len(names) == 1}
+    source = write_custom_tree(tmp_path / "mine", masks=masks)
+    (source / "classes.txt").write_text(f"{first_line}\n" + "".join(f"{name}\n" for name in CUSTOM_CLASSES))
+    summary = run(_custom_params(source, tmp_path), preview_path=tmp_path / "preview.png", progress=False)
+    dataset = PreparedDataset.open(tmp_path / "prepared")
+    assert dataset.class_names == ["background", *CUSTOM_CLASSES]
+    assert dataset.labels["a1"] == [1] and summary.mask_label_warning is None
+
+
+def test_a_background_line_in_the_middle_names_its_line_in_any_spelling(tmp_path: Path) -> None:
+    source = write_custom_tree(tmp_path / "mine")
+    (source / "classes.txt").write_text("kiwi\n_background_\nlime\nplum\n")
+    with pytest.raises(DatasetError, match=r"classes.txt:2: '_background_' is class 0: it may only "):
+        run(_custom_params(source, tmp_path), preview_path=tmp_path / "preview.png", progress=False)
+
+
+def test_masks_drawn_in_another_class_order_than_classes_txt_stop_prepare_naming_both(tmp_path: Path) -> None:
+    """Masks drawn with kiwi 1, lime 2, plum 3 but a classes.txt with an extra first line ("unlabelled"): every
+    mask shows a class its image is not labelled with, and every GT score downstream would be against the
+    wrong classes. Was: prepared without a word. The images' labels by hand: a1 kiwi = 2, a3 plum = 4."""
+    masks = {"a1": _blob((12, 16), 1), "a3": _blob((12, 16), 3), "b1": _blob((12, 16), 1)}
+    source = write_custom_tree(tmp_path / "mine", masks=masks)
+    (source / "classes.txt").write_text("unlabelled\n" + "".join(f"{name}\n" for name in CUSTOM_CLASSES))
+    prepared = tmp_path / "prepared"
+    with pytest.raises(DatasetError) as caught:
+        run(_custom_params(source, tmp_path), preview_path=tmp_path / "preview.png", progress=False)
+    assert str(caught.value) == (
+        f"{source / 'masks'}: 3 of the 3 GT masks with foreground show classes their image is not labelled with in "
+        f"{source / 'labels.csv'} (first: a1's mask shows unlabelled (1), its labels say kiwi (2)): the masks' class "
+        "indices and the labels must follow one class order (0 background, class i = line i of classes.txt after "
+        "an optional first 'background' line)")
+    assert not prepared.exists()  # nothing half-prepared left behind
+
+
+def test_a_few_masks_off_their_labels_are_a_line_of_the_summary(tmp_path: Path) -> None:
+    """One mask of three showing a class its image is not labelled with (a real dataset's few annotation slips,
+    as VOC's XML labels and SBD masks on some images): prepared, and said on the stage's summary."""
+    masks = {"a1": _blob((12, 16), 1), "a3": _blob((12, 16), 3), "b1": _blob((12, 16), 3)}  # b1: kiwi, lime
+    source = write_custom_tree(tmp_path / "mine", masks=masks)
+    summary = run(_custom_params(source, tmp_path), preview_path=tmp_path / "preview.png", progress=False)
+    assert summary.mask_label_warning == (
+        f"GT masks: 1 of 3 in {source / 'masks'} show classes their image's labels ({source / 'labels.csv'}) do not "
+        "list (first: b1's mask shows plum (3), its labels say kiwi (1), lime (2)); they are scored as they are")
+
+
+def test_voc_masks_against_a_shifted_cls_labels_stop_prepare(tmp_path: Path) -> None:
+    """``cls_labels.npy`` one class off against the SegmentationClass masks (2007_000003's mask draws car, 7;
+    the file says 8): the one mask with foreground disagrees, more than half, so prepare stops naming both."""
+    source = _voc_label_only_tree(tmp_path / "VOC2012")
+    shifted = {image_id: [c % 20 + 1 for c in classes] for image_id, classes in VOC_LABELS.items()}
+    labels_file = _cls_labels_npy(tmp_path / "cls_labels.npy", shifted)
+    params = params_from_dict({"dataset": {"name": "voc", "source": str(source),
+                                           "prepared_dir": str(tmp_path / "prepared"),
+                                           "voc_cls_labels": str(labels_file)}})
+    with pytest.raises(DatasetError, match=r"^" + str(source / "SegmentationClass") + r": 1 of the 1 GT masks .* "
+                       r"in " + str(labels_file) + r" \(first: 2007_000003's mask shows car \(7\), its labels say cat "
+                       r"\(8\)\)"):
+        run(params, preview_path=tmp_path / "preview.png", progress=False)
+
+
+def test_a_turned_camera_photo_is_prepared_upright_with_its_mask(tmp_path: Path) -> None:
+    """A phone's portrait photo: stored 16 wide x 12 high with EXIF orientation 6 (turn 90 degrees clockwise to
+    view), shown and annotated 12 wide x 16 high. Was: prepare refused its mask as the wrong size (or, square,
+    took the mask on sideways pixels). Now the prepared image is the upright view (numpy's rot90 by hand) and
+    the mask fits it."""
+    source = write_custom_tree(tmp_path / "mine")
+    stored = np.zeros((12, 16, 3), dtype=np.uint8)
+    stored[:, :8] = (250, 20, 20)  # left half red as stored: the top half once turned clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(source / "images" / "a1.jpg", format="JPEG", quality=95, exif=exif)
+    upright_mask = np.zeros((16, 12), dtype=np.uint8)
+    upright_mask[:8] = 1  # the red half, kiwi, as the annotation tool showed it
+    _palette_png(source / "masks" / "a1.png", upright_mask)
+    run(_custom_params(source, tmp_path), preview_path=tmp_path / "preview.png", progress=False)
+    dataset = PreparedDataset.open(tmp_path / "prepared")
+    image = dataset.image("a1")
+    expected = np.rot90(stored, k=-1)  # clockwise
+    assert image.shape == (16, 12, 3)
+    assert np.abs(image.astype(int) - expected.astype(int)).mean() < 8  # two JPEG encodings (the edge rings)
+    np.testing.assert_array_equal(dataset.mask("a1"), upright_mask)
+    assert image[:8, :, 0].mean() > 200 and image[8:, :, 0].mean() < 60

@@ -97,6 +97,16 @@ def read_pseudo_mask(path: Path, image_shape: tuple[int, int], n_classes: int,
     return np.where(allowed[mask], mask, IGNORE_INDEX).astype(np.uint8), shown
 
 
+def masks_off_their_labels(shown_by_image: dict[str, list[int]],
+                           labels_by_image: dict[str, list[int]]) -> tuple[list[str], list[str]]:
+    """``(with_foreground, strays)``: the images whose mask shows a foreground class, and those of them whose mask
+    shows a class their image is not labelled with (in image order)."""
+    with_foreground = [image_id for image_id, shown in shown_by_image.items() if shown]
+    strays = [image_id for image_id in with_foreground
+              if not set(shown_by_image[image_id]) <= set(labels_by_image[image_id])]
+    return with_foreground, strays
+
+
 def check_mask_classes_follow_labels(shown_by_image: dict[str, list[int]], labels_by_image: dict[str, list[int]],
                                      folder: Path) -> str | None:
     """Masks showing a class their image is not labelled with. WSSS pseudo masks are made within the image's
@@ -104,9 +114,7 @@ def check_mask_classes_follow_labels(shown_by_image: dict[str, list[int]], label
     another dataset's masks); their pixels become unlabelled in the seeds. More than half of the masks with
     foreground so: ``ImportedSeedError`` (an off-by-one shows a foreign class on nearly every mask, even where a
     shifted class happens to land on a real label). Some: the warning line to show, else ``None``."""
-    with_foreground = [image_id for image_id, shown in shown_by_image.items() if shown]
-    strays = [image_id for image_id in with_foreground
-              if not set(shown_by_image[image_id]) <= set(labels_by_image[image_id])]
+    with_foreground, strays = masks_off_their_labels(shown_by_image, labels_by_image)
     if not strays:
         return None
     first = strays[0]

@@ -23,6 +23,11 @@ plain file name or a malformed row stops ``prepare`` with ``DatasetError`` namin
 inputs that would otherwise be read silently wrong: a blank line inside ``classes.txt`` (skipping it would shift
 every later class's index against the masks' "i = line i"), two images or two masks for one id (``a.jpg`` and
 ``a.png``: which one is meant?) and a mask that is not a PNG (JPEG masks are lossy: their class indices blur).
+A ``classes.txt`` whose first line is background in another spelling (``Background``, ``__background__``,
+labelme's ``_background_``) has it read as class 0, not as class 1. A photo whose EXIF orientation says it is
+stored turned (a phone's portrait shot) is prepared upright, as viewers and annotation tools show it, so its
+mask is the one drawn on it; ``pipeline/prepare.py`` then checks that the masks show only classes their images
+are labelled with (an off-by-one between the masks and ``classes.txt`` stops it).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from weakclip_core.artifacts.safe_npy import load_pickled_npy
@@ -82,8 +88,16 @@ def read_cls_labels_npy(path: str | Path, n_foreground: int) -> dict[str, list[i
     return labels
 
 
+def is_background_name(name: str) -> bool:
+    """``background`` as annotation tools write it: ``Background``, ``__background__`` (Detectron), labelme's
+    ``_background_``. Read as a class of its own, the first line would shift every class by one against the
+    masks, which draw background as 0."""
+    return name.strip("_").lower() == "background"
+
+
 def read_class_list(path: Path) -> list[str]:
-    """``["background", *names]`` from ``classes.txt`` (a leading ``background`` line is accepted)."""
+    """``["background", *names]`` from ``classes.txt`` (a leading background line is accepted, in any of the
+    spellings of :func:`is_background_name`)."""
     if not path.is_file():
         raise DatasetError(f"{path}: class list not found (one foreground class name a line)")
     lines = [line.strip() for line in read_text_file(path, "class list").splitlines()]
@@ -93,13 +107,14 @@ def read_class_list(path: Path) -> list[str]:
         raise DatasetError(f"{path}:{lines.index('') + 1}: blank line inside the class list; line i is class i, "
                            "so a blank line would shift every class after it: remove it")
     names = lines
-    if names and names[0] == "background":
+    if names and is_background_name(names[0]):
         names = names[1:]
     if not names:
         raise DatasetError(f"{path}: class list is empty")
-    if "background" in names:
-        line = len(lines) - len(names) + names.index("background") + 1  # names: lines without a leading background
-        raise DatasetError(f"{path}:{line}: 'background' is class 0: it may only be the "
+    backgrounds = [index for index, name in enumerate(names) if is_background_name(name)]
+    if backgrounds:
+        line = len(lines) - len(names) + backgrounds[0] + 1  # names: lines without a leading background
+        raise DatasetError(f"{path}:{line}: {names[backgrounds[0]]!r} is class 0: it may only be the "
                            "first line (or left out); line i after it is class i")
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
@@ -161,7 +176,8 @@ def read_labels_file(path: Path, class_names: list[str]) -> dict[str, list[int]]
     return labels
 
 
-def _labels_file(source: Path) -> Path:
+def labels_file_of(source: Path) -> Path:
+    """Your own data's one labels file (``labels.csv`` or ``labels.json``) under ``source``."""
     present = [source / name for name in LABEL_FILES if (source / name).is_file()]
     if len(present) != 1:
         raise DatasetError(f"{source / LABEL_FILES[0]}: {'both' if present else 'neither'} of "
@@ -202,6 +218,23 @@ def _mask_file(masks: dict[str, list[Path]], image_id: str) -> Path | None:
     return candidates[0]
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag: 1 = as stored; 2..8 = mirrored and / or turned
+
+
+def upright_view(path: Path) -> np.ndarray | None:
+    """The image as viewers and annotation tools (labelme, CVAT, Label Studio) show it, when its EXIF orientation
+    says the stored pixels are turned or mirrored (a phone's portrait photo is stored landscape with
+    orientation 6); ``None`` when they are already upright. Your own data only: VOC's and COCO's annotations
+    are drawn on the stored pixels."""
+    try:
+        with Image.open(path) as image:
+            if image.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
+                return None
+            return np.array(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
+    except Exception as error:  # read_image read it already: only the EXIF block can be broken here
+        raise DatasetError(f"{path}: unreadable EXIF orientation ({error})") from None
+
+
 def prepare_custom(source: str | Path, root: str | Path, splits: list[str],
                    drop_unlabelled_from: tuple[str, ...] = (), progress: bool = True) -> dict[str, list[str]]:
     """Write the custom dataset at ``source`` into the prepared folder ``root``; returns split -> ids.
@@ -212,7 +245,7 @@ def prepare_custom(source: str | Path, root: str | Path, splits: list[str],
     if not images.is_dir():
         raise DatasetError(f"{images}: images folder not found (dataset.source; README 'Your own data')")
     class_names = read_class_list(source / CLASS_LIST)
-    labels_path = _labels_file(source)
+    labels_path = labels_file_of(source)
     all_labels = read_labels_file(labels_path, class_names)
     ids_by_split: dict[str, list[str]] = {}
     for split in splits:
@@ -245,7 +278,11 @@ def prepare_custom(source: str | Path, root: str | Path, splits: list[str],
     for image_id, split in tqdm(first_split.items(), desc="custom", unit="img", disable=not progress):
         image_path = _image_file(image_files, images, image_id, source / "splits" / f"{split}.txt")
         image = read_image(image_path)
-        if image_path.suffix.lower() in (".jpg", ".jpeg"):
+        upright = upright_view(image_path)
+        if upright is not None:  # a camera's portrait photo: stored sideways, shown (and annotated) upright
+            image = upright
+            write_image(root / "JPEGImages" / f"{image_id}.jpg", image)
+        elif image_path.suffix.lower() in (".jpg", ".jpeg"):
             link_or_copy(image_path, root / "JPEGImages" / f"{image_id}.jpg")
         else:
             write_image(root / "JPEGImages" / f"{image_id}.jpg", image)

@@ -138,7 +138,9 @@ def test_multiscale_cams_are_normalised_label_masked_and_flip_equivariant():
 
 def test_multiscale_cams_of_the_labels_are_the_all_class_maps_by_hand():
     """Each image's maps are those of its classes' tokens: by hand, every class's variant map at each view,
-    bilinearly resized to the image, the flipped view un-flipped, averaged, min-max normalised."""
+    bilinearly resized to the image, the flipped view un-flipped, averaged, min-max normalised. A view is the
+    image at ``round(side * scale)`` pixels, as the reference sizes it (0.7: 28 x 34, not multiples of the
+    8-px patch: the model's patch embedding drops the rest and the 3 x 4 grid is stretched over the image)."""
     model = tiny_model()
     images = torch.randn(3, 3, 40, 48, generator=torch.Generator().manual_seed(5))
     image_classes = [[2], [1, 2, 3], [3, 1]]
@@ -147,7 +149,7 @@ def test_multiscale_cams_of_the_labels_are_the_all_class_maps_by_hand():
     expected: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for scale in scales:
-            size = (max(8, round(40 * scale / 8) * 8), max(8, round(48 * scale / 8) * 8))
+            size = {1.0: (40, 48), 0.7: (28, 34)}[scale]
             for flipped in (False, True):
                 view = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
                 view = view.flip(-1) if flipped else view

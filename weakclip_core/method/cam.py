@@ -60,9 +60,13 @@ def cam_variants(attentions: Sequence[Tensor], patch_cams: Tensor, attention_lay
 
 
 def scaled_size(height: int, width: int, scale: float, patch_size: int) -> tuple[int, int]:
-    """(H, W) scaled by ``scale`` and rounded to a multiple of the patch size (at least one patch)."""
-    return (max(patch_size, round(height * scale / patch_size) * patch_size),
-            max(patch_size, round(width * scale / patch_size) * patch_size))
+    """(H, W) scaled by ``scale`` and rounded to whole pixels (at least one patch), as the reference's
+    ``VOC12DatasetMS`` sizes each view (``round(side * s)``; Python's round, halves to even). The model's
+    stride-``patch_size`` patch embedding then drops the last ``side mod patch_size`` rows and columns, and the
+    grid is stretched over the whole image (``engine.generate_attention_maps_ms``). Until 2026-12-04 each view
+    was resized to the nearest multiple of the patch instead: the same at every synthetic view (128 px at
+    0.75 / 1 / 1.25 are multiples of 16), a grid shifted by up to half a patch on a 500x375 VOC image."""
+    return max(patch_size, round(height * scale)), max(patch_size, round(width * scale))
 
 
 def normalise_per_class(cams: Tensor) -> Tensor:

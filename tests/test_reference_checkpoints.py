@@ -16,17 +16,18 @@ from weakclip_core.models.reference_checkpoints import ReferenceCheckpointError,
 C, D, DEPTH, PATCH, GRID, HEADS = 3, 32, 2, 8, 4, 4  # a small MCTformer-V2 (DeiT-S: D 384, 12 blocks, 6 heads)
 
 
-def reference_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+def reference_state_dict(seed: int = 0, width: int = D, depth: int = DEPTH) -> dict[str, torch.Tensor]:
     """``MCTformerV2(VisionTransformer)``'s state dict: names and shapes from its ``__init__`` and the base
     ViT's (``qkv_bias=True``, mlp_ratio 4, the base ViT's unused final ``norm``, ``head`` a 3x3 conv to C)."""
     generator = torch.Generator().manual_seed(seed)
+    D = width  # noqa: N806 — the width, as the module's constant names it
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * 0.2
 
     state = {"cls_token": rand(1, C, D), "pos_embed": rand(1, C + GRID * GRID, D),
              "patch_embed.proj.weight": rand(D, 3, PATCH, PATCH), "patch_embed.proj.bias": rand(D)}
-    for index in range(DEPTH):
+    for index in range(depth):
         prefix = f"blocks.{index}."
         state.update({prefix + "norm1.weight": 1 + rand(D), prefix + "norm1.bias": rand(D),
                       prefix + "attn.qkv.weight": rand(3 * D, D), prefix + "attn.qkv.bias": rand(3 * D),
@@ -103,6 +104,19 @@ def test_a_checkpoint_of_another_layout_is_one_line_naming_the_file(tmp_path: Pa
         load_reference_mctformer(path, heads=HEADS)
     message = str(caught.value)
     assert message.startswith(f"{path}: not an MCTformer-V2 checkpoint") and words in message and "\n" not in message
+
+
+def test_a_deit_width_with_another_head_count_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """A released checkpoint is DeiT-S (384 wide, 6 heads of 64); the head count is in no shape, so params.yaml's
+    default ``cam.arch.heads: 3`` loaded it silently, with every attention map wrong. Now refused naming the key
+    and the count its width has; 6 loads."""
+    path = tmp_path / "deit_s_mctformer.pth"
+    torch.save({"model": reference_state_dict(width=384, depth=1)}, path)
+    with pytest.raises(ReferenceCheckpointError) as caught:
+        load_reference_mctformer(path, heads=3)
+    assert str(caught.value) == (f"cam.arch.heads: 3, but {path} is 384 wide, a DeiT size whose blocks have 6 heads "
+                                 "of 64 (the released MCTformer-V2 checkpoints: DeiT-S, 6): set cam.arch.heads: 6")
+    assert load_reference_mctformer(path, heads=6).blocks[0].attn.heads == 6
 
 
 def test_cam_infer_runs_a_released_checkpoint_instead_of_a_trained_model(tmp_path: Path) -> None:

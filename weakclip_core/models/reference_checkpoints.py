@@ -104,6 +104,9 @@ def read_reference_state(path: Path, what: str) -> dict[str, Any]:
     return state
 
 
+DEIT_HEADS = {192: 3, 384: 6, 768: 12}  # DeiT-Ti / -S / -B width -> its heads (64 wide each)
+
+
 def load_reference_mctformer(path: str | Path, heads: int = 6) -> MCTformerV2:
     """Our ``MCTformerV2`` (eval mode, CPU) holding a released MCTformer-V2 checkpoint, loaded strictly.
     ``heads`` is not in the state dict's shapes (DeiT-S: 6); everything else is read from them."""
@@ -111,6 +114,12 @@ def load_reference_mctformer(path: str | Path, heads: int = 6) -> MCTformerV2:
     ours, arch = mctformer_v2_from_reference(read_reference_state(path, "MCTformer-V2 checkpoint"), path)
     if arch["width"] % heads:
         raise _shape_error(path, f"width {arch['width']} does not divide into {heads} heads")
+    deit_heads = DEIT_HEADS.get(arch["width"])
+    if deit_heads is not None and heads != deit_heads:  # nothing in the shapes says it: a wrong count loads
+        raise ReferenceCheckpointError(  # silently and changes every attention map
+            f"cam.arch.heads: {heads}, but {path} is {arch['width']} wide, a DeiT size whose blocks have "
+            f"{deit_heads} heads of 64 (the released MCTformer-V2 checkpoints: DeiT-S, 6): set cam.arch.heads: "
+            f"{deit_heads}")
     model = MCTformerV2(arch["n_classes"], image_size=arch["image_size"], patch_size=arch["patch_size"],
                         width=arch["width"], depth=arch["depth"], heads=heads, mlp_ratio=arch["mlp_ratio"],
                         drop_path=0.0)

@@ -221,3 +221,35 @@ def test_threshold_sweep_equals_brute_force_argmax_at_every_threshold():
     for index, accumulator in enumerate(brute):
         np.testing.assert_array_equal(sweep.accumulators[index].confusion, accumulator.confusion)
     assert len(set(np.round(sweep.curve(), 9))) > 5  # a real curve, not a constant
+
+
+def test_first_max_over_rows_is_numpys_max_and_argmax_ties_to_the_first_row():
+    from weakclip_core.method.cam import first_max_over_rows
+
+    scores = np.array([[0.5, 0.2, 0.7, 0.1], [0.5, 0.9, 0.7, 0.1], [0.1, 0.9, 0.8, 0.1]], dtype=np.float16)
+    best, row = first_max_over_rows(scores)
+    np.testing.assert_array_equal(best, np.array([0.5, 0.9, 0.8, 0.1], dtype=np.float16))
+    np.testing.assert_array_equal(row, [0, 1, 2, 0])  # ties go to the first row, as argmax
+    random = np.random.default_rng(0).integers(0, 4, size=(5, 200)).astype(np.float32)  # many ties
+    best, row = first_max_over_rows(random)
+    np.testing.assert_array_equal(best, random.max(axis=0))
+    np.testing.assert_array_equal(row, random.argmax(axis=0))
+
+
+def test_threshold_sweep_over_many_classes_counts_only_where_an_image_touches():
+    """K = 81 (COCO) with an image's few classes: the sweep's histogram is taken over the classes the image
+    can touch; every (GT, prediction) count of all 81 x 81 cells equals the brute-force argmax's."""
+    rng = np.random.default_rng(4)
+    thresholds = threshold_values(0.0, 0.59, 0.01)
+    sweep = ThresholdSweep(81, thresholds)
+    brute = [ConfusionAccumulator(81) for _ in thresholds]
+    for classes, gt_classes in (([3, 40], [0, 3, 77]), ([80], [0, 80, 12]), ([], [0, 5])):
+        cams = rng.random((len(classes), 6, 8)).astype(np.float32) * 0.6
+        ground_truth = rng.choice(gt_classes, size=(6, 8)).astype(np.uint8)
+        ground_truth[0, 0] = 255
+        sweep.add(ground_truth, cams, classes)
+        for accumulator, threshold in zip(brute, thresholds):
+            scores = np.concatenate([np.full((1, 6, 8), threshold), cams.astype(np.float64)])
+            accumulator.add(ground_truth, np.array([0, *classes])[scores.argmax(axis=0)])
+    for index, accumulator in enumerate(brute):
+        np.testing.assert_array_equal(sweep.accumulators[index].confusion, accumulator.confusion)

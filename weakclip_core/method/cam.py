@@ -138,6 +138,19 @@ def threshold_values(start: float, stop: float, step: float) -> np.ndarray:
     return np.round(start + step * np.arange(count), 6)
 
 
+def first_max_over_rows(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores.max(axis=0), scores.argmax(axis=0))`` of an (n, P) array, the first row winning ties as
+    ``argmax``, row by row: numpy's reductions over axis 0 of a few long rows run ~10x slower (11 ms for
+    3 x 307,200 float32 against ~1 ms here)."""
+    best = scores[0].copy()
+    best_row = np.zeros(scores.shape[1], dtype=np.int64)
+    for row in range(1, scores.shape[0]):
+        higher = scores[row] > best  # strictly: an equal later row does not take the pixel
+        best_row[higher] = row
+        np.maximum(best, scores[row], out=best)
+    return best, best_row
+
+
 class ThresholdSweep:
     """One confusion matrix per background threshold, filled in one pass over the images.
 
@@ -152,10 +165,18 @@ class ThresholdSweep:
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         if self.thresholds.ndim != 1 or not self.thresholds.size or np.any(np.diff(self.thresholds) <= 0):
             raise ValueError("thresholds must be a non-empty increasing 1-D array")
+        # One (T, K, K) array; accumulator i's confusion is a view of its slice i.
+        self.confusions = np.zeros((len(self.thresholds), n_classes, n_classes), dtype=np.int64)
         self.accumulators = [ConfusionAccumulator(n_classes) for _ in self.thresholds]
+        for accumulator, confusion in zip(self.accumulators, self.confusions):
+            accumulator.confusion = confusion
 
     def add(self, ground_truth: np.ndarray, cams: np.ndarray, classes: Sequence[int]) -> None:
-        """Add one image: GT (H, W) with 255 ignored; ``cams`` (n_present, H, W) for foreground ``classes``."""
+        """Add one image: GT (H, W) with 255 ignored; ``cams`` (n_present, H, W) for foreground ``classes``.
+
+        The histogram is taken over the classes this image can touch (its GT classes, its labels and
+        background), not all K: on COCO (K = 81) the K x K x T one cost ~30 ms an image for every variant,
+        ~3 h of one core over the 82k train images; the counts are the same."""
         if cams.shape[0] != len(classes) or cams.shape[1:] != ground_truth.shape:
             raise ValueError(f"CAMs {cams.shape} do not match {len(classes)} classes and GT {ground_truth.shape}")
         n_classes, n_thresholds = self.n_classes, len(self.thresholds)
@@ -166,24 +187,30 @@ class ThresholdSweep:
             raise ValueError(f"ground truth holds class id {gt[(gt < 0) | (gt >= n_classes)][0]}, "
                              f"outside [0, {n_classes})")
         if len(classes):
-            flat = cams.reshape(len(classes), -1)[:, keep].astype(np.float64)
-            best_class = np.asarray(classes, dtype=np.int64)[flat.argmax(axis=0)]
+            best_score, best_row = first_max_over_rows(cams.reshape(len(classes), -1))
+            best_class = np.asarray(classes, dtype=np.int64)[best_row[keep]]
             # Number of thresholds strictly below the score: the pixel is foreground for thresholds[:level].
-            level = np.searchsorted(self.thresholds, flat.max(axis=0), side="left")
+            # (The float64 cast after the max: it is exact and keeps the order, so it is the same max.)
+            level = np.searchsorted(self.thresholds, best_score[keep].astype(np.float64), side="left")
         else:
             best_class = np.zeros_like(gt)
             level = np.zeros_like(gt)
-        histogram = np.bincount((gt * n_classes + best_class) * (n_thresholds + 1) + level,
-                                minlength=n_classes * n_classes * (n_thresholds + 1))
-        histogram = histogram.reshape(n_classes, n_classes, n_thresholds + 1)
+        touched = np.bincount(gt, minlength=n_classes) > 0
+        touched[0] = True
+        touched[np.asarray(classes, dtype=np.int64)] = True
+        present = np.flatnonzero(touched)  # sorted, background first: compact index 0 is class 0
+        compact = np.zeros(n_classes, dtype=np.int64)
+        compact[present] = np.arange(len(present))
+        size = len(present)
+        histogram = np.bincount((compact[gt] * size + compact[best_class]) * (n_thresholds + 1) + level,
+                                minlength=size * size * (n_thresholds + 1))
+        histogram = histogram.reshape(size, size, n_thresholds + 1)
         # foreground[g, c, i]: pixels of GT g predicted c at threshold i (those with level > i).
         at_or_above = np.cumsum(histogram[..., ::-1], axis=-1)[..., ::-1]
-        foreground = at_or_above[..., 1:]
-        gt_totals = histogram.sum(axis=(1, 2))
-        for index, accumulator in enumerate(self.accumulators):
-            confusion = foreground[..., index].copy()
-            confusion[:, 0] += gt_totals - foreground[..., index].sum(axis=1)
-            accumulator.confusion += confusion
+        foreground = np.moveaxis(at_or_above[..., 1:], -1, 0)  # (T, size, size)
+        block = foreground.copy()
+        block[:, :, 0] += histogram.sum(axis=(1, 2))[None, :] - foreground.sum(axis=2)  # the rest: background
+        self.confusions[:, present[:, None], present[None, :]] += block
 
     def reports(self) -> list[IouReport]:
         return [accumulator.report() for accumulator in self.accumulators]

@@ -60,7 +60,7 @@ from weakclip_core.evaluation.split_score import score_argmax_on_split
 from weakclip_core.models.weakclip.model import WeakCLIP
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
 from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
-from weakclip_core.training.schedules import warmup_cosine_lr
+from weakclip_core.training.schedules import mmcv_cosine_lr, warmup_cosine_lr
 from weakclip_core.artifacts.weakclip import clip_weights_sha256, save_weakclip_model, trainable_modules
 
 from pipeline._stage import (LIVE_HISTORY_KEY, LiveLog, StageSpec, params_key, require_input, run_stage,
@@ -213,7 +213,8 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     clip = load_clip_artifact(require_input(paths.clip_dir, "clip"))
     with params_key("weakclip"):  # prompt and context lengths, taps: the model's terms, our keys
         model = WeakCLIP(clip, dataset.class_names, cfg.arch(), prompt_init_std=train.prompt_init_std,
-                         clip_drop_path_rate=train.clip_drop_path_rate).to(device)
+                         clip_drop_path_rate=train.clip_drop_path_rate,
+                         clip_drop_path_unit=train.clip_drop_path_unit).to(device)
     learned = trainable_modules(model)
     # fused: one kernel for the whole update, ~3x faster than the per-tensor loop on CPU at the same results to
     # float rounding (docs/BENCHMARKS.md, "Where a training step's time goes"; tests/test_step_profile.py)
@@ -263,8 +264,9 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
             plan=LoopPlan(total_steps=train.iterations, window_steps=LOG_EVERY,
                           checkpoint_every=train.checkpoint_every, checkpoint_at_window_end=False,
                           checkpoint_final=False,
-                          lr_at=lambda step: warmup_cosine_lr(step, train.iterations, train.lr,
-                                                              train.warmup_iterations, train.min_lr)),
+                          lr_at=lambda step: (mmcv_cosine_lr if train.lr_schedule == "mmcv_cosine"
+                                              else warmup_cosine_lr)(step, train.iterations, train.lr,
+                                                                     train.warmup_iterations, train.min_lr)),
             batches=loader, start_step=start_step, model=model, optimizer=optimizer,
             compute_losses=compute_losses, context=context, checkpointer=checkpointer,
             checkpointed_module=learned, state=LoopState.from_dict(extra.get("loop")),

@@ -147,18 +147,26 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path, tiny_regi
     assert str(path) in str(error.value) and "\n" not in str(error.value)  # one line, not torch's tab-indented list
 
 
+def register_tiny_configs(tmp_path: Path, quick_gelu_name: str | None, gelu_name: str) -> dict:
+    """The tiny CLIP's config registered with open_clip under a QuickGELU name (unless ``None``) and a GELU one,
+    as ``clip.model_name`` reads them; returns the GELU config."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    config = arch_model_config(TINY_ARCH)
+    if quick_gelu_name is not None:
+        (folder / f"{quick_gelu_name}.json").write_text(json.dumps({**config, "quick_gelu": True}))
+    (folder / f"{gelu_name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    return config
+
+
 def test_an_openai_torchscript_archive_needs_the_quickgelu_architecture(tmp_path: Path) -> None:
     """OpenAI's ``ViT-B-16.pt`` is a TorchScript archive of QuickGELU blocks. Into the QuickGELU architecture it
     loads exactly; into the GELU one of the same name without ``-quickgelu`` (params.yaml's default) its tensors
     fit too, so it used to load without a word into a CLIP computing another function: now refused, naming the key
     and the architecture to use. The archive here is a tiny open_clip CLIP traced to TorchScript, without the
     text mask buffer (OpenAI's archives hold none)."""
-    folder = tmp_path / "configs"
-    folder.mkdir()
-    config = arch_model_config(TINY_ARCH)
-    (folder / "WeakclipTestTinyQ.json").write_text(json.dumps({**config, "quick_gelu": True}))
-    (folder / "WeakclipTestTinyG.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder)
+    config = register_tiny_configs(tmp_path, "WeakclipTestTinyQ", "WeakclipTestTinyG")
     torch.manual_seed(4)
     model = clip_from_config({**config, "quick_gelu": True}).eval()
     model._buffers.pop("attn_mask")
@@ -175,6 +183,49 @@ def test_an_openai_torchscript_archive_needs_the_quickgelu_architecture(tmp_path
     assert str(refused.value) == (f"clip.weights: '{archive}' is an OpenAI TorchScript archive, whose blocks use "
                                   "QuickGELU, but clip.model_name 'WeakclipTestTinyG' builds GELU blocks; set "
                                   "clip.model_name: WeakclipTestTinyG-quickgelu")
+
+
+@pytest.mark.parametrize("layout", ["openai_state_dict", "open_clip_folder"])
+def test_openai_weights_as_a_plain_state_dict_need_the_quickgelu_architecture_too(tmp_path: Path,
+                                                                                 layout: str) -> None:
+    """OpenAI's weights outside a TorchScript archive: ``torch.save`` of its CLIP's state dict (which keeps
+    OpenAI's ``input_resolution`` / ``context_length`` / ``vocab_size`` entries) or open_clip's hub folder of
+    them (``open_clip_pytorch_model.bin`` beside an ``open_clip_config.json`` whose ``model_cfg`` sets
+    ``quick_gelu``). Both used to load into GELU blocks without a word; now refused as the archive is, and the
+    QuickGELU architecture loads them exactly."""
+    config = register_tiny_configs(tmp_path, "WeakclipTestTinyQ2", "WeakclipTestTinyG2")
+    torch.manual_seed(4)
+    model = clip_from_config({**config, "quick_gelu": True}).eval()
+    state = dict(model.state_dict())
+    if layout == "openai_state_dict":
+        weights = tmp_path / "ViT-tiny-openai.pt"
+        state.update(input_resolution=torch.tensor(64), context_length=torch.tensor(16), vocab_size=torch.tensor(49408))
+        evidence = "holds OpenAI's own state dict (its input_resolution / context_length / vocab_size entries), whose"
+    else:
+        weights = tmp_path / "hub" / "open_clip_pytorch_model.bin"
+        weights.parent.mkdir()
+        (weights.parent / "open_clip_config.json").write_text(json.dumps({"model_cfg": {**config, "quick_gelu": True}}))
+        evidence = f"comes with {weights.parent / 'open_clip_config.json'}, whose model_cfg sets quick_gelu: true"
+    torch.save(state, weights)
+    with pytest.raises(ClipWeightsError) as refused:
+        load_clip_file("WeakclipTestTinyG2", weights)
+    assert str(refused.value).startswith(f"clip.weights: '{weights}' {evidence}")
+    assert str(refused.value).endswith("but clip.model_name 'WeakclipTestTinyG2' builds GELU blocks; set "
+                                       "clip.model_name: WeakclipTestTinyG2-quickgelu")
+    loaded = load_clip_file("WeakclipTestTinyQ2", weights)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_a_plain_state_dict_without_openais_marks_loads_into_gelu_blocks(tmp_path: Path) -> None:
+    """open_clip's own GELU checkpoints (LAION's) carry none of those marks: they load as named."""
+    register_tiny_configs(tmp_path, None, "WeakclipTestTinyG3")
+    model = tiny_clip(seed=6)
+    weights = tmp_path / "laion.bin"
+    torch.save(model.state_dict(), weights)
+    loaded = load_clip_file("WeakclipTestTinyG3", weights)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_artifact_round_trip(tmp_path: Path) -> None:

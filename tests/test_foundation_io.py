@@ -104,6 +104,27 @@ def test_warmup_cosine_and_poly_by_hand():
     assert poly_lr(50, 100, 1.0, power=0.9) == pytest.approx(0.5 ** 0.9)
 
 
+def test_mmcv_cosine_lr_is_mmcvs_cosine_annealing_with_linear_warmup():
+    """The WeakCLIP reference's ``lr_config`` (CosineAnnealing, min_lr 1e-6, by iteration, warm-up 'linear',
+    1500 iterations, ratio 1e-6) over 20k iterations at lr 1e-4, worked out as mmcv writes it: regular lr
+    ``annealing_cos(base, min, step / max)``, warm-up ``regular * (1 - k)`` with ``k = (1 - step / 1500) * (1 - 1e-6)``."""
+    from weakclip_core.training.schedules import mmcv_cosine_lr
+
+    def mmcv(step: int) -> float:
+        regular = 1e-6 + (1e-4 - 1e-6) * (math.cos(math.pi * step / 20000) + 1) / 2
+        if step >= 1500:
+            return regular
+        k = (1 - step / 1500) * (1 - 1e-6)
+        return regular * (1 - k)
+
+    for step in (0, 1, 750, 1499, 1500, 8000, 19999):
+        assert mmcv_cosine_lr(step, 20000, 1e-4, 1500, 1e-6) == pytest.approx(mmcv(step), rel=1e-12, abs=1e-18)
+    assert mmcv_cosine_lr(0, 20000, 1e-4, 1500, 1e-6) == pytest.approx(1e-10)  # base * ratio
+    # 8k, where the released checkpoint was taken: 65.5 % of the base lr, where the warm-up-then-cosine is at 72.4 %
+    assert mmcv_cosine_lr(8000, 20000, 1e-4, 1500, 0.0) == pytest.approx(1e-4 * (1 + math.cos(0.4 * math.pi)) / 2)
+    assert warmup_cosine_lr(8000, 20000, 1e-4, 1500, 0.0) == pytest.approx(1e-4 * (1 + math.cos(math.pi * 6500 / 18500)) / 2)
+
+
 def test_checkpointer_resumes_state_and_ignores_other_configs(tmp_path):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)

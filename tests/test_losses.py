@@ -136,6 +136,21 @@ def test_auxiliary_loss_against_numpy() -> None:
     assert np.isclose(float(ours), expected, rtol=1e-5)
 
 
+def test_auxiliary_loss_mean_over_all_pixels_is_the_references() -> None:
+    """``aux_mean_over: all_pixels``, the reference's mmseg 0.19 ``CrossEntropyLoss`` (``reduction='none'`` then
+    the plain mean, an ignored pixel counting 0): the per-seed losses summed by numpy over the 2 x 4 x 4 = 32
+    pixels of λ's grid, of which hand_seeds marks 9."""
+    rng = np.random.default_rng(3)
+    matching = rng.uniform(-1, 1, size=(2, 3, 4, 4)).astype(np.float32)
+    seeds = np.full((2, 8, 8), 255, dtype=np.int64)
+    seeds[:, ::2, ::2] = hand_seeds()
+    n_seeds = int((hand_seeds() != 255).sum())
+    assert n_seeds == 9
+    expected = numpy_cross_entropy(matching / 0.07, hand_seeds()) * n_seeds / 32
+    ours = auxiliary_loss(torch.from_numpy(matching), torch.from_numpy(seeds), 0.07, mean_over="all_pixels")
+    assert np.isclose(float(ours), expected, rtol=1e-5)
+
+
 def test_total_with_inline_crf_against_numpy() -> None:
     """P already at loss_size; a blocky image so the bilinear 4x downsizing is exact."""
     crf_cfg = CrfConfig()

@@ -299,6 +299,29 @@ def test_clip_drop_path_is_active_in_training_only() -> None:
     assert set(plain.clip.state_dict()) == set(model.clip.state_dict())  # hooks, not new modules
 
 
+@pytest.mark.parametrize("unit", ["image", "token"])
+def test_clip_drop_path_draws_per_image_or_per_token_position(unit: str) -> None:
+    """What one stochastic-depth draw drops. ``token`` is the reference's: its blocks run on (L, N, D) tokens and
+    timm's ``drop_path`` draws a (L, 1, 1) mask, so a token position's branch is dropped in every image of the
+    batch alike; ``image`` (timm's per-sample rule on (N, L, D)) drops an image's whole branch. Read at the last
+    block's ``ls_1`` hook on a (N = 6, L = 40, D = 2) tensor of ones, rate 0.5: each entry 0 or 1 / 0.5."""
+    from weakclip_core.models.weakclip import WeakCLIP
+
+    torch.manual_seed(0)
+    model = WeakCLIP(tiny_clip(), CLASS_NAMES, TINY_WEAKCLIP, clip_drop_path_rate=0.5, clip_drop_path_unit=unit)
+    model.train()
+    blocks = model.clip.visual.transformer.resblocks
+    assert getattr(model.clip.visual.transformer, "batch_first", True)  # open_clip: (N, L, D)
+    mask = blocks[len(blocks) - 1].ls_1(torch.ones(6, 40, 2))[..., 0]  # block rate 0.5 * (L-1)/(L-1)
+    assert set(mask.unique().tolist()) <= {0.0, 2.0}
+    if unit == "token":
+        assert torch.equal(mask, mask[:1].expand(6, 40))  # the same token positions in every image
+        assert 0 < mask[0].count_nonzero() < 40  # some positions dropped, some kept
+    else:
+        assert torch.equal(mask, mask[:, :1].expand(6, 40))  # all of an image's tokens alike
+        assert 0 < mask[:, 0].count_nonzero() < 6
+
+
 def test_weakclip_runs_windows_that_are_not_patch_multiples() -> None:
     """The reference's strided patch convolution drops the last H mod 16 rows: a 72 x 88 window gives the
     logits of its top-left 64 x 80."""

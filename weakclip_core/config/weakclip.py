@@ -67,6 +67,9 @@ class WeakClipLossConfig:
     # the reference (dgcn_cal_seeding_loss): per image, mean -log p over its background seeds plus mean -log p
     # over its foreground seeds, averaged over the batch; "pooled_mean": the two means pooled over the batch, averaged
     seed_loss_reduction: Literal["per_image_sum", "pooled_mean"] = "per_image_sum"
+    # the auxiliary cross-entropy's mean: over the seed pixels (torch's ignore_index mean) or over all pixels,
+    # ignored ones counting 0 (the reference: mmseg 0.19's CrossEntropyLoss, reduction 'none' then mean)
+    aux_mean_over: Literal["seed_pixels", "all_pixels"] = "seed_pixels"
     ratio_min: float = bounded(0.05, low=0.0)
     ratio_max: float = bounded(20.0, low=1.0)
     crf_workers: int = bounded(2, low=0)
@@ -99,6 +102,14 @@ class WeakClipTrainConfig:
     prompt_init_std: float = bounded(1.0, low=0.0)  # trunc_normal_ std of the context vectors (reference 1.0)
     clip_drop_path_rate: float = bounded(0.1, low=0.0, high=0.9)  # stochastic depth on the frozen CLIP
                                                                   # visual encoder while training
+    # what one draw of that stochastic depth drops: a whole image's residual branch ("image", timm's per-sample
+    # rule) or one token position's in every image of the batch ("token": the reference, whose blocks see
+    # (L, N, D) tokens, so timm's drop_path draws over the token axis)
+    clip_drop_path_unit: Literal["image", "token"] = "image"
+    # "warmup_cosine": linear warm-up to lr, then a cosine to min_lr over the remaining iterations;
+    # "mmcv_cosine": the reference's mmcv CosineAnnealing over all iterations from step 0, its first
+    # warmup_iterations multiplied by the linear warm-up factor (warmup_ratio 1e-6 + (1 - 1e-6) * step / warm-up)
+    lr_schedule: Literal["warmup_cosine", "mmcv_cosine"] = "warmup_cosine"
     # added to runtime.seed for this stage only (init of the trainable parts, batch order, augmentation,
     # dropout): varies WeakCLIP's own training noise with the CLIP and the CAM seeds fixed (bench.ablations --seeds)
     seed_offset: int = bounded(0, low=0)

@@ -88,14 +88,21 @@ def boundary_loss(logits: torch.Tensor, crf_probabilities: torch.Tensor, ratio_m
     return (target * ratio.log()).sum(dim=1).mean()
 
 
-def auxiliary_loss(matching: torch.Tensor, seeds: torch.Tensor, temperature: float) -> torch.Tensor:
+def auxiliary_loss(matching: torch.Tensor, seeds: torch.Tensor, temperature: float,
+                   mean_over: str = "seed_pixels") -> torch.Tensor:
     """Cross-entropy of λ'/temperature against the seeds resized (nearest) to λ's size; 255 ignored.
 
-    matching: (B, K, h, w); seeds: (B, H, W). No seed pixel → 0 with zero gradients.
+    matching: (B, K, h, w); seeds: (B, H, W). ``mean_over``: ``seed_pixels`` divides the summed loss by the
+    seed pixels (torch's ``ignore_index`` mean); ``all_pixels`` by every pixel, an ignored one counting 0
+    (the reference's mmseg 0.19 ``CrossEntropyLoss``: ``reduction='none'``, then the plain mean). No seed pixel
+    → 0 with zero gradients.
     """
     small_seeds = resize_seeds(seeds, tuple(matching.shape[2:]))
     if not (small_seeds != IGNORE_INDEX).any():
         return matching.sum() * 0.0
+    if mean_over == "all_pixels":
+        return (F.cross_entropy(matching / temperature, small_seeds, ignore_index=IGNORE_INDEX, reduction="sum")
+                / small_seeds.numel())
     return F.cross_entropy(matching / temperature, small_seeds, ignore_index=IGNORE_INDEX)
 
 
@@ -147,6 +154,6 @@ def weakclip_losses(logits: torch.Tensor, matching: torch.Tensor, seeds: torch.T
                                  cfg.ratio_min, cfg.ratio_max)
     else:
         boundary = small_logits.sum() * 0.0
-    aux = auxiliary_loss(matching.float(), seeds, cfg.aux_temperature)
+    aux = auxiliary_loss(matching.float(), seeds, cfg.aux_temperature, cfg.aux_mean_over)
     total = seed + cfg.boundary_weight * boundary + cfg.aux_weight * aux
     return WeakClipLosses(total=total, seed=seed, boundary=boundary, aux=aux)

@@ -163,9 +163,32 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     state_dict = unwrap_state_dict(loaded)
     if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ClipWeightsError(f"clip.weights: '{path}' does not hold a state dict of tensors")
-    for key in ("input_resolution", "context_length", "vocab_size"):
-        state_dict.pop(key, None)
     return state_dict
+
+
+OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")  # in OpenAI's state dicts, not open_clip's
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # beside the weights in open_clip's hub folders: its model_cfg
+
+
+def quick_gelu_evidence(path: Path, state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Why the weights at ``path`` are known to need QuickGELU blocks, or ``None`` when nothing says so: an
+    OpenAI TorchScript archive, a state dict holding OpenAI's own ``input_resolution`` / ``context_length`` /
+    ``vocab_size`` entries (``torch.save(model.state_dict())`` of OpenAI's CLIP), or an ``open_clip_config.json``
+    beside the file whose ``model_cfg`` sets ``quick_gelu`` (open_clip's copies of OpenAI's weights)."""
+    if _is_torchscript_archive(path):
+        return "is an OpenAI TorchScript archive, whose blocks use QuickGELU"
+    if any(key in state_dict for key in OPENAI_ONLY_KEYS):
+        return "holds OpenAI's own state dict (its input_resolution / context_length / vocab_size entries), whose " \
+               "blocks use QuickGELU"
+    config_path = path.parent / OPEN_CLIP_CONFIG
+    if config_path.is_file():
+        try:
+            model_cfg = json.loads(config_path.read_text(encoding="utf-8")).get("model_cfg", {})
+        except (ValueError, OSError, AttributeError):
+            return None
+        if isinstance(model_cfg, dict) and model_cfg.get("quick_gelu") is True:
+            return f"comes with {config_path}, whose model_cfg sets quick_gelu: true"
+    return None
 
 
 def load_clip_file(model_name: str, weights_path: str | Path, image_size: int | None = None) -> CLIP:
@@ -178,13 +201,15 @@ def load_clip_file(model_name: str, weights_path: str | Path, image_size: int | 
     """
     path = check_weights_path(weights_path)
     model_config = named_model_config(model_name, image_size=image_size)
-    if _is_torchscript_archive(path) and not model_config.get("quick_gelu", False):
-        # OpenAI's own archives only: their blocks compute QuickGELU. Loaded into GELU blocks the tensors fit and
-        # nothing fails, but every activation is another function: a quietly degraded CLIP under every stage.
-        raise ClipWeightsError(f"clip.weights: '{path}' is an OpenAI TorchScript archive, whose blocks use "
-                               f"QuickGELU, but clip.model_name '{model_name}' builds GELU blocks; set "
-                               f"clip.model_name: {model_name}-quickgelu")
     state_dict = read_state_dict(path)
+    evidence = quick_gelu_evidence(path, state_dict)
+    if evidence is not None and not model_config.get("quick_gelu", False):
+        # OpenAI's weights: their blocks compute QuickGELU. Loaded into GELU blocks the tensors fit and nothing
+        # fails, but every activation is another function: a quietly degraded CLIP under every stage.
+        raise ClipWeightsError(f"clip.weights: '{path}' {evidence}, but clip.model_name '{model_name}' builds GELU "
+                               f"blocks; set clip.model_name: {model_name}-quickgelu")
+    for key in OPENAI_ONLY_KEYS:
+        state_dict.pop(key, None)
     model = clip_from_config(model_config)
     if "logit_scale" in state_dict and state_dict["logit_scale"].ndim != model.logit_scale.ndim:
         state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)

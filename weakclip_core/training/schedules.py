@@ -16,6 +16,22 @@ def warmup_cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: 
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+MMCV_WARMUP_RATIO = 1e-6  # the reference config's lr_config warmup_ratio
+
+
+def mmcv_cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_lr: float = 0.0,
+                   warmup_ratio: float = MMCV_WARMUP_RATIO) -> float:
+    """Learning rate at ``step`` (0-based) as mmcv's ``CosineAnnealingLrUpdaterHook`` with linear warm-up sets it
+    (the WeakCLIP reference, ``lr_config = dict(policy='CosineAnnealing', min_lr=1e-6, by_epoch=False,
+    warmup='linear', warmup_iters=1500, warmup_ratio=1e-6)``): the cosine runs over all ``total_steps`` from step
+    0, and while ``step < warmup_steps`` it is multiplied by ``warmup_ratio + (1 - warmup_ratio) * step /
+    warmup_steps`` (mmcv's ``regular_lr * (1 - k)``, ``k = (1 - step / warmup) * (1 - ratio)``)."""
+    regular = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+    if step < warmup_steps:
+        return regular * (warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps)
+    return regular
+
+
 def poly_lr(step: int, total_steps: int, base_lr: float, power: float = 0.9) -> float:
     """DeepLab's poly schedule: base_lr * (1 - step/total)^power."""
     return base_lr * (1.0 - min(step, total_steps) / max(1, total_steps)) ** power

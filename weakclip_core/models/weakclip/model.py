@@ -47,7 +47,8 @@ class WeakCLIP(nn.Module):
     """
 
     def __init__(self, clip_model: CLIP, class_names: list[str], arch: WeakClipArchConfig,
-                 prompt_init_std: float = 0.02, clip_drop_path_rate: float = 0.0) -> None:
+                 prompt_init_std: float = 0.02, clip_drop_path_rate: float = 0.0,
+                 clip_drop_path_unit: str = "image") -> None:
         super().__init__()
         if not isinstance(arch, WeakClipArchConfig):  # a whole WeakClipConfig has the same attribute names
             raise TypeError(f"WeakCLIP takes the architecture alone (WeakClipConfig.arch()), got {type(arch).__name__}")
@@ -68,7 +69,7 @@ class WeakCLIP(nn.Module):
                                             text_width(clip_model), prompt_init_std)
         self.clip_drop_path_rate = clip_drop_path_rate
         if clip_drop_path_rate > 0:
-            self._add_clip_drop_path(clip_drop_path_rate)
+            self._add_clip_drop_path(clip_drop_path_rate, clip_drop_path_unit)
         self.pyramid_adapter = PyramidAdapter(vision)
         self.co_attention = (CoAttention(joint, arch.co_attention_width, arch.co_attention_heads,
                                          arch.co_attention_layers, arch.temperature_init, arch.dropout)
@@ -79,12 +80,15 @@ class WeakCLIP(nn.Module):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _add_clip_drop_path(self, rate: float) -> None:
+    def _add_clip_drop_path(self, rate: float, unit: str) -> None:
         """Forward hooks on each visual block's two residual-branch outputs (open_clip's ``ls_1``, ``ls_2``)
-        that drop the branch per sample with the block's rate while ``self.training`` (the weights stay as
-        they are; hooks, not modules, so the CLIP's state dict is unchanged)."""
+        that drop the branch with the block's rate while ``self.training`` (the weights stay as they are; hooks,
+        not modules, so the CLIP's state dict is unchanged). ``unit``: ``image`` draws one keep/drop per image
+        (timm's per-sample rule); ``token`` one per token position, shared by the batch's images: what the
+        reference's blocks do, since they see (L, N, D) tokens and timm's ``drop_path`` draws over dim 0."""
         blocks = list(self.clip.visual.transformer.resblocks)
         batch_dim = 0 if getattr(self.clip.visual.transformer, "batch_first", True) else 1
+        drawn_dim = batch_dim if unit == "image" else 1 - batch_dim  # (N, L, D) or (L, N, D)
         rates = torch.linspace(0, rate, len(blocks)).tolist()
 
         def make_hook(block_rate: float):
@@ -93,7 +97,7 @@ class WeakCLIP(nn.Module):
                     return output
                 keep = 1.0 - block_rate
                 shape = [1] * output.ndim
-                shape[batch_dim] = output.shape[batch_dim]
+                shape[drawn_dim] = output.shape[drawn_dim]
                 return output * output.new_empty(shape).bernoulli_(keep) / keep
             return hook
 

@@ -51,6 +51,8 @@ from flows.machines import (
     git,
     merge_lock_entry,
     outside_repository,
+    params_changed_since_commit,
+    params_files,
     project_clone,
     run_stage_on_worker,
     worker_clone,
@@ -222,6 +224,17 @@ def wait_for_stage_run(stage_name: str, placement: Placement, flow_run_id: Any, 
                     if state is None or state.is_scheduled():
                         queue = client.read_work_queue_by_name(placement.queue, work_pool_name=placement.pool)
                         unpolled_s = polling.silent_s(queue.last_polled)
+                        if elapsed > settings.start_timeout_s and (
+                                queue.is_paused or client.read_work_pool(placement.pool).is_paused):
+                            # Paused since the chain began (a redeploy with fewer GPUs, the UI's pause): its
+                            # workers still poll, so only this says why nothing starts; else 7 days of "busy".
+                            message = (
+                                f"stage {stage_name!r}: queue {placement.queue!r} of pool {placement.pool!r} is paused "
+                                f"(or its pool is): no worker gets its runs; resume it (prefect work-queue resume "
+                                f"{placement.queue} --pool {placement.pool}; prefect work-pool resume {placement.pool})"
+                            )
+                            client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+                            raise StageRefused(message)
                         if elapsed > settings.start_timeout_s and unpolled_s > settings.worker_lost_after_s:
                             message = (
                                 f"stage {stage_name!r}: no worker picked it up within {settings.start_timeout_s:.0f} s: "
@@ -543,6 +556,10 @@ def chain(
             apply_param_overrides(root, set_params)
             logger.info("params set here (uncommitted; they travel with every stage run): %s", ", ".join(set_params))
         graph = read_stage_graph(root)
+        changed = params_changed_since_commit(root, params_files(graph))
+        if changed and not set_params:  # e.g. an earlier chain's -S overrides, left in this clone's params files
+            logger.warning("this clone's params differ from its commit and travel with every stage run (an earlier "
+                           "chain's -S overrides stay until committed or reverted): %s", "; ".join(changed))
         if targets:
             graph = graph.select(targets)
         logger.info("stages in order: %s", ", ".join(graph.names()))

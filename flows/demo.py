@@ -96,15 +96,17 @@ def write_demo_project(
     root: Path,
     stages: dict[str, dict[str, Any]] | None = None,
     remote_dir: Path | None = None,
+    exist_ok: bool = False,
 ) -> Path:
     """Create ``root`` as a git + DVC repository holding ``stages`` (default: the demo), committed.
 
     ``remote_dir``: a local folder made the default DVC remote ``shared`` (committed in ``.dvc/config``).
+    ``exist_ok``: ``root`` may exist already (with files to commit along, e.g. a code folder a stage depends on).
     """
     import sys
 
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=False)
+    root.mkdir(parents=True, exist_ok=exist_ok)
     dvc = [sys.executable, "-m", "dvc"]
     _run(["git", "init", "--quiet", "--initial-branch", "main"], root)
     _run(["git", "config", "user.email", "flows@example.invalid"], root)

@@ -49,6 +49,7 @@ import yaml
 from flows.dag import StageGraph, StageSpec, read_stage_graph
 from flows.dvc_cli import (CommandFailed, capture_command, dvc_command, mask_url_passwords, run_command,
                            tool_environment)
+from flows.stage_run import flat_params
 
 CHAIN_LOCK = Path(".dvc") / "tmp" / "weakclip-chain.lock"
 CLONE_LOCK = Path(".dvc") / "tmp" / "weakclip-stage.lock"
@@ -109,6 +110,43 @@ def dirty_paths(root: Path, graph: StageGraph, extra_allowed: set[str]) -> list[
     # .gitignore files: DVC itself adds its outputs to them when a stage first runs.
     return [path for path in uncommitted_files(root)
             if path not in allowed and not _under(path, outputs) and Path(path).name != ".gitignore"]
+
+
+def untracked_in_deps(root: Path, graph: StageGraph) -> list[str]:
+    """Files inside the graph's in-repository deps that git does not track and does not ignore (a new module not
+    yet ``git add``ed in a code folder a stage depends on): DVC hashes them into the stage's dep, but a clone of
+    the commit lacks them, so a worker runs other code than the dep hash names."""
+    made = {path for stage in graph.stages for path in (*stage.outs, *stage.metrics, *stage.uncached)}
+    deps = sorted({dep for stage in graph.stages for dep in stage.deps
+                   if not outside_repository(dep) and not _under(dep, made)})  # an upstream output: the chain's
+    if not deps:
+        return []
+    listed = git(["ls-files", "--others", "--exclude-standard", "--", *deps], root)
+    return sorted(path for line in listed.splitlines() if (path := line.strip()) and not _under(path, made))
+
+
+def params_changed_since_commit(root: Path, files: list[str], shown: int = 6) -> list[str]:
+    """``file: key committed -> here`` for each params value of ``files`` that differs from the commit's (at most
+    ``shown``, then how many more): what the chain's uncommitted params change, for its log. A chain's ``-S``
+    overrides stay in the clone's params files after it (as ``dvc exp run -S`` leaves the workspace), so a later
+    chain on that clone without ``-S`` runs them too: it says so instead of silently."""
+    changes: list[str] = []
+    for relative in files:
+        path = root / relative
+        if not path.is_file():
+            continue
+        try:
+            committed = yaml.safe_load(git(["show", f"HEAD:{relative}"], root)) or {}
+        except CommandFailed:
+            committed = {}
+        current = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(committed, dict) or not isinstance(current, dict):
+            continue
+        before, after = flat_params(committed), flat_params(current)
+        for key in sorted(before.keys() | after.keys()):
+            if before.get(key, "(absent)") != after.get(key, "(absent)"):
+                changes.append(f"{relative}: {key} {before.get(key, '(absent)')} -> {after.get(key, '(absent)')}")
+    return changes[:shown] + ([f"and {len(changes) - shown} more"] if len(changes) > shown else [])
 
 
 def params_files(graph: StageGraph) -> list[str]:
@@ -243,6 +281,7 @@ def capture_run_state(root: Path, graph: StageGraph) -> RunState:
         line[3:] for line in git(["status", "--porcelain"], root).splitlines()
         if line.startswith("?? ") and line[3:].rstrip("/") in {"dvc.yaml", *carried}
     ]
+    untracked += [path for path in untracked_in_deps(root, graph) if path not in untracked]
     if dirty or untracked:
         listed = " ".join(dirty + untracked)
         raise Refused(
@@ -298,18 +337,24 @@ def chain_lock(root: Path) -> Iterator[None]:
 
 
 def read_lock(text: str | None) -> dict[str, Any]:
-    data = yaml.safe_load(text) if text else None
+    """A ``dvc.lock`` text parsed as DVC parses it (YAML 1.2, ruamel): PyYAML's YAML 1.1 turned DVC's unquoted
+    ``off`` / ``yes`` into booleans and ``1:30`` into 90, and the merged lock then disagreed with params.yaml."""
+    from dvc.utils.serialize import parse_yaml
+
+    data = parse_yaml(text, "dvc.lock") if text else None
     return data if isinstance(data, dict) else {"schema": "2.0", "stages": {}}
 
 
 def merge_lock_entry(root: Path, stage_name: str, entry: dict[str, Any], guard: threading.Lock) -> str:
     """Put one stage's entry into ``root/dvc.lock`` (atomically); returns the new lock text."""
+    from dvc.utils.serialize import dumps_yaml
+
     with guard:
         path = root / "dvc.lock"
         lock = read_lock(path.read_text() if path.is_file() else None)
         lock.setdefault("schema", "2.0")
         lock.setdefault("stages", {})[stage_name] = entry
-        text = yaml.safe_dump(lock, sort_keys=False, width=10_000)
+        text = dumps_yaml(lock)  # DVC's own YAML 1.2 writer, as DVC writes the file
         tmp = path.with_name("dvc.lock.merge.tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -392,7 +437,7 @@ def bring_clone_to(root: Path, state: RunState, logger: logging.Logger | logging
     if state.coordinator and state.coordinator == coordinator_id(root):
         raise Refused(f"{socket.gethostname()}:{root} is the coordinator's own clone: give each worker its own clone (WEAKCLIP_PROJECT)")
     graph = read_stage_graph(root)
-    dirty = dirty_paths(root, graph, set(state.params))
+    dirty = dirty_paths(root, graph, set(state.params)) + untracked_in_deps(root, graph)
     if dirty:
         raise Refused(
             f"worker clone {socket.gethostname()}:{root} has uncommitted changes in {' '.join(dirty)}: "

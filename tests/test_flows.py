@@ -245,7 +245,8 @@ def test_a_worker_whose_clock_is_behind_is_not_taken_for_lost(monkeypatch: pytes
 
 class ScriptedServer:
     """A stand-in for Prefect's sync client in ``wait_for_stage_run``: each poll takes the next scripted answer,
-    an exception (the server out of reach) or ``(state, newest log time, queue last_polled)``. Time is the test's:
+    an exception (the server out of reach) or ``(state, newest log time, queue last_polled)``, optionally with
+    ``"queue paused"`` or ``"pool paused"`` after them. Time is the test's:
     every ``time.sleep`` of the poll loop moves the monotonic clock by its argument."""
 
     def __init__(self, script: list, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,7 +288,11 @@ class ScriptedServer:
         return [self.namespace(timestamp=self.answer[1])]
 
     def read_work_queue_by_name(self, name: str, work_pool_name: str) -> object:
-        return self.namespace(last_polled=self.answer[2])
+        """The scripted ``last_polled``; paused when the answer has a fourth item ``"queue paused"``."""
+        return self.namespace(last_polled=self.answer[2], is_paused=self.answer[3:] == ("queue paused",))
+
+    def read_work_pool(self, name: str) -> object:
+        return self.namespace(is_paused=self.answer[3:] == ("pool paused",))
 
     def set_flow_run_state(self, flow_run_id: object, state: object, force: bool = False) -> object:
         """Accepted, unless the script's next answer is a final state: the run ended first, and (unforced) the
@@ -374,6 +379,30 @@ def test_whether_a_worker_polls_is_read_from_last_polled_moving_not_from_its_val
     server = ScriptedServer(unpolled, monkeypatch)
     with pytest.raises(StageRefused, match="no worker is polling pool 'weakclip-gpu' \\(queue 'gpu-0'\\)"):
         wait_for_stage_run("cam_train", placement, uuid.uuid4(), settings)
+    assert 30 < server.now[0] <= 32 and server.set_states[0].is_cancelled()
+
+
+@pytest.mark.parametrize("paused", ["queue paused", "pool paused"])
+def test_a_queue_paused_while_the_chain_runs_refuses_the_stage_instead_of_waiting_days(
+        monkeypatch: pytest.MonkeyPatch, paused: str) -> None:
+    """Pausing a queue (a redeploy with fewer GPUs, the UI) after the chain's start-up check: its workers still
+    poll it, so ``last_polled`` moves, the stage was "busy" and waited ``stage_timeout_s`` (7 days). Now, past
+    ``start_timeout_s``, it is cancelled and refused naming the queue and how to resume it."""
+    import datetime as dt
+    import uuid
+
+    from prefect.states import Scheduled
+
+    from flows.chain import PoolSettings, StageRefused, wait_for_stage_run
+    from flows.resources import Placement
+
+    placement = Placement("weakclip-gpu", "stage/stage-gpu-0", 0, "gpu-0")
+    now = dt.datetime.now(dt.timezone.utc)
+    polled = [(Scheduled(), None, now + dt.timedelta(seconds=second), paused) for second in range(90)]
+    server = ScriptedServer(polled, monkeypatch)
+    with pytest.raises(StageRefused, match=r"stage 'cam_train': queue 'gpu-0' of pool 'weakclip-gpu' is paused \(or "
+                                           r"its pool is\): .*prefect work-queue resume gpu-0 --pool weakclip-gpu"):
+        wait_for_stage_run("cam_train", placement, uuid.uuid4(), PoolSettings(start_timeout_s=30, worker_lost_after_s=20))
     assert 30 < server.now[0] <= 32 and server.set_states[0].is_cancelled()
 
 

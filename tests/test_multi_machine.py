@@ -212,6 +212,69 @@ def metrics_file(path: Path) -> dict[str, float]:
 # --------------------------------------------------------------------------- fast: refusals without a server
 
 
+def test_an_untracked_file_in_a_code_dep_is_refused_and_leftover_params_are_named(tmp_path: Path) -> None:
+    """A new module not yet ``git add``ed inside a code folder a stage depends on: DVC hashes it into the dep, but
+    the workers' clones of the commit lack it. It used to be accepted (only tracked changes were refused) and the
+    chain ended, after every stage, with an unexplained ``dvc status is not clean``; a stray file there in a
+    worker clone changed that stage's lock entry. Now both clones refuse naming the file; a git-ignored file
+    (``__pycache__``) is no change. And the params a clone's files change against its commit (an earlier chain's
+    ``-S`` overrides, left as ``dvc exp run -S`` leaves them) are named for the chain's log."""
+    import logging
+
+    from flows.dag import read_stage_graph
+    from flows.machines import Refused, bring_clone_to, capture_run_state, params_changed_since_commit
+    from flows.sweep import check_sweep_can_start
+
+    stages = {**demo_stages()}
+    stages["prepare"] = {**stages["prepare"], "deps": ["src"]}
+    origin = tmp_path / "origin"
+    (origin / "src").mkdir(parents=True)  # write_demo_project commits what the folder holds
+    (origin / "src" / "code.py").write_text("x = 1\n")
+    (origin / "src" / ".gitignore").write_text("__pycache__/\n")
+    origin = write_demo_project(origin, stages=stages, exist_ok=True)
+    coordinator, worker = clone(origin, tmp_path / "coordinator"), clone(origin, tmp_path / "worker")
+    logger = logging.getLogger("test")
+    (coordinator / "src" / "__pycache__").mkdir()
+    (coordinator / "src" / "__pycache__" / "code.cpython-311.pyc").write_bytes(b"ignored")
+    state = capture_run_state(coordinator, read_stage_graph(coordinator))  # an ignored file: fine
+    (coordinator / "src" / "new_module.py").write_text("y = 2\n")
+    with pytest.raises(Refused, match=r"uncommitted changes in src/new_module.py: the workers run committed code"):
+        capture_run_state(coordinator, read_stage_graph(coordinator))
+    with pytest.raises(ValueError, match=r"uncommitted changes in src/new_module.py: the sweep runs"):
+        check_sweep_can_start(coordinator, ["variant"], 1)
+    (worker / "src" / "stray.py").write_text("z = 3\n")
+    with pytest.raises(Refused, match=r"has uncommitted changes in src/stray.py: commit or discard them there"):
+        bring_clone_to(worker, state, logger)
+
+    assert params_changed_since_commit(coordinator, ["params.yaml"]) == []
+    (coordinator / "params.yaml").write_text("scale: 0.9\nextra: 1\n")
+    assert params_changed_since_commit(coordinator, ["params.yaml"]) == [
+        "params.yaml: extra (absent) -> 1", "params.yaml: scale 0.5 -> 0.9"]
+
+
+def test_merging_lock_entries_keeps_yaml_1_2_strings_so_dvc_status_stays_clean(tmp_path: Path) -> None:
+    """DVC writes dvc.lock in YAML 1.2 and leaves ``off`` and ``1:30`` unquoted; the merge read it with PyYAML
+    (YAML 1.1: ``False`` and 90) and wrote those back, so ``dvc status`` saw changed params after a chain. Now
+    the worker's entry and the coordinator's re-written lock keep them as DVC wrote them: status clean."""
+    import threading
+
+    from flows.machines import merge_lock_entry, read_lock
+
+    stages = {**demo_stages()}
+    stages["eval_a"] = {**stages["eval_a"], "params": ["scale", "crf", "window"]}
+    project = write_demo_project(tmp_path / "project", stages=stages)
+    (project / "params.yaml").write_text("scale: 0.5\ncrf: off\nwindow: 1:30\n")
+    run([*DVC, "repro", "--quiet"], project)
+    lock_text = (project / "dvc.lock").read_text()
+    assert "crf: off" in lock_text and "window: 1:30" in lock_text  # as DVC writes them
+    entry = read_lock(lock_text)["stages"]["eval_a"]  # what a worker sends
+    assert entry["params"]["params.yaml"]["crf"] == "off" and entry["params"]["params.yaml"]["window"] == "1:30"
+    merge_lock_entry(project, "eval_a", entry, threading.Lock())
+    merged = (project / "dvc.lock").read_text()
+    assert "crf: off" in merged and "window: 1:30" in merged
+    assert dvc_status_clean(project)
+
+
 def test_worker_refuses_a_dirty_clone_and_an_unknown_commit(tmp_path: Path) -> None:
     import logging
 

@@ -224,23 +224,21 @@ def wait_for_stage_run(stage_name: str, placement: Placement, flow_run_id: Any, 
                     if state is None or state.is_scheduled():
                         queue = client.read_work_queue_by_name(placement.queue, work_pool_name=placement.pool)
                         unpolled_s = polling.silent_s(queue.last_polled)
+                        refusal = None
                         if elapsed > settings.start_timeout_s and (
                                 queue.is_paused or client.read_work_pool(placement.pool).is_paused):
                             # Paused since the chain began (a redeploy with fewer GPUs, the UI's pause): its
                             # workers still poll, so only this says why nothing starts; else 7 days of "busy".
-                            message = (
-                                f"stage {stage_name!r}: queue {placement.queue!r} of pool {placement.pool!r} is paused "
-                                f"(or its pool is): no worker gets its runs; resume it (prefect work-queue resume "
-                                f"{placement.queue} --pool {placement.pool}; prefect work-pool resume {placement.pool})"
-                            )
-                            client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
-                            raise StageRefused(message)
-                        if elapsed > settings.start_timeout_s and unpolled_s > settings.worker_lost_after_s:
-                            message = (
-                                f"stage {stage_name!r}: no worker picked it up within {settings.start_timeout_s:.0f} s: "
-                                f"no worker is polling pool {placement.pool!r} (queue {placement.queue!r}); start one: "
-                                f"prefect worker start --pool {placement.pool} --work-queue {placement.queue}"
-                            )
+                            refusal = (f"queue {placement.queue!r} of pool {placement.pool!r} is paused (or its pool "
+                                       f"is): no worker gets its runs; resume it (prefect work-queue resume "
+                                       f"{placement.queue} --pool {placement.pool}; prefect work-pool resume "
+                                       f"{placement.pool})")
+                        elif elapsed > settings.start_timeout_s and unpolled_s > settings.worker_lost_after_s:
+                            refusal = (f"no worker picked it up within {settings.start_timeout_s:.0f} s: no worker is "
+                                       f"polling pool {placement.pool!r} (queue {placement.queue!r}); start one: "
+                                       f"prefect worker start --pool {placement.pool} --work-queue {placement.queue}")
+                        if refusal is not None:
+                            message = f"stage {stage_name!r}: {refusal}"
                             client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
                             raise StageRefused(message)
                         if elapsed > settings.start_timeout_s and time.monotonic() - last_note > 60:

@@ -8,7 +8,8 @@ the last one.
 Each checkpoint also records the sha256 of every ``.py`` file of the project's code (``weakclip_core`` and
 ``pipeline``): a checkpoint of the same config written by other code (a run killed, the code edited, the
 stage re-run) is refused with a one-line :class:`CheckpointCodeError` naming the checkpoint and the files that
-differ, rather than silently continuing weights the old code trained under the new code's name. The user
+differ, rather than silently continuing weights the old code trained under the new code's name. Only files
+the resuming process has imported count (an edit to the report or to another stage's module is no reason). The user
 decides: delete ``checkpoints/<stage>/`` to start over, or set ``WEAKCLIP_RESUME_OTHER_CODE=1`` to resume it
 anyway (e.g. after a fix that only touches what runs after training). Nothing is deleted either way.
 
@@ -64,12 +65,30 @@ def code_digests(packages: tuple[str, ...] = CODE_PACKAGES) -> dict[str, str]:
     return digests
 
 
-def differing_files(saved: dict[str, str], current: dict[str, str], shown: int = 4) -> str:
-    """The files whose record differs between two :func:`code_digests` (changed, added or removed), at most
-    ``shown`` of them named."""
-    names = sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
-    listed = ", ".join(names[:shown])
-    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+def imported_code_files(packages: tuple[str, ...] = CODE_PACKAGES) -> set[str]:
+    """The files of ``packages`` this process has imported, named as :func:`code_digests` names them: the code
+    a training run executes (a stage imports what it runs at its top), not the whole project."""
+    parents = {Path(spec.origin).parent.parent for package in packages
+               if (spec := importlib.util.find_spec(package)) is not None and spec.origin is not None}
+    files = set()
+    for module in list(sys.modules.values()):
+        source = getattr(module, "__file__", None)
+        if not source:
+            continue
+        path = Path(source)
+        for parent in parents:
+            if path.is_relative_to(parent) and path.relative_to(parent).parts[0] in packages:
+                files.add(path.relative_to(parent).as_posix())
+    return files
+
+
+def differing_files(saved: dict[str, str], current: dict[str, str]) -> list[str]:
+    """The files whose record differs between two :func:`code_digests` (changed, added or removed), sorted."""
+    return sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
+
+
+def listed(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -158,10 +177,16 @@ class Checkpointer:
             return None
         saved_code = state.get("code")
         if saved_code != self.code:
-            differ = (differing_files(saved_code, self.code) if isinstance(saved_code, dict)
-                      else "unknown (written before checkpoints recorded their code)")
+            if isinstance(saved_code, dict):
+                running = imported_code_files()  # an edit this process does not run (the report, another
+                differ = [name for name in differing_files(saved_code, self.code) if name in running]  # stage)
+                if not differ:
+                    return state
+                reason = listed(differ)
+            else:
+                reason = "unknown (written before checkpoints recorded their code)"
             described = (f"{self.path}: a checkpoint of this config at step {state.get('step')} was written by "
-                         f"other code (differing files: {differ})")
+                         f"other code (differing files: {reason})")
             if os.environ.get(RESUME_OTHER_CODE_ENV) != "1":
                 raise CheckpointCodeError(
                     f"{described}; delete {self.root / self.stage} to start over with this code, or set "

@@ -136,19 +136,27 @@ def test_auxiliary_loss_against_numpy() -> None:
     assert np.isclose(float(ours), expected, rtol=1e-5)
 
 
-def test_auxiliary_loss_mean_over_all_pixels_is_the_references() -> None:
-    """``aux_mean_over: all_pixels``, the reference's mmseg 0.19 ``CrossEntropyLoss`` (``reduction='none'`` then
-    the plain mean, an ignored pixel counting 0): the per-seed losses summed by numpy over the 2 x 4 x 4 = 32
-    pixels of λ's grid, of which hand_seeds marks 9."""
-    rng = np.random.default_rng(3)
-    matching = rng.uniform(-1, 1, size=(2, 3, 4, 4)).astype(np.float32)
-    seeds = np.full((2, 8, 8), 255, dtype=np.int64)
-    seeds[:, ::2, ::2] = hand_seeds()
-    n_seeds = int((hand_seeds() != 255).sum())
-    assert n_seeds == 9
-    expected = numpy_cross_entropy(matching / 0.07, hand_seeds()) * n_seeds / 32
-    ours = auxiliary_loss(torch.from_numpy(matching), torch.from_numpy(seeds), 0.07, mean_over="all_pixels")
+def test_auxiliary_loss_in_the_references_form_against_numpy() -> None:
+    """``aux_form: reference``: λ'/τ (2 x 2) upsampled bilinearly to the 4 x 4 seeds (corners not aligned: the
+    source rows and columns of the 4 outputs sit at 0, 0.25, 0.75, 1 after clamping, worked out here), the
+    cross-entropy at every seed pixel summed and divided by all 2 x 16 pixels (mmseg 0.19: ignored pixels count 0
+    in the mean)."""
+    rng = np.random.default_rng(5)
+    matching = rng.uniform(-1, 1, size=(2, 3, 2, 2)).astype(np.float32)
+    seeds = np.full((2, 4, 4), 255, dtype=np.int64)
+    seeds[0, 0, :3] = 0
+    seeds[0, 3, 3] = 2
+    seeds[1, 1:3, 1] = 1
+    source = np.array([0.0, 0.25, 0.75, 1.0])
+    weights = np.stack([1 - source, source], axis=1)  # (4, 2): output i mixes input rows 0 and 1
+    scores = np.einsum("ia,jb,nkab->nkij", weights, weights, matching.astype(np.float64) / 0.07)
+    per_seed = numpy_cross_entropy(scores, seeds)
+    n_seeds = int((seeds != 255).sum())
+    expected = per_seed * n_seeds / seeds.size
+    ours = auxiliary_loss(torch.from_numpy(matching), torch.from_numpy(seeds), 0.07, form="reference")
     assert np.isclose(float(ours), expected, rtol=1e-5)
+    empty = torch.full((2, 4, 4), 255, dtype=torch.long)
+    assert float(auxiliary_loss(torch.from_numpy(matching), empty, 0.07, form="reference")) == 0.0
 
 
 def test_total_with_inline_crf_against_numpy() -> None:

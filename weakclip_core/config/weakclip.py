@@ -67,9 +67,10 @@ class WeakClipLossConfig:
     # the reference (dgcn_cal_seeding_loss): per image, mean -log p over its background seeds plus mean -log p
     # over its foreground seeds, averaged over the batch; "pooled_mean": the two means pooled over the batch, averaged
     seed_loss_reduction: Literal["per_image_sum", "pooled_mean"] = "per_image_sum"
-    # the auxiliary cross-entropy's mean: over the seed pixels (torch's ignore_index mean) or over all pixels,
-    # ignored ones counting 0 (the reference: mmseg 0.19's CrossEntropyLoss, reduction 'none' then mean)
-    aux_mean_over: Literal["seed_pixels", "all_pixels"] = "seed_pixels"
+    # the auxiliary cross-entropy: "matching_size": the seeds resized (nearest) to λ's grid, a mean over the seed
+    # pixels; "reference": λ'/τ upsampled (bilinear) to the seeds' size, a mean over every pixel, ignored ones
+    # counting 0 (the reference's mmseg 0.19 IdentityHead + CrossEntropyLoss)
+    aux_form: Literal["matching_size", "reference"] = "matching_size"
     ratio_min: float = bounded(0.05, low=0.0)
     ratio_max: float = bounded(20.0, low=1.0)
     crf_workers: int = bounded(2, low=0)

@@ -89,20 +89,24 @@ def boundary_loss(logits: torch.Tensor, crf_probabilities: torch.Tensor, ratio_m
 
 
 def auxiliary_loss(matching: torch.Tensor, seeds: torch.Tensor, temperature: float,
-                   mean_over: str = "seed_pixels") -> torch.Tensor:
-    """Cross-entropy of λ'/temperature against the seeds resized (nearest) to λ's size; 255 ignored.
+                   form: str = "matching_size") -> torch.Tensor:
+    """Cross-entropy of λ'/temperature against the seeds; 255 ignored. matching: (B, K, h, w); seeds: (B, H, W).
 
-    matching: (B, K, h, w); seeds: (B, H, W). ``mean_over``: ``seed_pixels`` divides the summed loss by the
-    seed pixels (torch's ``ignore_index`` mean); ``all_pixels`` by every pixel, an ignored one counting 0
-    (the reference's mmseg 0.19 ``CrossEntropyLoss``: ``reduction='none'``, then the plain mean). No seed pixel
-    → 0 with zero gradients.
+    ``form``: ``matching_size`` resizes the seeds (nearest) to λ's size and averages over the seed pixels;
+    ``reference`` upsamples λ'/temperature bilinearly (corners not aligned) to the seeds' size and averages over
+    every pixel, an ignored one counting 0: the reference's mmseg 0.19 ``IdentityHead`` loss
+    (``BaseDecodeHead.losses``: ``resize`` to the label, ``CrossEntropyLoss`` with ``reduction='none'``, then the
+    plain mean). No seed pixel → 0 with zero gradients.
     """
+    if form == "reference":
+        if not (seeds != IGNORE_INDEX).any():
+            return matching.sum() * 0.0
+        scores = F.interpolate(matching / temperature, size=tuple(seeds.shape[1:]), mode="bilinear",
+                               align_corners=False)
+        return F.cross_entropy(scores, seeds, ignore_index=IGNORE_INDEX, reduction="sum") / seeds.numel()
     small_seeds = resize_seeds(seeds, tuple(matching.shape[2:]))
     if not (small_seeds != IGNORE_INDEX).any():
         return matching.sum() * 0.0
-    if mean_over == "all_pixels":
-        return (F.cross_entropy(matching / temperature, small_seeds, ignore_index=IGNORE_INDEX, reduction="sum")
-                / small_seeds.numel())
     return F.cross_entropy(matching / temperature, small_seeds, ignore_index=IGNORE_INDEX)
 
 
@@ -154,6 +158,6 @@ def weakclip_losses(logits: torch.Tensor, matching: torch.Tensor, seeds: torch.T
                                  cfg.ratio_min, cfg.ratio_max)
     else:
         boundary = small_logits.sum() * 0.0
-    aux = auxiliary_loss(matching.float(), seeds, cfg.aux_temperature, cfg.aux_mean_over)
+    aux = auxiliary_loss(matching.float(), seeds, cfg.aux_temperature, cfg.aux_form)
     total = seed + cfg.boundary_weight * boundary + cfg.aux_weight * aux
     return WeakClipLosses(total=total, seed=seed, boundary=boundary, aux=aux)

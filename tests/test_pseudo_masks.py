@@ -25,7 +25,7 @@ from weakclip_core.config import ClipConfig, WeakClipConfig, build_dataclass, pa
 from weakclip_core.data.layout import PreparedDataset, read_mask
 from weakclip_core.data.segmentation import GroundTruthMaskError
 from weakclip_core.models.weakclip.model import WeakCLIP
-from weakclip_core.artifacts.weakclip import save_weakclip_model
+from weakclip_core.artifacts.weakclip import load_weakclip_model, save_weakclip_model
 
 REPO = Path(__file__).resolve().parent.parent
 N_TRAIN = 12
@@ -335,3 +335,23 @@ def test_shard_argument():
     for bad in ("4/4", "-1/2", "x", "1/0"):
         with pytest.raises(ValueError, match="--shard"):
             Shard.parse(bad)
+
+
+def test_a_model_file_records_the_reference_fidelity_keys_only_when_set(tmp_path: Path) -> None:
+    """``weakclip.loss.aux_form``, ``train.clip_drop_path_unit``, ``train.lr_schedule`` (2026-12-04) at their
+    defaults are left out of the model file, so a default run's file is byte for byte what it was before they
+    existed (a review found ``artifacts/weakclip/model.pt`` 128 bytes longer, and pseudo_masks re-run); set, each
+    is recorded and reads back. The file's config keys of a default run, by hand: those of before."""
+    write_chain(tmp_path)
+    default = torch.load(tmp_path / "artifacts" / "weakclip" / "model.pt", weights_only=True)["config"]
+    assert "aux_form" not in default["loss"]
+    assert not {"clip_drop_path_unit", "lr_schedule"} & set(default["train"])
+    assert {"aux_temperature", "seed_loss_reduction"} <= set(default["loss"]) and "clip_drop_path_rate" in default["train"]
+    cfg = build_dataclass(WeakClipConfig, {**TINY_WEAKCLIP, "loss": {"aux_form": "reference"},
+                                           "train": {"clip_drop_path_unit": "token", "lr_schedule": "mmcv_cosine"}})
+    model = WeakCLIP(load_clip_artifact(tmp_path / "artifacts" / "clip"), CLASS_NAMES, cfg.arch())
+    save_weakclip_model(tmp_path / "set.pt", model, cfg, tmp_path / "artifacts" / "clip")
+    recorded = torch.load(tmp_path / "set.pt", weights_only=True)["config"]
+    assert (recorded["loss"]["aux_form"], recorded["train"]["clip_drop_path_unit"], recorded["train"]["lr_schedule"]) \
+        == ("reference", "token", "mmcv_cosine")
+    assert load_weakclip_model(tmp_path / "set.pt").class_names == CLASS_NAMES

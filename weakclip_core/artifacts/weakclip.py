@@ -44,6 +44,12 @@ def clip_weights_sha256(clip_dir: str | Path) -> str:
     return sha256_of_file(Path(clip_dir) / WEIGHTS_FILE)
 
 
+# Training keys a model file records only when they differ from their default, so that a file trained with the
+# defaults stays byte for byte what it was before they existed (loading fills the defaults back in).
+KEYS_RECORDED_WHEN_SET: tuple[tuple[str, str], ...] = (
+    ("loss", "aux_form"), ("train", "clip_drop_path_unit"), ("train", "lr_schedule"))
+
+
 def save_weakclip_model(path: str | Path, model: WeakCLIP, cfg: WeakClipConfig, clip_dir: str | Path,
                         **metadata: Any) -> None:
     """Write the final model file atomically (see the module docstring for its contents)."""
@@ -51,6 +57,9 @@ def save_weakclip_model(path: str | Path, model: WeakCLIP, cfg: WeakClipConfig, 
     if cfg.seeds.source == "cams":  # the import keys (issue #18) only when used: a CAM-seeded run's file stays
         for key in ("source", "mask_folder"):  # byte for byte what it was before them
             config["seeds"].pop(key)
+    for section, key in KEYS_RECORDED_WHEN_SET:  # the same for the reference-fidelity keys of 2026-12-04
+        if config[section][key] == getattr(getattr(WeakClipConfig(), section), key):
+            config[section].pop(key)
     save_final_model(path, trainable_modules(model), config=config, class_names=model.class_names,
                      clip_artifact=str(clip_dir), clip_sha256=clip_weights_sha256(clip_dir), **metadata)
 

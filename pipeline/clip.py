@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from weakclip_core.artifacts.atomic import FolderContents, atomic_dir, check_output_dir, sha256_of_file, write_json
 from weakclip_core.models.clip import (INFO_FILE, MODEL_CONFIG_FILE, WEIGHTS_FILE, build_clip, clip_from_config,
-                                       clip_model_config, save_clip_artifact)
+                                       clip_model_config, named_model_config, save_clip_artifact)
 from weakclip_core.training.clip_pretrain import (PROMPT_TEMPLATE, CaptionPairs, pretrain_clip, resize_for_clip,
                                          zero_shot_report, zero_shot_scores_of)
 from weakclip_core.config import Params, to_plain
@@ -207,7 +207,17 @@ def summary_line(params: Params, args: argparse.Namespace, context: DistributedC
             f"top-1 {metrics['zero_shot_top1']:.3f} on {metrics['split']} "
             f"(random init: mAP {metrics['random_init_map']:.3f}, top-1 {metrics['random_init_top1']:.3f}); "
             f"dense probe mIoU {probe_text(metrics['dense_probe_miou'])} on {metrics['dense_probe_split']} "
-            f"(random init {probe_text(metrics['random_init_dense_probe_miou'])})")
+            f"(random init {probe_text(metrics['random_init_dense_probe_miou'])})"
+            + (f"; {activation_note(params.clip.model_name)}" if params.clip.source == "file" else ""))
+
+
+def activation_note(model_name: str) -> str:
+    """Which activation ``clip.model_name`` builds: OpenAI's weights need QuickGELU, and a plain state dict of them
+    (``clip.load(..., jit=False)``) carries no sign of it (the loader refuses the files that do)."""
+    if named_model_config(model_name).get("quick_gelu", False):
+        return f"{model_name} builds QuickGELU blocks (OpenAI's weights)"
+    return (f"{model_name} builds GELU blocks (LAION's weights; OpenAI's need {model_name}-quickgelu, which "
+            "nothing in a plain state dict of them says)")
 
 
 def probe_text(miou: float | None) -> str:

@@ -188,11 +188,11 @@ def test_an_openai_torchscript_archive_needs_the_quickgelu_architecture(tmp_path
 @pytest.mark.parametrize("layout", ["openai_state_dict", "open_clip_folder"])
 def test_openai_weights_as_a_plain_state_dict_need_the_quickgelu_architecture_too(tmp_path: Path,
                                                                                  layout: str) -> None:
-    """OpenAI's weights outside a TorchScript archive: ``torch.save`` of its CLIP's state dict (which keeps
-    OpenAI's ``input_resolution`` / ``context_length`` / ``vocab_size`` entries) or open_clip's hub folder of
-    them (``open_clip_pytorch_model.bin`` beside an ``open_clip_config.json`` whose ``model_cfg`` sets
-    ``quick_gelu``). Both used to load into GELU blocks without a word; now refused as the archive is, and the
-    QuickGELU architecture loads them exactly."""
+    """OpenAI's weights outside a TorchScript archive: the archive's state dict saved as it is (``torch.jit.load
+    (...).state_dict()`` keeps OpenAI's ``input_resolution`` / ``context_length`` / ``vocab_size`` entries) or
+    open_clip's hub folder of them (``open_clip_pytorch_model.bin`` beside an ``open_clip_config.json`` whose
+    ``model_cfg`` sets ``quick_gelu``). Both used to load into GELU blocks without a word; now refused as the
+    archive is, and the QuickGELU architecture loads them exactly."""
     config = register_tiny_configs(tmp_path, "WeakclipTestTinyQ2", "WeakclipTestTinyG2")
     torch.manual_seed(4)
     model = clip_from_config({**config, "quick_gelu": True}).eval()
@@ -200,7 +200,7 @@ def test_openai_weights_as_a_plain_state_dict_need_the_quickgelu_architecture_to
     if layout == "openai_state_dict":
         weights = tmp_path / "ViT-tiny-openai.pt"
         state.update(input_resolution=torch.tensor(64), context_length=torch.tensor(16), vocab_size=torch.tensor(49408))
-        evidence = "holds OpenAI's own state dict (its input_resolution / context_length / vocab_size entries), whose"
+        evidence = "holds the state dict of OpenAI's TorchScript archive (its input_resolution / context_length /"
     else:
         weights = tmp_path / "hub" / "open_clip_pytorch_model.bin"
         weights.parent.mkdir()
@@ -291,3 +291,13 @@ def test_a_half_precision_file_is_stored_half_and_loads_to_the_same_model(tmp_pa
 def test_missing_artifact_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="model_config.json"):
         load_clip_artifact(tmp_path / "nothing")
+
+
+def test_the_clip_stage_names_the_activation_its_architecture_builds() -> None:
+    """A plain state dict of OpenAI's weights (``clip.load(..., jit=False)``) carries no sign of QuickGELU, so the
+    ``clip`` stage's summary says which activation ``clip.model_name`` builds (open_clip's ViT-B-16 configs)."""
+    from pipeline.clip import activation_note
+
+    assert activation_note("ViT-B-16-quickgelu") == "ViT-B-16-quickgelu builds QuickGELU blocks (OpenAI's weights)"
+    assert activation_note("ViT-B-16").startswith("ViT-B-16 builds GELU blocks (LAION's weights; OpenAI's need "
+                                                  "ViT-B-16-quickgelu")

@@ -172,14 +172,17 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"  # beside the weights in open_clip's 
 
 def quick_gelu_evidence(path: Path, state_dict: dict[str, torch.Tensor]) -> str | None:
     """Why the weights at ``path`` are known to need QuickGELU blocks, or ``None`` when nothing says so: an
-    OpenAI TorchScript archive, a state dict holding OpenAI's own ``input_resolution`` / ``context_length`` /
-    ``vocab_size`` entries (``torch.save(model.state_dict())`` of OpenAI's CLIP), or an ``open_clip_config.json``
-    beside the file whose ``model_cfg`` sets ``quick_gelu`` (open_clip's copies of OpenAI's weights)."""
+    OpenAI TorchScript archive, the state dict of one saved as it is (``torch.jit.load(...).state_dict()`` keeps
+    OpenAI's ``input_resolution`` / ``context_length`` / ``vocab_size`` entries), or an ``open_clip_config.json``
+    beside the file whose ``model_cfg`` sets ``quick_gelu`` (open_clip's hub copies of OpenAI's weights). A state
+    dict of OpenAI's ``clip.load(..., jit=False)`` model has none of these marks (its ``build_model`` drops
+    them) and cannot be told from LAION's GELU weights: the ``clip`` stage's summary names the activation the
+    architecture builds."""
     if _is_torchscript_archive(path):
         return "is an OpenAI TorchScript archive, whose blocks use QuickGELU"
     if any(key in state_dict for key in OPENAI_ONLY_KEYS):
-        return "holds OpenAI's own state dict (its input_resolution / context_length / vocab_size entries), whose " \
-               "blocks use QuickGELU"
+        return "holds the state dict of OpenAI's TorchScript archive (its input_resolution / context_length / " \
+               "vocab_size entries), whose blocks use QuickGELU"
     config_path = path.parent / OPEN_CLIP_CONFIG
     if config_path.is_file():
         try:

@@ -119,10 +119,18 @@ def untracked_in_deps(root: Path, graph: StageGraph) -> list[str]:
     made = {path for stage in graph.stages for path in (*stage.outs, *stage.metrics, *stage.uncached)}
     deps = sorted({dep for stage in graph.stages for dep in stage.deps
                    if not outside_repository(dep) and not _under(dep, made)})  # an upstream output: the chain's
-    if not deps:
+    # Code: deps git tracks files under. A data folder a user keeps inside the repository (dataset.source:
+    # data/my_dataset, untracked) is an external input, carried and checked as one, not uncommitted code.
+    code_deps = [dep for dep in deps if git(["ls-files", "--", dep], root).strip()]
+    if not code_deps:
         return []
-    listed = git(["ls-files", "--others", "--exclude-standard", "--", *deps], root)
+    listed = git(["ls-files", "--others", "--exclude-standard", "--directory", "--", *code_deps], root)
     return sorted(path for line in listed.splitlines() if (path := line.strip()) and not _under(path, made))
+
+
+def shown_paths(paths: list[str], shown: int = 5) -> str:
+    """Up to ``shown`` of ``paths``, space-separated, then how many more: a refusal stays one readable line."""
+    return " ".join(paths[:shown]) + (f" (and {len(paths) - shown} more)" if len(paths) > shown else "")
 
 
 def params_changed_since_commit(root: Path, files: list[str], shown: int = 6) -> list[str]:
@@ -283,10 +291,11 @@ def capture_run_state(root: Path, graph: StageGraph) -> RunState:
     ]
     untracked += [path for path in untracked_in_deps(root, graph) if path not in untracked]
     if dirty or untracked:
-        listed = " ".join(dirty + untracked)
+        paths = dirty + untracked
+        add = " ".join(paths) if len(paths) <= 5 else "them"
         raise Refused(
-            f"{root}: uncommitted changes in {listed}: the workers run committed code; commit them first "
-            f"(git add {listed} && git commit) and push the commit where the workers fetch from"
+            f"{root}: uncommitted changes in {shown_paths(paths)}: the workers run committed code; commit them "
+            f"first (git add {add} && git commit) and push the commit where the workers fetch from"
         )
     lock_path = root / "dvc.lock"
     return RunState(
@@ -440,7 +449,7 @@ def bring_clone_to(root: Path, state: RunState, logger: logging.Logger | logging
     dirty = dirty_paths(root, graph, set(state.params)) + untracked_in_deps(root, graph)
     if dirty:
         raise Refused(
-            f"worker clone {socket.gethostname()}:{root} has uncommitted changes in {' '.join(dirty)}: "
+            f"worker clone {socket.gethostname()}:{root} has uncommitted changes in {shown_paths(dirty)}: "
             f"commit or discard them there (git -C {root} status)"
         )
     head = git(["rev-parse", "HEAD"], root).strip()

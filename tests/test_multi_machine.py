@@ -246,6 +246,23 @@ def test_an_untracked_file_in_a_code_dep_is_refused_and_leftover_params_are_name
     with pytest.raises(Refused, match=r"has uncommitted changes in src/stray.py: commit or discard them there"):
         bring_clone_to(worker, state, logger)
 
+    # A data folder kept inside the repository, untracked (dataset.source: data/mine): an input, not code.
+    stages_with_data = {**stages, "cam_train": {**stages["cam_train"], "deps": [*stages["cam_train"]["deps"], "mine"]}}
+    data_project = tmp_path / "data_project"
+    (data_project / "src").mkdir(parents=True)
+    (data_project / "src" / "code.py").write_text("x = 1\n")
+    data_project = write_demo_project(data_project, stages=stages_with_data, exist_ok=True)
+    (data_project / "mine").mkdir()
+    for index in range(40):
+        (data_project / "mine" / f"image_{index}.jpg").write_bytes(b"jpeg")
+    capture_run_state(data_project, read_stage_graph(data_project))
+    for index in range(8):  # many new modules: the refusal names five and counts the rest, on one line
+        (data_project / "src" / f"module_{index}.py").write_text("y = 2\n")
+    with pytest.raises(Refused) as many:
+        capture_run_state(data_project, read_stage_graph(data_project))
+    assert "src/module_0.py src/module_1.py src/module_2.py src/module_3.py src/module_4.py (and 3 more)" in str(
+        many.value) and "git add them && git commit" in str(many.value) and "\n" not in str(many.value)
+
     assert params_changed_since_commit(coordinator, ["params.yaml"]) == []
     (coordinator / "params.yaml").write_text("scale: 0.9\nextra: 1\n")
     assert params_changed_since_commit(coordinator, ["params.yaml"]) == [

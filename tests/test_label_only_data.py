@@ -550,7 +550,20 @@ def test_a_few_masks_off_their_labels_are_a_line_of_the_summary(tmp_path: Path) 
     summary = run(_custom_params(source, tmp_path), preview_path=tmp_path / "preview.png", progress=False)
     assert summary.mask_label_warning == (
         f"GT masks: 1 of 3 in {source / 'masks'} show classes their image's labels ({source / 'labels.csv'}) do not "
-        "list (first: b1's mask shows plum (3), its labels say kiwi (1), lime (2)); they are scored as they are")
+        "list (first: b1's mask shows plum (3), its labels say kiwi (1), lime (2)); they are scored as they are, "
+        "and the labels (what the chain learns from) stay as given")
+
+
+def test_labels_listing_only_part_of_what_the_masks_show_are_a_summary_line_not_an_error(tmp_path: Path) -> None:
+    """Image-level labels that name only some of the classes a mask shows (a tagger's labels), on every mask:
+    not the crossed pattern of a shifted index (the mask also lacks a labelled class), so prepared with a line,
+    not refused as a class-order error."""
+    two = _blob((12, 16), 1)
+    two[9:, :] = 3  # kiwi and plum drawn; a1 is labelled kiwi only
+    masks = {"a1": two, "a3": two.copy(), "b1": two.copy()}  # a3: plum only, b1: kiwi and lime
+    source = write_custom_tree(tmp_path / "mine", masks=masks)
+    summary = run(_custom_params(source, tmp_path), preview_path=tmp_path / "preview.png", progress=False)
+    assert summary.mask_label_warning is not None and summary.mask_label_warning.startswith("GT masks: 3 of 3 in ")
 
 
 def test_voc_masks_against_a_shifted_cls_labels_stop_prepare(tmp_path: Path) -> None:

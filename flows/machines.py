@@ -410,10 +410,11 @@ CHECKPOINTS = "checkpoints"
 def clear_checkpoints(root: Path) -> list[str]:
     """Delete the training checkpoints in worker clone ``root``; returns the stage folders removed.
 
-    A checkpoint is keyed by a stage's config, not by its code: an attempt given up for lost (its retry finished
-    on another worker) leaves one behind, and a later chain at another commit would resume it here, its new lock
-    entry naming code that made only the last steps. A worker clone is the pool's, never anybody's work in
-    progress, so moving it to another commit starts every training afresh."""
+    An attempt given up for lost (its retry finished on another worker) leaves a checkpoint behind. A later chain
+    at another commit would find it: resumed, its lock entry would name code that made only the last steps; and
+    since checkpoints record their code, a stage whose code changed now stops on it instead
+    (``CheckpointCodeError``), which no one at the worker would see to. A worker clone is the pool's, never
+    anybody's work in progress, so moving it to another commit starts every training afresh."""
     folder = root / CHECKPOINTS
     removed = sorted(entry.name for entry in folder.iterdir() if entry.name != ".locks") if folder.is_dir() else []
     for name in removed:

@@ -509,9 +509,10 @@ def test_data_tracked_by_a_dvc_file_is_pulled_on_a_fresh_worker_clone(tmp_path: 
 
 
 def test_a_worker_clone_moved_to_another_commit_drops_its_training_checkpoints(tmp_path: Path) -> None:
-    """Checkpoints are keyed by a stage's config, not its code. An attempt given up for lost (its retry finished on
-    another worker) leaves one in its clone; a later chain at another commit used to resume it there, the new lock
-    entry naming code that made only the last steps. At the same commit (a retry here) it is resumed."""
+    """An attempt given up for lost (its retry finished on another worker) leaves a checkpoint in its clone; a later
+    chain at another commit used to resume it there, the new lock entry naming code that made only the last steps
+    (since checkpoints record their code, it would now stop the stage instead). Moving to another commit clears
+    them; at the same commit (a retry here) it is resumed."""
     import logging
 
     from flows.dag import read_stage_graph

@@ -48,6 +48,11 @@ DROPPED_SUBKEYS: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
                                       "build_segmenter, training_config and segmenter_record "
                                       "(weakclip_core/models/segmenter.py), which read model, encoder, "
                                       "encoder_weights and train only"),
+    **{(stage, "runtime"): (("precision",), "the shared runner hands runtime to launch_stage (pipeline/_stage.py: "
+                                            "check_batches_divide, check_gpus_for_torchrun, relaunch_under_torchrun "
+                                            "read launcher, nproc and device); runtime.precision is WeakCLIP's "
+                                            "autocast, read by weakclip_train and pseudo_masks alone")
+       for stage in ("clip", "cam_train", "seg_train")},
 }
 
 

@@ -214,7 +214,7 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
     with params_key("weakclip"):  # prompt and context lengths, taps: the model's terms, our keys
         model = WeakCLIP(clip, dataset.class_names, cfg.arch(), prompt_init_std=train.prompt_init_std,
                          clip_drop_path_rate=train.clip_drop_path_rate,
-                         clip_drop_path_unit=train.clip_drop_path_unit).to(device)
+                         clip_drop_path_unit=train.clip_drop_path_unit, decoder_init=train.decoder_init).to(device)
     learned = trainable_modules(model)
     # fused: one kernel for the whole update, ~3x faster than the per-tensor loop on CPU at the same results to
     # float rounding (docs/BENCHMARKS.md, "Where a training step's time goes"; tests/test_step_profile.py)

@@ -85,7 +85,8 @@ def test_presets_carry_the_papers_numbers(applied: dict[str, Params]) -> None:
         assert weakclip.loss.seed_loss_reduction == "per_image_sum"
         # the reference's blocks see (L, N, D): timm's drop_path drops token positions; mmcv's CosineAnnealing
         # over all iterations with the warm-up multiplying it; mmseg 0.19's cross-entropy mean over all pixels
-        assert (schedule.clip_drop_path_unit, schedule.lr_schedule) == ("token", "mmcv_cosine")
+        assert (schedule.clip_drop_path_unit, schedule.lr_schedule, schedule.decoder_init) == \
+            ("token", "mmcv_cosine", "reference")
         assert weakclip.loss.aux_form == "reference"
         pseudo = params.pseudo
         assert pseudo.scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and pseudo.flip and pseudo.use_crf

@@ -345,13 +345,14 @@ def test_a_model_file_records_the_reference_fidelity_keys_only_when_set(tmp_path
     write_chain(tmp_path)
     default = torch.load(tmp_path / "artifacts" / "weakclip" / "model.pt", weights_only=True)["config"]
     assert "aux_form" not in default["loss"]
-    assert not {"clip_drop_path_unit", "lr_schedule"} & set(default["train"])
+    assert not {"clip_drop_path_unit", "lr_schedule", "decoder_init"} & set(default["train"])
     assert {"aux_temperature", "seed_loss_reduction"} <= set(default["loss"]) and "clip_drop_path_rate" in default["train"]
     cfg = build_dataclass(WeakClipConfig, {**TINY_WEAKCLIP, "loss": {"aux_form": "reference"},
-                                           "train": {"clip_drop_path_unit": "token", "lr_schedule": "mmcv_cosine"}})
+                                           "train": {"clip_drop_path_unit": "token", "lr_schedule": "mmcv_cosine",
+                                                     "decoder_init": "reference"}})
     model = WeakCLIP(load_clip_artifact(tmp_path / "artifacts" / "clip"), CLASS_NAMES, cfg.arch())
     save_weakclip_model(tmp_path / "set.pt", model, cfg, tmp_path / "artifacts" / "clip")
     recorded = torch.load(tmp_path / "set.pt", weights_only=True)["config"]
-    assert (recorded["loss"]["aux_form"], recorded["train"]["clip_drop_path_unit"], recorded["train"]["lr_schedule"]) \
-        == ("reference", "token", "mmcv_cosine")
+    assert (recorded["loss"]["aux_form"], recorded["train"]["clip_drop_path_unit"], recorded["train"]["lr_schedule"],
+            recorded["train"]["decoder_init"]) == ("reference", "token", "mmcv_cosine", "reference")
     assert load_weakclip_model(tmp_path / "set.pt").class_names == CLASS_NAMES

@@ -322,6 +322,36 @@ def test_clip_drop_path_draws_per_image_or_per_token_position(unit: str) -> None
         assert 0 < mask[:, 0].count_nonzero() < 6
 
 
+def test_decoder_init_reference_draws_kaiming_fan_out_and_leaves_the_classifier() -> None:
+    """``decoder_init: reference``: the neck's 1x1 laterals and 3x3 outputs and the head's 3x3 convs as mmcv 1.3.17's
+    ``ConvModule`` initialises itself (Kaiming-normal, fan-out, ReLU gain: std sqrt(2 / (out * k * k)), bias 0);
+    the classifier keeps PyTorch's default (the reference never calls ``init_weights``), as does
+    ``torch_default``'s whole decoder (weights within U(+-1 / sqrt(fan_in)), biases not zero)."""
+    from weakclip_core.models.weakclip import WeakCLIP
+
+    arch = replace(TINY_WEAKCLIP, neck_width=48, head_width=40)
+    torch.manual_seed(0)
+    reference = WeakCLIP(tiny_clip(), CLASS_NAMES, arch, decoder_init="reference").decoder
+    torch.manual_seed(0)
+    default = WeakCLIP(tiny_clip(), CLASS_NAMES, arch).decoder
+
+    def std_of(convs) -> float:
+        return float(torch.cat([conv.weight.flatten() for conv in convs]).std())
+
+    laterals, outputs = list(reference.neck.laterals), list(reference.neck.outputs)
+    head_convs = [m for m in reference.head.scale_heads.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert std_of(laterals) == pytest.approx((2 / 48) ** 0.5, rel=0.05)
+    assert std_of(outputs) == pytest.approx((2 / (48 * 9)) ** 0.5, rel=0.05)
+    assert std_of(head_convs) == pytest.approx((2 / (40 * 9)) ** 0.5, rel=0.05)
+    assert all(not conv.bias.any() for conv in laterals + outputs)
+    classifier_bound = 1 / 40 ** 0.5  # PyTorch's default, fan_in = head width
+    assert reference.head.classifier.weight.abs().max() <= classifier_bound
+    assert reference.head.classifier.bias.abs().max() <= classifier_bound and reference.head.classifier.bias.any()
+    fan_in = laterals[0].in_channels
+    assert all(conv.weight.abs().max() <= 1 / fan_in ** 0.5 for conv in default.neck.laterals)
+    assert all(conv.bias.any() for conv in default.neck.laterals)
+
+
 def test_weakclip_runs_windows_that_are_not_patch_multiples() -> None:
     """The reference's strided patch convolution drops the last H mod 16 rows: a 72 x 88 window gives the
     logits of its top-left 64 x 80."""

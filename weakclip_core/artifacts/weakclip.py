@@ -47,7 +47,7 @@ def clip_weights_sha256(clip_dir: str | Path) -> str:
 # Training keys a model file records only when they differ from their default, so that a file trained with the
 # defaults stays byte for byte what it was before they existed (loading fills the defaults back in).
 KEYS_RECORDED_WHEN_SET: tuple[tuple[str, str], ...] = (
-    ("loss", "aux_form"), ("train", "clip_drop_path_unit"), ("train", "lr_schedule"))
+    ("loss", "aux_form"), ("train", "clip_drop_path_unit"), ("train", "lr_schedule"), ("train", "decoder_init"))
 
 
 def save_weakclip_model(path: str | Path, model: WeakCLIP, cfg: WeakClipConfig, clip_dir: str | Path,

@@ -111,6 +111,9 @@ class WeakClipTrainConfig:
     # "mmcv_cosine": the reference's mmcv CosineAnnealing over all iterations from step 0, its first
     # warmup_iterations multiplied by the linear warm-up factor (warmup_ratio 1e-6 + (1 - 1e-6) * step / warm-up)
     lr_schedule: Literal["warmup_cosine", "mmcv_cosine"] = "warmup_cosine"
+    # the decoder's convolutions: PyTorch's default initialisation, or the reference's (its mmcv ConvModules'
+    # Kaiming-normal fan-out, bias 0; the classifier keeps PyTorch's default there too)
+    decoder_init: Literal["torch_default", "reference"] = "torch_default"
     # added to runtime.seed for this stage only (init of the trainable parts, batch order, augmentation,
     # dropout): varies WeakCLIP's own training noise with the CLIP and the CAM seeds fixed (bench.ablations --seeds)
     seed_offset: int = bounded(0, low=0)

@@ -74,3 +74,17 @@ class TextGuidedDecoder(nn.Module):
         guided = [torch.cat([level, F.interpolate(matching, size=level.shape[2:], mode="bilinear",
                                                   align_corners=True)], dim=1) for level in pyramid]
         return self.head(self.neck(guided))
+
+
+def initialise_as_the_reference(decoder: TextGuidedDecoder) -> None:
+    """The reference's initialisation of the decoder (``weakclip.train.decoder_init: reference``). Its neck and head
+    convolutions are mmcv ``ConvModule``s, which initialise themselves when built: Kaiming-normal, fan-out, for
+    ReLU, bias 0 (mmcv 1.3.17 ``ConvModule.init_weights``, called from ``__init__``); and its ``tools/train.py``
+    never calls ``model.init_weights()``, so mmseg's ``init_cfg`` (a Xavier neck, an N(0, 0.01) classifier) is
+    never applied: the classifier keeps PyTorch's default, as here. BatchNorm is 1 / 0 either way."""
+    convolutions = [*decoder.neck.laterals, *decoder.neck.outputs,
+                    *(module for module in decoder.head.scale_heads.modules() if isinstance(module, nn.Conv2d))]
+    for convolution in convolutions:
+        nn.init.kaiming_normal_(convolution.weight, mode="fan_out", nonlinearity="relu")
+        if convolution.bias is not None:
+            nn.init.zeros_(convolution.bias)

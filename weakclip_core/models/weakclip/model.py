@@ -14,7 +14,7 @@ from weakclip_core.config.weakclip import WeakClipArchConfig
 from weakclip_core.models.clip import (dense_visual_features, joint_width, text_width, visual_patch_size,
                                        visual_width)
 from weakclip_core.models.weakclip.co_attention import CoAttention
-from weakclip_core.models.weakclip.decoder import TextGuidedDecoder
+from weakclip_core.models.weakclip.decoder import TextGuidedDecoder, initialise_as_the_reference
 from weakclip_core.models.weakclip.matching import cosine_matching
 from weakclip_core.models.weakclip.prompt_learner import PromptLearner
 from weakclip_core.models.weakclip.pyramid_adapter import PyramidAdapter
@@ -43,12 +43,15 @@ class WeakCLIP(nn.Module):
     context vectors at construction; ``clip_drop_path_rate``, stochastic depth on the frozen visual
     encoder's residual branches while this module is in training mode (block i of L drops with
     rate·i/(L-1), as the reference's backbone, which mmseg keeps in train mode with drop_path_rate 0.1).
-    Neither changes a weight or an eval-mode output.
+    Neither changes a weight or an eval-mode output. ``decoder_init``: ``reference`` re-draws the decoder's
+    convolutions as the reference's mmcv ``ConvModule``s initialise themselves
+    (:func:`~weakclip_core.models.weakclip.decoder.initialise_as_the_reference`); ``torch_default`` keeps
+    PyTorch's.
     """
 
     def __init__(self, clip_model: CLIP, class_names: list[str], arch: WeakClipArchConfig,
                  prompt_init_std: float = 0.02, clip_drop_path_rate: float = 0.0,
-                 clip_drop_path_unit: str = "image") -> None:
+                 clip_drop_path_unit: str = "image", decoder_init: str = "torch_default") -> None:
         super().__init__()
         if not isinstance(arch, WeakClipArchConfig):  # a whole WeakClipConfig has the same attribute names
             raise TypeError(f"WeakCLIP takes the architecture alone (WeakClipConfig.arch()), got {type(arch).__name__}")
@@ -75,6 +78,8 @@ class WeakCLIP(nn.Module):
                                          arch.co_attention_layers, arch.temperature_init, arch.dropout)
                              if arch.co_attention else None)
         self.decoder = TextGuidedDecoder(vision, num_classes, arch.neck_width, arch.head_width, arch.dropout)
+        if decoder_init == "reference":
+            initialise_as_the_reference(self.decoder)
 
     @property
     def num_classes(self) -> int:

@@ -61,12 +61,13 @@ class BenchSize:
 
 
 def full_size() -> BenchSize:
-    """The paper's models: WeakCLIP on CLIP ViT-B/16 at 512, MCTformer DeiT-S at 224, K = 21 (VOC)."""
+    """The paper's models: WeakCLIP on CLIP ViT-B/16 at 512, MCTformer DeiT-S at 224, K = 21 (VOC); WeakCLIP's
+    loss as the VOC preset computes it (the auxiliary loss in the reference's form: λ' upsampled to the crop)."""
     voc_pseudo_crf = CrfConfig(iterations=10, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=83.0,
                                bilateral_srgb=5.0, bilateral_compat=3.0)
     return BenchSize(
         name="full", clip_config=named_model_config("ViT-B-16", image_size=512), weakclip=paper_weakclip_arch(),
-        weakclip_loss=WeakClipLossConfig(),
+        weakclip_loss=WeakClipLossConfig(aux_form="reference"),
         input_size=512, batch_size=2, warmup_steps=1, timed_steps=3,
         mctformer=MCTformerArchConfig(image_size=224, patch_size=16, width=384, depth=12, heads=6, drop_path=0.1),
         n_classes=VOC_CLASS_COUNT, inference_image=(375, 500),

@@ -85,12 +85,15 @@ class ProfileSize:
     bench: BenchSize
     clip_drop_path_rate: float = 0.0
     crf_workers: int = 0
+    clip_drop_path_unit: str = "image"
 
 
 def paper_profile_size(timed_steps: int = 3) -> ProfileSize:
-    """ViT-B/16 at 512, batch 2, the paper's widths, K = 21, boundary loss on (``make bench``'s full size)."""
+    """ViT-B/16 at 512, batch 2, the paper's widths, K = 21, boundary loss on (``make bench``'s full size), the frozen
+    encoder's stochastic depth as the VOC preset draws it (0.1, per token position)."""
     bench = replace(full_size(), warmup_steps=1, timed_steps=timed_steps)
-    return ProfileSize("paper (ViT-B/16 @ 512, batch 2)", bench, crf_workers=bench.weakclip_loss.crf_workers)
+    return ProfileSize("paper (ViT-B/16 @ 512, batch 2)", bench, clip_drop_path_rate=0.1,
+                       crf_workers=bench.weakclip_loss.crf_workers, clip_drop_path_unit="token")
 
 
 def synthetic_profile_size(params: Params, timed_steps: int = 5) -> ProfileSize:
@@ -102,7 +105,8 @@ def synthetic_profile_size(params: Params, timed_steps: int = 5) -> ProfileSize:
                     n_classes=params.dataset.synthetic.n_classes + 1, warmup_steps=1, timed_steps=timed_steps)
     return ProfileSize(f"synthetic default (params.yaml: crop {train.crop}, batch {train.batch_size})", bench,
                        clip_drop_path_rate=train.clip_drop_path_rate,
-                       crf_workers=weakclip.loss.crf_workers if weakclip.loss.boundary_weight > 0 else 0)
+                       crf_workers=weakclip.loss.crf_workers if weakclip.loss.boundary_weight > 0 else 0,
+                       clip_drop_path_unit=train.clip_drop_path_unit)
 
 
 def quick_profile_size() -> ProfileSize:
@@ -166,7 +170,7 @@ def profiled_step(model: WeakCLIP, optimizer: torch.optim.Optimizer, batch: Mapp
         with clock.part("losses"), autocast(device, precision):
             boundary = small_logits.sum() * 0.0
     with clock.part("losses"), autocast(device, precision):
-        aux = auxiliary_loss(matching.float(), batch["seed_mask"], cfg.aux_temperature)
+        aux = auxiliary_loss(matching.float(), batch["seed_mask"], cfg.aux_temperature, cfg.aux_form)
         total = seed + cfg.boundary_weight * boundary + cfg.aux_weight * aux
     with clock.part("optimizer"):
         optimizer.zero_grad(set_to_none=True)
@@ -184,7 +188,8 @@ def build_step(size: ProfileSize, device: torch.device, full_finetune: bool,
     bench = size.bench
     torch.manual_seed(0)
     model = WeakCLIP(clip_from_config(bench.clip_config), class_names(bench.n_classes), bench.weakclip,
-                     clip_drop_path_rate=size.clip_drop_path_rate).to(device)
+                     clip_drop_path_rate=size.clip_drop_path_rate,
+                     clip_drop_path_unit=size.clip_drop_path_unit).to(device)
     if full_finetune:
         for parameter in model.clip.parameters():
             parameter.requires_grad_(True)

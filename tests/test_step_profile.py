@@ -21,10 +21,17 @@ REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 
 
-def reference_step(full_finetune: bool) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def quick_size_with(aux_form: str):  # noqa: ANN201 — a ProfileSize
+    """The quick size with its auxiliary loss in ``aux_form`` (the presets' ``reference`` form, or the default's)."""
+    size = quick_profile_size()
+    return replace(size, bench=replace(size.bench, weakclip_loss=replace(size.bench.weakclip_loss, aux_form=aux_form)))
+
+
+def reference_step(full_finetune: bool, aux_form: str = "matching_size") -> tuple[list[float], dict[str, torch.Tensor],
+                                                                                 dict[str, torch.Tensor]]:
     """WeakCLIP's forward (or the fine-tuning baseline's), ``weakclip_losses`` and the loop's step, written
     without the profile: the losses, the gradients and the weights after the step."""
-    size = quick_profile_size()
+    size = quick_size_with(aux_form)
     model, optimizer = build_step(size, CPU, full_finetune)
     batch = training_batch(size.bench, CPU)
     torch.manual_seed(7)
@@ -41,9 +48,9 @@ def reference_step(full_finetune: bool) -> tuple[list[float], dict[str, torch.Te
     return values, gradients, {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
 
-def profile_step(full_finetune: bool) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor],
-                                                PartClock]:
-    size = quick_profile_size()
+def profile_step(full_finetune: bool, aux_form: str = "matching_size") -> tuple[
+        list[float], dict[str, torch.Tensor], dict[str, torch.Tensor], PartClock]:
+    size = quick_size_with(aux_form)
     model, optimizer = build_step(size, CPU, full_finetune)
     batch = training_batch(size.bench, CPU)
     clock = PartClock(CPU)
@@ -60,11 +67,13 @@ def profile_step(full_finetune: bool) -> tuple[list[float], dict[str, torch.Tens
     return values, gradients, {name: tensor.clone() for name, tensor in model.state_dict().items()}, clock
 
 
+@pytest.mark.parametrize("aux_form", ["matching_size", "reference"])
 @pytest.mark.parametrize("full_finetune", [False, True], ids=["frozen", "full"])
-def test_profiled_step_is_weakclips_step(full_finetune: bool) -> None:
-    """Same losses, gradients and updated weights as the model's forward + ``weakclip_losses`` + AdamW."""
-    expected_losses, expected_gradients, expected_weights = reference_step(full_finetune)
-    losses, gradients, weights, clock = profile_step(full_finetune)
+def test_profiled_step_is_weakclips_step(full_finetune: bool, aux_form: str) -> None:
+    """Same losses, gradients and updated weights as the model's forward + ``weakclip_losses`` + AdamW, in either
+    form of the auxiliary loss (the paper size's profile uses the presets' ``reference`` form)."""
+    expected_losses, expected_gradients, expected_weights = reference_step(full_finetune, aux_form)
+    losses, gradients, weights, clock = profile_step(full_finetune, aux_form)
     assert losses == pytest.approx(expected_losses, rel=1e-6, abs=1e-7)
     assert set(gradients) == set(expected_gradients)
     assert any(name.startswith("clip.visual.") for name in gradients) == full_finetune

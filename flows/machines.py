@@ -121,7 +121,8 @@ def untracked_in_deps(root: Path, graph: StageGraph) -> list[str]:
                    if not outside_repository(dep) and not _under(dep, made)})  # an upstream output: the chain's
     # Code: deps git tracks files under. A data folder a user keeps inside the repository (dataset.source:
     # data/my_dataset, untracked) is an external input, carried and checked as one, not uncommitted code.
-    code_deps = [dep for dep in deps if git(["ls-files", "--", dep], root).strip()]
+    tracked = git(["ls-files", "--", *deps], root).splitlines() if deps else []
+    code_deps = [dep for dep in deps if any(_under(path, {dep}) for path in tracked)]
     if not code_deps:
         return []
     listed = git(["ls-files", "--others", "--exclude-standard", "--directory", "--", *code_deps], root)
@@ -152,8 +153,9 @@ def params_changed_since_commit(root: Path, files: list[str], shown: int = 6) ->
             continue
         before, after = flat_params(committed), flat_params(current)
         for key in sorted(before.keys() | after.keys()):
-            if before.get(key, "(absent)") != after.get(key, "(absent)"):
-                changes.append(f"{relative}: {key} {before.get(key, '(absent)')} -> {after.get(key, '(absent)')}")
+            old, new = before.get(key, "(absent)"), after.get(key, "(absent)")
+            if old != new:
+                changes.append(f"{relative}: {key} {old} -> {new}")
     return changes[:shown] + ([f"and {len(changes) - shown} more"] if len(changes) > shown else [])
 
 

@@ -26,7 +26,7 @@ from prefect.futures import wait
 
 from flows.dag import read_stage_graph
 from flows.dvc_cli import capture_command, dvc_command, run_command
-from flows.machines import project_clone, uncommitted_files, untracked_in_deps
+from flows.machines import project_clone, shown_paths, uncommitted_files, untracked_in_deps
 from flows.stage_run import flat_params
 
 
@@ -122,7 +122,7 @@ def check_sweep_can_start(origin: Path, names: list[str], max_parallel: int) -> 
         raise ValueError(f"max_parallel must be at least 1, got {max_parallel}")
     dirty = uncommitted_files(origin) + untracked_in_deps(origin, read_stage_graph(origin))
     if dirty:
-        raise ValueError(f"{origin}: uncommitted changes in {' '.join(dirty[:5])}: the sweep runs the committed HEAD "
+        raise ValueError(f"{origin}: uncommitted changes in {shown_paths(dirty)}: the sweep runs the committed HEAD "
                          "in clones, so they would not be part of it; commit (or stash) them first")
     existing = set(capture_command(dvc_command("exp", "list", "--name-only"), origin).split())
     taken = sorted(existing & set(names))

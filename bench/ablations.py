@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import subprocess
 import time
@@ -49,6 +50,9 @@ from pipeline.summary import BENCH_DATASET_DEFAULT
 from weakclip_core.artifacts.atomic import write_json
 
 REPO = Path(__file__).resolve().parents[1]
+# dvc-task's record of each queue worker (DVC 3.x): dvc-exp-worker-<n>.json, with its pid and, once it has exited,
+# its return code.
+QUEUE_WORKER_RECORDS = Path(".dvc") / "tmp" / "exps" / "celery"
 OUTPUT = REPO / "metrics" / "ablations_weakclip.json"
 WEAKCLIP_METRICS = "metrics/weakclip.json"
 CAM_METRICS = REPO / "metrics" / "cam.json"
@@ -161,13 +165,15 @@ def queue_and_run(variants: tuple[Ablation, ...], seed_offsets: tuple[int, ...],
     Tasks that had failed before this call stay in ``dvc queue status`` (an interrupted earlier queue, say): they
     are not this queue's failures, so only tasks that failed after it was queued raise."""
     earlier_failures = failed_task_ids()
+    queued: dict[str, tuple[str, ...]] = {}
     for variant in variants:
         for seed_offset in seed_offsets:
             overrides = (*variant.overrides, f"{SEED_KEY}={seed_offset}")
-            arguments = [argument for override in overrides for argument in ("-S", override)]
-            dvc("exp", "run", "--queue", "--name", experiment_name(variant, seed_offset), *arguments, TARGET)
-            print(f"queued {experiment_name(variant, seed_offset)}: {' '.join(overrides)}", flush=True)
-    wait_for_queue(jobs, poll_s, earlier_failures)
+            name = experiment_name(variant, seed_offset)
+            queued[name] = (*(argument for override in overrides for argument in ("-S", override)), TARGET)
+            queue_experiment(name, queued[name])
+            print(f"queued {name}: {' '.join(overrides)}", flush=True)
+    wait_for_queue(jobs, poll_s, earlier_failures, queued=queued)
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,7 @@ class QueueState:
     queued: int
     failed: list[str]
     workers: int
+    running_tasks: tuple[str, ...] = ()  # the task lines listed Running
 
     @property
     def drained(self) -> bool:
@@ -197,13 +204,83 @@ def parse_queue_status(status: str) -> QueueState:
         return [line for line in lines if re.search(rf"\s{word}\s*$", line)]
 
     workers = re.search(r"Worker status:\s*(\d+) active,\s*(\d+) idle", status)
-    return QueueState(running=len(ending_in("Running")), queued=len(ending_in("Queued")), failed=ending_in("Failed"),
-                      workers=int(workers.group(1)) + int(workers.group(2)) if workers else 0)
+    running = ending_in("Running")
+    return QueueState(running=len(running), queued=len(ending_in("Queued")), failed=ending_in("Failed"),
+                      workers=int(workers.group(1)) + int(workers.group(2)) if workers else 0,
+                      running_tasks=tuple(running))
 
 
 def task_id(status_line: str) -> str:
     """The task id that starts a ``dvc queue status`` task line (names repeat when a failed run is re-queued)."""
     return status_line.split()[0]
+
+
+CREATED_COLUMN_START = re.compile(r"\d{1,2}:\d{2}|Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec")
+
+
+def task_name(status_line: str) -> str | None:
+    """The experiment name of a ``dvc queue status`` task line (its second column), ``None`` for an unnamed task
+    (the second column is then the Created one: ``11:51 PM`` today, ``Aug 22, 2022`` before)."""
+    fields = status_line.split()
+    return fields[1] if len(fields) >= 4 and not CREATED_COLUMN_START.fullmatch(fields[1]) else None
+
+
+def process_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def queue_worker_alive(repo: Path) -> bool:
+    """Whether a DVC queue worker of ``repo`` still runs, from dvc-task's records of them (a record without a
+    return code whose process lives; one being written counts as alive). ``dvc queue status``'s worker count
+    cannot tell: it counts the workers that answer its inspect call, and one running an experiment may not
+    answer in time (treeverse/dvc#10427)."""
+    for record in sorted((repo / QUEUE_WORKER_RECORDS).glob("dvc-exp-worker-*.json")):
+        try:
+            info = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return True
+        if isinstance(info, dict) and info.get("returncode") is None and process_alive(info.get("pid")):
+            return True
+    return False
+
+
+def queue_experiment(name: str, arguments: tuple[str, ...]) -> None:
+    """``dvc exp run --queue --name NAME ARGUMENTS`` (its ``-S`` overrides, then its target stage if any)."""
+    dvc("exp", "run", "--queue", "--name", name, *arguments)
+
+
+def requeue_lost_tasks(lost: tuple[str, ...], queued: dict[str, tuple[str, ...]],
+                       requeued: set[str]) -> set[str]:
+    """Tasks DVC lists as Running while no worker of the queue is alive were lost by it (a worker took the task,
+    then shut down on its "empty queue" check: treeverse/dvc-task#77): ``dvc queue kill`` marks each Failed, its
+    experiment entry is removed, and it is queued again with the arguments it was queued with. Returns the killed
+    task ids (their Failed lines are not this queue's failures). A task this call did not queue, or one lost
+    twice, raises naming it and the commands that clear it."""
+    killed: set[str] = set()
+    for line in lost:
+        name = task_name(line)
+        if name is None or name not in queued or name in requeued:
+            reason = ("lost a second time" if name in requeued else
+                      "not queued by this command" if name is not None else "an unnamed task")
+            raise RuntimeError(
+                f"DVC lists task {line.strip()!r} as Running but no queue worker is alive ({reason}): clear it "
+                f"with `dvc queue kill {task_id(line)}` and `dvc exp remove {name or task_id(line)}`, then run "
+                "this command again (finished experiments are kept)")
+        dvc("queue", "kill", task_id(line))
+        dvc("exp", "remove", name)
+        queue_experiment(name, queued[name])
+        killed.add(task_id(line))
+        requeued.add(name)
+        print(f"DVC's queue lost {name} (listed Running, no worker alive): queued it again", flush=True)
+    return killed
 
 
 def failed_task_ids() -> set[str]:
@@ -225,30 +302,41 @@ def start_workers(jobs: int, one_thread_each: bool) -> None:
 
 
 def wait_for_queue(jobs: int, poll_s: float, earlier_failures: frozenset[str] | set[str] = frozenset(),
-                   stalled_polls_before_restart: int = 2, one_thread_each: bool | None = None) -> None:
+                   stalled_polls_before_restart: int = 2, one_thread_each: bool | None = None,
+                   queued: dict[str, tuple[str, ...]] | None = None) -> None:
     """Start ``jobs`` queue workers and wait until the queue has drained; a failed experiment raises, naming it,
     unless its task id is one of ``earlier_failures`` (tasks that had failed before this queue was filled).
     ``one_thread_each`` (default: when ``jobs`` > 1): ``start_workers``'.
 
     Workers that exit with tasks still queued (seen with DVC's celery queue on long queues) are started again
     once the queue has looked stalled for ``stalled_polls_before_restart`` polls in a row, so an overnight
-    queue does not sit idle."""
+    queue does not sit idle. Tasks listed Running with nothing queued and no worker process alive for as many
+    polls were lost by DVC's queue (seen in the test suite: the wait then never ended): ``queued`` ({experiment
+    name: the arguments it was queued with}) lets ``requeue_lost_tasks`` queue them again, once each."""
     one_thread = jobs > 1 if one_thread_each is None else one_thread_each
     start_workers(jobs, one_thread)
-    stalled_polls = 0
+    stalled_polls = lost_polls = 0
+    requeued: set[str] = set()
+    killed: set[str] = set()
     while True:
         state = parse_queue_status(dvc("queue", "status"))
         if state.drained:
             break
         stalled_polls = stalled_polls + 1 if state.stalled else 0
+        lost_polls = (lost_polls + 1 if state.running and not state.queued and not queue_worker_alive(REPO)
+                      else 0)
         if stalled_polls >= stalled_polls_before_restart:
             print(f"{state.queued} experiments queued and no worker left: starting {jobs} again", flush=True)
             start_workers(jobs, one_thread)
             stalled_polls = 0
+        if lost_polls >= stalled_polls_before_restart:
+            killed |= requeue_lost_tasks(state.running_tasks, queued or {}, requeued)
+            start_workers(jobs, one_thread)
+            lost_polls = 0
         print(f"{state.running + state.queued} experiments queued or running", flush=True)
         time.sleep(poll_s)
     # The drained queue's own status lists its failed tasks: no second `dvc queue status`.
-    failed = [line for line in state.failed if task_id(line) not in earlier_failures]
+    failed = [line for line in state.failed if task_id(line) not in earlier_failures | killed]
     if failed:
         raise RuntimeError("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(failed))
 

@@ -27,7 +27,8 @@ from typing import Any
 
 from scipy import stats
 
-from bench.ablations import committed_dataset, dvc, experiment_metrics, failed_task_ids, mean_and_std, wait_for_queue
+from bench.ablations import (committed_dataset, dvc, experiment_metrics, failed_task_ids, mean_and_std,
+                             queue_experiment, wait_for_queue)
 from pipeline.summary import FIGURES, gt_flag, read_metrics
 from weakclip_core.artifacts.atomic import write_json
 
@@ -89,10 +90,12 @@ def queue_and_run(seeds: tuple[int, ...], poll_s: float = 30.0) -> None:
     """Queue the whole chain at each seed and run the queue with one worker at the chain's own threads (tasks
     that had failed before are not this queue's failures)."""
     earlier_failures = failed_task_ids()
+    queued: dict[str, tuple[str, ...]] = {}
     for seed in seeds:
-        dvc("exp", "run", "--queue", "--name", experiment_name(seed), "-S", f"{SEED_KEY}={seed}")
+        queued[experiment_name(seed)] = ("-S", f"{SEED_KEY}={seed}")
+        queue_experiment(experiment_name(seed), queued[experiment_name(seed)])
         print(f"queued {experiment_name(seed)}: {SEED_KEY}={seed}", flush=True)
-    wait_for_queue(jobs=1, poll_s=poll_s, earlier_failures=earlier_failures)
+    wait_for_queue(jobs=1, poll_s=poll_s, earlier_failures=earlier_failures, queued=queued)
 
 
 def values_by_figure(committed: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> dict[str, list[float]]:

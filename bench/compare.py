@@ -290,11 +290,13 @@ def queue_and_wait(to_run: list[tuple[str, tuple[str, ...]]], target: str | None
     """Queue each experiment (``dvc exp run --queue``), run the queue with ``jobs`` workers at one thread a run
     (runs of two calls with other ``--jobs`` then ran alike) and wait (``bench.ablations.wait_for_queue``)."""
     earlier_failures = ablations.failed_task_ids()
+    queued: dict[str, tuple[str, ...]] = {}
     for name, overrides in to_run:
-        arguments = [argument for override in overrides for argument in ("-S", override)]
-        ablations.dvc("exp", "run", "--queue", "--name", name, *arguments, *([target] if target else []))
+        queued[name] = (*(argument for override in overrides for argument in ("-S", override)),
+                        *([target] if target else []))
+        ablations.queue_experiment(name, queued[name])
         print(f"queued {name}: {' '.join(overrides)}", flush=True)
-    ablations.wait_for_queue(jobs, poll_s, earlier_failures, one_thread_each=True)
+    ablations.wait_for_queue(jobs, poll_s, earlier_failures, one_thread_each=True, queued=queued)
 
 
 def seed_values(finished: dict[str, FinishedRun], arm: Arm, metric: Metric, seed_key: str) -> dict[int, float]:

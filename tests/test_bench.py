@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -279,9 +280,61 @@ def test_timing_table_publishes_only_the_synthetic_record(tmp_path: Path,
     synthetic = {**voc, "dataset": "synthetic", "stages": {"prepare": 9.0, "clip": 119.0}, "total_s": 128.0}
     (timings_dir / "repro_synthetic.json").write_text(json.dumps(synthetic))
     assert write_readme(timings_dir, timing_file, readme) == 0
-    assert json.loads(timing_file.read_text()) == synthetic
+    assert json.loads(timing_file.read_text()) == {"records": [synthetic]}
     text = readme.read_text(encoding="utf-8")
-    assert "old table" not in text and "| `clip` | 2.0 min (119 s) |" in text and "all 2 stages ran" in text
+    assert "old table" not in text and "| `clip` | 2.0 min (119 s) |" in text
+    assert "- A: 8 CPU cores, 2026-11-26\n" in text and "| **total `dvc repro`** | **2.1 min (128 s)** |" in text
+
+
+def test_timing_table_keeps_one_record_per_machine_kind(tmp_path: Path) -> None:
+    """A run replaces its own CPU kind's published record and keeps the others' (newest first), one README
+    column each; a stage one record lacks shows '-'."""
+    from bench.repro_timing import END_MARKER, START_MARKER, write_readme
+
+    timings_dir, timing_file, readme = tmp_path / "timings", tmp_path / "repro_timing.json", tmp_path / "README.md"
+    timings_dir.mkdir()
+    readme.write_text(f"{START_MARKER}\n{END_MARKER}\n", encoding="utf-8")
+    amd = {"measured_on": "2026-12-02", "machine": "2 CPU cores, AMD EPYC", "command": "dvc repro",
+           "dataset": "synthetic", "stages": {"prepare": 7.0, "clip": 349.0}, "total_s": 1290.0}
+    intel = {**amd, "measured_on": "2026-12-04", "machine": "2 CPU cores, Intel Xeon",
+             "stages": {"prepare": 4.0, "clip": 275.0, "summary": 1.0}, "total_s": 1092.0}
+    for record in (amd, intel):
+        (timings_dir / "repro_synthetic.json").write_text(json.dumps(record))
+        assert write_readme(timings_dir, timing_file, readme) == 0
+    assert json.loads(timing_file.read_text())["records"] == [intel, amd]
+    text = readme.read_text(encoding="utf-8")
+    assert "- A: 2 CPU cores, Intel Xeon, 2026-12-04\n- B: 2 CPU cores, AMD EPYC, 2026-12-02\n" in text
+    assert "| `clip` | 4.6 min (275 s) | 5.8 min (349 s) |" in text and "| `summary` | 0.0 min (1 s) | - |" in text
+    assert "| **total `dvc repro`** | **18.2 min (1092 s)** | **21.5 min (1290 s)** |" in text
+    later_amd = {**amd, "measured_on": "2026-12-05", "total_s": 1200.0}
+    (timings_dir / "repro_synthetic.json").write_text(json.dumps(later_amd))
+    assert write_readme(timings_dir, timing_file, readme) == 0
+    assert json.loads(timing_file.read_text())["records"] == [later_amd, intel]
+
+
+def test_published_stand_in_is_this_machine_kinds_record(tmp_path: Path) -> None:
+    from bench.repro_timing import stand_in_record
+
+    published = tmp_path / "repro_timing.json"
+    assert stand_in_record(published, "any") is None
+    newest, older = {"machine": "kind A", "stages": {"clip": 1.0}}, {"machine": "kind B", "stages": {"clip": 2.0}}
+    published.write_text(json.dumps({"records": [newest, older]}))
+    assert stand_in_record(published, "kind B") == older and stand_in_record(published, "kind C") == newest
+    own = tmp_path / "repro_synthetic.json"
+    own.write_text(json.dumps(older))
+    assert stand_in_record(own, "kind A") == older  # a machine's own record is taken as it is
+
+
+def test_cpu_model_names_the_first_processor_with_family_and_model(tmp_path: Path) -> None:
+    from bench.repro_timing import cpu_model
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+                       "model name\t: AMD EPYC 7B13\nflags\t\t: fpu: vme\n\n"
+                       "processor\t: 1\ncpu family\t: 6\nmodel\t\t: 167\nmodel name\t: other\n")
+    assert cpu_model(cpuinfo) == "AMD EPYC 7B13, family 25 model 1"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: ARMv8 Processor\n")
+    assert cpu_model(cpuinfo) == "ARMv8 Processor"
 
 
 def test_make_repro_writes_only_git_ignored_files() -> None:
@@ -467,6 +520,62 @@ def test_wait_for_queue_restarts_workers_that_left_a_stalled_queue(monkeypatch: 
     with pytest.raises(RuntimeError, match="abl-temp-1-s1"):
         ablations.wait_for_queue(jobs=2, poll_s=0.0)
     assert starts == [2, 2]
+
+
+def test_a_task_the_queue_lost_is_queued_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task listed Running with nothing queued and no worker process alive (a worker took it, then shut down on
+    its empty-queue check) is killed, its experiment removed and queued again with its own arguments, once; its
+    Failed line is then no failure of this queue. A live worker process, or a task still queued, is no loss."""
+    from bench import ablations
+
+    lost = "d259762  higher@score-s1  11:51 PM   Running\n\nWorker status: 0 active, 0 idle\n"
+    statuses = iter([lost,  # the worker is alive (busy, not answering): no loss
+                     lost, lost,  # no worker process: lost after two polls
+                     "e111111  higher@score-s1  11:53 PM   Running\n\nWorker status: 0 active, 0 idle\n",
+                     "e111111  higher@score-s1  11:53 PM   Success\nd259762  higher@score-s1  11:51 PM   Failed\n"
+                     "\nWorker status: 0 active, 0 idle\n"])
+    alive = iter([True, False, False, True])
+    calls: list[tuple[str, ...]] = []
+
+    def fake_dvc(*arguments: str) -> str:
+        calls.append(arguments)
+        return next(statuses) if arguments == ("queue", "status") else ""
+
+    starts: list[int] = []
+    monkeypatch.setattr(ablations, "start_workers", lambda jobs, one_thread_each: starts.append(jobs))
+    monkeypatch.setattr(ablations, "dvc", fake_dvc)
+    monkeypatch.setattr(ablations, "queue_worker_alive", lambda repo: next(alive))
+    monkeypatch.setattr(ablations.time, "sleep", lambda seconds: None)
+    ablations.wait_for_queue(jobs=1, poll_s=0.0, queued={"higher@score-s1": ("-S", "scale=1.2", "score")})
+    assert [call for call in calls if call != ("queue", "status")] == [
+        ("queue", "kill", "d259762"), ("exp", "remove", "higher@score-s1"),
+        ("exp", "run", "--queue", "--name", "higher@score-s1", "-S", "scale=1.2", "score")]
+    assert starts == [1, 1]
+
+    # Lost again after its second queueing, or a task this call did not queue: an error naming the way out.
+    statuses = iter([lost] * 4)
+    alive = iter([False] * 4)
+    with pytest.raises(RuntimeError, match=r"`dvc queue kill d259762` and `dvc exp remove higher@score-s1`"):
+        ablations.wait_for_queue(jobs=1, poll_s=0.0, queued={"other-s1": ()})
+
+
+def test_queue_worker_alive_reads_dvc_tasks_worker_records(tmp_path: Path) -> None:
+    """dvc-task writes dvc-exp-worker-<n>.json (pid; return code once exited): a worker is alive while its record
+    has no return code and its process exists."""
+    from bench.ablations import QUEUE_WORKER_RECORDS, queue_worker_alive, task_name
+
+    folder = tmp_path / QUEUE_WORKER_RECORDS
+    assert not queue_worker_alive(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "dvc-exp-worker-1.json").write_text(json.dumps({"pid": os.getpid(), "returncode": 0}))
+    # Above Linux's largest pid_max (2 ** 22): no such process can exist.
+    (folder / "dvc-exp-worker-2.json").write_text(json.dumps({"pid": 2 ** 22 + 17, "returncode": None}))
+    assert not queue_worker_alive(tmp_path)
+    (folder / "dvc-exp-worker-3.json").write_text(json.dumps({"pid": os.getpid(), "returncode": None}))
+    assert queue_worker_alive(tmp_path)
+    assert task_name("d259762  higher@score-s1         11:51 PM   Running") == "higher@score-s1"
+    assert task_name("c79d124             Aug 22, 2022  Running") is None
+    assert task_name("c79d124  abl-x-s1   Aug 22, 2022  Failed") == "abl-x-s1"
 
 
 def test_only_this_queues_failures_raise(monkeypatch: pytest.MonkeyPatch) -> None:

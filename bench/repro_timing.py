@@ -10,9 +10,13 @@ the stages' own ``timings/<stage>.json``). A partial run (a changed param re-run
 where everything was up to date prints what ran and keeps the last full record.
 
 ``make timing-table`` (``python -m bench.repro_timing --write-readme``) is the explicit step that publishes
-the last full run on the synthetic default: it copies ``timings/repro_synthetic.json`` to
-``bench/repro_timing.json`` and writes its table into README.md between ``<!-- repro-timing:start -->`` and
-``<!-- repro-timing:end -->``. A VOC or COCO run is recorded under its own name and never published there.
+the last full run on the synthetic default: it adds ``timings/repro_synthetic.json`` to
+``bench/repro_timing.json`` (one record per machine kind: a run replaces the record of its own kind and keeps
+the others) and writes their table into README.md between ``<!-- repro-timing:start -->`` and
+``<!-- repro-timing:end -->``, one column per kind. Each record names the CPU (model name, family and model
+numbers): the chain's time follows the CPU kind, and so do its bytes (another CPU's float kernels round
+differently), so a time without the kind says little. A VOC or COCO run is recorded under its own name and
+never published there.
 
 Usage: ``python -m bench.repro_timing [dvc repro arguments...]`` or ``python -m bench.repro_timing --write-readme``.
 """
@@ -43,6 +47,36 @@ START_MARKER = "<!-- repro-timing:start -->"
 END_MARKER = "<!-- repro-timing:end -->"
 RUNNING_STAGE = re.compile(r"^Running stage '([^']+)'")
 WRITE_README = "--write-readme"
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
+    """The first processor as Linux names it, with its family and model numbers (``Intel(R) Xeon(R) Processor,
+    family 6 model 167``): under a hypervisor the name alone can be generic, the numbers tell kinds apart.
+    Without ``/proc/cpuinfo``: ``platform.processor()``, else ``unknown CPU``."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block only
+            continue
+        key, separator, value = line.partition(":")
+        if separator:
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    if fields.get("cpu family") and fields.get("model"):
+        return f"{name}, family {fields['cpu family']} model {fields['model']}"
+    return name
+
+
+def machine_description() -> str:
+    """What a timing record says it was measured on: cores, CPU kind, architecture, OpenMP threads."""
+    return (f"{os.cpu_count()} CPU cores, {cpu_model()} ({platform.machine()}), "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
 
 
 def record_file(timings_dir: Path, dataset_name: str) -> Path:
@@ -74,7 +108,60 @@ def markdown_table(record: dict[str, Any]) -> str:
              f"all {len(record['stages'])} stages ran.",
              "", "| stage | wall time |", "|---|---|"]
     lines += [f"| `{stage}` | {seconds / 60:.1f} min ({seconds:.0f} s) |" for stage, seconds in record["stages"].items()]
-    lines.append(f"| **total `dvc repro`** | **{record['total_s'] / 60:.1f} min ({record['total_s']:.0f} s)** |")
+    lines.append(f"| **total `dvc repro`** | **{minutes_and_seconds(record['total_s'])}** |")
+    return "\n".join(lines)
+
+
+def minutes_and_seconds(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
+
+
+def published_records(timing_file: Path) -> list[dict[str, Any]]:
+    """The records of ``bench/repro_timing.json``, newest first; none when the file is absent."""
+    if not timing_file.is_file():
+        return []
+    data = json.loads(timing_file.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        raise ValueError(f"{timing_file}: not a published timing file (no 'records' list)")
+    return list(data["records"])
+
+
+def with_record(records: list[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
+    """``record`` first, then the other machines' records: a run replaces the one of its own machine kind."""
+    return [record, *(kept for kept in records if kept.get("machine") != record.get("machine"))]
+
+
+def stand_in_record(path: Path, machine: str) -> dict[str, Any] | None:
+    """The ``make repro`` record in ``path`` that may stand in for a stage's time on ``machine``: a machine's own
+    ``timings/repro_<dataset>.json`` is one record; the published file holds one per kind, and ``machine``'s own
+    kind's is taken, else the newest. ``None`` when the file is absent or holds no record."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or "records" not in data:
+        return data if isinstance(data, dict) else None
+    records = published_records(path)
+    return next((record for record in records if record.get("machine") == machine), records[0] if records else None)
+
+
+def published_table(records: list[dict[str, Any]]) -> str:
+    """The README block: one column per machine kind (newest first), one row per stage, then the totals."""
+    stages = list(dict.fromkeys(stage for record in records for stage in record["stages"]))
+    lines = ["Measured by `make repro` (every stage of the chain ran), one column per machine kind: the chain's "
+             "time follows the CPU, and so do its figures (docs/RESULTS.md, \"The committed chain on other "
+             "machines\").", ""]
+    for letter, record in zip("ABCDEFGH", records):
+        command = record.get("command", "dvc repro").strip()
+        how = "" if command == "dvc repro" else f", `make repro`'s script run as `{command}`"
+        lines.append(f"- {letter}: {record['machine']}, {record['measured_on']}{how}")
+    lines += ["", "| stage | " + " | ".join("ABCDEFGH"[:len(records)]) + " |",
+              "|---|" + "---|" * len(records)]
+    for stage in stages:
+        cells = [minutes_and_seconds(record["stages"][stage]) if stage in record["stages"] else "-"
+                 for record in records]
+        lines.append(f"| `{stage}` | " + " | ".join(cells) + " |")
+    lines.append("| **total `dvc repro`** | "
+                 + " | ".join(f"**{minutes_and_seconds(record['total_s'])}**" for record in records) + " |")
     return "\n".join(lines)
 
 
@@ -109,7 +196,8 @@ def record_run(record: dict[str, Any], missing: set[str], timings_dir: Path) -> 
 
 
 def write_readme(timings_dir: Path, timing_file: Path, readme: Path) -> int:
-    """``make timing-table``: publish the last full synthetic run; 1 with a message when there is none."""
+    """``make timing-table``: publish the last full synthetic run beside the other machine kinds' records (it
+    replaces its own kind's); 1 with a message when there is none."""
     source = record_file(timings_dir, PUBLISHED_DATASET)
     if not source.is_file():
         print(f"repro_timing: no full-chain record in {source}: run `make repro` (every stage must run, e.g. "
@@ -117,12 +205,14 @@ def write_readme(timings_dir: Path, timing_file: Path, readme: Path) -> int:
               file=sys.stderr)
         return 1
     record = json.loads(source.read_text(encoding="utf-8"))
-    if not update_readme(readme, markdown_table(record)):
+    records = with_record(published_records(timing_file), record)
+    if not update_readme(readme, published_table(records)):
         print(f"repro_timing: {readme} has no {START_MARKER} ... {END_MARKER} block; nothing written",
               file=sys.stderr)
         return 1
-    write_json(timing_file, record)
-    print(f"repro_timing: the run of {record['measured_on']} ({record['total_s']:.0f} s) -> {readme.name}, "
+    write_json(timing_file, {"records": records})
+    print(f"repro_timing: the run of {record['measured_on']} ({record['total_s']:.0f} s) on {record['machine']} "
+          f"beside {len(records) - 1} other machine kind(s) -> {readme.name}, "
           f"{timing_file.relative_to(REPO) if timing_file.is_relative_to(REPO) else timing_file}")
     return 0
 
@@ -151,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     record = {
         "measured_on": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, OMP_NUM_THREADS="
-                   f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "machine": machine_description(),
         "command": "dvc repro " + " ".join(arguments),
         "dataset": load_params(REPO / "params.yaml").dataset.name,
         "stages": stage_durations(events, finished),

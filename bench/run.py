@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.repro_timing import PUBLISHED_DATASET, record_file
+from bench.repro_timing import PUBLISHED_DATASET, machine_description, record_file, stand_in_record
 from weakclip_core.artifacts.atomic import atomic_path, write_json
 from weakclip_core.config import load_params
 
@@ -156,13 +156,16 @@ def collect_stage_timings(root: Path, measure_missing: bool, timings_dir: Path,
 
     Order of preference: the stage's own ``timings/<stage>.json``; in the full run, a fresh
     ``dvc repro -s --force`` of the stage (its own record when it writes one, else the command's time);
-    otherwise the first of ``repro_records`` (the last full-chain ``make repro``) that holds the stage.
+    otherwise the first of ``repro_records`` (the last full-chain ``make repro``) that holds the stage; in the
+    published file, the record of this machine's CPU kind, else the newest (``stand_in_record``).
     """
     repro: dict[str, Any] = {}
     repro_path: Path | None = None
+    machine = machine_description()
     for path in repro_records:
-        if path.is_file():
-            repro, repro_path = json.loads(path.read_text()), path
+        record = stand_in_record(path, machine)
+        if record is not None:
+            repro, repro_path = record, path
             break
     seconds: dict[str, float] = {}
     sources: dict[str, str] = {}
@@ -178,7 +181,8 @@ def collect_stage_timings(root: Path, measure_missing: bool, timings_dir: Path,
             assert repro_path is not None
             shown = repro_path.relative_to(REPO) if repro_path.is_relative_to(REPO) else repro_path
             seconds[stage] = float(repro["stages"][stage])
-            sources[stage] = f"make repro ({shown}, {repro.get('measured_on', 'undated')})"
+            sources[stage] = (f"make repro ({shown}, {repro.get('measured_on', 'undated')}"
+                              + (f", {repro['machine']})" if repro.get("machine") else ")"))
         else:
             missing.append(stage)
     return {"seconds": seconds, "sources": sources, "missing": missing, "total_s": sum(seconds.values())}

@@ -336,7 +336,7 @@ def test_decoder_init_reference_draws_kaiming_fan_out_and_leaves_the_classifier(
     default = WeakCLIP(tiny_clip(), CLASS_NAMES, arch).decoder
 
     def std_of(convs) -> float:
-        return float(torch.cat([conv.weight.flatten() for conv in convs]).std())
+        return float(torch.cat([conv.weight.detach().flatten() for conv in convs]).std())
 
     laterals, outputs = list(reference.neck.laterals), list(reference.neck.outputs)
     head_convs = [m for m in reference.head.scale_heads.modules() if isinstance(m, torch.nn.Conv2d)]

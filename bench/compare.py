@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from scipy import stats
 
 from bench import ablations
@@ -44,6 +43,7 @@ from flows.dvc_cli import CommandFailed
 from flows.machines import uncommitted_files
 from flows.stage_run import flat_params
 from weakclip_core.artifacts.atomic import write_json
+from weakclip_core.config.params import parse_params_text
 
 WEAKCLIP_SEED_KEY = "weakclip.train.seed_offset"
 CHAIN_SEED_KEY = "runtime.seed"
@@ -450,7 +450,7 @@ def run_comparison(arguments: argparse.Namespace, repo: Path) -> tuple[list[dict
     graph = stage_graph(repo, arguments.target)
     metrics = (tuple(parse_metric(text, graph, arguments.target) for text in arguments.metric) if arguments.metric
                else default_metrics(repo, arguments.target))
-    params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8")) or {}
+    params = parse_params_text((repo / "params.yaml").read_text(encoding="utf-8"), repo / "params.yaml") or {}
     finished, listed = ablations.finished_experiments(json.loads(ablations.dvc("exp", "show", "--json")))
     if arguments.command == "run":
         overrides = tuple(arguments.overrides)

@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from weakclip_core.artifacts.weakclip import load_weakclip_model
-from weakclip_core.config.params import params_from_dict
+from weakclip_core.config.params import params_from_dict, parse_params_text
 from weakclip_core.data.layout import PreparedDataset
 from weakclip_core.evaluation.split_score import score_argmax_on_split
 from weakclip_core.method.inference import InferenceAugmentation
@@ -127,7 +127,7 @@ def score_revision(repo: Path, rev: str | None, split: str | None = None,
     commit = None if rev is None else resolve_revision(repo, rev)
     filesystem = DVCFileSystem(str(repo), rev=commit)
     with filesystem.open("params.yaml", "r") as handle:
-        params = params_from_dict(yaml.safe_load(handle.read()))
+        params = params_from_dict(parse_params_text(handle.read(), f"params.yaml at {rev or 'the workspace'}"))
     prepared_dir = params.dataset.prepared_dir
     if commit is not None:
         with filesystem.open("dvc.lock", "r") as handle:

@@ -44,12 +44,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from flows.dag import StageGraph, StageSpec, read_stage_graph
 from flows.dvc_cli import (CommandFailed, capture_command, dvc_command, mask_url_passwords, run_command,
                            tool_environment)
 from flows.stage_run import flat_params
+from weakclip_core.config.params import parse_params_text
+from weakclip_core.config.schema import ConfigError
 
 CHAIN_LOCK = Path(".dvc") / "tmp" / "weakclip-chain.lock"
 CLONE_LOCK = Path(".dvc") / "tmp" / "weakclip-stage.lock"
@@ -144,11 +144,11 @@ def params_changed_since_commit(root: Path, files: list[str], shown: int = 6) ->
         path = root / relative
         if not path.is_file():
             continue
-        try:
-            committed = yaml.safe_load(git(["show", f"HEAD:{relative}"], root)) or {}
-        except CommandFailed:
+        try:  # read as DVC writes them (YAML 1.2: `3e-05` is a number), or each such value shows as changed
+            committed = parse_params_text(git(["show", f"HEAD:{relative}"], root), f"HEAD:{relative}") or {}
+        except (CommandFailed, ConfigError):
             committed = {}
-        current = yaml.safe_load(path.read_text()) or {}
+        current = parse_params_text(path.read_text(encoding="utf-8"), path) or {}
         if not isinstance(committed, dict) or not isinstance(current, dict):
             continue
         before, after = flat_params(committed), flat_params(current)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.clip import run as run_clip_stage
-from tiny_voc import TINY_CLIP_ARCH, write_tiny_voc
+from tiny_voc import TINY_CLIP_ARCH, TINY_WEAKCLIP_TAPS, write_tiny_voc
 from weakclip_core.models.clip import load_clip_artifact
 from weakclip_core.training.clip_pretrain import (average_precision, caption_clauses, caption_groups, clip_contrastive_loss,
                                          drop_clauses, zero_shot_report, zero_shot_scores)
@@ -155,6 +155,7 @@ def tiny_params(root: Path, source: str = "pretrain", corpus: str = "train_split
         "clip": {"source": source, "arch": dict(TINY_CLIP_ARCH),
                  "pretrain": {"epochs": 2, "batch_size": 8, "lr": 0.001, "warmup_steps": 2, "corpus": corpus,
                               "web_images": 16}},
+        "weakclip": {"taps": TINY_WEAKCLIP_TAPS},
     }
 
 

@@ -126,7 +126,65 @@ def test_load_params_names_the_file(tmp_path):
         load_params(wrong)
 
 
+def test_values_dvc_exp_run_s_writes_load_as_dvc_reads_them(tmp_path: Path) -> None:
+    """`dvc exp run -S key=0.00003` writes `3e-05` (YAML 1.2, DVC's ruamel.yaml): it is that float, as DVC's own
+    params reader says, not the string YAML 1.1 makes of it (the loader used to refuse it as not a float)."""
+    from dvc.utils.hydra import apply_overrides
+    from dvc.utils.serialize import load_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    apply_overrides(str(path), ["weakclip.train.weight_decay=0.00003", "weakclip.train.min_lr=1e-7",
+                                "seg.train.lr=0.0002"])
+    text = path.read_text(encoding="utf-8")
+    assert "weight_decay: 3e-05" in text and "min_lr: 1e-07" in text  # how DVC writes them
+    assert yaml.safe_load(text)["weakclip"]["train"]["weight_decay"] == "3e-05"  # YAML 1.1's reading: a string
+    dvc_reads = load_yaml(str(path))
+    params = load_params(path)
+    assert params.weakclip.train.weight_decay == dvc_reads["weakclip"]["train"]["weight_decay"] == 3e-05
+    assert params.weakclip.train.min_lr == 1e-07 and params.seg.train.lr == 0.0002
+
+
+def test_a_key_given_twice_is_refused_naming_the_file_and_lines(tmp_path: Path) -> None:
+    """A second `lr:` (or a second section) used to win silently; DVC refuses such a file, and so does the loader."""
+    path = tmp_path / "params.yaml"
+    path.write_text("weakclip:\n  train:\n    lr: 0.001\n    iterations: 300\n    lr: 0.01\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        load_params(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: not valid YAML") and 'duplicate key "lr"' in message
+    assert "line 3" in message and "line 5" in message and "unicode string" not in message
+    assert "To suppress" not in message and "\n" not in message  # one line
+
+
 def test_clip_image_size_must_be_a_multiple_of_its_patch_size() -> None:
     with pytest.raises(ConfigError, match=r"^clip\.arch\.image_size: 100 is not a multiple of patch_size 16$"):
         params_from_dict({"clip": {"arch": {"image_size": 100}}})
     params_from_dict({"clip": {"arch": {"image_size": 96}}})  # 6 x 16
+
+
+def test_weakclip_and_its_clip_must_fit_together_at_load_time() -> None:
+    """Pairs that used to load and then fail at weakclip_train's first step, after the clip and CAM stages had run
+    (the prompt learner's, the visual taps', the text encoder's own checks): refused by the loader naming the keys.
+    A weights file (clip.source: file) brings its own architecture, so clip.arch is not held against it."""
+    base = {"clip": {"source": "pretrain", "arch": {"vision_layers": 12, "context_length": 32}},
+            "weakclip": {"prompt_len": 8, "text_context_length": 13, "taps": [3, 5, 7, 11]}}
+    assert params_from_dict(base).weakclip.prompt_len == 8
+    # 13 tokens - 12 contexts = 1 for the name: the prompt learner needs 2 (13 - 11 = 2 passes).
+    assert params_from_dict({**base, "weakclip": {**base["weakclip"], "prompt_len": 11}}).weakclip.prompt_len == 11
+    with pytest.raises(ConfigError, match=r"^weakclip\.text_context_length: 13 leaves 1 token\(s\) for the class "
+                                          r"names after prompt_len 12"):
+        params_from_dict({**base, "weakclip": {**base["weakclip"], "prompt_len": 12}})
+    # taps are 0-based block indices: 11 needs 12 blocks; 6 blocks end at block 5.
+    six_blocks = {**base, "clip": {"source": "random", "arch": {"vision_layers": 6, "context_length": 32}}}
+    with pytest.raises(ConfigError, match=r"^weakclip\.taps: \[3, 5, 7, 11\] reach block 11, but "
+                                          r"clip\.arch\.vision_layers is 6 \(blocks 0-5\)"):
+        params_from_dict(six_blocks)
+    assert params_from_dict({**six_blocks, "weakclip": {**base["weakclip"], "taps": [1, 2, 4, 5]}})
+    short_text = {**base, "clip": {"source": "pretrain", "arch": {"vision_layers": 12, "context_length": 12}}}
+    with pytest.raises(ConfigError, match=r"^weakclip\.text_context_length: 13 tokens exceed clip\.arch\."
+                                          r"context_length 12"):
+        params_from_dict(short_text)
+    from_file = {"clip": {"source": "file", "weights": "imports/ViT-B-16.pt", "arch": {"vision_layers": 6}},
+                 "weakclip": base["weakclip"]}
+    assert params_from_dict(from_file).clip.source == "file"

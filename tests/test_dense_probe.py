@@ -13,7 +13,7 @@ import torch
 
 import weakclip_core.evaluation.dense_probe as dense_probe_module
 from pipeline.clip import run as run_clip_stage
-from tiny_voc import TINY_CLIP_ARCH, write_tiny_voc
+from tiny_voc import TINY_CLIP_ARCH, TINY_WEAKCLIP_TAPS, write_tiny_voc
 from weakclip_core.config import params_from_dict
 from weakclip_core.config.clip import ClipArchConfig, ClipConfig
 from weakclip_core.data.layout import PreparedDataset, write_image, write_labels, write_mask, write_split
@@ -216,7 +216,8 @@ def test_clip_stage_writes_the_dense_probe_of_both_clips(tmp_path: Path):
     write_tiny_voc(data_root, n_train=8, n_val=4)
     params = params_from_dict({"runtime": {"device": "cpu", "seed": 3},
                                "dataset": {"name": "synthetic", "prepared_dir": str(data_root)},
-                               "clip": {"source": "random", "arch": dict(TINY_CLIP_ARCH)}})
+                               "clip": {"source": "random", "arch": dict(TINY_CLIP_ARCH)},
+                               "weakclip": {"taps": TINY_WEAKCLIP_TAPS}})
     metrics = run_clip_stage(params, tmp_path / "clip", tmp_path / "clip.json", checkpoint_root=tmp_path / "ckpt")
     assert json.loads((tmp_path / "clip.json").read_text()) == metrics
     assert metrics["dense_probe_split"] == "train" and metrics["dense_probe_n_images"] == 8

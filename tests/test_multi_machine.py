@@ -860,3 +860,21 @@ def test_a_client_without_the_auth_string_is_refused(tmp_path: Path, monkeypatch
         allowed = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "ls"], env=env, capture_output=True, text=True, timeout=120)
         assert allowed.returncode == 0, allowed.stdout + allowed.stderr
         shutil.rmtree(tmp_path / "client", ignore_errors=True)
+
+
+def test_params_dvc_rewrote_in_its_own_spelling_are_no_change(tmp_path: Path) -> None:
+    """`-S train.lr=0.00003` is written by DVC in YAML 1.2 as `3e-05`: the chain's log of what the clone's params
+    change against the commit reads both files as DVC does, so a value set to what it was is no change (YAML 1.1
+    read `3e-05` as a string and listed `lr 3e-05 -> 3e-05`)."""
+    from dvc.utils.hydra import apply_overrides
+
+    from flows.machines import params_changed_since_commit
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.00003\n  steps: 10\n", encoding="utf-8")
+    subprocess.run(["git", "-C", str(tmp_path), "add", "params.yaml"], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m",
+                    "params"], check=True)
+    apply_overrides(str(tmp_path / "params.yaml"), ["train.lr=0.00003", "train.steps=20"])
+    assert "lr: 3e-05" in (tmp_path / "params.yaml").read_text(encoding="utf-8")
+    assert params_changed_since_commit(tmp_path, ["params.yaml"]) == ["params.yaml: train.steps 10 -> 20"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.clip import run as run_clip_stage
-from tiny_voc import TINY_CLIP_ARCH, write_tiny_voc
+from tiny_voc import TINY_CLIP_ARCH, TINY_WEAKCLIP_TAPS, write_tiny_voc
 from weakclip_core.config import params_from_dict
 from weakclip_core.config.dataset import SyntheticConfig
 from weakclip_core.config.schema import ConfigError
@@ -112,6 +112,7 @@ def test_the_clip_stage_pretrains_on_the_web_stream(tmp_path: Path) -> None:
         "clip": {"source": "pretrain", "arch": dict(TINY_CLIP_ARCH),
                  "pretrain": {"epochs": 2, "batch_size": 4, "lr": 0.001, "warmup_steps": 1, "corpus": "web",
                               "web_images": 8, "web_max_objects": 3}},
+        "weakclip": {"taps": TINY_WEAKCLIP_TAPS},
     })
     metrics = run_clip_stage(params, tmp_path / "clip", tmp_path / "clip.json", checkpoint_root=tmp_path / "ckpt")
     assert metrics["pretrain"]["corpus"] == "web"
@@ -123,7 +124,8 @@ def test_the_clip_stage_pretrains_on_the_web_stream(tmp_path: Path) -> None:
     write_tiny_voc(other_root, n_train=8, n_val=4)
     other = params_from_dict({"dataset": {"name": "synthetic", "prepared_dir": str(other_root)},
                               "clip": {"source": "pretrain", "arch": dict(TINY_CLIP_ARCH),
-                                       "pretrain": {"corpus": "web", "web_images": 8, "batch_size": 4}}})
+                                       "pretrain": {"corpus": "web", "web_images": 8, "batch_size": 4}},
+                              "weakclip": {"taps": TINY_WEAKCLIP_TAPS}})
     with pytest.raises(ConfigError, match=r"clip\.pretrain\.corpus: the web stream's classes \(10 from "
                                           r"dataset\.synthetic\.n_classes\) are not those of .*other \(3\)"):
         run_clip_stage(other, tmp_path / "clip2", tmp_path / "clip2.json", checkpoint_root=tmp_path / "ckpt2")

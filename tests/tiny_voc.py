@@ -20,6 +20,7 @@ CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220)]
 TINY_CLIP_ARCH = {"embed_dim": 32, "image_size": 64, "patch_size": 16, "vision_width": 32, "vision_layers": 4,
                   "vision_head_width": 16, "text_width": 32, "text_layers": 1, "text_heads": 2,
                   "context_length": 16}
+TINY_WEAKCLIP_TAPS = [0, 1, 2, 3]  # inside TINY_CLIP_ARCH's 4 blocks (the loader refuses taps past them)
 
 
 def _sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, list[int]]:

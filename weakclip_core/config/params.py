@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from weakclip_core.config.cam import CamConfig
 from weakclip_core.config.clip import ClipConfig
@@ -51,6 +52,22 @@ class Params:
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     seg: SegConfig = field(default_factory=SegConfig)
 
+    def validate(self) -> None:
+        """What WeakCLIP asks of the CLIP that ``clip.arch`` builds (``source`` pretrain or random; a weights file
+        brings its own architecture): its taps inside the visual tower, its prompts inside the text context.
+        Checked here, so a wrong pair stops ``load_params`` naming both keys, not ``weakclip_train``'s first step
+        after the clip and CAM stages have run."""
+        if self.clip.source == "file":
+            return
+        arch, weakclip = self.clip.arch, self.weakclip
+        if max(weakclip.taps) >= arch.vision_layers:
+            raise ConfigError(f"weakclip.taps: {weakclip.taps} reach block {max(weakclip.taps)}, but clip.arch."
+                              f"vision_layers is {arch.vision_layers} (blocks 0-{arch.vision_layers - 1}); lower the "
+                              "taps or add layers")
+        if weakclip.text_context_length > arch.context_length:
+            raise ConfigError(f"weakclip.text_context_length: {weakclip.text_context_length} tokens exceed "
+                              f"clip.arch.context_length {arch.context_length}, the text encoder's positions")
+
 
 def params_from_dict(data: dict[str, Any] | None) -> Params:
     """Validate a parsed params mapping; errors name the key path."""
@@ -91,15 +108,25 @@ def check_distributed_batches(params: Params) -> None:
     check_batches_divide(params.runtime, distributed_batch_sizes(params))
 
 
+def parse_params_text(text: str, source: str | Path) -> Any:
+    """A params file's YAML read as DVC reads it, YAML 1.2 (ruamel.yaml). PyYAML's YAML 1.1 reads ``3e-05``, what
+    ``dvc exp run -S key=0.00003`` writes, as a string (1.1 wants a dot before the exponent), so a value DVC had
+    set was refused as not a float; and it lets a key given twice silently take its last value, which DVC
+    refuses. Bad YAML or a key given twice: a ``ConfigError`` naming ``source`` and the lines."""
+    try:
+        return YAML(typ="safe").load(text)
+    except YAMLError as error:  # its lines say "in <unicode string>, line N": the text is source's
+        reason = str(error).split("\n\nTo suppress this check", 1)[0].strip()  # drop ruamel's link to its docs
+        reason = " ".join(line.strip() for line in reason.replace('"<unicode string>"', "the file").splitlines())
+        raise ConfigError(f"{source}: not valid YAML: {reason}") from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``params.yaml``; a missing file or bad YAML names the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    data = parse_params_text(path.read_text(encoding="utf-8"), path)
     try:
         return params_from_dict(data)
     except ConfigError as error:

@@ -155,6 +155,11 @@ class WeakClipArchConfig:
         if self.co_attention_width % self.co_attention_heads:
             raise ConfigError(f"co_attention_width: {self.co_attention_width} is not divisible by "
                               f"co_attention_heads {self.co_attention_heads}")
+        if self.text_context_length - self.prompt_len < 2:  # the prompt learner's own rule, checked before any stage
+            raise ConfigError(f"text_context_length: {self.text_context_length} leaves "
+                              f"{self.text_context_length - self.prompt_len} token(s) for the class names after "
+                              f"prompt_len {self.prompt_len} prompt contexts; they need at least 2: raise "
+                              "text_context_length or lower prompt_len")
 
 
 @dataclass(frozen=True)

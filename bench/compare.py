@@ -230,15 +230,33 @@ def stage_graph(repo: Path, target: str | None) -> StageGraph:
     return graph.select([target])
 
 
-def parse_metric(text: str, graph: StageGraph, target: str | None) -> Metric:
+def parse_metric(text: str, graph: StageGraph, target: str | None, repo: Path | None = None) -> Metric:
     """``FILE:KEY``, where FILE is written by a stage the run reaches: a later stage's file would hold the
-    committed run's figure in every experiment."""
+    committed run's figure in every experiment. With ``repo``, KEY (dotted: ``variants.fused.miou``) must also be
+    a number in the workspace's copy of FILE, the committed run's, when there is one: a typo would otherwise show
+    only after every run had finished."""
     file, separator, key = text.rpartition(":")
     if not separator or not file or not key:
         raise CompareError(f"--metric {text!r}: expected FILE:KEY, e.g. metrics/weakclip.json:miou")
     if not any(file in stage.outs for stage in graph.stages):
         raise CompareError(f"--metric {text}: {file} is not written by a stage up to "
                            f"{'--target ' + target if target else 'the chain'}")
+    committed = repo / file if repo is not None else None
+    if committed is not None and committed.is_file():
+        try:
+            data = json.loads(committed.read_text(encoding="utf-8"))
+        except ValueError:
+            data = None
+        value = nested(data, key) if isinstance(data, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            parent, _, last = key.rpartition(".")
+            around = nested(data, parent) if parent and isinstance(data, dict) else data
+            numbers = sorted(name for name, item in (around.items() if isinstance(around, dict) else ())
+                             if isinstance(item, (int, float)) and not isinstance(item, bool))
+            found = "is not a number" if value is not None else "is not there"
+            raise CompareError(f"--metric {text}: {key!r} {found} in the committed {file} (numbers "
+                               f"{'under ' + repr(parent) if parent else 'at its top level'}: "
+                               f"{', '.join(numbers[:12]) or 'none'}{' ...' if len(numbers) > 12 else ''})")
     return Metric(file, key)
 
 
@@ -265,6 +283,7 @@ def plan(arms: tuple[Arm, ...], seeds: tuple[int, ...], seed_key: str, params: d
     otherwise, or if it is listed without results, the run stops naming it."""
     base = flat_params(params)
     to_run = []
+    unfinished: list[str] = []
     for arm in arms:
         values = parse_overrides(arm.overrides)
         for seed in seeds:
@@ -280,9 +299,14 @@ def plan(arms: tuple[Arm, ...], seeds: tuple[int, ...], seed_key: str, params: d
                                            f"{shown_value(expected.get(key))}: {advice} (`dvc exp remove {name}`)")
                 continue
             if name in listed:
-                raise CompareError(f"experiment {name} is listed without results (queued, running or failed): see "
-                                   f"`dvc queue status`; `dvc exp remove {name}` to run it again")
+                unfinished.append(name)
+                continue
             to_run.append((name, (*arm.overrides, f"{seed_key}={seed}")))
+    if unfinished:  # all of them in one line (an interrupted run leaves several), with what clears each kind
+        raise CompareError(
+            f"experiment(s) {' '.join(unfinished)} listed without results (queued, running or failed; an interrupted "
+            "run leaves them): see `dvc queue status`; let queued or running ones finish (or `dvc queue kill "
+            f"<task>`), then `dvc exp remove {' '.join(unfinished)}` to run them again")
     return to_run
 
 
@@ -310,7 +334,10 @@ def seed_values(finished: dict[str, FinishedRun], arm: Arm, metric: Metric, seed
             continue
         seed = int(match.group(1))
         if nested(run.params, seed_key) != seed:
-            raise CompareError(f"experiment {name} ran with {seed_key}={nested(run.params, seed_key)!r}, not {seed}")
+            # A variant's name does not say its seed key: the usual cause is `show` without the --seed-key of `run`.
+            raise CompareError(f"experiment {name} ran with {seed_key}={nested(run.params, seed_key)!r}, not {seed}: "
+                               "if it was run with another --seed-key, pass that one (each run's seed key must hold "
+                               "the seed its name ends with)")
         value = nested(run.metrics.get(metric.file) or {}, metric.key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             found[seed] = float(value)
@@ -448,7 +475,8 @@ def run_comparison(arguments: argparse.Namespace, repo: Path) -> tuple[list[dict
     seed_key = arguments.seed_key or seed_key_for(arguments.target)
     baseline = baseline_arm(arguments.target, seed_key)
     graph = stage_graph(repo, arguments.target)
-    metrics = (tuple(parse_metric(text, graph, arguments.target) for text in arguments.metric) if arguments.metric
+    metrics = (tuple(parse_metric(text, graph, arguments.target, repo) for text in arguments.metric)
+               if arguments.metric
                else default_metrics(repo, arguments.target))
     params = parse_params_text((repo / "params.yaml").read_text(encoding="utf-8"), repo / "params.yaml") or {}
     finished, listed = ablations.finished_experiments(json.loads(ablations.dvc("exp", "show", "--json")))
@@ -500,6 +528,11 @@ def main(argv: list[str] | None = None) -> int:
         tables, seed_key = run_comparison(arguments, ablations.REPO)
     except CompareError as error:
         parser.exit(2, f"compare: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "compare: interrupted. Experiments already queued stay in DVC's queue and workers already "
+                         "started keep running them (`dvc queue status`): `dvc queue start` runs waiting ones, `dvc "
+                         "queue stop --kill` and `dvc queue remove --queued` end them; the same command again reuses "
+                         "every run that finished\n")
     print(render(tables, seed_key, arguments.target))
     if arguments.json is not None:
         write_json(arguments.json, {"seed_key": seed_key, "target": arguments.target, "confidence": CONFIDENCE,

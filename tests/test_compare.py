@@ -137,8 +137,13 @@ def test_the_plan_reuses_finished_runs_only_when_every_param_matches() -> None:
     with pytest.raises(CompareError, match=r"experiment cmp-base-weakclip_train-s1 ran with weakclip.train.lr=0.01, "
                                            r"not 0.02: drop it"):
         compare.plan((baseline, variant), (1,), WEAKCLIP_SEED, edited, finished, set(finished))
-    with pytest.raises(CompareError, match=r"experiment b1-s2 is listed without results .*dvc exp remove b1-s2"):
+    with pytest.raises(CompareError, match=r"experiment\(s\) b1-s2 listed without results .*dvc exp remove b1-s2"):
         compare.plan((baseline, variant), (1, 2), WEAKCLIP_SEED, params, finished, {*finished, "b1-s2"})
+    # An interrupted run leaves several: all in one line (the user removed one per re-run before).
+    with pytest.raises(CompareError, match=r"experiment\(s\) cmp-base-weakclip_train-s3 b1-s2 b1-s3 listed without "
+                                           r"results .*dvc exp remove cmp-base-weakclip_train-s3 b1-s2 b1-s3`"):
+        compare.plan((baseline, variant), (1, 2, 3), WEAKCLIP_SEED, params, finished,
+                     {*finished, "b1-s2", "b1-s3", "cmp-base-weakclip_train-s3"})
 
 
 def _experiment(name: str, state: str | None, metrics: dict, error: dict | None = None) -> dict:
@@ -199,6 +204,18 @@ def test_keys_metrics_and_names_are_checked_against_the_project() -> None:
         Metric("metrics/cam.json", "miou")
     with pytest.raises(CompareError, match=r"metrics/pseudo.json is not written by a stage up to --target weakclip"):
         compare.parse_metric("metrics/pseudo.json:miou", weakclip_graph, "weakclip_train")
+    # The key must be a number in the committed file, checked before anything is queued (a typo showed only after
+    # every run had finished); dotted keys reach nested figures.
+    committed_cam = json.loads((REPO_ROOT / "metrics" / "cam.json").read_text())
+    assert isinstance(committed_cam["variants"]["patch_cam"]["miou"], float)
+    assert compare.parse_metric("metrics/cam.json:variants.patch_cam.miou", weakclip_graph, "weakclip_train",
+                                REPO_ROOT) == Metric("metrics/cam.json", "variants.patch_cam.miou")
+    with pytest.raises(CompareError, match=r"^--metric metrics/cam.json:mIoU: 'mIoU' is not there in the committed "
+                                          r"metrics/cam.json \(numbers at its top level: .*miou"):
+        compare.parse_metric("metrics/cam.json:mIoU", weakclip_graph, "weakclip_train", REPO_ROOT)
+    with pytest.raises(CompareError, match=r"'variants.patch_cam' is not a number in the committed metrics/cam.json "
+                                          r"\(numbers under 'variants': none\)"):
+        compare.parse_metric("metrics/cam.json:variants.patch_cam", weakclip_graph, "weakclip_train", REPO_ROOT)
     for name in ("a..b", "x.lock", "cmp-base-mine", "-x", "a b"):
         with pytest.raises(CompareError, match=re.escape(f"NAME {name!r}")):
             compare.check_name(name)
@@ -269,3 +286,18 @@ def test_a_variant_over_seeds_as_real_dvc_experiments(tmp_path: Path, monkeypatc
     with pytest.raises(SystemExit):  # the same NAME over the whole chain has no run of its own: nothing reused
         compare.main(["show", "lower", "--seed-key", "seed", "--metric", "metrics/score.json:miou"])
     assert "no finished experiment lower-s<k> on this commit" in capsys.readouterr().err
+
+
+def test_an_interrupt_is_one_line_saying_what_stays_queued(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while queueing or waiting was a KeyboardInterrupt traceback; the queue keeps what was queued."""
+    def interrupted(arguments, repo):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "run_comparison", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        compare.main(["run", "x", "-S", "scale=0.8"])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 130 and error.count("\n") == 1 and "Traceback" not in error
+    assert error.startswith("compare: interrupted. Experiments already queued stay in DVC's queue")
+    assert "`dvc queue start`" in error and "`dvc queue remove --queued`" in error

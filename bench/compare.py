@@ -305,8 +305,9 @@ def plan(arms: tuple[Arm, ...], seeds: tuple[int, ...], seed_key: str, params: d
     if unfinished:  # all of them in one line (an interrupted run leaves several), with what clears each kind
         raise CompareError(
             f"experiment(s) {' '.join(unfinished)} listed without results (queued, running or failed; an interrupted "
-            "run leaves them): see `dvc queue status`; let queued or running ones finish (or `dvc queue kill "
-            f"<task>`), then `dvc exp remove {' '.join(unfinished)}` to run them again")
+            "run leaves them): see `dvc queue status`; queued and running ones are reused once they finish (`dvc "
+            "queue start` runs waiting ones), so run this command again then; failed or killed (`dvc queue kill "
+            "<task>`) ones must go first: `dvc exp remove <name> ...`")
     return to_run
 
 

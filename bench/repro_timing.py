@@ -126,9 +126,22 @@ def published_records(timing_file: Path) -> list[dict[str, Any]]:
     return list(data["records"])
 
 
+UNRECORDED_MODEL = " (model not recorded)"
+"""Marks a record made before records named the CPU's model: ``2 CPU cores, AMD EPYC (model not recorded) ...``."""
+
+
+def same_kind(recorded: str, machine: str) -> bool:
+    """Whether a published record's machine is ``machine``'s kind: the same description; for a record marked
+    ``UNRECORDED_MODEL``, any description that starts as it does before the mark (its cores and CPU line)."""
+    if recorded == machine:
+        return True
+    prefix, marked, _ = recorded.partition(UNRECORDED_MODEL)
+    return bool(marked) and machine.startswith(prefix)
+
+
 def with_record(records: list[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
     """``record`` first, then the other machines' records: a run replaces the one of its own machine kind."""
-    return [record, *(kept for kept in records if kept.get("machine") != record.get("machine"))]
+    return [record, *(kept for kept in records if not same_kind(str(kept.get("machine")), str(record.get("machine"))))]
 
 
 def stand_in_record(path: Path, machine: str) -> dict[str, Any] | None:
@@ -141,7 +154,8 @@ def stand_in_record(path: Path, machine: str) -> dict[str, Any] | None:
     if not isinstance(data, dict) or "records" not in data:
         return data if isinstance(data, dict) else None
     records = published_records(path)
-    return next((record for record in records if record.get("machine") == machine), records[0] if records else None)
+    return next((record for record in records if same_kind(str(record.get("machine")), machine)),
+                records[0] if records else None)
 
 
 def published_table(records: list[dict[str, Any]]) -> str:
@@ -150,12 +164,12 @@ def published_table(records: list[dict[str, Any]]) -> str:
     lines = ["Measured by `make repro` (every stage of the chain ran), one column per machine kind: the chain's "
              "time follows the CPU, and so do its figures (docs/RESULTS.md, \"The committed chain on other "
              "machines\").", ""]
-    for letter, record in zip("ABCDEFGH", records):
+    labels = [chr(ord("A") + index) if index < 26 else f"#{index + 1}" for index in range(len(records))]
+    for label, record in zip(labels, records):
         command = record.get("command", "dvc repro").strip()
         how = "" if command == "dvc repro" else f", `make repro`'s script run as `{command}`"
-        lines.append(f"- {letter}: {record['machine']}, {record['measured_on']}{how}")
-    lines += ["", "| stage | " + " | ".join("ABCDEFGH"[:len(records)]) + " |",
-              "|---|" + "---|" * len(records)]
+        lines.append(f"- {label}: {record['machine']}, {record['measured_on']}{how}")
+    lines += ["", "| stage | " + " | ".join(labels) + " |", "|---|" + "---|" * len(records)]
     for stage in stages:
         cells = [minutes_and_seconds(record["stages"][stage]) if stage in record["stages"] else "-"
                  for record in records]

@@ -312,6 +312,30 @@ def test_timing_table_keeps_one_record_per_machine_kind(tmp_path: Path) -> None:
     assert json.loads(timing_file.read_text())["records"] == [later_amd, intel]
 
 
+def test_a_record_made_before_cpu_models_were_named_is_replaced_by_its_kinds_next_run(tmp_path: Path) -> None:
+    """The AMD record of 2026-12-02 says only "AMD EPYC (model not recorded)": the next AMD EPYC run replaces it and
+    stands in for it (a description match alone never would); another vendor's does not. More than 8 kinds keep
+    one legend line and one column each."""
+    from bench.repro_timing import published_table, same_kind, stand_in_record, with_record
+
+    legacy = {"machine": "2 CPU cores, AMD EPYC (model not recorded) (x86_64), OMP_NUM_THREADS=unset",
+              "measured_on": "2026-12-02", "stages": {"clip": 349.0}, "total_s": 349.0}
+    intel = {**legacy, "machine": "2 CPU cores, Intel(R) Xeon(R) Processor, family 6 model 167 (x86_64), "
+                                  "OMP_NUM_THREADS=unset", "measured_on": "2026-12-04"}
+    amd = {**legacy, "machine": "2 CPU cores, AMD EPYC 7B13, family 25 model 1 (x86_64), OMP_NUM_THREADS=unset",
+           "measured_on": "2026-12-06"}
+    assert same_kind(legacy["machine"], amd["machine"]) and not same_kind(legacy["machine"], intel["machine"])
+    assert not same_kind(amd["machine"], legacy["machine"])  # only the unmarked side's description may extend it
+    assert with_record([intel, legacy], amd) == [amd, intel]
+    published = tmp_path / "repro_timing.json"
+    published.write_text(json.dumps({"records": [intel, legacy]}))
+    assert stand_in_record(published, amd["machine"]) == legacy
+    many = [{**legacy, "machine": f"kind {index}"} for index in range(9)]
+    table = published_table(many)
+    assert "- I: kind 8, 2026-12-02" in table and "| stage | A | B | C | D | E | F | G | H | I |" in table
+    assert "|---|" + "---|" * 9 + "\n" in table and "| `clip` | " + " | ".join(["5.8 min (349 s)"] * 9) + " |" in table
+
+
 def test_published_stand_in_is_this_machine_kinds_record(tmp_path: Path) -> None:
     from bench.repro_timing import stand_in_record
 

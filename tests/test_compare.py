@@ -137,11 +137,12 @@ def test_the_plan_reuses_finished_runs_only_when_every_param_matches() -> None:
     with pytest.raises(CompareError, match=r"experiment cmp-base-weakclip_train-s1 ran with weakclip.train.lr=0.01, "
                                            r"not 0.02: drop it"):
         compare.plan((baseline, variant), (1,), WEAKCLIP_SEED, edited, finished, set(finished))
-    with pytest.raises(CompareError, match=r"experiment\(s\) b1-s2 listed without results .*dvc exp remove b1-s2"):
+    with pytest.raises(CompareError, match=r"experiment\(s\) b1-s2 listed without results .*reused once they "
+                                           r"finish.*failed or killed .*`dvc exp remove <name> \.\.\.`"):
         compare.plan((baseline, variant), (1, 2), WEAKCLIP_SEED, params, finished, {*finished, "b1-s2"})
     # An interrupted run leaves several: all in one line (the user removed one per re-run before).
-    with pytest.raises(CompareError, match=r"experiment\(s\) cmp-base-weakclip_train-s3 b1-s2 b1-s3 listed without "
-                                           r"results .*dvc exp remove cmp-base-weakclip_train-s3 b1-s2 b1-s3`"):
+    with pytest.raises(CompareError, match=r"^experiment\(s\) cmp-base-weakclip_train-s3 b1-s2 b1-s3 listed without "
+                                           r"results"):
         compare.plan((baseline, variant), (1, 2, 3), WEAKCLIP_SEED, params, finished,
                      {*finished, "b1-s2", "b1-s3", "cmp-base-weakclip_train-s3"})
 

@@ -413,8 +413,9 @@ def comparison(finished: dict[str, FinishedRun], baseline: Arm, variants: tuple[
         for arm in (baseline, *variants):
             values = seed_values(finished, arm, metric, seed_key)
             mean, std = ablations.mean_and_std(list(values.values())) if values else (None, None)
+            runs = sum(1 for name in finished if re.fullmatch(re.escape(arm.name) + r"-s\d+", name))
             rows.append({"arm": arm.name, "baseline": arm is baseline, "overrides": list(arm.overrides),
-                         "values": values, "mean": mean, "std": std,
+                         "runs": runs, "values": values, "mean": mean, "std": std,
                          "vs_baseline": None if arm is baseline else paired_difference(values, reference)})
         tables.append({"metric": metric.label, "in_points": metric.in_points, "rows": rows})
     return tables
@@ -444,7 +445,9 @@ def render_row(row: dict[str, Any], scale: float, digits: int) -> str:
     interval = versus and versus["interval"]
     paired = "" if versus is None or versus["seeds"] == seeds else f" (seeds {','.join(map(str, versus['seeds']))})"
     cells = [
-        f"{row['arm']}-s{{{','.join(map(str, seeds))}}}" if seeds else f"{row['arm']} (no run)",
+        f"{row['arm']}-s{{{','.join(map(str, seeds))}}}" if seeds else
+        f"{row['arm']} ({row['runs']} finished run(s), none with a finite number here)" if row.get("runs") else
+        f"{row['arm']} (no run)",
         "baseline" if row["baseline"] else " ".join(row["overrides"]) or "?",
         str(len(seeds)), shown(row["mean"]), shown(row["std"]),
         " / ".join(shown(row["values"][seed]) for seed in seeds),

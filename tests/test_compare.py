@@ -90,6 +90,15 @@ def test_a_difference_inside_the_noise_is_said_to_be_so() -> None:
     finished["v-s2"] = _runs("v", {5: 0.61}, "runtime.seed")["v-s5"]  # named s2, ran at seed 5
     with pytest.raises(CompareError, match=r"experiment v-s2 ran with runtime.seed=5, not 2"):
         compare.comparison(finished, baseline, (variant,), (metric,), "runtime.seed")
+    # A metric the runs hold but not as a number is not "no run": the row says how many finished runs lack it.
+    ran = {**_runs(baseline.name, {1: 0.60, 2: 0.62}, "runtime.seed"), **_runs("v", {1: 0.62, 2: 0.61, 3: 0.63},
+                                                                               "runtime.seed")}
+    text_metric = {name: FinishedRun(run.rev, run.params, {"metrics/weakclip.json": {"miou": "0.6"}})
+                   for name, run in ran.items()}
+    [texts] = compare.comparison(text_metric, baseline, (variant,), (metric,), "runtime.seed")
+    assert texts["rows"][1]["runs"] == 3 and texts["rows"][1]["values"] == {}
+    assert "| v (3 finished run(s), none with a finite number here) |" in compare.render([texts], "runtime.seed", None)
+    assert "| v (no run) |" in compare.render_row({**texts["rows"][1], "runs": 0}, 100.0, 1)
     base_row = table["rows"][0]
     assert "(seeds 1,2,3)" not in compare.render_row(base_row, 100.0, 1)
     assert "+1.0 (seeds 1,2,3)" not in compare.render_row(table["rows"][1], 100.0, 1)  # the variant ran 1-3 only

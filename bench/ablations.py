@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import subprocess
 import time
@@ -47,7 +46,7 @@ from flows.dag import read_stage_graph
 from flows.dvc_cli import capture_command, dvc_command, tool_environment
 from flows.machines import out_hashes, read_lock
 from pipeline.summary import BENCH_DATASET_DEFAULT
-from weakclip_core.artifacts.atomic import write_json
+from weakclip_core.artifacts.atomic import process_alive, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 # dvc-task's record of each queue worker (DVC 3.x): dvc-exp-worker-<n>.json, with its pid and, once it has exited,
@@ -180,11 +179,14 @@ def queue_and_run(variants: tuple[Ablation, ...], seed_offsets: tuple[int, ...],
 class QueueState:
     """What ``dvc queue status`` says: tasks by status and how many workers are alive."""
 
-    running: int
+    running_tasks: tuple[str, ...]  # the task lines listed Running
     queued: int
     failed: list[str]
     workers: int
-    running_tasks: tuple[str, ...] = ()  # the task lines listed Running
+
+    @property
+    def running(self) -> int:
+        return len(self.running_tasks)
 
     @property
     def drained(self) -> bool:
@@ -204,10 +206,8 @@ def parse_queue_status(status: str) -> QueueState:
         return [line for line in lines if re.search(rf"\s{word}\s*$", line)]
 
     workers = re.search(r"Worker status:\s*(\d+) active,\s*(\d+) idle", status)
-    running = ending_in("Running")
-    return QueueState(running=len(running), queued=len(ending_in("Queued")), failed=ending_in("Failed"),
-                      workers=int(workers.group(1)) + int(workers.group(2)) if workers else 0,
-                      running_tasks=tuple(running))
+    return QueueState(running_tasks=tuple(ending_in("Running")), queued=len(ending_in("Queued")),
+                      failed=ending_in("Failed"), workers=int(workers.group(1)) + int(workers.group(2)) if workers else 0)
 
 
 def task_id(status_line: str) -> str:
@@ -225,18 +225,6 @@ def task_name(status_line: str) -> str | None:
     return fields[1] if len(fields) >= 4 and not CREATED_COLUMN_START.fullmatch(fields[1]) else None
 
 
-def process_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def queue_worker_alive(repo: Path) -> bool:
     """Whether a DVC queue worker of ``repo`` still runs, from dvc-task's records of them (a record without a
     return code whose process lives; one being written counts as alive). ``dvc queue status``'s worker count
@@ -247,7 +235,10 @@ def queue_worker_alive(repo: Path) -> bool:
             info = json.loads(record.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return True
-        if isinstance(info, dict) and info.get("returncode") is None and process_alive(info.get("pid")):
+        if not isinstance(info, dict):
+            continue
+        pid = info.get("pid")
+        if info.get("returncode") is None and isinstance(pid, int) and pid > 0 and process_alive(pid):
             return True
     return False
 

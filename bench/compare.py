@@ -248,11 +248,11 @@ def parse_metric(text: str, graph: StageGraph, target: str | None, repo: Path | 
         except ValueError:
             data = None
         value = nested(data, key) if isinstance(data, dict) else None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            parent, _, last = key.rpartition(".")
+        if not is_number(value):
+            parent = key.rpartition(".")[0]
             around = nested(data, parent) if parent and isinstance(data, dict) else data
             numbers = sorted(name for name, item in (around.items() if isinstance(around, dict) else ())
-                             if isinstance(item, (int, float)) and not isinstance(item, bool))
+                             if is_number(item))
             found = "is not a number" if value is not None else "is not there"
             raise CompareError(f"--metric {text}: {key!r} {found} in the committed {file} (numbers "
                                f"{'under ' + repr(parent) if parent else 'at its top level'}: "
@@ -324,23 +324,30 @@ def queue_and_wait(to_run: list[tuple[str, tuple[str, ...]]], target: str | None
     ablations.wait_for_queue(jobs, poll_s, earlier_failures, one_thread_each=True, queued=queued)
 
 
+def runs_of(finished: dict[str, FinishedRun], stem: str) -> dict[str, int]:
+    """``{experiment name: seed}`` of the finished ``<stem>-s<seed>`` experiments, in ``finished``'s order."""
+    pattern = re.compile(re.escape(stem) + r"-s(\d+)")
+    return {name: int(match.group(1)) for name in finished if (match := pattern.fullmatch(name))}
+
+
+def is_number(value: Any) -> bool:
+    """An int or float figure (``True`` is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def seed_values(finished: dict[str, FinishedRun], arm: Arm, metric: Metric, seed_key: str) -> dict[int, float]:
     """``{seed: value}`` of ``arm``'s finished experiments that hold the metric; each run's seed param must be
     its name's (a hand-made ``NAME-s2`` run at another seed would be paired wrongly)."""
     found: dict[int, float] = {}
-    pattern = re.compile(re.escape(arm.name) + r"-s(\d+)")
-    for name, run in finished.items():
-        match = pattern.fullmatch(name)
-        if not match:
-            continue
-        seed = int(match.group(1))
+    for name, seed in runs_of(finished, arm.name).items():
+        run = finished[name]
         if nested(run.params, seed_key) != seed:
             # A variant's name does not say its seed key: the usual cause is `show` without the --seed-key of `run`.
             raise CompareError(f"experiment {name} ran with {seed_key}={nested(run.params, seed_key)!r}, not {seed}: "
                                "if it was run with another --seed-key, pass that one (each run's seed key must hold "
                                "the seed its name ends with)")
         value = nested(run.metrics.get(metric.file) or {}, metric.key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if is_number(value) and math.isfinite(value):
             found[seed] = float(value)
     return found
 
@@ -363,9 +370,8 @@ def shown_value(value: Any) -> str:
 def overrides_of(finished: dict[str, FinishedRun], baseline: Arm, name: str, seed_key: str) -> tuple[str, ...] | None:
     """``show``: the variant's overrides, read back as the params where its run and the baseline's run at the
     same seed differ (the seed key aside); None when no such pair has finished."""
-    for experiment in sorted(finished):
-        match = re.fullmatch(re.escape(name) + r"-s(\d+)", experiment)
-        reference = finished.get(experiment_name(baseline, int(match.group(1)))) if match else None
+    for experiment, seed in sorted(runs_of(finished, name).items()):
+        reference = finished.get(experiment_name(baseline, seed))
         if reference is not None:
             ours, theirs = flat_params(finished[experiment].params), flat_params(reference.params)
             return tuple(f"{key}={shown_value(ours[key]) if key in ours else '(absent)'}"
@@ -413,7 +419,7 @@ def comparison(finished: dict[str, FinishedRun], baseline: Arm, variants: tuple[
         for arm in (baseline, *variants):
             values = seed_values(finished, arm, metric, seed_key)
             mean, std = ablations.mean_and_std(list(values.values())) if values else (None, None)
-            runs = sum(1 for name in finished if re.fullmatch(re.escape(arm.name) + r"-s\d+", name))
+            runs = len(runs_of(finished, arm.name))
             rows.append({"arm": arm.name, "baseline": arm is baseline, "overrides": list(arm.overrides),
                          "runs": runs, "values": values, "mean": mean, "std": std,
                          "vs_baseline": None if arm is baseline else paired_difference(values, reference)})
@@ -499,8 +505,7 @@ def run_comparison(arguments: argparse.Namespace, repo: Path) -> tuple[list[dict
         variants = arms[1:]
     else:
         stems = [variant_arm(name, arguments.target).name for name in arguments.names]
-        missing = [stem for stem in stems
-                   if not any(re.fullmatch(re.escape(stem) + r"-s\d+", run) for run in finished)]
+        missing = [stem for stem in stems if not runs_of(finished, stem)]
         if missing:
             raise CompareError(f"no finished experiment {', '.join(stem + '-s<k>' for stem in missing)} on this "
                                "commit (`dvc exp show`; a run made with --target shows with the same --target)")

@@ -107,7 +107,7 @@ def markdown_table(record: dict[str, Any]) -> str:
     lines = [f"Measured by {timed} on {record['measured_on']} ({record['machine']}); "
              f"all {len(record['stages'])} stages ran.",
              "", "| stage | wall time |", "|---|---|"]
-    lines += [f"| `{stage}` | {seconds / 60:.1f} min ({seconds:.0f} s) |" for stage, seconds in record["stages"].items()]
+    lines += [f"| `{stage}` | {minutes_and_seconds(seconds)} |" for stage, seconds in record["stages"].items()]
     lines.append(f"| **total `dvc repro`** | **{minutes_and_seconds(record['total_s'])}** |")
     return "\n".join(lines)
 
@@ -120,9 +120,13 @@ def published_records(timing_file: Path) -> list[dict[str, Any]]:
     """The records of ``bench/repro_timing.json``, newest first; none when the file is absent."""
     if not timing_file.is_file():
         return []
-    data = json.loads(timing_file.read_text(encoding="utf-8"))
+    return records_in(json.loads(timing_file.read_text(encoding="utf-8")), timing_file)
+
+
+def records_in(data: Any, source: Path) -> list[dict[str, Any]]:
+    """The ``records`` list of a published timing file's contents (read from ``source``)."""
     if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-        raise ValueError(f"{timing_file}: not a published timing file (no 'records' list)")
+        raise ValueError(f"{source}: not a published timing file (no 'records' list)")
     return list(data["records"])
 
 
@@ -153,7 +157,7 @@ def stand_in_record(path: Path, machine: str) -> dict[str, Any] | None:
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or "records" not in data:
         return data if isinstance(data, dict) else None
-    records = published_records(path)
+    records = records_in(data, path)
     return next((record for record in records if same_kind(str(record.get("machine")), machine)),
                 records[0] if records else None)
 

@@ -53,7 +53,8 @@ def temporary_prefix(final_path: Path) -> str:
 _TEMPORARY_NAME = re.compile(r"^\.(?P<final>.+)\.(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (another user's counts: signalling it is refused, not failed)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -65,7 +66,7 @@ def _process_alive(pid: int) -> bool:
 
 def _remove_if_stale(candidate: Path, pid: int) -> bool:
     """Delete ``candidate`` (a temporary of writer ``pid``) when that writer is gone; True when removed."""
-    if pid == os.getpid() or _process_alive(pid):
+    if pid == os.getpid() or process_alive(pid):
         return False
     if candidate.is_dir() and not candidate.is_symlink():
         shutil.rmtree(candidate, ignore_errors=True)

@@ -188,3 +188,112 @@ def test_weakclip_and_its_clip_must_fit_together_at_load_time() -> None:
     from_file = {"clip": {"source": "file", "weights": "imports/ViT-B-16.pt", "arch": {"vision_layers": 6}},
                  "weakclip": base["weakclip"]}
     assert params_from_dict(from_file).clip.source == "file"
+
+
+def test_a_key_left_out_of_the_params_file_is_named_with_the_value_used(tmp_path: Path, capsys) -> None:
+    """A key deleted from params.yaml took the schema's default without a word (cam.arch.depth: the file's 3
+    became 6); now one stderr line names it and the value used. The committed params.yaml sets every key."""
+    load_params(REPO / "params.yaml")
+    assert capsys.readouterr().err == ""
+
+    lines = (REPO / "params.yaml").read_text(encoding="utf-8").splitlines(keepends=True)
+    depth_lines = [i for i, line in enumerate(lines) if line.strip().startswith("depth: 3")]
+    assert len(depth_lines) == 1, "params.yaml's cam.arch.depth line moved"
+    del lines[depth_lines[0]]
+    path = tmp_path / "params.yaml"
+    path.write_text("".join(lines), encoding="utf-8")
+    assert load_params(path).cam.arch.depth == 6
+    note = capsys.readouterr().err.strip().splitlines()
+    assert note == [f"note: {path} does not set 1 key(s), so the built-in default is used: cam.arch.depth = 6. "
+                    f"Write the key into {path} to choose its value"]
+
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("weakclip:\n  prompt_len: 4\n", encoding="utf-8")
+    load_params(partial)
+    note = capsys.readouterr().err.strip()
+    assert "runtime = {...} (the whole section)" in note and "weakclip.prompt_len" not in note
+    from dataclasses import fields
+
+    from weakclip_core.config.weakclip import WeakClipConfig
+    expected = 6 + len(fields(WeakClipConfig)) - 1  # six whole sections, and weakclip's keys but prompt_len
+    assert f"does not set {expected} key(s)" in note and note.endswith(f"and {expected - 6} more. Write the key "
+                                                                      f"into {partial} to choose its value")
+
+
+def test_nproc_without_torchrun_is_named_and_a_torchrun_worker_says_nothing(tmp_path: Path, capsys,
+                                                                            monkeypatch) -> None:
+    """`runtime.nproc: 2` with `launcher: none` runs one process: said in one line, not silently. A torchrun
+    worker (LOCAL_RANK set) repeats none of the notes its launcher printed."""
+    path = tmp_path / "params.yaml"
+    text = (REPO / "params.yaml").read_text(encoding="utf-8")
+    assert "  launcher: none" in text and "  nproc: 1" in text
+    path.write_text(text.replace("  nproc: 1", "  nproc: 2", 1), encoding="utf-8")
+    load_params(path)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"note: {path}: runtime.nproc is 2 but runtime.launcher is none, so every stage runs in one process; set "
+        "runtime.launcher: torchrun for DDP"]
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("runtime:\n  nproc: 2\n", encoding="utf-8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    load_params(partial)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"cam": {"train": {"epochs": 2, "warmup_epochs": 3}}}, "cam.train.warmup_epochs: 3 is more than epochs 2"),
+    ({"weakclip": {"train": {"iterations": 40, "warmup_iterations": 50}}},
+     "weakclip.train.warmup_iterations: 50 is more than iterations 40"),
+    # 100 images // 64 = 1 step an epoch, 3 epochs: 3 steps
+    ({"clip": {"pretrain": {"web_images": 100, "batch_size": 64, "epochs": 3, "warmup_steps": 4}}},
+     "clip.pretrain.warmup_steps: 4 is more than the 3 steps of training"),
+    ({"clip": {"pretrain": {"web_images": 32, "batch_size": 64}}},
+     "clip.pretrain.web_images: 32 images an epoch is less than one batch_size (64)"),
+])
+def test_a_warm_up_longer_than_training_is_refused(data, message) -> None:
+    """The lr would never reach its base value (linear warm-up over more steps than the run has)."""
+    with pytest.raises(ConfigError) as refused:
+        params_from_dict(data)
+    assert str(refused.value).startswith(message)
+
+
+def test_a_warm_up_as_long_as_training_and_a_train_split_corpus_are_accepted() -> None:
+    """Equal lengths end the warm-up at the last step (the tiny test chains run 2 iterations with 2 warm-up); on
+    the train split the step count is the split's, unknown here."""
+    params_from_dict({"weakclip": {"train": {"iterations": 2, "warmup_iterations": 2}},
+                      "cam": {"train": {"epochs": 1, "warmup_epochs": 1}},
+                      "clip": {"pretrain": {"web_images": 64, "batch_size": 64, "epochs": 1, "warmup_steps": 1}}})
+    params_from_dict({"clip": {"pretrain": {"corpus": "train_split", "web_images": 2, "batch_size": 64,
+                                            "warmup_steps": 500}}})
+
+
+def test_the_deeplabv3plus_encoder_list_is_smps() -> None:
+    """The list a params load checks `seg.encoder` against is what the pinned smp's DeepLabV3+ builds: each smp
+    encoder it leaves out is refused by smp itself for having no dilated mode, and it names no other."""
+    import segmentation_models_pytorch as smp
+    import torch
+    from segmentation_models_pytorch.encoders import encoders
+
+    from weakclip_core.config.seg import DEEPLABV3PLUS_ENCODERS
+
+    assert DEEPLABV3PLUS_ENCODERS <= set(encoders)
+    left_out = sorted(set(encoders) - DEEPLABV3PLUS_ENCODERS)
+    assert left_out, "smp lists no encoder without a dilated mode any more"
+    for name in left_out:
+        with pytest.raises(ValueError, match="dilated mode"), torch.device("meta"):
+            smp.DeepLabV3Plus(encoder_name=name, encoder_weights=None, classes=3)
+    for name in ("resnet18", "efficientnet-b0", "mobileone_s0"):  # a few of the kept ones do build
+        with torch.device("meta"):
+            smp.DeepLabV3Plus(encoder_name=name, encoder_weights=None, classes=3)
+
+
+@pytest.mark.parametrize(("encoder", "message"), [
+    ("resnet181", "seg.encoder: 'resnet181' is not an encoder of segmentation-models-pytorch's DeepLabV3+; did you "
+                  "mean resnet18"),
+    ("ResNet50", "did you mean resnet50"),
+    ("vgg16", "seg.encoder: 'vgg16' is not an encoder of segmentation-models-pytorch's DeepLabV3+; e.g. resnet18"),
+])
+def test_a_misspelt_deeplabv3plus_encoder_is_refused_at_load(encoder: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        params_from_dict({"seg": {"model": "deeplabv3plus", "encoder": encoder}})
+    assert message in str(refused.value) and str(refused.value).startswith("seg.encoder: ")
+    params_from_dict({"seg": {"model": "deeplabv3plus", "encoder": "tu-convnext_tiny"}})  # timm's: left to smp

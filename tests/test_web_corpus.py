@@ -124,7 +124,8 @@ def test_the_clip_stage_pretrains_on_the_web_stream(tmp_path: Path) -> None:
     write_tiny_voc(other_root, n_train=8, n_val=4)
     other = params_from_dict({"dataset": {"name": "synthetic", "prepared_dir": str(other_root)},
                               "clip": {"source": "pretrain", "arch": dict(TINY_CLIP_ARCH),
-                                       "pretrain": {"corpus": "web", "web_images": 8, "batch_size": 4}},
+                                       "pretrain": {"corpus": "web", "web_images": 8, "batch_size": 4,
+                                                    "warmup_steps": 1}},
                               "weakclip": {"taps": TINY_WEAKCLIP_TAPS}})
     with pytest.raises(ConfigError, match=r"clip\.pretrain\.corpus: the web stream's classes \(10 from "
                                           r"dataset\.synthetic\.n_classes\) are not those of .*other \(3\)"):

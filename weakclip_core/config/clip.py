@@ -55,6 +55,20 @@ class ClipPretrainConfig:
     web_images: int = bounded(6400, low=2)
     web_max_objects: int = bounded(4, low=1, high=8)
 
+    def validate(self) -> None:
+        """On the web stream the step count is known here (``web_images // batch_size`` an epoch); on the train
+        split it depends on the split's size and ``clip_pretrain`` checks it."""
+        if self.corpus != "web":
+            return
+        if self.web_images < self.batch_size:
+            raise ConfigError(f"web_images: {self.web_images} images an epoch is less than one batch_size "
+                              f"({self.batch_size}): no training step")
+        total_steps = self.web_images // self.batch_size * self.epochs
+        if self.warmup_steps > total_steps:
+            raise ConfigError(f"warmup_steps: {self.warmup_steps} is more than the {total_steps} steps of training "
+                              f"(web_images {self.web_images} // batch_size {self.batch_size} x epochs "
+                              f"{self.epochs}): the lr would never reach lr; lower warmup_steps")
+
 
 @dataclass(frozen=True)
 class ClipConfig:

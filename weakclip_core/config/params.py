@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,7 @@ from weakclip_core.config.cam import CamConfig
 from weakclip_core.config.clip import ClipConfig
 from weakclip_core.config.dataset import DatasetConfig
 from weakclip_core.config.pseudo import PseudoConfig
-from weakclip_core.config.schema import ConfigError, bounded, build_dataclass
+from weakclip_core.config.schema import ConfigError, bounded, build_dataclass, to_plain
 from weakclip_core.config.seg import SegConfig
 from weakclip_core.config.weakclip import WeakClipConfig
 
@@ -121,13 +123,52 @@ def parse_params_text(text: str, source: str | Path) -> Any:
         raise ConfigError(f"{source}: not valid YAML: {reason}") from None
 
 
+def defaulted_keys(data: Any, params: Params) -> list[tuple[str, Any]]:
+    """``(key path, value used)`` for every key of the schema that ``data`` (a parsed params file) does not set,
+    a whole missing section as one entry. The schema's defaults are not ``params.yaml``'s (``cam.arch.depth`` 6
+    against the synthetic default's 3), so a key deleted from ``params.yaml`` silently changed what a stage ran."""
+    defaulted: list[tuple[str, Any]] = []
+
+    def walk(given: Any, used: Any, prefix: str) -> None:
+        for key, value in used.items():
+            if not isinstance(given, dict) or key not in given:
+                defaulted.append((prefix + key, value))
+            elif isinstance(value, dict):
+                walk(given[key], value, f"{prefix}{key}.")
+
+    walk(data if data is not None else {}, to_plain(params), "")
+    return defaulted
+
+
+def defaulted_keys_note(path: str | Path, defaulted: list[tuple[str, Any]], shown: int = 6) -> str:
+    """One line naming the keys ``path`` leaves to the built-in defaults and the values they took."""
+    def show(value: Any) -> str:
+        return "{...} (the whole section)" if isinstance(value, dict) else repr(value)
+
+    listed = ", ".join(f"{key} = {show(value)}" for key, value in defaulted[:shown])
+    more = f" and {len(defaulted) - shown} more" if len(defaulted) > shown else ""
+    return (f"note: {path} does not set {len(defaulted)} key(s), so the built-in default is used: "
+            f"{listed}{more}. Write the key into {path} to choose its value")
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``; a missing file or bad YAML names the file."""
+    """Read and validate ``params.yaml``; a missing file or bad YAML names the file. A key the file leaves out
+    takes the schema's default, and one line on stderr names it and the value used; another says when
+    ``runtime.nproc`` goes unused."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     data = parse_params_text(path.read_text(encoding="utf-8"), path)
     try:
-        return params_from_dict(data)
+        params = params_from_dict(data)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+    if "LOCAL_RANK" in os.environ:  # a torchrun worker: its launcher has said what follows
+        return params
+    defaulted = defaulted_keys(data, params)
+    if defaulted:
+        print(defaulted_keys_note(path, defaulted), file=sys.stderr)
+    if params.runtime.launcher == "none" and params.runtime.nproc > 1:
+        print(f"note: {path}: runtime.nproc is {params.runtime.nproc} but runtime.launcher is none, so every stage "
+              "runs in one process; set runtime.launcher: torchrun for DDP", file=sys.stderr)
+    return params

@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Literal
 
 from weakclip_core.config.schema import NONE_PATH, ConfigError, bounded, check_not_empty, check_order, given_path, listed
 from weakclip_core.config.weakclip import CrfConfig
+
+
+DEEPLABV3PLUS_ENCODERS = frozenset({
+    "dpn107", "dpn131", "dpn68", "dpn68b", "dpn92", "dpn98", "efficientnet-b0", "efficientnet-b1", "efficientnet-b2",
+    "efficientnet-b3", "efficientnet-b4", "efficientnet-b5", "efficientnet-b6", "efficientnet-b7", "mit_b0",
+    "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5", "mobilenet_v2", "mobileone_s0", "mobileone_s1", "mobileone_s2",
+    "mobileone_s3", "mobileone_s4", "resnet101", "resnet152", "resnet18", "resnet34", "resnet50",
+    "resnext101_32x16d", "resnext101_32x32d", "resnext101_32x48d", "resnext101_32x4d", "resnext101_32x8d",
+    "resnext50_32x4d", "se_resnet101", "se_resnet152", "se_resnet50", "se_resnext101_32x4d", "se_resnext50_32x4d",
+    "senet154", "timm-efficientnet-b0", "timm-efficientnet-b1", "timm-efficientnet-b2", "timm-efficientnet-b3",
+    "timm-efficientnet-b4", "timm-efficientnet-b5", "timm-efficientnet-b6", "timm-efficientnet-b7",
+    "timm-efficientnet-b8", "timm-efficientnet-l2", "timm-skresnet18", "timm-skresnet34", "timm-skresnext50_32x4d",
+    "timm-tf_efficientnet_lite0", "timm-tf_efficientnet_lite1", "timm-tf_efficientnet_lite2",
+    "timm-tf_efficientnet_lite3", "timm-tf_efficientnet_lite4",
+})
+"""The encoders of segmentation-models-pytorch 0.6 (requirements.txt) that its DeepLabV3+ builds: every name of
+its ``encoders`` table but those with no dilated mode (VGG, DenseNet, Inception, Xception). Listed here, not read
+from smp, so that a params load stays free of torch (4 s); ``tests/test_config.py`` checks it against smp. Any
+``tu-<timm model>`` is smp's timm-universal encoder and is left to smp."""
+
+
+def check_deeplabv3plus_encoder(encoder: str) -> None:
+    """A misspelt ``seg.encoder`` stopped the chain only at ``seg_train``, after every stage before it (hours on
+    VOC), as smp's ``KeyError``; here it stops the params load, with the nearest names."""
+    if encoder.startswith("tu-") or encoder in DEEPLABV3PLUS_ENCODERS:
+        return
+    near = difflib.get_close_matches(encoder, sorted(DEEPLABV3PLUS_ENCODERS), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    raise ConfigError(f"encoder: {encoder!r} is not an encoder of segmentation-models-pytorch's DeepLabV3+; {hint}"
+                      "e.g. resnet18, resnet50, resnet101, mit_b0..mit_b5, efficientnet-b0..b7, or tu-<timm model>")
 
 
 @dataclass(frozen=True)
@@ -77,6 +108,8 @@ class SegConfig:
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
 
     def validate(self) -> None:
+        if self.model == "deeplabv3plus":
+            check_deeplabv3plus_encoder(self.encoder)
         if self.model == "deeplabv2" and self.encoder not in ("resnet50", "resnet101"):
             raise ConfigError(f"encoder: deeplabv2 needs resnet101 (or resnet50), got {self.encoder!r}")
         if self.model == "segformer" and not self.encoder.startswith("mit_b"):

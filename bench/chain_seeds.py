@@ -13,7 +13,9 @@ are the same kind of run as ``make repro``.
     python -m bench.chain_seeds collect           # dvc exp show -> metrics/chain_seeds.json -> RESULTS.md
 
 ``collect`` writes ``metrics/chain_seeds.json`` (rendered by ``pipeline/summary.py`` under "Headline over
-seeds") and re-runs the ``summary`` stage. Experiment names are ``chain-seed<s>``.
+seeds") and re-runs the ``summary`` stage. Experiment names are ``chain-seed<s>``. It reads the experiments of
+every commit that has some, and counts those of commits whose committed run names the outputs ``dvc.lock`` names
+for every stage up to ``seg_eval`` (``bench.ablations.baselines_with_these_outputs``; the others are named).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from typing import Any
 
 from scipy import stats
 
-from bench.ablations import (committed_dataset, dvc, experiment_metrics, failed_task_ids, mean_and_std,
-                             queue_experiment, wait_for_queue)
+from bench.ablations import (committed_dataset, dvc, experiment_metrics, experiments_of_this_benchmark,
+                             failed_task_ids, mean_and_std, queue_experiment, wait_for_queue)
 from pipeline.summary import FIGURES, gt_flag, read_metrics
 from weakclip_core.artifacts.atomic import write_json
 
@@ -36,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "metrics" / "chain_seeds.json"
 SUMMARY_METRICS = "metrics/summary.json"
 SEED_KEY = "runtime.seed"
+SCORED_STAGES = ["seg_eval@pseudo", "seg_eval@gt"]
+"""The stages whose metrics the headline figures come from: with their ancestors, every stage but ``summary``."""
 
 RATIO_KEY, RATIO_LABEL = "wsss_fsss_ratio", "WSSS / FSSS ratio"
 """The summary's sixth figure, seg@pseudo ÷ seg@GT: scored on seg_pseudo's split, with its GT flag."""
@@ -157,7 +161,8 @@ def spread_description(seeds: list[int], rows: list[dict[str, Any]]) -> str:
 
 def collect() -> Path:
     """Write ``metrics/chain_seeds.json`` from ``dvc exp show --json`` and the committed summary."""
-    by_name = experiment_metrics(json.loads(dvc("exp", "show", "--json", "--all-commits")), SUMMARY_METRICS)
+    # an older chain's seeds would be another benchmark's: only the commits whose committed run is this one count
+    by_name = experiment_metrics(experiments_of_this_benchmark(SCORED_STAGES), SUMMARY_METRICS)
     seeds = sorted(seed for seed in map(parse_seed, by_name) if seed)
     if not seeds:
         raise RuntimeError("no chain-seed experiment found in `dvc exp show`; run `python -m bench.chain_seeds run`")

@@ -14,8 +14,8 @@ over several figures at 95 % each, one of them will now and then read "higher" o
     python -m bench.compare show NAME [NAME ...] [--target STAGE] [--metric FILE:KEY ...]
 
 Experiments are ``NAME-s<k>`` (``NAME@<target>-s<k>`` with ``--target``) and ``cmp-base-<target>-s<k>`` on the
-current commit (``dvc exp show`` lists them;
-``dvc exp remove`` drops them). ``run`` queues only what has not run yet, so a second variant reuses the baseline's
+commit they were queued on (``dvc exp show`` lists them; ``dvc exp remove`` drops them); an earlier commit's count
+too while its params, stages and code up to the target are the current commit's (``experiments_of_this_code``). ``run`` queues only what has not run yet, so a second variant reuses the baseline's
 runs and ``--seeds 5`` after ``--seeds 3`` adds seeds 4 and 5; a finished run is reused only if every param it ran
 with is the one asked for now. The seed key is ``weakclip.train.seed_offset`` for ``--target weakclip_train``
 (WeakCLIP's own init, batch order, augmentation and dropout; the CLIP and CAM seeds stay the committed ones, as
@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from bench.ablations import FinishedRun
 from bench.chain_seeds import headline_figures
 from flows.dag import StageGraph, read_stage_graph
 from flows.dvc_cli import CommandFailed
-from flows.machines import uncommitted_files
+from flows.machines import git, uncommitted_files
 from flows.stage_run import flat_params
 from weakclip_core.artifacts.atomic import write_json
 from weakclip_core.config.params import parse_params_text
@@ -272,6 +273,42 @@ def check_clean_workspace(repo: Path) -> None:
 # ----------------------------------------------------------------------------------------------- what ran
 
 
+def same_code_and_params(repo: Path, rev: str, graph: StageGraph) -> bool:
+    """Whether every experiment queued on commit ``rev`` ran what the same ``-S`` runs on HEAD would: ``params.yaml``
+    the same, the ``dvc.yaml`` definitions (and ``vars``) of the stages ``graph`` reaches the same, and no
+    git-tracked dep of those stages (code, or the ``.dvc`` file of tracked data) changed since. A docs-only or
+    unrelated commit keeps them; any change that could move a figure drops them."""
+    def read(name: str, at: str) -> Any:
+        shown = subprocess.run(["git", "show", f"{at}:{name}"], cwd=repo, capture_output=True, text=True, check=False)
+        return parse_params_text(shown.stdout, f"{at}:{name}") if shown.returncode == 0 else None
+
+    if read("params.yaml", rev) != read("params.yaml", "HEAD"):
+        return False
+    old, new = read("dvc.yaml", rev) or {}, read("dvc.yaml", "HEAD") or {}
+    bases = sorted({stage.name.split("@", 1)[0] for stage in graph.stages})
+    if old.get("vars") != new.get("vars") or any((old.get("stages") or {}).get(base) != (new.get("stages") or {})
+                                                 .get(base) for base in bases):
+        return False
+    paths = sorted({path for stage in graph.stages for dep in stage.deps if dep not in stage.params_files
+                    for path in (dep, f"{dep}.dvc") if not Path(path).is_absolute() and not path.startswith("..")})
+    return subprocess.run(["git", "diff", "--quiet", rev, "HEAD", "--", *paths], cwd=repo, capture_output=True,
+                          check=False).returncode == 0
+
+
+def experiments_of_this_code(repo: Path, graph: StageGraph) -> tuple[dict[str, FinishedRun], set[str], list[str]]:
+    """``(finished runs, every listed name, the earlier commits whose runs count)``: HEAD's experiments first, then
+    those of each earlier commit whose code and params are HEAD's for the stages the comparison reaches
+    (``same_code_and_params``), so a commit that moves nothing the runs depend on (docs, another stage) does not
+    hide the runs made before it, as plain ``dvc exp show`` would. A name run on several commits counts once: HEAD's,
+    else the newest's."""
+    head = git(["rev-parse", "HEAD"], repo).strip()
+    earlier = [commit for commit in ablations.commits_with_experiments(repo)
+               if commit != head and same_code_and_params(repo, commit, graph)]
+    finished, listed = ablations.finished_experiments(ablations.experiments_of_commits([head, *earlier]))
+    return finished, listed, earlier
+
+
+
 def experiment_name(arm: Arm, seed: int) -> str:
     return f"{arm.name}-s{seed}"
 
@@ -489,7 +526,12 @@ def run_comparison(arguments: argparse.Namespace, repo: Path) -> tuple[list[dict
                if arguments.metric
                else default_metrics(repo, arguments.target))
     params = parse_params_text((repo / "params.yaml").read_text(encoding="utf-8"), repo / "params.yaml") or {}
-    finished, listed = ablations.finished_experiments(json.loads(ablations.dvc("exp", "show", "--json")))
+    finished, listed, earlier = experiments_of_this_code(repo, graph)
+    if earlier:
+        print(f"also reading the experiments of {len(earlier)} earlier commit(s) whose params.yaml, dvc.yaml stages "
+              f"and code up to {'--target ' + arguments.target if arguments.target else 'the whole chain'} are "
+              f"this commit's: "
+              f"{', '.join(commit[:12] for commit in earlier)}", flush=True)
     if arguments.command == "run":
         overrides = tuple(arguments.overrides)
         check_keys(parse_overrides(overrides), flat_params(params), seed_key, graph, arguments.target)
@@ -501,19 +543,21 @@ def run_comparison(arguments: argparse.Namespace, repo: Path) -> tuple[list[dict
                 queue_and_wait(to_run, arguments.target, arguments.jobs, POLL_S)
             except (CommandFailed, RuntimeError) as error:
                 raise CompareError(f"the experiments did not all finish: {error}") from None
-            finished, listed = ablations.finished_experiments(json.loads(ablations.dvc("exp", "show", "--json")))
+            finished, listed, _ = experiments_of_this_code(repo, graph)
         variants = arms[1:]
     else:
         stems = [variant_arm(name, arguments.target).name for name in arguments.names]
         missing = [stem for stem in stems if not runs_of(finished, stem)]
         if missing:
             raise CompareError(f"no finished experiment {', '.join(stem + '-s<k>' for stem in missing)} on this "
-                               "commit (`dvc exp show`; a run made with --target shows with the same --target)")
+                               "commit or an earlier one with its code and params (`dvc exp show`; a run made with "
+                               "--target shows with the same --target)")
         variants = tuple(Arm(stem, overrides_of(finished, baseline, stem, seed_key) or ()) for stem in stems)
     tables = comparison(finished, baseline, variants, metrics, seed_key)
     if not any(row["values"] for table in tables for row in table["rows"]):
         raise CompareError("no finished experiment of " + ", ".join(arm.name for arm in (baseline, *variants))
-                           + " on this commit holds " + ", ".join(metric.label for metric in metrics))
+                           + " on this commit (or an earlier one with its code and params) holds "
+                           + ", ".join(metric.label for metric in metrics))
     return tables, seed_key
 
 

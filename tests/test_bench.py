@@ -6,6 +6,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -463,6 +464,64 @@ def test_collect_counts_only_experiments_of_commits_whose_committed_run_is_this_
     kept, left_out = baselines_with_these_outputs([{"rev": "f" * 40, "experiments": [{"name": "x-s1"}]}], tmp_path,
                                                   here, ("weakclip_train",))
     assert kept == [] and left_out == ["f" * 40]
+
+
+@pytest.mark.slow
+def test_every_commits_experiments_are_read_without_all_commits(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real DVC project: an experiment on the first commit, a README commit (the committed run unchanged) with one
+    of its own, then a re-run with another value committed. `dvc exp list --all-commits` names the two commits
+    with experiments and only those are shown (`--all-commits` read all 398 of this history: 44 s); both count
+    until the committed run changes, then both are left out, as `collect` must."""
+    from bench import ablations
+
+    project = tmp_path / "project"
+    project.mkdir()
+    env = {"DVC_NO_ANALYTICS": "1", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.invalid", "HOME": str(tmp_path)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(ablations, "REPO", project)
+    (project / "params.yaml").write_text("scale: 1.0\n")
+    (project / "score.py").write_text("import json, pathlib, yaml\npathlib.Path('metrics').mkdir(exist_ok=True)\n"
+                                      "json.dump({'miou': yaml.safe_load(open('params.yaml'))['scale']}, "
+                                      "open('metrics/score.json', 'w'))\n")
+    (project / "dvc.yaml").write_text("stages:\n  score:\n    cmd: python score.py\n    deps: [score.py]\n"
+                                      "    params: [scale]\n    metrics:\n      - metrics/score.json:\n"
+                                      "          cache: false\n")
+
+    def run(*command: str) -> str:
+        return subprocess.run(command, cwd=project, env=env, check=True, capture_output=True, text=True).stdout
+
+    dvc = [sys.executable, "-m", "dvc"]
+    run("git", "init", "-q")
+    run(*dvc, "init", "-q")
+    run(*dvc, "repro", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "base")
+    first = run("git", "rev-parse", "HEAD").strip()
+    run(*dvc, "exp", "run", "-q", "-S", "scale=2", "-n", "e-first")
+    run("git", "reset", "-q", "--hard")  # `dvc exp run` leaves its result in the workspace
+    (project / "README.md").write_text("notes\n")
+    run("git", "add", "README.md")
+    run("git", "commit", "-qm", "docs")
+    second = run("git", "rev-parse", "HEAD").strip()
+    run(*dvc, "exp", "run", "-q", "-S", "scale=3", "-n", "e-second")
+    run("git", "reset", "-q", "--hard")
+    run("git", "commit", "--allow-empty", "-qm", "no experiments here")
+    assert sorted(ablations.commits_with_experiments(project)) == sorted([first, second])
+    shown = ablations.experiments_of_this_benchmark(["score"])
+    names = {experiment["name"] for entry in shown for experiment in entry.get("experiments") or []}
+    assert names == {"e-first", "e-second"}
+    assert ablations.experiment_metrics(shown, "metrics/score.json") == {"e-first": {"miou": 2}, "e-second": {"miou": 3}}
+
+    (project / "params.yaml").write_text("scale: 1.5\n")  # the committed run changes: the experiments ran another one
+    run(*dvc, "repro", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "another run")
+    shown = ablations.experiments_of_this_benchmark(["score"])
+    assert not [experiment for entry in shown for experiment in entry.get("experiments") or []]
 
 
 def test_ablation_rows_with_heldout_val_scores() -> None:

@@ -297,6 +297,64 @@ def test_a_variant_over_seeds_as_real_dvc_experiments(tmp_path: Path, monkeypatc
         compare.main(["show", "lower", "--seed-key", "seed", "--metric", "metrics/score.json:miou"])
     assert "no finished experiment lower-s<k> on this commit" in capsys.readouterr().err
 
+    # A commit that moves nothing the runs depend on (a README) hides none of them: `run` queues nothing again.
+    (project / "README.md").write_text("notes\n")
+    for command in (["git", "add", "README.md"], ["git", "commit", "-qm", "docs"]):
+        subprocess.run(command, cwd=project, env=env, check=True, capture_output=True)
+    assert compare.main(["run", "lower", "-S", "scale=0.8", "--seeds", "2", *common]) == 0
+    output = capsys.readouterr().out
+    assert "queued " not in output and "also reading the experiments of 1 earlier commit(s)" in output
+    assert "| lower@score-s{1,2} | scale=0.8 | 2 | 41.2 | 0.6 | 40.8 / 41.6 | -10.3 |" in output
+    # A change to the stage's code: the runs before it are another program's, and no longer count.
+    with (project / "score.py").open("a") as script:
+        script.write("# changed\n")
+    for command in (["git", "add", "score.py"], ["git", "commit", "-qm", "code"]):
+        subprocess.run(command, cwd=project, env=env, check=True, capture_output=True)
+    with pytest.raises(SystemExit):
+        compare.main(["show", "lower", *common])
+    assert "no finished experiment lower@score-s<k> on this commit or an earlier one" in capsys.readouterr().err
+
+
+def _commit(repo: Path, message: str, files: dict[str, str]) -> str:
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, capture_output=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", message],
+                   cwd=repo, check=True, capture_output=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_an_earlier_commits_runs_count_only_while_code_stages_and_params_are_heads(tmp_path: Path) -> None:
+    """Each commit below is checked against the one after it (then HEAD): a README, a comment in params.yaml and a
+    change to a file no stage reads keep the earlier runs; a changed dep of the stage, a changed param value, a
+    changed stage definition or `vars` drop them, as each could move a figure."""
+    from flows.dag import StageGraph, StageSpec
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    stage = "stages:\n  score:\n    cmd: python score.py\n    deps: [score.py, lib]\n    params: [scale]\n"
+    graph = StageGraph(stages=(StageSpec(name="score", cmd="python score.py", deps=("score.py", "lib", "params.yaml"),
+                                         outs=(), metrics=(), upstream=(), params_files=("params.yaml",),
+                                         params=("scale",)),))
+    (repo / "lib").mkdir()
+    previous = _commit(repo, "base", {"params.yaml": "scale: 1.0\n", "dvc.yaml": stage, "score.py": "x = 1\n",
+                                      "lib/util.py": "y = 1\n", "other.py": "z = 1\n"})
+    steps = [({"README.md": "notes\n"}, True),
+             ({"params.yaml": "scale: 1.0  # the default\n"}, True),
+             ({"other.py": "z = 2\n"}, True),
+             ({"lib/util.py": "y = 2\n"}, False),
+             ({"score.py": "x = 2\n"}, False),
+             ({"params.yaml": "scale: 2.0\n"}, False),
+             ({"dvc.yaml": stage.replace("python score.py", "python -O score.py")}, False),
+             ({"dvc.yaml": "vars:\n  - n: 1\n" + stage.replace("python score.py", "python -O score.py")}, False)]
+    for files, kept in steps:
+        _commit(repo, f"change {', '.join(files)}", files)
+        assert compare.same_code_and_params(repo, previous, graph) is kept, files
+        previous = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True,
+                                  text=True).stdout.strip()
+
 
 def test_an_interrupt_is_one_line_saying_what_stays_queued(monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:

@@ -38,7 +38,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests" / "faults"))
 
-from tiny_chain import tiny_params, unreadable_final_files  # noqa: E402
+from tiny_chain import params_text, tiny_params, unreadable_final_files  # noqa: E402
 
 from weakclip_core.config import Params  # noqa: E402
 
@@ -214,7 +214,7 @@ def build_tiny_project(project: Path, message: str = "tiny end-to-end project") 
             (project / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, project / name)
     params = project_params((project / "dvc.yaml").read_text())
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "params.yaml").write_text(params_text(params))
     run(["git", "init", "-q"], project)
     run([*DVC, "init", "-q"], project)
     run(["git", "add", "."], project)
@@ -378,7 +378,7 @@ def test_changing_seg_model_reruns_only_the_seg_stages(chain: tuple[Path, dict[s
     before = lock_stages(project)
     segformer = json.loads(json.dumps(params))
     segformer["seg"].update(model="segformer", encoder="mit_b0")  # crop 32: a multiple of 32, as SegFormer needs
-    (project / "params.yaml").write_text(yaml.safe_dump(segformer, sort_keys=False))
+    (project / "params.yaml").write_text(params_text(segformer))
 
     # `dvc status` compares each stage with its own dvc.lock entry only: the seg_train stages' `seg.model` and
     # `seg.encoder` params changed, while seg_eval's and summary's deps (the seg artifacts, the metrics files) are still the

@@ -430,10 +430,9 @@ def scored_on_a_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import os
 
     import torch
-    import yaml
 
     from pipeline import cam_infer, cam_train, pseudo_masks, weakclip_train
-    from tests.faults.tiny_chain import TINY_PARAMS, tiny_params
+    from tests.faults.tiny_chain import TINY_PARAMS, params_text, tiny_params
     from tiny_voc import write_tiny_voc
     from weakclip_core.models.clip import build_clip, save_clip_artifact
     from weakclip_core.config import ClipConfig, build_dataclass
@@ -445,7 +444,7 @@ def scored_on_a_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_split(project / "data", "train", SCORE_IDS)
     params = tiny_params(0, {"dataset": {"prepared_dir": "data", "train_split": "train_aug", "score_split": "train"},
                              "pseudo": {"output_dir": "pseudo_masks"}})
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "params.yaml").write_text(params_text(params))
     clip_cfg = build_dataclass(ClipConfig, {"source": "random", "arch": dict(TINY_PARAMS["clip"]["arch"])})
     torch.manual_seed(0)
     save_clip_artifact(project / "artifacts/clip", build_clip(clip_cfg), clip_cfg)

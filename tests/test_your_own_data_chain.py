@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests" / "faults"))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from test_end_to_end import DVC, build_tiny_project, ran_stages, run  # noqa: E402
-from tiny_chain import run_stage, write_project  # noqa: E402
+from tiny_chain import params_text, run_stage, write_project  # noqa: E402
 
 NOT_SCORED = "not scored: no GT"
 TIMEOUT_S = 900
@@ -79,7 +79,7 @@ def label_only_chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, st
     params["seg"]["encoder_weights"] = str(external / "resnet18.pth")
     params["clip"]["weights"] = str(external / "clip.pt")
     params["cam"]["npy_folder"] = str(external / "cam_npy")
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "params.yaml").write_text(params_text(params))
     output = run([*DVC, "repro"], project, timeout=TIMEOUT_S)
     return project, output, named
 
@@ -172,7 +172,7 @@ def imported_masks_chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     params["dataset"].update(name="custom", source=str(root / "my_dataset"), prepared_dir="data/prepared/mine")
     params["cam"]["source"] = "none"
     params["weakclip"]["seeds"].update(source="mask_folder", mask_folder=str(masks))
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "params.yaml").write_text(params_text(params))
     output = run([*DVC, "repro"], project, timeout=TIMEOUT_S)
     return project, output, masks
 

@@ -18,11 +18,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline import prepare, pseudo_masks, weakclip_train
 from pipeline._stage import run_stage_cli
 from test_bad_inputs import PARAMS, build_project
+from tiny_chain import params_text
 from test_real_datasets import _coco_tree, _voc_tree
 
 NOT_PLAIN = "is not a plain file name (one path component: no '/', '\\', '..')"
@@ -108,7 +108,7 @@ def prepared_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: d
     project = tmp_path / "project"
     project.mkdir()
     params = {"runtime": PARAMS["runtime"], "dataset": {"prepared_dir": "data/prepared", **dataset}}
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "params.yaml").write_text(params_text(params))
     monkeypatch.chdir(project)
     with pytest.raises(SystemExit) as exit_info:
         run_stage_cli(lambda: prepare.main(["--params", "params.yaml", "--no-progress"]), "prepare")

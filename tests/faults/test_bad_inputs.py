@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from pipeline import cam_infer, cam_train, clip, pseudo_masks, seg_eval, seg_train, weakclip_train
-from tiny_chain import REPO_ROOT, TINY_PARAMS, is_temporary
+from tiny_chain import REPO_ROOT, TINY_PARAMS, is_temporary, params_text
 from tiny_voc import write_tiny_voc
 from weakclip_core.artifacts.cam_store import CamStoreError
 from weakclip_core.models.clip import (ClipWeightsError, arch_model_config, build_clip, clip_from_config,
@@ -58,7 +58,7 @@ def build_project(project: Path, params: dict,
     """Tiny VOC-layout data + CAM store + random tiny CLIP artifact in ``project``, then ``stages`` run there
     through their ``main`` (each with its extra arguments), as ``dvc repro`` would in the repository root."""
     write_tiny_voc(project / "data", n_train=8, n_val=4, size=SIZE, cam_path=project / "artifacts/cams/train.h5")
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "params.yaml").write_text(params_text(params))
     clip_cfg = build_dataclass(ClipConfig, {"source": "random", "arch": dict(CLIP_ARCH)})
     torch.manual_seed(0)
     save_clip_artifact(project / "artifacts/clip", build_clip(clip_cfg), clip_cfg)
@@ -108,7 +108,7 @@ def assert_nothing_lost(project: Path, before: dict[str, bytes]) -> None:
 def set_params(project: Path, update: Callable[[dict], None]) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     update(params)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "params.yaml").write_text(params_text(params))
 
 
 def failure_of(project: Path, stage_main: Callable[..., None], *arguments: str) -> BaseException:

@@ -25,6 +25,7 @@ import yaml
 from pipeline import cam_infer, cam_train, pseudo_masks, seg_train, weakclip_train
 from pipeline._stage import run_stage_cli
 from test_bad_inputs import PARAMS, build_project
+from tiny_chain import params_text
 
 
 
@@ -68,7 +69,7 @@ def stage_error_lines(project: Path, capsys: pytest.CaptureFixture[str], stage_m
 def set_params(project: Path, update: Callable[[dict], None]) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     update(params)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "params.yaml").write_text(params_text(params))
 
 
 def set_labels(project: Path, update: Callable[[dict], None]) -> None:

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from pipeline.cam_train import CamTrainPaths, train_cam_model
-from tiny_chain import stage_env, tiny_params
+from tiny_chain import params_text, stage_env, tiny_params
 from weakclip_core.config import params_from_dict
 
 DVC = [sys.executable, "-m", "dvc"]
@@ -73,7 +73,7 @@ def direct_metrics(repo: Path, name: str, folder: Path) -> dict:
 def test_two_queued_experiments_run_in_parallel_without_interfering(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (repo / "params.yaml").write_text(params_text(tiny_params()))
     (repo / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
     (repo / ".gitignore").write_text("/checkpoints\n")
     run(["git", "init", "--quiet"], repo)

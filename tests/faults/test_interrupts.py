@@ -23,7 +23,7 @@ import yaml
 
 from test_bad_inputs import snapshot
 from test_concurrent_runs import PausedRun, error_lines, project, run_stage_process  # noqa: F401
-from tiny_chain import is_temporary
+from tiny_chain import is_temporary, params_text
 
 
 def interrupt(run: PausedRun, signum: int) -> int:
@@ -84,7 +84,7 @@ def test_interrupted_pseudo_masks_is_one_line_and_shuts_its_pool(project: Path, 
     the CRF process pool (its workers ignore Ctrl-C and are shut down by the stage)."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pseudo"]["workers"] = workers
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "params.yaml").write_text(params_text(params))
     before = snapshot(project)
     run = PausedRun(project, tmp_path / "logs", "run", event, 2, "pipeline.pseudo_masks", new_session=True)
     run.wait_until_paused()

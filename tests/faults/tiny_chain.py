@@ -109,10 +109,24 @@ def tiny_params(seed: int = 0, overrides: dict[str, Any] | None = None) -> dict[
     return params
 
 
+def params_text(params: dict[str, Any]) -> str:
+    """``params`` as a ``params.yaml`` that sets every key, as the repository's own does: the keys ``params`` leaves
+    out written with the built-in defaults they take anyway, so the stages print no note about them (stderr is
+    what the fault tests check). A mapping the loader refuses (the bad-params tests) is written as given: it
+    stops the stage before any note."""
+    from weakclip_core.config import ConfigError, params_from_dict, to_plain  # noqa: PLC0415 (the harness runs bare)
+
+    try:
+        complete = to_plain(params_from_dict(copy.deepcopy(params)))
+    except ConfigError:
+        complete = params
+    return yaml.safe_dump(complete, sort_keys=False)
+
+
 def write_project(folder: Path, seed: int = 0, overrides: dict[str, Any] | None = None) -> Path:
     """Create ``folder`` with a tiny ``params.yaml``; returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(tiny_params(seed, overrides), sort_keys=False))
+    (folder / "params.yaml").write_text(params_text(tiny_params(seed, overrides)))
     return folder
 
 

@@ -150,6 +150,24 @@ def test_every_imported_library_module_is_a_dep(stage: str, code: Path, deps: li
     assert not missing, f"dvc.yaml: stage {stage} imports {missing} (directly or through other modules) but does not list them under deps"
 
 
+@pytest.mark.parametrize("stage, code, deps", stage_code_and_deps(), ids=lambda value: str(value)[:40])
+def test_a_stage_that_loads_the_trained_weakclip_lists_the_clip_it_adapts(stage: str, code: Path,
+                                                                          deps: list[str]) -> None:
+    """``load_weakclip_model`` rebuilds WeakCLIP over the CLIP artifact whose path its model file records (only the
+    trainable parts are in the file). ``pseudo_masks`` did not list that artifact: ``dvc repro`` still had it from
+    ``clip``, but a pool worker pulls only a stage's listed deps, so on a GPU clone that had not run
+    ``weakclip_train`` the stage stopped with "the CLIP that ... adapts does not exist"."""
+    calls = [node for node in ast.walk(ast.parse(code.read_text(), filename=str(code)))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+             == "load_weakclip_model"]
+    if not calls:
+        return
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    clip_artifact = next(str(out) for out in stages["clip"]["outs"] if not str(out).startswith("metrics/"))
+    assert clip_artifact == "artifacts/clip"
+    assert clip_artifact in deps, f"dvc.yaml: stage {stage} loads the trained WeakCLIP but does not list {clip_artifact}"
+
+
 def test_summary_lists_every_metrics_file_its_globs_find() -> None:
     """``pipeline/summary.py`` renders every ``metrics/<pattern>`` file its ``glob`` calls find (the ablation
     tables). DVC has no glob deps, so each such file in the repository must be listed under ``summary``'s

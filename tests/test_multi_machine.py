@@ -365,6 +365,19 @@ def test_one_stage_per_worker_clone_and_inputs_the_lock_does_not_name_are_refuse
                                 "md5 bbb, the coordinator's dvc.lock names aaa")
 
 
+def test_a_worker_pulls_every_model_pseudo_masks_loads() -> None:
+    """A pool worker pulls the outputs of upstream stages that a stage lists (``pull_targets`` on the project's own
+    graph). ``pseudo_masks`` loads the trained WeakCLIP, which reads the CLIP artifact its file records: with
+    ``artifacts/clip`` unlisted, a GPU clone that had not run ``weakclip_train`` pulled only the WeakCLIP file and
+    stopped on the missing CLIP."""
+    from flows.dag import read_stage_graph
+    from flows.machines import pull_targets
+
+    graph = read_stage_graph(REPO_ROOT)
+    assert "clip" in graph.by_name()["pseudo_masks"].upstream
+    assert {"artifacts/clip", "artifacts/weakclip"} <= set(pull_targets(graph.by_name()["pseudo_masks"], graph))
+
+
 def test_a_chain_whose_external_inputs_the_coordinator_lacks_is_refused_before_any_stage(tmp_path: Path) -> None:
     """``dataset.source``, ``clip.weights``, ``cam.arch.pretrained`` are deps outside the repository; the
     coordinator's closing ``dvc status`` hashes them, so a coordinator without them used to fail only after every

@@ -168,6 +168,20 @@ def test_a_stage_that_loads_the_trained_weakclip_lists_the_clip_it_adapts(stage:
     assert clip_artifact in deps, f"dvc.yaml: stage {stage} loads the trained WeakCLIP but does not list {clip_artifact}"
 
 
+@pytest.mark.parametrize("stage, code, deps", stage_code_and_deps(), ids=lambda value: str(value)[:40])
+def test_a_stage_that_opens_the_prepared_dataset_lists_its_labels_and_splits(stage: str, code: Path,
+                                                                             deps: list[str]) -> None:
+    """``PreparedDataset.open`` reads ``labels.json`` (class names, image labels) and a stage's ``split()`` reads
+    ``ImageSets/Segmentation/<split>.txt``. ``seg_train`` listed only ``JPEGImages`` and its masks: a pool worker
+    pulls only listed deps, so on a fresh clone it stopped on the missing labels file, and on a reused one it
+    trained on an earlier run's labels and split beside this run's images; ``dvc repro`` did not re-run it for a
+    changed label file either. (``prepare`` writes the folder, so it is not its input.)"""
+    if stage == "prepare" or "PreparedDataset.open" not in code.read_text():
+        return
+    for needed in ("${dataset.prepared_dir}/labels.json", "${dataset.prepared_dir}/ImageSets/Segmentation/train.txt"):
+        assert covered(needed, deps), f"dvc.yaml: stage {stage} opens the prepared dataset but does not list {needed}"
+
+
 def test_summary_lists_every_metrics_file_its_globs_find() -> None:
     """``pipeline/summary.py`` renders every ``metrics/<pattern>`` file its ``glob`` calls find (the ablation
     tables). DVC has no glob deps, so each such file in the repository must be listed under ``summary``'s

@@ -365,17 +365,22 @@ def test_one_stage_per_worker_clone_and_inputs_the_lock_does_not_name_are_refuse
                                 "md5 bbb, the coordinator's dvc.lock names aaa")
 
 
-def test_a_worker_pulls_every_model_pseudo_masks_loads() -> None:
+def test_a_worker_pulls_every_input_of_pseudo_masks_and_seg_train() -> None:
     """A pool worker pulls the outputs of upstream stages that a stage lists (``pull_targets`` on the project's own
     graph). ``pseudo_masks`` loads the trained WeakCLIP, which reads the CLIP artifact its file records: with
     ``artifacts/clip`` unlisted, a GPU clone that had not run ``weakclip_train`` pulled only the WeakCLIP file and
-    stopped on the missing CLIP."""
+    stopped on the missing CLIP. ``seg_train`` opens the prepared dataset (its labels file and split lists), of
+    which it listed only the images."""
     from flows.dag import read_stage_graph
     from flows.machines import pull_targets
 
     graph = read_stage_graph(REPO_ROOT)
     assert "clip" in graph.by_name()["pseudo_masks"].upstream
     assert {"artifacts/clip", "artifacts/weakclip"} <= set(pull_targets(graph.by_name()["pseudo_masks"], graph))
+    prepared = "data/prepared/synthetic"
+    for stage in ("seg_train@pseudo", "seg_train@gt"):
+        assert {f"{prepared}/labels.json", f"{prepared}/ImageSets", f"{prepared}/JPEGImages"} <= \
+            set(pull_targets(graph.by_name()[stage], graph)), stage
 
 
 def test_a_chain_whose_external_inputs_the_coordinator_lacks_is_refused_before_any_stage(tmp_path: Path) -> None:

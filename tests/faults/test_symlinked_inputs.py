@@ -22,6 +22,7 @@ from weakclip_core.data.voc import link_or_copy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_real_datasets import _voc_tree  # noqa: E402
+from tiny_chain import params_text  # noqa: E402
 
 LINKED = "2007_000002"  # a train image: the preview shows it
 
@@ -32,7 +33,7 @@ def every_file(folder: Path) -> dict[str, bytes]:
 
 def voc_params(workspace: Path, source: Path) -> Path:
     (workspace / "params.yaml").write_text(
-        f"dataset:\n  name: voc\n  source: {source}\n  prepared_dir: data/prepared/voc\n")
+        params_text({"dataset": {"name": "voc", "source": str(source), "prepared_dir": "data/prepared/voc"}}))
     return workspace / "params.yaml"
 
 

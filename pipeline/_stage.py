@@ -357,12 +357,16 @@ def trim_live_history(live_dir: str | Path, first_dropped_step: int) -> None:
 def record_not_trained(model_path: Path, live_dir: Path, reason: str) -> Path:
     """A training stage with nothing to train (``seg_train@gt`` without GT, ``cam_train`` when the CAMs are
     imported): no model, but ``<model folder>/not_trained.json`` and a dvclive ``metrics.json`` saying why
-    (``{"trained": false, "not_trained": reason}``) and an empty plots folder, so every output dvc.yaml
-    declares exists and nothing pretends to be a model. Removes a model an earlier run left there.
+    (``{"trained": false, "not_trained": reason}``) and a plots folder holding one header-only table
+    (``NOT_TRAINED_PLOT``: a ``step`` column, no rows), so every output dvc.yaml declares exists and nothing pretends
+    to be a model. Not an empty folder: the plots are ``cache: false`` outputs that git carries, and git holds no
+    empty folder, so a fresh clone (or a pool worker's returned files) lacked it and ``dvc status`` called the
+    stage's output deleted. Removes a model an earlier run left there.
 
     Safe when every DDP rank calls it at once (a preset's ``launcher: torchrun`` with nothing to train): each
     step tolerates the others' (the JSON writes are atomic renames of the same content, the plots folder is
-    emptied without minding who removed it first, and each rank's last step creates it if absent)."""
+    emptied without minding who removed it first, and each rank's last step writes the table into it again if
+    another rank's emptying removed the folder or the table's temporary file under it)."""
     from weakclip_core.artifacts.model_file import NOT_TRAINED_FILE  # here: model_file imports torch
 
     model_path.unlink(missing_ok=True)
@@ -372,8 +376,19 @@ def record_not_trained(model_path: Path, live_dir: Path, reason: str) -> Path:
     write_json(live_dir / "metrics.json", record)
     plots = live_dir / "plots" / "metrics"
     shutil.rmtree(plots, ignore_errors=True)
-    plots.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):  # another rank's rmtree may remove the folder, or the temporary file, under this write
+        plots.mkdir(parents=True, exist_ok=True)
+        try:
+            write_text(plots / NOT_TRAINED_PLOT, "step\n")
+            break
+        except FileNotFoundError:
+            continue
     return not_trained
+
+
+NOT_TRAINED_PLOT = "not_trained.tsv"
+"""The one file of a not-trained stage's plots folder: a header with no rows (``dvc plots show`` reads it as
+empty), so the folder exists wherever git puts the project."""
 
 
 LIVE_HISTORY_KEY = "live_history"

@@ -3,8 +3,8 @@
 
 ``dataset.name`` picks the source: the built-in synthetic generator, a VOC 2012 tree (labels from its masks
 or from MCTformer's ``cls_labels.npy``), a COCO 2014 tree, or your own label-only folder (``custom``; README
-"Your own data") (``dataset.source``). The prepared ``SegmentationClass/`` always exists, empty when no
-image has a GT mask. The prepared folder is built in a temporary folder
+"Your own data") (``dataset.source``). The prepared ``SegmentationClass/`` always exists; when no image has a
+GT mask it holds only ``NO_MASKS_FILE`` (git and DVC keep no empty folder). The prepared folder is built in a temporary folder
 beside it, checked (splits, labels, the preview drawn from it) and only then swapped in whole, so a
 failure (a ``DatasetError`` naming the bad file) leaves any earlier prepared folder untouched.
 Symlinked source images are followed: the prepared folder holds their targets' bytes, never a link.
@@ -34,8 +34,13 @@ from pipeline._stage import StageSpec, run_stage, run_stage_cli
 
 PREVIEW_PATH = Path("reports/dataset_preview.png")
 # All that prepare writes into ``dataset.prepared_dir``; atomic_dir refuses to replace a folder holding more.
+NO_MASKS_FILE = "NO_GT_MASKS.txt"
+"""Written into ``SegmentationClass/`` when no image has a GT mask. ``seg_train@gt`` lists that folder as a dep, and
+a DVC output's manifest lists files only: an empty sub-folder of the prepared folder was not re-created by ``dvc
+pull`` or ``dvc checkout``, so on a fresh clone (or a pool worker) ``dvc status`` called the dep deleted."""
 PREPARED_CONTENTS = FolderContents(files=("labels.json", "captions.txt"), folders=(
-    ("JPEGImages", FolderContents(files=("*.jpg",))), ("SegmentationClass", FolderContents(files=("*.png",))),
+    ("JPEGImages", FolderContents(files=("*.jpg",))),
+    ("SegmentationClass", FolderContents(files=("*.png", NO_MASKS_FILE))),
     ("ImageSets", FolderContents(folders=(("Segmentation", FolderContents(files=("*.txt",))),)))))
 
 
@@ -139,6 +144,12 @@ def run(params: Params, preview_path: Path = PREVIEW_PATH, progress: bool = True
             prepare_coco(dataset.source, staging_dir, splits, drop_unlabelled_from=(dataset.train_split,),
                          progress=progress, masks_dir=given_path(dataset.coco_masks),
                          mask_encoding=dataset.coco_mask_encoding)
+        masks = staging_dir / "SegmentationClass"
+        masks.mkdir(exist_ok=True)
+        if not any(masks.glob("*.png")):
+            write_text(masks / NO_MASKS_FILE, "No image of this dataset has a GT mask: the mask-scored figures read "
+                                              "'not scored' and seg_train@gt trains nothing. This file keeps the "
+                                              "folder, which git and DVC do not keep empty.\n")
         prepared = PreparedDataset.open(staging_dir)
         split_counts = {split: len(prepared.split(split)) for split in splits}
         listed = {image_id for split in splits for image_id in prepared.split(split)}

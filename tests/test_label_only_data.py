@@ -202,7 +202,10 @@ def test_custom_without_any_mask_prepares_through_the_stage(tmp_path: Path) -> N
                                            "prepared_dir": str(prepared_dir)}})
     run(params, preview_path=tmp_path / "preview.png", progress=False)
     assert (prepared_dir / "SegmentationClass").is_dir()
-    assert list((prepared_dir / "SegmentationClass").iterdir()) == []
+    # no mask, one note: git and DVC keep no empty folder, and seg_train@gt lists this one as a dep
+    assert [path.name for path in (prepared_dir / "SegmentationClass").iterdir()] == ["NO_GT_MASKS.txt"]
+    dataset = PreparedDataset.open(prepared_dir)
+    assert not any(dataset.has_mask(image_id) for image_id in dataset.split("train") + dataset.split("val"))
 
 
 def _unknown_class(root: Path) -> tuple[Path, str]:

@@ -234,5 +234,7 @@ def test_every_rank_writing_the_not_trained_outputs_at_once_succeeds(tmp_path: P
     record = {"trained": False, "not_trained": "not trained: cam.source is 'none'"}
     assert json.loads((tmp_path / "artifacts" / "not_trained.json").read_text()) == record
     assert json.loads((tmp_path / "dvclive" / "metrics.json").read_text()) == record
-    assert list((tmp_path / "dvclive" / "plots" / "metrics").iterdir()) == []
+    # one header-only table, not an empty folder: git carries these cache: false plots and holds no empty folder
+    assert [path.name for path in (tmp_path / "dvclive" / "plots" / "metrics").iterdir()] == ["not_trained.tsv"]
+    assert (tmp_path / "dvclive" / "plots" / "metrics" / "not_trained.tsv").read_text() == "step\n"
     assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["not_trained.json"]

@@ -90,7 +90,7 @@ def test_label_only_chain_ends_with_pseudo_masks_and_a_trained_segmenter(label_o
     assert {"prepare", "clip", "cam_train", "cam_infer", "weakclip_train", "pseudo_masks", "seg_train@pseudo",
             "seg_train@gt", "seg_eval@pseudo", "seg_eval@gt", "summary"} <= ran_stages(output)
     prepared = project / "data" / "prepared" / "mine"
-    assert list((prepared / "SegmentationClass").iterdir()) == []  # no GT anywhere
+    assert [path.name for path in (prepared / "SegmentationClass").iterdir()] == ["NO_GT_MASKS.txt"]  # no GT
     train_ids = (prepared / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     for image_id in train_ids:
         with Image.open(project / "data" / "pseudo_masks" / f"{image_id}.png") as mask, \
@@ -120,6 +120,28 @@ def test_scoring_stages_say_not_scored_and_the_summary_shows_it(label_only_chain
     assert results.count(NOT_SCORED) >= 5 and "Dataset: **custom**" in results
     status = run([*DVC, "status"], project)
     assert "changed" not in status and "modified" not in status, status
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_of_the_label_only_run_is_up_to_date(label_only_chain, tmp_path: Path) -> None:
+    """The run committed to git and pushed to a DVC remote, then cloned as another machine would (its own clone,
+    its own cache, `dvc pull`): every stage is up to date there. `seg_train@gt` trains nothing without GT and left
+    its dvclive plots folder empty; git holds no empty folder, so in the clone that `cache: false` output was
+    missing and `dvc status` called it deleted (and a Prefect coordinator refused the chain as unclean)."""
+    project, _, _ = label_only_chain
+    remote = tmp_path / "remote"
+    run([*DVC, "remote", "add", "--local", "-d", "store", str(remote)], project)
+    run([*DVC, "push", "-q"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "-m", "the label-only run"], project)
+    plots = Path("dvclive") / "seg_train_gt" / "plots" / "metrics"
+    assert (project / plots).is_dir() and list((project / plots).iterdir()), "seg_train@gt's plots folder is empty"
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    run([*DVC, "remote", "add", "--local", "-d", "store", str(remote)], clone)
+    run([*DVC, "pull", "-q"], clone, timeout=TIMEOUT_S)
+    status = run([*DVC, "status"], clone)
+    assert "deleted" not in status and "changed" not in status and "modified" not in status, status
 
 
 def stale_stages(project: Path) -> set[str]:

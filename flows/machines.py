@@ -48,6 +48,7 @@ from flows.dag import StageGraph, StageSpec, read_stage_graph
 from flows.dvc_cli import (CommandFailed, capture_command, dvc_command, mask_url_passwords, run_command,
                            tool_environment)
 from flows.stage_run import flat_params
+from weakclip_core.artifacts.atomic import write_text
 from weakclip_core.config.params import parse_params_text
 from weakclip_core.config.schema import ConfigError
 
@@ -483,13 +484,15 @@ def bring_clone_to(root: Path, state: RunState, logger: logging.Logger | logging
         cleared = clear_checkpoints(root)
         if cleared:
             logger.info("checkpoints of %s cleared: they were made by commit %s's code", ", ".join(cleared), head[:12])
+    # Atomically, as the coordinator's own files are: a worker killed mid-write leaves no half params file or lock
+    # for the stage DVC starts next in this clone.
     for relative, text in state.params.items():
-        (root / relative).write_text(text)
+        write_text(root / relative, text)
     lock_path = root / "dvc.lock"
     if state.lock is None:
         lock_path.unlink(missing_ok=True)
     else:
-        lock_path.write_text(state.lock)
+        write_text(lock_path, state.lock)
 
 
 def _overlap(dep: str, out: str) -> str | None:

@@ -151,7 +151,11 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
 
     checkpointer = Checkpointer(STAGE, {
         "arch": to_plain(arch), "train": to_plain(train), "seed": seed,
+        # the DeiT init's bytes, not only its path (in arch): a file replaced at the same path between a killed run
+        # and its re-run started from the old file's weights; absent without one, so those keys stay as they were
+        **({"pretrained_sha256": sha256_of_file(deit_weights)} if deit_weights is not None else {}),
         "dataset": {"prepared_dir": params.dataset.prepared_dir, "train_split": params.dataset.train_split,
+                    "val_split": params.dataset.val_split,  # its mAP is logged per epoch and recorded in the model
                     "labels_sha256": sha256_of_file(dataset.root / LABELS_FILE)},
     }, root=paths.checkpoint_root)
     start_step, extra = checkpointer.resume(model, optimizer)

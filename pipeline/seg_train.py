@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from weakclip_core.artifacts.atomic import sha256_of_file
 from weakclip_core.config import Params
 from weakclip_core.config.schema import given_path
 from weakclip_core.data.layout import IGNORE_INDEX, DatasetError, PreparedDataset, read_checked_mask, read_image_size
@@ -174,10 +175,15 @@ def train_segmenter(params: Params, source: str, paths: SegTrainPaths = SegTrain
                            f"{train.batch_size} (lower seg.train.batch_size)")
     total_steps = train.epochs * steps_per_epoch
 
+    encoder_weights = given_path(seg.encoder_weights)
     checkpointer = Checkpointer(f"seg_train_{source}", {
         "seg": training_config(seg), "seed": seed, "source": source,
         "dataset": {"prepared_dir": params.dataset.prepared_dir, "train_split": params.dataset.train_split},
-        "masks_sha256": mask_fingerprint(mask_dir, image_ids)}, root=paths.checkpoint_root)
+        "masks_sha256": mask_fingerprint(mask_dir, image_ids),
+        # the encoder init's bytes, not only its path (in seg): a file replaced at the same path between a killed
+        # run and its re-run started from the old file's weights; absent without one, so those keys stay as they were
+        **({"encoder_weights_sha256": sha256_of_file(encoder_weights)} if encoder_weights is not None else {}),
+    }, root=paths.checkpoint_root)
     start_step, extra = checkpointer.resume(model, optimizer)
 
     sampler = StepSampler(len(train_set), train.batch_size, seed, total_steps, start_step)

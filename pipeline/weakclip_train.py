@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from weakclip_core.artifacts.atomic import sha256_of_file, write_json
 from weakclip_core.artifacts.cam_store import CamStoreReader
-from weakclip_core.models.clip import load_clip_artifact
+from weakclip_core.models.clip import MODEL_CONFIG_FILE, load_clip_artifact
 from weakclip_core.config import Params, to_plain
 from weakclip_core.config.schema import ConfigError, given_path
 from weakclip_core.method.crf import CrfPool
@@ -222,6 +222,8 @@ def train_weakclip(params: Params, paths: WeakClipTrainPaths = WeakClipTrainPath
                                   fused=True)
     checkpointer = Checkpointer(STAGE, {
         "weakclip": to_plain(cfg), "seed": seed, "clip_sha256": clip_weights_sha256(paths.clip_dir),
+        # the CLIP's architecture too: ViT-B-16 and ViT-B-16-quickgelu store the same weight bytes
+        "clip_config_sha256": sha256_of_file(paths.clip_dir / MODEL_CONFIG_FILE),
         **seeds_key,
         # a bf16 run never resumes an fp32 one (or back); absent at fp32, so fp32 checkpoints keep their key
         **({"precision": params.runtime.precision} if params.runtime.precision != "fp32" else {}),

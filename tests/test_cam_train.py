@@ -125,6 +125,29 @@ def test_killed_and_resumed_run_reaches_bit_identical_weights(dataset_root, whol
         assert [row.split("\t")[0] for row in rows[1:]] == ["0", "1"], name
 
 
+def test_a_deit_init_replaced_at_the_same_path_is_not_resumed(dataset_root, tmp_path):
+    """A run killed after a checkpoint, its DeiT init file replaced at the same path, then run again: the resume
+    key held the path only, so the new run continued from weights that came from the old file. Now the file's
+    bytes are in the key: the second run starts its own checkpoint (two folders)."""
+    import timm
+
+    def deit_file(seed: int) -> None:
+        torch.manual_seed(seed)
+        deit = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2,
+                                             mlp_ratio=2.0, num_classes=10)
+        torch.save({"model": deit.state_dict()}, tmp_path / "deit.pth")
+
+    base = tiny_params(dataset_root)
+    params = replace(base, cam=replace(base.cam, arch=replace(base.cam.arch, pretrained=str(tmp_path / "deit.pth"))))
+    paths = paths_in(tmp_path / "run")
+    deit_file(1)
+    assert train_cam_model(params, paths, stop_after_steps=3, show_progress=False) is None  # checkpoints at 2 and 3
+    deit_file(2)  # other weights, same path: a run of its own from step 0 (the same file resumes: the test above)
+    assert train_cam_model(params, paths, stop_after_steps=2, show_progress=False) is None
+    assert sorted(torch.load(path, weights_only=True)["step"]
+                  for path in paths.checkpoint_root.glob("cam_train/*/last.pt")) == [2, 3]
+
+
 def test_cam_infer_writes_store_metrics_and_the_whole_curve(dataset_root, whole_run, tmp_path):
     params = tiny_params(dataset_root)
     paths = CamInferPaths(model=whole_run.model_path, store=tmp_path / "cams" / "train.h5",

@@ -157,6 +157,27 @@ def test_the_model_file_does_not_hold_the_evaluation_protocol():
     assert "eval" not in segmenter_record(default, CLASS_NAMES)["seg"]
 
 
+def test_encoder_weights_replaced_at_the_same_path_are_not_resumed(tiny, tmp_path):
+    """As the DeiT init of cam_train: the encoder weights' bytes are in the resume key, not only their path."""
+    import segmentation_models_pytorch as smp
+
+    def encoder_file(seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.save(smp.Segformer(encoder_name="mit_b0", encoder_weights=None, classes=3).encoder.state_dict(),
+                   tmp_path / "mit_b0.pth")
+
+    params = params_from_dict({"runtime": {"device": "cpu", "seed": 3}, "dataset": {"prepared_dir": str(tiny / "data")},
+                               "pseudo": {"output_dir": str(tiny / "pseudo")},
+                               "seg": {**SEG, "encoder_weights": str(tmp_path / "mit_b0.pth")}})
+    paths = train_paths(tmp_path, "run")
+    encoder_file(1)
+    assert train_segmenter(params, "pseudo", paths, stop_after_steps=2, show_progress=False) is None
+    encoder_file(2)  # other weights, same path: a run of its own from step 0 (the same file resumes: the test above)
+    assert train_segmenter(params, "pseudo", paths, stop_after_steps=1, show_progress=False) is None
+    assert sorted(torch.load(path, weights_only=True)["step"]
+                  for path in paths.checkpoint_root.glob("seg_train_pseudo/*/last.pt")) == [1, 2]
+
+
 def test_seg_eval_crf_scores_each_image_with_its_own_crf_prediction(tiny, tmp_path, monkeypatch):
     """A segmenter whose head is random (seeded) predicts several classes per image, so the CRF has work: the
     stage's figures with ``use_crf`` (in a worker process, batches of 1 image so that one batch's CRFs run while the

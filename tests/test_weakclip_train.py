@@ -1,7 +1,10 @@
 """weakclip_train end to end on a tiny CLIP + tiny dataset + CAM store written here: outputs, a frozen CLIP,
 resumption to the same weights, the seeded training set, and the seed quality numbers."""
 
+import json
 import math
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +58,24 @@ def chain_paths(root: Path, run: str) -> WeakClipTrainPaths:
     return WeakClipTrainPaths(clip_dir=root / "clip", cam_store=root / "cams" / "train.h5",
                               model=root / run / "weakclip" / "model.pt", metrics=root / run / "weakclip.json",
                               live_dir=root / run / "dvclive", checkpoint_root=root / run / "checkpoints")
+
+
+def test_a_clip_of_another_architecture_with_the_same_weights_is_not_resumed(tiny_chain, tmp_path):
+    """The resume key held the CLIP's weights' sha256 only; ViT-B-16 and ViT-B-16-quickgelu store the same bytes
+    and differ in ``model_config.json`` alone, so after switching (the clip stage's QuickGELU note) a killed
+    weakclip_train resumed prompts and decoder trained on the other activation's features."""
+    clip_dir = tmp_path / "clip"
+    shutil.copytree(tiny_chain / "clip", clip_dir)
+    paths = replace(chain_paths(tiny_chain, "quickgelu"), clip_dir=clip_dir,
+                    checkpoint_root=tmp_path / "checkpoints")
+    params = chain_params(tiny_chain)
+    assert train_weakclip(params, paths, stop_after_steps=3, show_progress=False) is None
+    config_path = clip_dir / "model_config.json"
+    config = json.loads(config_path.read_text())
+    assert not config.get("quick_gelu")
+    config_path.write_text(json.dumps({**config, "quick_gelu": True}))  # same weights.pt, other activation
+    assert train_weakclip(params, paths, stop_after_steps=3, show_progress=False) is None
+    assert len(list((tmp_path / "checkpoints" / "weakclip_train").iterdir())) == 2  # a run of its own
 
 
 @pytest.mark.slow

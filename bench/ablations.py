@@ -25,7 +25,8 @@ when its baseline reproduced the committed baseline seed for seed (``carry_previ
 carried rows. The queue's experiments hang off the commit that was HEAD when each was queued, so ``collect`` reads
 every commit's (``dvc exp list --all-commits``, then ``dvc exp show`` of those commits) but counts only those of
 commits whose committed run names the outputs ``dvc.lock`` names for ``weakclip_train`` and everything before it
-(``baselines_with_these_outputs``): code-only commits keep their experiments, an output-changing commit leaves the older ones out (named).
+(``baselines_with_these_outputs``): code-only commits keep their experiments, an output-changing commit leaves
+the older ones out (named).
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ over several figures at 95 % each, one of them will now and then read "higher" o
 
 Experiments are ``NAME-s<k>`` (``NAME@<target>-s<k>`` with ``--target``) and ``cmp-base-<target>-s<k>`` on the
 commit they were queued on (``dvc exp show`` lists them; ``dvc exp remove`` drops them); an earlier commit's count
-too while its params, stages and code up to the target are the current commit's (``experiments_of_this_code``). ``run`` queues only what has not run yet, so a second variant reuses the baseline's
-runs and ``--seeds 5`` after ``--seeds 3`` adds seeds 4 and 5; a finished run is reused only if every param it ran
-with is the one asked for now. The seed key is ``weakclip.train.seed_offset`` for ``--target weakclip_train``
+too while its params, stages and code up to the target are the current commit's (``experiments_of_this_code``).
+``run`` queues only what has not run yet, so a second variant reuses the baseline's runs and ``--seeds 5`` after
+``--seeds 3`` adds seeds 4 and 5; a finished run is reused only if every param it ran with is the one asked for now. The seed key is ``weakclip.train.seed_offset`` for ``--target weakclip_train``
 (WeakCLIP's own init, batch order, augmentation and dropout; the CLIP and CAM seeds stay the committed ones, as
 the ablation grid's) and ``runtime.seed`` otherwise (every training stage up to the target draws from it);
 ``--seed-key`` names another. ``-S`` is read with Hydra's override grammar, as ``dvc exp run -S`` reads it.
@@ -308,7 +308,6 @@ def experiments_of_this_code(repo: Path, graph: StageGraph) -> tuple[dict[str, F
     return finished, listed, earlier
 
 
-
 def experiment_name(arm: Arm, seed: int) -> str:
     return f"{arm.name}-s{seed}"
 
@@ -530,8 +529,7 @@ def run_comparison(arguments: argparse.Namespace, repo: Path) -> tuple[list[dict
     if earlier:
         print(f"also reading the experiments of {len(earlier)} earlier commit(s) whose params.yaml, dvc.yaml stages "
               f"and code up to {'--target ' + arguments.target if arguments.target else 'the whole chain'} are "
-              f"this commit's: "
-              f"{', '.join(commit[:12] for commit in earlier)}", flush=True)
+              f"this commit's: {', '.join(commit[:12] for commit in earlier)}", flush=True)
     if arguments.command == "run":
         overrides = tuple(arguments.overrides)
         check_keys(parse_overrides(overrides), flat_params(params), seed_key, graph, arguments.target)

@@ -376,13 +376,14 @@ def record_not_trained(model_path: Path, live_dir: Path, reason: str) -> Path:
     write_json(live_dir / "metrics.json", record)
     plots = live_dir / "plots" / "metrics"
     shutil.rmtree(plots, ignore_errors=True)
-    for _ in range(100):  # another rank's rmtree may remove the folder, or the temporary file, under this write
-        plots.mkdir(parents=True, exist_ok=True)
-        try:
+    for attempt in range(100):  # another rank's rmtree may remove the folder, or the temporary file, under this write
+        try:  # mkdir(exist_ok) too: it raises FileExistsError when the folder it found is gone before it looks
+            plots.mkdir(parents=True, exist_ok=True)
             write_text(plots / NOT_TRAINED_PLOT, "step\n")
             break
-        except FileNotFoundError:
-            continue
+        except (FileNotFoundError, FileExistsError):
+            if attempt == 99:
+                raise
     return not_trained
 
 

@@ -240,9 +240,9 @@ def test_nproc_without_torchrun_is_named_and_a_torchrun_worker_says_nothing(tmp_
 
 
 @pytest.mark.parametrize(("data", "message"), [
-    ({"cam": {"train": {"epochs": 2, "warmup_epochs": 3}}}, "cam.train.warmup_epochs: 3 is more than epochs 2"),
+    ({"cam": {"train": {"epochs": 2, "warmup_epochs": 3}}}, "cam.train.warmup_epochs: 3 is above epochs 2: the lr would never reach lr"),
     ({"weakclip": {"train": {"iterations": 40, "warmup_iterations": 50}}},
-     "weakclip.train.warmup_iterations: 50 is more than iterations 40"),
+     "weakclip.train.warmup_iterations: 50 is above iterations 40: the lr would never reach lr"),
     # 100 images // 64 = 1 step an epoch, 3 epochs: 3 steps
     ({"clip": {"pretrain": {"web_images": 100, "batch_size": 64, "epochs": 3, "warmup_steps": 4}}},
      "clip.pretrain.warmup_steps: 4 is more than the 3 steps of training"),

@@ -49,9 +49,8 @@ class CamTrainConfig:
     min_lr: float = bounded(0.0, low=0.0)
 
     def validate(self) -> None:
-        if self.warmup_epochs > self.epochs:
-            raise ConfigError(f"warmup_epochs: {self.warmup_epochs} is more than epochs {self.epochs}: the lr would "
-                              "never reach lr; lower warmup_epochs or train more epochs")
+        check_order("warmup_epochs", self.warmup_epochs, "epochs", self.epochs,
+                    "the lr would never reach lr; lower warmup_epochs or train more epochs")
         if self.auto_augment and not self.auto_augment.startswith("rand"):
             raise ConfigError(f"auto_augment: a timm RandAugment string such as 'rand-m9-mstd0.5-inc1', "
                               f"or '' for off; got {self.auto_augment!r}")

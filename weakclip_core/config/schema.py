@@ -135,11 +135,13 @@ def check_range(value: Any, path: str, low: float | None = None, high: float | N
         raise ConfigError(f"{path}: {value!r} is out of range, must be <= {high}")
 
 
-def check_order(lower_key: str, lower: float, upper_key: str, upper: float) -> None:
+def check_order(lower_key: str, lower: float, upper_key: str, upper: float, consequence: str = "") -> None:
     """A cross-field rule ``lower <= upper`` of one section (keys relative to it): ``ConfigError`` naming
-    ``lower_key`` otherwise, NaN included (``build_dataclass`` prefixes the section's path)."""
+    ``lower_key`` otherwise, NaN included (``build_dataclass`` prefixes the section's path); ``consequence``, when
+    given, follows the message (what would go wrong, what to change)."""
     if not lower <= upper:
-        raise ConfigError(f"{lower_key}: {lower!r} is above {upper_key} {upper!r}")
+        raise ConfigError(f"{lower_key}: {lower!r} is above {upper_key} {upper!r}"
+                          + (f": {consequence}" if consequence else ""))
 
 
 def check_not_empty(key: str, items: Any) -> None:

@@ -120,10 +120,8 @@ class WeakClipTrainConfig:
 
     def validate(self) -> None:
         check_order("scale_min", self.scale_min, "scale_max", self.scale_max)
-        if self.warmup_iterations > self.iterations:
-            raise ConfigError(f"warmup_iterations: {self.warmup_iterations} is more than iterations "
-                              f"{self.iterations}: the lr would never reach lr; lower warmup_iterations or train "
-                              "more iterations")
+        check_order("warmup_iterations", self.warmup_iterations, "iterations", self.iterations,
+                    "the lr would never reach lr; lower warmup_iterations or train more iterations")
         if len(self.img_scale) not in (0, 2):
             raise ConfigError(f"img_scale: expected [] or [long, short], got {self.img_scale}")
 

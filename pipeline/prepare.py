@@ -24,8 +24,8 @@ from weakclip_core.config.schema import given_path
 from weakclip_core.data.coco import prepare_coco
 from weakclip_core.data.imports import masks_off_their_labels
 from weakclip_core.data.labels_only import labels_file_of, prepare_custom, read_cls_labels_npy
-from weakclip_core.data.layout import (CAPTIONS_FILE, DatasetError, PreparedDataset, check_score_split_inside,
-                                      labels_from_mask, write_labels, write_split)
+from weakclip_core.data.layout import (CAPTIONS_FILE, IGNORE_INDEX, DatasetError, PreparedDataset,
+                                      check_score_split_inside, labels_from_mask, write_labels, write_split)
 from weakclip_core.data.preview import write_dataset_preview
 from weakclip_core.data.synthetic import class_names, generate_synthetic
 from weakclip_core.data.voc import VOC_CLASS_NAMES, prepare_voc
@@ -88,6 +88,26 @@ def class_list(class_ids: list[int], class_names: list[str]) -> str:
     return ", ".join(f"{class_names[c]} ({c})" if 0 <= c < len(class_names) else str(c) for c in class_ids) or "none"
 
 
+def check_masks_are_not_binary(shown: dict[str, list[int]], with_ignore: set[str], prepared: PreparedDataset,
+                               masks_from: Path, order_rule: str) -> None:
+    """Single-class mask sets are often saved binary, 0 for background and 255 for the object. Read as class
+    indices, 255 is *ignore*: every object pixel drops out of the GT scores, which are then taken on background
+    alone, without a word. More than half of the masks of images labelled with a class showing no foreground
+    class but ignore pixels is that encoding (a VOC mask's 255 is a thin band around objects it also shows):
+    a ``DatasetError`` naming the mask folder. ``shown``: each mask's foreground classes; ``with_ignore``: the
+    images whose mask holds ignore pixels."""
+    labelled = [image_id for image_id in shown if prepared.labels.get(image_id)]
+    binary = [image_id for image_id in labelled if not shown[image_id] and image_id in with_ignore]
+    if binary and 2 * len(binary) > len(labelled):
+        first = binary[0]
+        raise DatasetError(
+            f"{masks_from}: {len(binary)} of the {len(labelled)} GT masks of labelled images show no class, only "
+            f"background (0) and ignore ({IGNORE_INDEX}) (first: {first}, labelled "
+            f"{class_list(prepared.labels[first], prepared.class_names)}): binary 0/{IGNORE_INDEX} masks? A mask's "
+            f"value is the pixel's class index ({order_rule}) and {IGNORE_INDEX} means ignore: set each object's "
+            "pixels to its class index")
+
+
 def check_gt_masks_follow_labels(prepared: PreparedDataset, image_ids: list[str], masks_from: Path,
                                  labels_from: Path, order_rule: str) -> str | None:
     """Where the image-level labels are given apart from the GT masks (your own data's labels file, VOC with
@@ -98,8 +118,15 @@ def check_gt_masks_follow_labels(prepared: PreparedDataset, image_ids: list[str]
     files. Fewer, or labels that list only part of what the masks show (a real VOC has a few images whose XML
     labels and SBD masks differ; a tagger's labels may list only some classes): the returned warning line. None
     disagreeing: ``None``."""
-    shown = {image_id: labels_from_mask(prepared.mask(image_id)) for image_id in image_ids
-             if prepared.has_mask(image_id)}
+    shown: dict[str, list[int]] = {}
+    with_ignore: set[str] = set()
+    for image_id in image_ids:  # one mask in memory at a time: a VOC or COCO split holds thousands
+        if prepared.has_mask(image_id):
+            mask = prepared.mask(image_id)
+            shown[image_id] = labels_from_mask(mask)
+            if (mask == IGNORE_INDEX).any():
+                with_ignore.add(image_id)
+    check_masks_are_not_binary(shown, with_ignore, prepared, masks_from, order_rule)
     with_foreground, strays = masks_off_their_labels(shown, prepared.labels)
     if not strays:
         return None

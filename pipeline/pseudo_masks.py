@@ -441,7 +441,8 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths()) -> dict[str, An
         confusion = confusion_matrix(ground_truth, read_mask(work_dir / "masks" / f"{image_id}.png"),
                                      dataset.n_classes)
         after.confusion += confusion
-        per_image_miou[image_id] = iou_report(confusion).miou
+        if confusion.any():  # a mask of ignore (255) only has no pixel to score: no mIoU, never among the worst
+            per_image_miou[image_id] = iou_report(confusion).miou
     n_scored = len(per_image_miou)
     before_report, after_report = before.report(), after.report()
     final_report = after_report  # the written masks (without CRF and repair they equal the raw ones)

@@ -138,9 +138,11 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
             ground_truth = dataset.checked_mask(image_id, image.shape[:2])
             confusion = confusion_matrix(ground_truth, prediction, dataset.n_classes)
             accumulator.confusion += confusion
-            per_image_miou[image_id] = iou_report(confusion).miou
             if image_id in report_ids:
                 kept[image_id] = (image, ground_truth, prediction)
+            if not confusion.any():  # a mask of ignore (255) only: no pixel to score, no mIoU, never "worst"
+                continue
+            per_image_miou[image_id] = iou_report(confusion).miou
             worst_candidates[image_id] = prediction
             # Keep only the current worst predictions in memory.
             if len(worst_candidates) > 4 * max(1, n_worst) + EVAL_BATCH:
@@ -209,7 +211,8 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
         for image_id in sorted(kept):
             image, ground_truth, prediction = kept[image_id]
             save_overlay(reports_dir / f"sample_{image_id}.png", image, [("GT", ground_truth), ("prediction", prediction)],
-                         caption=f"{image_id}  mIoU {100 * per_image_miou[image_id]:.1f}")
+                         caption=f"{image_id}  " + (f"mIoU {100 * per_image_miou[image_id]:.1f}"
+                                                     if image_id in per_image_miou else "no pixel scored"))
         for rank, image_id in enumerate(lowest_scoring({i: per_image_miou[i] for i in worst_candidates}, n_worst)):
             save_overlay(reports_dir / f"worst_{rank}_{image_id}.png", dataset.image(image_id),
                          [("GT", dataset.mask(image_id)), ("prediction", worst_candidates[image_id])],

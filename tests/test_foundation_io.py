@@ -14,8 +14,8 @@ from PIL import Image
 
 from weakclip_core.artifacts.atomic import (FolderContents, OutputFolderError, atomic_dir, atomic_path,
                                            check_output_dir, write_json)
-from weakclip_core.data.layout import (DatasetError, PreparedDataset, labels_from_mask, read_image, read_mask,
-                                       read_split, voc_palette, write_image, write_labels, write_mask, write_split)
+from weakclip_core.data.layout import (DatasetError, PreparedDataset, labels_from_mask, read_image, read_image_size,
+                                       read_mask, read_split, voc_palette, write_image, write_labels, write_mask, write_split)
 from weakclip_core.training.checkpoint import Checkpointer
 from weakclip_core.training.schedules import poly_lr, warmup_cosine_lr
 
@@ -64,6 +64,42 @@ def test_mask_and_image_round_trip(tmp_path):
     picture = np.full((4, 5, 3), 200, np.uint8)
     write_image(tmp_path / "i.jpg", picture)
     assert read_image(tmp_path / "i.jpg").shape == (4, 5, 3)
+
+
+def test_a_16_bit_or_1_bit_mask_of_class_indices_is_read_and_one_above_255_is_refused(tmp_path):
+    """Annotation tools and ``cv2.imwrite`` of a uint16 array save masks as 16-bit greyscale, and a boolean array
+    saves as 1-bit: their values are class indices like a palette PNG's (they used to be refused as "must be a
+    palette or greyscale PNG", which a 16-bit greyscale PNG is). A value that cannot be a class or 255 is refused."""
+    classes = np.array([[0, 1, 255], [2, 2, 0]], dtype=np.uint16)
+    Image.fromarray(classes).save(tmp_path / "wide.png")
+    with Image.open(tmp_path / "wide.png") as image:
+        assert image.mode.startswith("I")
+    read = read_mask(tmp_path / "wide.png")
+    assert read.dtype == np.uint8
+    np.testing.assert_array_equal(read, classes.astype(np.uint8))
+    Image.fromarray(np.array([[True, False], [False, True]])).save(tmp_path / "bits.png")
+    with Image.open(tmp_path / "bits.png") as image:
+        assert image.mode == "1"
+    np.testing.assert_array_equal(read_mask(tmp_path / "bits.png"), [[1, 0], [0, 1]])
+    Image.fromarray(np.array([[0, 1000]], dtype=np.uint16)).save(tmp_path / "depth.png")
+    with pytest.raises(DatasetError, match=r"depth.png: a I;16 mask holding 1000, above 255"):
+        read_mask(tmp_path / "depth.png")
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(DatasetError, match="rgb.png: mask must be a single-channel PNG of class indices.*got mode RGB"):
+        read_mask(tmp_path / "rgb.png")
+
+
+def test_an_image_above_pils_size_guard_is_called_too_large_not_unreadable(tmp_path, monkeypatch):
+    """PIL refuses to open an image above twice ``MAX_IMAGE_PIXELS`` (~179 MP by default) as a possible
+    decompression bomb; a real aerial photo is that large, so the refusal says to downscale it."""
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "big.png")
+    write_mask(tmp_path / "big_mask.png", np.zeros((40, 40), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,600 pixels is above twice this limit
+    for read in (read_image, read_image_size):
+        with pytest.raises(DatasetError, match="big.png: image too large to open .*downscale it"):
+            read(tmp_path / "big.png")
+    with pytest.raises(DatasetError, match="big_mask.png: mask too large to open"):
+        read_mask(tmp_path / "big_mask.png")
 
 
 def test_bad_files_are_named(tmp_path):

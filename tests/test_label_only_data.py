@@ -545,6 +545,22 @@ def test_masks_drawn_in_another_class_order_than_classes_txt_stop_prepare_naming
     assert not prepared.exists()  # nothing half-prepared left behind
 
 
+def test_binary_0_255_masks_stop_prepare_naming_the_mask_folder(tmp_path: Path) -> None:
+    """Masks saved binary, 0 background and 255 the object (the usual encoding of single-class mask sets): read as
+    class indices, every object pixel is ignore and the GT scores would be taken on background alone. Was:
+    prepared without a word ("GT masks: 3 of 3 images"). Image labels by hand: a1 kiwi = 1."""
+    masks = {image_id: np.where(_blob((12, 16), 1) > 0, 255, 0).astype(np.uint8) for image_id in ("a1", "a3", "b1")}
+    source = write_custom_tree(tmp_path / "mine", masks=masks)
+    with pytest.raises(DatasetError) as caught:
+        run(_custom_params(source, tmp_path), preview_path=tmp_path / "preview.png", progress=False)
+    assert str(caught.value) == (
+        f"{source / 'masks'}: 3 of the 3 GT masks of labelled images show no class, only background (0) and ignore "
+        "(255) (first: a1, labelled kiwi (1)): binary 0/255 masks? A mask's value is the pixel's class index (0 "
+        "background, class i = line i of classes.txt after an optional first 'background' line) and 255 means "
+        "ignore: set each object's pixels to its class index")
+    assert not (tmp_path / "prepared").exists()
+
+
 def test_a_few_masks_off_their_labels_are_a_line_of_the_summary(tmp_path: Path) -> None:
     """One mask of three showing a class its image is not labelled with (a real dataset's few annotation slips,
     as VOC's XML labels and SBD masks on some images): prepared, and said on the stage's summary."""

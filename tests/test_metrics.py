@@ -69,9 +69,40 @@ def test_average_precision_hand_worked():
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
     # positives at ranks 1, 3 and 4: precisions 1/1, 2/3, 3/4
     assert average_precision(scores, np.array([1, 0, 1, 1, 0])) == pytest.approx((1 + 2 / 3 + 3 / 4) / 3)
-    # ties keep input order: the positive listed second of two equal scores ranks 2nd -> precision 1/2
+    # two equal scores are one threshold: the positive gets the precision of both, 1/2, in either order
     assert average_precision(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
+    assert average_precision(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(0.5)
     assert average_precision(scores, np.zeros(5)) is None
+
+
+def test_average_precision_of_tied_scores_is_sklearns_and_does_not_depend_on_the_order():
+    """Items of equal score form one threshold (scikit-learn's average_precision_score, which MCTformer's
+    evaluation calls): sum over thresholds of (recall gain) x (precision). A float32 sigmoid ties at exactly 1.0
+    for every logit above ~17, so a confident classifier's val mAP used to depend on the order of the val list."""
+    import itertools
+
+    from weakclip_core.evaluation.metrics import average_precision
+    # three items tie at 0.9, one of them positive: precision 1/3 there; then the 0.1 positive: 2/4
+    scores, positives = np.array([0.9, 0.9, 0.9, 0.1]), np.array([0, 0, 1, 1])
+    for order in itertools.permutations(range(4)):
+        assert average_precision(scores[list(order)], positives[list(order)]) == pytest.approx((1 / 3 + 2 / 4) / 2)
+
+    def thresholds_reference(values: np.ndarray, labels: np.ndarray) -> float:
+        total, recall_before = 0.0, 0.0
+        for threshold in np.unique(values)[::-1]:
+            chosen = values >= threshold
+            true_positives = labels[chosen].sum()
+            recall = true_positives / labels.sum()
+            total += (recall - recall_before) * true_positives / chosen.sum()
+            recall_before = recall
+        return total
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        size = int(rng.integers(1, 25))
+        values, labels = rng.integers(0, 4, size) / 3.0, (rng.random(size) < 0.4).astype(int)
+        if labels.any():
+            assert average_precision(values, labels) == pytest.approx(thresholds_reference(values, labels), abs=1e-12)
 
 
 def test_mean_average_precision_hand_worked():

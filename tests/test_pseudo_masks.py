@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from pipeline.pseudo_masks import (ManifestWriter, ProvenanceError, PseudoPaths, RefineJob, Shard, assemble,
                                    check_gt_claim, done_images, read_manifest_lines, refine_and_write, run_shard,
@@ -356,3 +357,22 @@ def test_a_model_file_records_the_reference_fidelity_keys_only_when_set(tmp_path
     assert (recorded["loss"]["aux_form"], recorded["train"]["clip_drop_path_unit"], recorded["train"]["lr_schedule"],
             recorded["train"]["decoder_init"]) == ("reference", "token", "mmcv_cosine", "reference")
     assert load_weakclip_model(tmp_path / "set.pt").class_names == CLASS_NAMES
+
+
+def test_an_image_whose_mask_is_all_ignore_is_not_scored_or_ranked_worst(tmp_path):
+    """A GT mask of 255 only has no pixel to score: its per-image mIoU is undefined, not 0.0, so it is neither
+    counted in ``n_scored`` nor listed among ``worst_images`` (it used to head that list with 0.0)."""
+    write_chain(tmp_path)
+    dataset = PreparedDataset.open(tmp_path / "data")
+    blank_id = sorted(dataset.split("train"))[0]
+    mask_path = tmp_path / "data" / "SegmentationClass" / f"{blank_id}.png"
+    with Image.open(mask_path) as mask:
+        blank = mask.copy()
+    blank.paste(255, (0, 0, *blank.size))
+    blank.save(mask_path)
+    params = params_from_dict(params_dict(tmp_path, "blank_masks", use_crf=False))
+    paths = paths_of(tmp_path, "blank")
+    assert run_shard(params, paths=paths, show_progress=False) == N_TRAIN
+    metrics = assemble(params, paths)
+    assert metrics["n_scored"] == N_TRAIN - 1
+    assert blank_id not in metrics["worst_images"] and len(metrics["worst_images"]) == 8

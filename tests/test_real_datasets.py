@@ -84,6 +84,28 @@ def test_voc_sbd_train_aug_list_beside_the_tree(tmp_path: Path) -> None:
     assert Image.open(out / "SegmentationClass" / "2007_000003.png").mode == "P"  # greyscale aug -> palette
 
 
+def test_voc_split_list_ids_holding_a_dot_are_kept_whole(tmp_path: Path) -> None:
+    """A plain id is the whole token: ``frame.0002`` used to become ``frame`` (reading the decoy frame.jpg) and
+    ``a.1``, ``a.2`` one id "listed twice". A path or an image file name (any case) still gives its stem."""
+    source = _voc_tree(tmp_path / "VOC2012")
+    dotted = {"frame.0002": 1, "frame": 2, "a.1": 3, "a.2": 4}  # id -> its only class (frame: the decoy)
+    for number, (image_id, class_index) in enumerate(dotted.items()):
+        _save_jpeg(source / "JPEGImages" / f"{image_id}.jpg", 12, 16, 10 + number)
+        _save_palette_png(source / "SegmentationClass" / f"{image_id}.png", np.full((12, 16), class_index, np.uint8))
+    (source / "ImageSets" / "Segmentation" / "train.txt").write_text("frame.0002\na.1\na.2\n")
+    (source / "pairs.txt").write_text("/JPEGImages/frame.0002.jpg /SegmentationClass/frame.0002.png\n"
+                                      "2007_000001.JPG\na.2.jpeg\n")
+    out = tmp_path / "prepared"
+    splits = prepare_voc(source, out, ["train", "pairs", "val"], progress=False)
+    assert splits == {"train": ["frame.0002", "a.1", "a.2"], "pairs": ["frame.0002", "2007_000001", "a.2"],
+                      "val": ["2007_000003"]}
+    dataset = PreparedDataset.open(out)
+    for image_id in ("frame.0002", "a.1", "a.2"):
+        assert dataset.labels[image_id] == [dotted[image_id]]
+        assert dataset.image_path(image_id).read_bytes() == (source / "JPEGImages" / f"{image_id}.jpg").read_bytes()
+    assert not dataset.image_path("frame").exists()
+
+
 def _break_missing_dir(source: Path) -> Path:
     for path in (source / "JPEGImages").iterdir():
         path.unlink()
@@ -346,6 +368,18 @@ def _coco_break_repeated_file(source: Path) -> Path:
     return path
 
 
+def _coco_break_same_stem(source: Path) -> Path:
+    """A second image whose file differs only in its suffix: both became the prepared id
+    COCO_train2014_000000000001, the later's pixels, mask and labels silently replacing the first's."""
+    path = source / "annotations" / "instances_train2014.json"
+    document = json.loads(path.read_text())
+    twin = source / "train2014" / "COCO_train2014_000000000001.png"
+    Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(twin)
+    document["images"].append({**document["images"][0], "id": 5, "file_name": "COCO_train2014_000000000001.png"})
+    path.write_text(json.dumps(document))
+    return path
+
+
 def _coco_break_empty_polygon(source: Path) -> Path:
     path = source / "annotations" / "instances_train2014.json"
     document = json.loads(path.read_text())
@@ -361,6 +395,8 @@ def _coco_break_empty_polygon(source: Path) -> Path:
     (_coco_break_jpeg, "unreadable image"), (_coco_break_empty, "empty"),
     (_coco_break_missing_annotations, "not found"), (_coco_break_missing_dir, "not found"),
     (_coco_break_repeated_file, "both name the file COCO_train2014_000000000001.jpg"),
+    (_coco_break_same_stem, "images 1 (COCO_train2014_000000000001.jpg) and 5 (COCO_train2014_000000000001.png) "
+                            "share the file stem COCO_train2014_000000000001"),
     (_coco_break_empty_polygon, "undecodable segmentation")])
 def test_coco_bad_input_names_the_file(tmp_path: Path, breaker, words: str) -> None:
     source, _ = _coco_tree(tmp_path / "coco")
@@ -369,6 +405,54 @@ def test_coco_bad_input_names_the_file(tmp_path: Path, breaker, words: str) -> N
         prepare_coco(source, tmp_path / "prepared", ["train", "val"], progress=False)
     assert str(bad_path) in str(caught.value)
     assert words in str(caught.value)
+
+
+def test_coco_one_file_stem_in_both_splits_is_refused_naming_both_annotation_files(tmp_path: Path) -> None:
+    """train2014/x.jpg and val2014/x.jpg (a COCO-format export of one's own data) are one prepared image id: the
+    val image's pixels, mask and labels replaced the train image's without a word."""
+    source, _ = _coco_tree(tmp_path / "coco")
+    val_path = source / "annotations" / "instances_val2014.json"
+    document = json.loads(val_path.read_text())
+    _save_jpeg(source / "val2014" / "COCO_train2014_000000000002.jpg", 10, 12, 50)
+    document["images"].append({"id": 8, "file_name": "COCO_train2014_000000000002.jpg", "height": 10, "width": 12})
+    val_path.write_text(json.dumps(document))
+    with pytest.raises(DatasetError) as caught:
+        prepare_coco(source, tmp_path / "prepared", ["train", "val"], progress=False)
+    train_path = source / "annotations" / "instances_train2014.json"
+    assert str(caught.value) == (f"{val_path}: images 2 (COCO_train2014_000000000002.jpg in {train_path}) and 8 "
+                                 "(COCO_train2014_000000000002.jpg) share the file stem COCO_train2014_000000000002, "
+                                 "the prepared image id; the second's image, mask and labels would replace the "
+                                 "first's (rename one file)")
+
+
+def test_coco_string_image_ids_are_read_as_pycocotools_reads_them(tmp_path: Path) -> None:
+    """A COCO-format export may give ``"id": "img7"``; ``int()`` of it stopped prepare and the subset tool with a
+    bare ValueError. Integer ids come first in numeric order (digit strings with them), then the rest by text."""
+    from weakclip_core.data.coco import main as coco_main
+
+    source, expected = _coco_tree(tmp_path / "coco")
+    path = source / "annotations" / "instances_train2014.json"
+    document = json.loads(path.read_text())
+    new_id = {1: "img-a", 2: 40}  # image 1 (person, car, crowd) gets a string id; image 2 (dog) stays an integer
+    for image in document["images"]:
+        image["id"] = new_id[image["id"]]
+    for annotation in document["annotations"]:
+        annotation["image_id"] = new_id[annotation["image_id"]]
+    path.write_text(json.dumps(document))
+
+    splits = prepare_coco(source, tmp_path / "prepared", ["train", "val"], progress=False)
+    assert splits["train"] == ["COCO_train2014_000000000002", "COCO_train2014_000000000001"]
+    dataset = PreparedDataset.open(tmp_path / "prepared")
+    for image_id, mask in expected.items():
+        np.testing.assert_array_equal(dataset.mask(image_id), mask)
+    coco_main(["subset", str(source), str(tmp_path / "small"), "--images", "1"])
+    subset = json.loads((tmp_path / "small" / "annotations" / "instances_train2014.json").read_text())
+    assert [image["id"] for image in subset["images"]] == [40]
+    assert {annotation["image_id"] for annotation in subset["annotations"]} == {40}
+    from weakclip_core.data.coco import image_order
+
+    ordered = sorted([{"id": "img7"}, {"id": 10}, {"id": "9"}, {"id": "b"}, {"id": 2}], key=image_order)
+    assert [info["id"] for info in ordered] == [2, "9", 10, "b", "img7"]
 
 
 # ------------------------------------------------------------------------------------------------ score split

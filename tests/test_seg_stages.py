@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.seg_eval import SegEvalPaths, evaluate_segmenter
 from pipeline.seg_train import SegTrainPaths, train_segmenter
@@ -124,6 +125,25 @@ def test_seg_eval_metrics_match_a_hand_worked_case(tiny, tmp_path):
     assert "confusion_matrix.png" in reports
     assert len([r for r in reports if r.startswith("sample_")]) == 2
     assert len([r for r in reports if r.startswith("worst_")]) == 3
+
+
+def test_an_image_whose_mask_is_all_ignore_is_not_ranked_worst(tiny, tmp_path):
+    """A GT mask of 255 only (a user's "don't care" image) has no pixel to score: its per-image mIoU is undefined,
+    not 0.0, so it must not be shown as the worst prediction (it used to be ranked first, ahead of every real miss)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny / "data", data)
+    val_ids = PreparedDataset.open(data).split("val")
+    mask_path = data / "SegmentationClass" / f"{val_ids[0]}.png"
+    with Image.open(mask_path) as mask:
+        blank = mask.copy()
+    blank.paste(255, (0, 0, *blank.size))
+    blank.save(mask_path)
+    paths = constant_segmenter(tmp_path, "pseudo", predicted_class=2)
+    params = params_from_dict({"runtime": {"device": "cpu", "seed": 3}, "dataset": {"prepared_dir": str(data)},
+                               "pseudo": {"output_dir": str(tiny / "pseudo")}, "seg": SEG})
+    evaluate_segmenter(params, "pseudo", paths, n_samples=0, n_worst=len(val_ids), show_progress=False)
+    worst = sorted(p.name for p in paths.reports("pseudo").iterdir() if p.name.startswith("worst_"))
+    assert len(worst) == len(val_ids) - 1 and not any(val_ids[0] in name for name in worst), worst
 
 
 def test_seg_eval_of_the_gt_model_says_gt_was_used(tiny, tmp_path):

@@ -4,7 +4,9 @@
 ``train2014/``, ``val2014/`` (or ``images/train2014/``, ``images/val2014/``: hustvl/WeakCLIP's ``COCO14``
 layout); split ``train`` reads the first pair, ``val`` the second. ``dataset.coco_masks`` takes the masks
 from a folder of pre-rendered PNGs instead, in the encoding ``dataset.coco_mask_encoding`` states.
-Image ids are the file stems (``COCO_train2014_000000000009``).
+Image ids are the file stems (``COCO_train2014_000000000009``), so two image entries with one stem (in a
+split or across the two) are refused. The entries are read in ``id`` order: integer ids numerically, then
+any other ids (a COCO-format export of one's own data may use strings, which pycocotools accepts) by text.
 
 Class mapping: COCO's 80 category ids (1..90 with gaps) sorted ascending become the
 contiguous classes 1..80 (``person`` = 1, ..., ``toothbrush`` = 80); ``labels.json``
@@ -54,6 +56,33 @@ def category_mapping(categories: list[dict[str, Any]], path: Path) -> tuple[list
         return [int(c["id"]) for c in ordered], [str(c["name"]) for c in ordered]
     except (KeyError, TypeError, ValueError) as error:
         raise DatasetError(f"{path}: malformed categories ({error})") from None
+
+
+def image_order(image_info: dict[str, Any]) -> tuple[int, int, str]:
+    """Sort key of an ``images`` entry: integer ids (or strings of digits) in numeric order, then every other id
+    in text order. COCO's ids are integers, but pycocotools indexes any hashable id, and an ``int()`` of
+    ``"img7"`` stopped a COCO-format export of one's own data with a bare ``ValueError``."""
+    identifier = image_info.get("id")
+    if isinstance(identifier, int) and not isinstance(identifier, bool):
+        return 0, identifier, ""
+    if isinstance(identifier, str) and identifier.isascii() and identifier.isdigit():
+        return 0, int(identifier), ""
+    return 1, 0, str(identifier)
+
+
+def claim_image_id(owners: dict[str, tuple[Path, str, object]], image_id: str, annotations_path: Path,
+                   file_name: str, coco_id: object) -> None:
+    """Record that ``file_name`` (image ``coco_id`` of ``annotations_path``) becomes the prepared image ``image_id``
+    (its file stem), refusing a stem an earlier entry already took: ``a.jpg`` and ``a.png``, or ``a.jpg`` in both
+    splits' folders, would share one prepared image, mask and labels entry, the later silently replacing the
+    earlier (the repeated-``file_name`` check does not see them: the names differ)."""
+    if image_id in owners:
+        first_path, first_file, first_id = owners[image_id]
+        where = "" if first_path == annotations_path else f" in {first_path}"
+        raise DatasetError(f"{annotations_path}: images {first_id} ({first_file}{where}) and {coco_id} ({file_name}) "
+                           f"share the file stem {image_id}, the prepared image id; the second's image, mask and "
+                           "labels would replace the first's (rename one file)")
+    owners[image_id] = (annotations_path, file_name, coco_id)
 
 
 def semantic_mask(coco: Any, image_info: dict[str, Any], class_of_category: dict[int, int],
@@ -164,6 +193,7 @@ def prepare_coco(source: str | Path, root: str | Path, splits: list[str],
     class_names: list[str] = []
     labels: dict[str, list[int]] = {}
     kept_by_split: dict[str, list[str]] = {}
+    owner_of_image_id: dict[str, tuple[Path, str, object]] = {}  # across the splits: one prepared folder
     for split in splits:
         if split not in COCO_SPLIT_FOLDERS:
             raise DatasetError(f"{source}: COCO split {split!r} unknown (dataset.train_split/val_split must be "
@@ -181,7 +211,7 @@ def prepare_coco(source: str | Path, root: str | Path, splits: list[str],
         elif split_category_ids != category_ids:
             raise DatasetError(f"{annotations_path}: categories differ from the other split's")
         class_of_category = {category_id: index for index, category_id in enumerate(category_ids, start=1)}
-        image_infos = sorted(coco.dataset.get("images", []), key=lambda info: int(info["id"]))
+        image_infos = sorted(coco.dataset.get("images", []), key=image_order)
         if not image_infos:
             raise DatasetError(f"{annotations_path}: split {split!r} is empty (no images)")
 
@@ -193,6 +223,8 @@ def prepare_coco(source: str | Path, root: str | Path, splits: list[str],
                 raise DatasetError(f"{annotations_path}: images {image_of_file[file_name]} and {image_info.get('id')} "
                                    f"both name the file {file_name}")
             image_of_file[file_name] = image_info.get("id")
+            image_id = Path(file_name).stem
+            claim_image_id(owner_of_image_id, image_id, annotations_path, file_name, image_info.get("id"))
             image_path = image_folder / file_name
             if not image_path.is_file():
                 raise DatasetError(f"{image_path}: image listed in {annotations_path.name} is absent")
@@ -205,7 +237,6 @@ def prepare_coco(source: str | Path, root: str | Path, splits: list[str],
             if image.shape[:2] != expected:
                 raise DatasetError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but "
                                    f"{annotations_path.name} says {expected[1]}x{expected[0]} (width x height)")
-            image_id = image_path.stem
             if masks_dir:
                 annotated = {class_of_category.get(annotation.get("category_id"), -1)
                              for annotation in coco.loadAnns(coco.getAnnIds(imgIds=[image_info["id"]], iscrowd=None))}
@@ -251,7 +282,7 @@ def write_coco_subset(source: str | Path, destination: str | Path, images_per_sp
         if not annotations_path.is_file():
             raise DatasetError(f"{annotations_path}: COCO annotations file not found")
         document = json.loads(annotations_path.read_text())
-        images = sorted(document.get("images", []), key=lambda info: int(info["id"]))[:images_per_split]
+        images = sorted(document.get("images", []), key=image_order)[:images_per_split]
         kept_ids = {info["id"] for info in images}
         subset = {**document, "images": images,
                   "annotations": [a for a in document.get("annotations", []) if a.get("image_id") in kept_ids]}

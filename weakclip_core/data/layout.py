@@ -72,14 +72,40 @@ def read_mask(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode not in ("P", "L"):
-                raise DatasetError(f"{path}: mask must be a palette or greyscale PNG of class indices, "
-                                   f"got mode {image.mode}")
-            return np.array(image, dtype=np.uint8)
+            if image.mode in ("P", "L"):
+                return np.array(image, dtype=np.uint8)
+            if image.mode in MASK_WIDE_MODES:
+                return narrowed_mask(np.array(image), path, image.mode)
+            raise DatasetError(f"{path}: mask must be a single-channel PNG of class indices (palette, 8- or "
+                               f"16-bit greyscale, or 1-bit), got mode {image.mode}")
     except DatasetError:
         raise
+    except Image.DecompressionBombError as error:
+        raise DatasetError(too_large_message(path, "mask", error)) from None
     except Exception as error:  # PIL raises many types for corrupt files
         raise DatasetError(f"{path}: unreadable mask ({error})") from None
+
+
+MASK_WIDE_MODES = ("1", "I;16", "I;16L", "I;16B", "I;16N", "I")
+"""PIL modes a mask of class indices is also saved in: 1-bit (a boolean array saved as is: 0/1) and 16- or 32-bit
+greyscale (what some annotation tools and ``cv2.imwrite`` of a uint16 array write). Their values are the class
+indices as they are; one above 255 cannot be one."""
+
+
+def narrowed_mask(values: np.ndarray, path: Path, mode: str) -> np.ndarray:
+    """A wide-mode mask's values as uint8 class indices, or a ``DatasetError`` naming the file if any value
+    (a class index or 255 for ignore) does not fit in 8 bits."""
+    if values.size and (int(values.min()) < 0 or int(values.max()) > IGNORE_INDEX):
+        raise DatasetError(f"{path}: a {mode} mask holding {int(values.max())}, above {IGNORE_INDEX}: class "
+                           f"indices run 0..K-1 with {IGNORE_INDEX} for ignore; re-save it with those values")
+    return values.astype(np.uint8)
+
+
+def too_large_message(path: Path, what: str, error: Exception) -> str:
+    """The refusal of a file above PIL's decompression-bomb guard (2 x ``Image.MAX_IMAGE_PIXELS``, ~179 MP): a
+    real photo this large is not corrupt, so say what to do instead of calling it unreadable."""
+    return (f"{path}: {what} too large to open ({error}); the chain trains and predicts on images of a few "
+            "hundred pixels a side: downscale it (or tile it into several images) before prepare")
 
 
 def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> None:
@@ -96,6 +122,8 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             width, height = image.size
+    except Image.DecompressionBombError as error:
+        raise DatasetError(too_large_message(path, "image", error)) from None
     except Exception as error:
         raise DatasetError(f"{path}: unreadable image ({error})") from None
     return height, width
@@ -142,6 +170,8 @@ def read_image(path: str | Path) -> np.ndarray:
             return np.array(image.convert("RGB"), dtype=np.uint8)
     except DatasetError:
         raise
+    except Image.DecompressionBombError as error:
+        raise DatasetError(too_large_message(path, "image", error)) from None
     except Exception as error:
         raise DatasetError(f"{path}: unreadable image ({error})") from None
 

@@ -9,8 +9,9 @@ the first of these that exists:
 2. ``<source>/<name>.txt`` (the SBD-style list shipped beside ``SegmentationClassAug``).
 
 A list line is either an image id (``2007_000032``) or the DeepLab pair form
-(``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``): the first
-token's file stem is the id. Every image is decoded once to prove it is readable;
+(``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``): a first token that is a path
+(holds ``/``) or a file name (ends in ``.jpg``/``.jpeg``/``.png``) gives its file stem as the id; any other
+first token is the id whole (``frame.0002`` stays ``frame.0002``). Every image is decoded once to prove it is readable;
 images are hard-linked into the prepared folder when it is on the same file system
 (else copied; a hard link shares the source file, so leave the source read-only),
 masks are re-written as palette PNGs, and image-level labels are derived from the masks, or, with
@@ -61,13 +62,28 @@ def find_split_list(source: Path, split: str) -> Path:
     raise DatasetError(f"{candidates[0]}: split list for {split!r} not found (also looked for {candidates[1]})")
 
 
+IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png")
+"""File name endings (compared lower-cased) that make a split list token a file name rather than an id."""
+
+
+def split_list_id(token: str) -> str:
+    """The image id the first token of a split list line names.
+
+    Only a path (the DeepLab pair form, ``/JPEGImages/2007_000032.jpg``) or an image file name loses its
+    folder and suffix: taking the stem of every token cut an id holding a dot short (``frame.0002`` became
+    ``frame``, which read the wrong image or none, and made ``a.1`` and ``a.2`` one id listed twice)."""
+    if "/" in token or token.lower().endswith(IMAGE_FILE_SUFFIXES):
+        return Path(token).stem
+    return token
+
+
 def read_split_list(path: Path) -> list[str]:
     """Image ids of a VOC split list, in order; either plain ids or DeepLab "image mask" pairs."""
     first_line: dict[str, int] = {}
     for number, line in enumerate(read_text_file(path, "split list").splitlines(), start=1):
         if not line.strip():
             continue
-        image_id = check_image_id(Path(line.split()[0]).stem, path)
+        image_id = check_image_id(split_list_id(line.split()[0]), path)
         if image_id in first_line:
             raise DatasetError(f"{path}:{number}: image {image_id} is listed twice (first on line "
                                f"{first_line[image_id]}); it would count twice in training and scoring")

@@ -96,15 +96,29 @@ class ConfusionAccumulator:
 
 def average_precision(scores: np.ndarray, positives: np.ndarray) -> float | None:
     """Non-interpolated AP of one class over N items: the mean, over its positives, of the precision at
-    each positive's rank (scores sorted high to low, ties kept in input order). ``scores``, ``positives``:
-    (N,); a positive is a label above 0.5. ``None`` when there is no positive (AP undefined)."""
+    each positive's rank (scores sorted high to low). Items of equal score form one threshold, as in
+    scikit-learn's ``average_precision_score`` (MCTformer's evaluation): each positive of a tie takes the
+    precision at the tie's end, so the value does not depend on the order the items come in (a confident
+    classifier's float32 sigmoids tie at exactly 1.0). ``scores``, ``positives``: (N,); a positive is a
+    label above 0.5. ``None`` when there is no positive (AP undefined)."""
     hits_in_input_order = np.asarray(positives) > 0.5
     if not hits_in_input_order.any():
         return None
-    order = np.argsort(-np.asarray(scores), kind="stable")
+    descending = -np.asarray(scores)
+    order = np.argsort(descending, kind="stable")
     hits = hits_in_input_order[order]
+    sorted_scores = descending[order]
     precision_at_rank = np.cumsum(hits) / np.arange(1, hits.size + 1)
-    return float(precision_at_rank[hits].mean())
+    return float(precision_at_rank[tie_ends(sorted_scores)][hits].mean())
+
+
+def tie_ends(sorted_values: np.ndarray) -> np.ndarray:
+    """For each position of a sorted (N,) array, the index of the last element equal to it (its tie's end);
+    ``arange(N)`` when no two are equal."""
+    positions = np.arange(sorted_values.size)
+    is_end = np.append(sorted_values[1:] != sorted_values[:-1], True)
+    ends = np.where(is_end, positions, sorted_values.size)
+    return np.minimum.accumulate(ends[::-1])[::-1]
 
 
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:

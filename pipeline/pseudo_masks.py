@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from weakclip_core.artifacts.atomic import (FolderContents, atomic_dir, check_output_dir, remove_stale_temporaries,
                                            sha256_of_file, write_json)
-from weakclip_core.config import Params, to_plain
+from weakclip_core.config import ConfigError, Params, to_plain
 from weakclip_core.config.schema import given_path
 from weakclip_core.config.weakclip import CrfConfig
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset, read_mask, write_mask
@@ -259,9 +259,10 @@ def id_batches(image_ids: list[str], batch_size: int) -> list[list[str]]:
 
 
 def load_dense_model(paths: PseudoPaths, device: torch.device, class_names: list[str],
-                     precision: str = "fp32") -> DenseModel:
+                     precision: str = "fp32") -> tuple[DenseModel, int]:
     """The trained WeakCLIP as a ``(B, 3, h, w) → (B, K, h/4, w/4)`` logits callable on ``device``, its
-    forward at ``precision`` (``runtime.precision``; fp32: no autocast), the logits float32 either way.
+    forward at ``precision`` (``runtime.precision``; fp32: no autocast), the logits float32 either way; and the
+    smallest input side it takes (``WeakCLIP.min_input_side``), which the windows are padded to.
     ``class_names``: the dataset's; a model trained for others (``prepare`` re-run on another dataset since)
     is refused naming its file."""
     if paths.clip_dir is not None:
@@ -276,7 +277,7 @@ def load_dense_model(paths: PseudoPaths, device: torch.device, class_names: list
             logits = model(images).logits
         return logits.float()
 
-    return logits_of
+    return logits_of, model.min_input_side()
 
 
 def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = PseudoPaths(),
@@ -306,9 +307,12 @@ def run_shard(params: Params, shard: Shard = Shard(), paths: PseudoPaths = Pseud
     set_threads(params.runtime.threads)
     torch.manual_seed(params.runtime.seed)
     device = resolve_device(params.runtime.device)
-    model = load_dense_model(paths, device, dataset.class_names, params.runtime.precision)
+    model, min_window = load_dense_model(paths, device, dataset.class_names, params.runtime.precision)
+    if pseudo.crop < min_window:
+        raise ConfigError(f"pseudo.crop: {pseudo.crop} is below {min_window}, the smallest window the trained "
+                          f"WeakCLIP ({paths.model}) takes: two of its patches a side")
     views = InferenceAugmentation(scales=tuple(pseudo.scales), flip=pseudo.flip, crop=pseudo.crop,
-                                  stride=pseudo.stride, pad_to_crop=pseudo.pad_small_windows,
+                                  stride=pseudo.stride, pad_to_crop=pseudo.pad_small_windows, min_window=min_window,
                                   img_scale=(pseudo.img_scale[0], pseudo.img_scale[1]) if pseudo.img_scale else None)
     all_classes = pseudo.softmax_classes == "all"  # the reference: softmax over every class, CRF on the argmax's
     crf = pseudo.crf if pseudo.use_crf else None

@@ -297,3 +297,20 @@ def test_a_misspelt_deeplabv3plus_encoder_is_refused_at_load(encoder: str, messa
         params_from_dict({"seg": {"model": "deeplabv3plus", "encoder": encoder}})
     assert message in str(refused.value) and str(refused.value).startswith("seg.encoder: ")
     params_from_dict({"seg": {"model": "deeplabv3plus", "encoder": "tu-convnext_tiny"}})  # timm's: left to smp
+
+
+def test_whole_image_evaluation_with_an_smp_model_is_refused_at_load() -> None:
+    """smp's DeepLabV3+ and SegFormer take only sides that are multiples of 16 / 32, so whole views of real images
+    (500 x 375 on VOC) used to fail in seg_eval, after both segmenters had trained. DeepLabV2 takes any size."""
+    for model, encoder in (("deeplabv3plus", "resnet18"), ("segformer", "mit_b0")):
+        with pytest.raises(ConfigError) as refused:
+            params_from_dict({"seg": {"model": model, "encoder": encoder, "eval": {"whole_image": True}}})
+        assert str(refused.value).startswith(f"seg.eval.whole_image: true runs each view through the network whole, "
+                                             f"which {model} takes only at sides that are multiples of 16 or 32")
+    params_from_dict({"seg": {"model": "deeplabv2", "encoder": "resnet101", "eval": {"whole_image": True}}})
+    # the smp model itself: a 375-px side is refused by smp (what the load-time check saves a run from)
+    import segmentation_models_pytorch as smp
+    import torch
+
+    with pytest.raises(RuntimeError):
+        smp.DeepLabV3Plus(encoder_name="resnet18", encoder_weights=None, classes=3).eval()(torch.zeros(1, 3, 375, 500))

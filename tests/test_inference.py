@@ -82,6 +82,24 @@ def test_sliding_window_of_pointwise_model_matches_numpy_with_padding():
     assert set(model.windows_seen) == {(16, 16)}  # small images were padded up to the crop
 
 
+def test_a_view_thinner_than_the_models_minimum_is_padded_to_it_without_pad_to_crop():
+    """``pad_to_crop`` off runs a small view as is (mmseg's slide inference), but not below ``min_window``: a
+    WeakCLIP needs two patches a side, and a thin image at a small scale (17 px wide at 0.75: 13 px) used to stop
+    ``pseudo_masks`` inside the model. Below the minimum the view is zero-padded to it and the padding cropped
+    off, so a pointwise model's logits are still numpy's, and no window below the minimum reaches the model."""
+    model, weight, bias = make_linear()
+    image = np.random.default_rng(2).normal(size=(1, 3, 13, 40)).astype(np.float32)
+    logits = sliding_window_logits(model, torch.from_numpy(image), crop=32, stride=21, pad_to_crop=False,
+                                   min_window=16).numpy()
+    np.testing.assert_allclose(logits[0], numpy_pointwise(image[0], weight, bias), rtol=1e-5, atol=1e-5)
+    assert set(model.windows_seen) == {(16, 32)}  # height padded 13 -> 16; width 40 covered by 32-px windows
+    model.windows_seen.clear()
+    sliding_window_logits(model, torch.from_numpy(image), crop=32, stride=21, pad_to_crop=False)
+    assert set(model.windows_seen) == {(13, 32)}  # without a minimum: as is, as before
+    with pytest.raises(ValueError, match="min_window must be in 1..crop"):
+        InferenceAugmentation(crop=16, stride=8, min_window=32)
+
+
 def test_multiscale_average_matches_hand_worked_bilinear():
     model, weight, bias = make_linear(seed=3)
     image = np.random.default_rng(2).normal(size=(1, 3, 12, 10)).astype(np.float32)

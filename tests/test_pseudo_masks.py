@@ -22,7 +22,7 @@ from pipeline.pseudo_masks import (ManifestWriter, ProvenanceError, PseudoPaths,
                                    upstream_seed_provenance, work_config, work_dir_of)
 from tiny_voc import CLASS_NAMES, TINY_CLIP_ARCH, write_tiny_voc
 from weakclip_core.models.clip import build_clip, load_clip_artifact, save_clip_artifact
-from weakclip_core.config import ClipConfig, WeakClipConfig, build_dataclass, params_from_dict
+from weakclip_core.config import ClipConfig, ConfigError, WeakClipConfig, build_dataclass, params_from_dict
 from weakclip_core.data.layout import PreparedDataset, read_mask
 from weakclip_core.data.segmentation import GroundTruthMaskError
 from weakclip_core.models.weakclip.model import WeakCLIP
@@ -376,3 +376,46 @@ def test_an_image_whose_mask_is_all_ignore_is_not_scored_or_ranked_worst(tmp_pat
     metrics = assemble(params, paths)
     assert metrics["n_scored"] == N_TRAIN - 1
     assert blank_id not in metrics["worst_images"] and len(metrics["worst_images"]) == 8
+
+
+def test_a_thin_image_gets_a_pseudo_mask_with_small_windows_run_as_is(tmp_path):
+    """``pseudo.pad_small_windows: false`` (the default) runs a view smaller than the crop as is; a 64 x 12 image at
+    scale 0.75 is 9 px wide, under one of the tiny CLIP's 16-px patches and the two the pyramid needs, and used to
+    stop the stage (``Calculated padded input size per channel: (16 x 0)``) after every training stage. The view is
+    padded to the model's minimum instead; the mask has the image's size and only its labels + background."""
+    write_chain(tmp_path)
+    dataset = PreparedDataset.open(tmp_path / "data")
+    thin_id = sorted(dataset.split("train"))[0]
+    image = np.asarray(Image.open(tmp_path / "data" / "JPEGImages" / f"{thin_id}.jpg"))[:, 20:32]
+    mask = read_mask(tmp_path / "data" / "SegmentationClass" / f"{thin_id}.png")[:, 20:32]
+    Image.fromarray(image).save(tmp_path / "data" / "JPEGImages" / f"{thin_id}.jpg", quality=95)
+    Image.fromarray(mask).save(tmp_path / "data" / "SegmentationClass" / f"{thin_id}.png")
+    params = params_from_dict(params_dict(tmp_path, "thin_masks", use_crf=False))
+    assert params.pseudo.pad_small_windows is False and params.pseudo.scales == [0.75, 1.0]
+    paths = paths_of(tmp_path, "thin")
+    assert run_shard(params, paths=paths, show_progress=False) == N_TRAIN
+    assemble(params, paths)
+    written = read_mask(tmp_path / "thin_masks" / f"{thin_id}.png")
+    assert written.shape == (64, 12)
+    assert set(np.unique(written).tolist()) <= {0, *dataset.image_labels(thin_id)}
+
+
+def test_the_weakclips_minimum_input_is_two_patches():
+    """``WeakCLIP.min_input_side`` is the true minimum: two patches a side run, one does not."""
+    clip_cfg = build_dataclass(ClipConfig, {"source": "random", "arch": dict(TINY_CLIP_ARCH)})
+    torch.manual_seed(0)
+    model = WeakCLIP(build_clip(clip_cfg), CLASS_NAMES, build_dataclass(WeakClipConfig, dict(TINY_WEAKCLIP)).arch()).eval()
+    side = model.min_input_side()
+    assert side == 2 * TINY_CLIP_ARCH["patch_size"]
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, side, 3 * side)).logits.shape[0] == 1
+        with pytest.raises(RuntimeError):
+            model(torch.zeros(1, 3, side // 2, 3 * side))
+
+
+def test_a_crop_below_the_weakclips_minimum_is_refused_naming_the_key(tmp_path):
+    write_chain(tmp_path)
+    settings = params_dict(tmp_path, "small_crop_masks")
+    settings["pseudo"].update(crop=16, stride=16)
+    with pytest.raises(ConfigError, match=r"^pseudo.crop: 16 is below 32, the smallest window the trained WeakCLIP"):
+        run_shard(params_from_dict(settings), paths=paths_of(tmp_path, "small_crop"), show_progress=False)

@@ -87,7 +87,7 @@ class SegEvalConfig:
     scales: list[float] = listed([1.0], low=0.1, high=4.0)
     flip: bool = False
     whole_image: bool = False  # each view through the network whole, no sliding window or padding (the reference's
-                               # test); needs a model that takes any size (deeplabv2; smp's need multiples of 32/16)
+                               # test); deeplabv2 only (smp's need multiples of 32/16: refused with them at load)
     use_crf: bool = False
     crf: CrfConfig = field(default_factory=_reference_voc_test_crf)
     workers: int = bounded(0, low=0)
@@ -114,6 +114,13 @@ class SegConfig:
             raise ConfigError(f"encoder: deeplabv2 needs resnet101 (or resnet50), got {self.encoder!r}")
         if self.model == "segformer" and not self.encoder.startswith("mit_b"):
             raise ConfigError(f"encoder: segformer needs an MiT encoder (mit_b0..mit_b5), got {self.encoder!r}")
+        if self.eval.whole_image and self.model != "deeplabv2":
+            # smp's models refuse a view whose sides are not multiples of their output stride (16, or 32 for
+            # SegFormer): a VOC image (500 x 375) fails at every scale, and only in seg_eval, after both trainings
+            raise ConfigError(f"eval.whole_image: true runs each view through the network whole, which {self.model} "
+                              "takes only at sides that are multiples of 16 or 32 (a 500x375 VOC image is not): set "
+                              "seg.model: deeplabv2 (the reference's whole-image test) or seg.eval.whole_image: false "
+                              "(sliding windows of seg.train.crop)")
         if self.train.freeze_encoder_bn and given_path(self.encoder_weights) is None:
             # Frozen at what the encoder loaded: with no weights that is BatchNorm's initial mean 0 / variance 1 /
             # weight 1 / bias 0, no normalisation at all, for the whole training, without a word.

@@ -39,7 +39,9 @@ class InferenceAugmentation:
     ``Resize``); ``None``: round(s·H) x round(s·W) of the image itself. A scaled image smaller than
     ``crop`` on a side is zero-padded (in normalised units, i.e. the mean colour) to ``crop`` on that side
     when ``pad_to_crop``, else its window is that side's full length (run as is); a larger one is covered
-    by windows that always include its far edge.
+    by windows that always include its far edge. ``min_window``: the smallest side the model takes (WeakCLIP's
+    pyramid needs two patches a side); a scaled image below it is zero-padded to it even without
+    ``pad_to_crop``, the padding cropped off the result as ``pad_to_crop``'s is.
     """
 
     scales: tuple[float, ...] = (1.0,)
@@ -48,6 +50,7 @@ class InferenceAugmentation:
     stride: int = 85
     img_scale: tuple[int, int] | None = None
     pad_to_crop: bool = True
+    min_window: int = 1
 
     def __post_init__(self) -> None:
         if not self.scales:
@@ -56,6 +59,8 @@ class InferenceAugmentation:
             raise ValueError(f"scales: every scale must be > 0, got {list(self.scales)}")
         if self.crop < 1 or self.stride < 1:
             raise ValueError(f"crop and stride must be >= 1, got crop={self.crop} stride={self.stride}")
+        if not 1 <= self.min_window <= self.crop:
+            raise ValueError(f"min_window must be in 1..crop ({self.crop}), got {self.min_window}")
         if self.stride > self.crop:
             raise ValueError(f"stride {self.stride} is larger than crop {self.crop}: windows would leave gaps")
 
@@ -74,12 +79,13 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
 
 @torch.inference_mode()
 def sliding_window_logits(model: DenseModel, images: torch.Tensor, crop: int, stride: int,
-                          max_forward_batch: int = 64, pad_to_crop: bool = True) -> torch.Tensor:
+                          max_forward_batch: int = 64, pad_to_crop: bool = True, min_window: int = 1) -> torch.Tensor:
     """(B, 3, H, W) normalised → (B, K, H, W) logits, averaged over the windows covering each pixel.
 
     Images smaller than ``crop`` on a side are zero-padded at the bottom/right first (``pad_to_crop``;
     the padding is cropped off the result), or else the window shrinks to that side (mmseg's
-    ``slide_inference`` runs it as is). The windows of all images are stacked and run through the model in chunks
+    ``slide_inference`` runs it as is), down to ``min_window``, below which the image is padded the same way (a
+    model that cannot take a smaller input: a thin image used to stop the stage deep in the model). The windows of all images are stacked and run through the model in chunks
     of at most ``max_forward_batch`` (large batches amortise per-forward work such as WeakCLIP's text
     encoder); each window's logits are resized (bilinear) from the model's output grid to the window's
     size before they are accumulated.
@@ -89,8 +95,8 @@ def sliding_window_logits(model: DenseModel, images: torch.Tensor, crop: int, st
         padded_height, padded_width = max(height, crop), max(width, crop)
         window_h, window_w = crop, crop
     else:
-        padded_height, padded_width = height, width
-        window_h, window_w = min(crop, height), min(crop, width)
+        padded_height, padded_width = max(height, min_window), max(width, min_window)
+        window_h, window_w = min(crop, padded_height), min(crop, padded_width)
     if (padded_height, padded_width) != (height, width):
         images = F.pad(images, (0, padded_width - width, 0, padded_height - height), value=0.0)
     positions = [(top, left) for top in window_starts(padded_height, window_h, stride)
@@ -161,7 +167,8 @@ def predict_probabilities(model: DenseModel, images: torch.Tensor, tta: Inferenc
             images, size=scaled_size, mode="bilinear", align_corners=False)
         for flipped in ((False, True) if tta.flip else (False,)):
             view = scaled.flip(-1) if flipped else scaled
-            logits = sliding_window_logits(model, view, tta.crop, tta.stride, max_forward_batch, tta.pad_to_crop)
+            logits = sliding_window_logits(model, view, tta.crop, tta.stride, max_forward_batch, tta.pad_to_crop,
+                                           tta.min_window)
             if flipped:
                 logits = logits.flip(-1)
             if scaled_size != (height, width):

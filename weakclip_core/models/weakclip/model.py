@@ -137,6 +137,11 @@ class WeakCLIP(nn.Module):
         """(K, D) class text embeddings t from the learned prompts."""
         return self.prompt_learner(self.clip)
 
+    def min_input_side(self) -> int:
+        """The smallest input side, in pixels, the model takes: two patches, since the pyramid's 1/32 level
+        max-pools the patch grid by 2 (one patch pools to nothing). Dense inference pads a thinner window to it."""
+        return 2 * visual_patch_size(self.clip.visual)
+
     def forward(self, images: torch.Tensor) -> WeakClipOutput:
         """images: (B, 3, H, W) CLIP-normalised. A side that is not a multiple of the patch size loses its last
         H mod patch rows / W mod patch columns, as the reference's strided patch convolution drops them (the

@@ -65,7 +65,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # workers sit idle. Every other group follows in xdist's own order.
 LONG_GROUPS_FIRST: tuple[str, ...] = (
     "tests/test_multi_machine.py",
-    "tests/test_multi_machine_faults.py",
     "tiny_chain_project",
     "model_project",
     "reference_project",

@@ -407,6 +407,22 @@ def test_coco_pre_rendered_masks_in_either_encoding(tmp_path: Path, encoding: st
         assert dataset.labels[image_id] == sorted(set(np.unique(mask).tolist()) - {0, 255})
 
 
+def test_a_pre_rendered_mask_falls_back_only_to_cocos_12_digit_number(tmp_path: Path) -> None:
+    """hustvl/WeakCLIP's ``parse_coco.py`` names a mask by the image's 12-digit number (``000000000007.png``); a
+    shorter tail of your own ids (``img_1``, ``shot_1``) names no image alone: both used to read one ``1.png``."""
+    from weakclip_core.data.coco import pre_rendered_mask
+
+    mask = np.zeros((4, 5), np.uint8)
+    _palette_png(tmp_path / "1.png", mask)
+    _palette_png(tmp_path / "000000000007.png", mask)
+    classes = dict(CATEGORY_OF_CLASS)
+    with pytest.raises(DatasetError) as caught:
+        pre_rendered_mask(tmp_path, "shot_1", "contiguous", classes, (4, 5))
+    assert str(caught.value) == f"{tmp_path / 'shot_1.png'}: mask not found in dataset.coco_masks"
+    found = pre_rendered_mask(tmp_path, "COCO_val2014_000000000007", "contiguous", classes, (4, 5))
+    np.testing.assert_array_equal(found, mask)
+
+
 def test_a_pre_rendered_mask_in_the_wrong_encoding_names_the_file(tmp_path: Path) -> None:
     from weakclip_core.data.coco import prepare_coco
 

@@ -133,10 +133,16 @@ def pre_rendered_mask(masks_dir: Path, image_id: str, encoding: str, class_of_ca
     ``annotated``: the classes the image's annotations (crowd ones too) name, from ``annotations_name``. A
     mask class outside them is refused: masks in the other encoding mostly stay inside 0..80 (category id 3,
     car, reads as contiguous class 3, motorcycle), and on a subset of COCO nothing else would notice."""
-    candidates = [masks_dir / f"{image_id}.png", masks_dir / f"{image_id.split('_')[-1]}.png"]
+    candidates = [masks_dir / f"{image_id}.png"]
+    number = image_id.rsplit("_", 1)[-1]
+    if number != image_id and len(number) == 12 and number.isascii() and number.isdigit():
+        # only COCO's own 12-digit numbers: a shorter tail (your own ``img_1``, ``shot_1``) names no image alone,
+        # and two ids sharing it would both read one file
+        candidates.append(masks_dir / f"{number}.png")
     path = next((candidate for candidate in candidates if candidate.is_file()), None)
     if path is None:
-        raise DatasetError(f"{candidates[0]}: mask not found in dataset.coco_masks (also looked for {candidates[1].name})")
+        also = f" (also looked for {candidates[1].name})" if len(candidates) > 1 else ""
+        raise DatasetError(f"{candidates[0]}: mask not found in dataset.coco_masks{also}")
     mask = read_mask(path)
     if mask.shape != tuple(image_shape):
         raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "

@@ -17,7 +17,8 @@ Experiments are ``NAME-s<k>`` (``NAME@<target>-s<k>`` with ``--target``) and ``c
 commit they were queued on (``dvc exp show`` lists them; ``dvc exp remove`` drops them); an earlier commit's count
 too while its params, stages and code up to the target are the current commit's (``experiments_of_this_code``).
 ``run`` queues only what has not run yet, so a second variant reuses the baseline's runs and ``--seeds 5`` after
-``--seeds 3`` adds seeds 4 and 5; a finished run is reused only if every param it ran with is the one asked for now. The seed key is ``weakclip.train.seed_offset`` for ``--target weakclip_train``
+``--seeds 3`` adds seeds 4 and 5; a finished run is reused only if every param it ran with is the one asked for now.
+The seed key is ``weakclip.train.seed_offset`` for ``--target weakclip_train``
 (WeakCLIP's own init, batch order, augmentation and dropout; the CLIP and CAM seeds stay the committed ones, as
 the ablation grid's) and ``runtime.seed`` otherwise (every training stage up to the target draws from it);
 ``--seed-key`` names another. ``-S`` is read with Hydra's override grammar, as ``dvc exp run -S`` reads it.

@@ -4,8 +4,8 @@
 ``dataset.name`` picks the source: the built-in synthetic generator, a VOC 2012 tree (labels from its masks
 or from MCTformer's ``cls_labels.npy``), a COCO 2014 tree, or your own label-only folder (``custom``; README
 "Your own data") (``dataset.source``). The prepared ``SegmentationClass/`` always exists; when no image has a
-GT mask it holds only ``NO_MASKS_FILE`` (git and DVC keep no empty folder). The prepared folder is built in a temporary folder
-beside it, checked (splits, labels, the preview drawn from it) and only then swapped in whole, so a
+GT mask it holds only ``NO_MASKS_FILE`` (git and DVC keep no empty folder). The prepared folder is built in a
+temporary folder beside it, checked (splits, labels, the preview drawn from it) and only then swapped in whole, so a
 failure (a ``DatasetError`` naming the bad file) leaves any earlier prepared folder untouched.
 Symlinked source images are followed: the prepared folder holds their targets' bytes, never a link.
 """

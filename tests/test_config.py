@@ -240,7 +240,8 @@ def test_nproc_without_torchrun_is_named_and_a_torchrun_worker_says_nothing(tmp_
 
 
 @pytest.mark.parametrize(("data", "message"), [
-    ({"cam": {"train": {"epochs": 2, "warmup_epochs": 3}}}, "cam.train.warmup_epochs: 3 is above epochs 2: the lr would never reach lr"),
+    ({"cam": {"train": {"epochs": 2, "warmup_epochs": 3}}},
+     "cam.train.warmup_epochs: 3 is above epochs 2: the lr would never reach lr"),
     ({"weakclip": {"train": {"iterations": 40, "warmup_iterations": 50}}},
      "weakclip.train.warmup_iterations: 50 is above iterations 40: the lr would never reach lr"),
     # 100 images // 64 = 1 step an epoch, 3 epochs: 3 steps

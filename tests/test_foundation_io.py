@@ -15,7 +15,8 @@ from PIL import Image
 from weakclip_core.artifacts.atomic import (FolderContents, OutputFolderError, atomic_dir, atomic_path,
                                            check_output_dir, write_json)
 from weakclip_core.data.layout import (DatasetError, PreparedDataset, labels_from_mask, read_image, read_image_size,
-                                       read_mask, read_split, voc_palette, write_image, write_labels, write_mask, write_split)
+                                       read_mask, read_split, voc_palette, write_image, write_labels, write_mask,
+                                       write_split)
 from weakclip_core.training.checkpoint import Checkpointer
 from weakclip_core.training.schedules import poly_lr, warmup_cosine_lr
 

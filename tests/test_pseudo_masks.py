@@ -404,7 +404,8 @@ def test_the_weakclips_minimum_input_is_two_patches():
     """``WeakCLIP.min_input_side`` is the true minimum: two patches a side run, one does not."""
     clip_cfg = build_dataclass(ClipConfig, {"source": "random", "arch": dict(TINY_CLIP_ARCH)})
     torch.manual_seed(0)
-    model = WeakCLIP(build_clip(clip_cfg), CLASS_NAMES, build_dataclass(WeakClipConfig, dict(TINY_WEAKCLIP)).arch()).eval()
+    arch = build_dataclass(WeakClipConfig, dict(TINY_WEAKCLIP)).arch()
+    model = WeakCLIP(build_clip(clip_cfg), CLASS_NAMES, arch).eval()
     side = model.min_input_side()
     assert side == 2 * TINY_CLIP_ARCH["patch_size"]
     with torch.no_grad():

@@ -85,7 +85,8 @@ def sliding_window_logits(model: DenseModel, images: torch.Tensor, crop: int, st
     Images smaller than ``crop`` on a side are zero-padded at the bottom/right first (``pad_to_crop``;
     the padding is cropped off the result), or else the window shrinks to that side (mmseg's
     ``slide_inference`` runs it as is), down to ``min_window``, below which the image is padded the same way (a
-    model that cannot take a smaller input: a thin image used to stop the stage deep in the model). The windows of all images are stacked and run through the model in chunks
+    model that cannot take a smaller input: a thin image used to stop the stage deep in the model). The windows
+    of all images are stacked and run through the model in chunks
     of at most ``max_forward_batch`` (large batches amortise per-forward work such as WeakCLIP's text
     encoder); each window's logits are resized (bilinear) from the model's output grid to the window's
     size before they are accumulated.

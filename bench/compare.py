@@ -436,6 +436,8 @@ def paired_difference(variant: dict[int, float], baseline: dict[int, float]) -> 
         verdict = "identical in every pair"
     elif interval is None:
         verdict = "one pair: no interval, run more seeds"
+    elif std == 0:  # a degenerate t-interval: no spread between the pairs is no evidence that there is none
+        verdict = "the same difference in every pair: no spread to judge by, run more seeds"
     elif interval[0] > 0:
         verdict = "higher"
     elif interval[1] < 0:

@@ -65,7 +65,7 @@ from weakclip_core.runtime.device import autocast, resolve_device, set_threads
 from weakclip_core.method.inference import DenseModel, InferenceAugmentation, predict_reduced_batch
 from weakclip_core.method.prediction_crf import shown_classes_on_device
 from weakclip_core.method.refine import refine_probabilities
-from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, iou_report
+from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, image_miou
 from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_overlay
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, config_hash
 from weakclip_core.artifacts.weakclip import WeakClipArtifactError, load_weakclip_model
@@ -445,8 +445,9 @@ def assemble(params: Params, paths: PseudoPaths = PseudoPaths()) -> dict[str, An
         confusion = confusion_matrix(ground_truth, read_mask(work_dir / "masks" / f"{image_id}.png"),
                                      dataset.n_classes)
         after.confusion += confusion
-        if confusion.any():  # a mask of ignore (255) only has no pixel to score: no mIoU, never among the worst
-            per_image_miou[image_id] = iou_report(confusion).miou
+        score = image_miou(confusion)
+        if score is not None:  # a mask of ignore (255) only is neither scored nor among the worst
+            per_image_miou[image_id] = score
     n_scored = len(per_image_miou)
     before_report, after_report = before.report(), after.report()
     final_report = after_report  # the written masks (without CRF and repair they equal the raw ones)

@@ -38,7 +38,8 @@ from weakclip_core.runtime.device import resolve_device, set_threads
 from weakclip_core.method.inference import InferenceAugmentation, predict_label_batch, predict_reduced_batch
 from weakclip_core.method.prediction_crf import crf_on_shown_job, shown_classes_on_device
 from weakclip_core.runtime.processes import die_with_parent
-from weakclip_core.evaluation.metrics import NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, iou_report
+from weakclip_core.evaluation.metrics import (NOT_SCORED_NO_GT, ConfusionAccumulator, confusion_matrix, image_miou,
+                                              iou_report)
 from weakclip_core.evaluation.overlays import evenly_spaced, lowest_scoring, save_confusion_matrix, save_overlay
 from weakclip_core.artifacts.model_file import NOT_TRAINED_FILE
 from weakclip_core.models.segmenter import load_segmenter
@@ -140,9 +141,10 @@ def evaluate_segmenter(params: Params, source: str, paths: SegEvalPaths = SegEva
             accumulator.confusion += confusion
             if image_id in report_ids:
                 kept[image_id] = (image, ground_truth, prediction)
-            if not confusion.any():  # a mask of ignore (255) only: no pixel to score, no mIoU, never "worst"
+            score = image_miou(confusion)
+            if score is None:  # a mask of ignore (255) only: never "worst"
                 continue
-            per_image_miou[image_id] = iou_report(confusion).miou
+            per_image_miou[image_id] = score
             worst_candidates[image_id] = prediction
             # Keep only the current worst predictions in memory.
             if len(worst_candidates) > 4 * max(1, n_worst) + EVAL_BATCH:

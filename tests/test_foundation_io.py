@@ -498,6 +498,18 @@ def test_final_model_files_keep_their_bytes_and_load_with_weights_only(tmp_path)
     assert hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()  # untouched by the load
 
 
+def test_a_final_model_replaces_the_not_trained_record_an_earlier_run_left(tmp_path):
+    """A stage that had nothing to train wrote ``not_trained.json`` (and removed any model); trained again
+    directly (no ``dvc repro`` to clear the folder), the folder must hold the model only, as DVC's run would."""
+    from weakclip_core.artifacts.model_file import NOT_TRAINED_FILE, save_final_model
+
+    folder = tmp_path / "artifacts" / "seg" / "gt"
+    folder.mkdir(parents=True)
+    (folder / NOT_TRAINED_FILE).write_text('{"trained": false, "not_trained": "no GT masks"}\n')
+    save_final_model(folder / "model.pt", torch.nn.Linear(2, 2), {"n_classes": 2})
+    assert sorted(path.name for path in folder.iterdir()) == ["model.pt"]
+
+
 def test_atomic_dir_removes_the_previous_output_a_kill_between_its_two_renames_left(tmp_path):
     """A kill after ``final -> .final.old`` and before ``temporary -> final`` left only ``.final.old``; the next
     successful write removes it (a failed one keeps it: it holds the last complete output)."""

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from weakclip_core.evaluation.metrics import ConfusionAccumulator, confusion_matrix, iou_report
+from weakclip_core.evaluation.metrics import ConfusionAccumulator, confusion_matrix, image_miou, iou_report
 
 
 def test_hand_worked_three_classes_with_ignore():
@@ -62,6 +62,19 @@ def test_out_of_range_ids_and_shape_mismatch_are_errors():
         confusion_matrix(np.array([0, 1]), np.array([0, 3]), 3)
     with pytest.raises(ValueError, match="shape"):
         confusion_matrix(np.zeros((2, 2)), np.zeros((2, 3)), 3)
+
+
+def test_one_images_miou_hand_worked_and_none_when_every_pixel_is_ignore():
+    # GT 0 0 0 0 1 1 / prediction 0 0 0 1 1 1: IoU_0 = 3 / (3 + 1) = 0.75, IoU_1 = 2 / (2 + 1); class 2 absent
+    # from both is left out of the mean.
+    ground_truth = np.array([[0, 0, 0, 0, 1, 1]], dtype=np.uint8)
+    prediction = np.array([[0, 0, 0, 1, 1, 1]], dtype=np.uint8)
+    assert image_miou(confusion_matrix(ground_truth, prediction, 3)) == pytest.approx((0.75 + 2 / 3) / 2)
+    # A mask of ignore only scores no pixel: no mIoU at all, not 0.0 (which would rank the image worst).
+    all_ignore = np.full((2, 3), 255, dtype=np.uint8)
+    assert image_miou(confusion_matrix(all_ignore, np.zeros((2, 3), dtype=np.uint8), 3)) is None
+    # One GT class predicted right everywhere is a perfect image, whatever the other classes.
+    assert image_miou(confusion_matrix(np.ones((2, 2), np.uint8), np.ones((2, 2), np.uint8), 3)) == 1.0
 
 
 def test_average_precision_hand_worked():

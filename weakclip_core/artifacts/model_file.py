@@ -61,9 +61,13 @@ def load_torch_file(path: str | Path, what: str = "file") -> Any:
 def save_final_model(path: str | Path, model: torch.nn.Module, config: dict[str, Any], **metadata: Any) -> None:
     """The stage's declared output: ``{"model": state_dict, "config": ..., **metadata}``, atomically.
 
-    ``config`` and ``metadata`` must be plain data (what :func:`load_torch_file` accepts)."""
+    ``config`` and ``metadata`` must be plain data (what :func:`load_torch_file` accepts). A ``NOT_TRAINED_FILE``
+    an earlier run left beside it (the stage had nothing to train then: DVC removes it before a ``dvc repro``, a
+    direct ``python -m pipeline.<stage>`` does not) is removed, so the folder says one thing and hashes as a
+    ``dvc repro`` of the same run would."""
     # Saved through a stream: given a path, torch names the zip's root folder after the (random) temporary
     # file name, so identical weights would give different bytes (and a different DVC hash) on every run.
     with atomic_path(path) as temporary_path, open(temporary_path, "wb") as stream:
         torch.save({"model": model.state_dict(), "config": config, **metadata}, stream)
+    (Path(path).parent / NOT_TRAINED_FILE).unlink(missing_ok=True)
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from weakclip_core.errors import InputError
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,21 +70,14 @@ def read_mask(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: mask file not found")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("P", "L"):
-                return np.array(image, dtype=np.uint8)
-            if image.mode in MASK_WIDE_MODES:
-                return narrowed_mask(np.array(image), path, image.mode)
-            raise DatasetError(f"{path}: mask must be a single-channel PNG of class indices (palette, 8- or "
-                               f"16-bit greyscale, or 1-bit), got mode {image.mode}")
-    except DatasetError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise DatasetError(too_large_message(path, "mask", error)) from None
-    except Exception as error:  # PIL raises many types for corrupt files
-        raise DatasetError(f"{path}: unreadable mask ({error})") from None
+    with opened_image(path, "mask") as image:
+        image.load()
+        if image.mode in ("P", "L"):
+            return np.array(image, dtype=np.uint8)
+        if image.mode in MASK_WIDE_MODES:
+            return narrowed_mask(np.array(image), path, image.mode)
+        raise DatasetError(f"{path}: mask must be a single-channel PNG of class indices (palette, 8- or "
+                           f"16-bit greyscale, or 1-bit), got mode {image.mode}")
 
 
 MASK_WIDE_MODES = ("1", "I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -99,6 +93,22 @@ def narrowed_mask(values: np.ndarray, path: Path, mode: str) -> np.ndarray:
         raise DatasetError(f"{path}: a {mode} mask holding {int(values.max())}, above {IGNORE_INDEX}: class "
                            f"indices run 0..K-1 with {IGNORE_INDEX} for ignore; re-save it with those values")
     return values.astype(np.uint8)
+
+
+@contextmanager
+def opened_image(path: Path, what: str) -> Iterator[Image.Image]:
+    """``Image.open(path)`` for the readers below, turning whatever PIL raises while the file is open (it raises
+    many types for a corrupt file) into a ``DatasetError`` naming the file as an unreadable ``what`` ("image",
+    "mask"), or as too large; a ``DatasetError`` the reader raises itself passes through unchanged."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except DatasetError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise DatasetError(too_large_message(path, what, error)) from None
+    except Exception as error:
+        raise DatasetError(f"{path}: unreadable {what} ({error})") from None
 
 
 def too_large_message(path: Path, what: str, error: Exception) -> str:
@@ -119,13 +129,8 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except Image.DecompressionBombError as error:
-        raise DatasetError(too_large_message(path, "image", error)) from None
-    except Exception as error:
-        raise DatasetError(f"{path}: unreadable image ({error})") from None
+    with opened_image(path, "image") as image:
+        width, height = image.size
     return height, width
 
 
@@ -160,20 +165,13 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in WIDE_IMAGE_MODES:
-                raise DatasetError(f"{path}: a {image.mode} image (more than 8 bits a channel); the chain reads "
-                                   "8-bit RGB and would clip it at 255: convert it to 8 bits with the scaling "
-                                   "your data needs")
-            return np.array(image.convert("RGB"), dtype=np.uint8)
-    except DatasetError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise DatasetError(too_large_message(path, "image", error)) from None
-    except Exception as error:
-        raise DatasetError(f"{path}: unreadable image ({error})") from None
+    with opened_image(path, "image") as image:
+        image.load()
+        if image.mode in WIDE_IMAGE_MODES:
+            raise DatasetError(f"{path}: a {image.mode} image (more than 8 bits a channel); the chain reads "
+                               "8-bit RGB and would clip it at 255: convert it to 8 bits with the scaling "
+                               "your data needs")
+        return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def read_text_file(path: Path, what: str) -> str:

@@ -80,6 +80,12 @@ def iou_report(confusion: np.ndarray) -> IouReport:
     )
 
 
+def image_miou(confusion: np.ndarray) -> float | None:
+    """One image's mIoU from its (K, K) confusion matrix, or ``None`` when the image scores no pixel (a mask of
+    ignore only): such an image has no mIoU, so it is never counted as scored nor ranked among the worst."""
+    return iou_report(confusion).miou if confusion.any() else None
+
+
 class ConfusionAccumulator:
     """Sums confusion matrices image by image, so a split is scored without holding every mask."""
 

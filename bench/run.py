@@ -348,8 +348,8 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
         "created": results["created"],
         "mode": results["mode"],
         "device": environment.get("gpu", environment["device"]),
+        "machine": environment.get("machine", "the CPU model was not recorded"),
         "threads": environment["threads"],
-        "cpu_count": environment["cpu_count"],
         "torch": environment["torch"],
         "wall_s": _number(results["wall_s"], 1),
         "load_before": f"{results['load_average']['before']:.1f}",
@@ -434,7 +434,7 @@ def run_suite(quick: bool, device: str, measure_stage_timings: bool, timings_dir
     return {
         "created": now(),
         "mode": size,
-        "environment": environment,
+        "environment": {**environment, "machine": machine_description()},
         "training": training,
         "ratios": ratios(training),
         "parameters": parameters,

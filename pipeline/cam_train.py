@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from weakclip_core.artifacts.atomic import sha256_of_file
-from weakclip_core.config import Params, to_plain
+from weakclip_core.config import CamTrainConfig, Params, to_plain
 from weakclip_core.data.classification import (ClassificationAugment, ClassificationDataset, EpochBatchSampler,
                                                steps_per_epoch)
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset
@@ -40,7 +40,7 @@ from weakclip_core.artifacts.model_file import NOT_TRAINED_FILE, save_final_mode
 from weakclip_core.config.schema import ConfigError, given_path
 from weakclip_core.training.checkpoint import CHECKPOINT_ROOT, Checkpointer
 from weakclip_core.training.loop import LoopPlan, LoopState, WindowEnd, run_training_loop
-from weakclip_core.training.schedules import warmup_cosine_lr
+from weakclip_core.training.schedules import timm_epoch_cosine_lr, warmup_cosine_lr
 
 from pipeline._stage import (LIVE_HISTORY_KEY, LiveLog, StageSpec, params_key, record_not_trained, run_stage,
                              run_stage_cli)
@@ -104,6 +104,23 @@ def parameter_groups(model: MCTformerV2, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def lr_at_step(train: CamTrainConfig, step: int, epoch_steps: int, base_lr: float) -> float:
+    """The lr of ``step`` under ``cam.train.lr_schedule`` (``weakclip_core.training.schedules``)."""
+    if train.lr_schedule == "timm_epoch_cosine":
+        return timm_epoch_cosine_lr(step, epoch_steps, train.epochs, base_lr, train.warmup_epochs, train.min_lr)
+    return warmup_cosine_lr(step, train.epochs * epoch_steps, base_lr, train.warmup_epochs * epoch_steps,
+                            train.min_lr)
+
+
+def recorded_train(train: CamTrainConfig) -> dict[str, Any]:
+    """``cam.train`` as the model file and the checkpoint key record it: ``lr_schedule`` only when set away from
+    its default, so a default run's ``model.pt`` (a DVC output) keeps the bytes it had before the key existed."""
+    recorded = to_plain(train)
+    if recorded["lr_schedule"] == CamTrainConfig().lr_schedule:
+        recorded.pop("lr_schedule")
+    return recorded
+
+
 def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop_after_steps: int | None = None,
                     show_progress: bool = True, context: DistributedContext | None = None) -> CamTrainResult | None:
     """Train (or resume) and write the final model; returns ``None`` when stopped early.
@@ -147,10 +164,9 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
                                     allow_unlabelled=True)  # val keeps unannotated images: negatives
     epoch_steps = steps_per_epoch(len(train_set), train.batch_size)
     total_steps = train.epochs * epoch_steps
-    warmup_steps = train.warmup_epochs * epoch_steps
 
     checkpointer = Checkpointer(STAGE, {
-        "arch": to_plain(arch), "train": to_plain(train), "seed": seed,
+        "arch": to_plain(arch), "train": recorded_train(train), "seed": seed,
         # the DeiT init's bytes, not only its path (in arch): a file replaced at the same path between a killed run
         # and its re-run started from the old file's weights; absent without one, so those keys stay as they were
         **({"pretrained_sha256": sha256_of_file(deit_weights)} if deit_weights is not None else {}),
@@ -198,7 +214,7 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
     result = run_training_loop(
         name=STAGE, lr_key="cam.train.lr",
         plan=LoopPlan(total_steps=total_steps, window_steps=epoch_steps, checkpoint_every=train.checkpoint_every,
-                      lr_at=lambda step: warmup_cosine_lr(step, total_steps, base_lr, warmup_steps, train.min_lr)),
+                      lr_at=lambda step: lr_at_step(train, step, epoch_steps, base_lr)),
         batches=loader, start_step=start_step, model=model, optimizer=optimizer, compute_losses=compute_losses,
         context=context, checkpointer=checkpointer, state=LoopState.from_dict(extra.get("loop")),
         on_window_end=end_of_epoch,
@@ -213,7 +229,7 @@ def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop
         recorded_arch = {**to_plain(arch), "pretrained": deit_weights or ""}
         save_final_model(paths.model, model.cpu(), config={"arch": recorded_arch, "n_classes": n_foreground},
                          class_names=dataset.class_names, dataset=dataset.name, steps=total_steps,
-                         train=to_plain(train), seed=seed, val_map_class_token=val_maps[0],
+                         train=recorded_train(train), seed=seed, val_map_class_token=val_maps[0],
                          val_map_patch_cam=val_maps[1])
         assert live is not None
         live.end()

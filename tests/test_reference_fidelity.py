@@ -391,6 +391,41 @@ def test_mctformer_timm_recipe() -> None:
     assert warmup_cosine_lr(100, 100, 6.25e-5, 5, 1e-5) == pytest.approx(1e-5)
 
 
+@pytest.mark.parametrize("warmup_epochs", [5, 1, 0])
+def test_mctformer_lr_schedule_is_timms_stepped_at_each_epochs_end(warmup_epochs: int) -> None:
+    """``cam.train.lr_schedule: timm_epoch_cosine`` against timm's own scheduler driven as MCTformer's main.py
+    (9606597) drives it: created with ``--warmup-lr 1e-6`` (its initial lr), ``lr_scheduler.step(epoch)`` after
+    each epoch of ``range(epochs)``; every step of every epoch trains at the optimizer's lr of that moment."""
+    from timm.scheduler.cosine_lr import CosineLRScheduler
+
+    from pipeline.cam_train import lr_at_step, recorded_train
+    from weakclip_core.training.schedules import timm_epoch_cosine_lr
+
+    epochs, steps_per_epoch, base_lr, min_lr = 12, 7, 6.25e-5, 1e-5
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    scheduler = CosineLRScheduler(optimizer, t_initial=epochs, lr_min=min_lr, warmup_t=warmup_epochs,
+                                  warmup_lr_init=1e-6, cycle_limit=1, t_in_epochs=True)
+    reference = []
+    for epoch in range(epochs):
+        reference += [optimizer.param_groups[0]["lr"]] * steps_per_epoch
+        scheduler.step(epoch)
+    ours = [timm_epoch_cosine_lr(step, steps_per_epoch, epochs, base_lr, warmup_epochs, min_lr)
+            for step in range(epochs * steps_per_epoch)]
+    assert ours == pytest.approx(reference, rel=1e-12, abs=0)
+    if warmup_epochs:  # the one-epoch lag: the first two epochs both at the warm-up's initial lr
+        assert ours[0] == ours[steps_per_epoch] == 1e-6
+    # The stage picks it by cam.train.lr_schedule; the default keeps the per-step warm-up + cosine.
+    timm_train = CamTrainConfig(epochs=epochs, warmup_epochs=warmup_epochs, min_lr=min_lr,
+                                lr_schedule="timm_epoch_cosine")
+    assert [lr_at_step(timm_train, step, steps_per_epoch, base_lr) for step in range(len(ours))] == ours
+    default_train = replace(timm_train, lr_schedule="warmup_cosine")
+    assert lr_at_step(default_train, 30, steps_per_epoch, base_lr) == warmup_cosine_lr(
+        30, epochs * steps_per_epoch, base_lr, warmup_epochs * steps_per_epoch, min_lr)
+    # The model file records the key only when set away from its default (a default run's model.pt keeps its bytes).
+    assert "lr_schedule" not in recorded_train(default_train)
+    assert recorded_train(timm_train)["lr_schedule"] == "timm_epoch_cosine"
+
+
 def test_mctformer_timm_recipe_is_a_pure_function_of_seed_epoch_index() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)

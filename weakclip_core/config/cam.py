@@ -47,6 +47,9 @@ class CamTrainConfig:
     auto_augment: str = ""
     reprob: float = bounded(0.0, low=0.0, high=1.0)
     min_lr: float = bounded(0.0, low=0.0)
+    # warmup_cosine: linear warm-up, then the cosine over the remaining epochs, set every step (the synthetic
+    # default's); timm_epoch_cosine: MCTformer's timm scheduler, set once an epoch, one epoch late (the presets)
+    lr_schedule: Literal["warmup_cosine", "timm_epoch_cosine"] = "warmup_cosine"
 
     def validate(self) -> None:
         check_order("warmup_epochs", self.warmup_epochs, "epochs", self.epochs,

@@ -7,7 +7,8 @@ WeakCLIP mIoU by a point, seg mIoU by three or four). The fixed tables of ``benc
 seed key, target and queue, one thread a run), waits, and prints one table per figure: each side's mean ± sample
 std and per-seed values, and the variant's paired difference from the baseline (seed for seed: a seed moves both
 sides alike, so pairing removes that shared noise) with its 95 % t-interval. "higher" / "lower" only when that
-interval leaves 0 out; "not told apart from the noise" is not "equal" (three seeds see only large effects), and
+interval leaves 0 out and the pairs' differences vary (one difference in every pair has no spread to judge by,
+and its interval no width); "not told apart from the noise" is not "equal" (three seeds see only large effects), and
 over several figures at 95 % each, one of them will now and then read "higher" or "lower" by chance.
 
     python -m bench.compare run NAME -S key=value [-S ...] [--seeds 3] [--target STAGE] [--jobs 2]
@@ -436,7 +437,9 @@ def paired_difference(variant: dict[int, float], baseline: dict[int, float]) -> 
         verdict = "identical in every pair"
     elif interval is None:
         verdict = "one pair: no interval, run more seeds"
-    elif std == 0:  # a degenerate t-interval: no spread between the pairs is no evidence that there is none
+    elif math.isclose(min(differences), max(differences), rel_tol=1e-9, abs_tol=1e-12):
+        # every pair differs by the same amount, up to float rounding (0.8 - 0.7 and 0.7 - 0.6 are not equal
+        # floats): a degenerate t-interval, and no spread between the pairs is no evidence that there is none
         verdict = "the same difference in every pair: no spread to judge by, run more seeds"
     elif interval[0] > 0:
         verdict = "higher"

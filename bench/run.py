@@ -348,7 +348,7 @@ def render_markdown(results: dict[str, Any], results_path: str = "bench/results.
         "created": results["created"],
         "mode": results["mode"],
         "device": environment.get("gpu", environment["device"]),
-        "machine": environment.get("machine", "the CPU model was not recorded"),
+        "machine": environment.get("machine", f"{environment['cpu_count']} CPUs, the model not recorded"),
         "threads": environment["threads"],
         "torch": environment["torch"],
         "wall_s": _number(results["wall_s"], 1),

@@ -89,8 +89,9 @@ def test_a_difference_inside_the_noise_is_said_to_be_so() -> None:
     assert compare.paired_difference({1: 0.7, 2: 0.6}, {1: 0.7, 2: 0.6})["verdict"] == "identical in every pair"
     # Pairs differing by the same amount have (up to float rounding) std 0 and a zero-width interval: not a
     # "higher". 0.8 - 0.7 and 0.7 - 0.6 differ in their last bits, which gave a std of 8e-17 and "higher".
-    for variant, base in (({1: 0.75, 2: 0.5}, {1: 0.5, 2: 0.25}), ({1: 0.8, 2: 0.7}, {1: 0.7, 2: 0.6})):
-        same = compare.paired_difference(variant, base)
+    for variant_values, baseline_values in (({1: 0.75, 2: 0.5}, {1: 0.5, 2: 0.25}),
+                                            ({1: 0.8, 2: 0.7}, {1: 0.7, 2: 0.6})):
+        same = compare.paired_difference(variant_values, baseline_values)
         assert same is not None and same["std"] < 1e-15
         assert same["verdict"].startswith("the same difference in every pair")
     finished["v-s2"] = _runs("v", {5: 0.61}, "runtime.seed")["v-s5"]  # named s2, ran at seed 5

@@ -62,9 +62,9 @@ def save_final_model(path: str | Path, model: torch.nn.Module, config: dict[str,
     """The stage's declared output: ``{"model": state_dict, "config": ..., **metadata}``, atomically.
 
     ``config`` and ``metadata`` must be plain data (what :func:`load_torch_file` accepts). A ``NOT_TRAINED_FILE``
-    an earlier run left beside it (the stage had nothing to train then: DVC removes it before a ``dvc repro``, a
-    direct ``python -m pipeline.<stage>`` does not) is removed, so the folder says one thing and hashes as a
-    ``dvc repro`` of the same run would."""
+    an earlier run left beside it (the stage had nothing to train then; DVC empties the output folder before it
+    runs a stage, a direct ``python -m pipeline.<stage>`` does not) is removed, so the folder says one thing and
+    hashes as DVC's run of the same stage would."""
     # Saved through a stream: given a path, torch names the zip's root folder after the (random) temporary
     # file name, so identical weights would give different bytes (and a different DVC hash) on every run.
     with atomic_path(path) as temporary_path, open(temporary_path, "wb") as stream:

@@ -221,17 +221,22 @@ def training_batch(size: BenchSize, device: torch.device, seed: int = 0) -> dict
     return {"image": images.to(device), "raw_image": raw.to(device), "seed_mask": seeds.to(device)}
 
 
+def bench_trained_parameters(model: WeakCLIP, full_finetune: bool) -> list[torch.nn.Parameter]:
+    """What a benchmarked WeakCLIP step trains: the method's trainable modules with CLIP frozen, or, for
+    ``full_finetune`` (the cost the frozen CLIP saves), every parameter with CLIP unfrozen too."""
+    if not full_finetune:
+        return model.trainable_parameters()
+    for parameter in model.clip.parameters():
+        parameter.requires_grad_(True)
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
 def measure_weakclip_training(size: BenchSize, device: torch.device, full_finetune: bool) -> dict[str, Any]:
     """Images/s and peak memory of WeakCLIP's training step (forward, seed + CRF boundary + aux loss,
     backward, AdamW) with CLIP frozen (the method) or with CLIP trained too (``full_finetune``)."""
     torch.manual_seed(0)
     model = WeakCLIP(clip_from_config(size.clip_config), class_names(size.n_classes), size.weakclip).to(device)
-    if full_finetune:
-        for parameter in model.clip.parameters():
-            parameter.requires_grad_(True)
-        trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    else:
-        trained = model.trainable_parameters()
+    trained = bench_trained_parameters(model, full_finetune)
     optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=3e-5, fused=True)  # as weakclip_train's
     batch = training_batch(size, device)
     forward = (lambda images: forward_with_clip_gradients(model, images)) if full_finetune else model

@@ -57,8 +57,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.measure import (BenchSize, class_names, full_size, quick_size, synchronise, training_batch,
-                           weakclip_heads)
+from bench.measure import (BenchSize, bench_trained_parameters, class_names, full_size, quick_size, synchronise,
+                           training_batch, weakclip_heads)
 from weakclip_core.config import Params
 from weakclip_core.config.params import load_params
 from weakclip_core.method.crf import CrfPool
@@ -190,12 +190,7 @@ def build_step(size: ProfileSize, device: torch.device, full_finetune: bool,
     model = WeakCLIP(clip_from_config(bench.clip_config), class_names(bench.n_classes), bench.weakclip,
                      clip_drop_path_rate=size.clip_drop_path_rate,
                      clip_drop_path_unit=size.clip_drop_path_unit).to(device)
-    if full_finetune:
-        for parameter in model.clip.parameters():
-            parameter.requires_grad_(True)
-        trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    else:
-        trained = model.trainable_parameters()
+    trained = bench_trained_parameters(model, full_finetune)
     options = STAGE_ADAMW if optimizer_options is None else optimizer_options
     optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=3e-5, **options)
     model.train()

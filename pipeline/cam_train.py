@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from weakclip_core.artifacts.atomic import sha256_of_file
-from weakclip_core.config import CamTrainConfig, Params, to_plain
+from weakclip_core.config import CamTrainConfig, Params, to_plain, to_plain_without_defaults
 from weakclip_core.data.classification import (ClassificationAugment, ClassificationDataset, EpochBatchSampler,
                                                steps_per_epoch)
 from weakclip_core.data.layout import LABELS_FILE, PreparedDataset
@@ -115,10 +115,7 @@ def lr_at_step(train: CamTrainConfig, step: int, epoch_steps: int, base_lr: floa
 def recorded_train(train: CamTrainConfig) -> dict[str, Any]:
     """``cam.train`` as the model file and the checkpoint key record it: ``lr_schedule`` only when set away from
     its default, so a default run's ``model.pt`` (a DVC output) keeps the bytes it had before the key existed."""
-    recorded = to_plain(train)
-    if recorded["lr_schedule"] == CamTrainConfig().lr_schedule:
-        recorded.pop("lr_schedule")
-    return recorded
+    return to_plain_without_defaults(train, (("lr_schedule",),))
 
 
 def train_cam_model(params: Params, paths: CamTrainPaths = CamTrainPaths(), stop_after_steps: int | None = None,

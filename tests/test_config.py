@@ -1,11 +1,12 @@
 """The params loader: defaults load, and bad keys/types/ranges are rejected by their key path."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from weakclip_core.config import ConfigError, load_params, params_from_dict, to_plain
+from weakclip_core.config import ConfigError, load_params, params_from_dict, to_plain, to_plain_without_defaults
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,6 +17,32 @@ def test_repository_params_load_and_round_trip():
     assert params.weakclip.taps == [3, 5, 7, 11]
     plain = to_plain(params)
     assert params_from_dict(plain) == params
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    kept: int = 1
+    added_later: str = "old"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    lr: float = 0.1
+    schedule: str = "cosine"
+    inner: _Inner = _Inner()
+
+
+def test_a_key_recorded_when_set_is_left_out_only_while_it_holds_its_default():
+    """The model file's record of its params: the named keys vanish at their defaults, nothing else does, and the
+    remaining keys keep their order (the file's bytes depend on it)."""
+    keys = (("schedule",), ("inner", "added_later"))
+    assert list(to_plain_without_defaults(_Outer(), keys).items()) == [("lr", 0.1), ("inner", {"kept": 1})]
+    changed = _Outer(lr=0.2, schedule="step", inner=_Inner(kept=1, added_later="new"))
+    assert list(to_plain_without_defaults(changed, keys).items()) == [
+        ("lr", 0.2), ("schedule", "step"), ("inner", {"kept": 1, "added_later": "new"})]
+    # A key not named stays even at its default.
+    assert to_plain_without_defaults(_Outer(), ()) == {"lr": 0.1, "schedule": "cosine",
+                                                       "inner": {"kept": 1, "added_later": "old"}}
 
 
 def test_params_yaml_lists_every_schema_key():

@@ -17,7 +17,7 @@ from torch import nn
 from weakclip_core.errors import InputError
 from weakclip_core.artifacts.atomic import sha256_of_file
 from weakclip_core.models.clip import WEIGHTS_FILE, load_clip_artifact
-from weakclip_core.config import WeakClipConfig, build_dataclass, to_plain
+from weakclip_core.config import WeakClipConfig, build_dataclass, to_plain_without_defaults
 from weakclip_core.models.weakclip.model import WeakCLIP
 from weakclip_core.artifacts.model_file import load_torch_file, save_final_model
 
@@ -53,13 +53,10 @@ KEYS_RECORDED_WHEN_SET: tuple[tuple[str, str], ...] = (
 def save_weakclip_model(path: str | Path, model: WeakCLIP, cfg: WeakClipConfig, clip_dir: str | Path,
                         **metadata: Any) -> None:
     """Write the final model file atomically (see the module docstring for its contents)."""
-    config = to_plain(cfg)
+    config = to_plain_without_defaults(cfg, KEYS_RECORDED_WHEN_SET)  # the reference-fidelity keys of 2026-12-04
     if cfg.seeds.source == "cams":  # the import keys (issue #18) only when used: a CAM-seeded run's file stays
         for key in ("source", "mask_folder"):  # byte for byte what it was before them
             config["seeds"].pop(key)
-    for section, key in KEYS_RECORDED_WHEN_SET:  # the same for the reference-fidelity keys of 2026-12-04
-        if config[section][key] == getattr(getattr(WeakClipConfig(), section), key):
-            config[section].pop(key)
     save_final_model(path, trainable_modules(model), config=config, class_names=model.class_names,
                      clip_artifact=str(clip_dir), clip_sha256=clip_weights_sha256(clip_dir), **metadata)
 

@@ -197,3 +197,23 @@ def to_plain(instance: Any) -> Any:
     if isinstance(instance, dict):
         return {k: to_plain(v) for k, v in instance.items()}
     return instance
+
+
+def to_plain_without_defaults(instance: Any, keys_recorded_when_set: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
+    """``to_plain(instance)`` less each key (a path of field names) that holds its default.
+
+    A model file records the params that made it. A key added after models were
+    committed is left out while it holds its default, so a run with the defaults
+    writes the same bytes as before the key existed (the file is a DVC output);
+    loading fills the default back in.
+    """
+    recorded = to_plain(instance)
+    default = type(instance)()
+    for path in keys_recorded_when_set:
+        *sections, key = path
+        section, default_section = recorded, default
+        for name in sections:
+            section, default_section = section[name], getattr(default_section, name)
+        if section[key] == getattr(default_section, key):
+            section.pop(key)
+    return recorded

@@ -577,6 +577,12 @@ def add_heldout_scores(runs: dict[str, tuple[str, dict[str, Any]]],
     return scored
 
 
+def run_command(table: AblationTable) -> str:
+    """The command that queues ``table``'s experiments (``--table`` is needed for all but the default table)."""
+    chosen = "" if table is TABLES[0] else f" --table {table.name}"
+    return f"python -m bench.ablations run{chosen} --seeds N"
+
+
 def collect(table: AblationTable = TABLES[0], heldout: bool = False) -> Path:
     """Write ``table``'s metrics file from ``dvc exp show --json`` and the committed metrics; ``heldout``: also
     score each experiment's model on the val split (``bench.heldout``), from this repository's DVC cache."""
@@ -595,7 +601,7 @@ def collect(table: AblationTable = TABLES[0], heldout: bool = False) -> Path:
         "dataset": committed_dataset(),
         "description": (
             f"Each row is `dvc exp run -S <override> -S {SEED_KEY}=<s> weakclip_train` on the committed baseline, "
-            "once per seed offset s (`python -m bench.ablations run --seeds N`): WeakCLIP's own init, batch order, "
+            f"once per seed offset s (`{run_command(table)}`): WeakCLIP's own init, batch order, "
             "augmentation and dropout change; the CLIP and the CAM seeds are the committed ones "
             f"(cam mIoU {100 * cam['miou']:.1f}). WeakCLIP train-split mIoU, single scale, no CRF; mean ± sample "
             "std over the seeds; 'vs baseline' is the mean of the seed-for-seed differences from the baseline over "

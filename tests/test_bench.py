@@ -857,3 +857,21 @@ def test_every_ablation_table_is_a_dep_of_the_summary() -> None:
     tables = {table.output.relative_to(REPO).as_posix() for table in TABLES}
     committed = {path.relative_to(REPO).as_posix() for path in (REPO / "metrics").glob("ablations*.json")}
     assert tables <= set(deps) and committed <= set(deps)
+
+
+def test_each_ablation_tables_description_names_the_command_that_queues_that_table(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """RESULTS.md prints ``run_command(table)`` under each table: run as printed (N = 2), the argument parser must
+    queue that table's variants and collect that table, not the default grid (the boundary and ceiling tables
+    once printed the grid's command)."""
+    from bench import ablations
+
+    for table in ablations.TABLES:
+        queued: list[tuple] = []
+        collected: list[str] = []
+        monkeypatch.setattr(ablations, "queue_and_run", lambda variants, seeds, jobs: queued.append((variants, seeds)))
+        monkeypatch.setattr(ablations, "collect", lambda chosen, heldout: collected.append(chosen.name) or REPO)
+        words = ablations.run_command(table).replace("--seeds N", "--seeds 2").split()
+        assert words[:3] == ["python", "-m", "bench.ablations"]
+        ablations.main(words[3:])
+        assert queued == [(table.variants, (1, 2))] and collected == [table.name]

@@ -2,11 +2,12 @@
 
 ``--source pseudo`` reads ``pseudo.output_dir`` (refused when it resolves to a GT folder); ``--source gt``
 reads the prepared ``SegmentationClass``: the same trainer gives the fully-supervised upper bound.
-smp DeepLabV3+ or SegFormer per ``seg``; AdamW (default) or SGD momentum + poly (the paper's DeepLab
-recipe); random resize / crop / flip / photometric augmentation, deterministic per (seed, epoch, index);
-cross-entropy with 255 ignored. Checkpoints every ``checkpoint_every`` steps and at each epoch end
-(stage ``seg_train_<source>``, keyed by the config and a fingerprint of the masks); a killed run
-resumes there. Writes ``artifacts/seg/<source>/model.pt`` and dvclive logs in ``dvclive/seg_train_<source>``.
+smp DeepLabV3+ or SegFormer, or DeepLabV2 (the presets'), per ``seg.model``; AdamW (default) or SGD
+momentum + poly (the paper's DeepLab recipe); random resize / crop / flip / photometric augmentation,
+deterministic per (seed, epoch, index); cross-entropy with 255 ignored. Checkpoints every
+``checkpoint_every`` steps and at each epoch end (stage ``seg_train_<source>``, keyed by the config and a
+fingerprint of the masks); a killed run resumes there. Writes ``artifacts/seg/<source>/model.pt`` and dvclive
+logs in ``dvclive/seg_train_<source>``.
 """
 
 from __future__ import annotations

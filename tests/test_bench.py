@@ -875,3 +875,5 @@ def test_each_ablation_tables_description_names_the_command_that_queues_that_tab
         assert words[:3] == ["python", "-m", "bench.ablations"]
         ablations.main(words[3:])
         assert queued == [(table.variants, (1, 2))] and collected == [table.name]
+        # ... and the committed table (what RESULTS.md renders) prints that very command.
+        assert f"(`{ablations.run_command(table)}`)" in json.loads(table.output.read_text(encoding="utf-8"))["description"]
